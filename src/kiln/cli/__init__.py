@@ -1,0 +1,1 @@
+"""Command line: parse -> config -> library call; nothing else."""

@@ -1,0 +1,1 @@
+"""Raw data to clean documents: readers, extraction, filters, dedup, the curation pipeline."""
