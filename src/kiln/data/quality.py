@@ -1,0 +1,182 @@
+"""Model-based quality filters: a fastText-style linear classifier trained from positive and negative
+examples (``kiln data train-quality``), and a perplexity filter scored by any language model.
+
+The classifier follows fastText's supervised model (Joulin et al. 2016, arXiv:1607.01759) reduced to
+the binary case: a document is the mean of the weights of its hashed word unigrams and bigrams, and
+``p(high quality) = sigmoid(mean + bias)``, trained by SGD on the logistic loss. Hashing
+(``2**buckets_log2`` buckets, CRC32) means no vocabulary is stored. The model file is ``.npz`` with a
+magic string and a version that :meth:`QualityClassifier.load` checks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = "KILNQUAL"
+VERSION = 1
+_WORD_RE = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class QualityTrainConfig:
+    """Training of the quality classifier."""
+
+    buckets_log2: int = 20
+    """log2 of the number of hashed feature buckets (2**20 = 1M weights, 4 MB)."""
+    bigrams: bool = True
+    """Use word bigrams as well as unigrams."""
+    epochs: int = 5
+    """Passes over the training examples."""
+    lr: float = 0.5
+    """SGD learning rate (decays linearly to 0, as fastText's)."""
+    max_words: int = 2000
+    """Words of each document used (the start of the document)."""
+    val_fraction: float = 0.1
+    """Share of examples held out to report accuracy."""
+    seed: int = 0
+    """Shuffling and split seed."""
+
+
+def features(text: str, buckets_log2: int, bigrams: bool, max_words: int) -> np.ndarray:
+    """Hashed unigram (+ bigram) bucket ids of a text, shape (F,) int64 (at least one id)."""
+    ws = _WORD_RE.findall(text.lower())[:max_words]
+    mask = (1 << buckets_log2) - 1
+    ids = [zlib.crc32(w.encode()) & mask for w in ws]
+    if bigrams:
+        ids += [zlib.crc32(f"{a} {b}".encode()) & mask for a, b in itertools.pairwise(ws)]
+    return np.array(ids or [0], dtype=np.int64)
+
+
+class QualityClassifier:
+    """Binary linear classifier over hashed n-grams; ``score(text)`` is p(positive class)."""
+
+    def __init__(self, weights: np.ndarray, bias: float, cfg: QualityTrainConfig) -> None:
+        self.w = weights
+        self.bias = bias
+        self.cfg = cfg
+
+    def score(self, text: str) -> float:
+        """Probability that the text is like the positive examples."""
+        f = features(text, self.cfg.buckets_log2, self.cfg.bigrams, self.cfg.max_words)
+        z = float(self.w[f].mean()) + self.bias
+        return 1.0 / (1.0 + math.exp(-max(min(z, 30.0), -30.0)))
+
+    def save(self, path: str | Path) -> None:
+        """Write the ``.npz`` model (magic, version, config, weights)."""
+        meta = json.dumps({"magic": MAGIC, "version": VERSION, "config": asdict(self.cfg), "bias": self.bias})
+        with open(path, "wb") as f:
+            np.savez_compressed(f, meta=np.array(meta), w=self.w)
+
+    @classmethod
+    def load(cls, path: str | Path) -> QualityClassifier:
+        """Read a model written by :meth:`save`; checks the magic and version."""
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("magic") != MAGIC or meta.get("version") != VERSION:
+                raise ValueError(f"{path} is not a Kiln quality model v{VERSION}; retrain with `kiln data train-quality`")
+            cfg = QualityTrainConfig(**meta["config"])
+            return cls(z["w"].astype(np.float32), float(meta["bias"]), cfg)
+
+
+def train_quality_classifier(
+    positives: Sequence[str], negatives: Sequence[str], cfg: QualityTrainConfig = QualityTrainConfig()
+) -> tuple[QualityClassifier, dict[str, float]]:
+    """Train on texts labeled 1 (positives) and 0 (negatives); returns the model and held-out metrics."""
+    if not positives or not negatives:
+        raise ValueError("train-quality needs both positive and negative examples")
+    data = [(t, 1.0) for t in positives] + [(t, 0.0) for t in negatives]
+    rng = random.Random(cfg.seed)
+    rng.shuffle(data)
+    n_val = int(len(data) * cfg.val_fraction) if len(data) >= 10 else 0
+    val, train = data[:n_val], data[n_val:]
+    feats = [features(t, cfg.buckets_log2, cfg.bigrams, cfg.max_words) for t, _ in train]
+    w = np.zeros(1 << cfg.buckets_log2, dtype=np.float32)
+    bias = 0.0
+    total = cfg.epochs * len(train)
+    step = 0
+    for _ in range(cfg.epochs):
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        for i in order:
+            lr = cfg.lr * (1.0 - step / total)
+            step += 1
+            f, y = feats[i], train[i][1]
+            z = float(w[f].mean()) + bias
+            p = 1.0 / (1.0 + math.exp(-max(min(z, 30.0), -30.0)))
+            g = p - y  # d(logistic loss)/dz
+            np.add.at(w, f, -lr * g / len(f))
+            bias -= lr * g * 0.1
+    model = QualityClassifier(w, bias, cfg)
+    metrics: dict[str, float] = {"train_examples": len(train), "val_examples": len(val)}
+    if val:
+        correct = sum((model.score(t) >= 0.5) == (y == 1.0) for t, y in val)
+        metrics["val_accuracy"] = correct / len(val)
+    return model, metrics
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Model-based quality filtering."""
+
+    classifier: str | None = None
+    """Path of a model from ``kiln data train-quality``; None disables the classifier filter."""
+    min_classifier_score: float = 0.5
+    """Drop documents whose p(high quality) is below this."""
+    perplexity_model: str | None = None
+    """A Kiln model folder (``save_pretrained``) for the perplexity filter; None disables it."""
+    perplexity_tokenizer: str | None = None
+    """tokenizer.json of that model."""
+    max_perplexity: float = 1000.0
+    """Drop documents whose per-token perplexity under the model is above this."""
+
+
+def perplexity_filter(scorer: Callable[[str], float], max_perplexity: float) -> Callable[[str], tuple[str | None, float]]:
+    """``text -> (drop reason or None, perplexity)`` for any scorer ``text -> perplexity``."""
+
+    def check(text: str) -> tuple[str | None, float]:
+        ppl = scorer(text)
+        return ("perplexity_too_high" if ppl > max_perplexity else None), ppl
+
+    return check
+
+
+def kiln_lm_scorer(model_dir: str, tokenizer_path: str, max_tokens: int = 512) -> Callable[[str], float]:
+    """A perplexity scorer from a small Kiln language model (imported lazily: torch, kiln.model).
+
+    Perplexity is ``exp(mean next-token cross-entropy)`` over the first ``max_tokens`` tokens.
+    """
+    import torch
+
+    try:
+        from kiln.model import load_pretrained
+    except ImportError as e:
+        raise ImportError("the perplexity filter needs kiln.model.load_pretrained (the model package)") from e
+    from kiln.tokenizer import Tokenizer
+
+    model = load_pretrained(model_dir).eval()
+    tok = Tokenizer.load(tokenizer_path)
+    context = getattr(getattr(model, "config", None), "context_length", None)
+    if context:
+        max_tokens = min(max_tokens, int(context))
+
+    @torch.no_grad()
+    def score(text: str) -> float:
+        ids = tok.encode(text)[: max_tokens + 1]
+        if len(ids) < 2:
+            return float("inf")
+        x = torch.tensor(ids, dtype=torch.long)[None, :]  # (1, T+1)
+        logits = model(x[:, :-1])  # (1, T, V)
+        loss = torch.nn.functional.cross_entropy(logits[0].float(), x[0, 1:])
+        return float(torch.exp(loss))
+
+    return score

@@ -1,0 +1,71 @@
+"""Where Kiln's Triton kernels can run, and the one-warning fallback to the PyTorch reference.
+
+Each kernel file imports Triton inside ``try`` so that ``import kiln.kernels`` works without it;
+every public wrapper asks :func:`unsupported_reason` before launching and, when it gets a reason,
+warns once (per reason, through the ``warnings`` machinery's default "once per message" rule)
+and returns the reference result. Never a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+try:  # Triton is optional: without it every kernel degrades to its reference.
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    HAVE_TRITON = False
+
+# Triton chooses between compiling and interpreting when a kernel is *decorated* (at import of
+# the kernel module), reading TRITON_INTERPRET then; we record the same decision here so the
+# wrappers know whether CPU tensors can go through the kernels (CI: TRITON_INTERPRET=1, no GPU).
+TRITON_INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class KernelFallbackWarning(UserWarning):
+    """A Kiln kernel fell back to its PyTorch reference (slower, same answer)."""
+
+
+def unsupported_reason(*tensors: torch.Tensor) -> str | None:
+    """None if the Triton kernels can run on these tensors' device, else why not."""
+    if not HAVE_TRITON:
+        return "triton is not installed (pip install triton)"
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        return f"tensors on several devices {sorted(str(d) for d in devices)}"
+    device = devices.pop()
+    if device.type == "cuda":
+        if torch.version.hip is None and _capability(device.index) < (8, 0):
+            return "GPU older than sm_80 (bf16 tensor cores needed)"
+        return None
+    if device.type == "cpu":
+        if TRITON_INTERPRET:
+            return None
+        return "tensors are on the CPU (set TRITON_INTERPRET=1 before import to run the kernels interpreted)"
+    return f"device {device.type} has no Triton backend here"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def compiling() -> bool:
+    """True while torch.compile traces: the wrappers then call the custom ops (opaque to the
+    compiler); in eager mode they call the launchers directly, because a Python custom op costs
+    about 60-150 us of host time per call, more than these kernels take on the GPU."""
+    return torch.compiler.is_compiling()
+
+
+def warn_fallback(kernel: str, reason: str) -> None:
+    """Warn (once per distinct message) that ``kernel`` runs its PyTorch reference because ``reason``."""
+    warnings.warn(
+        f"kiln.kernels.{kernel}: falling back to the PyTorch reference: {reason}",
+        KernelFallbackWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,163 @@
+"""Causal multi-head self-attention with grouped-query attention, RoPE, a KV cache, and swappable kernels.
+
+The attention *kernel* is a function chosen by name (``ModelConfig.attention_impl``) from
+``ATTENTION_IMPLS``. Every kernel has one signature::
+
+    fn(q (B, H, T, D), k (B, Hkv, S, D), v (B, Hkv, S, D), q_offset: int) -> (B, H, T, D)
+
+Causal: query i sits at cache slot ``q_offset + i`` and attends to keys ``j <= q_offset + i``
+(``q_offset = 0`` and ``S = T`` in training; ``q_offset = tokens already cached`` in decoding).
+Query head h reads key/value head ``h // (H // Hkv)`` (the Hugging Face Llama grouping).
+A kernel that only handles some cases (say a Triton FlashAttention for ``q_offset == 0``) falls
+back to ``kiln_attention`` for the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kiln.model.kv_cache import KVCache
+from kiln.model.layers import Linear, RotaryEmbedding, scaled_dot_product_attention
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+
+
+def causal_mask(t_q: int, t_k: int, q_offset: int = 0, device: torch.device | str | None = None) -> Tensor:
+    """Bool (t_q, t_k) mask, True where query i (at slot q_offset + i) may attend to key j <= q_offset + i."""
+    q_pos = torch.arange(q_offset, q_offset + t_q, device=device)
+    k_pos = torch.arange(t_k, device=device)
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def kiln_attention(q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0) -> Tensor:
+    """Kiln's from-scratch causal GQA attention (the default and the reference).
+
+    q: (B, H, T, D); k, v: (B, Hkv, S, D). The G = H / Hkv query heads that share a key/value head
+    are folded into the query-length axis, so keys and values are never copied G times.
+    """
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    # One new token after the whole cache sees every key: no mask needed (the decode step).
+    mask = None if (T == 1 and q_offset + 1 == S) else causal_mask(T, S, q_offset, device=q.device)  # (T, S)
+    if G > 1:
+        q = q.reshape(B, Hkv, G * T, D)  # heads h = kv*G + g are contiguous in the HF layout
+        mask = None if mask is None else mask.repeat(G, 1)  # (G*T, S)
+    out = scaled_dot_product_attention(q, k, v, mask)  # (B, Hkv, G*T, D)
+    return out.reshape(B, H, T, D)
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0) -> Tensor:
+    """torch's fused ``F.scaled_dot_product_attention``: an *option* for speed on GPU, not Kiln's own.
+
+    Same contract as ``kiln_attention``; picked with ``ModelConfig(attention_impl="sdpa")``.
+    """
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if q_offset == 0 and T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = None if (T == 1 and q_offset + 1 == S) else causal_mask(T, S, q_offset, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0) -> Tensor:
+    """Kiln's FlashAttention-2 Triton kernel (``kiln.kernels.attention``) for training-shaped calls.
+
+    KV-cache decoding (``q_offset > 0`` or unequal lengths) goes to ``kiln_attention``; the kernel
+    itself warns once and runs its reference where Triton cannot run (no GPU, no triton).
+    """
+    if q_offset != 0 or q.shape[2] != k.shape[2]:
+        return kiln_attention(q, k, v, q_offset)
+    from kiln.kernels.attention import flash_attention  # lazy: Triton is optional
+
+    return flash_attention(q, k, v, causal=True)
+
+
+# Attention kernels by name (ModelConfig.attention_impl). A plain dict: a new kernel is one more entry.
+ATTENTION_IMPLS: dict[str, AttentionFn] = {
+    "kiln": kiln_attention,
+    "sdpa": sdpa_attention,
+    "triton": triton_attention,
+}
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Causal self-attention with optional RoPE and grouped-query attention (Ainslie et al., arXiv:2305.13245).
+
+    Parameters (HF Llama names): q_proj (H*D, d_model), k_proj and v_proj (Hkv*D, d_model),
+    o_proj (d_model, H*D), with D = d_model / num_heads.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        rope: RotaryEmbedding | None = None,
+        num_kv_heads: int | None = None,
+        max_seq_len: int | None = None,
+        rope_theta: float = 10000.0,
+        attention_impl: str | AttentionFn = "kiln",
+        layer_idx: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """``rope`` may be shared between layers; if None and ``max_seq_len`` is given, one is built
+        with ``rope_theta``; if both are None, no position information is added (NoPE).
+        ``attention_impl``: a name in ``ATTENTION_IMPLS`` or a kernel function.
+        ``layer_idx``: which layer of a ``KVCache`` this module reads and writes."""
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if d_model % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide d_model={d_model}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads={num_kv_heads} does not divide num_heads={num_heads}")
+        if isinstance(attention_impl, str) and attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={attention_impl!r} is unknown; use one of {sorted(ATTENTION_IMPLS)}")
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = d_model // num_heads
+        self.layer_idx = layer_idx
+        self.attention_impl = attention_impl
+        if rope is None and max_seq_len is not None:
+            rope = RotaryEmbedding(rope_theta, self.head_dim, max_seq_len, device=device)
+        self.rope = rope
+        D = self.head_dim
+        self.q_proj = Linear(d_model, num_heads * D, device=device, dtype=dtype)
+        self.k_proj = Linear(d_model, num_kv_heads * D, device=device, dtype=dtype)
+        self.v_proj = Linear(d_model, num_kv_heads * D, device=device, dtype=dtype)
+        self.o_proj = Linear(num_heads * D, d_model, device=device, dtype=dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        token_positions: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """x: (B, T, d_model) -> (B, T, d_model).
+
+        token_positions: (T,) or (B, T) RoPE positions; default ``offset + arange(T)`` where offset is
+        the number of tokens already in ``kv_cache`` (0 without one). With ``kv_cache``, this layer's
+        new keys/values are appended to it (the caller advances the cache after all layers).
+        """
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        offset = 0 if kv_cache is None else kv_cache.length
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.rope is not None:
+            if token_positions is None:
+                token_positions = torch.arange(offset, offset + T, device=x.device)  # (T,)
+            q = self.rope(q, token_positions)
+            k = self.rope(k, token_positions)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, offset + T, D)
+        fn = ATTENTION_IMPLS[self.attention_impl] if isinstance(self.attention_impl, str) else self.attention_impl
+        out = fn(q, k, v, offset)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.o_proj(out)

@@ -1,0 +1,107 @@
+"""Training batches: random windows of ``context_length + 1`` tokens from 1-D token arrays (memmaps).
+
+``get_batch`` is the plain building block. ``TokenSampler`` does the same over several shards with
+its own seeded generator, so the data position is a small state dict stored in every checkpoint
+(exact resume) and can be reseeded after a rollback (a fresh order, not a replay of the bad batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def _to_device(windows: np.ndarray, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.from_numpy(windows.astype(np.int64, copy=False))  # (B, T+1)
+    dev = torch.device(device)
+    if dev.type == "cuda":  # pinned host memory lets the copy overlap compute
+        t = t.pin_memory().to(dev, non_blocking=True)
+    else:
+        t = t.to(dev)
+    return t[:, :-1], t[:, 1:]
+
+
+def get_batch(
+    tokens: np.ndarray | Sequence[int],
+    batch_size: int,
+    context_length: int,
+    device: str | torch.device = "cpu",
+    generator: torch.Generator | np.random.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random windows from a 1-D token array.
+
+    Returns ``(x, y)``, each a LongTensor (batch_size, context_length) on ``device``, with
+    ``y[b, t] = x[b, t + 1]`` (the next token). Start offsets are uniform in
+    ``[0, len(tokens) - context_length - 1]``; ``generator`` (torch or numpy) makes them reproducible.
+    """
+    n = len(tokens)
+    if n < context_length + 1:
+        raise ValueError(
+            f"{n} tokens cannot fill one window of context_length + 1 = {context_length + 1}; "
+            "use more data or a shorter context_length"
+        )
+    high = n - context_length  # exclusive bound on the start offset
+    if isinstance(generator, np.random.Generator):
+        starts = generator.integers(0, high, size=batch_size)
+    else:
+        starts = torch.randint(0, high, (batch_size,), generator=generator).numpy()
+    arr = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
+    windows = arr[starts[:, None] + np.arange(context_length + 1)]  # (B, T+1)
+    return _to_device(np.asarray(windows), device)
+
+
+class TokenSampler:
+    """Random ``context_length + 1`` windows over one or more token arrays (train shards).
+
+    A window never crosses a shard boundary; each possible window in any shard is equally likely.
+    ``rank`` offsets the seed so data-parallel ranks draw different windows (the seam for
+    multi-GPU data loading). The whole data position is ``state_dict()``: the generator state.
+    """
+
+    def __init__(
+        self, shards: Sequence[np.ndarray], context_length: int, seed: int, rank: int = 0
+    ) -> None:
+        self.shards = list(shards)
+        self.context_length = context_length
+        self.rank = rank
+        counts = np.array([max(len(s) - context_length, 0) for s in self.shards], dtype=np.int64)
+        if counts.sum() == 0:
+            longest = max((len(s) for s in self.shards), default=0)
+            raise ValueError(
+                f"no token shard holds context_length + 1 = {context_length + 1} tokens (longest has "
+                f"{longest}); use more data or a shorter context_length"
+            )
+        self._cum = np.cumsum(counts)  # (n_shards,) windows up to and including each shard
+        self.n_windows = int(self._cum[-1])
+        self.generator = torch.Generator()
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Start a new random order (used once at start, and after a rollback)."""
+        self.seed = int(seed)
+        self.generator.manual_seed(self.seed * 1_000_003 + self.rank)
+
+    def next_batch(self, batch_size: int, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``(x, y)`` batch, each (batch_size, context_length) int64 on ``device``."""
+        # int64 draws: randint's bound must fit, which any real corpus does (< 2**63 windows).
+        g = torch.randint(0, self.n_windows, (batch_size,), generator=self.generator).numpy()
+        shard_idx = np.searchsorted(self._cum, g, side="right")  # (B,)
+        base = np.concatenate([[0], self._cum[:-1]])
+        offsets = g - base[shard_idx]
+        T1 = self.context_length + 1
+        windows = np.empty((batch_size, T1), dtype=np.int64)
+        for b in range(batch_size):
+            s = self.shards[shard_idx[b]]
+            windows[b] = s[offsets[b] : offsets[b] + T1]
+        return _to_device(windows, device)
+
+    def state_dict(self) -> dict:
+        """Data position: seed and generator state (a uint8 tensor)."""
+        return {"seed": self.seed, "rank": self.rank, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by ``state_dict``."""
+        self.seed = int(state["seed"])
+        self.generator.set_state(state["generator"])

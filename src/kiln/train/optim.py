@@ -1,0 +1,124 @@
+"""AdamW with decoupled weight decay, parameter groups, and gradient-norm clipping without host syncs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, arXiv:1711.05101).
+
+    Per parameter ``p`` with gradient ``g`` at step ``t`` (1-based)::
+
+        p   <- p - lr * wd * p                      # decay first, independent of the gradient
+        m   <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
+        p   <- p - lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
+
+    State per parameter: ``step`` (fp32 scalar on the CPU, so reading it never syncs a GPU),
+    ``exp_avg`` and ``exp_avg_sq`` (same dtype/device as the parameter). Param groups carry their own
+    ``lr``/``weight_decay``, so norms and embeddings can skip decay (see ``param_groups``).
+    The update runs as multi-tensor (``torch._foreach_*``) ops per group: a handful of kernel
+    launches per step instead of several per parameter.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ) -> None:
+        if not lr >= 0:
+            raise ValueError(f"AdamW lr={lr} must be >= 0")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"AdamW betas={betas} must each be in [0, 1), e.g. (0.9, 0.95)")
+        if not eps >= 0:
+            raise ValueError(f"AdamW eps={eps} must be >= 0")
+        if not weight_decay >= 0:
+            raise ValueError(f"AdamW weight_decay={weight_decay} must be >= 0")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """One update of every parameter that has a gradient. Returns ``closure()`` if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, avgs, avg_sqs, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("kiln AdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                avgs.append(state["exp_avg"])
+                avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for s in steps:
+                s += 1
+            t = steps[0].item()  # CPU scalar: no device sync
+            bias1 = 1.0 - beta1**t
+            bias2_sqrt = math.sqrt(1.0 - beta2**t)
+            if wd != 0:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_lerp_(avgs, grads, 1.0 - beta1)
+            torch._foreach_mul_(avg_sqs, beta2)
+            torch._foreach_addcmul_(avg_sqs, grads, grads, 1.0 - beta2)
+            denom = torch._foreach_sqrt(avg_sqs)
+            torch._foreach_div_(denom, bias2_sqrt)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, avgs, denom, -lr / bias1)
+        return loss
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Split parameters into a decayed group (matrices) and an undecayed one (norm gains, biases,
+    embeddings). Decaying a norm gain or an embedding row pulls it toward zero for no benefit; only
+    the matrices that multiply activations are regularized (as in GPT-3 and Llama recipes)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embed" in name or "norm" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    params: Iterable[torch.Tensor] | torch.Tensor, max_norm: float, eps: float = 1e-6
+) -> torch.Tensor:
+    """Scale gradients in place so their global L2 norm is at most ``max_norm``.
+
+    Returns the total norm before clipping as a 0-dim fp32 tensor on the gradients' device. The
+    scale ``min(1, max_norm / (norm + eps))`` is applied as a tensor, so nothing waits on the host.
+    """
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norms = torch._foreach_norm(grads, 2)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2)
+    scale = (max_norm / (total + eps)).clamp(max=1.0)
+    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    return total

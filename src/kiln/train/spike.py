@@ -1,0 +1,50 @@
+"""Loss-spike guard: judge each step's loss against a window of recent good losses."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+
+class SpikeDetector:
+    """Flags non-finite losses always, and finite ones that are far above the recent window.
+
+    A loss is a spike when, with at least ``min_history`` good losses in the window, it exceeds both
+    ``mean + zscore * std`` and ``ratio * mean``: the z-score catches jumps in a quiet late phase, the
+    ratio keeps a nearly flat window (tiny std) from flagging ordinary noise. Flagged losses are not
+    added to the window. ``state_dict`` makes the detector part of an exact resume.
+    """
+
+    def __init__(self, window: int, min_history: int, zscore: float, ratio: float) -> None:
+        self.window, self.min_history, self.zscore, self.ratio = window, min_history, zscore, ratio
+        self.history: deque[float] = deque(maxlen=window)
+
+    def check(self, loss: float) -> str | None:
+        """Return why ``loss`` is bad (``"non-finite"``, ``"spike"``), or None and record it."""
+        if not math.isfinite(loss):
+            return "non-finite"
+        if len(self.history) >= max(self.min_history, 2):
+            n = len(self.history)
+            mean = sum(self.history) / n
+            std = math.sqrt(sum((v - mean) ** 2 for v in self.history) / (n - 1))
+            if loss > mean + self.zscore * std and loss > self.ratio * mean:
+                return "spike"
+        self.history.append(loss)
+        return None
+
+    def describe(self) -> str:
+        """Mean and std of the window, for log lines."""
+        n = len(self.history)
+        if n < 2:
+            return f"{n} losses in window"
+        mean = sum(self.history) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in self.history) / (n - 1))
+        return f"window mean {mean:.3f} std {std:.3f}"
+
+    def state_dict(self) -> dict:
+        """The window of recent good losses."""
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a window saved by ``state_dict``."""
+        self.history = deque((float(v) for v in state["history"]), maxlen=self.window)

