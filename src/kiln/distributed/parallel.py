@@ -73,6 +73,15 @@ def _fsdp_no_sync(model: Any) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer DCP can read: ZeRO-1's local one (it holds exactly this rank's state)."""
+    if isinstance(optimizer, ShardedOptimizer):
+        if optimizer.optimizer is None:
+            raise ValueError("this rank owns no parameters under ZeRO-1 (more ranks than tensors); use fewer ranks or strategy='fsdp'")
+        return optimizer.optimizer
+    return optimizer
+
+
 class Runtime:
     """The ``dist`` object that ``kiln.train.train(..., dist=...)`` takes, backed by torch.distributed.
 
@@ -118,6 +127,43 @@ class Runtime:
     def optimizer(self, model: nn.Module, optimizer_cls: type[torch.optim.Optimizer], params: Any = None, **kwargs: Any) -> Any:
         """``build_optimizer``: ZeRO-1 sharded when ``cfg.zero1``. Build it *after* ``wrap`` (FSDP swaps parameters)."""
         return build_optimizer(model, optimizer_cls, self.env, self.cfg, params=params, **kwargs)
+
+    @property
+    def sharded_params(self) -> bool:
+        """True under FSDP with several ranks: parameters and gradients are DTensor shards."""
+        return self.env.is_distributed and self.cfg.strategy == "fsdp"
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """True when ranks hold state the others lack (FSDP, ZeRO-1): every rank must save its part."""
+        return self.env.is_distributed and (self.cfg.strategy == "fsdp" or self.cfg.zero1)
+
+    def clip_grad_norm_(self, params: Any, max_norm: float) -> torch.Tensor:
+        """Clip to a global L2 norm over all ranks' shards; returns the norm (a plain 0-dim tensor).
+
+        ``torch.nn.utils.clip_grad_norm_`` reduces DTensor gradient norms across shards, so every
+        rank gets the same norm and scale (a norm of the local shards alone would differ per rank).
+        """
+        total = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+        return total.full_tensor() if hasattr(total, "full_tensor") else total
+
+    def save_sharded(self, path: Any, model: nn.Module, optimizer: Any) -> Any:
+        """Every rank writes its shards of model (and optimizer) state; ``save_sharded_checkpoint``."""
+        from kiln.distributed.fsdp import save_sharded_checkpoint
+
+        return save_sharded_checkpoint(path, model, _torch_optimizer(optimizer), self.env)
+
+    def load_sharded(self, path: Any, model: nn.Module, optimizer: Any) -> None:
+        """Load (and reshard to this job) a checkpoint written by ``save_sharded``."""
+        from kiln.distributed.fsdp import load_sharded_checkpoint
+
+        load_sharded_checkpoint(path, model, _torch_optimizer(optimizer))
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's state on every rank (a collective under FSDP), for export."""
+        from kiln.distributed.fsdp import full_state_dict
+
+        return full_state_dict(model)
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         """Mean of ``t`` over ranks (a new tensor; ``t`` is left alone)."""

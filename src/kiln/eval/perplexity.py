@@ -116,17 +116,12 @@ def read_texts(path: str | os.PathLike, text_key: str = "text") -> Iterator[str]
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist")
     if p.suffix == ".jsonl":
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{i}: invalid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
-                    raise ValueError(f"{p}:{i}: expected an object with a string {text_key!r} field")
-                yield obj[text_key]
+        from kiln.eval.tasks import read_jsonl
+
+        for i, obj in read_jsonl(p):
+            if not isinstance(obj.get(text_key), str):
+                raise ValueError(f"{p}:{i}: expected an object with a string {text_key!r} field")
+            yield obj[text_key]
     else:
         yield p.read_text(encoding="utf-8")
 

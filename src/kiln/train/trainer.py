@@ -9,7 +9,10 @@ Run directory::
 
 Distributed seam: ``dist`` is any object with ``rank``, ``world_size``, ``is_main``, ``device``
 (or None), ``wrap(model)``, ``no_sync(model)``, ``all_reduce_mean(tensor)`` and ``barrier()``;
-``SingleProcess`` is the one-process version. This module never calls torch.distributed.
+``SingleProcess`` is the one-process version. ``kiln.distributed.Runtime`` adds ``optimizer``
+(ZeRO-1), ``clip_grad_norm_`` (DTensor-aware under FSDP), ``sharded_checkpoints`` with
+``save_sharded`` / ``load_sharded`` (every rank writes its shards) and ``full_state_dict`` (FSDP
+export); the trainer uses them when present. This module never calls torch.distributed.
 """
 
 from __future__ import annotations
@@ -105,9 +108,12 @@ def train(
     cfg = _fit_vocab(cfg, data.vocab_size)
     tokenizer_path = tokenizer_path or _find_tokenizer(tokens_dir)
     inputs = {os.fspath(p): input_hash(p) for p in (tokens_dir, tokenizer_path) if p is not None}
-    if resume and _reusable(out, cfg, inputs):
+    reusable = resume and _reusable(out, cfg, inputs)
+    dist.barrier()  # every rank has decided before rank 0 removes the old manifest below
+    if reusable:
         log.info(f"{out} holds a finished run with this config and inputs: reused (--no-resume retrains)")
         return out
+    _check_batch(cfg, dist.world_size)  # on every rank, before any collective
     device = _pick_device(cfg.device, dist)
     amp = _autocast(cfg.dtype, device)
     if device.type == "cuda":
@@ -116,31 +122,33 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, device=device)
-    optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    model_step = dist.wrap(model)
+    model_step = dist.wrap(model)  # FSDP2 replaces model's parameters in place: build the optimizer after
+    groups, kw = param_groups(model, cfg.weight_decay), {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
+    optimizer = dist.optimizer(model, AdamW, params=groups, **kw) if hasattr(dist, "optimizer") else AdamW(groups, **kw)
+    clip = getattr(dist, "clip_grad_norm_", clip_grad_norm_)
     if cfg.compile:
         model_step = torch.compile(model_step)
-    sampler = TokenSampler(data.train, cfg.model.context_length, cfg.seed, rank=dist.rank)
+    sampler = _RankSlice(TokenSampler(data.train, cfg.model.context_length, cfg.seed), dist.rank, dist.world_size)
     spikes = SpikeDetector(cfg.spike_window, cfg.spike_min_history, cfg.spike_zscore, cfg.spike_ratio)
     state = _RunState()
     ckpts = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # the run is incomplete until the manifest is back
+    if dist.is_main:
+        (out / MANIFEST).unlink(missing_ok=True)  # the run is incomplete until the manifest is back
     start = 0
     latest = _checkpoints(ckpts)[-1:] if resume else []
+    dist.barrier()  # every rank has listed the checkpoints before rank 0 may clear them
     if latest:
-        start = _restore(latest[0], cfg, model, optimizer, sampler, spikes, state)
+        start = _restore(latest[0], cfg, model, optimizer, sampler, spikes, state, dist)
     elif dist.is_main:
         _clear_run(out)
+    dist.barrier()
     runlog = RunLog(out, resume_step=start, enabled=dist.is_main)
     try:
         tokenizer = _load_tokenizer(tokenizer_path, runlog)
         token_bytes = tokenizer.token_bytes() if tokenizer is not None else None
         max_steps, mb = cfg.total_steps, cfg.micro_batch
         accum = cfg.batch_size // (mb * dist.world_size)
-        if accum < 1 or cfg.batch_size % (mb * dist.world_size):
-            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size x world size = "
-                             f"{mb * dist.world_size}; lower micro_batch_size")
         flops_per_token, peak = model.flops_per_token(cfg.model.context_length), peak_flops(device)
         _log_header(runlog, cfg, model, device, amp, start, inputs, accum)
         step, skipped, t_start, dt_ema = start, deque(), time.perf_counter(), None
@@ -151,8 +159,7 @@ def train(
             if cfg.sample_every and tokenizer is not None and (step % cfg.sample_every == 0 or last):
                 _sample(model, tokenizer, cfg, device, amp, step, runlog)
             if (step == 0 and start == 0) or (step > start and (last or (cfg.save_every and step % cfg.save_every == 0))):
-                if dist.is_main:
-                    _save(ckpts, step, cfg, model, optimizer, sampler, spikes, state, runlog)
+                _save(ckpts, step, cfg, model, optimizer, sampler, spikes, state, runlog, dist)
                 dist.barrier()
             if last:
                 break
@@ -171,7 +178,7 @@ def train(
                         loss = fault_hook(step, loss)
                     (loss / accum).backward()
                 loss_sum += loss.detach()
-            norm = clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            norm = clip(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             loss_t = dist.all_reduce_mean(loss_sum / accum)
             loss_value, grad_norm = torch.stack([loss_t, norm.to(loss_t)]).tolist()  # the step's one host sync
             verdict = spikes.check(loss_value)
@@ -187,7 +194,7 @@ def train(
                                f"({len(skipped)}/{cfg.rollback_after} within {cfg.spike_window} steps before a rollback)")
                 runlog.metrics({"step": step + 1, "event": "skip", "reason": verdict})
                 if len(skipped) >= cfg.rollback_after:
-                    step = _rollback(ckpts, skipped[0], cfg, model, optimizer, sampler, spikes, state, runlog)
+                    step = _rollback(ckpts, skipped[0], cfg, model, optimizer, sampler, spikes, state, runlog, dist)
                     skipped.clear()
                     continue
             # -- log --
@@ -206,12 +213,66 @@ def train(
                             "mfu": mfu, "tokens": state.tokens_seen, "time": round(time.perf_counter() - t_start, 3),
                             "skipped": verdict is not None})
             step += 1
+        final = _exportable(model, cfg, dist)  # under FSDP a collective: every rank takes part
         if dist.is_main:
-            _finish(out, cfg, model, tokenizer_path, inputs, state, runlog)
+            _finish(out, cfg, final, tokenizer_path, inputs, state, runlog)
         dist.barrier()
     finally:
         runlog.close()
     return out
+
+
+def _check_batch(cfg: TrainConfig, world_size: int) -> None:
+    mb = cfg.micro_batch
+    if cfg.batch_size % (mb * world_size):
+        ok = [m for m in range(mb, 0, -1) if cfg.batch_size % (m * world_size) == 0]
+        fix = f"set micro_batch_size to {ok[0]}" if ok else f"use a batch_size that is a multiple of {world_size}"
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size x world size = "
+                         f"{mb} x {world_size}; {fix}, or change the number of ranks")
+
+
+class _RankSlice:
+    """This rank's share of one global stream of windows.
+
+    Every rank draws the same ``micro_batch x world_size`` windows (same seed) and keeps slice
+    ``rank``, so ranks read disjoint draws and together read exactly what one process with the
+    same global batch reads (a 2-rank run equals a 1-process run). The position is the inner
+    sampler's state, identical on every rank and independent of the world size.
+    """
+
+    def __init__(self, inner: TokenSampler, rank: int, world_size: int) -> None:
+        self.inner, self.rank, self.world_size = inner, rank, world_size
+
+    @property
+    def seed(self) -> int:
+        return self.inner.seed
+
+    def reseed(self, seed: int) -> None:
+        self.inner.reseed(seed)
+
+    def next_batch(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.world_size == 1:
+            return self.inner.next_batch(batch_size, device)
+        x, y = self.inner.next_batch(batch_size * self.world_size, "cpu")  # (mb * world, T) each
+        rows = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
+        return x[rows].to(device), y[rows].to(device)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+def _exportable(model: torch.nn.Module, cfg: TrainConfig, dist: Any) -> torch.nn.Module:
+    """``model`` itself, or under FSDP a plain CPU copy gathered from the shards (every rank calls)."""
+    if not getattr(dist, "sharded_params", False):
+        return model
+    from kiln.model import build_model
+
+    plain = build_model(cfg.model, device="cpu")
+    plain.load_state_dict(dist.full_state_dict(model))
+    return plain
 
 
 @dataclass
@@ -338,10 +399,10 @@ def _lr_at(cfg: TrainConfig, t: int, max_steps: int) -> float:
 
 
 def _checkpoints(ckpts: Path) -> list[Path]:
-    """Complete checkpoints (with meta.json), oldest first."""
+    """Complete checkpoints (meta.json, or trainer/meta.json after the shards of a sharded one), oldest first."""
     if not ckpts.is_dir():
         return []
-    return sorted(p for p in ckpts.glob("step_*") if (p / "meta.json").is_file())
+    return sorted(p for p in ckpts.glob("step_*") if (p / "meta.json").is_file() or (p / "trainer" / "meta.json").is_file())
 
 
 def _clear_run(out: Path) -> None:
@@ -375,27 +436,56 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _save(ckpts: Path, step: int, cfg: TrainConfig, model, optimizer, sampler, spikes, state, runlog) -> None:
-    path = save_checkpoint(
-        model, optimizer, step, ckpts / f"step_{step:06d}",
+def _save(ckpts: Path, step: int, cfg: TrainConfig, model, optimizer, sampler, spikes, state, runlog, dist) -> None:
+    """Rank 0 writes a whole checkpoint; under FSDP or ZeRO-1 every rank first writes its shards to
+    ``step_X/shards/`` (DCP), then rank 0 the trainer state to ``step_X/trainer/`` (its meta.json last)."""
+    path = ckpts / f"step_{step:06d}"
+    sharded = getattr(dist, "sharded_checkpoints", False)
+    extra = dict(
         config=config_to_dict(cfg), sampler=sampler.state_dict(), spikes=spikes.state_dict(),
         rng=_rng_state(next(model.parameters()).device),
         counters={"skips": state.skips, "rollbacks": state.rollbacks, "tokens_seen": state.tokens_seen,
                   "seconds": state.seconds, "val": state.val, "train_losses": list(state.train_losses)},
     )
-    for old in _checkpoints(ckpts)[: -cfg.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    runlog.info(f"saved checkpoint {path}")
+    if sharded:
+        # Before the first update the optimizer has no state; asking DCP for it would create some
+        # (a zero-lr step), shifting Adam's bias correction. Such a checkpoint holds the model only.
+        with_optimizer = step > 0
+        if dist.is_main:
+            shutil.rmtree(path, ignore_errors=True)  # a partial save, or the same step before a rollback
+        dist.barrier()
+        dist.save_sharded(path / "shards", model, optimizer if with_optimizer else None)  # ends with a barrier
+        if dist.is_main:
+            save_checkpoint(torch.nn.Module(), None, step, path / "trainer", sharded={"optimizer": with_optimizer,
+                            "world_size": dist.world_size}, **extra)
+    elif dist.is_main:
+        save_checkpoint(model, optimizer, step, path, **extra)
+    if dist.is_main:
+        for old in _checkpoints(ckpts)[: -cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        runlog.info(f"saved checkpoint {path}")
 
 
-def _restore(path: Path, cfg: TrainConfig, model, optimizer, sampler, spikes, state) -> int:
+def _restore(path: Path, cfg: TrainConfig, model, optimizer, sampler, spikes, state, dist) -> int:
     from kiln.train.checkpoint import load_checkpoint_extra
 
-    saved_model = load_checkpoint_extra(path).get("config", {}).get("model")
+    sharded = (path / "trainer" / "meta.json").is_file()
+    meta_dir = path / "trainer" if sharded else path
+    saved_model = load_checkpoint_extra(meta_dir).get("config", {}).get("model")
     if saved_model != config_to_dict(cfg.model):
         raise ValueError(f"{path} was trained with another model config ({saved_model}); "
                          "use a new --out directory, or --no-resume to start over here")
-    step, extra = restore_checkpoint(path, model, optimizer)
+    if sharded:  # DCP reshards to this job: saved on 2 ranks, resumable on 1 or 4
+        step, extra = restore_checkpoint(meta_dir, torch.nn.Module(), None)
+        load = getattr(dist, "load_sharded", None) or _load_sharded
+        load(path / "shards", model, optimizer if extra["sharded"]["optimizer"] else None)
+        if not extra["sharded"]["optimizer"]:
+            optimizer.state.clear()  # saved before the first update: a rollback to it starts Adam afresh
+    elif getattr(dist, "sharded_checkpoints", False):
+        raise ValueError(f"{path} is a whole-model checkpoint but this run shards its state (fsdp or --zero1); "
+                         "resume it once with --dist-strategy ddp and no --zero1, or start over with --no-resume")
+    else:
+        step, extra = restore_checkpoint(path, model, optimizer)
     sampler.load_state_dict(extra["sampler"])
     spikes.load_state_dict(extra["spikes"])
     _set_rng_state(extra["rng"], next(model.parameters()).device)
@@ -407,7 +497,14 @@ def _restore(path: Path, cfg: TrainConfig, model, optimizer, sampler, spikes, st
     return step
 
 
-def _rollback(ckpts: Path, first_bad: int, cfg, model, optimizer, sampler, spikes, state, runlog) -> int:
+def _load_sharded(path: Path, model, optimizer) -> None:
+    """A sharded checkpoint in a single process without a Runtime (DCP needs no process group)."""
+    from kiln.distributed import load_sharded_checkpoint
+
+    load_sharded_checkpoint(path, model, optimizer)
+
+
+def _rollback(ckpts: Path, first_bad: int, cfg, model, optimizer, sampler, spikes, state, runlog, dist) -> int:
     state.rollbacks += 1
     if state.rollbacks > cfg.max_rollbacks:
         raise RuntimeError(f"loss spiked again after {cfg.max_rollbacks} rollbacks (last at step {first_bad}); "
@@ -417,7 +514,7 @@ def _rollback(ckpts: Path, first_bad: int, cfg, model, optimizer, sampler, spike
         raise RuntimeError(f"loss spikes from step {first_bad} and no checkpoint before it to roll back to; "
                            "lower lr or save more often (save_every)")
     rollbacks, skips = state.rollbacks, state.skips
-    step = _restore(good[-1], cfg, model, optimizer, sampler, spikes, state)
+    step = _restore(good[-1], cfg, model, optimizer, sampler, spikes, state, dist)
     state.rollbacks, state.skips = rollbacks, skips
     sampler.reseed(sampler.seed + 7919 * rollbacks)  # a fresh data order: do not replay the bad batches
     runlog.warning(f"ROLLBACK {rollbacks}/{cfg.max_rollbacks}: {cfg.rollback_after} bad steps since step {first_bad}; "
