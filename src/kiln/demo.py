@@ -55,6 +55,8 @@ class DemoConfig:
     """Use at most this many documents of the corpus (None: all)."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation."""
+    eval_tokens: int = 262_144
+    """Score at most this many held-out tokens (the first windows of the validation split)."""
     prompts: tuple[str, ...] | None = None
     """Prompts for the samples printed at the end (None: KJV openings for "kjv", generic ones else)."""
     sample_tokens: int = 80
@@ -77,6 +79,8 @@ class DemoConfig:
             raise ValueError(f"vocab_size {self.vocab_size} is smaller than 256 bytes + 1 special token; use >= 512")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction {self.val_fraction} must be in (0, 0.5)")
+        if self.eval_tokens < 1:
+            raise ValueError(f"eval_tokens {self.eval_tokens} must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps {self.max_steps} must be >= 1")
 
@@ -144,9 +148,11 @@ def run_demo(cfg: DemoConfig) -> Path:
     val_paths = sorted(Path(tokens_dir).glob("val_*.bin"))
     val_tokens = np.concatenate([np.asarray(read_shard(p).tokens) for p in val_paths])
     token_bytes = tokenizer.token_bytes()
+    batch = 16
+    max_batches = -(-cfg.eval_tokens // (batch * model.config.context_length))
     heldout = evaluate_heldout(
         model, val_tokens, token_bytes, context_length=model.config.context_length,
-        batch_size=16, device=device,
+        batch_size=batch, max_batches=max_batches, device=device,
     )
     timings["eval"] = time.perf_counter() - t
     print(f"held-out loss {heldout['loss']:.4f} | perplexity {np.exp(heldout['loss']):.1f} | "

@@ -330,10 +330,10 @@ def main(argv: list[str]) -> int:
         SCENARIOS[name](env, out, *args)
     except DistributedError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        # After a failed collective the group may be unusable; exit without a collective teardown.
-        pass
+        sys.stdout.flush()
+        # After a failed collective the group may be unusable, and interpreter shutdown with a live
+        # gloo group can abort in its C++ destructors (SIGABRT instead of exit 1): leave at once.
+        os._exit(1)
     write(out, env, name)
     shutdown_distributed()
     return 0

@@ -121,3 +121,15 @@ def test_logits_equal_hf_llama_both_ways(tmp_path, tie):
     assert m2.config.rope_theta == 500.0 and m2.config.tie_embeddings is tie
     with torch.no_grad():
         torch.testing.assert_close(m2(idx), hf2(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_load_pretrained_accepts_a_train_run_directory(tmp_path):
+    from kiln.model import ModelConfig, Transformer, load_pretrained, save_pretrained
+
+    model = Transformer(ModelConfig(vocab_size=64, context_length=16, d_model=16, n_layers=1, n_heads=2, d_ff=32))
+    save_pretrained(model, tmp_path / "run" / "model")
+    loaded = load_pretrained(tmp_path / "run")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_pretrained(tmp_path)

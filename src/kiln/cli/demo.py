@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="override the preset's optimizer steps")
     p.add_argument("--max-docs", type=int, default=d.max_docs, help="use at most this many documents")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held-out fraction of documents")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
+                   help="score at most this many held-out tokens in the evaluation step")
     p.add_argument("--prompt", action="append", dest="prompts", default=None,
                    help="sample prompt (repeat for several); default: three openings suited to the corpus")
     p.add_argument("--sample-tokens", type=int, default=d.sample_tokens, help="new tokens per sample")
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = dict(
         data=args.data, out=args.out, vocab_size=args.vocab_size, preset=args.preset,
         max_steps=args.max_steps, max_docs=args.max_docs, val_fraction=args.val_fraction,
+        eval_tokens=args.eval_tokens,
         sample_tokens=args.sample_tokens, temperature=args.temperature, top_k=args.top_k,
         seed=args.seed, device=args.device, force=args.force, overrides=tuple(args.overrides),
     )

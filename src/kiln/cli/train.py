@@ -77,6 +77,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "keys are listed below")
     p.add_argument("--no-resume", action="store_true",
                    help="start from step 0, deleting OUT's previous checkpoints and metrics")
+    d = p.add_argument_group("many processes (under torchrun; see docs/distributed.md)")
+    d.add_argument("--dist-strategy", choices=("ddp", "torch_ddp", "fsdp"), default="ddp",
+                   help="ddp: Kiln's bucketed, overlapped all-reduce; torch_ddp: PyTorch DDP; "
+                   "fsdp: FSDP2 (parameters, gradients and optimizer state sharded)")
+    d.add_argument("--zero1", action="store_true", help="shard optimizer state over ranks (ZeRO-1; ddp/torch_ddp)")
+    d.add_argument("--bucket-mb", type=float, default=25.0, metavar="MIB", help="gradient bucket size (ddp, torch_ddp)")
+    d.add_argument("--dist-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds before a collective that a dead or stuck rank never joins fails")
     p.set_defaults(func=run)
 
 
@@ -87,7 +95,31 @@ def run(args: argparse.Namespace) -> int:
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
     cfg = apply_overrides(PRESETS[args.preset](), args.overrides)
-    out = train(cfg, args.tokens, args.out, tokenizer_path=args.tokenizer, resume=not args.no_resume,
-                max_steps_override=args.max_steps)
-    print(f"kiln train: wrote {out}")
+    kw = {"tokenizer_path": args.tokenizer, "resume": not args.no_resume, "max_steps_override": args.max_steps}
+    env = _dist_env(cfg.device)
+    if not env.is_distributed:
+        out = train(cfg, args.tokens, args.out, **kw)
+        print(f"kiln train: wrote {out}")
+        return 0
+    from kiln.artifacts import code_version, config_to_dict
+    from kiln.distributed import DistConfig, Runtime, per_rank_batch, setup_rank_logging
+
+    per_rank_batch(cfg.batch_size, env.world_size, cfg.micro_batch_size or None)  # every rank fails alike, before joining
+    dcfg = DistConfig(strategy=args.dist_strategy, zero1=args.zero1, bucket_mb=args.bucket_mb, timeout_s=args.dist_timeout)
+    rt = Runtime.start(dcfg, env=env, config=config_to_dict(cfg), code=code_version())
+    try:
+        setup_rank_logging(env)
+        out = train(cfg, args.tokens, args.out, dist=rt, **kw)
+        rt.barrier()
+    finally:
+        rt.close()
+    if env.is_main:
+        print(f"kiln train: wrote {out} ({env.world_size} ranks, {dcfg.strategy}{' + zero1' if dcfg.zero1 else ''})")
     return 0
+
+
+def _dist_env(device: str):
+    """torchrun's variables, read once here; one GPU per rank unless the config asks for the CPU."""
+    from kiln.distributed import DistEnv
+
+    return DistEnv.from_environment(device_type="cpu" if device == "cpu" else None)

@@ -43,6 +43,16 @@ def _fully_shard() -> Callable[..., Any]:
         ) from None
 
 
+def _flat_options() -> Any:
+    """Optimizer state keyed per parameter name (``state.<fqn>.exp_avg``, ``param_groups.<fqn>.lr``)
+    rather than one ``param_groups`` list: ZeRO-1 ranks each hold a different subset of parameters,
+    and DCP keeps a single copy of a non-tensor item, so an unflattened list would be rank 0's on
+    every rank. Per-name keys also let a different number of ranks pick up exactly their own."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def _dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, name)
 
@@ -101,7 +111,7 @@ def save_sharded_checkpoint(path: str | Path, model: nn.Module, optimizer: torch
     model = unwrap(model)
     path = Path(path)
     if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=_flat_options())
         state: dict[str, Any] = {"model": msd, "optim": osd}
     else:
         state = {"model": get_model_state_dict(model)}
@@ -133,10 +143,10 @@ def load_sharded_checkpoint(path: str | Path, model: nn.Module, optimizer: torch
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path} is not a sharded checkpoint (no .metadata); pass a directory written by save_sharded_checkpoint")
     if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=_flat_options())
         state: dict[str, Any] = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_flat_options())
     else:
         state = {"model": get_model_state_dict(model)}
         dcp.load(state, checkpoint_id=str(path))

@@ -194,6 +194,7 @@ def load_pretrained(
 ) -> Transformer:
     """Load a model directory written by ``save_pretrained`` or a Hugging Face Llama directory.
 
+    ``model_dir`` may also be a finished train run directory: its ``model/`` is loaded.
     device: where the weights go (default CPU). dtype: default the stored dtype.
     attention_impl: override the saved ``ModelConfig.attention_impl`` (e.g. "sdpa" on a GPU).
     Only safetensors are read; a pickled ``pytorch_model.bin`` is refused.
@@ -201,6 +202,8 @@ def load_pretrained(
     import dataclasses
 
     d = Path(model_dir)
+    if not (d / CONFIG_FILE).is_file() and (d / "model" / CONFIG_FILE).is_file():
+        d = d / "model"  # a train run directory: training writes its final weights to model/
     cfg_path = d / CONFIG_FILE
     if not cfg_path.is_file():
         what = "does not exist" if not d.exists() else f"has no {CONFIG_FILE}"

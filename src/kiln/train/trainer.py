@@ -147,16 +147,18 @@ def train(
     try:
         tokenizer = _load_tokenizer(tokenizer_path, runlog)
         token_bytes = tokenizer.token_bytes() if tokenizer is not None else None
-        max_steps, mb = cfg.total_steps, cfg.micro_batch
+        max_steps, mb = cfg.total_steps, _micro_batch(cfg, dist.world_size)
         accum = cfg.batch_size // (mb * dist.world_size)
         flops_per_token, peak = model.flops_per_token(cfg.model.context_length), peak_flops(device)
-        _log_header(runlog, cfg, model, device, amp, start, inputs, accum)
+        _log_header(runlog, cfg, model, device, amp, start, inputs, mb, accum, dist.world_size)
         step, skipped, t_start, dt_ema = start, deque(), time.perf_counter(), None
+        # Rank 0 evaluates and samples alone, except under FSDP where every forward is a collective.
+        looks = dist.is_main or getattr(dist, "sharded_params", False)
         while True:
             last = step == max_steps
-            if cfg.eval_every and (step % cfg.eval_every == 0 or last) and data.val is not None:
+            if looks and cfg.eval_every and (step % cfg.eval_every == 0 or last) and data.val is not None:
                 _evaluate(model, data, token_bytes, cfg, device, amp, step, runlog, state)
-            if cfg.sample_every and tokenizer is not None and (step % cfg.sample_every == 0 or last):
+            if looks and cfg.sample_every and tokenizer is not None and (step % cfg.sample_every == 0 or last):
                 _sample(model, tokenizer, cfg, device, amp, step, runlog)
             if (step == 0 and start == 0) or (step > start and (last or (cfg.save_every and step % cfg.save_every == 0))):
                 _save(ckpts, step, cfg, model, optimizer, sampler, spikes, state, runlog, dist)
@@ -222,8 +224,13 @@ def train(
     return out
 
 
+def _micro_batch(cfg: TrainConfig, world_size: int) -> int:
+    """Sequences per forward/backward on one rank: micro_batch_size, or the per-rank batch when 0."""
+    return cfg.micro_batch_size or max(cfg.batch_size // world_size, 1)
+
+
 def _check_batch(cfg: TrainConfig, world_size: int) -> None:
-    mb = cfg.micro_batch
+    mb = _micro_batch(cfg, world_size)
     if cfg.batch_size % (mb * world_size):
         ok = [m for m in range(mb, 0, -1) if cfg.batch_size % (m * world_size) == 0]
         fix = f"set micro_batch_size to {ok[0]}" if ok else f"use a batch_size that is a multiple of {world_size}"
@@ -441,12 +448,12 @@ def _save(ckpts: Path, step: int, cfg: TrainConfig, model, optimizer, sampler, s
     ``step_X/shards/`` (DCP), then rank 0 the trainer state to ``step_X/trainer/`` (its meta.json last)."""
     path = ckpts / f"step_{step:06d}"
     sharded = getattr(dist, "sharded_checkpoints", False)
-    extra = dict(
-        config=config_to_dict(cfg), sampler=sampler.state_dict(), spikes=spikes.state_dict(),
-        rng=_rng_state(next(model.parameters()).device),
-        counters={"skips": state.skips, "rollbacks": state.rollbacks, "tokens_seen": state.tokens_seen,
-                  "seconds": state.seconds, "val": state.val, "train_losses": list(state.train_losses)},
-    )
+    extra = {
+        "config": config_to_dict(cfg), "sampler": sampler.state_dict(), "spikes": spikes.state_dict(),
+        "rng": _rng_state(next(model.parameters()).device),
+        "counters": {"skips": state.skips, "rollbacks": state.rollbacks, "tokens_seen": state.tokens_seen,
+                     "seconds": state.seconds, "val": state.val, "train_losses": list(state.train_losses)},
+    }
     if sharded:
         # Before the first update the optimizer has no state; asking DCP for it would create some
         # (a zero-lr step), shifting Adam's bias correction. Such a checkpoint holds the model only.
@@ -584,7 +591,7 @@ def _generate(model, tokenizer, cfg: TrainConfig, device, amp) -> str:
         model.train(was_training)
 
 
-def _log_header(runlog, cfg, model, device, amp, start, inputs, accum) -> None:
+def _log_header(runlog, cfg, model, device, amp, start, inputs, mb, accum, world_size) -> None:
     code = code_version()
     runlog.info(f"kiln train | code {json.dumps(code)}")
     runlog.info(f"config {json.dumps(config_to_dict(cfg))}")
@@ -592,7 +599,7 @@ def _log_header(runlog, cfg, model, device, amp, start, inputs, accum) -> None:
     what = "bf16 autocast" if isinstance(amp, torch.autocast) else "fp32"
     runlog.info(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {what}; "
                 f"model {model.num_params() / 1e6:.2f}M params; {cfg.tokens_per_step} tokens/step "
-                f"({cfg.micro_batch} x {accum} accum x {cfg.model.context_length}); "
+                f"({mb} x {accum} accum x {world_size} ranks x {cfg.model.context_length}); "
                 + (f"resuming at step {start}" if start else "starting at step 0"))
     if device.type == "cuda":
         try:
