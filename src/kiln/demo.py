@@ -188,6 +188,17 @@ def _stats(artifact: Path) -> dict[str, Any]:
     return {"stats": m.get("stats", {}), "seconds": m.get("seconds"), "config": m.get("config", {})}
 
 
+def _flatten(stats: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"tokens": 5}}`` -> ``{"train.tokens": 5}``; an empty dict reads "none"."""
+    flat: dict[str, Any] = {}
+    for k, v in stats.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = "none" if isinstance(v, dict) else v
+    return flat
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:,.4g}"
@@ -228,7 +239,7 @@ def write_report(
                      f"{timings.get(name, 0):.1f} | {s['seconds'] or 0:.1f} |")
     lines += ["", "## Statistics", ""]
     for name, d in [("corpus", corpus_dir), ("tokenizer", tok_dir), ("tokens", tokens_dir), ("train", train_dir)]:
-        stats = _stats(Path(d))["stats"]
+        stats = _flatten(_stats(Path(d))["stats"])
         lines.append(f"**{name}**: " + ", ".join(f"{k} {_fmt(v)}" for k, v in stats.items()))
         lines.append("")
     lines += [
