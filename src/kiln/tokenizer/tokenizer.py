@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 from kiln.tokenizer import native
 from kiln.tokenizer.formats import bytes_to_str, str_to_bytes
+from kiln.tokenizer.train import merge_word
 from kiln.tokenizer.pretokenize import (
     ENDOFTEXT,
     check_special_tokens,
@@ -159,18 +160,7 @@ class Tokenizer:
                     best_pair = pair
             if best is None:
                 break
-            a, b = best_pair
-            new = best[1]
-            out: list[int] = []
-            i, n = 0, len(ids)
-            while i < n:
-                if i + 1 < n and ids[i] == a and ids[i + 1] == b:
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            ids = merge_word(ids, best_pair[0], best_pair[1], best[1])
         return ids
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:

@@ -85,7 +85,7 @@ def merge_words_reference(word_counts: Mapping[bytes, int], num_merges: int) -> 
         touched: set[tuple[int, int]] = set()
         for wi in where.pop(best):
             w = words[wi]
-            merged = _merge_word(w, a, b, new)
+            merged = merge_word(w, a, b, new)
             if len(merged) == len(w):
                 continue  # stale index entry: the pair left this word in an earlier merge
             f = freqs[wi]
@@ -106,7 +106,7 @@ def merge_words_reference(word_counts: Mapping[bytes, int], num_merges: int) -> 
     return merges
 
 
-def _merge_word(w: list[int], a: int, b: int, new: int) -> list[int]:
+def merge_word(w: list[int], a: int, b: int, new: int) -> list[int]:
     """Replace every non-overlapping (a, b) in ``w``, left to right, by ``new``."""
     out: list[int] = []
     i, n = 0, len(w)
