@@ -55,26 +55,32 @@ def attention_ref(
 if HAVE_TRITON:
 
     @triton.jit
+    def _load_kv_block(K_base, V_base, stride_kt, stride_vt, offs_n, offs_d, T, BOUNDS_MASK: tl.constexpr):
+        """The (BLOCK_N, D) tiles of K and V at key positions ``offs_n`` (zeros past ``T``)."""
+        k_ptrs = K_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = V_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+        if BOUNDS_MASK:
+            kv_ok = offs_n < T
+            k = tl.load(k_ptrs, mask=kv_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        return k, v
+
+    @triton.jit
     def _fwd_inner(
         acc, l_i, m_i, q, K_base, V_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T, qk_scale,
         BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr,
     ):
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k_ptrs = K_base + offs_n[:, None] * stride_kt + offs_d[None, :]
-            v_ptrs = V_base + offs_n[:, None] * stride_vt + offs_d[None, :]
-            if BOUNDS_MASK:
-                kv_ok = offs_n < T
-                k = tl.load(k_ptrs, mask=kv_ok[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
-            else:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
+            k, v = _load_kv_block(K_base, V_base, stride_kt, stride_vt, offs_n, offs_d, T, BOUNDS_MASK)
             s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
             if CAUSAL_MASK:
                 s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
             if BOUNDS_MASK:
-                s = tl.where(kv_ok[None, :], s, float("-inf"))
+                s = tl.where((offs_n < T)[None, :], s, float("-inf"))
             # Every row sees key 0 in the first block it processes, so m_new is finite: no NaN.
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.math.exp2(s - m_new[:, None])
@@ -193,20 +199,12 @@ if HAVE_TRITON:
     ):
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k_ptrs = K_base + offs_n[:, None] * skt + offs_d[None, :]
-            v_ptrs = V_base + offs_n[:, None] * svt + offs_d[None, :]
-            if BOUNDS_MASK:
-                kv_ok = offs_n < T
-                k = tl.load(k_ptrs, mask=kv_ok[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
-            else:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
+            k, v = _load_kv_block(K_base, V_base, skt, svt, offs_n, offs_d, T, BOUNDS_MASK)
             s = tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]  # (BLOCK_M, BLOCK_N), log2 units
             if CAUSAL_MASK:  # mask before exp2: masked scores may exceed lse and overflow
                 s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
             if BOUNDS_MASK:
-                s = tl.where(kv_ok[None, :], s, float("-inf"))
+                s = tl.where((offs_n < T)[None, :], s, float("-inf"))
             p = tl.math.exp2(s)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
