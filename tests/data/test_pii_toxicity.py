@@ -26,4 +26,6 @@ def test_toxicity_filter() -> None:
     term = min(builtin_terms())
     assert check(" ".join([term] * 5 + ["word"] * 20))[0] == "toxic_words"
     assert check("fine text", "https://www.pornsite.example/x")[0] == "toxic_url"
-    assert toxicity_filter(ToxicityConfig(), scorer=lambda t: 1.0)("anything")[0] == "toxic_words"
+    assert toxicity_filter(ToxicityConfig(), scorer=lambda t: 1.0)("anything")[0] == "toxic_classifier"
+    assert toxicity_filter(ToxicityConfig(), scorer=lambda t: 0.2)("anything") == (
+        None, {"toxicity_words": 0.0, "toxicity_classifier": 0.2})

@@ -140,3 +140,24 @@ def test_evaluate_generative_with_a_scripted_decoder():
     r = evaluate_generative(None, None, items, "gsm8k", samples=3, ks=(1, 2), decode_fn=fake)
     assert r.accuracy == 0.5
     assert r.pass_at_k == {"pass@1": 0.5, "pass@2": 0.5}  # Q1 never right when sampled, Q2 always
+
+
+def test_batched_generative_eval_equals_one_prompt_at_a_time():
+    from kiln.model import ModelConfig, Transformer
+    from kiln.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"])
+    model = Transformer(ModelConfig(vocab_size=257, context_length=96, d_model=32, n_layers=2, n_heads=4)).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    items = [GenItem(q, "4") for q in ("What is 2+2?", "Tom has 3 apples and buys 5 more.", "Hi", "x" * 30)]
+    batched = evaluate_generative(model, tok, items, "gsm8k", max_new_tokens=24, batch_size=3)
+    single = evaluate_generative(model, tok, items, "gsm8k", max_new_tokens=24, decode_fn=decode)
+    assert [e["output"] for e in batched.examples] == [e["output"] for e in single.examples]
+    assert any(e["output"] for e in batched.examples)
+    kw = {"max_new_tokens": 12, "samples": 3, "ks": (1, 3), "seed": 5, "batch_size": 4}
+    a = evaluate_generative(model, tok, items, "math", **kw)
+    assert a.pass_at_k == evaluate_generative(model, tok, items, "math", **kw).pass_at_k

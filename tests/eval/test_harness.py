@@ -84,6 +84,13 @@ def test_kiln_lm_from_a_model_directory(tmp_path):
     lm = lm_class()(model=str(tmp_path / "model"), device="cpu")  # tokenizer found beside the model
     (lp, _), = lm.loglikelihood([Req("Hello", " world")])
     assert lp < 0
+    # generate_until decodes a Kiln model's requests in batches: the same text as one at a time
+    from kiln.eval.generative import decode
+
+    reqs = [Req("Hello", {"until": ["\n"], "max_gen_toks": 6}), Req("Hi there", {"until": ["\n"], "max_gen_toks": 6}),
+            Req("A", {"max_gen_toks": 3})]
+    assert lm.generate_until(reqs) == [decode(lm.model, lm.tok, r.args[0], r.args[1]["max_gen_toks"],
+                                              stop=r.args[1].get("until", [])) for r in reqs]
 
 
 def test_model_args_win_over_cli_defaults(bigram, char_tok):

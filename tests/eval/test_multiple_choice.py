@@ -32,7 +32,7 @@ def test_accuracy_and_stderr_over_items(bigram, char_tok):
     items = [MCItem.shared_context("q:", [" a", " ééé"], gold=g) for g in (0, 0, 1, 0)]
     res = score_items(bigram, char_tok, items)
     assert res.acc == 0.75  # " a" (-3 ln2) beats " ééé" (-6 ln2)
-    assert res.stderr["acc"] == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+    assert res.stderr["acc"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
 
 
 def test_winogrande_partial_scoring_uses_only_the_continuation(bigram, char_tok):
@@ -98,3 +98,74 @@ def test_whitespace_moves_to_the_continuation(bigram, char_tok):
 def test_no_items_is_an_error(bigram, char_tok):
     with pytest.raises(ValueError, match="no items"):
         score_items(bigram, char_tok, [])
+
+
+class _ByteTok:
+    eot_id = 256
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def _tiny_transformer(context_length: int = 64):
+    import torch
+
+    from kiln.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=257, context_length=context_length, d_model=32, n_layers=2,
+                                n_heads=4, n_kv_heads=2, d_ff=64)).eval()
+    with torch.no_grad():  # sharp attention, so a wrong mask or position shows in the scores
+        for layer in m.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return m
+
+
+MIXED_ITEMS = [
+    MCItem.shared_context("The cat sat on the", [" mat", " hat and then left", " dog", " a"], 0),
+    MCItem.shared_context("Q: 2+2?\nAnswer:", [" A", " B", " C", " D"], 1),  # one-token choices
+    MCItem.shared_context("x", [" yes it is", " no"], 1),
+    MCItem.shared_context("A much longer context that goes on and on before the choices", [" ok", " fine."], 0),
+    MCItem.shared_context("z" * 88, [" a", " b"], 0),  # long context, short choices, long ones in the batch
+    MCItem((("He took the ", " bus"), ("She took the ", " bus")), 0),  # partial scoring: by rows
+    MCItem((("The last word is", " kiln"),), 0, "lm"),
+]
+
+
+@pytest.mark.parametrize("context_length", [96, 24])  # 24: some items are truncated from the left
+def test_kv_cache_scoring_equals_per_choice_rows(context_length):
+    m, tok = _tiny_transformer(context_length), _ByteTok()
+    rows = score_items(m, tok, MIXED_ITEMS, batch_size=5, method="rows")
+    for bs in (3, 16):
+        cache = score_items(m, tok, MIXED_ITEMS, batch_size=bs, method="cache")
+        for r, c in zip(rows.items, cache.items):
+            assert c.logprobs == pytest.approx(r.logprobs, abs=1e-4)
+            assert c.greedy == r.greedy and c.n_tokens == r.n_tokens
+        assert cache.truncated == rows.truncated
+    assert (rows.truncated > 0) == (context_length == 24)
+    auto = score_items(m, tok, MIXED_ITEMS)  # auto picks the cache for a Kiln Transformer
+    for a, c in zip(auto.items, cache.items):
+        assert a.logprobs == pytest.approx(c.logprobs, abs=1e-6)
+
+
+def test_cache_method_needs_a_kiln_transformer(bigram, char_tok):
+    with pytest.raises(ValueError, match="Kiln Transformer"):
+        score_items(bigram, char_tok, [MCItem.shared_context("q:", [" a", " b"], 0)], method="cache")
+    with pytest.raises(ValueError, match="method"):
+        score_items(bigram, char_tok, [MCItem.shared_context("q:", [" a", " b"], 0)], method="fast")
+
+
+def test_auto_uses_the_cache_only_where_it_saves_tokens():
+    from kiln.eval.multiple_choice import cache_saves, token_counts
+
+    tok = _ByteTok()
+    long_ctx = encode_pairs([MCItem.shared_context("A long shared context. " * 3, [" one", " two"], 0)], tok, 96)
+    letters = encode_pairs([MCItem.shared_context("Q?\nAnswer:", [" A", " B"], 0)], tok, 96)
+    # the context's trailing space moves to the continuations: 68 context tokens, "  one", "  two"
+    assert token_counts(long_ctx) == (2 * (68 + 5 - 1), 68 + 2 * 4) and cache_saves(long_ctx)
+    assert token_counts(letters) == (11, 12) and not cache_saves(letters)  # one row serves both letters

@@ -118,3 +118,34 @@ def test_quick_eval_restores_train_mode(data_dir):
     full = evaluate_tasks(model.eval(), _byte_tokenizer(), ["hellaswag", "arc_easy"], data_dir, limit=3)
     assert m["eval/hellaswag"] == full["tasks"]["hellaswag"]["score"]
     assert m["eval/core"] == pytest.approx(full["core"])
+
+
+def test_suites_expand_and_the_report_shows_margins(tmp_path, model_dir, data_dir):
+    from kiln.eval.stage import expand_tasks
+    from kiln.eval.tasks import TASKS
+
+    assert expand_tasks(("all",)) == (*TASKS, "gsm8k", "math500")
+    assert "mmlu" not in expand_tasks(("core",)) and "hellaswag" in expand_tasks(("core",))
+    assert expand_tasks(("arc_easy", "core")).count("arc_easy") == 1
+    cfg = EvalConfig(model=str(model_dir), tasks=("hellaswag", "gsm8k"), data_dir=str(data_dir), limit=6,
+                     gen_limit=2, max_new_tokens=3, device="cpu", scoring="rows", gen_batch_size=2)
+    res = json.loads((run_eval(cfg, tmp_path / "ev") / "results.json").read_text())
+    hs, g = res["tasks"]["hellaswag"], res["tasks"]["gsm8k"]
+    assert hs["n"] == 6 and g["n"] == 2 and g["stderr"]["acc"] == pytest.approx((g["acc"] * (1 - g["acc"]) / 2) ** 0.5)
+    assert hs["stderr"]["acc_norm"] == pytest.approx((hs["score"] * (1 - hs["score"]) / 6) ** 0.5)
+    assert res["run"]["device"].startswith("cpu") and res["run"]["params"] > 0
+    md = (tmp_path / "ev" / "results.md").read_text()
+    assert "(score - random) / stderr" in md and "CORE-style centered mean** over 1 tasks" in md
+    with pytest.raises(ValueError, match="--scoring"):
+        EvalConfig(scoring="fast")
+
+
+def test_check_vocab_both_directions():
+    from kiln.eval.lm import check_vocab
+
+    tok = _byte_tokenizer()
+    check_vocab(_tiny_model(257), tok)
+    check_vocab(_tiny_model(320), tok)  # padded to a multiple of 64: fine
+    for v in (200, 257 + 1024):
+        with pytest.raises(ValueError, match=f"vocabulary mismatch: the model has vocab_size={v}"):
+            check_vocab(_tiny_model(v), tok)

@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from kiln.eval.tasks import TASKS, get_task, load_foundry, load_hellaswag, load_mmlu, random_baseline
+from kiln.eval.tasks import (
+    TASKS,
+    get_task,
+    load_foundry,
+    load_hellaswag,
+    load_mmlu,
+    random_baseline,
+)
 
 
 def _jsonl(path, rows):
@@ -138,3 +145,25 @@ def test_real_mmlu_spans_subjects(shared_data):
     subjects = {it.pairs[0][0].split("about ")[1].split(".")[0] for it in items}
     assert len(subjects) == 57
     assert items[0].pairs[0][0].count("Answer:") == 6
+
+
+def test_packed_bz2_copies_load_like_the_originals(tmp_path):
+    # a packed copy of the eval data (every .jsonl/.csv bzip2-compressed) loads the same items
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir()
+    _mmlu(plain)
+    rows = [{"query": "q1", "choices": ["a", "b"], "gold": 1}, {"query": "q2", "choices": ["c", "d"], "gold": 0}]
+    _jsonl(plain / "x.jsonl", rows)
+    for f in plain.rglob("*.*"):
+        out = packed / f.relative_to(plain)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_name(out.name + ".bz2").write_bytes(bz2.compress(f.read_bytes()))
+    assert load_foundry(packed / "x.jsonl") == [
+        type(it)(it.pairs, it.gold, it.kind, it.source.replace("plain/x.jsonl", "packed/x.jsonl.bz2"))
+        for it in load_foundry(plain / "x.jsonl")]
+    assert [(it.pairs, it.gold) for it in load_mmlu(packed, 2)] == [(it.pairs, it.gold) for it in load_mmlu(plain, 2)]
+    assert len(load_mmlu(packed, 2)) == 2
+    # errors still name the file and line
+    (packed / "bad.jsonl.bz2").write_bytes(bz2.compress(b'{"query": "q", "choices": ["a"], "gold": 0}\n{oops\n'))
+    with pytest.raises(ValueError, match=r"bad\.jsonl\.bz2:2: invalid JSON"):
+        load_foundry(packed / "bad.jsonl")

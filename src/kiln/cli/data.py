@@ -2,6 +2,7 @@
 
     kiln data run --preset web_en --input crawl/*.warc.gz --out data/web
     kiln data run --preset books --input gutenberg_books.tar.gz --out data/books
+    kiln data run --input crawl/ --out data/web --output-format parquet --langid-model cld3 --toxicity-threshold 0.8
     kiln data train-quality --positive books/ wiki.txt --negative c4.jsonl --out quality.npz
     kiln data presets
 """
@@ -16,24 +17,84 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` except where the default is None: those flags say in their help
+    what None means (usually: the preset's value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+# ``--output-format jsonl`` is accepted for the library's ``jsonl.zst`` (the only JSONL output).
+_OUTPUT_FORMAT_ALIASES = {"jsonl": "jsonl.zst"}
+
+
+def _probability(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1]")
+    return x
+
+
+def _preset_defaults(get: Any) -> str:
+    """``web_en: X, books: Y, ...``: one setting of every preset, for help texts (read from the
+    presets themselves, so the help follows the library)."""
+    from kiln.data.pipeline import PRESETS
+
+    values = {name: str(get(fn())) for name, fn in PRESETS.items()}
+    if len(set(values.values())) == 1:
+        return f"{next(iter(values.values()))} in every preset"
+    return ", ".join(f"{name}: {v}" for name, v in values.items())
+
+
 def register(subparsers: Any) -> None:
     """Add ``kiln data`` and its subcommands."""
+    from kiln.data.extract import METHODS as EXTRACT_METHODS
+    from kiln.data.langid import MODELS as LANGID_MODELS
+    from kiln.data.pipeline import OUTPUT_FORMATS
+
     p = subparsers.add_parser("data", help="curate raw web/book data into clean, deduplicated shards")
     sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
 
-    r = sub.add_parser("run", help="run a curation preset over inputs", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r = sub.add_parser("run", help="run a curation preset over inputs", formatter_class=_DefaultsHelpFormatter)
     r.add_argument("--preset", default="web_en", help="web_en | books | minimal (see `kiln data presets`)")
     r.add_argument("--input", nargs="+", required=True, help="files, folders, globs (WARC/WET/HTML/JSONL/Parquet/txt/tar), URLs, hf://")
-    r.add_argument("--out", required=True, help="output folder: train_XXXXX.jsonl.zst, report.html, manifest.json")
+    r.add_argument("--out", required=True,
+                   help="output folder: train_XXXXX.jsonl.zst (or .parquet), report.html, manifest.json")
     r.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
     r.add_argument("--executor", default="local", choices=["local", "ray"], help="where shards run")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: a local instance)")
-    r.add_argument("--languages", default=None, help="comma-separated language codes to keep (overrides the preset)")
-    r.add_argument("--extract", default=None, choices=["resiliparse", "trafilatura", "hybrid"], help="extraction method")
-    r.add_argument("--quality-model", default=None, help="a model from `kiln data train-quality` to filter with")
+    r.add_argument("--languages", default=None,
+                   help="comma-separated language codes to keep; ignored by a preset without language ID (default: the preset's; "
+                        + _preset_defaults(lambda c: ",".join(c.langid.languages) if c.langid else "no language ID") + ")")
+    r.add_argument("--extract", default=None, choices=EXTRACT_METHODS,
+                   help="HTML extraction method; ignored by a preset without extraction (default: the preset's; "
+                        + _preset_defaults(lambda c: c.extract.method if c.extract else "no extraction") + ")")
+    r.add_argument("--output-format", default=None, choices=(*OUTPUT_FORMATS, *[a for a, f in _OUTPUT_FORMAT_ALIASES.items() if f in OUTPUT_FORMATS]),
+                   help="shard format: jsonl.zst (alias jsonl) or parquet; `kiln tokenize --corpus` reads both "
+                        "(default: the preset's; " + _preset_defaults(lambda c: c.output_format) + ")")
+    r.add_argument("--langid-model", default=None, choices=LANGID_MODELS,
+                   help="language-ID model (default: the preset's; "
+                        + _preset_defaults(lambda c: c.langid.model if c.langid else "no language ID") + ")")
+    r.add_argument("--toxicity-classifier", default=None, action=argparse.BooleanOptionalAction,
+                   help="score documents with the bundled toxicity classifier and drop those above "
+                        "--toxicity-threshold; --no-toxicity-classifier keeps only the URL and word-list checks "
+                        "(default: the preset's; "
+                        + _preset_defaults(lambda c: ("on" if c.toxicity.classifier else "off") if c.toxicity else "no toxicity step") + ")")
+    r.add_argument("--toxicity-threshold", type=_probability, default=None,
+                   help="drop documents whose toxicity-classifier probability exceeds this (default: the preset's; "
+                        + _preset_defaults(lambda c: c.toxicity.max_classifier_score if c.toxicity else "no toxicity step") + ")")
+    r.add_argument("--quality-model", default=None,
+                   help="a model from `kiln data train-quality` to filter with (default: none)")
     r.add_argument("--min-quality", type=float, default=0.5, help="drop below this classifier score")
     r.add_argument("--keep-dropped-fraction", type=float, default=0.0, help="keep this share of filtered documents, tagged")
-    r.add_argument("--val-fraction", type=float, default=0.0, help="share of kept documents written to val_*.jsonl.zst")
+    r.add_argument("--val-fraction", type=float, default=0.0, help="share of kept documents written to val_* shards")
     r.add_argument("--no-dedup", action="store_true", help="skip exact and MinHash dedup")
     r.add_argument("--force", action="store_true", help="recompute even if a matching output exists")
     r.add_argument("--keep-work", action="store_true", help="keep the .work folder (markers, intermediates)")
@@ -72,11 +133,42 @@ def build_config(args: argparse.Namespace):
         changes["langid"] = replace(cfg.langid, languages=langs)
     if args.extract and cfg.extract is not None:
         changes["extract"] = replace(cfg.extract, method=args.extract)
+    if args.output_format is not None:
+        changes["output_format"] = _OUTPUT_FORMAT_ALIASES.get(args.output_format, args.output_format)
+    if args.langid_model is not None:
+        if cfg.langid is None:
+            raise ValueError(f"preset {args.preset!r} has no language-ID step, so --langid-model does not apply")
+        changes["langid"] = replace(changes.get("langid", cfg.langid), model=args.langid_model)
+    if args.toxicity_classifier is not None or args.toxicity_threshold is not None:
+        changes["toxicity"] = _toxicity_config(cfg.toxicity, args)
     if args.quality_model:
         changes["quality"] = QualityConfig(classifier=args.quality_model, min_classifier_score=args.min_quality)
     if args.no_dedup:
         changes["dedup"] = None
     return replace(cfg, **changes)
+
+
+def _toxicity_config(tox: Any, args: argparse.Namespace) -> Any:
+    """The preset's ToxicityConfig with ``--[no-]toxicity-classifier`` and ``--toxicity-threshold``."""
+    from dataclasses import replace
+
+    from kiln.data.toxicity import ToxicityConfig
+
+    if tox is None:
+        flag = "--toxicity-classifier" if args.toxicity_classifier else "--toxicity-threshold"
+        if args.toxicity_threshold is None and args.toxicity_classifier is False:
+            return None  # no toxicity step: the classifier is already off
+        raise ValueError(f"preset {args.preset!r} has no toxicity step, so {flag} does not apply")
+    if args.toxicity_classifier is True and not tox.classifier:
+        tox = replace(tox, classifier=ToxicityConfig().classifier)  # the bundled model
+    elif args.toxicity_classifier is False:
+        tox = replace(tox, classifier=None)
+    if args.toxicity_threshold is not None:
+        if not tox.classifier:
+            raise ValueError("--toxicity-threshold applies to the toxicity classifier, which is off "
+                             "(drop --no-toxicity-classifier, or pass --toxicity-classifier)")
+        tox = replace(tox, max_classifier_score=args.toxicity_threshold)
+    return tox
 
 
 def run_data(args: argparse.Namespace) -> int:

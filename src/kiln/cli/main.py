@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "kiln.cli.eval",
     "kiln.cli.generate",
     "kiln.cli.bench",
+    "kiln.cli.profile",
 ]
 
 

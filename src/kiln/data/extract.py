@@ -1,10 +1,14 @@
-"""HTML -> text with maintained extractors, keeping paragraph structure; and how to measure them.
+"""HTML -> text, keeping paragraph structure; and how to measure extractors.
 
 Methods (``ExtractConfig.method``):
 
+- ``"kiln"`` (default): resiliparse's fast main-content pass (as ``minimal_html``), then Kiln's block
+  classifier (:mod:`kiln.data.boilerplate`) drops the boilerplate blocks; pages left with under
+  ``min_chars_before_fallback`` characters (~3%) are re-extracted by trafilatura. F1 0.927 on the
+  trafilatura evaluation set (0.924 on the held-out odd pages) at ~110-150 pages/s/core here.
 - ``"resiliparse"``: resiliparse's main-content extraction without comments, nav, footer, aside and
   forms (C++, ~150-280 pages/s/core here, F1 ~0.86 on the trafilatura evaluation set). ``pip install resiliparse``.
-- ``"trafilatura"``: trafilatura without its fallbacks (~9 pages/s/core here, F1 ~0.91).
+- ``"trafilatura"``: trafilatura without its fallbacks and comments (~28 pages/s/core here, F1 0.918).
   ``pip install trafilatura``.
 - ``"hybrid"``: resiliparse first; trafilatura only for pages where resiliparse returns almost
   nothing (so a page is rarely lost), at nearly resiliparse's speed.
@@ -25,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("resiliparse", "trafilatura", "hybrid")
+METHODS = ("kiln", "resiliparse", "trafilatura", "hybrid")
 SKIP_ELEMENTS = ("nav", "footer", "aside", "form")
 """Elements resiliparse never extracts from."""
 
@@ -34,14 +38,18 @@ SKIP_ELEMENTS = ("nav", "footer", "aside", "form")
 class ExtractConfig:
     """HTML to text extraction."""
 
-    method: str = "hybrid"
-    """One of ``resiliparse``, ``trafilatura``, ``hybrid`` (see the module doc)."""
+    method: str = "kiln"
+    """One of ``kiln``, ``resiliparse``, ``trafilatura``, ``hybrid`` (see the module doc)."""
     min_chars_before_fallback: int = 200
-    """Hybrid: a resiliparse result shorter than this is retried with trafilatura."""
+    """``kiln`` and ``hybrid``: a result shorter than this is retried with trafilatura."""
+    block_threshold: float = 0.5
+    """``kiln``: keep blocks whose content probability is at least this (higher: more precision)."""
     min_words_per_line: int = 0
     """Drop extracted lines with fewer words (0 keeps all; 3-5 trades recall for precision)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.block_threshold <= 1.0:
+            raise ValueError(f"block_threshold={self.block_threshold} must be a probability in [0, 1]")
         if self.method not in METHODS:
             raise ValueError(f"extract method {self.method!r} is unknown; pick one of {', '.join(METHODS)}")
 
@@ -58,17 +66,43 @@ def _resiliparse(html: str, url: str | None = None) -> str:
 
 
 def _trafilatura(html: str, url: str | None = None) -> str:
+    if "<" not in html:  # not HTML at all: nothing to extract (and trafilatura would log an error)
+        return ""
     try:
         import trafilatura
     except ImportError as e:
         raise ImportError("extraction with trafilatura needs it: pip install trafilatura") from e
-    return trafilatura.extract(html, url=url, fast=True) or ""
+    # include_comments=False: user comments are boilerplate for a pretraining corpus (and the
+    # evaluation set's "without" snippets); +0.004 F1, and faster
+    return trafilatura.extract(html, url=url, fast=True, include_comments=False) or ""
+
+
+def _kiln(html: str, threshold: float) -> str:
+    try:
+        from resiliparse.extract.html2text import extract_plain_text
+    except ImportError as e:
+        raise ImportError("extraction needs resiliparse: pip install resiliparse") from e
+    from kiln.data.boilerplate import block_probabilities, html_blocks
+
+    mh = extract_plain_text(
+        html, preserve_formatting="minimal_html", main_content=True, alt_texts=False, comments=False,
+        links=True, skip_elements=list(SKIP_ELEMENTS),
+    )
+    blocks = html_blocks(mh)
+    p = block_probabilities(blocks)
+    return "\n\n".join(b.text for b, q in zip(blocks, p) if q >= threshold)
 
 
 def extract_text(html: str, url: str | None = None, cfg: ExtractConfig = ExtractConfig()) -> str:
     """Main text of an HTML page; paragraphs separated by blank lines, lines by newlines."""
     if cfg.method == "trafilatura":
         text = _trafilatura(html, url)
+    elif cfg.method == "kiln":
+        text = _kiln(html, cfg.block_threshold)
+        if len(text) < cfg.min_chars_before_fallback:
+            alt = _trafilatura(html, url)
+            if len(alt) > len(text):
+                text = alt
     else:
         text = _resiliparse(html, url)
         if cfg.method == "hybrid" and len(text) < cfg.min_chars_before_fallback:

@@ -96,6 +96,12 @@ def render_html(stats: Stats, name: str = "", seconds: float | None = None, char
         f"<tr><td>{html.escape(e['reason'])}</td><td>{html.escape(e['where'])}</td><td>{html.escape(e.get('detail', ''))}</td></tr>"
         for e in stats.error_samples
     )
+    by_reason = "".join(
+        f"<tr><td>{html.escape(r)}</td><td>"
+        + ", ".join(f"{html.escape(str(d))} ({n:,})" for d, n in stats.drop_domains[r].most_common(10))
+        + "</td></tr>"
+        for r in sorted(stats.drop_domains, key=lambda r: -stats.dropped.get(r, 0))
+    )
     took = f" in {seconds:.1f} s" if seconds is not None else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Kiln data report {html.escape(name)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
@@ -109,6 +115,7 @@ pre{{white-space:pre-wrap;background:#f6f6f6;padding:6px}}</style></head><body>
 <h2>Counters</h2><table>{top(stats.counters)}</table>
 <h2>Languages (kept)</h2><table>{top(stats.languages)}</table>
 <h2>Top domains (kept)</h2><table>{top(stats.domains)}</table>
+<h2>Top domains per drop reason</h2><table><tr><th>reason</th><th>domains (documents)</th></tr>{by_reason}</table>
 <h2>Read errors (first 50)</h2><table><tr><th>reason</th><th>where (file@offset)</th><th>detail</th></tr>{errors}</table>
 <h2>Samples</h2>{''.join(sections)}
 </body></html>"""

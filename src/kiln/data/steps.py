@@ -61,6 +61,9 @@ class Stats:
     """Events that are not drops: ``pii_email``, ``c4_lines_removed``, ``kept_despite:<reason>``..."""
     languages: Counter = field(default_factory=Counter)
     domains: Counter = field(default_factory=Counter)
+    """Kept documents per domain."""
+    drop_domains: dict[str, Counter] = field(default_factory=dict)
+    """Per drop reason (and ``dedup_*``), dropped documents per domain."""
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Up to ``max_samples`` examples per drop reason, and of kept documents under ``"kept"``."""
     error_samples: list[dict[str, Any]] = field(default_factory=list)
@@ -90,6 +93,9 @@ class Stats:
         n = bytes_in(doc)
         self.dropped[reason] += 1
         self.dropped_bytes[reason] += n
+        domain = doc.metadata.get("domain")
+        if domain:
+            self.drop_domains.setdefault(reason, Counter())[domain] += 1
         self._sample(reason, doc)
 
     def add_kept(self, doc: Document) -> None:
@@ -120,6 +126,8 @@ class Stats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("dropped", "dropped_bytes", "errors", "error_bytes", "counters", "languages", "domains"):
             getattr(self, name).update(getattr(other, name))
+        for reason, counts in other.drop_domains.items():
+            self.drop_domains.setdefault(reason, Counter()).update(counts)
         for key, items in other.samples.items():
             bucket = self.samples.setdefault(key, [])
             bucket.extend(items[: max(0, self.max_samples - len(bucket))])
@@ -143,7 +151,9 @@ class Stats:
             "dropped": dict(self.dropped), "dropped_bytes": dict(self.dropped_bytes),
             "errors": dict(self.errors), "error_bytes": dict(self.error_bytes),
             "counters": dict(self.counters), "languages": dict(self.languages),
-            "domains": dict(self.domains.most_common(200)), "samples": self.samples,
+            "domains": dict(self.domains.most_common(200)),
+            "drop_domains": {r: dict(c.most_common(50)) for r, c in self.drop_domains.items()},
+            "samples": self.samples,
             "error_samples": self.error_samples,
         }
 
@@ -154,6 +164,7 @@ class Stats:
             setattr(s, name, int(d.get(name, 0)))
         for name in ("dropped", "dropped_bytes", "errors", "error_bytes", "counters", "languages", "domains"):
             setattr(s, name, Counter(d.get(name, {})))
+        s.drop_domains = {r: Counter(c) for r, c in d.get("drop_domains", {}).items()}
         s.samples = {k: list(v) for k, v in d.get("samples", {}).items()}
         s.error_samples = list(d.get("error_samples", []))
         return s

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+import tarfile
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 from kiln.data.document import Document
 from kiln.data.steps import BYTES_IN, Stats
@@ -100,50 +102,60 @@ def read_warc(path: str | os.PathLike, stats: Stats | None = None, *, max_bytes:
     if os.fspath(path).lower().endswith(ARC_SUFFIXES):
         yield from read_arc(path, stats)
         return
-    fw = _require("fastwarc.warc", "fastwarc")
     stats = stats if stats is not None else Stats()
     src = os.fspath(path)
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        stats.add_error("warc_broken", f"{src}@0", 0, str(e))
+        return
+    with fh:
+        yield from read_warc_stream(fh, src, stats, max_bytes=max_bytes)
+
+
+def read_warc_stream(fh: IO[bytes], src: str, stats: Stats, *, max_bytes: int = 50_000_000) -> Iterator[Document]:
+    """:func:`read_warc` on an open binary stream (a file, a tar member); ``src`` names it in errors."""
+    fw = _require("fastwarc.warc", "fastwarc")
     offset = 0
     try:
-        with open(path, "rb") as fh:
-            # HTTP headers are parsed here, not by FastWARC, so a block shorter than its declared
-            # Content-Length (a truncated file) is seen and counted.
-            it = fw.ArchiveIterator(fh, parse_http=False)
-            for rec in it:
-                offset = rec.stream_pos
-                where = f"{src}@{offset}"
-                rtype = rec.record_type
-                is_conv = rtype == fw.WarcRecordType.conversion
-                if not (is_conv or rtype in (fw.WarcRecordType.response, fw.WarcRecordType.resource)):
-                    stats.counters["warc_skipped_records"] += 1
-                    continue
-                length = rec.content_length
-                if length > max_bytes:
-                    stats.add_error("warc_too_large", where, length)
-                    continue
-                block = rec.reader.read()
-                if len(block) < length:
-                    stats.add_error("warc_truncated_record", where, len(block), f"{len(block)} of {length} bytes")
-                    continue
-                url = rec.headers.get("WARC-Target-URI")
-                rid = rec.headers.get("WARC-Record-ID") or where
-                extra = {"source": src, "offset": offset, "date": rec.headers.get("WARC-Date")}
-                if is_conv:
-                    yield _doc(block.decode("utf-8", errors="replace"), rid, url, "text", len(block), extra)
-                    continue
-                ctype, body = rec.headers.get("Content-Type") or "", block
-                if rtype == fw.WarcRecordType.response and block.startswith(b"HTTP/"):
-                    head, sep, body = block.partition(b"\r\n\r\n")
-                    if not sep:
-                        head, _, body = block.partition(b"\n\n")
-                    ctype = _http_header(head, "content-type") or ""
-                mime = ctype.split(";")[0].strip().lower()
-                if mime in HTML_TYPES or (not mime and body.lstrip()[:1] == b"<"):
-                    yield _doc(decode_html(body, _charset(ctype)), rid, url, "html", len(block), extra)
-                elif mime in TEXT_TYPES:
-                    yield _doc(decode_html(body, _charset(ctype)), rid, url, "text", len(block), extra)
-                else:
-                    stats.add_error("warc_non_text", where, len(block), mime or "unknown content type")
+        # HTTP headers are parsed here, not by FastWARC, so a block shorter than its declared
+        # Content-Length (a truncated file) is seen and counted.
+        it = fw.ArchiveIterator(fh, parse_http=False)
+        for rec in it:
+            offset = rec.stream_pos
+            where = f"{src}@{offset}"
+            rtype = rec.record_type
+            is_conv = rtype == fw.WarcRecordType.conversion
+            if not (is_conv or rtype in (fw.WarcRecordType.response, fw.WarcRecordType.resource)):
+                stats.counters["warc_skipped_records"] += 1
+                continue
+            length = rec.content_length
+            if length > max_bytes:
+                stats.add_error("warc_too_large", where, length)
+                continue
+            block = rec.reader.read()
+            if len(block) < length:
+                stats.add_error("warc_truncated_record", where, len(block), f"{len(block)} of {length} bytes")
+                continue
+            url = rec.headers.get("WARC-Target-URI")
+            rid = rec.headers.get("WARC-Record-ID") or where
+            extra = {"source": src, "offset": offset, "date": rec.headers.get("WARC-Date")}
+            if is_conv:
+                yield _doc(block.decode("utf-8", errors="replace"), rid, url, "text", len(block), extra)
+                continue
+            ctype, body = rec.headers.get("Content-Type") or "", block
+            if rtype == fw.WarcRecordType.response and block.startswith(b"HTTP/"):
+                head, sep, body = block.partition(b"\r\n\r\n")
+                if not sep:
+                    head, _, body = block.partition(b"\n\n")
+                ctype = _http_header(head, "content-type") or ""
+            mime = ctype.split(";")[0].strip().lower()
+            if mime in HTML_TYPES or (not mime and body.lstrip()[:1] == b"<"):
+                yield _doc(decode_html(body, _charset(ctype)), rid, url, "html", len(block), extra)
+            elif mime in TEXT_TYPES:
+                yield _doc(decode_html(body, _charset(ctype)), rid, url, "text", len(block), extra)
+            else:
+                stats.add_error("warc_non_text", where, len(block), mime or "unknown content type")
     except (OSError, ValueError, EOFError) as e:  # FastWARC raises OSError on broken headers/gzip
         stats.add_error("warc_broken", f"{src}@{offset}", 0, str(e))
 
@@ -195,3 +207,60 @@ def read_web(path: str | os.PathLike, stats: Stats | None = None) -> Iterator[Do
     if name.endswith(HTML_SUFFIXES):
         return read_html_file(path, stats)
     return read_warc(path, stats)
+
+
+def read_tar(
+    path: str | os.PathLike, stats: Stats, read_other: Callable[[IO[bytes], str, str], Iterator[Document]] | None = None
+) -> Iterator[Document]:
+    """Documents from a tar archive (plain, .gz/.bz2/.xz, or .zst), streamed member by member: WARC/WET
+    members through :func:`read_warc_stream`, HTML members as pages, anything else through
+    ``read_other(stream, member_name, source)`` (the pipeline passes Kiln's JSONL/text/Parquet reader)
+    or counted as ``tar_unsupported_member``. A truncated archive ends with a ``tar_broken`` error."""
+    src = os.fspath(path)
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        stats.add_error("tar_broken", f"{src}@0", 0, str(e))
+        return
+    with raw:
+        fh: IO[bytes] = raw
+        mode = "r|*"  # streaming; tarfile detects gzip/bz2/xz itself
+        if src.lower().endswith((".zst", ".zstd")):
+            import zstandard
+
+            fh, mode = zstandard.ZstdDecompressor().stream_reader(raw), "r|"
+        member_name = ""
+        try:
+            with tarfile.open(fileobj=fh, mode=mode) as tar:
+                for member in tar:
+                    member_name = member.name
+                    base = member.name.rsplit("/", 1)[-1]
+                    if not member.isfile() or base.startswith("."):
+                        continue
+                    f = tar.extractfile(member)
+                    if f is None:
+                        continue
+                    where = f"{src}/{member.name}"
+                    low = base.lower()
+                    if low.endswith(WARC_SUFFIXES):
+                        for doc in read_warc_stream(f, where, stats):
+                            doc.metadata["source"] = where
+                            yield doc
+                    elif low.endswith(HTML_SUFFIXES):
+                        data = f.read()
+                        if low.endswith(".gz"):
+                            import gzip
+
+                            try:
+                                data = gzip.decompress(data)
+                            except (OSError, EOFError) as e:
+                                stats.add_error("html_unreadable", where, len(data), str(e))
+                                continue
+                        yield _doc(decode_html(data), where, None, "html", len(data), {"source": where})
+                    elif read_other is not None:
+                        yield from read_other(f, member.name, where)
+                    else:
+                        stats.add_error("tar_unsupported_member", where, member.size, "not a web archive or HTML file")
+        except (OSError, EOFError, tarfile.TarError) as e:
+            stats.add_error("tar_broken", f"{src}@{member_name or 0}", 0, f"{type(e).__name__}: {e}")
+

@@ -97,11 +97,18 @@ class ShardedOptimizer:
             elif p.grad is not None:
                 p.grad.detach_().zero_()
 
+    @property
+    def supports_ok_mask(self) -> bool:
+        """Whether ``step(ok=...)`` (a device-side skip of a bad step) is supported: the inner optimizer's."""
+        return bool(getattr(self.optimizer, "supports_ok_mask", False)) or self.optimizer is None
+
     @torch.no_grad()
-    def step(self) -> None:
-        """Step the local shard, then broadcast each rank's updated parameters to the others."""
+    def step(self, **kwargs: Any) -> None:
+        """Step the local shard, then broadcast each rank's updated parameters to the others.
+
+        ``kwargs`` (e.g. ``ok``) go to the inner optimizer's ``step``."""
         if self.optimizer is not None:
-            self.optimizer.step()
+            self.optimizer.step(**kwargs)
         if not self.env.is_distributed:
             return
         works, flats = [], []

@@ -2,9 +2,9 @@
 
 The model writes a solution after a few-shot prompt; the answer is extracted (``#### 42`` or the
 last number for GSM8K, the last ``\\boxed{}`` for MATH) and checked against the reference
-(``kiln.eval.answers``). Decoding is a plain loop over the model protocol (no KV cache, so any
-``model(idx) -> logits`` works) that stops at end-of-text or at a stop string such as the next
-few-shot "Question:".
+(``kiln.eval.answers``). A Kiln ``Transformer`` decodes many prompts at once through one KV cache
+(``kiln.generate.batch``); any other ``model(idx) -> logits`` goes through ``decode``, one prompt at a
+time. Both stop at end-of-text or at a stop string such as the next few-shot "Question:".
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from kiln.eval.answers import answers_match, extract_boxed, extract_gsm8k
-from kiln.eval.lm import context_length, model_device
+from kiln.eval.lm import context_length, model_device, uses_kv_cache
 from kiln.eval.tasks import read_jsonl
 
 
@@ -182,7 +182,8 @@ class GenResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary with the first few generations for inspection."""
-        return {"n": self.n, "acc": self.accuracy, "pass_at_k": self.pass_at_k,
+        se = math.sqrt(self.accuracy * (1 - self.accuracy) / max(self.n, 1))
+        return {"n": self.n, "acc": self.accuracy, "stderr": {"acc": se}, "pass_at_k": self.pass_at_k,
                 "examples": self.examples[:5]}
 
 
@@ -197,33 +198,47 @@ def evaluate_generative(
     ks: Sequence[int] = (1,),
     temperature: float = 0.8,
     seed: int = 0,
-    decode_fn: Callable[..., str] = decode,
+    decode_fn: Callable[..., str] | None = None,
+    batch_size: int = 32,
 ) -> GenResult:
-    """Greedy accuracy (and sampled pass@k) of ``model`` on GSM8K (``kind="gsm8k"``) or MATH."""
+    """Greedy accuracy (and sampled pass@k) of ``model`` on GSM8K (``kind="gsm8k"``) or MATH.
+
+    A Kiln ``Transformer`` decodes ``batch_size`` prompts at a time through one KV cache
+    (``kiln.generate.generate_texts``); any other model, or a given ``decode_fn(model, tokenizer,
+    prompt, max_new_tokens=, stop=, [temperature=, seed=]) -> str``, goes one prompt at a time.
+    """
     if kind not in ("gsm8k", "math"):
         raise ValueError(f"kind={kind!r}; use 'gsm8k' or 'math'")
     make_prompt = gsm8k_prompt if kind == "gsm8k" else math_prompt
     extract = extract_gsm8k if kind == "gsm8k" else extract_boxed
     stop = ("\n\nQuestion:", "Question:") if kind == "gsm8k" else ("\n\nProblem:", "Problem:")
+    prompts = [make_prompt(item, shots) for item in items]
+    if decode_fn is None and uses_kv_cache(model):
+        from kiln.generate import generate_texts
+
+        def run(ps: list[str], temp: float, sd: int) -> list[str]:
+            return generate_texts(model, tokenizer, ps, max_new_tokens, temperature=temp, seed=sd,
+                                  stop=stop, batch_size=batch_size)
+
+        greedy = run(prompts, 0.0, seed)
+        sampled = run([p for p in prompts for _ in range(samples)], temperature, seed) if samples else []
+    else:
+        fn = decode if decode_fn is None else decode_fn
+        greedy = [fn(model, tokenizer, p, max_new_tokens=max_new_tokens, stop=stop) for p in prompts]
+        sampled = [fn(model, tokenizer, p, max_new_tokens=max_new_tokens, temperature=temperature, stop=stop,
+                      seed=seed + n * samples + j)
+                   for n, p in enumerate(prompts) for j in range(samples)]
     correct = 0
     pass_sums = {k: 0.0 for k in ks}
     examples = []
-    for n_item, item in enumerate(items):
-        prompt = make_prompt(item, shots)
-        out = decode_fn(model, tokenizer, prompt, max_new_tokens=max_new_tokens, stop=stop)
+    for n, (item, out) in enumerate(zip(items, greedy)):
         pred = extract(out)
         ok = answers_match(pred, item.answer)
         correct += ok
         examples.append({"source": item.source, "gold": item.answer, "pred": pred, "correct": ok,
                          "output": out[:500]})
         if samples:
-            c = sum(
-                answers_match(extract(decode_fn(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                                                temperature=temperature, stop=stop,
-                                                seed=seed + n_item * samples + j)),
-                              item.answer)
-                for j in range(samples)
-            )
+            c = sum(answers_match(extract(o), item.answer) for o in sampled[n * samples : (n + 1) * samples])
             for k in ks:
                 pass_sums[k] += pass_at_k(samples, c, k)
     n = len(items)

@@ -14,7 +14,7 @@ lm-eval 0.4.x discovers models only through its own registry (no entry-point plu
 
 The requests reuse Kiln's scorer: ``loglikelihood`` is ``kiln.eval.multiple_choice``'s batched,
 context-sharing engine; ``loglikelihood_rolling`` is ``kiln.eval.perplexity``'s sliding window;
-``generate_until`` is ``kiln.eval.generative.decode``.
+``generate_until`` is ``kiln.generate.generate_texts`` (batched) for Kiln models, else ``kiln.eval.generative.decode``.
 """
 
 from __future__ import annotations
@@ -111,17 +111,34 @@ def lm_class() -> type:
             return out
 
         def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-            """Greedy (or sampled, per gen_kwargs) continuation of each context, cut at ``until``."""
-            from kiln.eval.generative import decode
+            """Greedy (or sampled, per gen_kwargs) continuation of each context, cut at ``until``.
 
-            out = []
-            for r in requests:
+            A Kiln ``Transformer`` decodes the requests that share gen_kwargs ``batch_size`` at a time
+            (``kiln.generate.generate_texts``); other models go one at a time (``decode``).
+            """
+            from kiln.eval.generative import decode
+            from kiln.eval.lm import uses_kv_cache
+
+            groups: dict[tuple, list[int]] = {}
+            ctxs = []
+            for i, r in enumerate(requests):
                 ctx, kw = r.args[0], dict(r.args[1]) if len(r.args) > 1 else {}
                 until = kw.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
+                until = (until,) if isinstance(until, str) else tuple(until)
                 temp = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
-                out.append(decode(self.model, self.tok, ctx, int(kw.get("max_gen_toks", 256)), temp,
-                                  stop=until, seed=0))
+                ctxs.append(ctx)
+                groups.setdefault((until, int(kw.get("max_gen_toks", 256)), temp), []).append(i)
+            out = [""] * len(requests)
+            for (until, max_new, temp), idx in groups.items():
+                if uses_kv_cache(self.model):
+                    from kiln.generate import generate_texts
+
+                    got = generate_texts(self.model, self.tok, [ctxs[i] for i in idx], max_new, temperature=temp,
+                                         seed=0, stop=until, batch_size=self.bs)
+                else:
+                    got = [decode(self.model, self.tok, ctxs[i], max_new, temp, stop=until, seed=0) for i in idx]
+                for i, g in zip(idx, got):
+                    out[i] = g
             return out
 
         @property

@@ -69,6 +69,12 @@ def check_vocab(model: Any, tokenizer: Any, max_padding: int = 1024) -> None:
         )
 
 
+def uses_kv_cache(model: Any) -> bool:
+    """Whether ``model`` is a Kiln ``Transformer`` (KV cache, per-layer attention kernels), which the
+    batched decoder and the shared-context scorer need; a bare ``model(idx)`` stand-in is not."""
+    return all(hasattr(model, a) for a in ("hidden_states", "lm_head", "layers", "config"))
+
+
 def eot_id(tokenizer: Any) -> int | None:
     """The tokenizer's end-of-text id, or None."""
     return getattr(tokenizer, "eot_id", None)

@@ -17,17 +17,20 @@ model's argmax (``greedy``).
 Efficiency: each context is encoded once; requests sharing a context are served by the fewest rows
 (a request ``ctx + cont`` only needs the logits at ``ctx + cont[:-1]``, so any row whose input starts
 with that is enough: MMLU's four one-token letters cost one row); rows are sorted by length so batches
-pad little. Over-long items are truncated from the left of the context and counted.
+pad little. With a Kiln ``Transformer`` (``method="cache"``, the default there) a context shared by an
+item's choices runs once and every choice is scored from its KV cache, so HellaSwag's ~4 x (context +
+ending) tokens per item become context + 4 x ending. Over-long items are truncated from the left of
+the context and counted.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.eval.lm import Row, context_length, score_rows
+from kiln.eval.lm import Row, context_length, model_device, score_rows, uses_kv_cache
 
 
 @dataclass(frozen=True)
@@ -182,19 +185,93 @@ def plan_rows(requests: Sequence[_Request]) -> tuple[list[tuple[int, ...]], list
     return rows, where
 
 
+SCORING_METHODS = ("auto", "rows", "cache")
+
+
 def score_items(
     model: Any,
     tokenizer: Any,
     items: Sequence[MCItem],
     batch_size: int = 16,
     device: Any = None,
+    method: str = "auto",
 ) -> MCResult:
-    """Score ``items`` with ``model``; returns accuracy under each mode (see the module docstring)."""
+    """Score ``items`` with ``model``; returns accuracy under each mode (see the module docstring).
+
+    ``method``: ``"rows"`` scores each (context + continuation) as its own row, ``"cache"`` runs
+    a context shared by an item's choices once and scores the choices from its KV cache (Kiln
+    ``Transformer`` only; other items still go by rows); ``"auto"`` is ``"cache"`` when the model
+    supports it, sits on the CPU and it saves enough tokens (``cache_saves``). On a GPU ``auto``
+    is ``"rows"``: there the forward is not token-bound at these sizes, and the cache path's extra
+    passes and per-layer masks cost more than the tokens they save (full HellaSwag, 91M model,
+    H100: 82.8 s by cache vs 19-20 s by rows; docs/benchmarks.md). Both give the same log-likelihoods up to
+    float rounding (tested).
+    """
     if not items:
         raise ValueError("no items to score")
+    if method not in SCORING_METHODS:
+        raise ValueError(f"method={method!r}; use one of {', '.join(SCORING_METHODS)}")
+    if method == "cache" and not uses_kv_cache(model):
+        raise ValueError(f"method='cache' needs a Kiln Transformer (with a KV cache), not {type(model).__name__}")
     T = context_length(model)
     encoded = encode_pairs(items, tokenizer, T, bos=getattr(tokenizer, "eot_id", None))
+    shared = [
+        n for n, (item, reqs) in enumerate(zip(items, encoded))
+        if method != "rows" and item.kind == "mc" and len(reqs) > 1 and all(r.ctx == reqs[0].ctx for r in reqs)
+    ]
+    on_gpu = any(p.is_cuda for p in list(getattr(model, "parameters", lambda: [])())[:1])
+    if method == "auto" and (on_gpu or not (uses_kv_cache(model) and cache_saves(encoded[n] for n in shared))):
+        shared = []
+    in_cache = set(shared)
+    rest = [n for n in range(len(items)) if n not in in_cache]
+    per_req: dict[tuple[int, int], tuple[float, list[bool]]] = {}  # (item, choice) -> (logprob, greedy)
+    if rest:
+        got = _score_by_rows(model, [encoded[n] for n in rest], batch_size, device)
+        per_req.update(((rest[a], c), v) for (a, c), v in got.items())
+    if shared:
+        got = _score_from_cache(model, [encoded[n] for n in shared], batch_size)
+        per_req.update(((shared[a], c), v) for (a, c), v in got.items())
+    scores: list[ItemScore] = []
+    for n, (item, reqs) in enumerate(zip(items, encoded)):
+        lps, ntok, nby, greedy = [], [], [], []
+        for c, ((ctx_s, cont_s), r) in enumerate(zip(item.pairs, reqs)):
+            lp, gr = per_req[(n, c)]
+            lps.append(lp)
+            ntok.append(len(r.cont))
+            nby.append(len(split_whitespace(ctx_s, cont_s)[1].encode("utf-8")))
+            greedy.extend(gr)
+        scores.append(ItemScore(tuple(lps), tuple(ntok), tuple(nby), item.gold, tuple(greedy),
+                                any(r.truncated for r in reqs), item.kind))
+    return summarize(scores)
+
+
+def token_counts(encoded: Iterable[Sequence[_Request]]) -> tuple[int, int]:
+    """Input tokens of shared-context items scored by rows (``plan_rows``) and from a KV cache."""
+    rows = cache = 0
+    for reqs in encoded:
+        rows += sum(len(r) for r in plan_rows(reqs)[0])
+        cache += len(reqs[0].ctx) + sum(len(r.cont) - 1 for r in reqs)
+    return rows, cache
+
+
+def cache_saves(encoded: Iterable[Sequence[_Request]], ratio: float = 0.7) -> bool:
+    """Whether scoring from the KV cache feeds at most ``ratio`` of the tokens that rows feed.
+
+    The cache path makes two passes per batch and masks its attention, so it pays off only when the
+    shared context is a large part of each row: HellaSwag (cache/rows = 0.48 with the demo
+    tokenizer) gains, PIQA's short questions with long answers do not, and MMLU's one-token letters
+    already cost one row per item (measured in docs/notes/eval-bench.md).
+    """
+    rows, cache = token_counts(encoded)
+    return rows > 0 and cache <= ratio * rows
+
+
+def _score_by_rows(
+    model: Any, encoded: Sequence[Sequence[_Request]], batch_size: int, device: Any
+) -> dict[tuple[int, int], tuple[float, list[bool]]]:
+    """Each request as a row ``ctx + cont[:-1]`` (rows shared where one serves several); (item, choice) -> scores."""
     flat = [r for reqs in encoded for r in reqs]
+    keys = [(a, c) for a, reqs in enumerate(encoded) for c in range(len(reqs))]
     # group requests by context (the pairs of one item usually share it); rows of all groups are
     # then batched together, sorted by length
     by_ctx: dict[tuple[int, ...], list[int]] = {}
@@ -224,27 +301,112 @@ def score_items(
             req_q.append([qd.setdefault((s + i, t), len(qd)) for i, t in enumerate(r.cont)])
     scored = score_rows(model, [Row(row, tuple(q)) for row, q in zip(rows, queries)],
                         batch_size=batch_size, device=device)
-    scores: list[ItemScore] = []
-    k = 0
-    for item, reqs in zip(items, encoded):
-        lps, ntok, nby, greedy = [], [], [], []
-        for (ctx_s, cont_s), r in zip(item.pairs, reqs):
-            lp_row, gr_row = scored[where[k][0]]
-            q = req_q[k]
-            k += 1
-            lps.append(math.fsum(lp_row[x] for x in q))
-            ntok.append(len(r.cont))
-            nby.append(len(split_whitespace(ctx_s, cont_s)[1].encode("utf-8")))
-            greedy.extend(gr_row[x] for x in q)
-        scores.append(ItemScore(tuple(lps), tuple(ntok), tuple(nby), item.gold, tuple(greedy),
-                                any(r.truncated for r in reqs), item.kind))
-    return summarize(scores)
+    out = {}
+    for j, key in enumerate(keys):
+        lp_row, gr_row = scored[where[j][0]]
+        q = req_q[j]
+        out[key] = (math.fsum(lp_row[x] for x in q), [gr_row[x] for x in q])
+    return out
+
+
+def _score_from_cache(
+    model: Any, encoded: Sequence[Sequence[_Request]], batch_size: int
+) -> dict[tuple[int, int], tuple[float, list[bool]]]:
+    """Items whose choices share one context: run each context once, then every choice from its KV cache.
+
+    Per batch (items sorted by context length; at most ``batch_size`` rows per pass, at least one item):
+    1. the contexts, left-padded, fill a KV cache (``kiln.generate.batch.prefill_padded``); the
+       last position's logits score every choice's first token;
+    2. the cache rows are repeated once per choice with a longer continuation, and the
+       continuations (``cont[:-1]``, right-padded) run on top of it, each row attending to its own
+       context (per-row key mask, per-row RoPE positions); they score the remaining tokens.
+    Right padding needs no mask: a real token never attends to a later slot.
+    """
+    import torch
+
+    from kiln.generate.batch import padded_attention, prefill_padded
+
+    dev = model_device(model)
+    order = sorted(range(len(encoded)), key=lambda a: -len(encoded[a][0].ctx))
+    # an item costs one row in the prefill and one per multi-token choice after it: both passes
+    # stay within batch_size rows (MMLU's one-token letters cost 1, HellaSwag's endings 4)
+    cost = [max(1, sum(len(r.cont) > 1 for r in reqs)) for reqs in encoded]
+    batches: list[list[int]] = []
+    used = 0
+    for a in order:
+        if batches and used + cost[a] <= batch_size:
+            batches[-1].append(a)
+            used += cost[a]
+        else:
+            batches.append([a])
+            used = cost[a]
+    out: dict[tuple[int, int], tuple[float, list[bool]]] = {}
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with torch.inference_mode(), padded_attention(model) as attn:
+            for batch in batches:
+                ctxs = [encoded[a][0].ctx for a in batch]
+                t_c = max(len(r.cont) - 1 for a in batch for r in encoded[a])  # continuation inputs
+                cache, pad, h = prefill_padded(model, attn, ctxs, max(map(len, ctxs)) + t_c)
+                logp = torch.log_softmax(model.lm_head(h[:, -1]).float(), dim=-1)  # (B, V)
+                first = [(b, r.cont[0]) for b, a in enumerate(batch) for r in encoded[a]]
+                bi = torch.tensor([b for b, _ in first], device=dev)
+                ti = torch.tensor([t for _, t in first], device=dev)
+                lp1 = logp[bi, ti].double().cpu().tolist()
+                gr1 = (logp[bi].argmax(-1) == ti).cpu().tolist()
+                k = 0
+                rows = []  # (item, choice, batch row) of the choices with more than one token
+                for b, a in enumerate(batch):
+                    for c, r in enumerate(encoded[a]):
+                        out[(a, c)] = (lp1[k], [gr1[k]])
+                        k += 1
+                        if len(r.cont) > 1:
+                            rows.append((a, c, b))
+                if not rows:
+                    continue
+                L = cache.length
+                sel = torch.tensor([b for _, _, b in rows], dtype=torch.long, device=dev)
+                cache.select(sel)
+                pad = pad[sel]
+                valid = attn.key_valid[sel]  # (R, capacity)
+                valid[:, L : L + t_c] = True
+                attn.key_valid = valid
+                x = torch.zeros(len(rows), t_c, dtype=torch.long)  # (R, t_c)
+                qr, qt, tgt = [], [], []
+                for n, (a, c, _) in enumerate(rows):
+                    cont = encoded[a][c].cont
+                    x[n, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                    qr.extend([n] * (len(cont) - 1))
+                    qt.extend(range(len(cont) - 1))
+                    tgt.extend(cont[1:])
+                pos = (L - pad)[:, None] + torch.arange(t_c, device=dev)[None, :]  # (R, t_c)
+                pos = pos.clamp(max=context_length(model) - 1)  # right padding may run past; never read
+                h = model.hidden_states(x.to(dev), pos, cache)  # (R, t_c, d_model)
+                hq = h[torch.tensor(qr, device=dev), torch.tensor(qt, device=dev)]  # (Q, d_model)
+                sel_logits = model.lm_head(hq).float()  # (Q, V): only the queried positions
+                tq = torch.tensor(tgt, device=dev)
+                lps = torch.log_softmax(sel_logits, -1).gather(-1, tq[:, None])[:, 0].double().cpu().tolist()
+                grs = (sel_logits.argmax(-1) == tq).cpu().tolist()
+                k = 0
+                for a, c, _ in rows:
+                    n = len(encoded[a][c].cont) - 1
+                    lp0, gr0 = out[(a, c)]
+                    out[(a, c)] = (math.fsum([lp0, *lps[k : k + n]]), gr0 + grs[k : k + n])
+                    k += n
+    finally:
+        model.train(was_training)
+    return out
 
 
 def summarize(scores: Sequence[ItemScore]) -> MCResult:
-    """Accuracy per mode with the binomial standard error sqrt(p(1-p)/(n-1))."""
+    """Accuracy per mode with the binomial standard error sqrt(p(1-p)/n).
+
+    (lm-evaluation-harness divides by n - 1 instead, from the sample variance: larger by
+    sqrt(n/(n-1)), 0.5% at n = 100.)
+    """
     n = len(scores)
     accs = {m: sum(s.correct(m) for s in scores) / n for m in ("acc", "acc_len", "acc_norm")}
-    stderr = {m: math.sqrt(p * (1 - p) / max(n - 1, 1)) for m, p in accs.items()}
+    stderr = {m: math.sqrt(p * (1 - p) / n) for m, p in accs.items()}
     return MCResult(n, accs["acc"], accs["acc_len"], accs["acc_norm"], stderr,
                     sum(s.truncated for s in scores), list(scores))

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,21 @@ log = logging.getLogger(__name__)
 GENERATIVE = ("gsm8k", "math500")
 DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "lambada",
                  "openbookqa", "copa", "boolq")
+
+
+def expand_tasks(names: Sequence[str]) -> tuple[str, ...]:
+    """Task names with the suites spelled out: ``all`` (every registered task, then gsm8k and
+    math500), ``core`` (the CORE-style tasks), ``mc`` (every multiple-choice task)."""
+    from kiln.eval.tasks import TASKS
+
+    suites = {"all": (*TASKS, *GENERATIVE), "core": tuple(n for n, t in TASKS.items() if t.core),
+              "mc": tuple(TASKS)}
+    out: list[str] = []
+    for n in names:
+        for t in suites.get(n, (n,)):
+            if t not in out:
+                out.append(t)
+    return tuple(out)
 
 
 def default_data_dir() -> str:
@@ -42,17 +57,24 @@ class EvalConfig:
     tokenizer: str = ""
     """Tokenizer file or artifact dir; empty: found beside the model or through its manifests."""
     tasks: tuple[str, ...] = DEFAULT_TASKS
-    """Benchmarks: names from kiln.eval.tasks.TASKS, plus gsm8k and math500."""
+    """Benchmarks: names from kiln.eval.tasks.TASKS, plus gsm8k and math500; suites all, core, mc."""
     data_dir: str = ""
     """Folder holding hellaswag/, llm_foundry_local_data/, mmlu/, gsm8k/, math/ (default: shared data)."""
     limit: int | None = None
     """At most this many items per task (None: all)."""
+    gen_limit: int | None = None
+    """At most this many problems per generative task (gsm8k, math500); None: --limit."""
     text: tuple[str, ...] = ()
     """Held-out text/jsonl files or token shards (.bin) for loss, perplexity and bits per byte."""
     stride: int | None = None
     """Sliding-window stride for held-out text (default: half the context)."""
     batch_size: int = 16
-    """Rows per forward pass."""
+    """Rows per forward pass (multiple choice: choices per batch)."""
+    scoring: str = "auto"
+    """Multiple choice: rows (each choice with its context), cache (context once, choices from its
+    KV cache), auto (cache for Kiln models)."""
+    gen_batch_size: int = 64
+    """Prompts decoded together for gsm8k/math500 (KV-cache batched decoding)."""
     device: str = "auto"
     """cpu, cuda, cuda:1... ("auto": cuda when available)."""
     dtype: str = "auto"
@@ -71,8 +93,12 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit {self.limit} must be >= 1")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size {self.batch_size} must be >= 1")
+        if self.gen_limit is not None and self.gen_limit < 1:
+            raise ValueError(f"--gen-limit {self.gen_limit} must be >= 1")
+        if self.batch_size < 1 or self.gen_batch_size < 1:
+            raise ValueError(f"--batch-size {self.batch_size} and --gen-batch-size {self.gen_batch_size} must be >= 1")
+        if self.scoring not in ("auto", "rows", "cache"):
+            raise ValueError(f"--scoring {self.scoring!r} is not one of auto, rows, cache")
         if self.samples and max(self.pass_k) > self.samples:
             raise ValueError(f"pass@{max(self.pass_k)} needs --samples >= {max(self.pass_k)}")
 
@@ -137,12 +163,16 @@ def evaluate_tasks(
     max_new_tokens: int = 256,
     samples: int = 0,
     pass_k: Sequence[int] = (1,),
+    gen_limit: int | None = None,
+    gen_batch_size: int = 64,
+    scoring: str = "auto",
 ) -> dict[str, Any]:
     """Score ``model`` on each task; returns ``{"tasks": {name: metrics}, "core": float | None}``.
 
     Multiple-choice metrics hold acc, acc_len, acc_norm, their standard errors, the task's headline
     ``metric`` and ``score``, its random ``baseline`` and ``centered`` score, and the count of
-    left-truncated items. ``core`` averages ``centered`` over the CORE tasks present.
+    left-truncated items. ``core`` averages ``centered`` over the CORE tasks present. Task names
+    may be suites (``expand_tasks``); ``gen_limit`` caps gsm8k/math500 (default ``limit``).
     """
     from kiln.eval.core import centered
     from kiln.eval.generative import evaluate_generative, load_generative_task
@@ -151,18 +181,18 @@ def evaluate_tasks(
 
     d = Path(data_dir or default_data_dir())
     out: dict[str, Any] = {}
-    for name in tasks:
+    for name in expand_tasks(tasks):
         t0 = time.time()
         if name in GENERATIVE:
-            items, shots = load_generative_task(name, d, limit)
+            items, shots = load_generative_task(name, d, limit if gen_limit is None else gen_limit)
             g = evaluate_generative(model, tokenizer, items, "gsm8k" if name == "gsm8k" else "math",
-                                    shots, max_new_tokens, samples, pass_k)
+                                    shots, max_new_tokens, samples, pass_k, batch_size=gen_batch_size)
             res = {**g.to_dict(), "metric": "acc", "score": g.accuracy, "baseline": 0.0,
                    "centered": g.accuracy, "core": False}
         else:
             spec = get_task(name)
             items = spec.load(d, limit)
-            r = score_items(model, tokenizer, items, batch_size=batch_size)
+            r = score_items(model, tokenizer, items, batch_size=batch_size, method=scoring)
             base = random_baseline(spec, items)
             score = getattr(r, spec.metric)
             res = {**r.to_dict(), "metric": spec.metric, "score": score, "baseline": base,
@@ -223,7 +253,10 @@ class QuickEval:
             out, cen = {}, []
             with amp:
                 for name, (spec, items, base) in self.items.items():
-                    acc = getattr(score_items(model, self.tokenizer, items, self.batch_size), spec.metric)
+                    # rows, not the KV-cache path: that swaps attention kernels, which a compiled
+                    # training model should not see mid-run
+                    acc = getattr(score_items(model, self.tokenizer, items, self.batch_size, method="rows"),
+                                  spec.metric)
                     out[f"eval/{name}"] = acc
                     cen.append(centered(acc, base))
             out["eval/core"] = sum(cen) / len(cen)
@@ -233,19 +266,46 @@ class QuickEval:
                 model.train()
 
 
+def run_info(model: Any, seconds: float) -> dict[str, Any]:
+    """Where and how the scores were computed: device, dtype, parameters, torch version, wall time."""
+    import platform
+
+    import torch
+
+    from kiln.eval.lm import model_device
+
+    dev = model_device(model)
+    p = next(model.parameters())
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+            "dtype": str(p.dtype).removeprefix("torch."), "params": sum(x.numel() for x in model.parameters()),
+            "torch": torch.__version__, "seconds": round(seconds, 1)}
+
+
 def write_report(results: dict[str, Any], out_dir: str | os.PathLike, title: str = "Kiln eval") -> None:
     """``results.md`` (table of tasks) and ``results.png`` (bar chart of centered scores)."""
     out = Path(out_dir)
     tasks = results.get("tasks", {})
-    lines = [f"# {title}", "", "| task | n | metric | score | ± stderr | random | centered | truncated |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [f"# {title}", "",
+             "| task | n | metric | score | ± stderr | random | (score - random) / stderr | centered | truncated | s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in tasks.items():
         se = r.get("stderr", {}).get(r["metric"])
+        z = "" if not se else f"{(r['score'] - r['baseline']) / se:+.1f}"
         lines.append(f"| {name} | {r['n']} | {r['metric']} | {r['score']:.4f} | "
-                     f"{'' if se is None else f'{se:.4f}'} | {r['baseline']:.3f} | {r['centered']:.4f} | "
-                     f"{r.get('truncated', 0)} |")
+                     f"{'' if se is None else f'{se:.4f}'} | {r['baseline']:.3f} | {z} | {r['centered']:.4f} | "
+                     f"{r.get('truncated', 0)} | {r.get('seconds', 0):.1f} |")
     if results.get("core") is not None:
-        lines += ["", f"**CORE-style centered mean:** {results['core']:.4f}"]
+        n_core = sum(1 for r in tasks.values() if r.get("core"))
+        lines += ["", f"**CORE-style centered mean** over {n_core} tasks: {results['core']:.4f} (chance 0, perfect 1)"]
+    passk = {n: r["pass_at_k"] for n, r in tasks.items() if r.get("pass_at_k")}
+    if passk:
+        lines += ["", "| task | " + " | ".join(next(iter(passk.values()))) + " |",
+                  "|---|" + "---:|" * len(next(iter(passk.values())))]
+        lines += [f"| {n} | " + " | ".join(f"{v:.4f}" for v in pk.values()) + " |" for n, pk in passk.items()]
+    info = results.get("run")
+    if info:
+        lines += ["", (f"{info['device']}, {info['dtype']}, {info['params']:,} parameters, torch {info['torch']}, "
+                       f"{info['seconds']} s. stderr = sqrt(p(1-p)/n); random = expected accuracy of a uniform guess.")]
     text = results.get("text")
     if text:
         lines += ["", "| held-out text | loss (nats/token) | perplexity | bits/byte | tokens |",
@@ -265,7 +325,9 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike, title: str
 
         names = list(tasks)
         fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(names) + 1), 3.5))
-        ax.bar(names, [tasks[n]["score"] for n in names], color="tab:blue", label="score")
+        se = [tasks[n].get("stderr", {}).get(tasks[n]["metric"]) or 0.0 for n in names]
+        ax.bar(names, [tasks[n]["score"] for n in names], yerr=se, capsize=3, color="tab:blue",
+               label="score ± stderr")
         ax.scatter(names, [tasks[n]["baseline"] for n in names], color="tab:red", marker="_", s=400,
                    zorder=3, label="random")
         ax.set_ylim(0, 1)
@@ -282,7 +344,6 @@ def run_eval(cfg: EvalConfig, out_dir: str | os.PathLike, force: bool = False) -
     """The eval stage: load ``cfg.model``, score everything, write the artifact; returns ``out_dir``."""
     from kiln.artifacts import StageRun, write_json_atomic
     from kiln.eval.lm import check_vocab
-    from kiln.model import load_pretrained
     from kiln.tokenizer import Tokenizer
 
     if not cfg.model:
@@ -297,8 +358,11 @@ def run_eval(cfg: EvalConfig, out_dir: str | os.PathLike, force: bool = False) -
         tokenizer = Tokenizer.load(tok_path)
         model = load_model(cfg.model, cfg.device, cfg.dtype)
         check_vocab(model, tokenizer)
+        t0 = time.time()
         results = evaluate_tasks(model, tokenizer, cfg.tasks, data_dir, cfg.limit, cfg.batch_size,
-                                 cfg.max_new_tokens, cfg.samples, cfg.pass_k)
+                                 cfg.max_new_tokens, cfg.samples, cfg.pass_k, cfg.gen_limit,
+                                 cfg.gen_batch_size, cfg.scoring)
+        results["run"] = run_info(model, time.time() - t0)
         if cfg.text:
             from kiln.eval.perplexity import evaluate_text
 

@@ -10,7 +10,8 @@ Loaders read the formats found in ``../shared/data/eval/`` (and their public hom
 - MMLU csv (question, A, B, C, D, answer letter), 0- or k-shot from the ``dev`` split, scored by the
   logits of " A".." D".
 
-A malformed row is an error naming ``file:line``.
+A malformed row is an error naming ``file:line``. Every file may also be stored bzip2-compressed as
+``<name>.bz2`` (e.g. a packed copy of the data carried to a GPU machine).
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ def _open_text(path: Path):
 
 
 def _check_file(path: str | os.PathLike) -> Path:
+    """``path``, or its bzip2-compressed sibling ``path.bz2`` (a packed copy of the eval data)."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"task file {p} does not exist; pass --data-dir pointing at the eval data")
-    return p
+    if p.is_file():
+        return p
+    packed = p.with_name(p.name + ".bz2")
+    if packed.is_file():
+        return packed
+    raise FileNotFoundError(f"task file {p} does not exist; pass --data-dir pointing at the eval data")
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -157,7 +162,8 @@ def load_foundry(path: str | os.PathLike, delimiter: str = " ", limit: int | Non
 
 def _read_mmlu_csv(path: Path, max_rows: int | None = None) -> list[tuple[str, list[str], int, str]]:
     rows: list[tuple[str, list[str], int, str]] = []
-    with open(path, encoding="utf-8", newline="") as f:
+    opener = bz2.open if path.suffix == ".bz2" else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
         for i, rec in enumerate(csv.reader(f), 1):
             if max_rows is not None and len(rows) >= max_rows:
                 break
@@ -192,10 +198,10 @@ def load_mmlu(
     split_dir = d / split
     if not split_dir.is_dir():
         raise FileNotFoundError(f"{split_dir} does not exist; point at the folder holding dev/ and {split}/")
-    files = sorted(split_dir.glob(f"*_{split}.csv"))
+    files = sorted(split_dir.glob(f"*_{split}.csv")) or sorted(split_dir.glob(f"*_{split}.csv.bz2"))
     per_subject: list[list[MCItem]] = []
     for f in files:
-        subject = f.name[: -len(f"_{split}.csv")]
+        subject = f.name[: f.name.rindex(f"_{split}.csv")]
         if subjects and subject not in subjects:
             continue
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"

@@ -189,6 +189,8 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: targets {tuple(targets.shape)} must match x's leading dims {tuple(x.shape[:-1])}")
     if chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    if torch.is_autocast_enabled(x.device.type):  # a custom op is outside autocast: cast as a Linear would
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     reason = unsupported_reason(x, weight, targets)
     if reason is None:
         if x.dtype not in SUPPORTED_DTYPES or weight.dtype not in SUPPORTED_DTYPES:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kiln.model.kv_cache import KVCache
-from kiln.model.layers import Linear, RotaryEmbedding, scaled_dot_product_attention
+from kiln.model.layers import Linear, RMSNorm, RotaryEmbedding, scaled_dot_product_attention
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
 
@@ -104,11 +104,15 @@ class MultiHeadSelfAttention(nn.Module):
         layer_idx: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-5,
     ) -> None:
         """``rope`` may be shared between layers; if None and ``max_seq_len`` is given, one is built
         with ``rope_theta``; if both are None, no position information is added (NoPE).
         ``attention_impl``: a name in ``ATTENTION_IMPLS`` or a kernel function.
-        ``layer_idx``: which layer of a ``KVCache`` this module reads and writes."""
+        ``layer_idx``: which layer of a ``KVCache`` this module reads and writes. ``qk_norm``: RMSNorm
+        each query and key head (over D, gains ``q_norm``/``k_norm``) before RoPE, which bounds the
+        attention logits (Dehghani et al. 2023, arXiv:2302.05442; OLMo 2, Qwen3)."""
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if d_model % num_heads:
@@ -131,6 +135,8 @@ class MultiHeadSelfAttention(nn.Module):
         self.k_proj = Linear(d_model, num_kv_heads * D, device=device, dtype=dtype)
         self.v_proj = Linear(d_model, num_kv_heads * D, device=device, dtype=dtype)
         self.o_proj = Linear(num_heads * D, d_model, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(D, norm_eps, device=device, dtype=dtype) if qk_norm else None
+        self.k_norm = RMSNorm(D, norm_eps, device=device, dtype=dtype) if qk_norm else None
 
     def forward(
         self,
@@ -147,8 +153,11 @@ class MultiHeadSelfAttention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         offset = 0 if kv_cache is None else kv_cache.length
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_proj(x).view(B, T, H, D)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, Hkv, D)  # (B, T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         if self.rope is not None:
             if token_positions is None:

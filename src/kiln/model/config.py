@@ -44,6 +44,8 @@ class ModelConfig:
     """Attention kernel: "kiln" (from-scratch reference, default), "triton" (Kiln's FlashAttention-2
     kernel, GPU) or "sdpa" (torch's fused SDPA: an option, not Kiln's own). See
     ``kiln.model.attention.ATTENTION_IMPLS``."""
+    qk_norm: bool = False
+    """RMSNorm on each query and key head before RoPE (QK-norm; exported as Qwen3's q_norm/k_norm)."""
     norm_impl: str = "kiln"
     """RMSNorm kernel: "kiln" (from-scratch reference, default) or "triton" (Kiln's fused kernel,
     GPU). See ``kiln.model.layers.NORM_IMPLS``."""

@@ -87,9 +87,11 @@ def to_hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> di
 def hf_config_dict(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """A ``LlamaConfig``-compatible dict for ``config``, with the full ModelConfig under ``"kiln"``."""
     dtype_name = str(dtype).removeprefix("torch.")
+    # QK-norm is Qwen3's layout (q_norm/k_norm per head, same names): export as Qwen3 then.
+    arch, model_type = ("Qwen3ForCausalLM", "qwen3") if config.qk_norm else ("LlamaForCausalLM", "llama")
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [arch],
+        "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "intermediate_size": config.d_ff,

@@ -79,3 +79,20 @@ class KVCache:
     def reset(self) -> None:
         """Forget every cached token (the buffers are reused)."""
         self.length = 0
+
+    def select(self, rows: Tensor, start: int = 0) -> None:
+        """Keep only batch rows ``rows`` (long, (B',)) and drop the first ``start`` cached slots.
+
+        Used by batched decoding: finished rows leave the batch, and slots that are padding in every
+        remaining row are trimmed. The buffers keep their ``max_seq_len``; ``length`` drops by ``start``.
+        """
+        if not 0 <= start <= self.length:
+            raise ValueError(f"start={start} must be in [0, length={self.length}]")
+        n = self.length - start
+        for store in (self.k, self.v):
+            for i, buf in enumerate(store):
+                new = buf.new_zeros((len(rows), *buf.shape[1:]))  # (B', Hkv, max_seq_len, D)
+                new[:, :, :n] = buf[rows, :, start:self.length]
+                store[i] = new
+        self.batch_size = len(rows)
+        self.length = n

@@ -34,12 +34,14 @@ class TransformerBlock(nn.Module):
         layer_idx: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(d_model, norm_eps, device=device, dtype=dtype, impl=norm_impl)
         self.self_attn = MultiHeadSelfAttention(
             d_model, num_heads, rope=rope, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
             rope_theta=rope_theta, attention_impl=attention_impl, layer_idx=layer_idx, device=device, dtype=dtype,
+            qk_norm=qk_norm, norm_eps=norm_eps,
         )
         self.post_attention_layernorm = RMSNorm(d_model, norm_eps, device=device, dtype=dtype, impl=norm_impl)
         self.mlp = SwiGLU(d_model, d_ff, device=device, dtype=dtype)
@@ -85,6 +87,7 @@ class Transformer(nn.Module):
             TransformerBlock(
                 c.d_model, c.n_heads, c.d_ff, rope=self.rope, num_kv_heads=c.n_kv_heads, norm_eps=c.norm_eps,
                 attention_impl=c.attention_impl, norm_impl=c.norm_impl, layer_idx=i, device=device, dtype=dtype,
+                qk_norm=c.qk_norm,
             )
             for i in range(c.n_layers)
         )
@@ -118,6 +121,9 @@ class Transformer(nn.Module):
             trunc_normal_(layer.self_attn.o_proj.weight, resid_std)
             trunc_normal_(layer.mlp.down_proj.weight, resid_std)
             layer.input_layernorm.reset_parameters()
+            if layer.self_attn.q_norm is not None:
+                layer.self_attn.q_norm.reset_parameters()
+                layer.self_attn.k_norm.reset_parameters()
             layer.post_attention_layernorm.reset_parameters()
         self.norm.reset_parameters()
 
@@ -146,15 +152,19 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(
-        self, idx: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None
+        self, idx: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None,
+        *, return_hidden: bool = False,
     ) -> Tensor:
         """idx: (B, T) long token ids -> logits (B, T, vocab_size).
 
         token_positions: optional (T,) or (B, T) positions for RoPE (default: consecutive, starting
         after the tokens already in ``kv_cache``). kv_cache: a ``KVCache``; the T new tokens are
-        appended to it and it is advanced by T.
+        appended to it and it is advanced by T. return_hidden: return the final normed hidden states
+        (B, T, d_model) instead of logits, through ``forward`` so wrappers (DDP, FSDP, compile) see
+        the call; for fused linear + cross-entropy losses.
         """
-        return self.lm_head(self.hidden_states(idx, token_positions, kv_cache))
+        h = self.hidden_states(idx, token_positions, kv_cache)
+        return h if return_hidden else self.lm_head(h)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters (a tied matrix counted once).

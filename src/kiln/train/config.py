@@ -11,6 +11,8 @@ from kiln.model.config import ModelConfig
 
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "bf16", "fp32")
+LOSS_IMPLS = ("torch", "fused")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,31 @@ class TrainConfig:
     dtype: str = "auto"
     """"auto" (bf16 autocast on cuda, fp32 on cpu), "bf16" or "fp32"."""
     compile: bool = False
-    """Wrap the model in torch.compile (GPU speed; the first steps pay the compile time)."""
+    """torch.compile the model and its loss as one graph (GPU speed; the first step pays the compile time)."""
+    compile_mode: str = "default"
+    """torch.compile mode: "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"."""
+    loss_impl: str = "torch"
+    """"torch": logits + Kiln's cross_entropy (fused by torch.compile when compile=true); "fused":
+    Kiln's chunked Triton linear + cross-entropy kernel (logits never held)."""
+    fused_optimizer: bool = True
+    """On CUDA, compile the guarded AdamW update into a few fused kernels (``kiln.train.optim``)."""
+    optimizer: str = "adamw"
+    """"adamw" for every parameter, or "muon": Muon (orthogonalized momentum) for the transformer
+    blocks' matrices and AdamW for embeddings, head and norms (``kiln.train.muon``)."""
+    muon_lr: float = 0.0
+    """Peak learning rate of the Muon matrices (optimizer="muon"); 0: the same as lr (Muon's update is
+    scaled to AdamW's RMS, Moonshot's rule, so one lr fits both). The schedule scales it like lr."""
+    muon_momentum: float = 0.95
+    """Muon's momentum (Nesterov)."""
+    max_seconds: float = 0.0
+    """Time budget in seconds of training steps (not counting the first step, which carries the
+    compilation, nor evaluation and saving); 0: none.
+    The schedule follows steps or seconds, whichever is further along, so a cut run ends decayed."""
+    doc_aligned: bool = False
+    """Training windows start at document starts (long documents continue in the next windows), so a
+    sequence begins with a document's first tokens instead of a random offset; windows stay packed."""
+    log_every: int = 1
+    """Write a log line every this many steps (metrics.jsonl gets every step); 0: none."""
     spike_window: int = 50
     """Recent good losses kept to judge whether a new loss is a spike."""
     spike_min_history: int = 20
@@ -100,7 +126,7 @@ class TrainConfig:
                      "rollback_after", "sample_tokens", "pad_vocab_to"):
             positive(name)
         for name in ("micro_batch_size", "warmup_steps", "max_tokens", "eval_every", "sample_every",
-                     "save_every", "spike_min_history", "max_rollbacks"):
+                     "save_every", "spike_min_history", "max_rollbacks", "log_every"):
             positive(name, allow_zero=True)
         mb = self.micro_batch_size or self.batch_size
         if self.batch_size % mb:
@@ -116,6 +142,15 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.schedule={self.schedule!r} is unknown; use one of {SCHEDULES}")
         if not 0 <= self.decay_frac <= 1:
             raise ValueError(f"TrainConfig.decay_frac={self.decay_frac} must be in [0, 1]")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"TrainConfig.loss_impl={self.loss_impl!r} is unknown; use one of {LOSS_IMPLS}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r} is unknown; use one of {OPTIMIZERS}")
+        if self.compile_mode not in ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"):
+            raise ValueError(f"TrainConfig.compile_mode={self.compile_mode!r} is unknown; use default, "
+                             "max-autotune-no-cudagraphs, max-autotune or reduce-overhead")
+        if self.max_seconds < 0 or self.muon_lr < 0 or not 0 <= self.muon_momentum < 1:
+            raise ValueError("TrainConfig.max_seconds must be >= 0, muon_lr >= 0 and muon_momentum in [0, 1)")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r} is unknown; use one of {DTYPES}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -172,7 +207,21 @@ def gpt2_small() -> TrainConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "gpt2_small": gpt2_small}
+def speedrun() -> TrainConfig:
+    """The best model Kiln trains in 10 minutes of one H100 on the Gutenberg books (tokenized by
+    Kiln's tokenizer, vocab 8192): see docs/train.md#speedrun for the measured run and
+    docs/LOG.md for the ablations behind each choice. ``max_seconds=600`` is the budget; the
+    schedule (WSD, decay over the last 30%) follows the clock, so a cut run still ends decayed."""
+    return TrainConfig(
+        model=ModelConfig(vocab_size=8192, context_length=1024, d_model=768, n_layers=12, n_heads=6,
+                          tie_embeddings=True, attention_impl="sdpa"),
+        batch_size=64, lr=1.5e-3, min_lr=0.0, warmup_steps=100, schedule="wsd", decay_frac=0.3, optimizer="muon",
+        max_steps=100_000, max_seconds=600.0, compile=True, doc_aligned=True,
+        eval_every=1000, eval_batches=32, sample_every=0, save_every=0, log_every=50,
+    )
+
+
+PRESETS = {"tiny": tiny, "gpt2_small": gpt2_small, "speedrun": speedrun}
 
 
 def _parse_value(raw: str, current: Any, key: str) -> Any:

@@ -61,12 +61,22 @@ class TokenSampler:
     """
 
     def __init__(
-        self, shards: Sequence[np.ndarray], context_length: int, seed: int, rank: int = 0
+        self, shards: Sequence[np.ndarray], context_length: int, seed: int, rank: int = 0,
+        doc_starts: Sequence[np.ndarray] | None = None,
     ) -> None:
+        """``doc_starts`` (one ascending int64 array per shard): draw only windows that begin at a
+        document start, or ``context_length`` tokens after the previous such window inside the same
+        document (so long documents are covered whole). Without it, any offset is a window start."""
         self.shards = list(shards)
         self.context_length = context_length
         self.rank = rank
-        counts = np.array([max(len(s) - context_length, 0) for s in self.shards], dtype=np.int64)
+        self._starts: list[np.ndarray] | None = None
+        if doc_starts is not None:
+            self._starts = [_aligned_starts(np.asarray(d, dtype=np.int64), len(s), context_length)
+                            for s, d in zip(self.shards, doc_starts)]
+            counts = np.array([len(a) for a in self._starts], dtype=np.int64)
+        else:
+            counts = np.array([max(len(s) - context_length, 0) for s in self.shards], dtype=np.int64)
         if counts.sum() == 0:
             longest = max((len(s) for s in self.shards), default=0)
             raise ValueError(
@@ -90,6 +100,8 @@ class TokenSampler:
         shard_idx = np.searchsorted(self._cum, g, side="right")  # (B,)
         base = np.concatenate([[0], self._cum[:-1]])
         offsets = g - base[shard_idx]
+        if self._starts is not None:
+            offsets = np.array([self._starts[i][o] for i, o in zip(shard_idx, offsets)], dtype=np.int64)
         T1 = self.context_length + 1
         windows = np.empty((batch_size, T1), dtype=np.int64)
         for b in range(batch_size):
@@ -105,3 +117,14 @@ class TokenSampler:
         """Restore a position saved by ``state_dict``."""
         self.seed = int(state["seed"])
         self.generator.set_state(state["generator"])
+
+
+def _aligned_starts(doc_starts: np.ndarray, n_tokens: int, context_length: int) -> np.ndarray:
+    """Window starts at each document start and every ``context_length`` tokens after it until the
+    next document starts; only starts whose ``context_length + 1`` window fits in the shard."""
+    bounds = np.append(doc_starts, n_tokens)  # (n_docs + 1,)
+    lengths = np.maximum(bounds[1:] - bounds[:-1], 1)
+    per_doc = -(-lengths // context_length)  # windows that begin inside each document
+    starts = np.repeat(doc_starts, per_doc) + context_length * (
+        np.arange(per_doc.sum()) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc))
+    return starts[starts + context_length + 1 <= n_tokens]

@@ -32,6 +32,25 @@ class SpikeDetector:
         self.history.append(loss)
         return None
 
+    def threshold(self) -> float:
+        """The loss above which the next step is a spike: ``max(mean + zscore * std, ratio * mean)``
+        of the window, or ``inf`` while it holds fewer than ``min_history`` losses. The GPU step
+        compares against this value (``kiln.train.step``) so the host never reads the loss first."""
+        n = len(self.history)
+        if n < max(self.min_history, 2):
+            return math.inf
+        mean = sum(self.history) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in self.history) / (n - 1))
+        return max(mean + self.zscore * std, self.ratio * mean)
+
+    def record(self, loss: float, ok: bool, grad_norm: float = 0.0) -> str | None:
+        """Record a step the device already judged (``ok``): a good loss joins the window; a bad one
+        returns its reason (``"non-finite"`` loss or gradient norm, else ``"spike"``)."""
+        if ok:
+            self.history.append(loss)
+            return None
+        return "non-finite" if not (math.isfinite(loss) and math.isfinite(grad_norm)) else "spike"
+
     def describe(self) -> str:
         """Mean and std of the window, for log lines."""
         n = len(self.history)

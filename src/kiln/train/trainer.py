@@ -58,6 +58,7 @@ from kiln.train.metrics import (
 from kiln.train.optim import AdamW, clip_grad_norm_, param_groups
 from kiln.train.schedule import cosine_lr, wsd_lr
 from kiln.train.spike import SpikeDetector
+from kiln.train.step import StepResult, TrainStep, make_loss_fn
 
 FaultHook = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -123,12 +124,11 @@ def train(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, device=device)
     model_step = dist.wrap(model)  # FSDP2 replaces model's parameters in place: build the optimizer after
-    groups, kw = param_groups(model, cfg.weight_decay), {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
-    optimizer = dist.optimizer(model, AdamW, params=groups, **kw) if hasattr(dist, "optimizer") else AdamW(groups, **kw)
+    optimizer = _build_optimizer(cfg, model, dist, device)
     clip = getattr(dist, "clip_grad_norm_", clip_grad_norm_)
-    if cfg.compile:
-        model_step = torch.compile(model_step)
-    sampler = _RankSlice(TokenSampler(data.train, cfg.model.context_length, cfg.seed), dist.rank, dist.world_size)
+    starts = data.doc_starts if cfg.doc_aligned else None
+    sampler = _RankSlice(TokenSampler(data.train, cfg.model.context_length, cfg.seed, doc_starts=starts),
+                         dist.rank, dist.world_size)
     spikes = SpikeDetector(cfg.spike_window, cfg.spike_min_history, cfg.spike_zscore, cfg.spike_ratio)
     state = _RunState()
     ckpts = out / "checkpoints"
@@ -152,10 +152,74 @@ def train(
         flops_per_token, peak = model.flops_per_token(cfg.model.context_length), peak_flops(device)
         _log_header(runlog, cfg, model, device, amp, start, inputs, mb, accum, dist.world_size)
         step, skipped, t_start, dt_ema = start, deque(), time.perf_counter(), None
+        loss_fn = make_loss_fn(model_step, model, cfg.loss_impl, cfg.compile, cfg.compile_mode)
+        train_step = TrainStep(loss_fn, model, model_step, optimizer, clip, cfg.grad_clip, dist, amp, device, fault_hook)
+        train_step.set_threshold(spikes.threshold())
+        pending: StepResult | None = None
+        last_read = [time.perf_counter()]  # when the last result was read (reset after evals and saves)
+        first_step_s = [0.0]  # the first step's seconds (compilation), left out of the time budget
+
+        def _settle(r: StepResult) -> int | None:
+            """Read step r's results, log them, count a skip; returns the restored step after a rollback."""
+            nonlocal dt_ema, max_steps
+            loss_value, grad_norm, ok = r.read()
+            now = time.perf_counter()
+            dt, last_read[0] = now - last_read[0], now
+            verdict = spikes.record(loss_value, ok, grad_norm)
+            train_step.set_threshold(spikes.threshold())
+            if verdict is not None:
+                state.skips += 1
+                skipped.append(r.step)
+                while skipped and skipped[0] <= r.step - cfg.spike_window:
+                    skipped.popleft()
+                runlog.warning(f"step {r.step}: {verdict} loss {loss_value:.4g} (grad norm {grad_norm:.3g}; "
+                               f"{spikes.describe()}): update skipped "
+                               f"({len(skipped)}/{cfg.rollback_after} within {cfg.spike_window} steps before a rollback)")
+                runlog.metrics({"step": r.step + 1, "event": "skip", "reason": verdict})
+                if len(skipped) >= cfg.rollback_after:
+                    back = _rollback(ckpts, skipped[0], cfg, model, optimizer, sampler, spikes, state, runlog, dist)
+                    skipped.clear()
+                    train_step.set_threshold(spikes.threshold())
+                    last_read[0] = time.perf_counter()
+                    return back
+            dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
+            tok_s = cfg.tokens_per_step / dt
+            state.seconds += dt
+            if r.step == start:  # this process's first step carries the compilation: off the time budget
+                first_step_s[0] = state.first_step_seconds = dt
+            if verdict is None:
+                state.train_losses.append(loss_value)
+            state.tokens_seen = (r.step + 1) * cfg.tokens_per_step
+            mfu = flops_per_token * tok_s / (peak * dist.world_size) if peak else None
+            if cfg.log_every and ((r.step + 1) % cfg.log_every == 0 or r.step + 1 == max_steps or r.step == start):
+                line = f"step {r.step + 1}/{max_steps} | loss {loss_value:.3f} | lr {r.lr:.1e} | {format_rate(tok_s)} tok/s"
+                line += f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+                runlog.info(line + f" | eta {format_duration(dt_ema * (max_steps - r.step - 1))}")
+            runlog.metrics({"step": r.step + 1, "loss": loss_value, "lr": r.lr, "grad_norm": grad_norm, "tok_s": tok_s,
+                            "mfu": mfu, "tokens": state.tokens_seen, "time": round(time.perf_counter() - t_start, 3),
+                            "skipped": verdict is not None})
+            return None
+
+        def _settle_pending() -> None:
+            nonlocal pending, step
+            if pending is not None:
+                r, pending = pending, None
+                back = _settle(r)
+                if back is not None:
+                    step = back
+
         # Rank 0 evaluates and samples alone, except under FSDP where every forward is a collective.
         looks = dist.is_main or getattr(dist, "sharded_params", False)
         while True:
             last = step == max_steps
+            looking = last or (cfg.eval_every and step % cfg.eval_every == 0) or (
+                cfg.sample_every and step % cfg.sample_every == 0) or (cfg.save_every and step % cfg.save_every == 0)
+            if looking and pending is not None:  # evaluations, samples and checkpoints see every result so far
+                before = step
+                _settle_pending()
+                if step != before:
+                    continue
+                last = step == max_steps
             if looks and cfg.eval_every and (step % cfg.eval_every == 0 or last) and data.val is not None:
                 _evaluate(model, data, token_bytes, cfg, device, amp, step, runlog, state)
             if looks and cfg.sample_every and tokenizer is not None and (step % cfg.sample_every == 0 or last):
@@ -165,56 +229,24 @@ def train(
                 dist.barrier()
             if last:
                 break
-            # -- one optimizer step: accumulate micro-batch gradients, guard, update --
-            t0 = time.perf_counter()
-            lr = _lr_at(cfg, step + 1, max_steps)  # step + 1: the first update already moves
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                x, y = sampler.next_batch(mb, device)  # (mb, T) each
-                sync = dist.no_sync(model_step) if micro < accum - 1 else contextlib.nullcontext()
-                with sync, amp:
-                    loss = cross_entropy(model_step(x), y)
-                    if fault_hook is not None:
-                        loss = fault_hook(step, loss)
-                    (loss / accum).backward()
-                loss_sum += loss.detach()
-            norm = clip(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            loss_t = dist.all_reduce_mean(loss_sum / accum)
-            loss_value, grad_norm = torch.stack([loss_t, norm.to(loss_t)]).tolist()  # the step's one host sync
-            verdict = spikes.check(loss_value)
-            if verdict is None:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if verdict is not None:
-                state.skips += 1
-                skipped.append(step)
-                while skipped and skipped[0] <= step - cfg.spike_window:
-                    skipped.popleft()
-                runlog.warning(f"step {step}: {verdict} loss {loss_value:.4g} ({spikes.describe()}): update skipped "
-                               f"({len(skipped)}/{cfg.rollback_after} within {cfg.spike_window} steps before a rollback)")
-                runlog.metrics({"step": step + 1, "event": "skip", "reason": verdict})
-                if len(skipped) >= cfg.rollback_after:
-                    step = _rollback(ckpts, skipped[0], cfg, model, optimizer, sampler, spikes, state, runlog, dist)
-                    skipped.clear()
+            if looking:
+                last_read[0] = time.perf_counter()  # step times exclude evaluation, sampling and saving
+            # -- queue one guarded step (no host sync), then read the previous one's results --
+            lr = _lr_at(cfg, step + 1, max_steps, state.seconds - first_step_s[0])  # step + 1: the first update already moves
+            result = train_step(step, lr, lambda: sampler.next_batch(mb, device), accum)
+            prev, pending = pending, result
+            if prev is not None:
+                new_step = _settle(prev)
+                if new_step is not None:  # rolled back: the step just queued is void
+                    pending, step = None, new_step
                     continue
-            # -- log --
-            dt = time.perf_counter() - t0
-            dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
-            tok_s = cfg.tokens_per_step / dt
-            state.seconds += dt
-            if verdict is None:
-                state.train_losses.append(loss_value)
-            state.tokens_seen = (step + 1) * cfg.tokens_per_step
-            mfu = flops_per_token * tok_s / (peak * dist.world_size) if peak else None
-            line = f"step {step + 1}/{max_steps} | loss {loss_value:.3f} | lr {lr:.1e} | {format_rate(tok_s)} tok/s"
-            line += f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
-            runlog.info(line + f" | eta {format_duration(dt_ema * (max_steps - step - 1))}")
-            runlog.metrics({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tok_s": tok_s,
-                            "mfu": mfu, "tokens": state.tokens_seen, "time": round(time.perf_counter() - t_start, 3),
-                            "skipped": verdict is not None})
             step += 1
+            if cfg.max_seconds and state.seconds - first_step_s[0] >= cfg.max_seconds and step < max_steps:
+                _settle_pending()
+                runlog.info(f"time budget of {cfg.max_seconds:g} s of training steps reached at step {step}: finishing")
+                max_steps = step
+                continue
+        _settle_pending()
         final = _exportable(model, cfg, dist)  # under FSDP a collective: every rank takes part
         if dist.is_main:
             _finish(out, cfg, final, tokenizer_path, inputs, state, runlog)
@@ -222,6 +254,36 @@ def train(
     finally:
         runlog.close()
     return out
+
+
+def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module, dist: Any, device: torch.device) -> Any:
+    """Kiln's AdamW (guarded, fused on CUDA), ZeRO-1 sharded when ``dist`` says so; or Muon + AdamW.
+
+    Every param group carries ``lr_scale``: the step sets ``group["lr"] = schedule_lr * lr_scale``,
+    so one schedule drives AdamW (scale 1) and Muon (scale muon_lr / lr) together.
+    """
+    fused = cfg.fused_optimizer and device.type == "cuda"
+    kw = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "fused": fused}
+    if cfg.optimizer == "muon":
+        from kiln.train.muon import muon_with_adamw
+
+        if getattr(getattr(dist, "cfg", None), "zero1", False) or getattr(dist, "sharded_params", False):
+            raise ValueError("optimizer=muon needs whole gradients (one GPU or DDP); it does not run with "
+                             "--zero1 or fsdp: use optimizer=adamw there")
+        opt = muon_with_adamw(model, weight_decay=cfg.weight_decay, adamw_lr=cfg.lr, muon_lr=cfg.muon_lr or cfg.lr,
+                              betas=cfg.betas, eps=cfg.eps, momentum=cfg.muon_momentum)
+        for g in opt.param_groups:
+            g["lr_scale"] = g["base_lr"] / cfg.lr
+        for inner in opt.optimizers:
+            if isinstance(inner, AdamW):
+                inner.fused = fused
+        return opt
+    groups = param_groups(model, cfg.weight_decay)
+    for g in groups:
+        g["lr_scale"] = 1.0
+    if hasattr(dist, "optimizer"):
+        return dist.optimizer(model, AdamW, params=groups, **kw)
+    return AdamW(groups, **kw)
 
 
 def _micro_batch(cfg: TrainConfig, world_size: int) -> int:
@@ -290,6 +352,7 @@ class _RunState:
     rollbacks: int = 0
     tokens_seen: int = 0
     seconds: float = 0.0
+    first_step_seconds: float = 0.0  # this process's first step (compilation), not checkpointed
     val: dict | None = None
     train_losses: deque = field(default_factory=lambda: deque(maxlen=20))
 
@@ -301,6 +364,7 @@ class _Data:
     train: list[np.ndarray]
     val: np.ndarray | None
     vocab_size: int
+    doc_starts: list[np.ndarray] | None = None  # per train shard, for doc_aligned windows
 
     @classmethod
     def open(cls, tokens_dir: Path, cfg: TrainConfig) -> _Data:
@@ -331,7 +395,7 @@ class _Data:
                 if have >= want:
                     break
             val = np.concatenate(parts) if have > cfg.model.context_length else None
-        return cls(train=[s.tokens for s in train], val=val, vocab_size=vocab)
+        return cls(train=[s.tokens for s in train], val=val, vocab_size=vocab, doc_starts=[s.doc_starts for s in train])
 
 
 def _fit_vocab(cfg: TrainConfig, data_vocab: int) -> TrainConfig:
@@ -397,7 +461,11 @@ def _autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
-def _lr_at(cfg: TrainConfig, t: int, max_steps: int) -> float:
+def _lr_at(cfg: TrainConfig, t: int, max_steps: int, elapsed: float = 0.0) -> float:
+    """The learning rate of update ``t`` (1-based). With a time budget (``max_seconds``) the decay
+    follows whichever is further along, steps or seconds, so a run cut by its budget ends decayed."""
+    if cfg.max_seconds:
+        t = max(t, min(round(max_steps * elapsed / cfg.max_seconds), max_steps))
     if cfg.schedule == "wsd":
         decay = min(round(cfg.decay_frac * max_steps), max(max_steps - cfg.warmup_steps, 0))
         stable = max_steps - cfg.warmup_steps - decay  # so the decay ends exactly at the last step
@@ -629,6 +697,7 @@ def _finish(out: Path, cfg: TrainConfig, model, tokenizer_path, inputs: dict, st
         "val_bpb": state.val["bpb"] if state.val else None,
         "tokens_seen": state.tokens_seen,
         "seconds": round(state.seconds, 3),
+        "first_step_seconds": round(state.first_step_seconds, 3),
         "params": model.num_params(),
         "skipped_steps": state.skips,
         "rollbacks": state.rollbacks,

@@ -1,0 +1,79 @@
+"""Fused, guarded AdamW update: one Triton kernel pass per parameter tensor.
+
+Per element (``okf`` = 1.0 if the step's device-side guard passed, else 0.0; ``t`` the step count)::
+
+    g  <- ok ? g : 0                                  # a skipped step's inf/NaN never reaches the state
+    p  <- p * (1 - lr * wd * okf)
+    m  <- m + (1 - b1) * okf * (g - m) ;  v <- v + (1 - b2) * okf * (g^2 - v)
+    p  <- p - lr * okf / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
+
+Each element is read once (p, g, m, v) and written once (p, m, v): 28 bytes per fp32 parameter,
+the floor for Adam. ``lr``, ``ok`` and the step counts are device tensors, so nothing reads a
+value back to the host, and a learning-rate change needs no recompilation. The eager reference is
+``kiln.train.optim._adamw_guarded_update``; tests compare the two (interpreted on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.kernels._backend import HAVE_TRITON, unsupported_reason, warn_fallback
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _adamw_kernel(P, G, M, V, STEP, LR, OK, n, beta1, beta2, eps, weight_decay, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        okf = tl.load(OK).to(tl.float32)
+        lr = tl.load(LR).to(tl.float32) * okf
+        t = tl.maximum(tl.load(STEP).to(tl.float32), 1.0)
+        bias1 = 1.0 - tl.exp2(t * tl.log2(beta1))
+        bias2 = 1.0 - tl.exp2(t * tl.log2(beta2))
+        p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(M + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.where(okf > 0.5, g, 0.0)
+        p = p * (1.0 - lr * weight_decay)
+        m = m + (1.0 - beta1) * okf * (g - m)
+        v = v + (1.0 - beta2) * okf * (g * g - v)
+        denom = tl.sqrt(v / bias2) + eps
+        p = p - (lr / bias1) * m / denom
+        tl.store(P + offs, p.to(P.dtype.element_ty), mask=mask)
+        tl.store(M + offs, m.to(M.dtype.element_ty), mask=mask)
+        tl.store(V + offs, v.to(V.dtype.element_ty), mask=mask)
+
+
+BLOCK = 2048
+
+
+def adamw_fused_update_(
+    params: list[torch.Tensor], grads: list[torch.Tensor], avgs: list[torch.Tensor], avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor], lr: torch.Tensor, ok: torch.Tensor,
+    beta1: float, beta2: float, eps: float, weight_decay: float,
+) -> None:
+    """The guarded AdamW update of ``kiln.train.optim._adamw_guarded_update``, one kernel per tensor.
+
+    ``steps`` are incremented by ``ok`` first (one multi-tensor add); then each parameter's kernel
+    reads its own step count. Contiguous tensors only; others (and devices Triton cannot run on)
+    go through the eager reference with one warning.
+    """
+    from kiln.train.optim import _adamw_guarded_update
+
+    reason = unsupported_reason(*params[:1], lr, ok)
+    if reason is None and not all(t.is_contiguous() for ts in (params, grads, avgs, avg_sqs) for t in ts):
+        reason = "non-contiguous parameter, gradient or state tensor"
+    if reason is not None:
+        warn_fallback("adamw", reason)
+        _adamw_guarded_update(params, grads, avgs, avg_sqs, steps, lr, ok, beta1, beta2, eps, weight_decay)
+        return
+    okf = ok.to(torch.float32)
+    torch._foreach_add_(steps, okf)
+    for p, g, m, v, s in zip(params, grads, avgs, avg_sqs, steps):
+        n = p.numel()
+        _adamw_kernel[(triton.cdiv(n, BLOCK),)](p, g, m, v, s, lr, okf, n, beta1, beta2, eps, weight_decay,
+                                                BLOCK=BLOCK, num_warps=8)
