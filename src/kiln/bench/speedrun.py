@@ -124,7 +124,7 @@ def run_kiln(cfg, tokens_dir: Path, tokenizer: str | None, seconds: float, seed:
     r = evaluate_heldout(model, val, token_bytes, cfg.model.context_length, cfg.micro_batch, max_batches=eval_batches,
                          device=device, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     stats = manifest["stats"]
-    steps = stats["tokens_seen"] // cfg.tokens_per_step
+    steps = stats["steps"]
     return SpeedrunRow("kiln", seed, round(stats["seconds"] - stats.get("first_step_seconds", 0.0), 1), steps, stats["tokens_seen"], r["loss"], r["bpb"])
 
 

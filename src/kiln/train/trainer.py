@@ -691,7 +691,8 @@ def _finish(out: Path, cfg: TrainConfig, model, tokenizer_path, inputs: dict, st
     plot_loss(rows, out / "loss.png")
     losses = list(state.train_losses)
     stats = {
-        "steps": cfg.total_steps,
+        "steps": state.tokens_seen // cfg.tokens_per_step,  # done (a time budget may end the run early)
+        "max_steps": cfg.total_steps,
         "final_train_loss": sum(losses) / len(losses) if losses else None,
         "val_loss": state.val["loss"] if state.val else None,
         "val_bpb": state.val["bpb"] if state.val else None,
