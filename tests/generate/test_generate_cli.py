@@ -50,3 +50,19 @@ def test_generate_help_documents_options(capsys):
     for opt in ("--model", "--tokenizer", "--prompt", "--max-new-tokens", "--temperature", "--top-k",
                 "--top-p", "--seed", "--device"):
         assert opt in out
+
+
+def test_generate_prompts_file_batches_and_matches_single_prompts(run_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi\n\nHello there\nA\n")
+    base = ["--model", str(run_dir / "run"), "--max-new-tokens", "6", "--keep-eot", "--temperature", "0"]
+    assert main(["generate", *base, "--prompts-file", str(prompts), "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["Hi", "Hello there", "A"]
+    for r in rows:  # greedy batched decoding equals the one-prompt path
+        assert main(["generate", *base, "--prompt", r["prompt"], "--no-echo"]) == 0
+        assert capsys.readouterr().out.rstrip("\n") == r["completion"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main(["generate", *base, "--prompts-file", str(empty)]) == 1
+    assert "holds no prompts" in capsys.readouterr().err

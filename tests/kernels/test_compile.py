@@ -11,7 +11,7 @@ from kiln.kernels import flash_attention, linear_cross_entropy, rmsnorm
 
 # aot_eager needs no C++ toolchain (CI's CPU); inductor runs where there is a GPU. The inductor case
 # failed once on an H100 (2026-11-22, torch 2.11) with the traceback cut off by the run's time
-# limit, undiagnosed: xfail (not strict) until someone with a GPU reads the error (docs/LOG_kernels.md).
+# limit, undiagnosed: xfail (not strict) until someone with a GPU reads the error (docs/LOG.md, "Attention kernel speed attempt").
 BACKENDS = [
     "aot_eager",
     pytest.param("inductor", marks=pytest.mark.xfail(reason="failed once on H100, undiagnosed", strict=False)),

@@ -35,3 +35,34 @@ def test_profile_tiny_cpu(tmp_path):
     assert rc == 0
     ops = (tmp_path / "prof" / "ops.md").read_text()
     assert "matmul" in ops and (tmp_path / "prof" / "trace.json").is_file()
+
+
+def test_plain_baseline_is_the_same_model_as_kiln():
+    """The baseline of `kiln bench train/speedrun` computes Kiln's function: same weights, same logits."""
+    import torch
+
+    from kiln.bench.baseline import PlainLlama
+    from kiln.model import ModelConfig, build_model
+
+    cfg = ModelConfig(vocab_size=97, context_length=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      tie_embeddings=True)
+    torch.manual_seed(0)
+    kiln = build_model(cfg)
+    plain = PlainLlama(cfg)
+    names = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+             "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
+    with torch.no_grad():
+        plain.embed.weight.copy_(kiln.embed_tokens.weight)
+        plain.ln_f.copy_(torch.rand(cfg.d_model) + 0.5)
+        kiln.norm.weight.copy_(plain.ln_f)
+        for blk, layer in zip(plain.blocks, kiln.layers):
+            for short, long in names.items():
+                getattr(blk, short).weight.copy_(layer.get_submodule(long).weight)
+            blk.ln1.copy_(torch.rand(cfg.d_model) + 0.5)
+            blk.ln2.copy_(torch.rand(cfg.d_model) + 0.5)
+            layer.input_layernorm.weight.copy_(blk.ln1)
+            layer.post_attention_layernorm.weight.copy_(blk.ln2)
+    x = torch.randint(0, cfg.vocab_size, (3, 16))
+    torch.testing.assert_close(plain(x), kiln(x), rtol=1e-4, atol=1e-4)
+    y = torch.randint(0, cfg.vocab_size, (3, 16))
+    torch.testing.assert_close(plain(x, y), torch.nn.functional.cross_entropy(kiln(x).view(-1, 97), y.view(-1)))

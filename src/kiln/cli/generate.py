@@ -23,6 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="tokenizer.json or tokenizer artifact dir (default: beside the model or found "
                    "through the run's manifests)")
     p.add_argument("--prompt", default="", help="text to continue ('' starts from the end-of-text token)")
+    p.add_argument("--prompts-file", default=None, metavar="PATH",
+                   help="continue every line of this text file instead (batched decoding; one JSON line "
+                   "{\"prompt\", \"completion\"} per prompt on stdout, in order)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together with --prompts-file")
     p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
@@ -76,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         dtype = torch.bfloat16
     tokenizer = Tokenizer.load(tok_path)
     model = load_pretrained(model_dir, device=device, dtype=dtype, attention_impl=args.attention)
+    if args.prompts_file:
+        return _run_batch(args, model, tokenizer, device)
     if not args.no_echo:
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
@@ -90,4 +96,29 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     dt = time.perf_counter() - t0
     print(f"[{n_chars} characters in {dt:.2f} s on {device}]", file=sys.stderr)
+    return 0
+
+
+def _run_batch(args: argparse.Namespace, model, tokenizer, device: str) -> int:
+    """--prompts-file: every non-empty line is a prompt; batched decoding; JSON lines out."""
+    import json
+    import time
+
+    from kiln.generate import generate_texts
+
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts-file {path} does not exist; give a text file with one prompt per line")
+    prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts-file {path} holds no prompts (one per line, blank lines skipped)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    t0 = time.perf_counter()
+    outs = generate_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          stop_at_eot=not args.keep_eot, batch_size=args.batch_size)
+    for prompt, out in zip(prompts, outs):
+        print(json.dumps({"prompt": prompt, "completion": out}, ensure_ascii=False))
+    print(f"[{len(prompts)} prompts in {time.perf_counter() - t0:.2f} s on {device}]", file=sys.stderr)
     return 0

@@ -260,7 +260,7 @@ def cache_saves(encoded: Iterable[Sequence[_Request]], ratio: float = 0.7) -> bo
     The cache path makes two passes per batch and masks its attention, so it pays off only when the
     shared context is a large part of each row: HellaSwag (cache/rows = 0.48 with the demo
     tokenizer) gains, PIQA's short questions with long answers do not, and MMLU's one-token letters
-    already cost one row per item (measured in docs/notes/eval-bench.md).
+    already cost one row per item (measured in docs/benchmarks.md, "Evaluation on the CPU").
     """
     rows, cache = token_counts(encoded)
     return rows > 0 and cache <= ratio * rows

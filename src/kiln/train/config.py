@@ -204,6 +204,7 @@ def gpt2_small() -> TrainConfig:
                           d_ff=2048, tie_embeddings=True, attention_impl="sdpa"),
         batch_size=512, micro_batch_size=32, lr=6e-4, min_lr=6e-5, warmup_steps=700,
         max_tokens=2_500_000_000, eval_every=250, eval_batches=40, sample_every=1000, save_every=1000,
+        compile=True, log_every=10,
     )
 
 
