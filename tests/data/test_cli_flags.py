@@ -152,3 +152,21 @@ def test_cli_parquet_output_feeds_kiln_tokenize(tmp_path, capsys) -> None:
     stats = read_manifest(tmp_path / "tokens", "tokens")["stats"]["train"]
     assert stats["docs"] == len(texts)
     assert stats["tokens"] == sum(len(t.encode()) for t in texts) + len(texts)  # bytes + one <|endoftext|> each
+
+
+def test_flags_a_preset_cannot_use_are_errors():
+    import argparse
+
+    import pytest
+
+    from kiln.cli.data import register
+
+    top = argparse.ArgumentParser()
+    register(top.add_subparsers(dest="command"))
+    from kiln.cli import data as cli_data
+
+    for argv, msg in ((["data", "run", "--preset", "books", "--extract", "kiln"], "--extract does not apply"),
+                      (["data", "run", "--preset", "minimal", "--languages", "de"], "--languages does not apply")):
+        args = top.parse_args([*argv, "--input", "x", "--out", "y"])
+        with pytest.raises(ValueError, match=msg):
+            cli_data.build_config(args)

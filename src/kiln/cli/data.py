@@ -71,10 +71,10 @@ def register(subparsers: Any) -> None:
     r.add_argument("--executor", default="local", choices=["local", "ray"], help="where shards run")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: a local instance)")
     r.add_argument("--languages", default=None,
-                   help="comma-separated language codes to keep; ignored by a preset without language ID (default: the preset's; "
+                   help="comma-separated language codes to keep; an error with a preset without language ID (default: the preset's; "
                         + _preset_defaults(lambda c: ",".join(c.langid.languages) if c.langid else "no language ID") + ")")
     r.add_argument("--extract", default=None, choices=EXTRACT_METHODS,
-                   help="HTML extraction method; ignored by a preset without extraction (default: the preset's; "
+                   help="HTML extraction method; an error with a preset without extraction (default: the preset's; "
                         + _preset_defaults(lambda c: c.extract.method if c.extract else "no extraction") + ")")
     r.add_argument("--output-format", default=None, choices=(*OUTPUT_FORMATS, *[a for a, f in _OUTPUT_FORMAT_ALIASES.items() if f in OUTPUT_FORMATS]),
                    help="shard format: jsonl.zst (alias jsonl) or parquet; `kiln tokenize --corpus` reads both "
@@ -128,10 +128,16 @@ def build_config(args: argparse.Namespace):
     changes: dict[str, Any] = {
         "workers": args.workers, "keep_dropped_fraction": args.keep_dropped_fraction, "val_fraction": args.val_fraction,
     }
-    if args.languages is not None and cfg.langid is not None:
+    if args.languages is not None:
+        if cfg.langid is None:
+            raise ValueError(f"preset {args.preset!r} has no language-ID step, so --languages does not apply; "
+                             "use a preset with one (e.g. web_en) or drop the flag")
         langs = tuple(x for x in args.languages.split(",") if x)
         changes["langid"] = replace(cfg.langid, languages=langs)
-    if args.extract and cfg.extract is not None:
+    if args.extract:
+        if cfg.extract is None:
+            raise ValueError(f"preset {args.preset!r} reads text, not HTML, so --extract does not apply; "
+                             "use a web preset (e.g. web_en) or drop the flag")
         changes["extract"] = replace(cfg.extract, method=args.extract)
     if args.output_format is not None:
         changes["output_format"] = _OUTPUT_FORMAT_ALIASES.get(args.output_format, args.output_format)
