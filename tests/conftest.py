@@ -28,3 +28,15 @@ def shared_data() -> Path:
     if d is None:
         pytest.skip("../shared/data is absent (set KILN_SHARED_DATA to run tests on the real datasets)")
     return d
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op torch thread per test: the tensors here are tiny, CI runs two pytest workers on two
+    cores, and a second spinning thread per worker makes small matmuls 10-50x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

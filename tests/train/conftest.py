@@ -50,15 +50,3 @@ def tokens_dir(tmp_path: Path) -> Path:
 def make_config():
     """The ``small_config`` factory."""
     return small_config
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine a second spinning
-    thread makes each small matmul ~50x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -23,7 +23,7 @@ def _pair(fused_b: bool):
     torch.manual_seed(0)
     ps = [torch.randn(s, requires_grad=True) for s in [(37, 19), (3000,), (3,)]]
     qs = [p.detach().clone().requires_grad_() for p in ps]
-    groups = lambda xs: [{"params": xs[:2], "weight_decay": 0.1}, {"params": xs[2:], "weight_decay": 0.0}]  # noqa: E731
+    groups = lambda xs: [{"params": xs[:2], "weight_decay": 0.1}, {"params": xs[2:], "weight_decay": 0.0}]
     return ps, qs, AdamW(groups(ps), lr=1e-2, betas=(0.9, 0.95)), AdamW(groups(qs), lr=1e-2, betas=(0.9, 0.95), fused=fused_b)
 
 

@@ -101,7 +101,9 @@ class PlainLlama(nn.Module):
                 std = 0.02 / math.sqrt(2 * c.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else 0.02
                 nn.init.normal_(p, 0.0, std)
         if liger:
-            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+            from liger_kernel.transformers.fused_linear_cross_entropy import (
+                LigerFusedLinearCrossEntropyLoss,
+            )
 
             self.flce = LigerFusedLinearCrossEntropyLoss()
 

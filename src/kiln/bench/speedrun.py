@@ -99,6 +99,9 @@ def run_torch(cfg, tokens_dir: Path, seconds: float, seed: int, device, val, tok
             if step == 1:
                 first = time.perf_counter() - t0
             elapsed = time.perf_counter() - t0 - first
+            if step % 100 == 0:  # progress, as kiln train's log lines give on the other side
+                print(f"torch step {step} | loss {loss.item():.3f} | lr {lr:.1e} | {elapsed:.0f}/{seconds:g} s",
+                      flush=True)
     model.eval()
     r = evaluate_heldout(model, val, token_bytes, cfg.model.context_length, mb, max_batches=eval_batches,
                          device=device, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
@@ -148,6 +151,12 @@ def run(args: argparse.Namespace) -> int:
     from kiln.tokenizer import Tokenizer
     from kiln.train import PRESETS, apply_overrides
 
+    sides = args.sides.split(",")
+    unknown = [s for s in sides if s not in ("kiln", "torch")]
+    if unknown or args.repeats < 1 or args.seconds <= 0:
+        print(f"--sides takes kiln and/or torch (got {unknown or sides}), --repeats >= 1, --seconds > 0",
+              file=sys.stderr)
+        return 2
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = apply_overrides(PRESETS[args.preset](), args.overrides)
     tokens_dir = Path(args.tokens)
@@ -158,15 +167,13 @@ def run(args: argparse.Namespace) -> int:
     rows: list[SpeedrunRow] = []
     for i in range(args.repeats):
         seed = cfg.seed + i
-        for side in args.sides.split(","):
+        for side in sides:
+            print(f"{side} seed {seed}: training for {args.seconds:g} s...", flush=True)
             if side == "kiln":
                 row = run_kiln(cfg, tokens_dir, args.tokenizer, args.seconds, seed, device, val, token_bytes,
                                args.eval_batches, out)
-            elif side == "torch":
-                row = run_torch(cfg, tokens_dir, args.seconds, seed, device, val, token_bytes, args.eval_batches)
             else:
-                print(f"unknown side {side!r}; use kiln,torch", file=sys.stderr)
-                return 2
+                row = run_torch(cfg, tokens_dir, args.seconds, seed, device, val, token_bytes, args.eval_batches)
             rows.append(row)
             print(f"{side} seed {seed}: val loss {row.val_loss:.4f} after {row.steps} steps", flush=True)
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -38,10 +38,10 @@ VARIANTS = ("torch", "torch+liger", "kiln", "kiln+triton")
 def shapes() -> dict:
     """Named model shapes (Llama layout, tied embeddings): GPT-2-small, ~350M, and a CPU smoke size."""
     from kiln.model import ModelConfig
+    from kiln.train.config import gpt2_small
 
     return {
-        "gpt2_small": ModelConfig(vocab_size=50304, context_length=1024, d_model=768, n_layers=12, n_heads=12,
-                                  d_ff=2048, tie_embeddings=True),
+        "gpt2_small": gpt2_small().model,  # the training preset's shape (the runners pick the kernels)
         "350m": ModelConfig(vocab_size=50304, context_length=1024, d_model=1024, n_layers=24, n_heads=16,
                             d_ff=2752, tie_embeddings=True),
         "tiny": ModelConfig(vocab_size=512, context_length=64, d_model=64, n_layers=2, n_heads=4,
@@ -189,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     table = shapes()
+    if args.steps < 1 or args.warmup < 0:
+        print(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})", file=sys.stderr)
+        return 2
     rows = []
     for name in args.shapes.split(","):
         if name not in table:
@@ -200,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"unknown variant {variant!r}; use one of {VARIANTS}", file=sys.stderr)
                 return 2
             compile_ = device.type == "cuda" if args.compile == "auto" else args.compile == "on"
+            print(f"{name} {variant}: building{' and compiling' if compile_ else ''}, "
+                  f"{args.warmup} warm-up + {args.steps} timed steps...", flush=True)
             row = bench_variant(name, table[name], variant, batch, args.steps, args.warmup, device, compile_)
             rows.append(row)
             print(f"{name} {variant}: " + (row.error or f"{row.tok_s:,.0f} tok/s"), flush=True)

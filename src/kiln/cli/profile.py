@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     import torch
 
     from kiln.bench.train import VARIANTS, _kiln_runner, _torch_runner, shapes
@@ -38,20 +40,20 @@ def run(args: argparse.Namespace) -> int:
     from kiln.train.profile import profile_steps
 
     if (args.shape is None) == (args.preset is None):
-        print("give exactly one of --shape or --preset")
+        print("give exactly one of --shape or --preset", file=sys.stderr)
         return 2
     if args.variant not in VARIANTS:
-        print(f"unknown --variant {args.variant!r}; use one of {VARIANTS}")
+        print(f"unknown --variant {args.variant!r}; use one of {VARIANTS}", file=sys.stderr)
         return 2
     if args.shape is not None:
         table = shapes()
         if args.shape not in table:
-            print(f"unknown --shape {args.shape!r}; use one of {sorted(table)}")
+            print(f"unknown --shape {args.shape!r}; use one of {sorted(table)}", file=sys.stderr)
             return 2
         mcfg, batch = table[args.shape], args.batch or 8
     else:
         if args.preset not in PRESETS:
-            print(f"unknown --preset {args.preset!r}; use one of {sorted(PRESETS)}")
+            print(f"unknown --preset {args.preset!r}; use one of {sorted(PRESETS)}", file=sys.stderr)
             return 2
         cfg = apply_overrides(PRESETS[args.preset](), args.overrides)
         mcfg, batch = cfg.model, args.batch or cfg.micro_batch

@@ -104,13 +104,20 @@ def read_warc(path: str | os.PathLike, stats: Stats | None = None, *, max_bytes:
         return
     stats = stats if stats is not None else Stats()
     src = os.fspath(path)
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as e:
-        stats.add_error("warc_broken", f"{src}@0", 0, str(e))
+    fh = _open_counted(path, "warc_broken", stats)
+    if fh is None:
         return
     with fh:
         yield from read_warc_stream(fh, src, stats, max_bytes=max_bytes)
+
+
+def _open_counted(path: str | os.PathLike, reason: str, stats: Stats) -> IO[bytes] | None:
+    """``open(path, "rb")``, or None with a ``reason`` error at offset 0 counted when it cannot be opened."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        stats.add_error(reason, f"{os.fspath(path)}@0", 0, str(e))
+        return None
 
 
 def read_warc_stream(fh: IO[bytes], src: str, stats: Stats, *, max_bytes: int = 50_000_000) -> Iterator[Document]:
@@ -217,10 +224,8 @@ def read_tar(
     ``read_other(stream, member_name, source)`` (the pipeline passes Kiln's JSONL/text/Parquet reader)
     or counted as ``tar_unsupported_member``. A truncated archive ends with a ``tar_broken`` error."""
     src = os.fspath(path)
-    try:
-        raw = open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as e:
-        stats.add_error("tar_broken", f"{src}@0", 0, str(e))
+    raw = _open_counted(path, "tar_broken", stats)
+    if raw is None:
         return
     with raw:
         fh: IO[bytes] = raw

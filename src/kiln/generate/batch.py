@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kiln.generate.engine import prompt_ids, tokenizer_vocab_limit
 from kiln.generate.sampling import check_sampling_args, sample_next
 from kiln.model.attention import causal_mask
 from kiln.model.kv_cache import KVCache
@@ -276,18 +277,8 @@ def generate_texts(
     end-of-text token.
     """
     eot = getattr(tokenizer, "eot_id", None)
-    tok_vocab = getattr(tokenizer, "vocab_size", None)
-    if isinstance(tok_vocab, int) and tok_vocab > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tok_vocab} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size}; use the tokenizer the model was trained with")
-    ids = []
-    for p in prompts:
-        e = list(tokenizer.encode(p))
-        if not e:
-            if eot is None:
-                raise ValueError("an empty prompt needs a tokenizer with an end-of-text token")
-            e = [eot]
-        ids.append(e)
+    tok_vocab = tokenizer_vocab_limit(model, tokenizer)
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     stops = [s for s in stop if s]
     check = None
     if stops:
@@ -301,5 +292,5 @@ def generate_texts(
 
     new = generate_batch(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
                          eot if stop_at_eot else None,
-                         tok_vocab if isinstance(tok_vocab, int) else None, check, batch_size)
+                         tok_vocab, check, batch_size)
     return [cut_at_stop(tokenizer.decode(n), stops) for n in new]

@@ -173,23 +173,38 @@ def stream(
     Each piece holds only complete characters. An empty prompt starts from the end-of-text token.
     Stops after ``max_new_tokens`` tokens or, with ``stop_at_eot``, at the end-of-text token.
     """
+    limit = tokenizer_vocab_limit(model, tokenizer)
     eot = getattr(tokenizer, "eot_id", None)
+    tokens = generate_tokens(
+        model, prompt_ids(tokenizer, prompt), max_new_tokens, temperature, top_k, top_p, seed,
+        eot if stop_at_eot else None, vocab_limit=limit,
+    )
+    return _text_pieces(tokens, TextStreamer(tokenizer))
+
+
+def tokenizer_vocab_limit(model: Transformer, tokenizer: TokenizerLike) -> int | None:
+    """The tokenizer's vocabulary size, the bound sampling keeps to (a model's padded vocabulary has
+    ids no tokenizer can decode); refuses a tokenizer larger than the model's vocabulary."""
     tok_vocab = getattr(tokenizer, "vocab_size", None)
-    if isinstance(tok_vocab, int) and tok_vocab > model.config.vocab_size:
+    if not isinstance(tok_vocab, int):
+        return None
+    if tok_vocab > model.config.vocab_size:
         raise ValueError(
             f"tokenizer has {tok_vocab} tokens but the model's vocab_size is {model.config.vocab_size}; "
             "use the tokenizer the model was trained with"
         )
-    ids = tokenizer.encode(prompt)
+    return tok_vocab
+
+
+def prompt_ids(tokenizer: TokenizerLike, prompt: str) -> list[int]:
+    """``prompt`` encoded; an empty prompt starts from the end-of-text token."""
+    ids = list(tokenizer.encode(prompt))
     if not ids:
+        eot = getattr(tokenizer, "eot_id", None)
         if eot is None:
             raise ValueError("the prompt is empty and the tokenizer has no end-of-text token; give a prompt")
         ids = [eot]
-    tokens = generate_tokens(
-        model, ids, max_new_tokens, temperature, top_k, top_p, seed, eot if stop_at_eot else None,
-        vocab_limit=tok_vocab if isinstance(tok_vocab, int) else None,
-    )
-    return _text_pieces(tokens, TextStreamer(tokenizer))
+    return ids
 
 
 def _text_pieces(tokens: Iterator[int], streamer: TextStreamer) -> Iterator[str]:

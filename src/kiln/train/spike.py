@@ -23,24 +23,23 @@ class SpikeDetector:
         """Return why ``loss`` is bad (``"non-finite"``, ``"spike"``), or None and record it."""
         if not math.isfinite(loss):
             return "non-finite"
-        if len(self.history) >= max(self.min_history, 2):
-            n = len(self.history)
-            mean = sum(self.history) / n
-            std = math.sqrt(sum((v - mean) ** 2 for v in self.history) / (n - 1))
-            if loss > mean + self.zscore * std and loss > self.ratio * mean:
-                return "spike"
+        if loss > self.threshold():
+            return "spike"
         self.history.append(loss)
         return None
+
+    def _mean_std(self) -> tuple[float, float]:
+        n = len(self.history)
+        mean = sum(self.history) / n
+        return mean, math.sqrt(sum((v - mean) ** 2 for v in self.history) / (n - 1))
 
     def threshold(self) -> float:
         """The loss above which the next step is a spike: ``max(mean + zscore * std, ratio * mean)``
         of the window, or ``inf`` while it holds fewer than ``min_history`` losses. The GPU step
         compares against this value (``kiln.train.step``) so the host never reads the loss first."""
-        n = len(self.history)
-        if n < max(self.min_history, 2):
+        if len(self.history) < max(self.min_history, 2):
             return math.inf
-        mean = sum(self.history) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in self.history) / (n - 1))
+        mean, std = self._mean_std()
         return max(mean + self.zscore * std, self.ratio * mean)
 
     def record(self, loss: float, ok: bool, grad_norm: float = 0.0) -> str | None:
@@ -53,11 +52,9 @@ class SpikeDetector:
 
     def describe(self) -> str:
         """Mean and std of the window, for log lines."""
-        n = len(self.history)
-        if n < 2:
-            return f"{n} losses in window"
-        mean = sum(self.history) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in self.history) / (n - 1))
+        if len(self.history) < 2:
+            return f"{len(self.history)} losses in window"
+        mean, std = self._mean_std()
         return f"window mean {mean:.3f} std {std:.3f}"
 
     def state_dict(self) -> dict:

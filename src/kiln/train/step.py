@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,12 +40,9 @@ class StepResult:
     step: int
     """The step index (0-based: the update that makes the model step + 1)."""
     lr: float
-    loss: torch.Tensor  # 0-dim fp32, mean over micro-batches (and ranks)
-    grad_norm: torch.Tensor  # 0-dim fp32, before clipping
-    ok: torch.Tensor  # 0-dim bool: the update was applied
-    host: torch.Tensor  # (3,) fp32 [loss, grad_norm, ok] in (pinned) host memory
+    loss: torch.Tensor  # 0-dim fp32 on the device, mean over micro-batches (and ranks)
+    host: torch.Tensor  # (3,) fp32 [loss, grad_norm before clipping, ok (update applied)] in (pinned) host memory
     event: Any  # torch.cuda.Event recorded after the copy, or None on the CPU
-    queued_at: float  # time.perf_counter() when the step's launches were done
 
     def read(self) -> tuple[float, float, bool]:
         """Wait for this step's copy (already done in steady state) and return (loss, grad_norm, ok)."""
@@ -137,4 +133,4 @@ class TrainStep:
             event.record()
         else:
             host.copy_(vals)
-        return StepResult(step, lr, loss_t, norm, ok, host, event, time.perf_counter())
+        return StepResult(step, lr, loss_t, host, event)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import shutil
@@ -45,7 +44,6 @@ from kiln.artifacts import (
 from kiln.train.checkpoint import restore_checkpoint, save_checkpoint
 from kiln.train.config import TrainConfig
 from kiln.train.data import TokenSampler
-from kiln.train.loss import cross_entropy
 from kiln.train.metrics import (
     RunLog,
     format_duration,
@@ -156,15 +154,14 @@ def train(
         train_step = TrainStep(loss_fn, model, model_step, optimizer, clip, cfg.grad_clip, dist, amp, device, fault_hook)
         train_step.set_threshold(spikes.threshold())
         pending: StepResult | None = None
-        last_read = [time.perf_counter()]  # when the last result was read (reset after evals and saves)
-        first_step_s = [0.0]  # the first step's seconds (compilation), left out of the time budget
+        last_read = time.perf_counter()  # when the last result was read (reset after evals and saves)
 
         def _settle(r: StepResult) -> int | None:
             """Read step r's results, log them, count a skip; returns the restored step after a rollback."""
-            nonlocal dt_ema, max_steps
+            nonlocal dt_ema, last_read
             loss_value, grad_norm, ok = r.read()
             now = time.perf_counter()
-            dt, last_read[0] = now - last_read[0], now
+            dt, last_read = now - last_read, now
             verdict = spikes.record(loss_value, ok, grad_norm)
             train_step.set_threshold(spikes.threshold())
             if verdict is not None:
@@ -180,13 +177,13 @@ def train(
                     back = _rollback(ckpts, skipped[0], cfg, model, optimizer, sampler, spikes, state, runlog, dist)
                     skipped.clear()
                     train_step.set_threshold(spikes.threshold())
-                    last_read[0] = time.perf_counter()
+                    last_read = time.perf_counter()
                     return back
             dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
             tok_s = cfg.tokens_per_step / dt
             state.seconds += dt
             if r.step == start:  # this process's first step carries the compilation: off the time budget
-                first_step_s[0] = state.first_step_seconds = dt
+                state.first_step_seconds = dt
             if verdict is None:
                 state.train_losses.append(loss_value)
             state.tokens_seen = (r.step + 1) * cfg.tokens_per_step
@@ -230,9 +227,9 @@ def train(
             if last:
                 break
             if looking:
-                last_read[0] = time.perf_counter()  # step times exclude evaluation, sampling and saving
+                last_read = time.perf_counter()  # step times exclude evaluation, sampling and saving
             # -- queue one guarded step (no host sync), then read the previous one's results --
-            lr = _lr_at(cfg, step + 1, max_steps, state.seconds - first_step_s[0])  # step + 1: the first update already moves
+            lr = _lr_at(cfg, step + 1, max_steps, state.budget_seconds)  # step + 1: the first update already moves
             result = train_step(step, lr, lambda: sampler.next_batch(mb, device), accum)
             prev, pending = pending, result
             if prev is not None:
@@ -241,7 +238,7 @@ def train(
                     pending, step = None, new_step
                     continue
             step += 1
-            if cfg.max_seconds and state.seconds - first_step_s[0] >= cfg.max_seconds and step < max_steps:
+            if cfg.max_seconds and state.budget_seconds >= cfg.max_seconds and step < max_steps:
                 _settle_pending()
                 runlog.info(f"time budget of {cfg.max_seconds:g} s of training steps reached at step {step}: finishing")
                 max_steps = step
@@ -353,6 +350,11 @@ class _RunState:
     tokens_seen: int = 0
     seconds: float = 0.0
     first_step_seconds: float = 0.0  # this process's first step (compilation), not checkpointed
+
+    @property
+    def budget_seconds(self) -> float:
+        """Seconds that count against ``max_seconds``: training steps without this process's first."""
+        return self.seconds - self.first_step_seconds
     val: dict | None = None
     train_losses: deque = field(default_factory=lambda: deque(maxlen=20))
 
