@@ -29,6 +29,30 @@ def test_bench_speedrun_tiny_cpu(tokens_dir, tmp_path):
     assert all(r["steps"] >= 1 and 0 < r["val_loss"] < 6 for r in rows)
 
 
+def test_bench_speedrun_pauses_and_resumes_over_calls(tokens_dir, tmp_path, capsys):
+    """A time limit shorter than the benchmark: each call pauses the run in progress (exit 75) and
+    the same command continues it; finished rows are reused; the clock adds up across calls."""
+    shape = ["--set", "model.vocab_size=64", "--set", "model.context_length=16", "--set", "model.d_model=32",
+             "--set", "model.n_layers=1", "--set", "model.n_heads=2", "--set", "batch_size=4", "--set", "warmup_steps=2"]
+    cmd = ["bench", "speedrun", "--tokens", str(tokens_dir), "--preset", "tiny", *shape, "--seconds", "0.6",
+           "--eval-batches", "2", "--device", "cpu", "--sides", "kiln,torch", "--out", str(tmp_path / "sr"),
+           "--time-limit", "0.4"]
+    codes = []
+    for _ in range(40):
+        codes.append(main(cmd))
+        if codes[-1] == 0:
+            break
+    out = capsys.readouterr().out
+    assert codes[-1] == 0 and set(codes[:-1]) == {75} and len(codes) >= 3, codes
+    assert "torch seed 1337: paused at step" in out and "torch seed 1337: resumed at step" in out
+    assert "paused at step" in (tmp_path / "sr" / "kiln_seed1337" / "train.log").read_text()
+    assert "kiln seed 1337: finished earlier" in out  # reused while the torch side went on
+    rows = json.loads((tmp_path / "sr" / "bench_speedrun.json").read_text())
+    assert [r["side"] for r in rows] == ["kiln", "torch"]
+    assert all(0.6 <= r["seconds"] < 5 and r["steps"] >= 2 and 0 < r["val_loss"] < 6 for r in rows)
+    assert main([*cmd[:-2]]) == 0  # everything finished: a call without a limit only reuses
+
+
 def test_profile_tiny_cpu(tmp_path):
     rc = main(["profile", "--shape", "tiny", "--steps", "1", "--warmup", "1", "--batch", "2", "--device", "cpu",
                "--out", str(tmp_path / "prof")])

@@ -12,6 +12,13 @@ training steps (the first step, which compiles, and evaluation excluded), then s
 
 ``--repeats`` runs each side several times with different seeds; the spread of the repeats is the
 run-to-run noise the comparison has to beat.
+
+``--time-limit`` fits the benchmark into time slots shorter than itself (a 10-minute run per side
+does not fit a 10-minute job): when this process reaches the limit, the run in progress writes
+a checkpoint (Kiln: the trainer's own; the baseline: model, optimizer, data position, clock) and
+the command exits with status 75. The same command then resumes it; finished runs are reused
+(``OUT/<side>_seed<seed>/row.json``), so the table fills over several calls. The training clock
+of a resumed run excludes each process's first (compiling) step.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import contextlib
 import datetime as dt
 import json
 import math
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -56,8 +65,11 @@ def _val_tokens(tokens_dir: Path, n: int):
     return np.concatenate(parts)
 
 
-def run_torch(cfg, tokens_dir: Path, seconds: float, seed: int, device, val, token_bytes, eval_batches: int) -> SpeedrunRow:
-    """The plain baseline for ``seconds`` of training steps, then the held-out score."""
+def run_torch(cfg, tokens_dir: Path, seconds: float, seed: int, device, val, token_bytes, eval_batches: int,
+              run_dir: Path | None = None, stop=None) -> SpeedrunRow | None:
+    """The plain baseline for ``seconds`` of training steps, then the held-out score. With ``stop``
+    (a ``StopRequest``) and ``run_dir``, a pause saves ``run_dir/state.pt`` and returns None; the
+    next call resumes from it."""
     import torch
 
     from kiln.bench.baseline import build_plain
@@ -75,9 +87,21 @@ def run_torch(cfg, tokens_dir: Path, seconds: float, seed: int, device, val, tok
     mb = cfg.micro_batch
     accum = cfg.batch_size // mb
     min_lr = 0.1 * cfg.lr
-    step, t0, elapsed = 0, time.perf_counter(), 0.0
+    state_path = run_dir / "state.pt" if run_dir is not None else None
+    step, before = 0, 0.0  # steps and training seconds of earlier processes (a resumed run)
+    if state_path is not None and state_path.is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)  # our own file; no pickled code
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sampler.load_state_dict(st["sampler"])
+        step, before = int(st["step"]), float(st["seconds"])
+        torch.set_rng_state(st["rng"])
+        if device.type == "cuda" and "cuda_rng" in st:
+            torch.cuda.set_rng_state(st["cuda_rng"], device)
+        print(f"torch seed {seed}: resumed at step {step} ({before:.0f}/{seconds:g} s)", flush=True)
+    t0, elapsed = time.perf_counter(), before
     every = 10 if device.type == "cuda" else 1
-    first = 0.0  # the first step (compilation) is off the clock, as in kiln.train (max_seconds)
+    first, start = 0.0, step  # each process's first step (compilation) is off the clock, as in kiln.train
     while elapsed < seconds:
         frac = min(elapsed / seconds, 1.0)
         lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
@@ -94,14 +118,25 @@ def run_torch(cfg, tokens_dir: Path, seconds: float, seed: int, device, val, tok
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if step % every == 0 or step < 3:
+        if step % every == 0 or step < start + 3:
             loss.item()  # the clock must see the GPU: sync every 10 steps (the host runs ahead otherwise)
-            if step == 1:
+            if step == start + 1:
                 first = time.perf_counter() - t0
-            elapsed = time.perf_counter() - t0 - first
+            elapsed = before + time.perf_counter() - t0 - first
             if step % 100 == 0:  # progress, as kiln train's log lines give on the other side
                 print(f"torch step {step} | loss {loss.item():.3f} | lr {lr:.1e} | {elapsed:.0f}/{seconds:g} s",
                       flush=True)
+            why = stop.reason() if stop is not None and state_path is not None and elapsed < seconds else None
+            if why:
+                st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "sampler": sampler.state_dict(),
+                      "step": step, "seconds": elapsed, "rng": torch.get_rng_state()}
+                if device.type == "cuda":
+                    st["cuda_rng"] = torch.cuda.get_rng_state(device)
+                tmp = state_path.with_suffix(".tmp")
+                torch.save(st, tmp)
+                os.replace(tmp, state_path)  # atomic: a kill mid-save leaves the previous state
+                print(f"torch seed {seed}: paused at step {step} ({why}), {elapsed:.0f}/{seconds:g} s done", flush=True)
+                return None
     model.eval()
     r = evaluate_heldout(model, val, token_bytes, cfg.model.context_length, mb, max_batches=eval_batches,
                          device=device, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
@@ -109,8 +144,9 @@ def run_torch(cfg, tokens_dir: Path, seconds: float, seed: int, device, val, tok
 
 
 def run_kiln(cfg, tokens_dir: Path, tokenizer: str | None, seconds: float, seed: int, device, val, token_bytes,
-             eval_batches: int, out: Path) -> SpeedrunRow:
-    """Kiln's trainer with ``max_seconds=seconds``, then the same held-out score."""
+             eval_batches: int, out: Path, stop=None) -> SpeedrunRow | None:
+    """Kiln's trainer with ``max_seconds=seconds``, then the same held-out score; None when ``stop``
+    paused it (its checkpoint is in ``out/kiln_seed<seed>``, resumed by the next call)."""
     import torch
 
     from kiln.eval.heldout import evaluate_heldout
@@ -120,7 +156,9 @@ def run_kiln(cfg, tokens_dir: Path, tokenizer: str | None, seconds: float, seed:
     torch._dynamo.reset()
     run_cfg = replace(cfg, max_seconds=seconds, seed=seed, eval_every=0, sample_every=0, save_every=0,
                       device=str(device))
-    run_dir = train(run_cfg, tokens_dir, out / f"kiln_seed{seed}", tokenizer_path=tokenizer, resume=False)
+    run_dir = train(run_cfg, tokens_dir, out / f"kiln_seed{seed}", tokenizer_path=tokenizer, resume=True, stop=stop)
+    if stop is not None and stop.paused:
+        return None
     manifest = json.loads((run_dir / "manifest.json").read_text())
     model = load_pretrained(run_dir / "model", device=device)
     model.eval()
@@ -128,7 +166,8 @@ def run_kiln(cfg, tokens_dir: Path, tokenizer: str | None, seconds: float, seed:
                          device=device, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     stats = manifest["stats"]
     steps = stats["steps"]
-    return SpeedrunRow("kiln", seed, round(stats["seconds"] - stats.get("first_step_seconds", 0.0), 1), steps, stats["tokens_seen"], r["loss"], r["bpb"])
+    train_s = stats.get("train_seconds", stats["seconds"] - stats.get("first_step_seconds", 0.0))
+    return SpeedrunRow("kiln", seed, round(train_s, 1), steps, stats["tokens_seen"], r["loss"], r["bpb"])
 
 
 def format_table(rows: list[SpeedrunRow]) -> str:
@@ -145,17 +184,42 @@ def format_table(rows: list[SpeedrunRow]) -> str:
     return "\n".join(out + [""] + summary)
 
 
+def _prepare_run_dir(run_dir: Path, key: dict) -> SpeedrunRow | None:
+    """A finished row with this key (reused), else None; a folder left by other settings is cleared."""
+    try:
+        saved = json.loads((run_dir / "row.json").read_text())
+        if saved.get("key") == key:
+            return SpeedrunRow(**saved["row"])
+    except (OSError, ValueError, TypeError):
+        pass
+    try:
+        if json.loads((run_dir / "key.json").read_text()) == key:
+            return None  # a paused run of these settings: resume it
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    (run_dir / "key.json").write_text(json.dumps(key))
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from kiln.tokenizer import Tokenizer
     from kiln.train import PRESETS, apply_overrides
+    from kiln.train.stop import PAUSED_EXIT_CODE, StopRequest, parse_duration
 
     sides = args.sides.split(",")
     unknown = [s for s in sides if s not in ("kiln", "torch")]
     if unknown or args.repeats < 1 or args.seconds <= 0:
         print(f"--sides takes kiln and/or torch (got {unknown or sides}), --repeats >= 1, --seconds > 0",
               file=sys.stderr)
+        return 2
+    try:
+        stop = StopRequest(parse_duration(args.time_limit) if args.time_limit else None)
+    except ValueError as e:
+        print(f"--time-limit: {e}", file=sys.stderr)
         return 2
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = apply_overrides(PRESETS[args.preset](), args.overrides)
@@ -165,25 +229,55 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[SpeedrunRow] = []
-    for i in range(args.repeats):
-        seed = cfg.seed + i
-        for side in sides:
-            print(f"{side} seed {seed}: training for {args.seconds:g} s...", flush=True)
-            if side == "kiln":
-                row = run_kiln(cfg, tokens_dir, args.tokenizer, args.seconds, seed, device, val, token_bytes,
-                               args.eval_batches, out)
-            else:
-                row = run_torch(cfg, tokens_dir, args.seconds, seed, device, val, token_bytes, args.eval_batches)
-            rows.append(row)
-            print(f"{side} seed {seed}: val loss {row.val_loss:.4f} after {row.steps} steps", flush=True)
+    paused = False
+    with stop.signals_handled():
+        for i in range(args.repeats):
+            seed = cfg.seed + i
+            for side in sides:
+                run_dir = out / f"{side}_seed{seed}"
+                key = {"side": side, "seed": seed, "preset": args.preset, "overrides": list(args.overrides),
+                       "seconds": args.seconds, "eval_batches": args.eval_batches}
+                row = _prepare_run_dir(run_dir, key)
+                if row is not None:
+                    print(f"{side} seed {seed}: finished earlier (val loss {row.val_loss:.4f}): reused", flush=True)
+                    rows.append(row)
+                    continue
+                if stop.reason():
+                    paused = True
+                    break
+                print(f"{side} seed {seed}: training for {args.seconds:g} s...", flush=True)
+                if side == "kiln":
+                    row = run_kiln(cfg, tokens_dir, args.tokenizer, args.seconds, seed, device, val, token_bytes,
+                                   args.eval_batches, out, stop=stop)
+                else:
+                    row = run_torch(cfg, tokens_dir, args.seconds, seed, device, val, token_bytes, args.eval_batches,
+                                    run_dir=run_dir, stop=stop)
+                if row is None:
+                    paused = True
+                    break
+                _write_atomic(run_dir / "row.json", json.dumps({"key": key, "row": asdict(row)}))
+                rows.append(row)
+                print(f"{side} seed {seed}: val loss {row.val_loss:.4f} after {row.steps} steps", flush=True)
+            if paused:
+                break
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     text = (f"# kiln bench speedrun ({dt.date.today()}, {hw}, torch {torch.__version__})\n\n"
             f"preset {args.preset} {' '.join(args.overrides)}; {args.seconds:g} s of training steps per run; "
             f"val: {val.size - 1} held-out tokens\n\n" + format_table(rows))
     print(text)
-    (out / "bench_speedrun.md").write_text(text + "\n")
-    (out / "bench_speedrun.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    if paused:
+        print(f"\npaused ({stop.reason()}): {len(rows)} of {args.repeats * len(sides)} runs finished; "
+              "run the same command again to continue", flush=True)
+        return PAUSED_EXIT_CODE
+    _write_atomic(out / "bench_speedrun.md", text + "\n")
+    _write_atomic(out / "bench_speedrun.json", json.dumps([asdict(r) for r in rows], indent=1))
     return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
@@ -203,6 +297,9 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per side (seeds seed, seed+1, ...)")
     p.add_argument("--eval-batches", type=int, default=32, help="held-out batches (micro-batch x context each)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--time-limit", default=None, metavar="DURATION",
+                   help="pause after this much wall time of this process (540, 9m): the run in progress "
+                   "checkpoints, the command exits with status 75, and the same command continues it")
     p.add_argument("--out", required=True, help="directory for run folders and bench_speedrun.md/json")
     p.set_defaults(func=run)
 

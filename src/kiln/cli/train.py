@@ -77,6 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "keys are listed below")
     p.add_argument("--no-resume", action="store_true",
                    help="start from step 0, deleting OUT's previous checkpoints and metrics")
+    p.add_argument("--time-limit", default=None, metavar="DURATION",
+                   help="pause after this much wall time of this process (540, 9m, 3h50m): write a checkpoint "
+                   "at the next step and exit with status 75; the same command resumes. SIGTERM and SIGUSR1 "
+                   "pause the same way (leave room for one checkpoint save)")
     d = p.add_argument_group("many processes (under torchrun; see docs/distributed.md)")
     d.add_argument("--dist-strategy", choices=("ddp", "torch_ddp", "fsdp"), default="ddp",
                    help="ddp: Kiln's bucketed, overlapped all-reduce; torch_ddp: PyTorch DDP; "
@@ -94,11 +98,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    from kiln.train.stop import PAUSED_EXIT_CODE, StopRequest, parse_duration
+
     cfg = apply_overrides(PRESETS[args.preset](), args.overrides)
-    kw = {"tokenizer_path": args.tokenizer, "resume": not args.no_resume, "max_steps_override": args.max_steps}
+    stop = StopRequest(parse_duration(args.time_limit) if args.time_limit else None)
+    kw = {"tokenizer_path": args.tokenizer, "resume": not args.no_resume, "max_steps_override": args.max_steps,
+          "stop": stop}
     env = _dist_env(cfg.device)
     if not env.is_distributed:
-        out = train(cfg, args.tokens, args.out, **kw)
+        with stop.signals_handled():
+            out = train(cfg, args.tokens, args.out, **kw)
+        if stop.paused:
+            print(f"kiln train: paused at step {stop.paused_at} ({stop.reason()}); checkpoint in {out}/checkpoints. "
+                  "Run the same command again to resume.")
+            return PAUSED_EXIT_CODE
         print(f"kiln train: wrote {out}")
         return 0
     from kiln.artifacts import code_version, config_to_dict
@@ -109,10 +122,15 @@ def run(args: argparse.Namespace) -> int:
     rt = Runtime.start(dcfg, env=env, config=config_to_dict(cfg), code=code_version())
     try:
         setup_rank_logging(env)
-        out = train(cfg, args.tokens, args.out, dist=rt, **kw)
+        with stop.signals_handled():
+            out = train(cfg, args.tokens, args.out, dist=rt, **kw)
         rt.barrier()
     finally:
         rt.close()
+    if stop.paused:
+        if env.is_main:
+            print(f"kiln train: paused at step {stop.paused_at}; run the same command again to resume.")
+        return PAUSED_EXIT_CODE
     if env.is_main:
         print(f"kiln train: wrote {out} ({env.world_size} ranks, {dcfg.strategy}{' + zero1' if dcfg.zero1 else ''})")
     return 0

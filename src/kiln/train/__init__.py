@@ -5,6 +5,7 @@
 - ``checkpoint``: ``save_checkpoint``, ``load_checkpoint``, ``restore_checkpoint``;
 - ``config``: ``TrainConfig``, presets ``tiny``/``gpt2_small`` in ``PRESETS``, ``apply_overrides``;
 - ``spike``: ``SpikeDetector``;  ``metrics``: log lines, ``metrics.jsonl``, TensorBoard, MFU, plots;
+- ``stop``: ``StopRequest`` (pause at a time limit or on SIGTERM, resume exactly);
 - ``trainer``: ``train``, the loop. See docs/train.md.
 """
 
@@ -21,6 +22,7 @@ from kiln.train.loss import cross_entropy
 from kiln.train.optim import AdamW, clip_grad_norm_, param_groups
 from kiln.train.schedule import cosine_lr, wsd_lr
 from kiln.train.spike import SpikeDetector
+from kiln.train.stop import StopRequest
 from kiln.train.trainer import SingleProcess, train
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "SingleProcess",
     "SpikeDetector",
+    "StopRequest",
     "TokenSampler",
     "TrainConfig",
     "apply_overrides",

@@ -57,6 +57,7 @@ from kiln.train.optim import AdamW, clip_grad_norm_, param_groups
 from kiln.train.schedule import cosine_lr, wsd_lr
 from kiln.train.spike import SpikeDetector
 from kiln.train.step import StepResult, TrainStep, make_loss_fn
+from kiln.train.stop import StopRequest
 
 FaultHook = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -88,6 +89,7 @@ def train(
     max_steps_override: int | None = None,
     dist: Any = None,
     fault_hook: FaultHook | None = None,
+    stop: StopRequest | None = None,
 ) -> Path:
     """Pretrain ``cfg.model`` on the ``train_*.bin`` shards of ``tokens_dir``; return ``out_dir``.
 
@@ -96,7 +98,9 @@ def train(
     warm-up). ``tokenizer_path`` (default: found through the tokens manifest) enables
     bits per byte and text samples. ``fault_hook(step, loss) -> loss`` may alter each micro-batch
     loss before backward (fault injection for tests). A finished run with the same config and
-    inputs is reused, not retrained.
+    inputs is reused, not retrained. ``stop`` (``kiln.train.stop.StopRequest``: a time limit for this
+    process, or SIGTERM) pauses the run at a step boundary: a checkpoint is written, no manifest,
+    ``stop.paused_at`` is set, and the same call resumes it.
     """
     dist = dist or SingleProcess()
     out, tokens_dir = Path(out_dir), Path(tokens_dir)
@@ -182,8 +186,9 @@ def train(
             dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
             tok_s = cfg.tokens_per_step / dt
             state.seconds += dt
-            if r.step == start:  # this process's first step carries the compilation: off the time budget
-                state.first_step_seconds = dt
+            if not state.first_step_timed:  # this process's first step carries the compilation: off the budget
+                state.first_step_timed, state.first_step_seconds = True, dt
+                state.excluded_seconds += dt
             if verdict is None:
                 state.train_losses.append(loss_value)
             state.tokens_seen = (r.step + 1) * cfg.tokens_per_step
@@ -243,6 +248,17 @@ def train(
                 runlog.info(f"time budget of {cfg.max_seconds:g} s of training steps reached at step {step}: finishing")
                 max_steps = step
                 continue
+            why = _stop_reason(stop, step, dist) if stop is not None and step < max_steps else None
+            if why:
+                _settle_pending()  # a rollback here moves step back; the checkpoint is then that step's
+                _save(ckpts, step, cfg, model, optimizer, sampler, spikes, state, runlog, dist)
+                dist.barrier()
+                stop.paused_at = step
+                runlog.info(f"paused at step {step}/{max_steps} ({why}): checkpoint written; "
+                            "run the same command again to resume from it")
+                break
+        if stop is not None and stop.paused:
+            return out
         _settle_pending()
         final = _exportable(model, cfg, dist)  # under FSDP a collective: every rank takes part
         if dist.is_main:
@@ -251,6 +267,19 @@ def train(
     finally:
         runlog.close()
     return out
+
+
+def _stop_reason(stop: StopRequest, step: int, dist: Any) -> str | None:
+    """This process's reason to pause; with several ranks, every rank's, agreed every 10 steps
+    (one tiny all-reduce) so all of them save the same step."""
+    why = stop.reason()
+    if dist.world_size == 1:
+        return why
+    if step % 10:
+        return None
+    dev = torch.device(dist.device) if getattr(dist, "device", None) is not None else torch.device("cpu")
+    flag = dist.all_reduce_mean(torch.tensor([1.0 if why else 0.0], device=dev))
+    return (why or "another rank asked to stop") if float(flag) > 0 else None
 
 
 def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module, dist: Any, device: torch.device) -> Any:
@@ -348,13 +377,15 @@ class _RunState:
     skips: int = 0
     rollbacks: int = 0
     tokens_seen: int = 0
-    seconds: float = 0.0
-    first_step_seconds: float = 0.0  # this process's first step (compilation), not checkpointed
+    seconds: float = 0.0  # every step's time, all processes of the run
+    excluded_seconds: float = 0.0  # the first (compiling) step of every process so far
+    first_step_seconds: float = 0.0  # this process's first step; not checkpointed
+    first_step_timed: bool = False  # not checkpointed: a resumed process compiles again
 
     @property
     def budget_seconds(self) -> float:
-        """Seconds that count against ``max_seconds``: training steps without this process's first."""
-        return self.seconds - self.first_step_seconds
+        """Seconds that count against ``max_seconds``: training steps, each process's first excluded."""
+        return self.seconds - self.excluded_seconds
     val: dict | None = None
     train_losses: deque = field(default_factory=lambda: deque(maxlen=20))
 
@@ -522,7 +553,7 @@ def _save(ckpts: Path, step: int, cfg: TrainConfig, model, optimizer, sampler, s
         "config": config_to_dict(cfg), "sampler": sampler.state_dict(), "spikes": spikes.state_dict(),
         "rng": _rng_state(next(model.parameters()).device),
         "counters": {"skips": state.skips, "rollbacks": state.rollbacks, "tokens_seen": state.tokens_seen,
-                     "seconds": state.seconds, "val": state.val, "train_losses": list(state.train_losses)},
+                     "seconds": state.seconds, "excluded_seconds": state.excluded_seconds, "val": state.val, "train_losses": list(state.train_losses)},
     }
     if sharded:
         # Before the first update the optimizer has no state; asking DCP for it would create some
@@ -569,6 +600,7 @@ def _restore(path: Path, cfg: TrainConfig, model, optimizer, sampler, spikes, st
     c = extra["counters"]
     state.skips, state.rollbacks, state.tokens_seen = c["skips"], c["rollbacks"], c["tokens_seen"]
     state.seconds, state.val = c["seconds"], c["val"]
+    state.excluded_seconds = c.get("excluded_seconds", 0.0)  # absent in checkpoints before it existed
     state.train_losses.clear()
     state.train_losses.extend(c["train_losses"])
     return step
@@ -700,6 +732,7 @@ def _finish(out: Path, cfg: TrainConfig, model, tokenizer_path, inputs: dict, st
         "val_bpb": state.val["bpb"] if state.val else None,
         "tokens_seen": state.tokens_seen,
         "seconds": round(state.seconds, 3),
+        "train_seconds": round(state.budget_seconds, 3),  # without any process's first (compiling) step
         "first_step_seconds": round(state.first_step_seconds, 3),
         "params": model.num_params(),
         "skipped_steps": state.skips,
