@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kiln.generate.engine import prompt_ids, tokenizer_vocab_limit
+from kiln.generate.engine import prompt_ids, tokenizer_vocab_limit, window_keep
 from kiln.generate.sampling import check_sampling_args, sample_next
 from kiln.model.attention import causal_mask
 from kiln.model.kv_cache import KVCache
@@ -146,7 +146,7 @@ def _decode_chunk(
 ) -> list[list[int]]:
     """Decode one batch of prompts together; returns each row's new tokens (end-of-text excluded)."""
     ctx = model.config.context_length
-    keep = max(1, ctx - ctx // 4)  # tokens kept when the window slides
+    keep = window_keep(ctx)  # the same sliding window as one-at-a-time decoding
     ids = [list(p[-ctx:]) for p in prompts]
     new: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))  # prompt index of each cache row

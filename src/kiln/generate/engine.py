@@ -122,6 +122,12 @@ def generate_tokens(
     )
 
 
+def window_keep(context_length: int) -> int:
+    """Tokens kept when a full context slides: the most recent 3/4, re-encoded from position 0
+    (one re-encode per ``context_length // 4`` new tokens instead of one per token)."""
+    return max(1, context_length - context_length // 4)
+
+
 def _decode_loop(
     model: Transformer,
     ids: list[int],
@@ -135,7 +141,7 @@ def _decode_loop(
 ) -> Iterator[int]:
     """Prefill ``ids`` into a fresh KV cache, then sample and feed one token at a time."""
     ctx = model.config.context_length
-    keep = max(1, ctx - ctx // 4)  # tokens kept when the window slides
+    keep = window_keep(ctx)
     cache = KVCache.for_model(model, batch_size=1)
     was_training = model.training
     model.eval()
