@@ -196,7 +196,10 @@ def train(
             if cfg.log_every and ((r.step + 1) % cfg.log_every == 0 or r.step + 1 == max_steps or r.step == start):
                 line = f"step {r.step + 1}/{max_steps} | loss {loss_value:.3f} | lr {r.lr:.1e} | {format_rate(tok_s)} tok/s"
                 line += f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
-                runlog.info(line + f" | eta {format_duration(dt_ema * (max_steps - r.step - 1))}")
+                eta = dt_ema * (max_steps - r.step - 1)
+                if cfg.max_seconds:  # a time budget ends the run first, whatever max_steps says
+                    eta = min(eta, max(cfg.max_seconds - state.budget_seconds, 0.0))
+                runlog.info(line + f" | eta {format_duration(eta)}")
             runlog.metrics({"step": r.step + 1, "loss": loss_value, "lr": r.lr, "grad_norm": grad_norm, "tok_s": tok_s,
                             "mfu": mfu, "tokens": state.tokens_seen, "time": round(time.perf_counter() - t_start, 3),
                             "skipped": verdict is not None})
