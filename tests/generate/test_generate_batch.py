@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_generate_engine import (
+    ByteTokenizer,  # this folder's byte-level stand-in tokenizer
+)
 
 from kiln.generate import generate_batch, generate_texts, generate_tokens
 from kiln.model import ModelConfig, Transformer
-
-
-class ByteTokenizer:
-    """Token i < 256 is byte i; 256 is <|endoftext|>."""
-
-    eot_id = 256
-    vocab_size = 257
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
 
 CFG = ModelConfig(vocab_size=257, context_length=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
 PROMPTS = [list(b"The kiln "), list(b"A"), list(b"Once upon a time, far away"), list(b"xy"), list(b"hello w")]

@@ -36,6 +36,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from kiln.artifacts import write_json_atomic, write_text_atomic
+
 
 @dataclass
 class SpeedrunRow:
@@ -199,7 +201,7 @@ def _prepare_run_dir(run_dir: Path, key: dict) -> SpeedrunRow | None:
         pass
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    (run_dir / "key.json").write_text(json.dumps(key))
+    write_json_atomic(run_dir / "key.json", key)
     return None
 
 
@@ -255,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
                 if row is None:
                     paused = True
                     break
-                _write_atomic(run_dir / "row.json", json.dumps({"key": key, "row": asdict(row)}))
+                write_json_atomic(run_dir / "row.json", {"key": key, "row": asdict(row)})
                 rows.append(row)
                 print(f"{side} seed {seed}: val loss {row.val_loss:.4f} after {row.steps} steps", flush=True)
             if paused:
@@ -269,15 +271,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"\npaused ({stop.reason()}): {len(rows)} of {args.repeats * len(sides)} runs finished; "
               "run the same command again to continue", flush=True)
         return PAUSED_EXIT_CODE
-    _write_atomic(out / "bench_speedrun.md", text + "\n")
-    _write_atomic(out / "bench_speedrun.json", json.dumps([asdict(r) for r in rows], indent=1))
+    write_text_atomic(out / "bench_speedrun.md", text + "\n")
+    write_json_atomic(out / "bench_speedrun.json", [asdict(r) for r in rows])
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:

@@ -109,8 +109,7 @@ def run(args: argparse.Namespace) -> int:
         with stop.signals_handled():
             out = train(cfg, args.tokens, args.out, **kw)
         if stop.paused:
-            print(f"kiln train: paused at step {stop.paused_at} ({stop.reason()}); checkpoint in {out}/checkpoints. "
-                  "Run the same command again to resume.")
+            print(_paused_message(stop, out))
             return PAUSED_EXIT_CODE
         print(f"kiln train: wrote {out}")
         return 0
@@ -129,11 +128,16 @@ def run(args: argparse.Namespace) -> int:
         rt.close()
     if stop.paused:
         if env.is_main:
-            print(f"kiln train: paused at step {stop.paused_at}; run the same command again to resume.")
+            print(_paused_message(stop, out))
         return PAUSED_EXIT_CODE
     if env.is_main:
         print(f"kiln train: wrote {out} ({env.world_size} ranks, {dcfg.strategy}{' + zero1' if dcfg.zero1 else ''})")
     return 0
+
+
+def _paused_message(stop, out) -> str:
+    return (f"kiln train: paused at step {stop.paused_at} ({stop.reason()}); checkpoint in {out}/checkpoints. "
+            "Run the same command again to resume.")
 
 
 def _dist_env(device: str):

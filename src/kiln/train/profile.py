@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from kiln.artifacts import write_text_atomic
+
 CATEGORIES = (
     "matmul", "attention", "norm", "softmax/cross-entropy", "optimizer", "communication", "memory",
     "elementwise/other",
@@ -172,9 +174,9 @@ def profile_steps(
         os.replace(tmp_trace, paths["trace.json"])
     finally:
         tmp_trace.unlink(missing_ok=True)
-    _write_atomic(paths["ops.md"], _ops_markdown(ops, summary))
-    _write_atomic(paths["ops.csv"], _ops_csv(ops))
-    _write_atomic(paths["summary.json"], json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(paths["ops.md"], _ops_markdown(ops, summary))
+    write_text_atomic(paths["ops.csv"], _ops_csv(ops))
+    write_text_atomic(paths["summary.json"], json.dumps(summary, indent=2) + "\n")
     return ProfileReport(out_dir=out, trace=paths["trace.json"], ops_md=paths["ops.md"], ops_csv=paths["ops.csv"],
                          summary_json=paths["summary.json"], summary=summary, ops=tuple(ops))
 
@@ -245,11 +247,3 @@ def _ops_csv(ops: list[OpStat]) -> str:
         w.writerow(asdict(o))
     return buf.getvalue()
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
