@@ -53,6 +53,29 @@ def test_compile_matches_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
 
 
+def test_compiled_training_loss_with_kiln_kernels_matches_eager():
+    """Kiln's Triton attention and RMSNorm and the fused linear + cross-entropy inside
+    torch.compile (the trainer's loss function): the loss and every parameter's gradient as eager."""
+    from kiln.train.step import make_loss_fn
+
+    cfg = dataclasses.replace(CFG, context_length=512, attention_impl="triton", norm_impl="triton")
+    idx = torch.randint(0, 512, (2, 513), device="cuda")  # T 512: the autotuned kernel path
+    runs = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        m = build_model(cfg, device="cuda")
+        loss_fn = make_loss_fn(m, m, "fused", compile_)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        runs.append((loss.detach().float(), {n: p.grad.float() for n, p in m.named_parameters()}))
+    (loss_e, grads_e), (loss_c, grads_c) = runs
+    torch.testing.assert_close(loss_c, loss_e, atol=2e-3, rtol=2e-3)
+    for name, g in grads_e.items():
+        err = ((grads_c[name] - g).norm() / g.norm().clamp_min(1e-30)).item()
+        assert err < 2e-2, f"{name}: compiled vs eager gradient relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("impl", ["kiln", "sdpa", "triton"])
 @torch.no_grad()
 def test_cached_greedy_generation_on_gpu(impl, tmp_path):

@@ -8,7 +8,6 @@ and returns the reference result. Never a silent wrong answer.
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -50,9 +49,14 @@ def unsupported_reason(*tensors: torch.Tensor) -> str | None:
     return f"device {device.type} has no Triton backend here"
 
 
-@functools.lru_cache(maxsize=None)
+_CAPABILITY: dict[int | None, tuple[int, int]] = {}
+
+
 def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    # A dict, not functools.lru_cache: torch.compile traces through this and warns about lru_cache.
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
 
 
 def compiling() -> bool:
@@ -60,6 +64,23 @@ def compiling() -> bool:
     compiler); in eager mode they call the launchers directly, because a Python custom op costs
     about 60-150 us of host time per call, more than these kernels take on the GPU."""
     return torch.compiler.is_compiling()
+
+
+def distinct_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors, each repeated object replaced by a view of it (no copy), for an autograd.Function.
+
+    torch 2.11's torch.compile merges repeated inputs of an ``autograd.Function`` into one graph
+    input and keeps only one slot's gradient (pytorch/pytorch#181146, #183604; later versions
+    graph-break instead): self-attention called as ``flash_attention(x, x, x)`` lost dq and dk
+    under compile on the GPU image (docs/LOG.md, 2026-11-22). Distinct objects sidestep it; a
+    view's gradient flows back to its base as usual.
+    """
+    out: list[torch.Tensor] = []
+    for t in tensors:
+        if any(t is u for u in out):
+            t = t.view(t.shape)
+        out.append(t)
+    return tuple(out)
 
 
 def warn_fallback(kernel: str, reason: str) -> None:

@@ -19,7 +19,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels._backend import HAVE_TRITON, TRITON_INTERPRET, compiling, unsupported_reason, warn_fallback
+from kiln.kernels._backend import (
+    HAVE_TRITON,
+    TRITON_INTERPRET,
+    compiling,
+    distinct_inputs,
+    unsupported_reason,
+    warn_fallback,
+)
 
 if HAVE_TRITON:
     import triton
@@ -427,5 +434,5 @@ def flash_attention(
     if reason is not None:
         warn_fallback("flash_attention", reason)
         return attention_ref(q, k, v, causal=causal, scale=scale)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = distinct_inputs(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)))
     return _FlashAttentionFunction.apply(q, k, v, bool(causal), float(scale))

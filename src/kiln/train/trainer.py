@@ -153,7 +153,6 @@ def train(
         accum = cfg.batch_size // (mb * dist.world_size)
         flops_per_token, peak = model.flops_per_token(cfg.model.context_length), peak_flops(device)
         _log_header(runlog, cfg, model, device, amp, start, inputs, mb, accum, dist.world_size)
-        _warn_compiled_kernels(cfg, device, runlog)
         step, skipped, t_start, dt_ema = start, deque(), time.perf_counter(), None
         loss_fn = make_loss_fn(model_step, model, cfg.loss_impl, cfg.compile, cfg.compile_mode)
         train_step = TrainStep(loss_fn, model, model_step, optimizer, clip, cfg.grad_clip, dist, amp, device, fault_hook)
@@ -271,18 +270,6 @@ def train(
     finally:
         runlog.close()
     return out
-
-
-def _warn_compiled_kernels(cfg: TrainConfig, device: torch.device, runlog: RunLog) -> None:
-    """An open bug, said where it matters: Kiln's Triton kernels inside torch.compile on a GPU."""
-    chosen = [name for name, on in (("model.attention_impl=triton", cfg.model.attention_impl == "triton"),
-                                     ("model.norm_impl=triton", cfg.model.norm_impl == "triton"),
-                                     ("loss_impl=fused", cfg.loss_impl == "fused")) if on]
-    if device.type == "cuda" and cfg.compile and chosen:
-        runlog.warning(f"{', '.join(chosen)} with compile=true: on an H100, gradients through Kiln's Triton "
-                       "kernels under torch.compile disagreed with eager mode in tests/kernels/test_compile.py "
-                       "(an open bug, docs/LOG.md); the presets' paths (sdpa, torch loss) are not affected. "
-                       "Prefer them, or set compile=false with these kernels")
 
 
 def _stop_reason(stop: StopRequest, step: int, dist: Any) -> str | None:
