@@ -159,10 +159,11 @@ def train(
         train_step.set_threshold(spikes.threshold())
         pending: StepResult | None = None
         last_read = time.perf_counter()  # when the last result was read (reset after evals and saves)
+        logged = (start, state.seconds)  # (step, state.seconds) at the last log line: its rate is over the interval
 
         def _settle(r: StepResult) -> int | None:
             """Read step r's results, log them, count a skip; returns the restored step after a rollback."""
-            nonlocal dt_ema, last_read
+            nonlocal dt_ema, last_read, logged
             loss_value, grad_norm, ok = r.read()
             now = time.perf_counter()
             dt, last_read = now - last_read, now
@@ -194,8 +195,13 @@ def train(
             state.tokens_seen = (r.step + 1) * cfg.tokens_per_step
             mfu = flops_per_token * tok_s / (peak * dist.world_size) if peak else None
             if cfg.log_every and ((r.step + 1) % cfg.log_every == 0 or r.step + 1 == max_steps or r.step == start):
-                line = f"step {r.step + 1}/{max_steps} | loss {loss_value:.3f} | lr {r.lr:.1e} | {format_rate(tok_s)} tok/s"
-                line += f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+                # The line's rate is over the steps since the last line: one step's time between two reads
+                # of a pipelined loop jitters (a read right after another can find the step already done).
+                steps_since, secs_since = r.step + 1 - logged[0], state.seconds - logged[1]
+                rate = cfg.tokens_per_step * steps_since / secs_since if steps_since > 0 and secs_since > 0 else tok_s
+                logged = (r.step + 1, state.seconds)
+                line = f"step {r.step + 1}/{max_steps} | loss {loss_value:.3f} | lr {r.lr:.1e} | {format_rate(rate)} tok/s"
+                line += f" | mfu {100 * flops_per_token * rate / (peak * dist.world_size):.1f}%" if peak else ""
                 eta = dt_ema * (max_steps - r.step - 1)
                 if cfg.max_seconds:  # a time budget ends the run first, whatever max_steps says
                     eta = min(eta, max(cfg.max_seconds - state.budget_seconds, 0.0))
