@@ -29,6 +29,23 @@ def test_bench_speedrun_tiny_cpu(tokens_dir, tmp_path):
     assert all(r["steps"] >= 1 and 0 < r["val_loss"] < 6 for r in rows)
 
 
+def test_bench_speedrun_scores_the_same_heldout_tokens_for_every_batch_size(tokens_dir, tmp_path, capsys):
+    """A batch-size ablation compares losses on one held-out set: --eval-tokens fixes it (the old
+    --eval-batches scaled it with the batch, which confounded the comparison)."""
+    shape = ["--set", "model.vocab_size=64", "--set", "model.context_length=16", "--set", "model.d_model=32",
+             "--set", "model.n_layers=1", "--set", "model.n_heads=2", "--set", "warmup_steps=2"]
+    said = []
+    for batch in (2, 8):
+        out = tmp_path / f"b{batch}"
+        rc = main(["bench", "speedrun", "--tokens", str(tokens_dir), "--preset", "tiny", *shape, "--set",
+                   f"batch_size={batch}", "--seconds", "0.3", "--eval-tokens", "100", "--device", "cpu",
+                   "--sides", "kiln", "--out", str(out)])
+        assert rc == 0
+        said.append([line for line in (out / "bench_speedrun.md").read_text().splitlines() if "held-out" in line])
+        assert json.loads((out / "kiln_seed1337" / "key.json").read_text())["val_tokens"] == 96  # 6 windows of 16
+    assert said[0] == [s.replace("batch_size=8", "batch_size=2") for s in said[1]] and "val: 96 held-out tokens" in said[0][0]
+
+
 def test_bench_speedrun_pauses_and_resumes_over_calls(tokens_dir, tmp_path, capsys):
     """A time limit shorter than the benchmark: each call pauses the run in progress (exit 75) and
     the same command continues it; finished rows are reused; the clock adds up across calls."""

@@ -10,6 +10,11 @@ training steps (the first step, which compiles, and evaluation excluded), then s
   autocast) with nanoGPT's recipe: random windows, linear warm-up then cosine decay to 10% of the
   peak over the time budget, the preset's peak lr, batch and warm-up.
 
+The held-out set is the first ``--eval-tokens`` tokens of ``val_*.bin`` (2,097,152 by default) in
+context-length windows: the same tokens for both sides and for every batch size, so a batch-size
+ablation compares like with like (the older ``--eval-batches`` sized it in batches, which moved
+it with the batch size).
+
 ``--repeats`` runs each side several times with different seeds; the spread of the repeats is the
 run-to-run noise the comparison has to beat.
 
@@ -67,7 +72,7 @@ def _val_tokens(tokens_dir: Path, n: int):
     return np.concatenate(parts)
 
 
-def run_torch(cfg, tokens_dir: Path, seconds: float, seed: int, device, val, token_bytes, eval_batches: int,
+def run_torch(cfg, tokens_dir: Path, seconds: float, seed: int, device, val, token_bytes,
               run_dir: Path | None = None, stop=None) -> SpeedrunRow | None:
     """The plain baseline for ``seconds`` of training steps, then the held-out score. With ``stop``
     (a ``StopRequest``) and ``run_dir``, a pause saves ``run_dir/state.pt`` and returns None; the
@@ -140,13 +145,13 @@ def run_torch(cfg, tokens_dir: Path, seconds: float, seed: int, device, val, tok
                 print(f"torch seed {seed}: paused at step {step} ({why}), {elapsed:.0f}/{seconds:g} s done", flush=True)
                 return None
     model.eval()
-    r = evaluate_heldout(model, val, token_bytes, cfg.model.context_length, mb, max_batches=eval_batches,
+    r = evaluate_heldout(model, val, token_bytes, cfg.model.context_length, mb, max_batches=None,
                          device=device, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     return SpeedrunRow("torch", seed, round(elapsed, 1), step, step * cfg.tokens_per_step, r["loss"], r["bpb"])
 
 
 def run_kiln(cfg, tokens_dir: Path, tokenizer: str | None, seconds: float, seed: int, device, val, token_bytes,
-             eval_batches: int, out: Path, stop=None) -> SpeedrunRow | None:
+             out: Path, stop=None) -> SpeedrunRow | None:
     """Kiln's trainer with ``max_seconds=seconds``, then the same held-out score; None when ``stop``
     paused it (its checkpoint is in ``out/kiln_seed<seed>``, resumed by the next call)."""
     import torch
@@ -164,7 +169,7 @@ def run_kiln(cfg, tokens_dir: Path, tokenizer: str | None, seconds: float, seed:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     model = load_pretrained(run_dir / "model", device=device)
     model.eval()
-    r = evaluate_heldout(model, val, token_bytes, cfg.model.context_length, cfg.micro_batch, max_batches=eval_batches,
+    r = evaluate_heldout(model, val, token_bytes, cfg.model.context_length, cfg.micro_batch, max_batches=None,
                          device=device, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     stats = manifest["stats"]
     steps = stats["steps"]
@@ -227,7 +232,16 @@ def run(args: argparse.Namespace) -> int:
     cfg = apply_overrides(PRESETS[args.preset](), args.overrides)
     tokens_dir = Path(args.tokens)
     token_bytes = Tokenizer.load(args.tokenizer).token_bytes() if args.tokenizer else None
-    val = _val_tokens(tokens_dir, args.eval_batches * cfg.micro_batch * cfg.model.context_length + 1)
+    ctx = cfg.model.context_length
+    if args.eval_batches is not None:  # the old option: its size moves with the batch size
+        n_val = args.eval_batches * cfg.micro_batch * ctx
+    else:  # the same held-out tokens whatever the batch size (an ablation of batch size needs that)
+        n_val = max(args.eval_tokens // ctx, 1) * ctx
+    val = _val_tokens(tokens_dir, n_val + 1)
+    if val.size - 1 < ctx:
+        print(f"--tokens {tokens_dir}: only {val.size} held-out tokens, fewer than one {ctx}-token window",
+              file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[SpeedrunRow] = []
@@ -238,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
             for side in sides:
                 run_dir = out / f"{side}_seed{seed}"
                 key = {"side": side, "seed": seed, "preset": args.preset, "overrides": list(args.overrides),
-                       "seconds": args.seconds, "eval_batches": args.eval_batches}
+                       "seconds": args.seconds, "val_tokens": int(val.size - 1)}
                 row = _prepare_run_dir(run_dir, key)
                 if row is not None:
                     print(f"{side} seed {seed}: finished earlier (val loss {row.val_loss:.4f}): reused", flush=True)
@@ -250,9 +264,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{side} seed {seed}: training for {args.seconds:g} s...", flush=True)
                 if side == "kiln":
                     row = run_kiln(cfg, tokens_dir, args.tokenizer, args.seconds, seed, device, val, token_bytes,
-                                   args.eval_batches, out, stop=stop)
+                                   out, stop=stop)
                 else:
-                    row = run_torch(cfg, tokens_dir, args.seconds, seed, device, val, token_bytes, args.eval_batches,
+                    row = run_torch(cfg, tokens_dir, args.seconds, seed, device, val, token_bytes,
                                     run_dir=run_dir, stop=stop)
                 if row is None:
                     paused = True
@@ -291,7 +305,12 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=600.0, help="training seconds per run")
     p.add_argument("--sides", default="torch,kiln", help="comma list of kiln, torch")
     p.add_argument("--repeats", type=int, default=1, help="runs per side (seeds seed, seed+1, ...)")
-    p.add_argument("--eval-batches", type=int, default=32, help="held-out batches (micro-batch x context each)")
+    p.add_argument("--eval-tokens", type=int, default=2_097_152,
+                   help="held-out tokens scored (the first ones of val_*.bin, in context-length windows); the "
+                   "same set for every batch size")
+    p.add_argument("--eval-batches", type=int, default=None,
+                   help="older way to size the held-out set: batches of micro-batch x context tokens (so it "
+                   "changes with the batch size; use --eval-tokens to compare batch sizes)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--time-limit", default=None, metavar="DURATION",
                    help="pause after this much wall time of this process (540, 9m): the run in progress "
