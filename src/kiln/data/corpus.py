@@ -26,10 +26,12 @@ import logging
 import os
 import re
 import unicodedata
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from kiln.artifacts import StageRun
@@ -39,6 +41,7 @@ from kiln.data.readers import read_documents
 log = logging.getLogger(__name__)
 
 BUILTIN_CORPORA = ("kjv",)
+_WORD = re.compile(r"\w+")
 
 
 def kjv_path() -> Path:
@@ -158,6 +161,13 @@ class CorpusConfig:
     """Cut Project Gutenberg headers and footers (only texts that have the markers change)."""
     normalize: bool = True
     """Unicode NFC and whitespace normalization (CRLF, trailing spaces, runs of blank lines)."""
+    decontaminate_ngram: int = 13
+    """Word n-gram length of the validation-vs-train overlap check (0 turns it off). A corpus can
+    hold one work twice (Project Gutenberg: editions, collections, translations reprinted); a
+    held-out copy of a training text scores memorization, not generalization."""
+    decontaminate_frac: float = 0.2
+    """A validation document is dropped (reason ``val_overlaps_train``) when at least this share
+    of its distinct word n-grams also occurs in the training split."""
 
     def __post_init__(self) -> None:
         if not self.source:
@@ -170,6 +180,9 @@ class CorpusConfig:
                 raise ValueError(f"{name}={v} must be positive, or None for no limit")
         if self.min_chars < 0:
             raise ValueError(f"min_chars={self.min_chars} must be >= 0")
+        if self.decontaminate_ngram < 0 or not 0.0 < self.decontaminate_frac <= 1.0:
+            raise ValueError(f"decontaminate_ngram={self.decontaminate_ngram} must be >= 0 (0: off) and "
+                             f"decontaminate_frac={self.decontaminate_frac} in (0, 1]; e.g. 13 and 0.2")
 
 
 def corpus_documents(cfg: CorpusConfig, errors: collections.Counter | None = None) -> Iterator[Document]:
@@ -256,6 +269,9 @@ def prepare_corpus(
                 f"corpus source {cfg.source!r} gave no usable documents "
                 f"(errors: {dict(errors) or 'none'}, dropped: {dict(dropped) or 'none'}); check the source and text_key"
             )
+        decontam = None
+        if cfg.decontaminate_ngram and stats["val"]["docs"]:
+            decontam = _decontaminate(run.tmp, cfg, stats, dropped, progress)
         if cfg.val_fraction > 0 and stats["val"]["docs"] == 0 and stats["train"]["docs"] > 1:
             _move_one_to_val(run.tmp, cfg.seed, stats)
         run.stats.update(
@@ -264,12 +280,71 @@ def prepare_corpus(
             chars=stats["train"]["chars"] + stats["val"]["chars"],
             dropped=dict(dropped), errors=dict(errors),
         )
+        if decontam is not None:
+            run.stats["decontamination"] = decontam
         log.info(
             "corpus: %d train docs (%.1f MB), %d val docs (%.1f MB), dropped %s, errors %s",
             stats["train"]["docs"], stats["train"]["bytes"] / 1e6, stats["val"]["docs"],
             stats["val"]["bytes"] / 1e6, dict(dropped) or 0, dict(errors) or 0,
         )
     return out
+
+
+def _word_ids(text: str) -> np.ndarray:
+    """Lower-cased words of ``text`` as stable 32-bit ids (CRC-32: deterministic across processes)."""
+    return np.fromiter((zlib.crc32(w.encode()) for w in _WORD.findall(text.lower())), dtype=np.uint64)
+
+
+def val_train_overlap(val_texts: list[str], train_texts: Iterable[str], n: int = 13) -> list[float]:
+    """For each validation text, the share of its distinct word ``n``-grams that also occur in any
+    training text (0.0 for texts shorter than ``n`` words). Streams the training texts once; memory
+    is the validation n-grams (8 bytes each) plus the ones found."""
+    from kiln.eval.contamination import ngram_hashes
+
+    val_hashes = [np.unique(ngram_hashes(_word_ids(t), n)) for t in val_texts]
+    nonempty = [h for h in val_hashes if len(h)]
+    if not nonempty:
+        return [0.0] * len(val_texts)
+    wanted = np.unique(np.concatenate(nonempty))
+    found = [np.zeros(0, dtype=np.uint64)]
+    for text in train_texts:
+        h = ngram_hashes(_word_ids(text), n)
+        found.append(np.unique(h[np.isin(h, wanted)]))
+    seen = np.unique(np.concatenate(found))
+    return [float(np.isin(h, seen).mean()) if len(h) else 0.0 for h in val_hashes]
+
+
+def _decontaminate(tmp: Path, cfg: CorpusConfig, stats: dict, dropped: collections.Counter, progress: bool) -> dict:
+    """Drop validation documents whose word n-grams largely occur in the training split (rewrites
+    ``val.jsonl`` in the stage's temporary folder); returns what the manifest records."""
+    val_lines = (tmp / "val.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    val_docs = [json.loads(line) for line in val_lines]
+
+    def train_texts() -> Iterator[str]:
+        with open(tmp / "train.jsonl", encoding="utf-8") as f:
+            for line in tqdm(f, total=stats["train"]["docs"], desc="val vs train n-grams", unit="doc",
+                             disable=not progress, mininterval=0.5):
+                yield json.loads(line)["text"]
+
+    shares = val_train_overlap([d["text"] for d in val_docs], train_texts(), cfg.decontaminate_ngram)
+    keep, removed = [], []
+    for line, doc, share in zip(val_lines, val_docs, shares):
+        if share >= cfg.decontaminate_frac:
+            removed.append({"id": doc["id"], "share": round(share, 4)})
+            text = doc["text"]
+            for key, d in (("docs", 1), ("bytes", len(text.encode("utf-8"))), ("chars", len(text))):
+                stats["val"][key] -= d
+        else:
+            keep.append(line)
+    if removed:
+        dropped["val_overlaps_train"] += len(removed)
+        (tmp / "val.jsonl").write_text("".join(keep), encoding="utf-8")
+        log.info("corpus: dropped %d of %d validation documents sharing >= %.0f%% of their %d-word n-grams "
+                 "with the training split", len(removed), len(val_docs), 100 * cfg.decontaminate_frac,
+                 cfg.decontaminate_ngram)
+    return {"ngram": cfg.decontaminate_ngram, "threshold": cfg.decontaminate_frac, "checked_docs": len(val_docs),
+            "dropped": sorted(removed, key=lambda r: -r["share"]),
+            "kept_max_share": round(max((s for s in shares if s < cfg.decontaminate_frac), default=0.0), 4)}
 
 
 def _move_one_to_val(tmp: Path, seed: int, stats: dict) -> None:
