@@ -299,7 +299,7 @@ def val_train_overlap(val_texts: list[str], train_texts: Iterable[str], n: int =
     """For each validation text, the share of its distinct word ``n``-grams that also occur in any
     training text (0.0 for texts shorter than ``n`` words). Streams the training texts once; memory
     is the validation n-grams (8 bytes each) plus the ones found."""
-    from kiln.eval.contamination import ngram_hashes
+    from kiln.eval.contamination import member_of_sorted, ngram_hashes
 
     val_hashes = [np.unique(ngram_hashes(_word_ids(t), n)) for t in val_texts]
     nonempty = [h for h in val_hashes if len(h)]
@@ -309,9 +309,9 @@ def val_train_overlap(val_texts: list[str], train_texts: Iterable[str], n: int =
     found = [np.zeros(0, dtype=np.uint64)]
     for text in train_texts:
         h = ngram_hashes(_word_ids(text), n)
-        found.append(np.unique(h[np.isin(h, wanted)]))
+        found.append(np.unique(h[member_of_sorted(h, wanted)]))
     seen = np.unique(np.concatenate(found))
-    return [float(np.isin(h, seen).mean()) if len(h) else 0.0 for h in val_hashes]
+    return [float(member_of_sorted(h, seen).mean()) if len(h) else 0.0 for h in val_hashes]
 
 
 def _decontaminate(tmp: Path, cfg: CorpusConfig, stats: dict, dropped: collections.Counter, progress: bool) -> dict:

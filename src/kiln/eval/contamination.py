@@ -31,6 +31,16 @@ def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
     return h
 
 
+def member_of_sorted(values: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+    """Boolean mask: which ``values`` occur in ``sorted_unique`` (sorted, no repeats). A binary
+    search per value: for 64-bit hashes ``np.isin`` was ~50x slower here (1.5 s for 55k values
+    against 1.5M), since it re-sorts the large side on every call."""
+    if len(sorted_unique) == 0:
+        return np.zeros(len(values), dtype=bool)
+    idx = np.minimum(np.searchsorted(sorted_unique, values), len(sorted_unique) - 1)
+    return sorted_unique[idx] == values
+
+
 @dataclass
 class Overlap:
     """Per-task contamination: items with any shared n-gram, and the share of n-grams found."""
@@ -68,10 +78,10 @@ def contamination(
     for arr in train_tokens:
         for s in range(0, max(len(arr) - n + 1, 0), chunk):
             h = ngram_hashes(np.asarray(arr[s : s + chunk + n - 1]), n)
-            found = np.union1d(found, h[np.isin(h, bench)])
+            found = np.union1d(found, h[member_of_sorted(h, bench)])
     out = {}
     for name, hs in item_hashes.items():
-        hits = [int(np.isin(h, found).sum()) for h in hs]
+        hits = [int(member_of_sorted(h, found).sum()) for h in hs]
         out[name] = Overlap(
             items=len(hs), contaminated=sum(x > 0 for x in hits), too_short=sum(len(h) == 0 for h in hs),
             ngrams=sum(len(h) for h in hs), ngrams_found=sum(hits),
