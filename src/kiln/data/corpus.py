@@ -14,6 +14,10 @@ Builtin corpora are ones a fresh install gets from PyPI alone, with no network b
 Any other source is read with :func:`kiln.data.readers.read_documents` (files, folders, globs,
 archives, URLs, ``hf://``). Cleaning here is deliberately light (Unicode NFC, whitespace, Project
 Gutenberg boilerplate, a minimum length); the full curation pipeline is ``kiln data``.
+
+After the split, validation documents that largely repeat training text (13-word n-grams, GPT-3's
+check) are dropped: one work held under two ids would otherwise score memorization
+(:func:`val_train_overlap`, ``CorpusConfig.decontaminate_ngram`` / ``decontaminate_frac``).
 """
 
 from __future__ import annotations
