@@ -172,3 +172,17 @@ def test_resume_refuses_another_model_and_no_resume_starts_over(tokens_dir, tmp_
         train(bigger, tokens_dir, tmp_path / "run")
     train(bigger, tokens_dir, tmp_path / "run", resume=False)
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_000000", "step_000004"]
+
+
+def test_eval_tokens_fixes_the_heldout_set_across_batch_sizes(tokens_dir, tmp_path, make_config):
+    """eval_batches scores micro-batch x context tokens per batch (the set moves with the batch
+    size); eval_tokens scores the same whole windows whatever the batch."""
+
+    def scored(batch: int, **kw) -> str:
+        run = train(make_config(max_steps=2, batch_size=batch, eval_every=2, save_every=0, eval_batches=2, **kw),
+                    tokens_dir, tmp_path / f"b{batch}{kw}")
+        line = [ln for ln in (run / "train.log").read_text().splitlines() if "val loss" in ln][-1]
+        return line.rsplit("|", 1)[1].strip()
+
+    assert scored(2) != scored(4)  # the older count: 2 batches of 2 or of 4 windows
+    assert scored(2, eval_tokens=50) == scored(4, eval_tokens=50) == "48 tokens"  # 3 windows of 16

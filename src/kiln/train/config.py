@@ -57,7 +57,12 @@ class TrainConfig:
     eval_every: int = 100
     """Validation loss and bits per byte every this many steps (and at the end); 0 disables."""
     eval_batches: int = 20
-    """Batches of validation windows per evaluation."""
+    """Batches of validation windows per evaluation (micro-batch x context tokens each, so the
+    held-out set moves with the batch size; ``eval_tokens`` fixes it)."""
+    eval_tokens: int = 0
+    """When > 0, each evaluation scores this many held-out tokens (rounded down to whole
+    context-length windows) instead of ``eval_batches`` batches: the same tokens for every batch
+    size, so runs that differ in batch size compare on one set."""
     sample_every: int = 200
     """Print a text sample every this many steps (and at the end); 0 disables. Needs a tokenizer."""
     sample_prompt: str = ""
@@ -125,7 +130,7 @@ class TrainConfig:
         for name in ("batch_size", "max_steps", "eval_batches", "keep_last", "spike_window",
                      "rollback_after", "sample_tokens", "pad_vocab_to"):
             positive(name)
-        for name in ("micro_batch_size", "warmup_steps", "max_tokens", "eval_every", "sample_every",
+        for name in ("micro_batch_size", "warmup_steps", "max_tokens", "eval_every", "eval_tokens", "sample_every",
                      "save_every", "spike_min_history", "max_rollbacks", "log_every"):
             positive(name, allow_zero=True)
         mb = self.micro_batch_size or self.batch_size
@@ -218,7 +223,7 @@ def speedrun() -> TrainConfig:
                           tie_embeddings=True, attention_impl="sdpa"),
         batch_size=64, lr=1.5e-3, min_lr=0.0, warmup_steps=100, schedule="wsd", decay_frac=0.3, optimizer="muon",
         max_steps=100_000, max_seconds=600.0, compile=True, doc_aligned=True,
-        eval_every=1000, eval_batches=32, sample_every=0, save_every=0, log_every=50,
+        eval_every=1000, eval_batches=32, eval_tokens=2_097_152, sample_every=0, save_every=0, log_every=50,
     )
 
 

@@ -428,8 +428,7 @@ class _Data:
         val_shards = [read_shard(p) for p in sorted(tokens_dir.glob("val_*.bin"))]
         val = None
         if val_shards:
-            # Only what the evaluations read: eval_batches x micro-batch windows.
-            want = cfg.eval_batches * cfg.micro_batch * cfg.model.context_length + 1
+            want = _eval_tokens(cfg) + 1  # only what the evaluations read
             parts, have = [], 0
             for s in val_shards:
                 parts.append(np.asarray(s.tokens[: want - have]))
@@ -642,12 +641,20 @@ def _rollback(ckpts: Path, first_bad: int, cfg, model, optimizer, sampler, spike
 
 
 @torch.no_grad()
+def _eval_tokens(cfg: TrainConfig) -> int:
+    """Held-out tokens per evaluation: ``eval_tokens`` in whole windows, else eval_batches x micro-batch windows."""
+    ctx = cfg.model.context_length
+    if cfg.eval_tokens > 0:
+        return max(cfg.eval_tokens // ctx, 1) * ctx
+    return cfg.eval_batches * cfg.micro_batch * ctx
+
+
 def _evaluate(model, data: _Data, token_bytes, cfg: TrainConfig, device, amp, step: int, runlog, state) -> None:
     from kiln.eval.heldout import evaluate_heldout
 
     dtype = torch.bfloat16 if isinstance(amp, torch.autocast) else None
     r = evaluate_heldout(model, data.val, token_bytes, cfg.model.context_length, cfg.micro_batch,
-                         max_batches=cfg.eval_batches, device=device, autocast_dtype=dtype)
+                         max_batches=None, device=device, autocast_dtype=dtype)  # data.val is cut to size
     state.val = {"step": step, **r}
     bpb = f" | val bpb {r['bpb']:.4f}" if r["bpb"] is not None else ""
     runlog.info(f"step {step} | val loss {r['loss']:.4f}{bpb} | {r['tokens']} tokens")
