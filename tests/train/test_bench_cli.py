@@ -107,3 +107,16 @@ def test_plain_baseline_is_the_same_model_as_kiln():
     torch.testing.assert_close(plain(x), kiln(x), rtol=1e-4, atol=1e-4)
     y = torch.randint(0, cfg.vocab_size, (3, 16))
     torch.testing.assert_close(plain(x, y), torch.nn.functional.cross_entropy(kiln(x).view(-1, 97), y.view(-1)))
+
+
+def test_bench_speedrun_without_heldout_tokens_says_what_to_do(tokens_dir, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare_tokens"
+    shutil.copytree(tokens_dir, bare)
+    for p in bare.glob("val_*.bin"):
+        p.unlink()
+    rc = main(["bench", "speedrun", "--tokens", str(bare), "--preset", "tiny", "--seconds", "1", "--device", "cpu",
+               "--out", str(tmp_path / "sr")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no val_*.bin shards" in err and "validation split" in err

@@ -55,23 +55,6 @@ class SpeedrunRow:
     val_bpb: float | None
 
 
-def _val_tokens(tokens_dir: Path, n: int):
-    import numpy as np
-
-    from kiln.shards import read_shard
-
-    parts, have = [], 0
-    for p in sorted(tokens_dir.glob("val_*.bin")):
-        s = read_shard(p)
-        parts.append(np.asarray(s.tokens[: n - have]))
-        have += len(parts[-1])
-        if have >= n:
-            break
-    if not parts:
-        raise FileNotFoundError(f"no val_*.bin shards in {tokens_dir}: the comparison needs held-out tokens")
-    return np.concatenate(parts)
-
-
 def run_torch(cfg, tokens_dir: Path, seconds: float, seed: int, device, val, token_bytes,
               run_dir: Path | None = None, stop=None) -> SpeedrunRow | None:
     """The plain baseline for ``seconds`` of training steps, then the held-out score. With ``stop``
@@ -215,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kiln.tokenizer import Tokenizer
     from kiln.train import PRESETS, apply_overrides
+    from kiln.train.data import read_heldout
     from kiln.train.stop import PAUSED_EXIT_CODE, StopRequest, parse_duration
 
     sides = args.sides.split(",")
@@ -232,15 +216,16 @@ def run(args: argparse.Namespace) -> int:
     cfg = apply_overrides(PRESETS[args.preset](), args.overrides)
     tokens_dir = Path(args.tokens)
     token_bytes = Tokenizer.load(args.tokenizer).token_bytes() if args.tokenizer else None
+    # --eval-tokens: the same held-out tokens whatever the batch size (a batch-size ablation needs
+    # that); the older --eval-batches counts micro-batches, so its set moves with the batch size.
+    sizing = (replace(cfg, eval_batches=args.eval_batches, eval_tokens=0) if args.eval_batches is not None
+              else replace(cfg, eval_tokens=args.eval_tokens))
+    val = read_heldout(tokens_dir, sizing.eval_token_count + 1)
     ctx = cfg.model.context_length
-    if args.eval_batches is not None:  # the old option: its size moves with the batch size
-        n_val = args.eval_batches * cfg.micro_batch * ctx
-    else:  # the same held-out tokens whatever the batch size (an ablation of batch size needs that)
-        n_val = max(args.eval_tokens // ctx, 1) * ctx
-    val = _val_tokens(tokens_dir, n_val + 1)
-    if val.size - 1 < ctx:
-        print(f"--tokens {tokens_dir}: only {val.size} held-out tokens, fewer than one {ctx}-token window",
-              file=sys.stderr)
+    if val is None or val.size - 1 < ctx:
+        have = "no val_*.bin shards" if val is None else f"only {val.size} held-out tokens"
+        print(f"--tokens {tokens_dir}: {have}; the comparison needs at least one {ctx}-token window of "
+              "held-out tokens (tokenize a corpus with a validation split)", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

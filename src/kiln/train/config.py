@@ -180,6 +180,15 @@ class TrainConfig:
         return self.batch_size * self.model.context_length
 
     @property
+    def eval_token_count(self) -> int:
+        """Held-out tokens one evaluation scores: ``eval_tokens`` in whole context-length windows,
+        else ``eval_batches`` x micro-batch windows."""
+        ctx = self.model.context_length
+        if self.eval_tokens > 0:
+            return max(self.eval_tokens // ctx, 1) * ctx
+        return self.eval_batches * self.micro_batch * ctx
+
+    @property
     def total_steps(self) -> int:
         """max_steps, or the token budget in steps when max_tokens > 0."""
         if self.max_tokens:

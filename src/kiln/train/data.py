@@ -8,6 +8,7 @@ its own seeded generator, so the data position is a small state dict stored in e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -128,3 +129,17 @@ def _aligned_starts(doc_starts: np.ndarray, n_tokens: int, context_length: int) 
     starts = np.repeat(doc_starts, per_doc) + context_length * (
         np.arange(per_doc.sum()) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc))
     return starts[starts + context_length + 1 <= n_tokens]
+
+
+def read_heldout(tokens_dir: str | Path, n: int) -> np.ndarray | None:
+    """The first ``n`` tokens of the ``val_*.bin`` shards in ``tokens_dir`` (fewer if they hold
+    fewer), or None when there are none: what evaluations read, without loading the rest."""
+    from kiln.shards import read_shard
+
+    parts, have = [], 0
+    for p in sorted(Path(tokens_dir).glob("val_*.bin")):
+        parts.append(np.asarray(read_shard(p).tokens[: n - have]))
+        have += len(parts[-1])
+        if have >= n:
+            break
+    return np.concatenate(parts) if parts else None

@@ -43,7 +43,7 @@ from kiln.artifacts import (
 )
 from kiln.train.checkpoint import restore_checkpoint, save_checkpoint
 from kiln.train.config import TrainConfig
-from kiln.train.data import TokenSampler
+from kiln.train.data import TokenSampler, read_heldout
 from kiln.train.metrics import (
     RunLog,
     format_duration,
@@ -152,6 +152,10 @@ def train(
         max_steps, mb = cfg.total_steps, _micro_batch(cfg, dist.world_size)
         accum = cfg.batch_size // (mb * dist.world_size)
         flops_per_token, peak = model.flops_per_token(cfg.model.context_length), peak_flops(device)
+
+        def mfu_at(tok_s: float) -> float | None:
+            return flops_per_token * tok_s / (peak * dist.world_size) if peak else None
+
         _log_header(runlog, cfg, model, device, amp, start, inputs, mb, accum, dist.world_size)
         step, skipped, t_start, dt_ema = start, deque(), time.perf_counter(), None
         loss_fn = make_loss_fn(model_step, model, cfg.loss_impl, cfg.compile, cfg.compile_mode)
@@ -193,7 +197,7 @@ def train(
             if verdict is None:
                 state.train_losses.append(loss_value)
             state.tokens_seen = (r.step + 1) * cfg.tokens_per_step
-            mfu = flops_per_token * tok_s / (peak * dist.world_size) if peak else None
+            mfu = mfu_at(tok_s)
             if cfg.log_every and ((r.step + 1) % cfg.log_every == 0 or r.step + 1 == max_steps or r.step == start):
                 # The line's rate is over the steps since the last line: one step's time between two reads
                 # of a pipelined loop jitters (a read right after another can find the step already done).
@@ -201,7 +205,7 @@ def train(
                 rate = cfg.tokens_per_step * steps_since / secs_since if steps_since > 0 and secs_since > 0 else tok_s
                 logged = (r.step + 1, state.seconds)
                 line = f"step {r.step + 1}/{max_steps} | loss {loss_value:.3f} | lr {r.lr:.1e} | {format_rate(rate)} tok/s"
-                line += f" | mfu {100 * flops_per_token * rate / (peak * dist.world_size):.1f}%" if peak else ""
+                line += f" | mfu {100 * mfu_at(rate):.1f}%" if peak else ""
                 eta = dt_ema * (max_steps - r.step - 1)
                 if cfg.max_seconds:  # a time budget ends the run first, whatever max_steps says
                     eta = min(eta, max(cfg.max_seconds - state.budget_seconds, 0.0))
@@ -390,13 +394,13 @@ class _RunState:
     excluded_seconds: float = 0.0  # the first (compiling) step of every process so far
     first_step_seconds: float = 0.0  # this process's first step; not checkpointed
     first_step_timed: bool = False  # not checkpointed: a resumed process compiles again
+    val: dict | None = None
+    train_losses: deque = field(default_factory=lambda: deque(maxlen=20))
 
     @property
     def budget_seconds(self) -> float:
         """Seconds that count against ``max_seconds``: training steps, each process's first excluded."""
         return self.seconds - self.excluded_seconds
-    val: dict | None = None
-    train_losses: deque = field(default_factory=lambda: deque(maxlen=20))
 
 
 @dataclass
@@ -425,17 +429,9 @@ class _Data:
             raise ValueError(f"one batch needs {need} tokens (batch_size {cfg.batch_size} x context_length "
                              f"{cfg.model.context_length}) but {tokens_dir} holds {n_train} training tokens; "
                              "lower batch_size or context_length, or add data")
-        val_shards = [read_shard(p) for p in sorted(tokens_dir.glob("val_*.bin"))]
-        val = None
-        if val_shards:
-            want = _eval_tokens(cfg) + 1  # only what the evaluations read
-            parts, have = [], 0
-            for s in val_shards:
-                parts.append(np.asarray(s.tokens[: want - have]))
-                have += len(parts[-1])
-                if have >= want:
-                    break
-            val = np.concatenate(parts) if have > cfg.model.context_length else None
+        val = read_heldout(tokens_dir, cfg.eval_token_count + 1)  # only what the evaluations read
+        if val is not None and len(val) <= cfg.model.context_length:
+            val = None
         return cls(train=[s.tokens for s in train], val=val, vocab_size=vocab, doc_starts=[s.doc_starts for s in train])
 
 
@@ -641,14 +637,6 @@ def _rollback(ckpts: Path, first_bad: int, cfg, model, optimizer, sampler, spike
 
 
 @torch.no_grad()
-def _eval_tokens(cfg: TrainConfig) -> int:
-    """Held-out tokens per evaluation: ``eval_tokens`` in whole windows, else eval_batches x micro-batch windows."""
-    ctx = cfg.model.context_length
-    if cfg.eval_tokens > 0:
-        return max(cfg.eval_tokens // ctx, 1) * ctx
-    return cfg.eval_batches * cfg.micro_batch * ctx
-
-
 def _evaluate(model, data: _Data, token_bytes, cfg: TrainConfig, device, amp, step: int, runlog, state) -> None:
     from kiln.eval.heldout import evaluate_heldout
 
