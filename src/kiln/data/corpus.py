@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from kiln.artifacts import StageRun
 from kiln.data.document import Document
 from kiln.data.readers import read_documents
+from kiln.ngrams import member_of_sorted, ngram_hashes
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +304,6 @@ def val_train_overlap(val_texts: list[str], train_texts: Iterable[str], n: int =
     """For each validation text, the share of its distinct word ``n``-grams that also occur in any
     training text (0.0 for texts shorter than ``n`` words). Streams the training texts once; memory
     is the validation n-grams (8 bytes each) plus the ones found."""
-    from kiln.eval.contamination import member_of_sorted, ngram_hashes
-
     val_hashes = [np.unique(ngram_hashes(_word_ids(t), n)) for t in val_texts]
     nonempty = [h for h in val_hashes if len(h)]
     if not nonempty:
