@@ -10,6 +10,9 @@ Every row trains the same model shape on the same random token batches, one GPU,
   clipping without a host sync, AdamW update masked by the guard and compiled into fused kernels.
 - ``kiln+triton``: the same with Kiln's Triton kernels chosen by config (FlashAttention-2 style
   attention, fused RMSNorm, chunked linear + cross-entropy).
+- ``kiln+fp8``: ``kiln`` with float8 GEMMs for the block matrices (``ModelConfig.linear_impl="fp8"``,
+  ``kiln.kernels.fp8``: e4m3, row-wise scales, all three GEMMs of each linear). MFU is still
+  counted against the bf16 peak, so it stays comparable with the other rows.
 
 Metrics: tokens/s over the timed steps (CUDA events around the whole span, nothing synced inside),
 MFU = flops_per_token x tokens/s / peak (``Transformer.flops_per_token``: 6 N + 12 L d T, the same
@@ -32,7 +35,7 @@ import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-VARIANTS = ("torch", "torch+liger", "kiln", "kiln+triton")
+VARIANTS = ("torch", "torch+liger", "kiln", "kiln+triton", "kiln+fp8")
 
 
 def shapes() -> dict:
@@ -76,7 +79,8 @@ def _kiln_runner(cfg, variant: str, device, lr: float, compile_: bool):
     from kiln.train.trainer import SingleProcess
 
     triton = variant == "kiln+triton"
-    mcfg = replace(cfg, attention_impl="triton" if triton else "sdpa", norm_impl="triton" if triton else "kiln")
+    mcfg = replace(cfg, attention_impl="triton" if triton else "sdpa", norm_impl="triton" if triton else "kiln",
+                   linear_impl="fp8" if variant == "kiln+fp8" else "kiln")
     model = build_model(mcfg, device=device)
     groups = param_groups(model, 0.1)
     opt = AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")

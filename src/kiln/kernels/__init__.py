@@ -3,6 +3,7 @@
 - :func:`rmsnorm` (``rmsnorm.py``): fused RMSNorm, fp32 statistics.
 - :func:`flash_attention` (``attention.py``): FlashAttention-2 style causal attention, GQA.
 - :func:`linear_cross_entropy` (``linear_cross_entropy.py``): LM head + cross-entropy in chunks.
+- :func:`fp8_linear` (``fp8.py``): a linear layer with float8 GEMMs (cuBLASLt, not Triton).
 
 Each public function falls back to its ``*_ref`` with one :class:`KernelFallbackWarning` where the
 kernel cannot run (no Triton, CPU without ``TRITON_INTERPRET=1``, unsupported dtype or shape).
@@ -11,6 +12,7 @@ Importing this package never requires Triton. See docs/kernels.md.
 
 from kiln.kernels._backend import HAVE_TRITON, KernelFallbackWarning, unsupported_reason
 from kiln.kernels.attention import attention_ref, flash_attention
+from kiln.kernels.fp8 import fp8_linear, fp8_linear_ref
 from kiln.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from kiln.kernels.rmsnorm import rmsnorm, rmsnorm_ref
 
@@ -19,6 +21,8 @@ __all__ = [
     "KernelFallbackWarning",
     "attention_ref",
     "flash_attention",
+    "fp8_linear",
+    "fp8_linear_ref",
     "linear_cross_entropy",
     "linear_cross_entropy_ref",
     "rmsnorm",

@@ -49,6 +49,11 @@ class ModelConfig:
     norm_impl: str = "kiln"
     """RMSNorm kernel: "kiln" (from-scratch reference, default) or "triton" (Kiln's fused kernel,
     GPU). See ``kiln.model.layers.NORM_IMPLS``."""
+    linear_impl: str = "kiln"
+    """Kernel of the block matrices (attention q/k/v/o, MLP gate/up/down): "kiln" (matmul; bf16
+    tensor cores under autocast) or "fp8" (float8 e4m3 GEMMs with row-wise scales in forward and
+    backward, ``kiln.kernels.fp8``; sm_89+ GPUs). The embedding and the output head stay bf16.
+    See ``kiln.model.layers.LINEAR_IMPLS``."""
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -79,7 +84,7 @@ class ModelConfig:
         if not self.norm_eps > 0:
             raise ValueError(f"ModelConfig.norm_eps={self.norm_eps} must be > 0 (e.g. 1e-5)")
         from kiln.model.attention import ATTENTION_IMPLS
-        from kiln.model.layers import NORM_IMPLS
+        from kiln.model.layers import LINEAR_IMPLS, NORM_IMPLS
 
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
@@ -88,6 +93,10 @@ class ModelConfig:
         if self.norm_impl not in NORM_IMPLS:
             raise ValueError(
                 f"ModelConfig.norm_impl={self.norm_impl!r} is unknown; use one of {sorted(NORM_IMPLS)}"
+            )
+        if self.linear_impl not in LINEAR_IMPLS:
+            raise ValueError(
+                f"ModelConfig.linear_impl={self.linear_impl!r} is unknown; use one of {sorted(LINEAR_IMPLS)}"
             )
 
     @property

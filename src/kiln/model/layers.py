@@ -21,11 +21,29 @@ def trunc_normal_(w: Tensor, std: float) -> Tensor:
         return nn.init.trunc_normal_(w, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
 
+def matmul_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight^T``: the plain linear (bf16 tensor cores under autocast)."""
+    return torch.matmul(x, weight.t())
+
+
+def fp8_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight^T`` with float8 GEMMs in forward and backward (``kiln.kernels.fp8``); falls back
+    to the plain matmul, with one warning, where float8 cannot run."""
+    from kiln.kernels.fp8 import fp8_linear as _fp8  # lazy: a kernels import is not needed otherwise
+
+    return _fp8(x, weight)
+
+
+# Linear kernels by name, chosen by ModelConfig.linear_impl. Same signature as matmul_linear.
+LINEAR_IMPLS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"kiln": matmul_linear, "fp8": fp8_linear}
+
+
 class Linear(nn.Module):
     """``y = x @ W^T`` without bias. ``weight``: (out_features, in_features), as torch and HF store it.
 
     Init: truncated normal with std sqrt(2 / (in + out)) (Glorot); ``Transformer.init_weights``
-    later applies the GPT-2 scheme to the whole model.
+    later applies the GPT-2 scheme to the whole model. ``impl`` names the kernel in ``LINEAR_IMPLS``
+    ("kiln": plain matmul; "fp8": float8 GEMMs, ``kiln.kernels.fp8``).
     """
 
     def __init__(
@@ -34,10 +52,14 @@ class Linear(nn.Module):
         out_features: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: str = "kiln",
     ) -> None:
         super().__init__()
+        if impl not in LINEAR_IMPLS:
+            raise ValueError(f"Linear impl={impl!r} is unknown; use one of {sorted(LINEAR_IMPLS)}")
         self.in_features = in_features
         self.out_features = out_features
+        self.impl = impl
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -46,10 +68,13 @@ class Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) -> (..., out_features)."""
-        return torch.matmul(x, self.weight.t())
+        if self.impl == "kiln":
+            return torch.matmul(x, self.weight.t())
+        return LINEAR_IMPLS[self.impl](x, self.weight)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"
+        impl = "" if self.impl == "kiln" else f", impl={self.impl!r}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=False{impl}"
 
 
 class Embedding(nn.Module):

@@ -91,6 +91,9 @@ class Transformer(nn.Module):
             )
             for i in range(c.n_layers)
         )
+        for module in self.layers.modules():  # the block matrices; embedding and lm_head stay as they are
+            if isinstance(module, Linear):
+                module.impl = c.linear_impl
         self.norm = RMSNorm(c.d_model, c.norm_eps, device=device, dtype=dtype, impl=c.norm_impl)
         self.lm_head = Linear(c.d_model, c.vocab_size, device=device, dtype=dtype)
         self.tie_weights()
