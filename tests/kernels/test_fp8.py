@@ -12,8 +12,20 @@ import pytest
 import torch
 
 from kiln.kernels import KernelFallbackWarning
-from kiln.kernels.fp8 import E4M3_MAX, fp8_linear, fp8_linear_ref, fp8_unsupported_reason, quantize_rows
+from kiln.kernels.fp8 import (
+    E4M3_MAX,
+    cpu_rowwise_supported,
+    fp8_linear,
+    fp8_linear_ref,
+    fp8_unsupported_reason,
+    quantize_rows,
+)
 from kiln.model import ModelConfig, build_model
+
+# The CPU tests need torch's CPU _scaled_mm with row-wise scales (torch 2.13; the GPU image's 2.11
+# CPU build has per-tensor scales only, and there fp8_linear falls back: tested below).
+cpu_fp8 = pytest.mark.skipif(not cpu_rowwise_supported(), reason=f"torch {torch.__version__}: CPU _scaled_mm "
+                             "has no row-wise scales (the GPU test covers this torch)")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,6 +50,7 @@ def test_quantize_rows_uses_the_full_range_and_survives_zero_rows():
     assert qt.is_contiguous() and st.shape == (64, 1)
 
 
+@cpu_fp8
 def test_each_gemm_equals_its_dequantized_emulation():
     """Forward, dgrad and wgrad each equal fp32 matmuls of the dequantized operands, scaled along
     the right axes: a swapped scale axis or a missing transpose fails this by orders of magnitude."""
@@ -57,6 +70,7 @@ def test_each_gemm_equals_its_dequantized_emulation():
     torch.testing.assert_close(w.grad, dw_emul.bfloat16().float(), rtol=8e-3, atol=1e-4)
 
 
+@cpu_fp8
 def test_close_to_the_exact_matmul_values_and_gradients():
     torch.manual_seed(1)
     x = torch.randn(4, 32, 256, requires_grad=True)
@@ -71,6 +85,7 @@ def test_close_to_the_exact_matmul_values_and_gradients():
     assert x.grad.dtype == x.dtype and w.grad.dtype == w.dtype
 
 
+@cpu_fp8
 def test_row_wise_scales_isolate_an_outlier_token():
     """One token 1000x larger leaves the other tokens' outputs exactly as they were (a per-tensor
     scale would flush them towards zero)."""
@@ -84,6 +99,7 @@ def test_row_wise_scales_isolate_an_outlier_token():
     torch.testing.assert_close(y_loud[keep], y[keep], rtol=0, atol=0)
 
 
+@cpu_fp8
 def test_follows_autocast_like_a_linear():
     x, w = torch.randn(16, 64), torch.randn(32, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -100,6 +116,17 @@ def test_unsupported_shapes_fall_back_to_the_matmul_with_a_warning(shape_x, shap
     torch.testing.assert_close(y, x @ w.t(), rtol=0, atol=0)
 
 
+def test_cpu_without_rowwise_scales_falls_back(monkeypatch):
+    from kiln.kernels import fp8
+
+    monkeypatch.setattr(fp8, "_CPU_ROWWISE", [False])
+    x, w = torch.randn(16, 64), torch.randn(32, 64)
+    with pytest.warns(KernelFallbackWarning, match="row-wise"):
+        y = fp8_linear(x, w)
+    torch.testing.assert_close(y, x @ w.t(), rtol=0, atol=0)
+
+
+@cpu_fp8
 def test_fp8_model_option_trains_like_the_bf16_model():
     cfg = ModelConfig(vocab_size=256, context_length=32, d_model=64, n_layers=2, n_heads=4, d_ff=128)
     torch.manual_seed(0)
@@ -128,19 +155,29 @@ def test_fp8_model_option_trains_like_the_bf16_model():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs a CUDA GPU with float8 tensor cores (sm_89+)")
 def test_compiled_fp8_model_matches_eager_on_gpu():
+    """Compiled and eager fp8 models are each as close to the bf16 model as float8 allows. (They are
+    not bit-equal to each other: Inductor's fused quantization rounds a few values to the
+    neighbouring e4m3 step, and 1/16 steps add up over layers; a lost gradient would be off by 1.)"""
     cfg = ModelConfig(vocab_size=512, context_length=128, d_model=256, n_layers=2, n_heads=4, d_ff=512,
-                      attention_impl="sdpa", linear_impl="fp8")
+                      attention_impl="sdpa")
     torch.manual_seed(0)
-    eager = build_model(cfg, device="cuda")
-    comp = build_model(cfg, device="cuda")
-    comp.load_state_dict(eager.state_dict())
-    compiled = torch.compile(comp)
+    ref = build_model(cfg, device="cuda")
+    eager = build_model(dataclasses.replace(cfg, linear_impl="fp8"), device="cuda")
+    comp = build_model(dataclasses.replace(cfg, linear_impl="fp8"), device="cuda")
+    eager.load_state_dict(ref.state_dict())
+    comp.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 512, (4, 128), device="cuda")
     out = []
-    for m, net in ((eager, eager), (comp, compiled)):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(net(idx).float().flatten(0, 1), idx.flatten())
+    for m, net in ((ref, ref), (eager, eager), (comp, torch.compile(comp))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", KernelFallbackWarning)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(net(idx).float().flatten(0, 1), idx.flatten())
         loss.backward()
-        out.append((loss.item(), m.layers[0].self_attn.q_proj.weight.grad.clone()))
-    assert abs(out[0][0] - out[1][0]) < 1e-2
-    assert _rel(out[1][1], out[0][1]) < 0.02
+        out.append((loss.item(), [p.grad.clone() for p in m.parameters()]))
+    errs = []
+    for loss, grads in out[1:]:
+        assert abs(loss - out[0][0]) < 0.02 * out[0][0]
+        errs.append(max(_rel(g, g_ref) for g, g_ref in zip(grads, out[0][1])))
+    # float8 vs bf16: ~0.10 at worst here (on the CPU, torch 2.13); compiled within 1.5x of eager
+    assert errs[0] < 0.25 and errs[1] < 1.5 * errs[0] + 0.02, errs

@@ -27,7 +27,8 @@ divide, clamp, cast, and the transposed copy the GEMM layout needs) into one or 
 
 Where it cannot run (a GPU before sm_89, a dimension not a multiple of 16, a dtype other than
 fp32/bf16/fp16), :func:`fp8_linear` warns once and returns :func:`fp8_linear_ref`, the plain
-matmul. On the CPU ``_scaled_mm`` runs (slowly, for tests): same numerics as on the GPU.
+matmul. On the CPU, ``_scaled_mm`` takes row-wise scales from torch 2.13 on (slowly, for tests:
+the same numerics as on the GPU); an older torch's CPU build falls back the same way.
 """
 
 from __future__ import annotations
@@ -96,17 +97,26 @@ def fp8_linear_ref(x: Tensor, weight: Tensor) -> Tensor:
     return torch.matmul(x, weight.t())
 
 
+_CPU_ROWWISE: list[bool] = []  # probed once: does this torch's CPU _scaled_mm take row-wise scales?
+
+
+def cpu_rowwise_supported() -> bool:
+    """Whether ``torch._scaled_mm`` on the CPU accepts row-wise scales (torch 2.13's does; 2.11's
+    asserts per-tensor scales only). Probed once with a 16x16 product."""
+    if not _CPU_ROWWISE:
+        a = torch.ones(16, 16).to(E4M3)
+        try:
+            torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+            _CPU_ROWWISE.append(True)
+        except RuntimeError:
+            _CPU_ROWWISE.append(False)
+    return _CPU_ROWWISE[0]
+
+
 def fp8_unsupported_reason(x: Tensor, weight: Tensor) -> str | None:
     """None if :func:`fp8_linear` can run on these tensors, else why not."""
     if x.device != weight.device:
         return f"x on {x.device}, weight on {weight.device}"
-    if x.device.type == "cuda":
-        if torch.version.hip is not None:
-            return "ROCm: the row-wise float8 GEMM is written for cuBLASLt"
-        if _capability(x.device.index) < (8, 9):
-            return "GPU older than sm_89 (float8 tensor cores need Ada or Hopper)"
-    elif x.device.type != "cpu":
-        return f"device {x.device.type} has no float8 GEMM here"
     ok = (torch.float32, torch.bfloat16, torch.float16)
     if x.dtype not in ok or weight.dtype not in ok:
         return f"dtypes {x.dtype} x {weight.dtype} (fp32, bf16 or fp16 expected)"
@@ -114,6 +124,16 @@ def fp8_unsupported_reason(x: Tensor, weight: Tensor) -> str | None:
     n, k = weight.shape
     if m % 16 or n % 16 or k % 16 or m == 0:
         return "every GEMM dimension (tokens, in, out features) must be a positive multiple of 16"
+    if x.device.type == "cuda":
+        if torch.version.hip is not None:
+            return "ROCm: the row-wise float8 GEMM is written for cuBLASLt"
+        if _capability(x.device.index) < (8, 9):
+            return "GPU older than sm_89 (float8 tensor cores need Ada or Hopper)"
+    elif x.device.type == "cpu":
+        if not cpu_rowwise_supported():
+            return f"torch {torch.__version__}'s CPU float8 GEMM has no row-wise scales (torch >= 2.13 has)"
+    else:
+        return f"device {x.device.type} has no float8 GEMM here"
     return None
 
 

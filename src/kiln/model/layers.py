@@ -29,9 +29,9 @@ def matmul_linear(x: Tensor, weight: Tensor) -> Tensor:
 def fp8_linear(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ weight^T`` with float8 GEMMs in forward and backward (``kiln.kernels.fp8``); falls back
     to the plain matmul, with one warning, where float8 cannot run."""
-    from kiln.kernels.fp8 import fp8_linear as _fp8  # lazy: a kernels import is not needed otherwise
+    from kiln.kernels import fp8  # lazy: the model needs no kernels import otherwise
 
-    return _fp8(x, weight)
+    return fp8.fp8_linear(x, weight)
 
 
 # Linear kernels by name, chosen by ModelConfig.linear_impl. Same signature as matmul_linear.
