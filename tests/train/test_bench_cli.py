@@ -120,3 +120,25 @@ def test_bench_speedrun_without_heldout_tokens_says_what_to_do(tokens_dir, tmp_p
                "--out", str(tmp_path / "sr")])
     err = capsys.readouterr().err
     assert rc == 2 and "no val_*.bin shards" in err and "validation split" in err
+
+
+def test_speedrun_verdict_weighs_the_margin_against_seed_noise():
+    from kiln.bench.speedrun import SpeedrunRow, compare_sides, format_table
+
+    def row(side, seed, loss):
+        return SpeedrunRow(side, seed, 600.0, 5000, 3.3e8, loss, None)
+
+    # the fifth session's clean-split pair: lower for both seeds, margin 0.0101 vs spread 0.0097
+    # (passes the spread rule by a hair; Welch t 2.1); a tie within noise; a loss; one run per side
+    session = [row("kiln", 1337, 3.0463), row("torch", 1337, 3.0618), row("kiln", 1338, 3.0474), row("torch", 1338, 3.0521)]
+    line = compare_sides(session)
+    assert "+0.0101" in line and "noise (largest seed spread) 0.0097" in line and "+0.0155, +0.0047" in line
+    assert "Welch t 2.1 (2 + 2 runs)" in line
+    assert line.endswith("Kiln lower by more than the noise")  # 0.0101 > 0.0097, every seed lower
+    noisy = [row("kiln", 1, 3.00), row("torch", 1, 3.05), row("kiln", 2, 3.04), row("torch", 2, 3.02)]
+    assert compare_sides(noisy).endswith("not shown: the margin does not exceed the noise")
+    worse = [row("kiln", 1, 3.10), row("torch", 1, 3.00), row("kiln", 2, 3.11), row("torch", 2, 3.01)]
+    assert compare_sides(worse).endswith("Kiln not lower")
+    assert "noise unknown" in compare_sides(session[:2])
+    assert compare_sides([r for r in session if r.side == "kiln"]) is None
+    assert "- margin (torch - kiln" in format_table(session)

@@ -171,7 +171,40 @@ def format_table(rows: list[SpeedrunRow]) -> str:
         if losses:
             spread = f" (spread {max(losses) - min(losses):.4f} over {len(losses)} runs)" if len(losses) > 1 else ""
             summary.append(f"- {side}: mean val loss {statistics.mean(losses):.4f}{spread}")
-    return "\n".join(out + [""] + summary)
+    verdict = compare_sides(rows)
+    return "\n".join(out + [""] + summary + ([f"- {verdict}"] if verdict else []))
+
+
+def compare_sides(rows: list[SpeedrunRow]) -> str | None:
+    """One line: Kiln's margin over the baseline against run-to-run noise, or None without both sides.
+
+    Noise is the larger of the two sides' seed spreads (max - min of val loss). The margin counts as
+    larger than the noise only when it exceeds that spread *and* Kiln is lower for every seed both
+    sides ran. Welch's t (margin over its standard error) is printed too: with two seeds per side a
+    spread is a rough noise estimate, and t says how rough. With one run per side the noise is
+    unknown, and the line says so instead of guessing."""
+    kiln = {r.seed: r.val_loss for r in rows if r.side == "kiln"}
+    base = {r.seed: r.val_loss for r in rows if r.side == "torch"}
+    if not kiln or not base:
+        return None
+    margin = statistics.mean(base.values()) - statistics.mean(kiln.values())  # > 0: Kiln lower
+    head = f"margin (torch - kiln, mean val loss): {margin:+.4f}"
+    if len(kiln) < 2 or len(base) < 2:
+        return head + "; noise unknown with one run per side (use --repeats 2 or more)"
+    noise = max(max(v.values()) - min(v.values()) for v in (kiln, base))
+    se = math.sqrt(sum(statistics.variance(v.values()) / len(v) for v in (kiln, base)))
+    t = f"{margin / se:.1f}" if se > 0 else "inf"
+    paired = [base[s] - kiln[s] for s in sorted(kiln.keys() & base.keys())]
+    every = bool(paired) and all(d > 0 for d in paired)
+    pairs = ", ".join(f"{d:+.4f}" for d in paired) or "n/a"
+    if margin <= 0:
+        verdict = "Kiln not lower"
+    elif margin > noise and every:
+        verdict = "Kiln lower by more than the noise"
+    else:
+        verdict = "not shown: the margin does not exceed the noise"
+    return (f"{head}; noise (largest seed spread) {noise:.4f}; per seed {pairs}; "
+            f"Welch t {t} ({len(kiln)} + {len(base)} runs): {verdict}")
 
 
 def _prepare_run_dir(run_dir: Path, key: dict) -> SpeedrunRow | None:
