@@ -15,9 +15,9 @@ wgrad      dW (N,K) = dy^T (N,M) @ x       dy, one per column (N)   x, one per c
 Every scale is taken along the GEMM's reduction dimension ("row-wise" scaling), so one outlier
 token or channel costs precision only in its own row. A scale is ``amax / 448`` (448: the largest
 e4m3 value), so each row uses the whole e4m3 range; ``_scaled_mm`` multiplies the scales back in
-its epilogue. e4m3 (3 mantissa bits) is used for gradients too: with per-row scales its range
-suffices, and the row-wise ``_scaled_mm`` accepts e4m3 only. This is the recipe torchao calls
-"rowwise" (all three GEMMs float8, row-wise scales), written here from the formulas above.
+its epilogue. e4m3 (3 mantissa bits, range +-448) is used for gradients too: with a scale per
+row, the range e5m2 would add is not needed. This is the recipe torchao calls "rowwise" (all three
+GEMMs float8, row-wise scales), written here from the formulas above.
 
 What is kept in higher precision: the saved activation ``x`` (bf16, as a bf16 linear saves it:
 the wgrad needs it scaled along a different axis than the forward did), the weight (fp32 master

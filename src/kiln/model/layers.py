@@ -68,8 +68,6 @@ class Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) -> (..., out_features)."""
-        if self.impl == "kiln":
-            return torch.matmul(x, self.weight.t())
         return LINEAR_IMPLS[self.impl](x, self.weight)
 
     def extra_repr(self) -> str:
