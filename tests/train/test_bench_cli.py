@@ -120,6 +120,9 @@ def test_bench_speedrun_without_heldout_tokens_says_what_to_do(tokens_dir, tmp_p
                "--out", str(tmp_path / "sr")])
     err = capsys.readouterr().err
     assert rc == 2 and "no val_*.bin shards" in err and "validation split" in err
+    rc = main(["bench", "speedrun", "--tokens", str(tokens_dir), "--preset", "tiny", "--seconds", "1",
+               "--device", "cpu", "--eval-tokens", "0", "--out", str(tmp_path / "sr0")])
+    assert rc == 2 and "--eval-tokens 0: must be a positive count" in capsys.readouterr().err
 
 
 def test_speedrun_verdict_weighs_the_margin_against_seed_noise():

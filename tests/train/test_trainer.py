@@ -186,3 +186,17 @@ def test_eval_tokens_fixes_the_heldout_set_across_batch_sizes(tokens_dir, tmp_pa
 
     assert scored(2) != scored(4)  # the older count: 2 batches of 2 or of 4 windows
     assert scored(2, eval_tokens=50) == scored(4, eval_tokens=50) == "48 tokens"  # 3 windows of 16
+
+
+def test_no_heldout_tokens_is_said_not_skipped_silently(tokens_dir, tmp_path, make_config):
+    import shutil
+
+    bare = tmp_path / "bare_tokens"
+    shutil.copytree(tokens_dir, bare)
+    for p in bare.glob("val_*.bin"):
+        p.unlink()
+    run = train(make_config(max_steps=2, eval_every=2, save_every=0), bare, tmp_path / "run")
+    log = (run / "train.log").read_text()
+    assert "no held-out tokens" in log and "validation split" in log and "val loss" not in log
+    quiet = train(make_config(max_steps=2, eval_every=0, save_every=0), bare, tmp_path / "quiet")
+    assert "no held-out tokens" not in (quiet / "train.log").read_text()

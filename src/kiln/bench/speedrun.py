@@ -180,7 +180,7 @@ def compare_sides(rows: list[SpeedrunRow]) -> str | None:
 
     Noise is the larger of the two sides' seed spreads (max - min of val loss). The margin counts as
     larger than the noise only when it exceeds that spread *and* Kiln is lower for every seed both
-    sides ran. Welch's t (margin over its standard error) is printed too: with two seeds per side a
+    sides ran (there must be at least one such seed: unpaired runs cannot show it). Welch's t (margin over its standard error) is printed too: with two seeds per side a
     spread is a rough noise estimate, and t says how rough. With one run per side the noise is
     unknown, and the line says so instead of guessing."""
     kiln = {r.seed: r.val_loss for r in rows if r.side == "kiln"}
@@ -251,6 +251,10 @@ def run(args: argparse.Namespace) -> int:
     token_bytes = Tokenizer.load(args.tokenizer).token_bytes() if args.tokenizer else None
     # --eval-tokens: the same held-out tokens whatever the batch size (a batch-size ablation needs
     # that); the older --eval-batches counts micro-batches, so its set moves with the batch size.
+    for flag, v in (("--eval-tokens", args.eval_tokens), ("--eval-batches", args.eval_batches)):
+        if v is not None and v < 1:
+            print(f"{flag} {v}: must be a positive count (e.g. --eval-tokens 2097152)", file=sys.stderr)
+            return 2
     sizing = (replace(cfg, eval_batches=args.eval_batches, eval_tokens=0) if args.eval_batches is not None
               else replace(cfg, eval_tokens=args.eval_tokens))
     val = read_heldout(tokens_dir, sizing.eval_token_count + 1)

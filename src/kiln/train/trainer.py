@@ -148,6 +148,10 @@ def train(
     runlog = RunLog(out, resume_step=start, enabled=dist.is_main)
     try:
         tokenizer = _load_tokenizer(tokenizer_path, runlog)
+        if cfg.eval_every and data.val is None:
+            runlog.warning(f"no held-out tokens in {tokens_dir} (val_*.bin missing, or shorter than one "
+                           f"{cfg.model.context_length + 1}-token window): no validation loss; tokenize the "
+                           "corpus with a validation split, or set eval_every=0 to silence this")
         token_bytes = tokenizer.token_bytes() if tokenizer is not None else None
         max_steps, mb = cfg.total_steps, _micro_batch(cfg, dist.world_size)
         accum = cfg.batch_size // (mb * dist.world_size)
