@@ -8,11 +8,11 @@ from kiln.cli.main import main
 
 
 def test_bench_train_tiny_cpu(tmp_path):
-    rc = main(["bench", "train", "--shapes", "tiny", "--variants", "torch,kiln", "--steps", "2", "--warmup", "1",
-               "--device", "cpu", "--compile", "off", "--out", str(tmp_path)])
+    rc = main(["bench", "train", "--shapes", "tiny", "--variants", "torch,kiln,kiln+muon", "--steps", "2",
+               "--warmup", "1", "--device", "cpu", "--compile", "off", "--out", str(tmp_path)])
     assert rc == 0
     rows = json.loads((tmp_path / "bench_train.json").read_text())
-    assert [r["variant"] for r in rows] == ["torch", "kiln"] and not any(r["error"] for r in rows)
+    assert [r["variant"] for r in rows] == ["torch", "kiln", "kiln+muon"] and not any(r["error"] for r in rows)
     # Same shape, same data, same init scale: both start near ln(512) = 6.24 nats.
     assert all(5.5 < r["final_loss"] < 7.0 and r["tok_s"] > 0 for r in rows)
     assert "| tiny | kiln |" in (tmp_path / "bench_train.md").read_text()
@@ -145,3 +145,20 @@ def test_speedrun_verdict_weighs_the_margin_against_seed_noise():
     assert "noise unknown" in compare_sides(session[:2])
     assert compare_sides([r for r in session if r.side == "kiln"]) is None
     assert "- margin (torch - kiln" in format_table(session)
+
+
+def test_bench_optim_tiny_cpu(tmp_path):
+    """Every optimizer row runs, and Kiln's Muon and AdamW make the same first update as torch.optim's
+    (Muon: torch's Newton-Schulz always runs in bf16, Kiln's in fp32 on the CPU, hence ~1e-2)."""
+    rc = main(["bench", "optim", "--shapes", "tiny", "--steps", "1", "--warmup", "0", "--device", "cpu",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    rows = {(r["table"], r["impl"]): r for r in json.loads((tmp_path / "bench_optim.json").read_text())}
+    assert not any(r["error"] for r in rows.values())
+    assert rows[("step", "kiln Muon eager")]["rel_diff"] < 5e-2
+    assert rows[("step", "kiln Muon fused")]["rel_diff"] < 5e-2
+    assert rows[("step", "kiln AdamW fused")]["rel_diff"] < 1e-5
+    assert rows[("newton-schulz x5", "kiln batched baddbmm")]["rel_diff"] < 1e-5
+    assert all(r["ms"] > 0 for r in rows.values())
+    assert "| tiny | step | kiln Muon fused |" in (tmp_path / "bench_optim.md").read_text()
+    assert main(["bench", "optim", "--shapes", "nope", "--device", "cpu"]) == 2

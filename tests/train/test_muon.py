@@ -11,10 +11,12 @@ import torch
 from kiln.model import ModelConfig, build_model
 from kiln.train import AdamW, cross_entropy, restore_checkpoint, save_checkpoint
 from kiln.train.muon import (
+    NS_COEFFS,
     CombinedOptimizer,
     Muon,
     muon_param_groups,
     muon_with_adamw,
+    newton_schulz_iterations,
     update_scale,
     zeropower_via_newtonschulz5,
 )
@@ -66,6 +68,18 @@ def test_newton_schulz_batched_equals_one_by_one():
     batched = zeropower_via_newtonschulz5(G)
     single = torch.stack([zeropower_via_newtonschulz5(g) for g in G])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_newton_schulz_tall_is_the_transpose_of_wide():
+    """A tall matrix iterates on X^T X with X <- aX + XB (no transposed copy); that must equal
+    iterating its transpose the wide way."""
+    G = torch.randn(2, 72, 24, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(zeropower_via_newtonschulz5(G), zeropower_via_newtonschulz5(G.mT).mT,
+                               atol=1e-5, rtol=1e-5)
+    X = torch.randn(2, 24, 72, generator=torch.Generator().manual_seed(3)) / 20
+    a, b, c = NS_COEFFS
+    A = X @ X.mT
+    torch.testing.assert_close(newton_schulz_iterations(X, 1), a * X + (b * A + c * A @ A) @ X, atol=1e-5, rtol=1e-5)
 
 
 def test_update_scale_and_validation():

@@ -10,6 +10,8 @@ Every row trains the same model shape on the same random token batches, one GPU,
   clipping without a host sync, AdamW update masked by the guard and compiled into fused kernels.
 - ``kiln+triton``: the same with Kiln's Triton kernels chosen by config (FlashAttention-2 style
   attention, fused RMSNorm, chunked linear + cross-entropy).
+- ``kiln+muon``: ``kiln`` with the optimizer the speedrun preset uses: Muon (fused, ``kiln.kernels.muon``)
+  for the block matrices and AdamW for the rest (``kiln.train.muon.muon_with_adamw``).
 - ``kiln+fp8``: ``kiln`` with float8 GEMMs for the block matrices (``ModelConfig.linear_impl="fp8"``,
   ``kiln.kernels.fp8``: e4m3, row-wise scales, all three GEMMs of each linear). MFU is still
   counted against the bf16 peak, so it stays comparable with the other rows.
@@ -35,16 +37,20 @@ import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-VARIANTS = ("torch", "torch+liger", "kiln", "kiln+triton", "kiln+fp8")
+VARIANTS = ("torch", "torch+liger", "kiln", "kiln+triton", "kiln+fp8", "kiln+muon")
 
 
 def shapes() -> dict:
-    """Named model shapes (Llama layout, tied embeddings): GPT-2-small, ~350M, and a CPU smoke size."""
+    """Named model shapes (Llama layout, tied embeddings): GPT-2-small, the speedrun preset's, ~350M,
+    and a CPU smoke size."""
     from kiln.model import ModelConfig
     from kiln.train.config import gpt2_small
 
+    from kiln.train.config import speedrun
+
     return {
         "gpt2_small": gpt2_small().model,  # the training preset's shape (the runners pick the kernels)
+        "speedrun": speedrun().model,  # the 10-minute preset: vocab 8192, head dim 128
         "350m": ModelConfig(vocab_size=50304, context_length=1024, d_model=1024, n_layers=24, n_heads=16,
                             d_ff=2752, tie_embeddings=True),
         "tiny": ModelConfig(vocab_size=512, context_length=64, d_model=64, n_layers=2, n_heads=4,
@@ -82,8 +88,16 @@ def _kiln_runner(cfg, variant: str, device, lr: float, compile_: bool):
     mcfg = replace(cfg, attention_impl="triton" if triton else "sdpa", norm_impl="triton" if triton else "kiln",
                    linear_impl="fp8" if variant == "kiln+fp8" else "kiln")
     model = build_model(mcfg, device=device)
-    groups = param_groups(model, 0.1)
-    opt = AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    if variant == "kiln+muon":
+        from kiln.train.muon import muon_with_adamw
+
+        opt = muon_with_adamw(model, weight_decay=0.1, adamw_lr=lr, betas=(0.9, 0.95))
+        for inner in opt.optimizers:
+            inner.fused = device.type == "cuda"
+        for g in opt.param_groups:
+            g["lr_scale"] = g["base_lr"] / lr
+    else:
+        opt = AdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     loss_fn = make_loss_fn(model, model, "fused" if triton else "torch", compile_=compile_)
     step = TrainStep(loss_fn, model, model, opt, clip_grad_norm_, 1.0, SingleProcess(), amp, device)
@@ -201,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         if name not in table:
             print(f"unknown shape {name!r}; use one of {sorted(table)}", file=sys.stderr)
             return 2
-        batch = args.batch or {"gpt2_small": 32, "350m": 16, "tiny": 4}[name]
+        batch = args.batch or {"gpt2_small": 32, "speedrun": 64, "350m": 16, "tiny": 4}[name]
         for variant in args.variants.split(","):
             if variant not in VARIANTS:
                 print(f"unknown variant {variant!r}; use one of {VARIANTS}", file=sys.stderr)
@@ -234,7 +248,7 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--shapes", default="gpt2_small,350m", help=f"comma list from {','.join(shapes())}")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {','.join(VARIANTS)}")
-    p.add_argument("--batch", type=int, default=0, help="sequences per step (0: 32 for gpt2_small, 16 for 350m)")
+    p.add_argument("--batch", type=int, default=0, help="sequences per step (0: 32 for gpt2_small, 64 for speedrun, 16 for 350m)")
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation)")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"),

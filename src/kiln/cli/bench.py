@@ -13,6 +13,7 @@ BENCH_MODULES = [
     "kiln.bench.data",
     "kiln.bench.kernels",
     "kiln.bench.train",
+    "kiln.bench.optim",
     "kiln.bench.speedrun",
     "kiln.bench.distributed",
 ]

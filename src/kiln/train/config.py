@@ -89,7 +89,8 @@ class TrainConfig:
     """"torch": logits + Kiln's cross_entropy (fused by torch.compile when compile=true); "fused":
     Kiln's chunked Triton linear + cross-entropy kernel (logits never held)."""
     fused_optimizer: bool = True
-    """On CUDA, compile the guarded AdamW update into a few fused kernels (``kiln.train.optim``)."""
+    """On CUDA, Kiln's Triton optimizer kernels: AdamW's one-pass update (``kiln.kernels.adamw``) and
+    Muon's two elementwise passes around Newton-Schulz (``kiln.kernels.muon``); else eager torch ops."""
     optimizer: str = "adamw"
     """"adamw" for every parameter, or "muon": Muon (orthogonalized momentum) for the transformer
     blocks' matrices and AdamW for embeddings, head and norms (``kiln.train.muon``)."""

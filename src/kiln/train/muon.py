@@ -48,27 +48,43 @@ def zeropower_via_newtonschulz5(
 
     The iteration runs in ``dtype`` (default: bf16 on CUDA, where the matmuls are fast and the
     iteration is stable in bf16; fp32 elsewhere). ``G`` is first divided by its Frobenius norm
-    (computed in fp32), which bounds every singular value by 1, inside the iteration's basin. A
-    tall matrix is transposed so ``X X^T`` is the small (min(m, n))^2 Gram matrix.
+    (computed in fp32), which bounds every singular value by 1, inside the iteration's basin. The
+    iteration itself is ``newton_schulz_iterations``.
     """
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
     if steps < 1:
         raise ValueError(f"Newton-Schulz steps={steps} must be >= 1 (5 is standard)")
-    a, b, c = NS_COEFFS
     if dtype is None:
         dtype = torch.bfloat16 if G.is_cuda else torch.float32
-    tall = G.size(-2) > G.size(-1)
-    X = G.mT if tall else G  # (..., r, s) with r <= s
-    norm = torch.linalg.matrix_norm(X.float(), ord="fro", keepdim=True)  # (..., 1, 1)
-    X = (X.float() / (norm + eps)).to(dtype)
+    X = G.reshape(-1, G.size(-2), G.size(-1)).float()  # (k, m, n)
+    norm = torch.linalg.matrix_norm(X, ord="fro", keepdim=True)  # (k, 1, 1)
+    X = (X / (norm + eps)).to(dtype)
+    return newton_schulz_iterations(X, steps).reshape(G.shape).to(G.dtype)
+
+
+def newton_schulz_iterations(X: Tensor, steps: int) -> Tensor:
+    """``steps`` quintic Newton-Schulz steps on matrices already scaled to spectral norm <= 1.
+
+    X: (k, m, n) in the working dtype -> a new (k, m, n) contiguous tensor. Each step is three
+    batched GEMMs with the polynomial folded into cuBLAS's epilogue (``baddbmm``: ``beta * C +
+    alpha * A @ B``), so no elementwise kernel runs between them. The Gram matrix is always the
+    small one: ``A = X X^T`` (m x m) with ``X <- a X + B X`` for a wide or square X, and
+    ``A = X^T X`` (n x n) with ``X <- a X + X B`` for a tall one; both are ``p(X X^T) X`` with
+    ``p = a + b A + c A^2``, and neither needs a transposed copy of X.
+    """
+    a, b, c = NS_COEFFS
+    tall = X.size(-2) > X.size(-1)
     for _ in range(steps):
-        A = X @ X.mT  # (..., r, r)
-        B = b * A + c * (A @ A)  # (..., r, r)
-        X = a * X + B @ X  # (..., r, s)
-    if tall:
-        X = X.mT
-    return X.to(G.dtype)
+        if tall:
+            A = torch.bmm(X.mT, X)  # (k, n, n)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2, (k, n, n)
+            X = torch.baddbmm(X, X, B, beta=a)  # a X + X B, (k, m, n)
+        else:
+            A = torch.bmm(X, X.mT)  # (k, m, m)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # (k, m, m)
+            X = torch.baddbmm(X, B, X, beta=a)  # a X + B X, (k, m, n)
+    return X
 
 
 def update_scale(rows: int, cols: int, scale: str) -> float:
@@ -104,6 +120,12 @@ class Muon(torch.optim.Optimizer):
     g and buf, not the step size. Matrices of one shape in one group are stacked and orthogonalized
     in one batched call (a Kiln block's 7 matrices have 3 shapes, 4 with GQA, so a step launches
     about 3 x ns_steps x 3 batched matmuls instead of 7 x n_layers x ns_steps x 3 small ones).
+    Each update is normalized by its Frobenius norm (taken in fp32) after the cast to the
+    iteration's dtype (bf16 on CUDA, fp32 elsewhere).
+
+    ``fused=True`` (what the trainer sets on CUDA) runs the elementwise work around Newton-Schulz
+    as two Triton passes (``kiln.kernels.muon``) instead of about ten eager torch ops; the result
+    is the same up to rounding, and where the kernels cannot run it falls back with one warning.
 
     State per parameter: ``momentum_buffer`` (same dtype/device as the parameter). No step counter
     is needed (no bias correction), and nothing reads a device value on the host. Each group
@@ -121,6 +143,7 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         scale: str = "moonshot",
         ns_steps: int = 5,
+        fused: bool = False,
     ) -> None:
         if not lr >= 0:
             raise ValueError(f"Muon lr={lr} must be >= 0")
@@ -135,6 +158,7 @@ class Muon(torch.optim.Optimizer):
         defaults = {"lr": lr, "momentum": momentum, "nesterov": bool(nesterov), "weight_decay": weight_decay,
                     "scale": scale, "ns_steps": ns_steps}
         super().__init__(params, defaults)
+        self.fused = fused
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group after checking that every parameter is a matrix."""
@@ -157,7 +181,13 @@ class Muon(torch.optim.Optimizer):
         """One update of every matrix that has a gradient. Returns ``closure()`` if given.
 
         ok: optional 0-dim bool device tensor; where false, parameters and momentum stay unchanged
-        (the gradients are zeroed through ``where`` first, so a NaN never reaches the buffer)."""
+        (the gradients are zeroed through ``where`` first, so a NaN never reaches the buffer).
+
+        Per bucket of same-shaped matrices: the momentum pass (momentum, Nesterov mix, stacking,
+        squared norms), normalization, ``newton_schulz_iterations``, the apply pass (weight decay
+        and the scaled update). With ``fused`` the two passes are Kiln's Triton kernels
+        (``kiln.kernels.muon``), else eager torch ops (``_muon_momentum_reference`` /
+        ``_muon_apply_reference``, also the fallback where the kernels cannot run)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -178,29 +208,75 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            okf = None
-            if ok is not None:
-                okf = ok.to(torch.float32)
-                grads = [torch.where(ok, g, torch.zeros_like(g)) for g in grads]
-                torch._foreach_mul_(bufs, 1.0 + (mu - 1.0) * okf)  # mu when ok, 1 when skipped
-            else:
-                torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, grads)
-            updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
-            if wd != 0:
-                torch._foreach_mul_(params, 1.0 - lr * wd if okf is None else 1.0 - lr * wd * okf)
+            momentum, apply = _muon_momentum_reference, _muon_apply_reference
+            ok_arg = ok
+            if self.fused:
+                from kiln.kernels import muon as kernels
+
+                if ok_arg is None:
+                    ok_arg = self._always_ok(params[0].device)
+                reason = kernels.muon_supported(params, grads, bufs, ok_arg)
+                if reason is None:
+                    momentum, apply = kernels.muon_momentum_, kernels.muon_apply_
+                else:
+                    kernels.fallback_warning(reason)
+                    ok_arg = ok
             # Same-shaped matrices share one batched Newton-Schulz call.
             buckets: dict[tuple, list[int]] = {}
             for i, p in enumerate(params):
                 buckets.setdefault((tuple(p.shape), p.device, p.dtype), []).append(i)
-            for (shape, _, dtype), idx in buckets.items():
-                G = torch.stack([updates[i] for i in idx])  # (k, rows, cols)
-                ortho = zeropower_via_newtonschulz5(G, group["ns_steps"]).to(dtype)  # (k, rows, cols)
-                if okf is not None:
-                    ortho = ortho * okf.to(dtype)
-                alpha = -lr * update_scale(shape[0], shape[1], group["scale"])
-                torch._foreach_add_([params[i] for i in idx], list(ortho.unbind(0)), alpha=alpha)
+            for (shape, device, _), idx in buckets.items():
+                ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+                U, sumsq = momentum([grads[i] for i in idx], [bufs[i] for i in idx], ok_arg, mu,
+                                    group["nesterov"], ns_dtype)  # (k, rows, cols), (k,)
+                U.mul_((1.0 / (sumsq.sqrt() + 1e-7)).view(-1, 1, 1))  # Frobenius norm 1: every singular value <= 1
+                ortho = newton_schulz_iterations(U, group["ns_steps"])  # (k, rows, cols)
+                apply([params[i] for i in idx], ortho, ok_arg, lr * wd,
+                      -lr * update_scale(shape[0], shape[1], group["scale"]))
         return loss
+
+    def _always_ok(self, device: torch.device) -> Tensor:
+        """A cached 0-dim ``True`` on ``device``: the fused passes always take a guard tensor."""
+        cache = self.__dict__.setdefault("_ok_true", {})
+        if device not in cache:
+            cache[device] = torch.ones((), dtype=torch.bool, device=device)
+        return cache[device]
+
+
+def _muon_momentum_reference(grads: list[Tensor], bufs: list[Tensor], ok: Tensor | None, mu: float,
+                             nesterov: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Eager momentum pass over one bucket (``bufs`` updated in place), as ``kiln.kernels.muon``.
+
+    grads, bufs: k tensors of one shape (rows, cols). Returns ``U`` (k, rows, cols) in ``dtype``
+    (the Nesterov or plain momentum update) and ``sumsq`` (k,) fp32, each update's squared
+    Frobenius norm taken before the cast."""
+    if ok is not None:
+        okf = ok.to(torch.float32)
+        grads = [torch.where(ok, g, torch.zeros_like(g)) for g in grads]
+        torch._foreach_mul_(bufs, 1.0 + (mu - 1.0) * okf)  # mu when ok, 1 when skipped
+    else:
+        torch._foreach_mul_(bufs, mu)
+    torch._foreach_add_(bufs, grads)
+    updates = torch._foreach_add(grads, bufs, alpha=mu) if nesterov else bufs
+    U = torch.stack(updates).float()  # (k, rows, cols)
+    return U.to(dtype), U.square().sum(dim=(-2, -1))
+
+
+def _muon_apply_reference(params: list[Tensor], O: Tensor, ok: Tensor | None, decay: float, alpha: float) -> None:
+    """Eager apply pass: ``p <- p * (1 - decay * okf) + alpha * okf * O[i]`` (``okf`` = 1 without ``ok``).
+
+    O: (k, rows, cols), the orthogonalized updates of the k same-shaped ``params``."""
+    dtype = params[0].dtype
+    O = O.to(dtype)
+    if ok is None:
+        if decay != 0:
+            torch._foreach_mul_(params, 1.0 - decay)
+    else:
+        okf = ok.to(torch.float32)
+        if decay != 0:
+            torch._foreach_mul_(params, 1.0 - decay * okf)
+        O = O * okf.to(dtype)
+    torch._foreach_add_(params, list(O.unbind(0)), alpha=alpha)
 
 
 def muon_param_groups(

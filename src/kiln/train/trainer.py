@@ -317,9 +317,8 @@ def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module, dist: Any, device
                               betas=cfg.betas, eps=cfg.eps, momentum=cfg.muon_momentum)
         for g in opt.param_groups:
             g["lr_scale"] = g["base_lr"] / cfg.lr
-        for inner in opt.optimizers:
-            if isinstance(inner, AdamW):
-                inner.fused = fused
+        for inner in opt.optimizers:  # Kiln's AdamW and Muon: Triton passes on CUDA
+            inner.fused = fused
         return opt
     groups = param_groups(model, cfg.weight_decay)
     for g in groups:
