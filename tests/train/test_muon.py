@@ -113,6 +113,24 @@ def test_param_groups_split_every_parameter_once():
         assert len(opt.param_groups) == len(muon_groups) + len(adamw_groups)
 
 
+def test_muon_weight_decay_is_its_own_knob(tmp_path):
+    """muon_weight_decay sets the Muon matrices' decay only; -1 in TrainConfig means weight_decay."""
+    from kiln.train.config import TrainConfig
+    from kiln.train.trainer import _build_optimizer
+
+    model = _model()
+    opt = muon_with_adamw(model, weight_decay=0.1, adamw_lr=3e-3, muon_weight_decay=0.4)
+    muon, adamw = opt.optimizers
+    assert [g["weight_decay"] for g in muon.param_groups] == [0.4] and muon.defaults["weight_decay"] == 0.4
+    assert sorted(g["weight_decay"] for g in adamw.param_groups) == [0.0, 0.1]
+    for mwd, want in ((-1.0, 0.1), (0.0, 0.0), (0.8, 0.8)):
+        cfg = dataclasses.replace(TrainConfig(model=CFG), optimizer="muon", weight_decay=0.1, muon_weight_decay=mwd)
+        built = _build_optimizer(cfg, model, None, torch.device("cpu"))
+        assert built.optimizers[0].param_groups[0]["weight_decay"] == want
+    with pytest.raises(ValueError, match="muon_weight_decay"):
+        TrainConfig(model=CFG, muon_weight_decay=-0.5)
+
+
 def test_muon_trains_a_tiny_transformer():
     model = _model()
     opt = muon_with_adamw(model, weight_decay=0.0, adamw_lr=1e-2)

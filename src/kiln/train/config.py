@@ -99,6 +99,10 @@ class TrainConfig:
     scaled to AdamW's RMS, Moonshot's rule, so one lr fits both). The schedule scales it like lr."""
     muon_momentum: float = 0.95
     """Muon's momentum (Nesterov)."""
+    muon_weight_decay: float = -1.0
+    """Decoupled weight decay of the Muon matrices (optimizer="muon"); -1: the same as weight_decay.
+    With tied embeddings the Muon matrices are the only decayed weights, so this is the knob that
+    matters when the data is repeated for several epochs (see docs/train.md#speedrun)."""
     max_seconds: float = 0.0
     """Time budget in seconds of training steps (not counting the first step, which carries the
     compilation, nor evaluation and saving); 0: none.
@@ -157,6 +161,9 @@ class TrainConfig:
                              "max-autotune-no-cudagraphs, max-autotune or reduce-overhead")
         if self.max_seconds < 0 or self.muon_lr < 0 or not 0 <= self.muon_momentum < 1:
             raise ValueError("TrainConfig.max_seconds must be >= 0, muon_lr >= 0 and muon_momentum in [0, 1)")
+        if not (self.muon_weight_decay >= 0 or self.muon_weight_decay == -1):
+            raise ValueError(f"TrainConfig.muon_weight_decay={self.muon_weight_decay} must be >= 0, "
+                             "or -1 for the same as weight_decay")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r} is unknown; use one of {DTYPES}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -280,12 +280,13 @@ def _muon_apply_reference(params: list[Tensor], O: Tensor, ok: Tensor | None, de
 
 
 def muon_param_groups(
-    model: torch.nn.Module, weight_decay: float, adamw_lr: float, muon_lr: float
+    model: torch.nn.Module, weight_decay: float, adamw_lr: float, muon_lr: float,
+    muon_weight_decay: float | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Split a Kiln ``Transformer``'s parameters into Muon groups and AdamW groups.
 
     Muon: the 2-D matrices inside the blocks (names under ``layers.``: q/k/v/o projections,
-    gate/up/down), decayed with ``weight_decay``. AdamW: everything else: the embedding (a lookup
+    gate/up/down), decayed with ``muon_weight_decay`` (None: ``weight_decay``). AdamW: everything else: the embedding (a lookup
     whose rows see sparse, token-frequency-skewed gradients), the output head (Muon's authors keep
     the first and last layers on AdamW), norm gains and any non-matrix. As in
     ``kiln.train.optim.param_groups``, AdamW decays its matrices (an untied lm_head) but not
@@ -308,7 +309,8 @@ def muon_param_groups(
             decay.append(p)
         else:
             no_decay.append(p)
-    muon_groups = [{"params": muon, "lr": muon_lr, "base_lr": muon_lr, "weight_decay": weight_decay}]
+    muon_wd = weight_decay if muon_weight_decay is None else muon_weight_decay
+    muon_groups = [{"params": muon, "lr": muon_lr, "base_lr": muon_lr, "weight_decay": muon_wd}]
     adamw_groups = [
         {"params": decay, "lr": adamw_lr, "base_lr": adamw_lr, "weight_decay": weight_decay},
         {"params": no_decay, "lr": adamw_lr, "base_lr": adamw_lr, "weight_decay": 0.0},
@@ -458,6 +460,7 @@ def muon_with_adamw(
     nesterov: bool = True,
     scale: str = "moonshot",
     ns_steps: int = 5,
+    muon_weight_decay: float | None = None,
 ) -> CombinedOptimizer:
     """Muon on the block matrices and Kiln's AdamW on the rest, as one ``CombinedOptimizer``.
 
@@ -466,11 +469,11 @@ def muon_with_adamw(
     """
     if muon_lr is None:
         muon_lr = adamw_lr if scale == "moonshot" else 0.02
-    muon_groups, adamw_groups = muon_param_groups(model, weight_decay, adamw_lr, muon_lr)
+    muon_groups, adamw_groups = muon_param_groups(model, weight_decay, adamw_lr, muon_lr, muon_weight_decay)
     opts: list[torch.optim.Optimizer] = []
     if muon_groups:
         opts.append(Muon(muon_groups, lr=muon_lr, momentum=momentum, nesterov=nesterov,
-                         weight_decay=weight_decay, scale=scale, ns_steps=ns_steps))
+                         weight_decay=muon_groups[0]["weight_decay"], scale=scale, ns_steps=ns_steps))
     if adamw_groups:
         opts.append(AdamW(adamw_groups, lr=adamw_lr, betas=betas, eps=eps, weight_decay=weight_decay))
     return CombinedOptimizer(opts)

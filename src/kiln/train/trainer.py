@@ -314,7 +314,8 @@ def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module, dist: Any, device
             raise ValueError("optimizer=muon needs whole gradients (one GPU or DDP); it does not run with "
                              "--zero1 or fsdp: use optimizer=adamw there")
         opt = muon_with_adamw(model, weight_decay=cfg.weight_decay, adamw_lr=cfg.lr, muon_lr=cfg.muon_lr or cfg.lr,
-                              betas=cfg.betas, eps=cfg.eps, momentum=cfg.muon_momentum)
+                              betas=cfg.betas, eps=cfg.eps, momentum=cfg.muon_momentum,
+                              muon_weight_decay=None if cfg.muon_weight_decay < 0 else cfg.muon_weight_decay)
         for g in opt.param_groups:
             g["lr_scale"] = g["base_lr"] / cfg.lr
         for inner in opt.optimizers:  # Kiln's AdamW and Muon: Triton passes on CUDA
