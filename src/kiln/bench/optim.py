@@ -27,14 +27,10 @@ formulation (one matrix at a time, ``addmm``) vs Kiln's batched ``baddbmm``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import sys
 import traceback
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 ROWS = ("torch.optim.Muon", "kiln Muon eager", "kiln Muon fused", "torch AdamW fused", "kiln AdamW fused")
 
@@ -225,9 +221,9 @@ def format_table(rows: list[OptimRow]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from kiln.bench.report import pick_device, report
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     table = _shape_cfgs()
     if args.steps < 1 or args.warmup < 0:
         print(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})", file=sys.stderr)
@@ -246,16 +242,9 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         print(f"{name}: {len(wanted)} optimizers, {args.warmup} warm-up + {args.steps} timed steps each...", flush=True)
         rows.extend(bench_shape(name, table[name], device, args.steps, args.warmup, wanted))
-    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    text = (f"# kiln bench optim ({dt.date.today()}, {hw}, torch {torch.__version__})\n\n"
-            f"One optimizer step on each shape's transformer-block matrices (fp32 parameters, fixed "
-            f"gradients); {args.steps} timed steps after {args.warmup} warm-up steps.\n\n" + format_table(rows))
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_optim.md").write_text(text + "\n")
-        (out / "bench_optim.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    report("optim", device, "One optimizer step on each shape's transformer-block matrices (fp32 parameters, "
+           f"fixed gradients); {args.steps} timed steps after {args.warmup} warm-up steps.", format_table(rows),
+           rows, args.out)
     return 0 if not any(r.error for r in rows if not r.impl.startswith("torch")) else 1
 
 

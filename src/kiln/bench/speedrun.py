@@ -8,7 +8,8 @@ training steps (the first step, which compiles, and evaluation excluded), then s
   real trainer, every choice of the preset (optimizer, schedule, document-aligned windows...).
 - ``torch``: ``kiln.bench.baseline.PlainLlama`` (torch.compile, SDPA, fused torch AdamW, bf16
   autocast) with nanoGPT's recipe: random windows, linear warm-up then cosine decay to 10% of the
-  peak over the time budget, the preset's peak lr, batch and warm-up.
+  peak over the time budget, the preset's peak lr, batch, warm-up and ``weight_decay`` (keys of
+  Kiln's own recipe, such as ``optimizer`` or ``muon_weight_decay``, do not apply to it).
 
 The held-out set is the first ``--eval-tokens`` tokens of ``val_*.bin`` (2,097,152 by default) in
 context-length windows: the same tokens for both sides and for every batch size, so a batch-size
@@ -245,7 +246,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"--time-limit: {e}", file=sys.stderr)
         return 2
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    from kiln.bench.report import pick_device
+
+    device = pick_device(args.device)
     cfg = apply_overrides(PRESETS[args.preset](), args.overrides)
     tokens_dir = Path(args.tokens)
     token_bytes = Tokenizer.load(args.tokenizer).token_bytes() if args.tokenizer else None

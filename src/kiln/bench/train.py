@@ -27,15 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import gc
-import json
-import platform
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 VARIANTS = ("torch", "torch+liger", "kiln", "kiln+triton", "kiln+fp8", "kiln+muon")
 
@@ -44,9 +40,7 @@ def shapes() -> dict:
     """Named model shapes (Llama layout, tied embeddings): GPT-2-small, the speedrun preset's, ~350M,
     and a CPU smoke size."""
     from kiln.model import ModelConfig
-    from kiln.train.config import gpt2_small
-
-    from kiln.train.config import speedrun
+    from kiln.train.config import gpt2_small, speedrun
 
     return {
         "gpt2_small": gpt2_small().model,  # the training preset's shape (the runners pick the kernels)
@@ -203,9 +197,10 @@ def format_table(rows: list[TrainRow]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    from kiln.bench.report import pick_device, report
+
+    device = pick_device(args.device)
     table = shapes()
     if args.steps < 1 or args.warmup < 0:
         print(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})", file=sys.stderr)
@@ -226,16 +221,8 @@ def run(args: argparse.Namespace) -> int:
             row = bench_variant(name, table[name], variant, batch, args.steps, args.warmup, device, compile_)
             rows.append(row)
             print(f"{name} {variant}: " + (row.error or f"{row.tok_s:,.0f} tok/s"), flush=True)
-    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    text = (f"# kiln bench train ({dt.date.today()}, {hw}, torch {torch.__version__})\n\n"
-            f"{args.steps} timed steps after {args.warmup} warm-up steps; bf16 autocast on CUDA.\n\n"
-            + format_table(rows))
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_train.md").write_text(text + "\n")
-        (out / "bench_train.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    report("train", device, f"{args.steps} timed steps after {args.warmup} warm-up steps; bf16 autocast on CUDA.",
+           format_table(rows), rows, args.out)
     return 0 if all(not r.error for r in rows if r.variant != "torch+liger") else 1
 
 

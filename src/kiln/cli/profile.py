@@ -57,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         cfg = apply_overrides(PRESETS[args.preset](), args.overrides)
         mcfg, batch = cfg.model, args.batch or cfg.micro_batch
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    from kiln.bench.report import pick_device
+
+    device = pick_device(args.device)
     compile_ = device.type == "cuda" if args.compile == "auto" else args.compile == "on"
     runner = _kiln_runner if args.variant.startswith("kiln") else _torch_runner
     torch.manual_seed(0)
