@@ -143,6 +143,9 @@ def test_speedrun_verdict_weighs_the_margin_against_seed_noise():
     worse = [row("kiln", 1, 3.10), row("torch", 1, 3.00), row("kiln", 2, 3.11), row("torch", 2, 3.01)]
     assert compare_sides(worse).endswith("Kiln not lower")
     assert "noise unknown" in compare_sides(session[:2])
+    # one Kiln run against two baseline runs: still unknown, and the line says which side is short
+    one_kiln = [r for r in session if r.side == "torch"] + [next(r for r in session if r.side == "kiln")]
+    assert "noise unknown: kiln has 1 run(s), torch 2" in compare_sides(one_kiln)
     assert compare_sides([r for r in session if r.side == "kiln"]) is None
     assert "- margin (torch - kiln" in format_table(session)
 

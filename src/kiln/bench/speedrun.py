@@ -182,8 +182,8 @@ def compare_sides(rows: list[SpeedrunRow]) -> str | None:
     Noise is the larger of the two sides' seed spreads (max - min of val loss). The margin counts as
     larger than the noise only when it exceeds that spread *and* Kiln is lower for every seed both
     sides ran (there must be at least one such seed: unpaired runs cannot show it). Welch's t (margin over its standard error) is printed too: with two seeds per side a
-    spread is a rough noise estimate, and t says how rough. With one run per side the noise is
-    unknown, and the line says so instead of guessing."""
+    spread is a rough noise estimate, and t says how rough. With one run on either side the noise is
+    unknown, and the line says so (naming the side) instead of guessing."""
     kiln = {r.seed: r.val_loss for r in rows if r.side == "kiln"}
     base = {r.seed: r.val_loss for r in rows if r.side == "torch"}
     if not kiln or not base:
@@ -191,7 +191,8 @@ def compare_sides(rows: list[SpeedrunRow]) -> str | None:
     margin = statistics.mean(base.values()) - statistics.mean(kiln.values())  # > 0: Kiln lower
     head = f"margin (torch - kiln, mean val loss): {margin:+.4f}"
     if len(kiln) < 2 or len(base) < 2:
-        return head + "; noise unknown with one run per side (use --repeats 2 or more)"
+        return (head + f"; noise unknown: kiln has {len(kiln)} run(s), torch {len(base)}; each side needs two or "
+                "more seeds (--repeats 2 or more)")
     noise = max(max(v.values()) - min(v.values()) for v in (kiln, base))
     se = math.sqrt(sum(statistics.variance(v.values()) / len(v) for v in (kiln, base)))
     t = f"{margin / se:.1f}" if se > 0 else "inf"

@@ -197,7 +197,6 @@ def format_table(rows: list[TrainRow]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from kiln.bench.report import pick_device, report
 
     device = pick_device(args.device)
