@@ -50,3 +50,9 @@ def tokens_dir(tmp_path: Path) -> Path:
 def make_config():
     """The ``small_config`` factory."""
     return small_config
+
+
+@pytest.fixture
+def make_tokens():
+    """The ``write_tokens`` factory (a token folder of another size)."""
+    return write_tokens

@@ -200,3 +200,32 @@ def test_no_heldout_tokens_is_said_not_skipped_silently(tokens_dir, tmp_path, ma
     assert "no held-out tokens" in log and "validation split" in log and "val loss" not in log
     quiet = train(make_config(max_steps=2, eval_every=0, save_every=0), bare, tmp_path / "quiet")
     assert "no held-out tokens" not in (quiet / "train.log").read_text()
+
+
+def test_repeat_warning_fires_once_when_the_run_crosses_four_epochs():
+    from kiln.train.trainer import REPEAT_WARN_EPOCHS, _repeat_warning
+
+    n = 1000
+    limit = int(REPEAT_WARN_EPOCHS * n)
+    assert _repeat_warning(limit - 10, limit - 1, n) is None  # not yet
+    assert "4x its 1,000 training tokens" in _repeat_warning(limit - 10, limit, n)
+    assert _repeat_warning(limit, limit + 10, n) is None  # crossed at an earlier step: said once
+    assert _repeat_warning(0, 10 * n, 0) is None  # no training tokens known
+
+
+def test_trainer_counts_epochs_and_says_when_the_data_repeats(tmp_path, make_config, make_tokens):
+    """2,000 training tokens, 128 per step: 4 epochs at step 63. The warning comes once, at that step;
+    metrics rows and the manifest carry the epochs."""
+    tokens = make_tokens(tmp_path / "small", n_train=2_000, n_val=400)
+    run = train(make_config(max_steps=70, eval_every=0, save_every=0, log_every=0), tokens, tmp_path / "run")
+    log = (run / "train.log").read_text()
+    assert log.count("training tokens: repeated tokens add little") == 1
+    assert "step 63: the run has now drawn 4x its 2,000 training tokens" in log
+    assert "data: 2,000 training tokens; 70 steps = 4.48 epochs" in log
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "epochs" in r][-1]
+    assert last["step"] == 70 and last["epochs"] == pytest.approx(70 * 128 / 2000)
+    stats = json.loads((run / "manifest.json").read_text())["stats"]
+    assert stats["train_tokens"] == 2000 and stats["epochs"] == pytest.approx(4.48)
+    quiet = train(make_config(max_steps=5, eval_every=0, save_every=0), tokens, tmp_path / "quiet")
+    assert "repeated tokens add little" not in (quiet / "train.log").read_text()

@@ -128,6 +128,7 @@ def train(
     model_step = dist.wrap(model)  # FSDP2 replaces model's parameters in place: build the optimizer after
     optimizer = _build_optimizer(cfg, model, dist, device)
     clip = getattr(dist, "clip_grad_norm_", clip_grad_norm_)
+    train_tokens = sum(len(t) for t in data.train)  # for epochs and the data-bound warning
     starts = data.doc_starts if cfg.doc_aligned else None
     sampler = _RankSlice(TokenSampler(data.train, cfg.model.context_length, cfg.seed, doc_starts=starts),
                          dist.rank, dist.world_size)
@@ -160,7 +161,7 @@ def train(
         def mfu_at(tok_s: float) -> float | None:
             return flops_per_token * tok_s / (peak * dist.world_size) if peak else None
 
-        _log_header(runlog, cfg, model, device, amp, start, inputs, mb, accum, dist.world_size)
+        _log_header(runlog, cfg, model, device, amp, start, inputs, mb, accum, dist.world_size, train_tokens)
         step, skipped, t_start, dt_ema = start, deque(), time.perf_counter(), None
         loss_fn = make_loss_fn(model_step, model, cfg.loss_impl, cfg.compile, cfg.compile_mode)
         train_step = TrainStep(loss_fn, model, model_step, optimizer, clip, cfg.grad_clip, dist, amp, device, fault_hook)
@@ -200,7 +201,10 @@ def train(
                 state.excluded_seconds += dt
             if verdict is None:
                 state.train_losses.append(loss_value)
-            state.tokens_seen = (r.step + 1) * cfg.tokens_per_step
+            before, state.tokens_seen = state.tokens_seen, (r.step + 1) * cfg.tokens_per_step
+            repeat = _repeat_warning(before, state.tokens_seen, train_tokens)
+            if repeat:
+                runlog.warning(f"step {r.step + 1}: {repeat}")
             mfu = mfu_at(tok_s)
             if cfg.log_every and ((r.step + 1) % cfg.log_every == 0 or r.step + 1 == max_steps or r.step == start):
                 # The line's rate is over the steps since the last line: one step's time between two reads
@@ -215,7 +219,9 @@ def train(
                     eta = min(eta, max(cfg.max_seconds - state.budget_seconds, 0.0))
                 runlog.info(line + f" | eta {format_duration(eta)}")
             runlog.metrics({"step": r.step + 1, "loss": loss_value, "lr": r.lr, "grad_norm": grad_norm, "tok_s": tok_s,
-                            "mfu": mfu, "tokens": state.tokens_seen, "time": round(time.perf_counter() - t_start, 3),
+                            "mfu": mfu, "tokens": state.tokens_seen,
+                            "epochs": round(_epochs(state.tokens_seen, train_tokens), 4),
+                            "time": round(time.perf_counter() - t_start, 3),
                             "skipped": verdict is not None})
             return None
 
@@ -279,7 +285,7 @@ def train(
         _settle_pending()
         final = _exportable(model, cfg, dist)  # under FSDP a collective: every rank takes part
         if dist.is_main:
-            _finish(out, cfg, final, tokenizer_path, inputs, state, runlog)
+            _finish(out, cfg, final, tokenizer_path, inputs, state, runlog, train_tokens)
         dist.barrier()
     finally:
         runlog.close()
@@ -701,7 +707,31 @@ def _generate(model, tokenizer, cfg: TrainConfig, device, amp) -> str:
         model.train(was_training)
 
 
-def _log_header(runlog, cfg, model, device, amp, start, inputs, mb, accum, world_size) -> None:
+REPEAT_WARN_EPOCHS = 4.0
+"""Passes over the training tokens after which the trainer warns once that the run is data-bound:
+beyond about four epochs repeated tokens are worth much less than new ones (Muennighoff et al.
+2023, "Scaling Data-Constrained Language Models"), and held-out loss can stop improving while
+the train loss keeps falling (docs/train.md#speedrun: the 600 s speedrun sees its corpus ~3.8 times)."""
+
+
+def _epochs(tokens_seen: int, train_tokens: int) -> float:
+    """Passes over the training tokens so far (windows are drawn at random, so this is an average)."""
+    return tokens_seen / train_tokens if train_tokens else 0.0
+
+
+def _repeat_warning(before: int, after: int, train_tokens: int) -> str | None:
+    """The one-time data-bound warning, if the step that took ``tokens_seen`` from ``before`` to
+    ``after`` crossed ``REPEAT_WARN_EPOCHS`` passes over the training tokens."""
+    limit = REPEAT_WARN_EPOCHS * train_tokens
+    if not train_tokens or not before < limit <= after:
+        return None
+    return (f"the run has now drawn {REPEAT_WARN_EPOCHS:g}x its {train_tokens:,} training tokens: repeated tokens "
+            "add little from here and the held-out loss may stop improving while the train loss falls; "
+            "more data helps most, else stronger weight decay (weight_decay, or muon_weight_decay with "
+            "optimizer=muon) or a smaller model (docs/train.md#speedrun)")
+
+
+def _log_header(runlog, cfg, model, device, amp, start, inputs, mb, accum, world_size, train_tokens) -> None:
     code = code_version()
     runlog.info(f"kiln train | code {json.dumps(code)}")
     runlog.info(f"config {json.dumps(config_to_dict(cfg))}")
@@ -711,6 +741,10 @@ def _log_header(runlog, cfg, model, device, amp, start, inputs, mb, accum, world
                 f"model {model.num_params() / 1e6:.2f}M params; {cfg.tokens_per_step} tokens/step "
                 f"({mb} x {accum} accum x {world_size} ranks x {cfg.model.context_length}); "
                 + (f"resuming at step {start}" if start else "starting at step 0"))
+    if train_tokens:
+        planned = ("" if cfg.max_seconds else
+                   f"; {cfg.total_steps} steps = {_epochs(cfg.total_steps * cfg.tokens_per_step, train_tokens):.2f} epochs")
+        runlog.info(f"data: {train_tokens:,} training tokens{planned}")
     if device.type == "cuda":
         try:
             smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10, check=False).stdout
@@ -719,7 +753,8 @@ def _log_header(runlog, cfg, model, device, amp, start, inputs, mb, accum, world
             pass
 
 
-def _finish(out: Path, cfg: TrainConfig, model, tokenizer_path, inputs: dict, state: _RunState, runlog) -> None:
+def _finish(out: Path, cfg: TrainConfig, model, tokenizer_path, inputs: dict, state: _RunState, runlog,
+            train_tokens: int = 0) -> None:
     from kiln.model import save_pretrained
 
     tmp = out / f".model.tmp-{uuid.uuid4().hex[:8]}"
@@ -739,6 +774,8 @@ def _finish(out: Path, cfg: TrainConfig, model, tokenizer_path, inputs: dict, st
         "val_loss": state.val["loss"] if state.val else None,
         "val_bpb": state.val["bpb"] if state.val else None,
         "tokens_seen": state.tokens_seen,
+        "train_tokens": train_tokens,
+        "epochs": round(_epochs(state.tokens_seen, train_tokens), 3),
         "seconds": round(state.seconds, 3),
         "train_seconds": round(state.budget_seconds, 3),  # without any process's first (compiling) step
         "first_step_seconds": round(state.first_step_seconds, 3),
