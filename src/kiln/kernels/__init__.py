@@ -5,6 +5,10 @@
 - :func:`linear_cross_entropy` (``linear_cross_entropy.py``): LM head + cross-entropy in chunks.
 - :func:`fp8_linear` (``fp8.py``): a linear layer with float8 GEMMs (cuBLASLt, not Triton).
 
+Optimizer passes, no autograd, imported by ``kiln.train``'s optimizers when ``fused=True``:
+``adamw.py`` (AdamW's update, one pass per tensor) and ``muon.py`` (Muon's bookkeeping around
+Newton-Schulz, two passes per bucket of same-shaped matrices).
+
 Each public function falls back to its ``*_ref`` with one :class:`KernelFallbackWarning` where the
 kernel cannot run (no Triton, CPU without ``TRITON_INTERPRET=1``, unsupported dtype or shape).
 Importing this package never requires Triton. See docs/kernels.md.
