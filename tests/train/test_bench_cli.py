@@ -165,3 +165,16 @@ def test_bench_optim_tiny_cpu(tmp_path):
     assert all(r["ms"] > 0 for r in rows.values())
     assert "| tiny | step | kiln Muon fused |" in (tmp_path / "bench_optim.md").read_text()
     assert main(["bench", "optim", "--shapes", "nope", "--device", "cpu"]) == 2
+
+
+def test_bench_optim_says_when_a_fused_row_ran_the_fallback(tmp_path, monkeypatch):
+    """A "fused" row timed on a device where the kernels cannot run must say it timed the eager path."""
+    import kiln.kernels._backend as backend
+
+    monkeypatch.setattr(backend, "TRITON_INTERPRET", False)  # a plain CPU: no Triton kernels here
+    rc = main(["bench", "optim", "--shapes", "tiny", "--rows", "kiln Muon fused", "--steps", "1", "--warmup", "0",
+               "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    (row,) = [r for r in json.loads((tmp_path / "bench_optim.json").read_text()) if r["table"] == "step"]
+    assert row["note"].startswith("ran the eager fallback: tensors are on the CPU")
+    assert "ran the eager fallback" in (tmp_path / "bench_optim.md").read_text()

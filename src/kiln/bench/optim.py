@@ -47,6 +47,7 @@ class OptimRow:
     ms: float | None = None
     device_ms: float | None = None
     rel_diff: float | None = None
+    note: str = ""
     error: str = ""
 
 
@@ -113,9 +114,12 @@ def _device_ms(fn: Callable[[], None], iters: int) -> float | None:
 
 def bench_shape(shape: str, cfg, device, steps: int, warmup: int, rows: tuple[str, ...]) -> list[OptimRow]:
     """Every optimizer row, then the Newton-Schulz table, for one model shape."""
+    import warnings
+
     import torch
 
     from kiln.bench.kernels import _time_ms
+    from kiln.kernels import KernelFallbackWarning
 
     params0, grads = _block_matrices(cfg, device)
     n_mats, n_m = len(params0), sum(p.numel() for p in params0) / 1e6
@@ -130,7 +134,12 @@ def bench_shape(shape: str, cfg, device, steps: int, warmup: int, rows: tuple[st
                 p.grad = g
             opt = _make_optimizer(impl, params, lr=1e-3, wd=0.1)
             step = (lambda o=opt: o.step(ok=ok)) if impl.startswith("kiln") else opt.step
-            step()  # one step from the shared start: the update compared across rows
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always", KernelFallbackWarning)
+                step()  # one step from the shared start: the update compared across rows
+            fell_back = [w for w in said if issubclass(w.category, KernelFallbackWarning)]
+            if fell_back:  # e.g. "fused" on a CPU without TRITON_INTERPRET: say what was timed
+                row.note = "ran the eager fallback: " + str(fell_back[0].message).split("reference: ")[-1]
             deltas[impl] = [p.detach() - p0 for p, p0 in zip(params, params0, strict=True)]
             row.ms = _time_ms(step, warmup, steps)
             row.device_ms = _device_ms(step, min(steps, 10))
@@ -202,21 +211,21 @@ def _reorder(outs: list, xs: list, order: list) -> list:
 
 
 def format_table(rows: list[OptimRow]) -> str:
-    """Markdown: one row per optimizer (or Newton-Schulz form) and shape; ``vs ref`` is the first
+    """Markdown: one row per optimizer (or Newton-Schulz form) and shape; ``vs first`` is the first
     row's ms over this row's (per table and shape)."""
-    out = ["| shape | table | impl | matrices | params | ms | vs first | device ms | rel diff |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| shape | table | impl | matrices | params | ms | vs first | device ms | rel diff | note |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     first: dict[tuple, float] = {}
     for r in rows:
         key = (r.shape, r.table)
         if r.error:
-            out.append(f"| {r.shape} | {r.table} | {r.impl} | {r.matrices} | {r.params_m:.1f}M | failed: {r.error} | | | |")
+            out.append(f"| {r.shape} | {r.table} | {r.impl} | {r.matrices} | {r.params_m:.1f}M | failed: {r.error} | | | | |")
             continue
         first.setdefault(key, r.ms)
         dev = f"{r.device_ms:.3f}" if r.device_ms is not None else "n/a"
         rel = f"{r.rel_diff:.1e}" if r.rel_diff is not None else ""
         out.append(f"| {r.shape} | {r.table} | {r.impl} | {r.matrices} | {r.params_m:.1f}M | {r.ms:.3f} "
-                   f"| {first[key] / r.ms:.2f}x | {dev} | {rel} |")
+                   f"| {first[key] / r.ms:.2f}x | {dev} | {rel} | {r.note} |")
     return "\n".join(out)
 
 

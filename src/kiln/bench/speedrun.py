@@ -181,9 +181,10 @@ def compare_sides(rows: list[SpeedrunRow]) -> str | None:
 
     Noise is the larger of the two sides' seed spreads (max - min of val loss). The margin counts as
     larger than the noise only when it exceeds that spread *and* Kiln is lower for every seed both
-    sides ran (there must be at least one such seed: unpaired runs cannot show it). Welch's t (margin over its standard error) is printed too: with two seeds per side a
-    spread is a rough noise estimate, and t says how rough. With one run on either side the noise is
-    unknown, and the line says so (naming the side) instead of guessing."""
+    sides ran (there must be at least one such seed: unpaired runs cannot show it). Welch's t
+    (margin over its standard error) is printed too: with two seeds per side a spread is a rough
+    noise estimate, and t says how rough. With one run on either side the noise is unknown, and the
+    line says so (naming the side) instead of guessing."""
     kiln = {r.seed: r.val_loss for r in rows if r.side == "kiln"}
     base = {r.seed: r.val_loss for r in rows if r.side == "torch"}
     if not kiln or not base:
@@ -231,6 +232,7 @@ def _prepare_run_dir(run_dir: Path, key: dict) -> SpeedrunRow | None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from kiln.bench.report import pick_device
     from kiln.tokenizer import Tokenizer
     from kiln.train import PRESETS, apply_overrides
     from kiln.train.data import read_heldout
@@ -247,8 +249,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"--time-limit: {e}", file=sys.stderr)
         return 2
-    from kiln.bench.report import pick_device
-
     device = pick_device(args.device)
     cfg = apply_overrides(PRESETS[args.preset](), args.overrides)
     tokens_dir = Path(args.tokens)

@@ -106,13 +106,15 @@ class MultiHeadSelfAttention(nn.Module):
         dtype: torch.dtype | None = None,
         qk_norm: bool = False,
         norm_eps: float = 1e-5,
+        linear_impl: str = "kiln",
     ) -> None:
         """``rope`` may be shared between layers; if None and ``max_seq_len`` is given, one is built
         with ``rope_theta``; if both are None, no position information is added (NoPE).
         ``attention_impl``: a name in ``ATTENTION_IMPLS`` or a kernel function.
         ``layer_idx``: which layer of a ``KVCache`` this module reads and writes. ``qk_norm``: RMSNorm
         each query and key head (over D, gains ``q_norm``/``k_norm``) before RoPE, which bounds the
-        attention logits (Dehghani et al. 2023, arXiv:2302.05442; OLMo 2, Qwen3)."""
+        attention logits (Dehghani et al. 2023, arXiv:2302.05442; OLMo 2, Qwen3). ``linear_impl``: the
+        projections' kernel, a name in ``kiln.model.layers.LINEAR_IMPLS``."""
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if d_model % num_heads:
@@ -131,10 +133,11 @@ class MultiHeadSelfAttention(nn.Module):
             rope = RotaryEmbedding(rope_theta, self.head_dim, max_seq_len, device=device)
         self.rope = rope
         D = self.head_dim
-        self.q_proj = Linear(d_model, num_heads * D, device=device, dtype=dtype)
-        self.k_proj = Linear(d_model, num_kv_heads * D, device=device, dtype=dtype)
-        self.v_proj = Linear(d_model, num_kv_heads * D, device=device, dtype=dtype)
-        self.o_proj = Linear(num_heads * D, d_model, device=device, dtype=dtype)
+        kw = {"device": device, "dtype": dtype, "impl": linear_impl}
+        self.q_proj = Linear(d_model, num_heads * D, **kw)
+        self.k_proj = Linear(d_model, num_kv_heads * D, **kw)
+        self.v_proj = Linear(d_model, num_kv_heads * D, **kw)
+        self.o_proj = Linear(num_heads * D, d_model, **kw)
         self.q_norm = RMSNorm(D, norm_eps, device=device, dtype=dtype) if qk_norm else None
         self.k_norm = RMSNorm(D, norm_eps, device=device, dtype=dtype) if qk_norm else None
 

@@ -164,7 +164,8 @@ def silu(x: Tensor) -> Tensor:
 class SwiGLU(nn.Module):
     """Gated MLP ``down(silu(gate(x)) * up(x))`` (Shazeer, arXiv:2002.05202), as in Llama.
 
-    gate_proj, up_proj: (d_ff, d_model); down_proj: (d_model, d_ff).
+    gate_proj, up_proj: (d_ff, d_model); down_proj: (d_model, d_ff). ``impl``: their kernel, a name
+    in ``LINEAR_IMPLS``.
     """
 
     def __init__(
@@ -173,11 +174,12 @@ class SwiGLU(nn.Module):
         d_ff: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        impl: str = "kiln",
     ) -> None:
         super().__init__()
-        self.gate_proj = Linear(d_model, d_ff, device=device, dtype=dtype)
-        self.up_proj = Linear(d_model, d_ff, device=device, dtype=dtype)
-        self.down_proj = Linear(d_ff, d_model, device=device, dtype=dtype)
+        self.gate_proj = Linear(d_model, d_ff, device=device, dtype=dtype, impl=impl)
+        self.up_proj = Linear(d_model, d_ff, device=device, dtype=dtype, impl=impl)
+        self.down_proj = Linear(d_ff, d_model, device=device, dtype=dtype, impl=impl)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., d_model) -> (..., d_model)."""

@@ -35,16 +35,17 @@ class TransformerBlock(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         qk_norm: bool = False,
+        linear_impl: str = "kiln",
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(d_model, norm_eps, device=device, dtype=dtype, impl=norm_impl)
         self.self_attn = MultiHeadSelfAttention(
             d_model, num_heads, rope=rope, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
             rope_theta=rope_theta, attention_impl=attention_impl, layer_idx=layer_idx, device=device, dtype=dtype,
-            qk_norm=qk_norm, norm_eps=norm_eps,
+            qk_norm=qk_norm, norm_eps=norm_eps, linear_impl=linear_impl,
         )
         self.post_attention_layernorm = RMSNorm(d_model, norm_eps, device=device, dtype=dtype, impl=norm_impl)
-        self.mlp = SwiGLU(d_model, d_ff, device=device, dtype=dtype)
+        self.mlp = SwiGLU(d_model, d_ff, device=device, dtype=dtype, impl=linear_impl)
 
     def forward(
         self, x: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None
@@ -87,13 +88,10 @@ class Transformer(nn.Module):
             TransformerBlock(
                 c.d_model, c.n_heads, c.d_ff, rope=self.rope, num_kv_heads=c.n_kv_heads, norm_eps=c.norm_eps,
                 attention_impl=c.attention_impl, norm_impl=c.norm_impl, layer_idx=i, device=device, dtype=dtype,
-                qk_norm=c.qk_norm,
+                qk_norm=c.qk_norm, linear_impl=c.linear_impl,  # the block matrices; embedding and head stay
             )
             for i in range(c.n_layers)
         )
-        for module in self.layers.modules():  # the block matrices; embedding and lm_head stay as they are
-            if isinstance(module, Linear):
-                module.impl = c.linear_impl
         self.norm = RMSNorm(c.d_model, c.norm_eps, device=device, dtype=dtype, impl=c.norm_impl)
         self.lm_head = Linear(c.d_model, c.vocab_size, device=device, dtype=dtype)
         self.tie_weights()
