@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kiln.cli.main import main
 
 
@@ -171,9 +173,12 @@ def test_bench_optim_says_when_a_fused_row_ran_the_fallback(tmp_path, monkeypatc
     """A "fused" row timed on a device where the kernels cannot run must say it timed the eager path."""
     import kiln.kernels._backend as backend
 
+    from kiln.kernels import KernelFallbackWarning
+
     monkeypatch.setattr(backend, "TRITON_INTERPRET", False)  # a plain CPU: no Triton kernels here
-    rc = main(["bench", "optim", "--shapes", "tiny", "--rows", "kiln Muon fused", "--steps", "1", "--warmup", "0",
-               "--device", "cpu", "--out", str(tmp_path)])
+    with pytest.warns(KernelFallbackWarning, match="kiln.kernels.muon"):  # and the user is warned as well
+        rc = main(["bench", "optim", "--shapes", "tiny", "--rows", "kiln Muon fused", "--steps", "1",
+                   "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)])
     assert rc == 0
     (row,) = [r for r in json.loads((tmp_path / "bench_optim.json").read_text()) if r["table"] == "step"]
     assert row["note"].startswith("ran the eager fallback: tensors are on the CPU")
