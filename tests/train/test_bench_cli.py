@@ -183,3 +183,121 @@ def test_bench_optim_says_when_a_fused_row_ran_the_fallback(tmp_path, monkeypatc
     (row,) = [r for r in json.loads((tmp_path / "bench_optim.json").read_text()) if r["table"] == "step"]
     assert row["note"].startswith("ran the eager fallback: tensors are on the CPU")
     assert "ran the eager fallback" in (tmp_path / "bench_optim.md").read_text()
+
+
+def _finished_run(folder, side, seed, loss, cfg=None, overrides=(), val_tokens=758695, env=True):
+    """A ``<side>_seed<seed>/row.json`` as ``kiln bench speedrun`` writes it (``cfg``: its recipe)."""
+    from dataclasses import asdict
+
+    from kiln.bench.speedrun import SpeedrunRow, recipe
+
+    key = {"side": side, "seed": seed, "preset": "speedrun", "overrides": list(overrides), "seconds": 600.0,
+           "val_tokens": val_tokens}
+    if cfg is not None:
+        key["recipe"] = recipe(cfg, side)
+    saved = {"key": key, "row": asdict(SpeedrunRow(side, seed, 600.0, 5000, 3.3e8, loss, 1.2))}
+    if env:
+        saved["env"] = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "date": "2026-11-23"}
+    (folder / f"{side}_seed{seed}").mkdir(parents=True)
+    (folder / f"{side}_seed{seed}" / "row.json").write_text(json.dumps(saved))
+
+
+def test_speedrun_report_joins_runs_from_several_folders_by_recipe(tmp_path, capsys):
+    """Runs finished in separate folders (slots, machines) group by what they trained with, and
+    every Kiln setting is weighed against every baseline setting with the seed noise."""
+    import dataclasses
+
+    from kiln.train import PRESETS
+
+    base = PRESETS["speedrun"]()
+    k04 = dataclasses.replace(base, muon_weight_decay=0.4)
+    t04 = dataclasses.replace(base, weight_decay=0.4)
+    _finished_run(tmp_path / "a", "kiln", 1337, 2.9653, k04, ["muon_weight_decay=0.4"])
+    _finished_run(tmp_path / "b", "kiln", 1338, 2.9633, k04, ["muon_weight_decay=0.4", "seed=1338"])
+    _finished_run(tmp_path / "c", "torch", 1337, 3.0618, base)
+    _finished_run(tmp_path / "c", "torch", 1338, 3.0521, base)
+    _finished_run(tmp_path / "d", "torch", 1337, 3.0193, t04, ["weight_decay=0.4"])
+    _finished_run(tmp_path / "d", "torch", 1338, 3.0243, t04, ["weight_decay=0.4"])
+    # The baseline's recipe ignores Kiln-only keys: a torch run under another Muon decay is the same setting.
+    _finished_run(tmp_path / "e", "torch", 1339, 3.0580, dataclasses.replace(base, muon_weight_decay=0.1),
+                  ["muon_weight_decay=0.1"])
+    (tmp_path / "e" / "kiln_seed1339").mkdir()  # a paused run: key.json, no row.json yet
+    (tmp_path / "e" / "kiln_seed1339" / "key.json").write_text("{}")
+    rc = main(["bench", "speedrun-report", *(str(tmp_path / f) for f in "abcde"), "--out", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "| kiln speedrun muon_weight_decay=0.4 | 2 | 2.9643 | 0.0020 |" in out
+    assert "| torch speedrun | 3 |" in out  # seeds 1337-1339: folders c and e are one setting
+    assert "| torch speedrun weight_decay=0.4 | 2 | 3.0218 | 0.0050 |" in out
+    verdicts = [line for line in out.splitlines() if line.startswith("- **kiln")]
+    assert len(verdicts) == 2 and all(v.endswith("Kiln lower by more than the noise") for v in verdicts)
+    assert "+0.0575" in verdicts[1] and "NVIDIA H100 80GB HBM3, torch 2.11.0, 2026-11-23" in out
+    assert "kiln_seed1339: not finished" in out
+    rows = json.loads((tmp_path / "rep" / "bench_speedrun_report.json").read_text())
+    assert len(rows) == 7 and {r["setting"] for r in rows} == {
+        "kiln speedrun muon_weight_decay=0.4", "torch speedrun", "torch speedrun weight_decay=0.4"}
+
+
+def test_speedrun_report_tells_apart_one_name_with_two_recipes_and_takes_labels(tmp_path, capsys):
+    """A preset whose values changed between runs gives one name two recipes: numbered, with the
+    differing key named. Rows from before recipes were recorded can be joined by FOLDER=LABEL."""
+    import dataclasses
+
+    from kiln.train import PRESETS
+
+    base = PRESETS["speedrun"]()
+    _finished_run(tmp_path / "old", "kiln", 1337, 2.9653, dataclasses.replace(base, muon_weight_decay=0.4))
+    _finished_run(tmp_path / "new", "kiln", 1337, 2.9190, dataclasses.replace(base, muon_weight_decay=0.8))
+    assert main(["bench", "speedrun-report", str(tmp_path / "old"), str(tmp_path / "new")]) == 0
+    out = capsys.readouterr().out
+    assert "| kiln speedrun [recipe 1] | 1 | 2.9653 |" in out and "| kiln speedrun [recipe 2] | 1 | 2.9190 |" in out
+    assert "they differ in: muon_weight_decay" in out
+    # no recipe recorded (older rows): named "recipe unrecorded" unless labelled; a label joins folders
+    _finished_run(tmp_path / "x", "kiln", 1337, 2.9653, None, ["muon_weight_decay=0.4"], env=False)
+    _finished_run(tmp_path / "y", "kiln", 1338, 2.9633, None, ["seed=1338"], env=False)
+    _finished_run(tmp_path / "z", "torch", 1337, 3.0618, None)
+    _finished_run(tmp_path / "z", "torch", 1338, 3.0521, None)
+    assert main(["bench", "speedrun-report", str(tmp_path / "x"), str(tmp_path / "y"), str(tmp_path / "z")]) == 0
+    out = capsys.readouterr().out
+    assert "| kiln speedrun muon_weight_decay=0.4 (recipe unrecorded) | 1 |" in out and "| unrecorded |" in out
+    assert main(["bench", "speedrun-report", f"{tmp_path / 'x'}=wd 0.4", f"{tmp_path / 'y'}=wd 0.4",
+                 f"{tmp_path / 'z'}=plain"]) == 0
+    out = capsys.readouterr().out
+    assert "| kiln wd 0.4 | 2 | 2.9643 | 0.0020 |" in out
+    assert "- **kiln wd 0.4** vs **torch plain**: margin (torch - kiln, mean val loss): +0.092" in out
+
+
+def test_speedrun_report_refuses_runs_scored_on_different_heldout_tokens(tmp_path, capsys):
+    _finished_run(tmp_path / "a", "kiln", 1337, 2.96, val_tokens=758695)
+    _finished_run(tmp_path / "b", "torch", 1337, 3.06, val_tokens=2097151)
+    assert main(["bench", "speedrun-report", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "differ in val_tokens" in err and "kiln_seed1337: 758695" in err and "torch_seed1337: 2097151" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["bench", "speedrun-report", str(tmp_path / "empty")]) == 2
+    assert "no <side>_seed<seed> run folders" in capsys.readouterr().err
+
+
+def test_speedrun_reuses_a_finished_row_only_for_the_same_recipe(tmp_path):
+    """The run key holds the resolved recipe, so re-running a command after a preset's values
+    changed trains again instead of reusing the old row under the new name."""
+    import dataclasses
+
+    from kiln.bench.speedrun import SpeedrunRow, _prepare_run_dir, recipe
+    from kiln.train import PRESETS
+
+    base = PRESETS["speedrun"]()
+    key = {"side": "kiln", "seed": 1337, "preset": "speedrun", "overrides": [], "seconds": 600.0,
+           "val_tokens": 100, "recipe": recipe(dataclasses.replace(base, muon_weight_decay=0.4), "kiln")}
+    run_dir = tmp_path / "kiln_seed1337"
+    run_dir.mkdir()
+    (run_dir / "row.json").write_text(json.dumps({"key": key, "row": dataclasses.asdict(
+        SpeedrunRow("kiln", 1337, 600.0, 10, 100, 2.9, None))}))
+    assert _prepare_run_dir(run_dir, key).val_loss == 2.9  # same recipe: reused
+    newer = {**key, "recipe": recipe(dataclasses.replace(base, muon_weight_decay=0.8), "kiln")}
+    assert _prepare_run_dir(run_dir, newer) is None and not (run_dir / "row.json").exists()
+    # the baseline's recipe holds only what the baseline reads
+    assert recipe(dataclasses.replace(base, muon_weight_decay=0.8), "torch") == recipe(base, "torch")
+    assert recipe(dataclasses.replace(base, weight_decay=0.4), "torch") != recipe(base, "torch")
+    assert "muon_weight_decay" in recipe(base, "kiln") and "model.d_model" in recipe(base, "torch")
+    assert "seed" not in recipe(base, "kiln") and "max_seconds" not in recipe(base, "kiln")

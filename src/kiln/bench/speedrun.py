@@ -24,7 +24,15 @@ does not fit a 10-minute job): when this process reaches the limit, the run in p
 a checkpoint (Kiln: the trainer's own; the baseline: model, optimizer, data position, clock) and
 the command exits with status 75. The same command then resumes it; finished runs are reused
 (``OUT/<side>_seed<seed>/row.json``), so the table fills over several calls. The training clock
-of a resumed run excludes each process's first (compiling) step.
+of a resumed run excludes each process's first (compiling) step. A row is reused only for the
+same *recipe*: each run's key holds the settings it resolved to (``recipe``), not just the preset's
+name, so a preset whose values changed trains again.
+
+``kiln bench speedrun-report FOLDER[=LABEL] ...`` trains nothing: it joins the finished runs of
+several ``--out`` folders (seeds run in separate slots or on separate machines, ablations run one
+setting at a time) into one table, groups them by recipe (or by the labels given), and weighs every
+Kiln setting against every baseline setting with ``compare_sides``. Runs scored on different
+held-out tokens or trained for different budgets are refused, not mixed.
 """
 
 from __future__ import annotations
@@ -210,6 +218,30 @@ def compare_sides(rows: list[SpeedrunRow]) -> str | None:
             f"Welch t {t} ({len(kiln)} + {len(base)} runs): {verdict}")
 
 
+# What does not change what a run learns: set per run by this benchmark, or logging and sampling.
+_NOT_RECIPE = {"seed", "max_seconds", "device", "eval_every", "eval_batches", "eval_tokens", "sample_every",
+               "sample_prompt", "sample_tokens", "sample_temperature", "save_every", "keep_last", "log_every"}
+# The baseline's whole recipe: the model's shape and these keys (see run_torch and build_plain).
+_BASELINE_KEYS = ("batch_size", "micro_batch_size", "lr", "weight_decay", "betas", "warmup_steps", "grad_clip")
+_KILN_ONLY_MODEL_KEYS = {"attention_impl", "norm_impl", "linear_impl", "qk_norm"}
+
+
+def recipe(cfg, side: str) -> dict:
+    """The resolved settings a run of ``side`` trains with, flat (``model.d_model``) and JSON-plain:
+    part of each run's key, so a finished row is reused only for the same recipe (not merely the
+    same preset name and ``--set`` list: a preset's values change between versions), and what
+    ``speedrun-report`` groups runs by. The baseline's recipe holds only what it reads, so Kiln-only
+    keys (``optimizer``, ``muon_weight_decay``...) never split or invalidate its runs."""
+    full = json.loads(json.dumps(asdict(cfg)))
+    flat = {f"model.{k}": v for k, v in full.pop("model").items()}
+    if side == "torch":
+        flat = {k: v for k, v in flat.items() if k.removeprefix("model.") not in _KILN_ONLY_MODEL_KEYS}
+        flat.update({k: full[k] for k in _BASELINE_KEYS})
+    else:
+        flat.update({k: v for k, v in full.items() if k not in _NOT_RECIPE})
+    return dict(sorted(flat.items()))
+
+
 def _prepare_run_dir(run_dir: Path, key: dict) -> SpeedrunRow | None:
     """A finished row with this key (reused), else None; a folder left by other settings is cleared."""
     try:
@@ -270,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    env = {"device": hw, "torch": torch.__version__, "date": str(dt.date.today())}  # for speedrun-report
     rows: list[SpeedrunRow] = []
     paused = False
     with stop.signals_handled():
@@ -278,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
             for side in sides:
                 run_dir = out / f"{side}_seed{seed}"
                 key = {"side": side, "seed": seed, "preset": args.preset, "overrides": list(args.overrides),
-                       "seconds": args.seconds, "val_tokens": int(val.size - 1)}
+                       "seconds": args.seconds, "val_tokens": int(val.size - 1), "recipe": recipe(cfg, side)}
                 row = _prepare_run_dir(run_dir, key)
                 if row is not None:
                     print(f"{side} seed {seed}: finished earlier (val loss {row.val_loss:.4f}): reused", flush=True)
@@ -297,12 +331,11 @@ def run(args: argparse.Namespace) -> int:
                 if row is None:
                     paused = True
                     break
-                write_json_atomic(run_dir / "row.json", {"key": key, "row": asdict(row)})
+                write_json_atomic(run_dir / "row.json", {"key": key, "row": asdict(row), "env": env})
                 rows.append(row)
                 print(f"{side} seed {seed}: val loss {row.val_loss:.4f} after {row.steps} steps", flush=True)
             if paused:
                 break
-    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     text = (f"# kiln bench speedrun ({dt.date.today()}, {hw}, torch {torch.__version__})\n\n"
             f"preset {args.preset} {' '.join(args.overrides)}; {args.seconds:g} s of training steps per run; "
             f"val: {val.size - 1} held-out tokens\n\n" + format_table(rows))
@@ -316,8 +349,157 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class FinishedRun:
+    """One finished run read back from a speedrun folder: its settings, its row, where it ran."""
+
+    folder: str
+    setting: str  # side and what the run trained with, e.g. "kiln speedrun muon_weight_decay=0.8"
+    key: dict
+    row: SpeedrunRow
+    env: str  # "device, torch version, date", or "unrecorded" (rows from before the env field)
+
+
+def _override_label(key: dict) -> str:
+    """``preset k=v ...``: the last value of each ``--set`` key, sorted, without the seed."""
+    last: dict[str, str] = {}
+    for o in key.get("overrides", []):
+        k, _, v = o.partition("=")
+        if k != "seed":
+            last[k] = v
+    return " ".join([key.get("preset", "?"), *(f"{k}={v}" for k, v in sorted(last.items()))])
+
+
+def collect_runs(folders: list[str]) -> tuple[list[FinishedRun], list[str]]:
+    """Every finished run (``<side>_seed<seed>/row.json``) under the given ``kiln bench speedrun --out``
+    folders, grouped into settings, and notes: unfinished runs, unreadable rows, repeats of one
+    setting and seed (the first row is kept), and settings that share a name but not a recipe.
+
+    A folder given as ``FOLDER=LABEL`` names its runs' setting ``<side> LABEL`` (runs from several
+    folders with one label are one setting: say so only for runs of the same recipe). Otherwise runs
+    are grouped by their recorded recipe (see ``recipe``), named by preset and ``--set`` overrides;
+    rows from before recipes were recorded are grouped by that name and marked "recipe unrecorded".
+    Raises ValueError for a folder with no run folders."""
+    found: list[tuple[str, tuple, str, dict, SpeedrunRow, str]] = []  # folder, group, name, key, row, env
+    notes: list[str] = []
+    for spec in folders:
+        folder, _, label = spec.partition("=")
+        run_dirs = sorted(d for d in Path(folder).glob("*_seed*") if d.is_dir())
+        if not run_dirs:
+            raise ValueError(f"{folder}: no <side>_seed<seed> run folders; pass folders given to "
+                             "`kiln bench speedrun --out` (optionally as FOLDER=LABEL)")
+        for d in run_dirs:
+            path = d / "row.json"
+            if not path.exists():
+                notes.append(f"{d}: not finished (no row.json); run its `kiln bench speedrun` command again")
+                continue
+            try:
+                saved = json.loads(path.read_text())
+                key, row = saved["key"], SpeedrunRow(**saved["row"])
+                side = key["side"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                notes.append(f"{path}: unreadable ({type(e).__name__}: {e}); skipped")
+                continue
+            env = saved.get("env")
+            env_s = f"{env['device']}, torch {env['torch']}, {env['date']}" if isinstance(env, dict) else "unrecorded"
+            if label:
+                group, name = (side, "label", label), f"{side} {label}"
+            elif "recipe" in key:
+                group, name = (side, "recipe", json.dumps(key["recipe"], sort_keys=True)), f"{side} {_override_label(key)}"
+            else:
+                name = f"{side} {_override_label(key)} (recipe unrecorded)"
+                group = (side, "name", name)
+            found.append((folder, group, name, key, row, env_s))
+    # One name per group: the first run's; groups that share a name get numbered, with a note.
+    names: dict[tuple, str] = {}
+    for _, group, name, *_ in found:
+        names.setdefault(group, name)
+    taken: dict[str, list[tuple]] = {}
+    for group, name in names.items():
+        taken.setdefault(name, []).append(group)
+    for name, groups in taken.items():
+        if len(groups) > 1:
+            for i, g in enumerate(groups, 1):
+                names[g] = f"{name} [recipe {i}]"
+            recipes = [json.loads(g[2]) for g in groups]
+            differ = sorted(k for k in set().union(*recipes) if len({json.dumps(r.get(k)) for r in recipes}) > 1)
+            notes.append(f"'{name}' names {len(groups)} different recipes (numbered); they differ in: "
+                         + ", ".join(differ) + " (the preset changed between the runs?)")
+    runs: list[FinishedRun] = []
+    seen: dict[tuple[str, int], str] = {}
+    for folder, group, _, key, row, env_s in found:
+        setting = names[group]
+        where = f"{folder}/{key['side']}_seed{row.seed}"
+        if (setting, row.seed) in seen:
+            notes.append(f"{where}: {setting} seed {row.seed} already read from {seen[setting, row.seed]}; skipped")
+            continue
+        seen[setting, row.seed] = where
+        runs.append(FinishedRun(folder, setting, key, row, env_s))
+    return runs, notes
+
+
+def format_report(runs: list[FinishedRun]) -> str:
+    """The runs by setting (mean and spread per setting), then ``compare_sides`` for every Kiln
+    setting against every baseline setting. Raises ValueError when the runs were scored on
+    different held-out sets or trained for different budgets: their losses do not compare."""
+    for field in ("val_tokens", "seconds"):
+        values = {r.key.get(field) for r in runs}
+        if len(values) > 1:
+            where = "; ".join(f"{r.folder}/{r.row.side}_seed{r.row.seed}: {r.key.get(field)}" for r in runs)
+            raise ValueError(f"the runs differ in {field} ({where}): losses compare only on the same held-out "
+                             "tokens and the same training budget; report such folders separately")
+    settings = list(dict.fromkeys(r.setting for r in runs))
+    out = ["| setting | seed | train s | steps | tokens | val loss | val bpb | ran on |",
+           "|---|---|---|---|---|---|---|---|"]
+    for s in settings:
+        for r in sorted((r for r in runs if r.setting == s), key=lambda r: r.row.seed):
+            x = r.row
+            bpb = f"{x.val_bpb:.4f}" if x.val_bpb is not None else "n/a"
+            out.append(f"| {s} | {x.seed} | {x.seconds:.0f} | {x.steps} | {x.tokens / 1e6:.1f}M | "
+                       f"{x.val_loss:.4f} | {bpb} | {r.env} |")
+    out += ["", "| setting | runs | mean val loss | spread |", "|---|---|---|---|"]
+    for s in settings:
+        losses = [r.row.val_loss for r in runs if r.setting == s]
+        spread = f"{max(losses) - min(losses):.4f}" if len(losses) > 1 else "n/a (one run)"
+        out.append(f"| {s} | {len(losses)} | {statistics.mean(losses):.4f} | {spread} |")
+    sides = {s: next(r.row.side for r in runs if r.setting == s) for s in settings}
+    pairs = [(k, t) for k in settings if sides[k] == "kiln" for t in settings if sides[t] == "torch"]
+    if pairs:
+        out += ["", "Kiln against the baseline, setting by setting (`compare_sides`):", ""]
+        for k, t in pairs:
+            line = compare_sides([r.row for r in runs if r.setting in (k, t)])
+            out.append(f"- **{k}** vs **{t}**: {line}")
+    return "\n".join(out)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """``kiln bench speedrun-report``: one table and verdict from runs finished in several folders."""
+    try:
+        runs, notes = collect_runs(args.folders)
+        if not runs:
+            raise ValueError("no finished runs in " + ", ".join(args.folders))
+        table = format_report(runs)
+    except ValueError as e:
+        print(f"kiln bench speedrun-report: {e}", file=sys.stderr)
+        return 2
+    first = runs[0].key
+    text = (f"# kiln bench speedrun-report ({dt.date.today()})\n\n{len(runs)} finished runs from "
+            f"{len(args.folders)} folder(s); {first['seconds']:g} s of training steps per run; val: "
+            f"{first['val_tokens']} held-out tokens\n\n{table}")
+    if notes:
+        text += "\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes)
+    print(text)
+    if args.out:
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / "bench_speedrun_report.md", text + "\n")
+        write_json_atomic(folder / "bench_speedrun_report.json",
+                          [{"folder": r.folder, "setting": r.setting, "env": r.env, **asdict(r.row)} for r in runs])
+    return 0
+
+
 def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
-    """Register ``kiln bench speedrun``."""
+    """Register ``kiln bench speedrun`` and ``kiln bench speedrun-report``."""
     p = bench_subparsers.add_parser(
         "speedrun",
         help="Kiln's speedrun preset vs the plain PyTorch baseline: held-out loss at the same training time",
@@ -343,6 +525,18 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    "checkpoints, the command exits with status 75, and the same command continues it")
     p.add_argument("--out", required=True, help="directory for run folders and bench_speedrun.md/json")
     p.set_defaults(func=run)
+    r = bench_subparsers.add_parser(
+        "speedrun-report",
+        help="one table and verdict from speedrun runs finished in several --out folders (no training)",
+        description="Reads <side>_seed<seed>/row.json under each folder, groups the runs by setting (side, "
+        "preset, --set overrides except the seed), and compares every Kiln setting with every baseline "
+        "setting against the seed noise. For runs made in separate slots or on separate machines.",
+    )
+    r.add_argument("folders", nargs="+", metavar="FOLDER[=LABEL]",
+                   help="folders given to `kiln bench speedrun --out`; =LABEL names the setting of the runs in it "
+                   "(one label over several folders makes them one setting)")
+    r.add_argument("--out", default=None, help="write bench_speedrun_report.md/json here")
+    r.set_defaults(func=run_report)
 
 
 def main(argv: list[str] | None = None) -> int:
