@@ -251,7 +251,7 @@ def test_speedrun_report_tells_apart_one_name_with_two_recipes_and_takes_labels(
     assert main(["bench", "speedrun-report", str(tmp_path / "old"), str(tmp_path / "new")]) == 0
     out = capsys.readouterr().out
     assert "| kiln speedrun [recipe 1] | 1 | 2.9653 |" in out and "| kiln speedrun [recipe 2] | 1 | 2.9190 |" in out
-    assert "they differ in: muon_weight_decay" in out
+    assert "names 2 different settings (numbered); they differ in: muon_weight_decay" in out
     # no recipe recorded (older rows): named "recipe unrecorded" unless labelled; a label joins folders
     _finished_run(tmp_path / "x", "kiln", 1337, 2.9653, None, ["muon_weight_decay=0.4"], env=False)
     _finished_run(tmp_path / "y", "kiln", 1338, 2.9633, None, ["seed=1338"], env=False)
@@ -301,3 +301,13 @@ def test_speedrun_reuses_a_finished_row_only_for_the_same_recipe(tmp_path):
     assert recipe(dataclasses.replace(base, weight_decay=0.4), "torch") != recipe(base, "torch")
     assert "muon_weight_decay" in recipe(base, "kiln") and "model.d_model" in recipe(base, "torch")
     assert "seed" not in recipe(base, "kiln") and "max_seconds" not in recipe(base, "kiln")
+
+
+def test_speedrun_report_with_only_unfinished_runs_says_so(tmp_path, capsys):
+    (tmp_path / "a" / "kiln_seed1337").mkdir(parents=True)
+    (tmp_path / "a" / "kiln_seed1337" / "key.json").write_text("{}")
+    (tmp_path / "a" / "torch_seed1337").mkdir()
+    (tmp_path / "a" / "torch_seed1337" / "row.json").write_text("{not json")
+    assert main(["bench", "speedrun-report", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "no finished runs" in err and "kiln_seed1337: not finished" in err and "row.json: unreadable" in err

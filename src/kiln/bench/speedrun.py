@@ -383,7 +383,8 @@ def collect_runs(folders: list[str]) -> tuple[list[FinishedRun], list[str]]:
     found: list[tuple[str, tuple, str, dict, SpeedrunRow, str]] = []  # folder, group, name, key, row, env
     notes: list[str] = []
     for spec in folders:
-        folder, _, label = spec.partition("=")
+        folder, _, label = ("", "", "") if Path(spec).is_dir() else spec.partition("=")
+        folder = folder or spec  # a folder whose own name holds "=" is taken whole
         run_dirs = sorted(d for d in Path(folder).glob("*_seed*") if d.is_dir())
         if not run_dirs:
             raise ValueError(f"{folder}: no <side>_seed<seed> run folders; pass folders given to "
@@ -397,11 +398,11 @@ def collect_runs(folders: list[str]) -> tuple[list[FinishedRun], list[str]]:
                 saved = json.loads(path.read_text())
                 key, row = saved["key"], SpeedrunRow(**saved["row"])
                 side = key["side"]
+                env = saved.get("env")
+                env_s = f"{env['device']}, torch {env['torch']}, {env['date']}" if env else "unrecorded"
             except (OSError, ValueError, KeyError, TypeError) as e:
                 notes.append(f"{path}: unreadable ({type(e).__name__}: {e}); skipped")
                 continue
-            env = saved.get("env")
-            env_s = f"{env['device']}, torch {env['torch']}, {env['date']}" if isinstance(env, dict) else "unrecorded"
             if label:
                 group, name = (side, "label", label), f"{side} {label}"
             elif "recipe" in key:
@@ -421,10 +422,11 @@ def collect_runs(folders: list[str]) -> tuple[list[FinishedRun], list[str]]:
         if len(groups) > 1:
             for i, g in enumerate(groups, 1):
                 names[g] = f"{name} [recipe {i}]"
-            recipes = [json.loads(g[2]) for g in groups]
+            recipes = [json.loads(g[2]) for g in groups if g[1] == "recipe"]
             differ = sorted(k for k in set().union(*recipes) if len({json.dumps(r.get(k)) for r in recipes}) > 1)
-            notes.append(f"'{name}' names {len(groups)} different recipes (numbered); they differ in: "
-                         + ", ".join(differ) + " (the preset changed between the runs?)")
+            why = (f"they differ in: {', '.join(differ)} (the preset changed between the runs?)" if len(recipes) > 1
+                   else "a label and recorded recipes share the name")
+            notes.append(f"'{name}' names {len(groups)} different settings (numbered); {why}")
     runs: list[FinishedRun] = []
     seen: dict[tuple[str, int], str] = {}
     for folder, group, _, key, row, env_s in found:
@@ -477,15 +479,15 @@ def run_report(args: argparse.Namespace) -> int:
     try:
         runs, notes = collect_runs(args.folders)
         if not runs:
-            raise ValueError("no finished runs in " + ", ".join(args.folders))
+            raise ValueError("no finished runs in " + ", ".join(args.folders) + "".join(f"\n- {n}" for n in notes))
         table = format_report(runs)
     except ValueError as e:
         print(f"kiln bench speedrun-report: {e}", file=sys.stderr)
         return 2
     first = runs[0].key
     text = (f"# kiln bench speedrun-report ({dt.date.today()})\n\n{len(runs)} finished runs from "
-            f"{len(args.folders)} folder(s); {first['seconds']:g} s of training steps per run; val: "
-            f"{first['val_tokens']} held-out tokens\n\n{table}")
+            f"{len(args.folders)} folder(s); {first.get('seconds', '?')} s of training steps per run; val: "
+            f"{first.get('val_tokens', '?')} held-out tokens\n\n{table}")
     if notes:
         text += "\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes)
     print(text)
