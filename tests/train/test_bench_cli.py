@@ -233,6 +233,7 @@ def test_speedrun_report_joins_runs_from_several_folders_by_recipe(tmp_path, cap
     assert len(verdicts) == 2 and all(v.endswith("Kiln lower by more than the noise") for v in verdicts)
     assert "+0.0575" in verdicts[1] and "NVIDIA H100 80GB HBM3, torch 2.11.0, 2026-11-23" in out
     assert "kiln_seed1339: not finished" in out
+    assert (tmp_path / "rep" / "bench_speedrun_report.png").read_bytes()[:4] == b"\x89PNG"
     rows = json.loads((tmp_path / "rep" / "bench_speedrun_report.json").read_text())
     assert len(rows) == 7 and {r["setting"] for r in rows} == {
         "kiln speedrun muon_weight_decay=0.4", "torch speedrun", "torch speedrun weight_decay=0.4"}

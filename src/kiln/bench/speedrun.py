@@ -406,7 +406,8 @@ def collect_runs(folders: list[str]) -> tuple[list[FinishedRun], list[str]]:
             if label:
                 group, name = (side, "label", label), f"{side} {label}"
             elif "recipe" in key:
-                group, name = (side, "recipe", json.dumps(key["recipe"], sort_keys=True)), f"{side} {_override_label(key)}"
+                group = (side, "recipe", json.dumps(key["recipe"], sort_keys=True))
+                name = f"{side} {_override_label(key)}"
             else:
                 name = f"{side} {_override_label(key)} (recipe unrecorded)"
                 group = (side, "name", name)
@@ -474,6 +475,40 @@ def format_report(runs: list[FinishedRun]) -> str:
     return "\n".join(out)
 
 
+def _seconds(key: dict) -> str:
+    secs = key.get("seconds")
+    return f"{secs:g}" if isinstance(secs, (int, float)) else "?"
+
+
+def plot_report(runs: list[FinishedRun], out_png: Path) -> Path:
+    """Held-out loss per setting, one dot per seed and a bar at the mean (Kiln blue, baseline red),
+    written atomically: the picture of ``format_report``'s tables."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    settings = list(dict.fromkeys(r.setting for r in runs))
+    fig = Figure(figsize=(max(6.0, 1.3 * len(settings) + 2), 4.5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, s in enumerate(settings):
+        mine = [r.row for r in runs if r.setting == s]
+        color = "C0" if mine[0].side == "kiln" else "C3"
+        ax.scatter([i] * len(mine), [x.val_loss for x in mine], color=color, zorder=3)
+        mean = statistics.mean(x.val_loss for x in mine)
+        ax.hlines(mean, i - 0.3, i + 0.3, color=color, lw=2)
+        ax.annotate(f"{mean:.4f}", (i + 0.32, mean), fontsize=8, va="center")
+    ax.set_xticks(range(len(settings)), settings, rotation=20, ha="right", fontsize=8)
+    ax.set_xlim(-0.5, len(settings) - 0.2)
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(f"kiln bench speedrun-report: {_seconds(runs[0].key)} s per run (dots: seeds; bars: means)",
+                 fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, out_png)
+    return out_png
+
+
 def run_report(args: argparse.Namespace) -> int:
     """``kiln bench speedrun-report``: one table and verdict from runs finished in several folders."""
     try:
@@ -486,7 +521,7 @@ def run_report(args: argparse.Namespace) -> int:
         return 2
     first = runs[0].key
     text = (f"# kiln bench speedrun-report ({dt.date.today()})\n\n{len(runs)} finished runs from "
-            f"{len(args.folders)} folder(s); {first.get('seconds', '?')} s of training steps per run; val: "
+            f"{len(args.folders)} folder(s); {_seconds(first)} s of training steps per run; val: "
             f"{first.get('val_tokens', '?')} held-out tokens\n\n{table}")
     if notes:
         text += "\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes)
@@ -497,6 +532,7 @@ def run_report(args: argparse.Namespace) -> int:
         write_text_atomic(folder / "bench_speedrun_report.md", text + "\n")
         write_json_atomic(folder / "bench_speedrun_report.json",
                           [{"folder": r.folder, "setting": r.setting, "env": r.env, **asdict(r.row)} for r in runs])
+        plot_report(runs, folder / "bench_speedrun_report.png")
     return 0
 
 
@@ -537,7 +573,7 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("folders", nargs="+", metavar="FOLDER[=LABEL]",
                    help="folders given to `kiln bench speedrun --out`; =LABEL names the setting of the runs in it "
                    "(one label over several folders makes them one setting)")
-    r.add_argument("--out", default=None, help="write bench_speedrun_report.md/json here")
+    r.add_argument("--out", default=None, help="write bench_speedrun_report.md/json/png here")
     r.set_defaults(func=run_report)
 
 
