@@ -274,12 +274,14 @@ def test_speedrun_report_refuses_runs_scored_on_different_heldout_tokens(tmp_pat
     assert main(["bench", "speedrun-report", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert "differ in val_tokens" in err and "kiln_seed1337: 758695" in err and "torch_seed1337: 2097151" in err
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".replaced" / "kiln_seed1337").mkdir(parents=True)  # set aside: not a run folder
     assert main(["bench", "speedrun-report", str(tmp_path / "empty")]) == 2
     assert "no <side>_seed<seed> run folders" in capsys.readouterr().err
+    assert main(["bench", "speedrun-report", str(tmp_path / "missing")]) == 2
+    assert "missing: not a folder" in capsys.readouterr().err
 
 
-def test_speedrun_reuses_a_finished_row_only_for_the_same_recipe(tmp_path):
+def test_speedrun_reuses_a_finished_row_only_for_the_same_recipe(tmp_path, capsys):
     """The run key holds the resolved recipe, so re-running a command after a preset's values
     changed trains again instead of reusing the old row under the new name."""
     import dataclasses
@@ -297,6 +299,9 @@ def test_speedrun_reuses_a_finished_row_only_for_the_same_recipe(tmp_path):
     assert _prepare_run_dir(run_dir, key).val_loss == 2.9  # same recipe: reused
     newer = {**key, "recipe": recipe(dataclasses.replace(base, muon_weight_decay=0.8), "kiln")}
     assert _prepare_run_dir(run_dir, newer) is None and not (run_dir / "row.json").exists()
+    # the finished run is kept aside (not deleted), and the user is told what differed
+    kept = json.loads((tmp_path / ".replaced" / "kiln_seed1337" / "row.json").read_text())
+    assert kept["row"]["val_loss"] == 2.9 and "muon_weight_decay" in capsys.readouterr().out
     # the baseline's recipe holds only what the baseline reads
     assert recipe(dataclasses.replace(base, muon_weight_decay=0.8), "torch") == recipe(base, "torch")
     assert recipe(dataclasses.replace(base, weight_decay=0.4), "torch") != recipe(base, "torch")

@@ -26,7 +26,8 @@ the command exits with status 75. The same command then resumes it; finished run
 (``OUT/<side>_seed<seed>/row.json``), so the table fills over several calls. The training clock
 of a resumed run excludes each process's first (compiling) step. A row is reused only for the
 same *recipe*: each run's key holds the settings it resolved to (``recipe``), not just the preset's
-name, so a preset whose values changed trains again.
+name, so a preset whose values changed trains again; the finished run it replaces is moved to
+``OUT/.replaced/`` and the command says which settings differed.
 
 ``kiln bench speedrun-report FOLDER[=LABEL] ...`` trains nothing: it joins the finished runs of
 several ``--out`` folders (seeds run in separate slots or on separate machines, ablations run one
@@ -43,6 +44,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -50,7 +52,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from kiln.artifacts import write_json_atomic, write_text_atomic
+from kiln.artifacts import config_to_dict, write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -169,11 +171,16 @@ def run_kiln(cfg, tokens_dir: Path, tokenizer: str | None, seconds: float, seed:
     return SpeedrunRow("kiln", seed, round(train_s, 1), steps, stats["tokens_seen"], r["loss"], r["bpb"])
 
 
+def _cells(r: SpeedrunRow) -> str:
+    """``seed | train s | steps | tokens | val loss | val bpb``: one run's cells in every speedrun table."""
+    bpb = f"{r.val_bpb:.4f}" if r.val_bpb is not None else "n/a"
+    return f"{r.seed} | {r.seconds:.0f} | {r.steps} | {r.tokens / 1e6:.1f}M | {r.val_loss:.4f} | {bpb}"
+
+
 def format_table(rows: list[SpeedrunRow]) -> str:
     out = ["| side | seed | train s | steps | tokens | val loss | val bpb |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        bpb = f"{r.val_bpb:.4f}" if r.val_bpb is not None else "n/a"
-        out.append(f"| {r.side} | {r.seed} | {r.seconds:.0f} | {r.steps} | {r.tokens / 1e6:.1f}M | {r.val_loss:.4f} | {bpb} |")
+        out.append(f"| {r.side} | {_cells(r)} |")
     summary = []
     for side in ("torch", "kiln"):
         losses = [r.val_loss for r in rows if r.side == side]
@@ -232,7 +239,7 @@ def recipe(cfg, side: str) -> dict:
     same preset name and ``--set`` list: a preset's values change between versions), and what
     ``speedrun-report`` groups runs by. The baseline's recipe holds only what it reads, so Kiln-only
     keys (``optimizer``, ``muon_weight_decay``...) never split or invalidate its runs."""
-    full = json.loads(json.dumps(asdict(cfg)))
+    full = config_to_dict(cfg)
     flat = {f"model.{k}": v for k, v in full.pop("model").items()}
     if side == "torch":
         flat = {k: v for k, v in flat.items() if k.removeprefix("model.") not in _KILN_ONLY_MODEL_KEYS}
@@ -242,19 +249,47 @@ def recipe(cfg, side: str) -> dict:
     return dict(sorted(flat.items()))
 
 
+def _key_diff(old: object, new: dict) -> str:
+    """The key fields (recipe fields by name) in which ``old`` differs from ``new``."""
+    if not isinstance(old, dict):
+        return "an unreadable key"
+    fields = [k for k in sorted(set(old) | set(new)) if k != "recipe" and old.get(k) != new.get(k)]
+    ro, rn = old.get("recipe") or {}, new.get("recipe") or {}
+    if "recipe" not in old:
+        fields.append("recipe (not recorded: an older Kiln)")
+    else:
+        fields += [k for k in sorted(set(ro) | set(rn)) if ro.get(k) != rn.get(k)]
+    return ", ".join(fields) or "nothing"
+
+
 def _prepare_run_dir(run_dir: Path, key: dict) -> SpeedrunRow | None:
-    """A finished row with this key (reused), else None; a folder left by other settings is cleared."""
+    """A finished row with this key (reused), else None. A paused run of other settings is
+    cleared; a *finished* run of other settings is moved to ``<out>/.replaced/<name>`` (the last
+    one replaced is kept there), and both say what differs."""
+    saved = None
     try:
         saved = json.loads((run_dir / "row.json").read_text())
         if saved.get("key") == key:
             return SpeedrunRow(**saved["row"])
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError):
         pass
     try:
-        if json.loads((run_dir / "key.json").read_text()) == key:
+        old_key = json.loads((run_dir / "key.json").read_text())
+        if old_key == key:
             return None  # a paused run of these settings: resume it
     except (OSError, ValueError):
-        pass
+        old_key = None
+    if saved is not None:
+        kept = run_dir.parent / ".replaced" / run_dir.name
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.parent.mkdir(exist_ok=True)
+        os.replace(run_dir, kept)
+        print(f"{run_dir}: its finished run had other settings (differs in: "
+              f"{_key_diff(saved.get('key') if isinstance(saved, dict) else None, key)}); moved to {kept}, "
+              "training again", flush=True)
+    elif old_key is not None:
+        print(f"{run_dir}: a paused run of other settings (differs in: {_key_diff(old_key, key)}); "
+              "starting over", flush=True)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     write_json_atomic(run_dir / "key.json", key)
@@ -360,6 +395,9 @@ class FinishedRun:
     env: str  # "device, torch version, date", or "unrecorded" (rows from before the env field)
 
 
+_RUN_DIR = re.compile(r"(kiln|torch)_seed\d+")  # what `kiln bench speedrun` names a run's folder
+
+
 def _override_label(key: dict) -> str:
     """``preset k=v ...``: the last value of each ``--set`` key, sorted, without the seed."""
     last: dict[str, str] = {}
@@ -385,7 +423,11 @@ def collect_runs(folders: list[str]) -> tuple[list[FinishedRun], list[str]]:
     for spec in folders:
         folder, _, label = ("", "", "") if Path(spec).is_dir() else spec.partition("=")
         folder = folder or spec  # a folder whose own name holds "=" is taken whole
-        run_dirs = sorted(d for d in Path(folder).glob("*_seed*") if d.is_dir())
+        base = Path(folder)
+        if not base.is_dir():
+            raise ValueError(f"{folder}: not a folder; pass folders given to `kiln bench speedrun --out` "
+                             "(optionally as FOLDER=LABEL)")
+        run_dirs = sorted(d for d in base.iterdir() if d.is_dir() and _RUN_DIR.fullmatch(d.name))
         if not run_dirs:
             raise ValueError(f"{folder}: no <side>_seed<seed> run folders; pass folders given to "
                              "`kiln bench speedrun --out` (optionally as FOLDER=LABEL)")
@@ -399,7 +441,9 @@ def collect_runs(folders: list[str]) -> tuple[list[FinishedRun], list[str]]:
                 key, row = saved["key"], SpeedrunRow(**saved["row"])
                 side = key["side"]
                 env = saved.get("env")
-                env_s = f"{env['device']}, torch {env['torch']}, {env['date']}" if env else "unrecorded"
+                env_s = (", ".join(f"{pre}{env.get(k, '?')}" for pre, k in (("", "device"), ("torch ", "torch"),
+                                                                          ("", "date")))
+                         if isinstance(env, dict) else "unrecorded")
             except (OSError, ValueError, KeyError, TypeError) as e:
                 notes.append(f"{path}: unreadable ({type(e).__name__}: {e}); skipped")
                 continue
@@ -456,10 +500,7 @@ def format_report(runs: list[FinishedRun]) -> str:
            "|---|---|---|---|---|---|---|---|"]
     for s in settings:
         for r in sorted((r for r in runs if r.setting == s), key=lambda r: r.row.seed):
-            x = r.row
-            bpb = f"{x.val_bpb:.4f}" if x.val_bpb is not None else "n/a"
-            out.append(f"| {s} | {x.seed} | {x.seconds:.0f} | {x.steps} | {x.tokens / 1e6:.1f}M | "
-                       f"{x.val_loss:.4f} | {bpb} | {r.env} |")
+            out.append(f"| {s} | {_cells(r.row)} | {r.env} |")
     out += ["", "| setting | runs | mean val loss | spread |", "|---|---|---|---|"]
     for s in settings:
         losses = [r.row.val_loss for r in runs if r.setting == s]
