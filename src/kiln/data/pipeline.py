@@ -247,6 +247,7 @@ def stage1_task(shard: int, source: str, cfg: PipelineConfig, out_dir: str, work
             exact=np.array(hashes, dtype=np.int64),
             sigs=np.stack(sigs) if sigs else np.zeros((0, n_perm), dtype=np.uint32),
             lines=np.concatenate(line_hashes) if line_hashes else np.zeros(0, dtype=np.int64),
+            line_counts=np.array([len(h) for h in line_hashes], dtype=np.int64),
         )
     _save_stats(wk, "stage1", shard, stats)
     mark_done(wk / "markers", "stage1", shard)
@@ -312,10 +313,22 @@ def global_dedup(cfg: PipelineConfig, n_shards: int, work: Path) -> dict[str, in
     for i in range(n_shards):
         np.save(work / "dedup" / f"{i:05d}.npy", codes[offsets[i] : offsets[i + 1]])
     if cfg.dedup.line_min_docs:
-        lines = np.concatenate([f["lines"] for f in fps]) if fps else np.zeros(0, dtype=np.int64)
-        uniq, cnt = np.unique(lines, return_counts=True)
-        np.save(work / "dedup" / "repeated_lines.npy", uniq[cnt >= cfg.dedup.line_min_docs])
+        np.save(work / "dedup" / "repeated_lines.npy", repeated_lines(fps, codes, cfg.dedup.line_min_docs))
     return {"documents": n, "exact_duplicates": int((codes == 1).sum()), "near_duplicates": int((codes == 2).sum())}
+
+
+def repeated_lines(fps: list[Any], codes: np.ndarray, min_docs: int) -> np.ndarray:
+    """Hashes of lines found in at least ``min_docs`` *surviving* documents (``codes == 0``).
+
+    Each document's distinct line hashes are stored together (``lines``, ``line_counts`` per
+    document); a line counts once per document that survived exact and near dedup, so a page
+    crawled 40 times counts its lines once, not 40 times, and keeps them (issue 24 item 8).
+    """
+    lines = np.concatenate([f["lines"] for f in fps]) if fps else np.zeros(0, dtype=np.int64)
+    counts = np.concatenate([f["line_counts"] for f in fps]) if fps else np.zeros(0, dtype=np.int64)
+    alive = np.repeat(codes == 0, counts)  # (total lines,): the line's document survived
+    uniq, cnt = np.unique(lines[alive], return_counts=True)
+    return uniq[cnt >= min_docs]
 
 
 # ---- the run ---------------------------------------------------------------------------------------
