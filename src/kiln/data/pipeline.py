@@ -46,8 +46,9 @@ from kiln.data.curation import (  # noqa: F401 - re-exported: kiln.data.pipeline
 from kiln.data.dedup import MinHasher, cluster_signatures, doc_line_hashes, exact_hash, remove_lines
 from kiln.data.document import Document
 from kiln.data.executors import Executor, LocalExecutor, mark_done, run_tasks
-from kiln.data.steps import BYTES_IN, Stats, run_steps, unit_hash
+from kiln.data.steps import BYTES_IN, Stats, bytes_in, run_steps, unit_hash
 from kiln.data.warc import is_web_archive, read_tar, read_web
+from kiln.data.writers import JsonlZstFile, SplitWriter, list_doc_files
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def read_shard(source: str, cfg: PipelineConfig, stats: Stats) -> Iterator[Docum
             return read_stream(f, name, kind, where, cfg.text_key, None, errs)
 
         docs: Iterator[Document] = read_tar(source, stats, other)
+    elif source.startswith("hf://datasets/") and (is_web_archive(source) or ".warc" in source.lower()):
+        docs = _read_hf_web(source, stats)
     elif is_web_archive(source) or ".warc" in source.lower():
         docs = read_web(source, stats)
     else:
@@ -108,16 +111,13 @@ def read_shard(source: str, cfg: PipelineConfig, stats: Stats) -> Iterator[Docum
         stats.counters[f"repaired_{reason}"] += n
 
 
-def _jsonl_writer(path: Path, level: int):
-    import zstandard
+def _read_hf_web(url: str, stats: Stats) -> Iterator[Document]:
+    """A WARC/WET file on the Hugging Face Hub, streamed (``hf://datasets/ORG/NAME[@REV]/PATH``)."""
+    from kiln.data.readers import open_hf
+    from kiln.data.warc import read_warc_stream
 
-    fh = open(path, "wb")  # noqa: SIM115 - closed by the zstd stream writer that wraps it
-    return fh, zstandard.ZstdCompressor(level=level).stream_writer(fh)
-
-
-def _record(doc: Document) -> bytes:
-    meta = {k: v for k, v in doc.metadata.items() if k != BYTES_IN}
-    return (json.dumps({"id": doc.id, "text": doc.text, **meta}, ensure_ascii=False) + "\n").encode()
+    with open_hf(url) as fh:
+        yield from read_warc_stream(fh, url, stats)
 
 
 def _read_jsonl_zst(path: Path) -> Iterator[Document]:
@@ -132,71 +132,17 @@ def _read_jsonl_zst(path: Path) -> Iterator[Document]:
             yield Document(text=text, id=doc_id, metadata=obj)
 
 
-class _ParquetShard:
-    """One Parquet output file: columns ``id``, ``text``, ``metadata`` (JSON object as a string, since
-    documents' metadata keys differ), zstd-compressed, a row group every ``rows_per_group`` documents."""
-
-    def __init__(self, path: Path, level: int, rows_per_group: int = 2000) -> None:
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise ImportError("output_format='parquet' needs pyarrow: pip install pyarrow") from e
-        self.pa = pa
-        self.schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("metadata", pa.string())])
-        self.writer = pq.ParquetWriter(path, self.schema, compression="zstd", compression_level=level)
-        self.rows: list[Document] = []
-        self.rows_per_group = rows_per_group
-
-    def write(self, doc: Document) -> None:
-        self.rows.append(doc)
-        if len(self.rows) >= self.rows_per_group:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.rows:
-            meta = [json.dumps({k: v for k, v in d.metadata.items() if k != BYTES_IN}, ensure_ascii=False) for d in self.rows]
-            cols = [[d.id for d in self.rows], [d.text for d in self.rows], meta]
-            self.writer.write_table(self.pa.Table.from_arrays([self.pa.array(c, self.pa.string()) for c in cols], schema=self.schema))
-            self.rows = []
-
-    def close(self) -> None:
-        self._flush()
-        self.writer.close()
-
-
-class _JsonlZstShard:
-    def __init__(self, path: Path, level: int) -> None:
-        self.fh, self.zw = _jsonl_writer(path, level)
-
-    def write(self, doc: Document) -> None:
-        self.zw.write(_record(doc))
-
-    def close(self) -> None:
-        self.zw.close()  # also closes fh
-
-
-class _ShardWriter:
-    """train (and val) shards of one output shard (``.jsonl.zst`` or ``.parquet``), written under
-    temporary names, renamed on close."""
+class _ShardWriter(SplitWriter):
+    """train (and val, by a hash of the id) files of one output shard (``.jsonl.zst`` or ``.parquet``)."""
 
     def __init__(self, out_dir: Path, shard: int, cfg: PipelineConfig) -> None:
-        self.cfg = cfg
-        self.paths = {s: out_dir / f"{s}_{shard:05d}.{cfg.output_format}" for s in ("train", "val")}
-        self.tmp = {s: p.with_name(f".{p.name}.tmp") for s, p in self.paths.items()}
-        self.writers: dict[str, Any] = {}
+        super().__init__(out_dir, shard, cfg.output_format, cfg.zstd_level)
+        self.val_fraction = cfg.val_fraction
 
-    def write(self, doc: Document) -> None:
-        split = "val" if self.cfg.val_fraction and unit_hash(doc.id, "val") < self.cfg.val_fraction else "train"
-        if split not in self.writers:
-            kind = _ParquetShard if self.cfg.output_format == "parquet" else _JsonlZstShard
-            self.writers[split] = kind(self.tmp[split], self.cfg.zstd_level)
-        self.writers[split].write(doc)
-
-    def close(self) -> None:
-        for split, w in self.writers.items():
-            w.close()
-            os.replace(self.tmp[split], self.paths[split])
+    def write(self, doc: Document, split: str | None = None) -> None:
+        if split is None:
+            split = "val" if self.val_fraction and unit_hash(doc.id, "val") < self.val_fraction else "train"
+        super().write(doc, split)
 
 
 # ---- shard tasks (top-level functions: they are pickled to worker processes) -------------------------
@@ -229,11 +175,11 @@ def stage1_task(shard: int, source: str, cfg: PipelineConfig, out_dir: str, work
         (wk / "stage1").mkdir(parents=True, exist_ok=True)
         path = wk / "stage1" / f"{shard:05d}.jsonl.zst"
         tmp = path.with_name(path.name + ".tmp")
-        _, zw = _jsonl_writer(tmp, 1)  # closing the zstd writer closes the file
+        zw = JsonlZstFile(tmp, 1)  # intermediate records keep the input size (BYTES_IN)
         hasher = MinHasher(cfg.dedup.minhash) if cfg.dedup.minhash else None
         hashes, sigs, line_hashes = [], [], []
         for doc in docs:
-            zw.write(_record_keep_bytes(doc))
+            zw.write(Document(doc.text, doc.id, {**doc.metadata, "_bytes": bytes_in(doc)}))
             hashes.append(exact_hash(doc.text))
             if hasher is not None:
                 sigs.append(hasher.signature(doc.text))
@@ -253,12 +199,6 @@ def stage1_task(shard: int, source: str, cfg: PipelineConfig, out_dir: str, work
     mark_done(wk / "markers", "stage1", shard)
 
 
-def _record_keep_bytes(doc: Document) -> bytes:
-    """Intermediate records keep the input size so dedup drops count the right bytes."""
-    meta = dict(doc.metadata)
-    return (json.dumps({"id": doc.id, "text": doc.text, **meta}, ensure_ascii=False) + "\n").encode()
-
-
 def final_task(shard: int, cfg: PipelineConfig, out_dir: str, work: str) -> None:
     """Apply the global dedup decisions to one shard and write its output shards."""
     out, wk = Path(out_dir), Path(work)
@@ -270,6 +210,7 @@ def final_task(shard: int, cfg: PipelineConfig, out_dir: str, work: str) -> None
     writer = _ShardWriter(out, shard, cfg)
     reasons = {1: "dedup_exact", 2: "dedup_minhash"}
     for j, doc in enumerate(_read_jsonl_zst(wk / "stage1" / f"{shard:05d}.jsonl.zst")):
+        doc.metadata[BYTES_IN] = doc.metadata.pop("_bytes")  # dedup drops count the input size
         code = int(decisions[j])
         if code:
             stats.add_drop(doc, reasons[code])
@@ -346,16 +287,23 @@ def _readable(name: str) -> bool:
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Input files (one shard each), sorted within each folder/glob; URLs and hf:// pass through."""
-    from kiln.data.readers import is_metadata_name
+    """Input files (one shard each), sorted within each folder/glob: ``hf://datasets/...`` becomes one
+    input per remote file, a Kiln document artifact its train and val files (through its manifest);
+    other URLs and Kiln's ``hf://`` shorthand pass through."""
+    from kiln.data.readers import HF_FILES, artifact_files, expand_hf, is_artifact, is_metadata_name
 
     files: list[str] = []
     for src in inputs:
+        if src.startswith(HF_FILES):
+            files += expand_hf(src)
+            continue
         if src.startswith(("http://", "https://", "hf://")):
             files.append(src)
             continue
         if any(c in src for c in "*?["):
             matches = sorted(p for p in globlib.glob(src, recursive=True) if os.path.isfile(p))
+        elif os.path.isdir(src) and is_artifact(src):
+            matches = [str(p) for split in ("train", "val") for p in artifact_files(src, split)]
         elif os.path.isdir(src):
             matches = sorted(
                 str(p) for p in Path(src).rglob("*")
@@ -456,6 +404,7 @@ def run_pipeline(
         "inputs": input_ids,
         "code": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 3),
         "stats": {"docs_in": stats.docs_in, "kept": stats.kept, "bytes_in": stats.bytes_in,
-                  "kept_bytes_out": stats.kept_bytes_out, "dedup": dedup_stats, "shards": len(files)},
+                  "kept_bytes_out": stats.kept_bytes_out, "dedup": dedup_stats, "shards": len(files),
+                  "files": list_doc_files(out)},
     })
     return stats

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import tarfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -397,11 +398,16 @@ def default_cache_dir() -> Path:
     return Path(root) / "downloads"
 
 
-def download(url: str, cache_dir: str | os.PathLike | None = None, timeout: float = 60.0) -> Path:
+def download(
+    url: str, cache_dir: str | os.PathLike | None = None, timeout: float = 60.0, retries: int = 4,
+    backoff_s: float = 1.0,
+) -> Path:
     """Download ``url`` once into ``cache_dir`` (temp file, then rename) and return the local path.
 
     The cached name is a hash of the URL plus its last path component, so the extension (which
     decides how the file is read) survives. A file already in the cache is not downloaded again.
+    A failed attempt (network error, timeout, HTTP 5xx or 429) is retried ``retries`` times after
+    ``backoff_s``, then 2x, 4x... that wait; other HTTP errors (404) fail at once.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     base = os.path.basename(urllib.parse.urlparse(url).path) or "download"
@@ -409,20 +415,28 @@ def download(url: str, cache_dir: str | os.PathLike | None = None, timeout: floa
     if dest.is_file():
         return dest
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-    log.info("downloading %s -> %s", url, dest)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
-            while chunk := resp.read(1 << 20):
-                out.write(chunk)
-        os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(
-            f"could not download {url}: {e}; check the URL and the network, "
-            "or download the file yourself and pass its local path"
-        ) from e
-    return dest
+    for attempt in range(retries + 1):
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+        log.info("downloading %s -> %s", url, dest)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+            os.replace(tmp, dest)
+            return dest
+        except (urllib.error.URLError, OSError) as e:
+            tmp.unlink(missing_ok=True)
+            code = getattr(e, "code", None)
+            transient = code is None or code >= 500 or code == 429
+            if not transient or attempt == retries:
+                raise RuntimeError(
+                    f"could not download {url} ({attempt + 1} attempts): {e}; check the URL and the network, "
+                    "or download the file yourself and pass its local path"
+                ) from e
+            wait = backoff_s * 2**attempt
+            log.warning("downloading %s failed (%s); retrying in %.1f s", url, e, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None, str]:
@@ -455,10 +469,98 @@ def _read_hf(source: str, text_key: str, id_key: str | None, errors: ReadErrors)
             yield doc
 
 
+HF_FILES = "hf://datasets/"
+"""Prefix of Hugging Face's own file URLs, ``hf://datasets/ORG/NAME[@REV]/PATH`` (``HfFileSystem``)."""
+
+
+def _hf_fs() -> Any:
+    try:
+        from huggingface_hub import HfFileSystem
+    except ImportError as e:
+        raise ImportError("reading hf://datasets/... needs huggingface_hub: pip install huggingface_hub") from e
+    return HfFileSystem()
+
+
+def expand_hf(source: str, fs: Any = None) -> list[str]:
+    """The files an ``hf://datasets/ORG/NAME[@REV]/PATH`` URL names, one URL each (a file, every
+    readable file under a folder, or a glob), sorted; the pipeline makes each one shard."""
+    fs = fs if fs is not None else _hf_fs()
+    path = source[len("hf://"):]
+    if any(c in path for c in "*?["):
+        found = list(fs.glob(path))
+    elif fs.isdir(path):
+        found = list(fs.find(path))
+    else:
+        found = [path]
+    files = sorted(
+        f for f in found
+        if (file_kind(f.rsplit("/", 1)[-1]) is not None or _is_web_name(f))
+        and not is_metadata_name(f.rsplit("/", 1)[-1]) and not f.rsplit("/", 1)[-1].startswith(".")
+    )
+    if not files:
+        raise FileNotFoundError(f"{source} names no readable files; Kiln reads {_supported()}")
+    return ["hf://" + f.lstrip("/") for f in files]
+
+
+def _is_web_name(name: str) -> bool:
+    return name.lower().endswith((".warc", ".warc.gz", ".wet", ".wet.gz", ".arc", ".arc.gz"))
+
+
+def open_hf(url: str, fs: Any = None) -> IO[bytes]:
+    """An ``hf://datasets/...`` file opened for reading (binary, seekable)."""
+    fs = fs if fs is not None else _hf_fs()
+    return fs.open(url[len("hf://"):], "rb")
+
+
+def _read_hf_files(source: str, text_key: str, id_key: str | None, errors: ReadErrors) -> Iterator[Document]:
+    fs = _hf_fs()
+    for url in expand_hf(source, fs):
+        name = url.rsplit("/", 1)[-1]
+        kind = file_kind(name)
+        if kind is None:
+            raise ValueError(f"{url}: a web archive; read it with `kiln data run` (which reads WARC/WET)")
+        with open_hf(url, fs) as fh:
+            yield from read_stream(fh, name, kind, url, text_key, id_key, errors)
+
+
+DOC_STAGES = ("data", "corpus")
+"""Artifact stages whose folders hold documents (``kiln data run``, the corpus stage)."""
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a finished Kiln artifact folder (it holds ``manifest.json``)."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+def artifact_files(folder: str | os.PathLike, split: str = "train") -> list[Path]:
+    """The document files of one split of a document artifact, as its manifest lists them
+    (``stats.files``); for artifacts written before that list, the corpus stage's ``<split>.jsonl``
+    or the ``<split>_XXXXX.*`` shards. Never the artifact's own ``stats.json``/``report.html``."""
+    d = Path(folder)
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{d}/manifest.json is unreadable ({e}); rerun the stage that wrote {d}") from e
+    stage = manifest.get("stage")
+    if stage not in DOC_STAGES:
+        raise ValueError(f"{d} is a '{stage}' artifact, not documents; pass the folder of `kiln data run` "
+                         "or of the corpus stage")
+    files = (manifest.get("stats") or {}).get("files")
+    if isinstance(files, dict):
+        return [d / n for n in files.get(split, [])]
+    legacy = d / f"{split}.jsonl"
+    if legacy.is_file():
+        return [legacy]
+    return sorted(p for p in d.glob(f"{split}_*") if p.is_file() and file_kind(p.name) is not None)
+
+
 def _iter_source(
-    source: str, text_key: str, id_key: str | None, errors: ReadErrors, cache_dir: str | os.PathLike | None
+    source: str, text_key: str, id_key: str | None, errors: ReadErrors, cache_dir: str | os.PathLike | None,
+    split: str = "train",
 ) -> Iterator[Document]:
-    if source.startswith("hf://"):
+    if source.startswith(HF_FILES):
+        yield from _read_hf_files(source, text_key, id_key, errors)
+    elif source.startswith("hf://"):
         yield from _read_hf(source, text_key, id_key, errors)
     elif source.startswith(("http://", "https://")):
         base = os.path.basename(urllib.parse.urlparse(source).path)
@@ -469,6 +571,9 @@ def _iter_source(
             )
         path = download(source, cache_dir)
         yield from _read_file(path, base, text_key, id_key, errors, source=source)
+    elif is_artifact(source):
+        for path in artifact_files(source, split):
+            yield from _read_file(path, path.name, text_key, id_key, errors)
     else:
         for path, name in _expand_local(source):
             yield from _read_file(path, name, text_key, id_key, errors)
@@ -483,6 +588,7 @@ def read_documents(
     errors: collections.Counter | ReadErrors | None = None,
     cache_dir: str | os.PathLike | None = None,
     repairs: collections.Counter | None = None,
+    split: str = "train",
 ) -> Iterator[Document]:
     """Stream Documents from a file, folder, glob, archive, URL or ``hf://`` dataset (see module doc).
 
@@ -496,6 +602,7 @@ def read_documents(
         repairs: a Counter that receives counts of records read with a fix and kept
             (``invalid_utf8``: undecodable bytes replaced by U+FFFD); such a record is not an error.
         cache_dir: where URL downloads are cached (default :func:`default_cache_dir`).
+        split: which split of a Kiln document artifact folder to read (``train`` or ``val``).
 
     Raises:
         FileNotFoundError: the source does not exist or holds no supported file.
@@ -508,7 +615,7 @@ def read_documents(
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     n = 0
     for src in sources:
-        for doc in _iter_source(os.fspath(src), text_key, id_key, errs, cache_dir):
+        for doc in _iter_source(os.fspath(src), text_key, id_key, errs, cache_dir, split):
             yield doc
             n += 1
             if limit is not None and n >= limit:
@@ -516,3 +623,13 @@ def read_documents(
 
 
 _read_one = read_stream  # the old private name
+
+
+def read_texts(
+    sources: str | os.PathLike | Iterable[str | os.PathLike], split: str = "train", text_key: str = "text",
+    errors: collections.Counter | None = None,
+) -> Iterator[str]:
+    """The texts of :func:`read_documents` (any format Kiln reads or writes; an artifact folder's
+    ``split``): what the tokenizer stage trains on when given this reader."""
+    for doc in read_documents(sources, text_key=text_key, errors=errors, split=split):
+        yield doc.text
