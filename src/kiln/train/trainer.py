@@ -648,7 +648,7 @@ def _rollback(ckpts: Path, first_bad: int, cfg, model, optimizer, sampler, spike
 
 @torch.no_grad()
 def _evaluate(model, data: _Data, token_bytes, cfg: TrainConfig, device, amp, step: int, runlog, state) -> None:
-    from kiln.eval.heldout import evaluate_heldout
+    from kiln.model.heldout import evaluate_heldout
 
     dtype = torch.bfloat16 if isinstance(amp, torch.autocast) else None
     r = evaluate_heldout(model, data.val, token_bytes, cfg.model.context_length, cfg.micro_batch,
