@@ -14,7 +14,7 @@ from kiln.model.attention import (
 )
 from kiln.model.config import ModelConfig
 from kiln.model.hf import load_llama_state_dict, load_pretrained, save_pretrained, to_hf_state_dict
-from kiln.model.kv_cache import KVCache
+from kiln.model.kv_cache import KVCache, PagedKVCache, PagedMetadata
 from kiln.model.layers import (
     NORM_IMPLS,
     Embedding,
@@ -37,6 +37,8 @@ __all__ = [
     "NORM_IMPLS",
     "Embedding",
     "KVCache",
+    "PagedKVCache",
+    "PagedMetadata",
     "Linear",
     "ModelConfig",
     "MultiHeadSelfAttention",
