@@ -21,7 +21,7 @@ from kiln.generate.sequence import Sequence
 class Block:
     """One block of the pool: how many sequences hold it, and its content hash once full."""
 
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+    __slots__ = ("block_id", "hash", "ref_count", "token_ids")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id

@@ -98,7 +98,7 @@ class LLMEngine:
 
     def __init__(self, model: Transformer, tokenizer: Any = None, config: EngineConfig | None = None) -> None:
         config = EngineConfig() if config is None else config
-        self.model = model.eval()
+        self.model = model
         self.tokenizer = tokenizer
         self.config = config
         mc = model.config

@@ -80,9 +80,14 @@ class ModelRunner:
             return self._replay(ids, pos, meta)
         dev = self.device
         self.cache.meta = meta
-        h = self.model.hidden_states(torch.tensor([ids], device=dev), torch.tensor(pos, device=dev), self.cache)
-        last = (meta.query_start[1:] - 1).long()  # (B,) index of each sequence's last token in N
-        return self.model.lm_head(h[0, last]).float()  # (B, V)
+        was_training = self.model.training
+        self.model.eval()  # the caller (a GRPO loop, the trainer's samples) keeps its own mode
+        try:
+            h = self.model.hidden_states(torch.tensor([ids], device=dev), torch.tensor(pos, device=dev), self.cache)
+            last = (meta.query_start[1:] - 1).long()  # (B,) index of each sequence's last token in N
+            return self.model.lm_head(h[0, last]).float()  # (B, V)
+        finally:
+            self.model.train(was_training)
 
     # -- CUDA graphs for decode ------------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ def paged_attention_ref(
     q (N, H, D); pools (NB, bs, Hkv, D); block_tables (B, max_blocks) int; context_lens (B,) int;
     query_start (B + 1,) int. Returns (N, H, D) in q's dtype.
     """
-    N, H, D = q.shape
+    _, H, D = q.shape
     Hkv = k_pool.shape[2]
     out = torch.empty_like(q)
     starts = query_start.tolist()
@@ -88,7 +88,7 @@ if HAVE_TRITON:
         m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
         s_sum = tl.zeros((BLOCK_G,), tl.float32)
         acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-        for j in range(0, tl.cdiv(L, BS)):
+        for j in range(tl.cdiv(L, BS)):
             blk = tl.load(TABLES + b * stride_tb + j).to(tl.int64)
             pos = j * BS + t
             kv_ok = (pos < L)[:, None] & d_ok[None, :]

@@ -13,7 +13,12 @@ from kiln.model.attention import (
     triton_attention,
 )
 from kiln.model.config import ModelConfig
-from kiln.model.hf import load_llama_state_dict, load_pretrained, save_pretrained, to_hf_state_dict
+from kiln.model.hf import (
+    load_llama_state_dict,
+    load_pretrained,
+    save_pretrained,
+    to_hf_state_dict,
+)
 from kiln.model.kv_cache import KVCache, PagedKVCache, PagedMetadata
 from kiln.model.layers import (
     NORM_IMPLS,
@@ -37,11 +42,11 @@ __all__ = [
     "NORM_IMPLS",
     "Embedding",
     "KVCache",
-    "PagedKVCache",
-    "PagedMetadata",
     "Linear",
     "ModelConfig",
     "MultiHeadSelfAttention",
+    "PagedKVCache",
+    "PagedMetadata",
     "RMSNorm",
     "RotaryEmbedding",
     "SwiGLU",
