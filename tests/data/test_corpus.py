@@ -10,12 +10,12 @@ import pytest
 from kiln.artifacts import read_manifest
 from kiln.data.corpus import (
     CorpusConfig,
-    _strip_gutenberg_fallback,
     kjv_documents,
     normalize_text,
     prepare_corpus,
     val_train_overlap,
     split_of,
+    strip_gutenberg,
 )
 
 
@@ -98,14 +98,22 @@ def test_config_errors():
         CorpusConfig(max_docs=0)
 
 
-def test_gutenberg_fallback_and_normalize():
+def test_gutenberg_and_normalize():
     text = ("Header\r\n*** START OF THE PROJECT GUTENBERG EBOOK ALICE ***\r\nBody  \r\n\r\n\r\ntext\r\n"
             "*** END OF THE PROJECT GUTENBERG EBOOK ALICE ***\r\nLicense")
-    body = _strip_gutenberg_fallback(text)
+    body = strip_gutenberg(text)
     assert "Header" not in body and "License" not in body and "Body" in body
     assert normalize_text(body) == "Body\n\ntext"
     assert normalize_text("e\u0301") == "\u00e9"  # NFC
-    assert _strip_gutenberg_fallback("no markers") == "no markers"
+    assert strip_gutenberg("no markers").strip() == "no markers"
+
+
+def test_one_strip_gutenberg_and_one_metadata_stems():
+    """Issue 17 item 5: one function, one list (corpus and pipeline use books' and readers')."""
+    from kiln.data import books, corpus, pipeline, readers
+
+    assert corpus.strip_gutenberg is books.strip_gutenberg
+    assert not hasattr(pipeline, "_METADATA_STEMS") and readers.METADATA_STEMS
 
 
 def test_kjv_chapters():

@@ -3,6 +3,7 @@
     kiln data run --preset web_en --input crawl/*.warc.gz --out data/web
     kiln data run --preset books --input gutenberg_books.tar.gz --out data/books
     kiln data run --input crawl/ --out data/web --output-format parquet --langid-model cld3 --toxicity-threshold 0.8
+    kiln data run --input crawl/ --out data/web --set langid.min_score=0.5 --set dedup.minhash.threshold=0.7
     kiln data train-quality --positive books/ wiki.txt --negative c4.jsonl --out quality.npz
     kiln data presets
 """
@@ -96,6 +97,11 @@ def register(subparsers: Any) -> None:
     r.add_argument("--keep-dropped-fraction", type=float, default=0.0, help="keep this share of filtered documents, tagged")
     r.add_argument("--val-fraction", type=float, default=0.0, help="share of kept documents written to val_* shards")
     r.add_argument("--no-dedup", action="store_true", help="skip exact and MinHash dedup")
+    r.add_argument("--set", action="append", dest="overrides", default=[], metavar="KEY=VALUE",
+                   help="override any config key after the flags above (repeatable), as `kiln train --set`: "
+                        "dotted keys reach the steps' configs, e.g. --set langid.min_score=0.5 "
+                        "--set dedup.minhash.threshold=0.7 --set toxicity=none; the keys are those of "
+                        "`kiln data presets`")
     r.add_argument("--force", action="store_true", help="recompute even if a matching output exists")
     r.add_argument("--keep-work", action="store_true", help="keep the .work folder (markers, intermediates)")
     r.set_defaults(func=run_data)
@@ -119,7 +125,7 @@ def build_config(args: argparse.Namespace):
     """The preset named by ``--preset`` with the command-line overrides applied."""
     from dataclasses import replace
 
-    from kiln.data.pipeline import PRESETS
+    from kiln.data.pipeline import PRESETS, apply_overrides
     from kiln.data.quality import QualityConfig
 
     if args.preset not in PRESETS:
@@ -151,7 +157,7 @@ def build_config(args: argparse.Namespace):
         changes["quality"] = QualityConfig(classifier=args.quality_model, min_classifier_score=args.min_quality)
     if args.no_dedup:
         changes["dedup"] = None
-    return replace(cfg, **changes)
+    return apply_overrides(replace(cfg, **changes), getattr(args, "overrides", None) or [])
 
 
 def _toxicity_config(tox: Any, args: argparse.Namespace) -> Any:

@@ -39,6 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kiln.artifacts import StageRun
+from kiln.data.books import strip_gutenberg  # noqa: F401 - also kiln.data.corpus.strip_gutenberg
 from kiln.data.document import Document
 from kiln.data.readers import read_documents
 from kiln.ngrams import member_of_sorted, ngram_hashes
@@ -96,30 +97,6 @@ def kjv_documents(errors: collections.Counter | None = None) -> Iterator[Documen
 
 # A plain dict registry: name -> function yielding the corpus' documents.
 BUILTIN: dict[str, Callable[..., Iterator[Document]]] = {"kjv": kjv_documents}
-
-_PG_START = re.compile(r"^\s*\*{3}\s*START OF (THE |THIS )?PROJECT GUTENBERG.*$", re.IGNORECASE | re.MULTILINE)
-_PG_END = re.compile(r"^\s*\*{3}\s*END OF (THE |THIS )?PROJECT GUTENBERG.*$", re.IGNORECASE | re.MULTILINE)
-
-
-def _strip_gutenberg_fallback(text: str) -> str:
-    """Keep the text between the ``*** START OF ...`` and ``*** END OF ...`` markers, if present."""
-    start = _PG_START.search(text)
-    if start:
-        text = text[start.end():]
-    end = _PG_END.search(text)
-    if end:
-        text = text[: end.start()]
-    return text
-
-
-def strip_gutenberg(text: str) -> str:
-    """Project Gutenberg header/footer removal: ``kiln.data.books`` where it exists, else the markers."""
-    try:
-        from kiln.data.books import strip_gutenberg as books_strip
-    except ImportError:
-        return _strip_gutenberg_fallback(text)
-    return books_strip(text)
-
 
 # A literal prefix lets the regex engine jump between newlines: ~10x faster than \n{3,}.
 _MANY_NEWLINES = re.compile(r"\n\n\n+")

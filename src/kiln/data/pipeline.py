@@ -26,291 +26,57 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kiln.data.books import strip_gutenberg
-from kiln.data.dedup import (
-    DedupConfig,
-    MinHashConfig,
-    MinHasher,
-    cluster_signatures,
-    doc_line_hashes,
-    exact_hash,
-    remove_lines,
+from kiln.data.curation import (  # noqa: F401 - re-exported: kiln.data.pipeline's public names
+    OUTPUT_FORMATS,
+    PRESETS,
+    STEPS,
+    PipelineConfig,
+    apply_overrides,
+    config_keys,
+    books,
+    build_steps,
+    minimal,
+    web_en,
 )
+from kiln.data.dedup import MinHasher, cluster_signatures, doc_line_hashes, exact_hash, remove_lines
 from kiln.data.document import Document
 from kiln.data.executors import Executor, LocalExecutor, mark_done, run_tasks
-from kiln.data.extract import ExtractConfig, extract_text
-from kiln.data.filters import (
-    C4Config,
-    GopherQualityConfig,
-    GopherRepetitionConfig,
-    c4_clean,
-    gopher_quality,
-    gopher_repetition,
-)
-from kiln.data.langid import LangIdConfig, LanguageIdentifier
-from kiln.data.pii import PIIConfig, mask_pii
-from kiln.data.quality import QualityConfig
-from kiln.data.steps import (
-    BYTES_IN,
-    FilterStep,
-    MapStep,
-    Stats,
-    Step,
-    run_steps,
-    unit_hash,
-)
-from kiln.data.toxicity import ToxicityConfig, toxicity_filter
+from kiln.data.steps import BYTES_IN, Stats, run_steps, unit_hash
 from kiln.data.warc import is_web_archive, read_tar, read_web
 
 log = logging.getLogger(__name__)
 
 STAGE = "data"
 WORK = ".work"
-OUTPUT_FORMATS = ("jsonl.zst", "parquet")
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """The whole curation pipeline; a None sub-config disables that step."""
-
-    name: str = "custom"
-    """Preset name (recorded in the manifest and the report)."""
-    text_key: str = "text"
-    """Field holding the text in JSON/Parquet inputs."""
-    max_bytes: int = 5_000_000
-    """Documents larger than this (UTF-8 bytes) are dropped as ``too_large``."""
-    max_bad_char_frac: float = 0.05
-    """Drop as ``binary_or_bad_encoding`` when NULs or U+FFFD exceed this share of characters."""
-    strip_gutenberg: bool = False
-    """Remove Project Gutenberg headers and footers first."""
-    extract: ExtractConfig | None = field(default_factory=ExtractConfig)
-    """HTML -> text for documents read as HTML (WARC responses, .html files)."""
-    langid: LangIdConfig | None = field(default_factory=LangIdConfig)
-    """Language ID and filter."""
-    gopher_repetition: GopherRepetitionConfig | None = field(default_factory=GopherRepetitionConfig)
-    """Gopher repetition rules."""
-    gopher_quality: GopherQualityConfig | None = field(default_factory=GopherQualityConfig)
-    """Gopher quality rules."""
-    c4: C4Config | None = field(default_factory=lambda: C4Config(require_terminal_punct=False))
-    """C4 rules (line clean-up off by default, as FineWeb does)."""
-    quality: QualityConfig = field(default_factory=QualityConfig)
-    """Model-based filters (classifier, perplexity); off unless a model is given."""
-    toxicity: ToxicityConfig | None = field(default_factory=ToxicityConfig)
-    """Toxicity / NSFW filter."""
-    pii: PIIConfig | None = field(default_factory=PIIConfig)
-    """PII masking."""
-    dedup: DedupConfig | None = field(default_factory=DedupConfig)
-    """Exact, MinHash and line-level dedup across all shards."""
-    keep_dropped_fraction: float = 0.0
-    """Keep this share of documents a filter dropped (tagged ``kept_despite``), to audit the filters."""
-    val_fraction: float = 0.0
-    """Share of kept documents (by id hash) written to ``val_XXXXX.jsonl.zst`` instead of train."""
-    output_format: str = "jsonl.zst"
-    """``jsonl.zst`` (one JSON object a line: id, text, metadata fields) or ``parquet`` (columns id,
-    text, metadata as a JSON string); ``kiln tokenize --corpus <out>`` reads either."""
-    zstd_level: int = 3
-    """Compression level of the output shards."""
-    workers: int = 0
-    """Processes for the local executor (0 = all cores)."""
-    report: bool = True
-    """Write report.html and funnel.png."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
-        if self.max_bytes <= 0:
-            raise ValueError(f"max_bytes={self.max_bytes} must be positive")
-        if self.output_format not in OUTPUT_FORMATS:
-            raise ValueError(f"output_format={self.output_format!r}; pick one of {', '.join(OUTPUT_FORMATS)}")
-
-
-def web_en() -> PipelineConfig:
-    """FineWeb/Gopher-like English web text: extraction, English >= 0.65, Gopher, C4, toxicity
-    (word list + classifier), PII masking, exact + MinHash dedup (5-grams, 20x6 bands, J >= 0.8) and
-    line dedup: lines of >= 10 characters found in >= 20 documents (cookie banners, site menus and
-    footers that extraction left; CCNet-style paragraph dedup, arXiv:1911.00359, at a threshold that
-    spares quotes and boilerplate-like sentences shared by a few pages)."""
-    return PipelineConfig(name="web_en", dedup=DedupConfig(line_min_docs=20))
-
-
-def books() -> PipelineConfig:
-    """Books (e.g. Project Gutenberg): strip headers, English, a loose quality check sized for whole
-    books, PII masking, exact + MinHash dedup. No extraction, no C4 (dialogue lacks punctuation
-    rules' assumptions), no repetition rules (poetry and refrains repeat by design)."""
-    return PipelineConfig(
-        name="books",
-        strip_gutenberg=True,
-        max_bytes=50_000_000,
-        extract=None,
-        langid=LangIdConfig(languages=("en",), min_score=0.5),
-        gopher_repetition=None,
-        gopher_quality=GopherQualityConfig(max_words=10_000_000, max_bullet_lines_ratio=0.95),
-        c4=None,
-        toxicity=None,
-        dedup=DedupConfig(exact=True, minhash=MinHashConfig(), line_min_docs=0),
-    )
-
-
-def minimal() -> PipelineConfig:
-    """Only size/encoding checks and exact dedup (a fast pass over text that is already clean)."""
-    return PipelineConfig(
-        name="minimal", extract=ExtractConfig(method="resiliparse"), langid=None, gopher_repetition=None,
-        gopher_quality=None, c4=None, toxicity=None, pii=None, dedup=DedupConfig(exact=True, minhash=None),
-    )
-
-
-PRESETS = {"web_en": web_en, "books": books, "minimal": minimal}
-
-
-# ---- steps ---------------------------------------------------------------------------------------
-
-
-def _size_check(cfg: PipelineConfig):
-    def check(doc: Document) -> str | None:
-        if not doc.text.strip():
-            return "empty"
-        if doc.metadata.get(BYTES_IN, 0) > cfg.max_bytes or len(doc.text) > cfg.max_bytes:
-            return "too_large"
-        head = doc.text[:20_000]
-        if (head.count("\x00") + head.count("\ufffd")) > cfg.max_bad_char_frac * len(head):
-            return "binary_or_bad_encoding"
-        return None
-
-    return check
-
-
-def build_steps(cfg: PipelineConfig, stats: Stats) -> list[Step]:
-    """The per-shard steps of ``cfg``, in order (closures may count events into ``stats``)."""
-    k = cfg.keep_dropped_fraction
-    steps: list[Step] = [FilterStep("size", _size_check(cfg))]
-    if cfg.strip_gutenberg:
-        def strip(doc: Document) -> Document:
-            doc.text = strip_gutenberg(doc.text)
-            return doc
-        steps.append(MapStep("gutenberg", strip))
-    if cfg.extract is not None:
-        ecfg = cfg.extract
-
-        def extract(doc: Document) -> str | None:
-            if doc.metadata.get("format") != "html":
-                return None
-            try:
-                doc.text = extract_text(doc.text, doc.metadata.get("url"), ecfg)
-            except ImportError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a page the parsers choke on is a counted drop, never fatal
-                log.debug("extraction failed on %s: %s", doc.id, e)
-                return "extract_error"
-            doc.metadata["format"] = "text"
-            return None if doc.text.strip() else "extract_empty"
-        steps.append(FilterStep("extract", extract))
-    else:
-        steps.append(FilterStep("html_without_extract", lambda d: "html_not_extracted" if d.metadata.get("format") == "html" else None))
-    if cfg.langid is not None:
-        lcfg = cfg.langid
-        ident = LanguageIdentifier.from_config(lcfg)
-        keep = frozenset(lcfg.languages)
-
-        def lang(doc: Document) -> str | None:
-            code, score = ident.identify(doc.text)
-            doc.metadata["language"] = code
-            doc.metadata["language_score"] = round(score, 4)
-            if keep and code not in keep:
-                return "langid_other_language"
-            return "langid_low_score" if score < lcfg.min_score else None
-        steps.append(FilterStep("langid", lang, k))
-    if cfg.gopher_repetition is not None:
-        rcfg = cfg.gopher_repetition
-        steps.append(FilterStep("gopher_repetition", lambda d: gopher_repetition(d.text, rcfg), k))
-    if cfg.gopher_quality is not None:
-        qcfg = cfg.gopher_quality
-        steps.append(FilterStep("gopher_quality", lambda d: gopher_quality(d.text, qcfg), k))
-    if cfg.c4 is not None:
-        ccfg = cfg.c4
-
-        def c4(doc: Document) -> str | None:
-            text, reason, removed = c4_clean(doc.text, ccfg)
-            if removed:
-                stats.counters["c4_lines_removed"] += removed
-            doc.text = text
-            return reason
-        steps.append(FilterStep("c4", c4, k))
-    if cfg.quality.classifier:
-        from kiln.data.quality import QualityClassifier
-
-        clf = QualityClassifier.load(cfg.quality.classifier)
-        thr = cfg.quality.min_classifier_score
-
-        def classify(doc: Document) -> str | None:
-            s = clf.score(doc.text)
-            doc.metadata["quality_score"] = round(s, 4)
-            return "quality_classifier" if s < thr else None
-        steps.append(FilterStep("quality_classifier", classify, k))
-    if cfg.quality.perplexity_model:
-        from kiln.data.quality import kiln_lm_scorer, perplexity_filter
-
-        if not cfg.quality.perplexity_tokenizer:
-            raise ValueError("quality.perplexity_model needs quality.perplexity_tokenizer (its tokenizer.json)")
-        pf = perplexity_filter(
-            kiln_lm_scorer(cfg.quality.perplexity_model, cfg.quality.perplexity_tokenizer), cfg.quality.max_perplexity
-        )
-
-        def ppl(doc: Document) -> str | None:
-            reason, value = pf(doc.text)
-            doc.metadata["perplexity"] = round(value, 2)
-            return reason
-        steps.append(FilterStep("perplexity", ppl, k))
-    if cfg.toxicity is not None:
-        tox = toxicity_filter(cfg.toxicity)
-
-        def toxic(doc: Document) -> str | None:
-            reason, scores = tox(doc.text, doc.metadata.get("url"))
-            for name, value in scores.items():
-                doc.metadata[name] = round(value, 4)
-            return reason
-        steps.append(FilterStep("toxicity", toxic, k))
-    if cfg.pii is not None:
-        pcfg = cfg.pii
-
-        def pii(doc: Document) -> Document:
-            doc.text, counts = mask_pii(doc.text, pcfg)
-            stats.counters.update(counts)
-            return doc
-        steps.append(MapStep("pii", pii))
-    return steps
 
 
 # ---- reading and writing -------------------------------------------------------------------------
 
 
 def read_shard(source: str, cfg: PipelineConfig, stats: Stats) -> Iterator[Document]:
-    """Documents of one input (web archives here, everything else through ``kiln.data.readers``);
-    every document is counted in; unreadable records are counted as errors."""
-    from kiln.data.readers import (
-        _Errors,
-        _read_one,
-        file_kind,
-        is_metadata_name,
-        read_documents,
-    )
+    """Documents of one input (web archives through :mod:`kiln.data.warc`, everything else through
+    :mod:`kiln.data.readers`). Every record is counted once: a document in (``stats.add_input``), or
+    an unreadable record as an error with its file and line; a record read with a repair (invalid
+    UTF-8 replaced) is a document, and the repair a counter (``repaired_invalid_utf8``)."""
+    from kiln.data.readers import ReadErrors, file_kind, is_metadata_name, read_documents, read_stream
 
-    errors: Counter = Counter()
-    if file_kind(source) == "tar" and os.path.isfile(source):
-        class _ToStats(_Errors):  # bad records of tar members go straight to stats, with member:line
-            def add(self, reason: str, where: str, detail: str = "") -> None:
-                super().add(reason, where, detail)
-                stats.add_error(f"read_{reason}", f"{source}/{where}", 0, detail)
+    is_tar = file_kind(source) == "tar" and os.path.isfile(source)
+    # Readers name a record by file (or member) and line; put the input's folder (or archive) in front.
+    prefix = f"{source}/" if is_tar else os.path.join(os.path.dirname(source), "")
 
-        errs = _ToStats(None)
+    def error(reason: str, where: str, detail: str) -> None:
+        stats.add_error(f"read_{reason}", where if where.startswith(prefix) else prefix + where, 0, detail)
 
-        # A tar may hold WARC/HTML members (read here, with offsets) and JSONL/text/Parquet ones
-        # (read by kiln.data.readers).
+    repairs: Counter = Counter()
+    errs = ReadErrors(on_error=error, repairs=repairs)
+    if is_tar:
+        # A tar may hold WARC/HTML members (read by kiln.data.warc, with offsets) and JSONL/text/
+        # Parquet ones (read by kiln.data.readers).
         def other(f, name: str, where: str) -> Iterator[Document]:
             kind = file_kind(name)
             if is_metadata_name(name.rsplit("/", 1)[-1]):  # the archive's README/LICENSE
@@ -322,30 +88,24 @@ def read_shard(source: str, cfg: PipelineConfig, stats: Stats) -> Iterator[Docum
                 import io
 
                 f = io.BytesIO(f.read())
-            return _read_one(f, name, kind, where, cfg.text_key, None, errs)
+            return read_stream(f, name, kind, where, cfg.text_key, None, errs)
 
-        for doc in read_tar(source, stats, other):
-            doc.metadata.setdefault("source", source)
-            stats.add_input(doc)
-            yield doc
-        return
-    if is_web_archive(source) or ".warc" in source.lower():
-        for doc in read_web(source, stats):
-            doc.metadata.setdefault("source", source)
-            stats.add_input(doc)
-            yield doc
-        return
-    # An existing local path is read as itself, never as a glob ("Ballads [1885].txt").
-    path = globlib.escape(source) if os.path.exists(source) and any(c in source for c in "*?[") else source
+        docs: Iterator[Document] = read_tar(source, stats, other)
+    elif is_web_archive(source) or ".warc" in source.lower():
+        docs = read_web(source, stats)
+    else:
+        # An existing local path is read as itself, never as a glob ("Ballads [1885].txt").
+        path = globlib.escape(source) if os.path.exists(source) and any(c in source for c in "*?[") else source
+        docs = read_documents(path, text_key=cfg.text_key, errors=errs)
     try:
-        for doc in read_documents(path, text_key=cfg.text_key, errors=errors):
+        for doc in docs:
+            doc.metadata.setdefault("source", source)
             stats.add_input(doc)
             yield doc
     except (OSError, ValueError) as e:  # an unreadable input is an error of the run, never fatal
         stats.add_error("read_failed", source, 0, f"{type(e).__name__}: {e}")
-    for reason, n in errors.items():
-        for _ in range(n):
-            stats.add_error(f"read_{reason}", source)
+    for reason, n in repairs.items():
+        stats.counters[f"repaired_{reason}"] += n
 
 
 def _jsonl_writer(path: Path, level: int):
@@ -487,6 +247,7 @@ def stage1_task(shard: int, source: str, cfg: PipelineConfig, out_dir: str, work
             exact=np.array(hashes, dtype=np.int64),
             sigs=np.stack(sigs) if sigs else np.zeros((0, n_perm), dtype=np.uint32),
             lines=np.concatenate(line_hashes) if line_hashes else np.zeros(0, dtype=np.int64),
+            line_counts=np.array([len(h) for h in line_hashes], dtype=np.int64),
         )
     _save_stats(wk, "stage1", shard, stats)
     mark_done(wk / "markers", "stage1", shard)
@@ -552,10 +313,22 @@ def global_dedup(cfg: PipelineConfig, n_shards: int, work: Path) -> dict[str, in
     for i in range(n_shards):
         np.save(work / "dedup" / f"{i:05d}.npy", codes[offsets[i] : offsets[i + 1]])
     if cfg.dedup.line_min_docs:
-        lines = np.concatenate([f["lines"] for f in fps]) if fps else np.zeros(0, dtype=np.int64)
-        uniq, cnt = np.unique(lines, return_counts=True)
-        np.save(work / "dedup" / "repeated_lines.npy", uniq[cnt >= cfg.dedup.line_min_docs])
+        np.save(work / "dedup" / "repeated_lines.npy", repeated_lines(fps, codes, cfg.dedup.line_min_docs))
     return {"documents": n, "exact_duplicates": int((codes == 1).sum()), "near_duplicates": int((codes == 2).sum())}
+
+
+def repeated_lines(fps: list[Any], codes: np.ndarray, min_docs: int) -> np.ndarray:
+    """Hashes of lines found in at least ``min_docs`` *surviving* documents (``codes == 0``).
+
+    Each document's distinct line hashes are stored together (``lines``, ``line_counts`` per
+    document); a line counts once per document that survived exact and near dedup, so a page
+    crawled 40 times counts its lines once, not 40 times, and keeps them (issue 24 item 8).
+    """
+    lines = np.concatenate([f["lines"] for f in fps]) if fps else np.zeros(0, dtype=np.int64)
+    counts = np.concatenate([f["line_counts"] for f in fps]) if fps else np.zeros(0, dtype=np.int64)
+    alive = np.repeat(codes == 0, counts)  # (total lines,): the line's document survived
+    uniq, cnt = np.unique(lines[alive], return_counts=True)
+    return uniq[cnt >= min_docs]
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -567,10 +340,6 @@ _READER_SUFFIXES = tuple(
 ) + (".parquet", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar.zstd")
 
 
-# Files in a folder that describe the data rather than hold it (as kiln.data.readers skips them).
-_METADATA_STEMS = frozenset({"README", "LICENSE", "LICENCE", "COPYING", "NOTICE"})
-
-
 def _readable(name: str) -> bool:
     """A file name ``kiln.data.readers.read_documents`` reads (by extension)."""
     return name.lower().endswith(_READER_SUFFIXES)
@@ -578,6 +347,8 @@ def _readable(name: str) -> bool:
 
 def expand_inputs(inputs: list[str]) -> list[str]:
     """Input files (one shard each), sorted within each folder/glob; URLs and hf:// pass through."""
+    from kiln.data.readers import is_metadata_name
+
     files: list[str] = []
     for src in inputs:
         if src.startswith(("http://", "https://", "hf://")):
@@ -590,7 +361,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
                 str(p) for p in Path(src).rglob("*")
                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)
                 and (is_web_archive(p) or _readable(p.name))
-                and p.name.split(".")[0].upper() not in _METADATA_STEMS
+                and not is_metadata_name(p.name)
             )
         elif os.path.isfile(src):
             matches = [src]
@@ -600,6 +371,14 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             raise FileNotFoundError(f"input {src} holds no readable files")
         files += matches
     return files
+
+
+def input_hashes(files: list[str]) -> dict[str, str | None]:
+    """Each input's content hash (SHA-256 of a local file, :func:`kiln.artifacts.input_hash`), as
+    every other stage identifies inputs; None for URLs and ``hf://`` (not hashed before reading)."""
+    from kiln.artifacts import input_hash
+
+    return {f: input_hash(f) if os.path.isfile(f) else None for f in files}
 
 
 def _config_dict(cfg: PipelineConfig) -> dict[str, Any]:
@@ -627,12 +406,12 @@ def run_pipeline(
 
     out = Path(out_dir)
     files = expand_inputs(list(inputs))
-    input_ids = {f: (os.path.getsize(f), int(os.path.getmtime(f))) if os.path.isfile(f) else None for f in files}
+    input_ids = input_hashes(files)
     conf = _config_dict(cfg)
     manifest = out / MANIFEST
     if manifest.is_file() and not force:
         old = json.loads(manifest.read_text())
-        if old.get("config") == conf and old.get("inputs") == {k: list(v) if v else v for k, v in input_ids.items()}:
+        if old.get("config") == conf and old.get("inputs") == input_ids:
             log.info("%s is complete with the same config and inputs; reusing it", out)
             return Stats.from_dict(json.loads((out / "stats.json").read_text()))
     work = out / WORK
@@ -642,7 +421,7 @@ def run_pipeline(
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     # Completion markers are only valid for the config and inputs that made them.
-    key = {"config": conf, "inputs": {k: list(v) if v else v for k, v in input_ids.items()}}
+    key = {"config": conf, "inputs": input_ids}
     if work.exists() and (not (work / "run.json").is_file() or json.loads((work / "run.json").read_text()) != key):
         log.info("%s holds work of another config or inputs; starting over", work)
         shutil.rmtree(work)
@@ -674,7 +453,7 @@ def run_pipeline(
         shutil.rmtree(work, ignore_errors=True)
     write_json_atomic(manifest, {
         "manifest_version": 1, "stage": STAGE, "config": conf,
-        "inputs": {k: list(v) if v else v for k, v in input_ids.items()},
+        "inputs": input_ids,
         "code": code_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(seconds, 3),
         "stats": {"docs_in": stats.docs_in, "kept": stats.kept, "bytes_in": stats.bytes_in,
                   "kept_bytes_out": stats.kept_bytes_out, "dedup": dedup_stats, "shards": len(files)},

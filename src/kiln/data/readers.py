@@ -37,7 +37,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,24 +54,56 @@ PARQUET_EXTS = (".parquet",)
 MAX_WARNINGS_PER_REASON = 10
 
 
-class _Errors:
-    """Counts bad records by reason and logs the first few of each with their location."""
+class ReadErrors:
+    """Where readers report what they met: bad records (counted by reason, the first few of each
+    logged with file and line) and repairs (a record read with a fix, kept: bytes that are not
+    UTF-8 replaced by U+FFFD). A record is either an error or a document, never both, so a funnel
+    that counts documents in and errors in counts every record exactly once.
 
-    def __init__(self, counter: collections.Counter | None) -> None:
+    Args:
+        counter: receives error counts by reason (``invalid_json``, ``missing_text_key``...).
+        on_error: also called as ``on_error(reason, where, detail)`` per bad record (the pipeline
+            counts each into its Stats with its location).
+        repairs: receives repair counts by reason (``invalid_utf8``).
+    """
+
+    def __init__(
+        self,
+        counter: collections.Counter | None = None,
+        on_error: Callable[[str, str, str], None] | None = None,
+        repairs: collections.Counter | None = None,
+    ) -> None:
         self.counter = counter if counter is not None else collections.Counter()
+        self.repairs = repairs if repairs is not None else collections.Counter()
+        self.on_error = on_error
         self._logged: collections.Counter = collections.Counter()
 
     def add(self, reason: str, where: str, detail: str = "") -> None:
+        """Count one record that could not be read."""
         self.counter[reason] += 1
+        if self.on_error is not None:
+            self.on_error(reason, where, detail)  # the receiver logs it
+        else:
+            self._log(reason, where, detail)
+
+    def repair(self, reason: str, where: str, detail: str = "") -> None:
+        """Count one record that was read with a fix (it is still a document, not an error)."""
+        self.repairs[reason] += 1
+        self._log(f"repaired_{reason}", where, detail)
+
+    def _log(self, reason: str, where: str, detail: str) -> None:
         self._logged[reason] += 1
         msg = "%s: %s%s"
         args = (where, reason, f" ({detail})" if detail else "")
         if self._logged[reason] <= MAX_WARNINGS_PER_REASON:
             log.warning(msg, *args)
             if self._logged[reason] == MAX_WARNINGS_PER_REASON:
-                log.warning("further '%s' errors are logged at DEBUG level only", reason)
+                log.warning("further '%s' messages are logged at DEBUG level only", reason)
         else:
             log.debug(msg, *args)
+
+
+_Errors = ReadErrors  # the old private name
 
 
 def file_kind(name: str) -> str | None:
@@ -176,17 +208,17 @@ def _stream_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-def _decode(data: bytes, where: str, errors: _Errors) -> str:
+def _decode(data: bytes, where: str, errors: ReadErrors) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        errors.add("invalid_utf8", where, f"byte {e.start}; undecodable bytes replaced by U+FFFD")
+        errors.repair("invalid_utf8", where, f"byte {e.start}; undecodable bytes replaced by U+FFFD, record kept")
         text = data.decode("utf-8", errors="replace")
     return text.removeprefix("\ufeff")
 
 
 def _record_to_doc(
-    obj: Any, doc_id: str, where: str, source: str, text_key: str, id_key: str | None, errors: _Errors
+    obj: Any, doc_id: str, where: str, source: str, text_key: str, id_key: str | None, errors: ReadErrors
 ) -> Document | None:
     """A JSON/Parquet/HF record as a Document, or None (counted) if it is not usable."""
     if not isinstance(obj, Mapping):
@@ -204,7 +236,7 @@ def _record_to_doc(
     return Document(text=text, id=doc_id, metadata=meta)
 
 
-def _read_text(fh: IO[bytes], name: str, source: str, errors: _Errors) -> Iterator[Document]:
+def _read_text(fh: IO[bytes], name: str, source: str, errors: ReadErrors) -> Iterator[Document]:
     try:
         data = _decompress(fh, name).read()
     except _stream_errors() as e:
@@ -214,7 +246,7 @@ def _read_text(fh: IO[bytes], name: str, source: str, errors: _Errors) -> Iterat
 
 
 def _read_jsonl(
-    fh: IO[bytes], name: str, source: str, text_key: str, id_key: str | None, errors: _Errors
+    fh: IO[bytes], name: str, source: str, text_key: str, id_key: str | None, errors: ReadErrors
 ) -> Iterator[Document]:
     stream = _decompress(fh, name)
     lineno = 0
@@ -250,7 +282,7 @@ def _read_jsonl(
 
 
 def _read_parquet(
-    fh: IO[bytes] | str, name: str, source: str, text_key: str, id_key: str | None, errors: _Errors
+    fh: IO[bytes] | str, name: str, source: str, text_key: str, id_key: str | None, errors: ReadErrors
 ) -> Iterator[Document]:
     try:
         import pyarrow as pa
@@ -273,7 +305,7 @@ def _read_parquet(
 
 
 def _read_tar(
-    fh: IO[bytes], name: str, source: str, text_key: str, id_key: str | None, errors: _Errors
+    fh: IO[bytes], name: str, source: str, text_key: str, id_key: str | None, errors: ReadErrors
 ) -> Iterator[Document]:
     low = name.lower()
     if low.endswith((".zst", ".zstd")):
@@ -297,14 +329,19 @@ def _read_tar(
                     continue
                 if kind == "parquet":  # needs random access: read the member into memory
                     f = io.BytesIO(f.read())  # type: ignore[assignment]
-                yield from _read_one(f, member.name, kind, f"{source}/{member.name}", text_key, id_key, errors)
+                yield from read_stream(f, member.name, kind, f"{source}/{member.name}", text_key, id_key, errors)
     except _stream_errors() as e:
         errors.add("truncated_file", name, str(e))
 
 
-def _read_one(
-    fh: IO[bytes], name: str, kind: str, source: str, text_key: str, id_key: str | None, errors: _Errors
+def read_stream(
+    fh: IO[bytes], name: str, kind: str, source: str, text_key: str = "text", id_key: str | None = None,
+    errors: ReadErrors | None = None,
 ) -> Iterator[Document]:
+    """Documents of one open binary stream (a file, an archive member) of ``kind`` (:func:`file_kind`
+    of its name: text, jsonl, parquet, tar); ``name`` places bad records (``name:line``), ``source``
+    goes into each document's metadata."""
+    errors = errors if errors is not None else ReadErrors()
     if kind == "text":
         yield from _read_text(fh, name, source, errors)
     elif kind == "jsonl":
@@ -318,7 +355,7 @@ def _read_one(
 
 
 def _read_file(
-    path: Path, name: str, text_key: str, id_key: str | None, errors: _Errors, source: str | None = None
+    path: Path, name: str, text_key: str, id_key: str | None, errors: ReadErrors, source: str | None = None
 ) -> Iterator[Document]:
     kind = file_kind(path.name)
     if kind is None:
@@ -328,7 +365,7 @@ def _read_file(
     except OSError as e:
         raise FileNotFoundError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from e
     with fh:
-        yield from _read_one(fh, name, kind, source or str(path), text_key, id_key, errors)
+        yield from read_stream(fh, name, kind, source or str(path), text_key, id_key, errors)
 
 
 def _expand_local(source: str) -> list[tuple[Path, str]]:
@@ -402,7 +439,7 @@ def parse_hf_source(source: str) -> tuple[str, str | None, str]:
     return "/".join(parts[:2]), "/".join(parts[2:]), split
 
 
-def _read_hf(source: str, text_key: str, id_key: str | None, errors: _Errors) -> Iterator[Document]:
+def _read_hf(source: str, text_key: str, id_key: str | None, errors: ReadErrors) -> Iterator[Document]:
     name, config, split = parse_hf_source(source)
     try:
         import datasets
@@ -419,7 +456,7 @@ def _read_hf(source: str, text_key: str, id_key: str | None, errors: _Errors) ->
 
 
 def _iter_source(
-    source: str, text_key: str, id_key: str | None, errors: _Errors, cache_dir: str | os.PathLike | None
+    source: str, text_key: str, id_key: str | None, errors: ReadErrors, cache_dir: str | os.PathLike | None
 ) -> Iterator[Document]:
     if source.startswith("hf://"):
         yield from _read_hf(source, text_key, id_key, errors)
@@ -443,8 +480,9 @@ def read_documents(
     text_key: str = "text",
     id_key: str | None = None,
     limit: int | None = None,
-    errors: collections.Counter | None = None,
+    errors: collections.Counter | ReadErrors | None = None,
     cache_dir: str | os.PathLike | None = None,
+    repairs: collections.Counter | None = None,
 ) -> Iterator[Document]:
     """Stream Documents from a file, folder, glob, archive, URL or ``hf://`` dataset (see module doc).
 
@@ -454,7 +492,9 @@ def read_documents(
         id_key: a field to use as the document id (default: ``"<file>:<line>"``).
         limit: stop after this many documents.
         errors: a Counter that receives bad-record counts by reason (``invalid_json``,
-            ``missing_text_key``, ``invalid_utf8``, ``truncated_file``...).
+            ``missing_text_key``, ``truncated_file``...), or a :class:`ReadErrors`.
+        repairs: a Counter that receives counts of records read with a fix and kept
+            (``invalid_utf8``: undecodable bytes replaced by U+FFFD); such a record is not an error.
         cache_dir: where URL downloads are cached (default :func:`default_cache_dir`).
 
     Raises:
@@ -464,7 +504,7 @@ def read_documents(
     """
     if limit is not None and limit <= 0:
         return
-    errs = _Errors(errors)
+    errs = errors if isinstance(errors, ReadErrors) else ReadErrors(errors, repairs=repairs)
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     n = 0
     for src in sources:
@@ -473,3 +513,6 @@ def read_documents(
             n += 1
             if limit is not None and n >= limit:
                 return
+
+
+_read_one = read_stream  # the old private name
