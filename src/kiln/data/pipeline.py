@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,7 +185,7 @@ def _size_check(cfg: PipelineConfig):
     return check
 
 
-def build_steps(cfg: PipelineConfig, stats: Stats) -> list[Step]:
+def build_steps(cfg: PipelineConfig, stats: Stats, perplexity_scorer: Callable[[str], float] | None = None) -> list[Step]:
     """The per-shard steps of ``cfg``, in order (closures may count events into ``stats``)."""
     k = cfg.keep_dropped_fraction
     steps: list[Step] = [FilterStep("size", _size_check(cfg))]
@@ -253,13 +253,13 @@ def build_steps(cfg: PipelineConfig, stats: Stats) -> list[Step]:
             return "quality_classifier" if s < thr else None
         steps.append(FilterStep("quality_classifier", classify, k))
     if cfg.quality.perplexity_model:
-        from kiln.data.quality import kiln_lm_scorer, perplexity_filter
+        from kiln.data.quality import perplexity_filter
 
-        if not cfg.quality.perplexity_tokenizer:
-            raise ValueError("quality.perplexity_model needs quality.perplexity_tokenizer (its tokenizer.json)")
-        pf = perplexity_filter(
-            kiln_lm_scorer(cfg.quality.perplexity_model, cfg.quality.perplexity_tokenizer), cfg.quality.max_perplexity
-        )
+        if perplexity_scorer is None:
+            raise ValueError("quality.perplexity_model is set but no scorer was passed: call run_pipeline(..., "
+                             "perplexity_scorer=kiln.eval.kiln_lm_scorer(model_dir, tokenizer_json)) (kiln data run "
+                             "--perplexity-model does this)")
+        pf = perplexity_filter(perplexity_scorer, cfg.quality.max_perplexity)
 
         def ppl(doc: Document) -> str | None:
             reason, value = pf(doc.text)
@@ -454,11 +454,14 @@ def _save_stats(work: Path, stage: str, shard: int, stats: Stats) -> None:
     os.replace(tmp, p)
 
 
-def stage1_task(shard: int, source: str, cfg: PipelineConfig, out_dir: str, work: str) -> None:
+def stage1_task(
+    shard: int, source: str, cfg: PipelineConfig, out_dir: str, work: str,
+    perplexity_scorer: Callable[[str], float] | None = None,
+) -> None:
     """Read one input and run the per-shard steps; write survivors (+ fingerprints), stats, marker."""
     out, wk = Path(out_dir), Path(work)
     stats = Stats()
-    steps = build_steps(cfg, stats)
+    steps = build_steps(cfg, stats, perplexity_scorer)
     docs = run_steps(read_shard(source, cfg, stats), steps, stats, count_kept=cfg.dedup is None)
     if cfg.dedup is None:
         writer = _ShardWriter(out, shard, cfg)
@@ -617,8 +620,12 @@ def run_pipeline(
     executor: Executor | None = None,
     force: bool = False,
     keep_work: bool = False,
+    perplexity_scorer: Callable[[str], float] | None = None,
 ) -> Stats:
     """Run the pipeline over ``inputs`` into ``out_dir``; returns the merged, balanced Stats.
+
+    ``perplexity_scorer`` (``text -> perplexity``, picklable) serves ``cfg.quality.perplexity_model``;
+    build it with ``kiln.eval.kiln_lm_scorer`` (the data stage never builds a model itself).
 
     A complete output with the same config and inputs is reused; an interrupted run resumes from
     its completion markers (``out_dir/.work/markers``). ``force`` recomputes from scratch.
@@ -651,7 +658,7 @@ def run_pipeline(
     executor = executor or LocalExecutor(cfg.workers)
     t0 = time.time()
     markers = work / "markers"
-    ran = run_tasks(executor, "stage1", stage1_task, [(f, cfg, str(out), str(work)) for f in files], markers)
+    ran = run_tasks(executor, "stage1", stage1_task, [(f, cfg, str(out), str(work), perplexity_scorer) for f in files], markers)
     log.info("stage 1: %d shards processed (%.1fs)", ran, time.time() - t0)
     dedup_stats: dict[str, int] = {}
     if cfg.dedup is not None:
