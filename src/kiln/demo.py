@@ -89,7 +89,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage of the demo; return the path of the written report."""
     from kiln.data.corpus import CorpusConfig, prepare_corpus
     from kiln.data.readers import read_texts
-    from kiln.eval.heldout import evaluate_heldout
+    from kiln.model.heldout import evaluate_heldout
     from kiln.generate import generate
     from kiln.model import load_pretrained
     from kiln.shards import TokenizeConfig, read_shard, tokenize_corpus

@@ -94,6 +94,10 @@ def register(subparsers: Any) -> None:
     r.add_argument("--quality-model", default=None,
                    help="a model from `kiln data train-quality` to filter with (default: none)")
     r.add_argument("--min-quality", type=float, default=0.5, help="drop below this classifier score")
+    r.add_argument("--perplexity-model", default=None,
+                   help="a Kiln model folder (save_pretrained) whose perplexity filters documents (default: none)")
+    r.add_argument("--perplexity-tokenizer", default=None, help="that model's tokenizer.json (default: none; needed with --perplexity-model)")
+    r.add_argument("--max-perplexity", type=float, default=1000.0, help="drop documents above this perplexity")
     r.add_argument("--keep-dropped-fraction", type=float, default=0.0, help="keep this share of filtered documents, tagged")
     r.add_argument("--val-fraction", type=float, default=0.0, help="share of kept documents written to val_* shards")
     r.add_argument("--no-dedup", action="store_true", help="skip exact and MinHash dedup")
@@ -153,8 +157,13 @@ def build_config(args: argparse.Namespace):
         changes["langid"] = replace(changes.get("langid", cfg.langid), model=args.langid_model)
     if args.toxicity_classifier is not None or args.toxicity_threshold is not None:
         changes["toxicity"] = _toxicity_config(cfg.toxicity, args)
-    if args.quality_model:
-        changes["quality"] = QualityConfig(classifier=args.quality_model, min_classifier_score=args.min_quality)
+    if args.quality_model or getattr(args, "perplexity_model", None):
+        if getattr(args, "perplexity_model", None) and not args.perplexity_tokenizer:
+            raise ValueError("--perplexity-model needs --perplexity-tokenizer (the model's tokenizer.json)")
+        changes["quality"] = QualityConfig(
+            classifier=args.quality_model, min_classifier_score=args.min_quality,
+            perplexity_model=getattr(args, "perplexity_model", None), perplexity_tokenizer=getattr(args, "perplexity_tokenizer", None),
+            max_perplexity=getattr(args, "max_perplexity", 1000.0))
     if args.no_dedup:
         changes["dedup"] = None
     return apply_overrides(replace(cfg, **changes), getattr(args, "overrides", None) or [])
@@ -190,7 +199,13 @@ def run_data(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     executor = make_executor(args.executor, args.workers, args.ray_address)
-    stats = run_pipeline(cfg, args.input, args.out, executor=executor, force=args.force, keep_work=args.keep_work)
+    scorer = None
+    if cfg.quality.perplexity_model:
+        from kiln.eval import kiln_lm_scorer
+
+        scorer = kiln_lm_scorer(cfg.quality.perplexity_model, cfg.quality.perplexity_tokenizer)
+    stats = run_pipeline(cfg, args.input, args.out, executor=executor, force=args.force, keep_work=args.keep_work,
+                         perplexity_scorer=scorer)
     for row in funnel_rows(stats):
         print(f"{row['stage']:<32} {row['kind']:<8} {row['docs']:>10,} docs {row['bytes']:>14,} bytes")
     print(f"report: {args.out}/report.html")

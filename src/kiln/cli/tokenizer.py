@@ -75,9 +75,9 @@ def run_train(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     """Print ``kiln.tokenizer.inspect.inspect_tokenizer``'s report."""
     from kiln.tokenizer.inspect import format_report, inspect_tokenizer
-    from kiln.tokenizer.tokenizer import Tokenizer
+    from kiln.tokenizer import load_tokenizer
 
-    report = inspect_tokenizer(Tokenizer.load(args.tokenizer), args.heldout, max_bytes=args.max_bytes, top=args.top)
+    report = inspect_tokenizer(load_tokenizer(args.tokenizer), args.heldout, max_bytes=args.max_bytes, top=args.top)
     print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_report(report))
     return 0
 
@@ -85,11 +85,11 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Write the requested formats."""
     from kiln.tokenizer.interop import save_hf, save_tiktoken
-    from kiln.tokenizer.tokenizer import Tokenizer
+    from kiln.tokenizer import load_tokenizer
 
     if not args.hf and not args.tiktoken:
         raise ValueError("nothing to export: pass --hf PATH and/or --tiktoken PATH")
-    tok = Tokenizer.load(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     if args.hf:
         print(f"wrote {save_hf(tok, args.hf)}")
     if args.tiktoken:

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import logging
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,18 +332,24 @@ class PerplexityFilter(Filter):
 
     name = "perplexity"
 
-    def __init__(self, cfg: QualityConfig, keep_dropped_fraction: float = 0.0) -> None:
-        from kiln.data.quality import kiln_lm_scorer, perplexity_filter
+    def __init__(self, cfg: QualityConfig, scorer: Callable[[str], float], keep_dropped_fraction: float = 0.0) -> None:
+        from kiln.data.quality import perplexity_filter
 
-        if not cfg.perplexity_tokenizer:
-            raise ValueError("quality.perplexity_model needs quality.perplexity_tokenizer (its tokenizer.json)")
         self.cfg = cfg
         self.keep_dropped_fraction = keep_dropped_fraction
-        self.pf = perplexity_filter(kiln_lm_scorer(cfg.perplexity_model, cfg.perplexity_tokenizer), cfg.max_perplexity)
+        self.pf = perplexity_filter(scorer, cfg.max_perplexity)
 
     @classmethod
-    def build(cls, cfg: PipelineConfig) -> PerplexityFilter | None:
-        return cls(cfg.quality, cfg.keep_dropped_fraction) if cfg.quality.perplexity_model else None
+    def build(cls, cfg: PipelineConfig, perplexity_scorer: Callable[[str], float] | None = None) -> PerplexityFilter | None:
+        """The data stage never builds a model (imports flow one way): the caller passes the scorer,
+        ``kiln.eval.kiln_lm_scorer(model_dir, tokenizer_json)`` (``kiln data run --perplexity-model``)."""
+        if not cfg.quality.perplexity_model:
+            return None
+        if perplexity_scorer is None:
+            raise ValueError("quality.perplexity_model is set but no scorer was passed: call run_pipeline(..., "
+                             "perplexity_scorer=kiln.eval.kiln_lm_scorer(model_dir, tokenizer_json)) (kiln data run "
+                             "--perplexity-model does this)")
+        return cls(cfg.quality, perplexity_scorer, cfg.keep_dropped_fraction)
 
     def decide(self, doc: Document) -> str | None:
         reason, value = self.pf(doc.text)
@@ -397,10 +404,18 @@ STEPS = (
 """The per-shard steps in run order; each ``build(cfg)`` returns the step or None (off)."""
 
 
-def build_steps(cfg: PipelineConfig, stats: Stats | None = None) -> list[Step]:
+def build_steps(
+    cfg: PipelineConfig, stats: Stats | None = None, perplexity_scorer: Callable[[str], float] | None = None,
+) -> list[Step]:
     """The per-shard steps of ``cfg``, in order. (``stats`` is accepted for the old signature; steps
-    count into the Stats that :func:`~kiln.data.steps.run_steps` passes them.)"""
-    return [step for cls in STEPS if (step := cls.build(cfg)) is not None]
+    count into the Stats that :func:`~kiln.data.steps.run_steps` passes them.) ``perplexity_scorer``
+    (``text -> perplexity``) serves ``cfg.quality.perplexity_model``."""
+    steps = []
+    for cls in STEPS:
+        step = cls.build(cfg, perplexity_scorer) if cls is PerplexityFilter else cls.build(cfg)
+        if step is not None:
+            steps.append(step)
+    return steps
 
 
 # ---- key=value overrides (``kiln data run --set``) ---------------------------------------------------

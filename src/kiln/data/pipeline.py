@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,11 +160,14 @@ def _save_stats(work: Path, stage: str, shard: int, stats: Stats) -> None:
     os.replace(tmp, p)
 
 
-def stage1_task(shard: int, source: str, cfg: PipelineConfig, out_dir: str, work: str) -> None:
+def stage1_task(
+    shard: int, source: str, cfg: PipelineConfig, out_dir: str, work: str,
+    perplexity_scorer: Callable[[str], float] | None = None,
+) -> None:
     """Read one input and run the per-shard steps; write survivors (+ fingerprints), stats, marker."""
     out, wk = Path(out_dir), Path(work)
     stats = Stats()
-    steps = build_steps(cfg, stats)
+    steps = build_steps(cfg, stats, perplexity_scorer)
     docs = run_steps(read_shard(source, cfg, stats), steps, stats, count_kept=cfg.dedup is None)
     if cfg.dedup is None:
         writer = _ShardWriter(out, shard, cfg)
@@ -344,8 +347,12 @@ def run_pipeline(
     executor: Executor | None = None,
     force: bool = False,
     keep_work: bool = False,
+    perplexity_scorer: Callable[[str], float] | None = None,
 ) -> Stats:
     """Run the pipeline over ``inputs`` into ``out_dir``; returns the merged, balanced Stats.
+
+    ``perplexity_scorer`` (``text -> perplexity``, picklable) serves ``cfg.quality.perplexity_model``;
+    build it with ``kiln.eval.kiln_lm_scorer`` (the data stage never builds a model itself).
 
     A complete output with the same config and inputs is reused; an interrupted run resumes from
     its completion markers (``out_dir/.work/markers``). ``force`` recomputes from scratch.
@@ -378,7 +385,7 @@ def run_pipeline(
     executor = executor or LocalExecutor(cfg.workers)
     t0 = time.time()
     markers = work / "markers"
-    ran = run_tasks(executor, "stage1", stage1_task, [(f, cfg, str(out), str(work)) for f in files], markers)
+    ran = run_tasks(executor, "stage1", stage1_task, [(f, cfg, str(out), str(work), perplexity_scorer) for f in files], markers)
     log.info("stage 1: %d shards processed (%.1fs)", ran, time.time() - t0)
     dedup_stats: dict[str, int] = {}
     if cfg.dedup is not None:

@@ -1,7 +1,8 @@
 """Kiln's language model, built from scratch in raw PyTorch (Llama layout, HF-compatible names).
 
 Building blocks (``layers``), attention with swappable kernels (``attention``), the KV cache
-(``kv_cache``), the model (``transformer``) and Hugging Face interop (``hf``). See docs/model.md.
+(``kv_cache``), the model (``transformer``), Hugging Face interop (``hf``), the loss
+(``loss.cross_entropy``) and the held-out loss over a token array (``heldout.evaluate_heldout``). See docs/model.md.
 """
 
 from kiln.model.attention import (
@@ -13,8 +14,13 @@ from kiln.model.attention import (
     triton_attention,
 )
 from kiln.model.config import ModelConfig
-from kiln.model.hf import load_llama_state_dict, load_pretrained, save_pretrained, to_hf_state_dict
-from kiln.model.kv_cache import KVCache
+from kiln.model.hf import (
+    load_llama_state_dict,
+    load_pretrained,
+    save_pretrained,
+    to_hf_state_dict,
+)
+from kiln.model.kv_cache import KVCache, PagedKVCache, PagedMetadata
 from kiln.model.layers import (
     NORM_IMPLS,
     Embedding,
@@ -40,6 +46,8 @@ __all__ = [
     "Linear",
     "ModelConfig",
     "MultiHeadSelfAttention",
+    "PagedKVCache",
+    "PagedMetadata",
     "RMSNorm",
     "RotaryEmbedding",
     "SwiGLU",

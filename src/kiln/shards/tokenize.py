@@ -104,14 +104,14 @@ def split_sources(cfg: TokenizeConfig) -> dict[str, list[str]]:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """``kiln.tokenizer.Tokenizer.load(path)``, with a clear error when it is missing."""
+    """``kiln.tokenizer.load_tokenizer(path)``, with a clear error when it is missing."""
     if not path:
         raise ValueError("no tokenizer given; pass the tokenizer.json or tokenizer artifact folder")
     if not Path(path).exists():
         raise FileNotFoundError(f"tokenizer {path} does not exist; train one with `kiln tokenizer train`")
-    from kiln.tokenizer import Tokenizer
+    from kiln.tokenizer import load_tokenizer as load
 
-    return Tokenizer.load(path)
+    return load(path)
 
 
 class _Encoder:
@@ -218,7 +218,7 @@ def tokenize_corpus(
     """Tokenize each split into shards in ``out_dir`` (stage ``"tokens"``); reused when unchanged.
 
     Args:
-        cfg: the config; ``cfg.tokenizer`` is loaded with ``Tokenizer.load`` unless ``tokenizer`` is given.
+        cfg: the config; ``cfg.tokenizer`` is loaded with ``kiln.tokenizer.load_tokenizer`` unless ``tokenizer`` is given.
         out_dir: the artifact folder (``train_00000.bin``..., ``val_00000.bin``..., ``manifest.json``).
         force: recompute even if a matching artifact exists.
         tokenizer: an already-loaded tokenizer object (``encode``, ``eot_id``, ``vocab_size``), e.g.
