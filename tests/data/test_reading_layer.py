@@ -204,3 +204,12 @@ def test_urls_are_retried_with_backoff(flaky_server, tmp_path) -> None:
     assert hits["/missing.jsonl"] == 1
     with pytest.raises(RuntimeError, match="2 attempts"):
         download(f"{base}/flaky2.jsonl", tmp_path / "cache", retries=1, backoff_s=0.01)
+
+
+def test_eval_reads_held_out_text_through_the_same_layer(data_run) -> None:
+    from kiln.eval.perplexity import read_texts as eval_texts
+
+    val = [d.text for d in read_documents(str(data_run), split="val")]
+    assert list(eval_texts(data_run)) == val  # the folder: its val split, through the manifest
+    shard = data_run / "val_00000.jsonl.zst"
+    assert list(eval_texts(shard)) == val  # was: the compressed bytes read as UTF-8 text
