@@ -76,7 +76,7 @@ def test_tokenizer_trains_on_text_of_zst_shards_and_folders(data_run, tmp_path) 
     shard = data_run / "train_00000.jsonl.zst"
     with pytest.raises(ValueError, match="read_texts"):  # never the compressed bytes
         train_tokenizer(TokenizerTrainConfig(inputs=(str(shard),), vocab_size=300), tmp_path / "t0")
-    for i, src in enumerate((shard, data_run)):
+    for i, src in enumerate((shard, data_run, data_run / "train_*.jsonl.zst")):
         out = train_tokenizer(TokenizerTrainConfig(inputs=(str(src),), vocab_size=300, workers=1),
                               tmp_path / f"t{i + 1}", read_texts=read_texts)
         tok = Tokenizer.load(out)

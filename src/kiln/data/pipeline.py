@@ -46,7 +46,7 @@ from kiln.data.curation import (  # noqa: F401 - re-exported: kiln.data.pipeline
 from kiln.data.dedup import MinHasher, cluster_signatures, doc_line_hashes, exact_hash, remove_lines
 from kiln.data.document import Document
 from kiln.data.executors import Executor, LocalExecutor, mark_done, run_tasks
-from kiln.data.steps import BYTES_IN, Stats, bytes_in, run_steps, unit_hash
+from kiln.data.steps import Stats, run_steps, unit_hash
 from kiln.data.warc import is_web_archive, read_tar, read_web
 from kiln.data.writers import JsonlZstFile, SplitWriter, list_doc_files
 
@@ -178,11 +178,11 @@ def stage1_task(
         (wk / "stage1").mkdir(parents=True, exist_ok=True)
         path = wk / "stage1" / f"{shard:05d}.jsonl.zst"
         tmp = path.with_name(path.name + ".tmp")
-        zw = JsonlZstFile(tmp, 1)  # intermediate records keep the input size (BYTES_IN)
+        zw = JsonlZstFile(tmp, 1, internal=True)  # keeps the input size (BYTES_IN) for dedup drops
         hasher = MinHasher(cfg.dedup.minhash) if cfg.dedup.minhash else None
         hashes, sigs, line_hashes = [], [], []
         for doc in docs:
-            zw.write(Document(doc.text, doc.id, {**doc.metadata, "_bytes": bytes_in(doc)}))
+            zw.write(doc)
             hashes.append(exact_hash(doc.text))
             if hasher is not None:
                 sigs.append(hasher.signature(doc.text))
@@ -213,7 +213,6 @@ def final_task(shard: int, cfg: PipelineConfig, out_dir: str, work: str) -> None
     writer = _ShardWriter(out, shard, cfg)
     reasons = {1: "dedup_exact", 2: "dedup_minhash"}
     for j, doc in enumerate(_read_jsonl_zst(wk / "stage1" / f"{shard:05d}.jsonl.zst")):
-        doc.metadata[BYTES_IN] = doc.metadata.pop("_bytes")  # dedup drops count the input size
         code = int(decisions[j])
         if code:
             stats.add_drop(doc, reasons[code])

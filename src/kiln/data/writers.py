@@ -37,16 +37,19 @@ def doc_record(doc: Document) -> dict[str, Any]:
 
 
 class JsonlZstFile:
-    """One ``.jsonl.zst`` file being written (one JSON object a line)."""
+    """One ``.jsonl.zst`` file being written (one JSON object a line). ``internal`` keeps the
+    pipeline's own metadata keys (its intermediate files between passes)."""
 
-    def __init__(self, path: str | os.PathLike, level: int = 3) -> None:
+    def __init__(self, path: str | os.PathLike, level: int = 3, internal: bool = False) -> None:
         import zstandard
 
+        self.internal = internal
         self._fh = open(path, "wb")  # noqa: SIM115 - closed by the zstd stream writer that wraps it
         self._zw = zstandard.ZstdCompressor(level=level).stream_writer(self._fh)
 
     def write(self, doc: Document) -> None:
-        self._zw.write((json.dumps(doc_record(doc), ensure_ascii=False, default=str) + "\n").encode())
+        rec = {"id": doc.id, "text": doc.text, **doc.metadata} if self.internal else doc_record(doc)
+        self._zw.write((json.dumps(rec, ensure_ascii=False, default=str) + "\n").encode())
 
     def close(self) -> None:
         self._zw.close()  # also closes the file

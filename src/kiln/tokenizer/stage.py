@@ -155,7 +155,7 @@ def train_tokenizer(
         raise ValueError("no training input: set TokenizerTrainConfig.inputs (CLI: --input FILE)")
     if read_texts is None and not all(_native(p) for p in cfg.inputs):
         _training_inputs(cfg, None, Path("."))  # raises, naming the input and the fix
-    local = [p for p in (*cfg.inputs, *cfg.heldout) if "://" not in p]
+    local = [p for p in (*cfg.inputs, *cfg.heldout) if "://" not in p and Path(p).exists()]  # not URLs, globs
     with StageRun(out_dir, "tokenizer", cfg, inputs=[*local, *_heldout_paths(cfg)], force=force) as run:
         if run.reused:
             log.info("tokenizer: reusing %s (same config and inputs)", out_dir)
