@@ -63,7 +63,10 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("data", help="curate raw web/book data into clean, deduplicated shards")
     sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
 
-    r = sub.add_parser("run", help="run a curation preset over inputs", formatter_class=_DefaultsHelpFormatter)
+    from kiln.data.curation import config_keys
+
+    r = sub.add_parser("run", help="run a curation preset over inputs", formatter_class=_DefaultsHelpFormatter,
+                       epilog="config keys for --set KEY=VALUE: " + ", ".join(config_keys()))
     r.add_argument("--preset", default="web_en", help="web_en | books | minimal (see `kiln data presets`)")
     r.add_argument("--input", nargs="+", required=True, help="files, folders, globs (WARC/WET/HTML/JSONL/Parquet/txt/tar), URLs, hf://")
     r.add_argument("--out", required=True,
