@@ -10,7 +10,7 @@ import pytest
 
 from kiln.cli.main import build_parser, main
 
-REQUIRED = ["demo", "tokenizer", "tokenize", "train", "eval", "generate", "bench", "data"]
+REQUIRED = ["demo", "tokenizer", "tokenize", "train", "eval", "generate", "export", "bench", "data"]
 
 
 def _subparsers(parser: argparse.ArgumentParser):

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "kiln.cli.train",
     "kiln.cli.eval",
     "kiln.cli.generate",
+    "kiln.cli.export",
     "kiln.cli.bench",
     "kiln.cli.profile",
 ]

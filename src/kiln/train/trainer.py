@@ -753,12 +753,11 @@ def _log_header(runlog, cfg, model, device, amp, start, inputs, mb, accum, world
 def _finish(out: Path, cfg: TrainConfig, model, tokenizer_path, inputs: dict, state: _RunState, runlog,
             train_tokens: int = 0) -> None:
     from kiln.model import save_pretrained
+    from kiln.tokenizer import load_tokenizer
 
     tmp = out / f".model.tmp-{uuid.uuid4().hex[:8]}"
-    save_pretrained(model, tmp)
-    if tokenizer_path is not None:  # the model folder is then all `kiln generate` needs
-        src = Path(tokenizer_path)
-        shutil.copy(src / "tokenizer.json" if src.is_dir() else src, tmp / "tokenizer.json")
+    # with its tokenizer, the model folder is all `kiln generate` and Hugging Face's Auto* classes need
+    save_pretrained(model, tmp, tokenizer=load_tokenizer(tokenizer_path) if tokenizer_path is not None else None)
     shutil.rmtree(out / "model", ignore_errors=True)
     os.replace(tmp, out / "model")
     rows = read_metrics(out / "metrics.jsonl")
