@@ -51,8 +51,22 @@ def test_help_runs(cmd, capsys):
 
 
 def test_console_script_installed():
-    r = subprocess.run([sys.executable, "-m", "kiln.cli.main", "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "demo" in r.stdout
+    """The `kiln` script that `pip install` put beside this Python runs (and is Kiln's CLI)."""
+    import shutil
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("kiln")
+    script = str(script) if script.is_file() else shutil.which("kiln")
+    assert script, "no `kiln` script beside this Python or on PATH; install Kiln with `pip install -e .`"
+    r = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage: kiln" in r.stdout and "export" in r.stdout, r.stderr
+
+
+def test_python_dash_m_kiln_is_the_kiln_command(tmp_path):
+    """`python -m kiln` parses and runs like `kiln`: a subcommand, its one-line error, its exit status."""
+    r = subprocess.run([sys.executable, "-m", "kiln", "generate", "--model", str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("kiln generate: error:") and len(r.stderr.splitlines()) == 1
 
 
 def test_bad_input_is_one_line_error(tmp_path, capsys):
