@@ -76,3 +76,38 @@ def test_per_item_predictions_equal_lm_evals_hf_path(shared_data, tmp_path):
         # lm-eval's acc_norm: log-likelihood per character of the choice (without the delimiter)
         chars = np.array([len(c) for c in doc["choices"]], dtype=float)
         assert int(np.argmax(np.array(score.logprobs) / chars)) == int(np.argmax(lls[i] / chars)), i
+
+
+def test_mmlu_prompt_is_lm_evals(shared_data):
+    """MMLU, 0- and 5-shot, as lm-eval's mmlu/default yaml files define it (description, doc_to_text,
+    choices "A".."D" after the target delimiter " ", first-n dev examples joined by "\\n\\n")."""
+    lm_eval = pytest.importorskip("lm_eval")
+    yaml = pytest.importorskip("yaml")
+    jinja2 = pytest.importorskip("jinja2")
+    import csv
+
+    from kiln.eval.tasks import load_mmlu
+
+    tasks = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
+    template = yaml.safe_load((tasks / "_default_template_yaml").read_text())
+    text = jinja2.Template(template["doc_to_text"])
+    letters = template["doc_to_choice"]
+
+    def rows(path: Path, n: int) -> list[list[str]]:
+        with open(path, encoding="utf-8", newline="") as f:
+            return [r for _, r in zip(range(n), csv.reader(f))]
+
+    def shown(r: list[str]) -> str:
+        return text.render(question=r[0], choices=r[1:5])
+
+    subjects = sorted(p.name[: -len("_test.csv")] for p in (shared_data / "eval/mmlu/test").glob("*_test.csv"))
+    assert len(subjects) == 57
+    for subject in subjects:
+        description = yaml.safe_load((tasks / f"mmlu_{subject}.yaml").read_text())["description"]
+        dev = rows(shared_data / f"eval/mmlu/dev/{subject}_dev.csv", 5)
+        shots = "".join(shown(r) + " " + r[5] + "\n\n" for r in dev)
+        for k, prefix in ((0, ""), (5, shots)):
+            items = load_mmlu(shared_data / "eval/mmlu", k, subjects=[subject], limit=2)
+            for item, r in zip(items, rows(shared_data / f"eval/mmlu/test/{subject}_test.csv", 2)):
+                assert item.pairs == tuple((description + prefix + shown(r), " " + x) for x in letters), subject
+                assert item.gold == letters.index(r[5])
