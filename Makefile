@@ -18,9 +18,10 @@ $(BASE): pyproject.toml
 	touch $(BASE)
 
 # Tests also install the references Kiln is checked against (tiktoken, HF tokenizers and
-# transformers, rustbpe, Triton for the kernel interpreter) and the data-curation extras.
+# transformers, rustbpe, Triton for the kernel interpreter, lm-evaluation-harness for the adapter
+# and prompt-agreement tests) and the data-curation extras.
 $(TESTDEPS): $(BASE)
-	$(BIN)/pip install -q -e ".[dev,data,ray]"
+	$(BIN)/pip install -q -e ".[dev,data,ray,harness]"
 	touch $(TESTDEPS)
 
 setup: $(BASE)

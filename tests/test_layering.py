@@ -70,7 +70,9 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 def _stage(module: str) -> str | None:
     """The stage of a kiln module (kiln.train.loss -> train); None for kiln itself and non-kiln names."""
     parts = module.split(".")
-    return parts[1] if parts[0] == "kiln" and len(parts) > 1 and parts[1] != "__version__" else None
+    if parts[0] != "kiln" or len(parts) < 2 or parts[1] == "__version__":
+        return None
+    return "cli" if parts[1] == "__main__" else parts[1]  # `python -m kiln` is the command line
 
 
 def _edges() -> list[tuple[str, int, str, str, str]]:

@@ -43,6 +43,9 @@ def find_tokenizer(path: str | os.PathLike) -> Path:
     start = Path(path).resolve()
     if start.is_file():
         return start
+    if not start.is_dir():
+        raise FileNotFoundError(f"{path} does not exist; pass an existing tokenizer file, or a tokenizer, model, "
+                                "run or tokens folder (--tokenizer PATH)")
     queue = deque([start, *list(start.parents)[:_UP]])
     seen: set[Path] = set()
     while queue:
