@@ -12,11 +12,24 @@ one launch instead of a few per layer (as nano-vllm and gpt-fast do; PyTorch's `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from kiln.generate.sequence import Sequence
 from kiln.model import PagedKVCache, PagedMetadata, Transformer
+
+
+@dataclass
+class StepItem:
+    """One sequence's share of a step: ``tokens`` fed at window positions ``start, start + 1, ...``
+    (their keys/values land in ``seq``'s blocks), and logits wanted at the last ``n_logits`` of them."""
+
+    seq: Sequence
+    start: int
+    tokens: list[int]
+    n_logits: int = 1
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -43,18 +56,17 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._static: dict[str, Tensor] = {}
 
-    def prepare(self, batch: list[tuple[Sequence, int]]) -> tuple[list[int], list[int], PagedMetadata]:
+    def prepare(self, items: list[StepItem]) -> tuple[list[int], list[int], PagedMetadata]:
         """Token ids (N,), positions (N,) and the attention metadata of one step (lists on the host)."""
         bs, scratch = self.block_size, self.cache.scratch_block
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
         q_lens, ctx_lens, tables = [], [], []
-        for seq, n in batch:
-            c = seq.num_computed
-            ids += seq.token_ids[seq.window_start + c: seq.window_start + c + n]
+        for it in items:
+            c, n, table = it.start, len(it.tokens), it.seq.block_table
+            ids += it.tokens
             pos += range(c, c + n)
-            table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
             q_lens.append(n)
             ctx_lens.append(c + n)
@@ -65,27 +77,28 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_tables=torch.tensor([t + [scratch] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
             context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
-            query_start=torch.tensor([0] + list(_cumsum(q_lens)), dtype=torch.int32, device=dev),
+            query_start=torch.tensor([0, *_cumsum(q_lens)], dtype=torch.int32, device=dev),
             query_lens=q_lens,
             context_lens_list=ctx_lens,
         )
         return ids, pos, meta
 
     @torch.inference_mode()
-    def run(self, batch: list[tuple[Sequence, int]]) -> Tensor:
-        """Logits (B, vocab_size) fp32 at the last scheduled token of each of the B sequences."""
-        ids, pos, meta = self.prepare(batch)
-        B = len(batch)
-        if meta.decode and 0 < B <= self.graph_max:
+    def run(self, items: list[StepItem]) -> Tensor:
+        """Logits (sum of n_logits, vocab_size) fp32: the last ``n_logits`` positions of each item, in order."""
+        ids, pos, meta = self.prepare(items)
+        if meta.decode and all(it.n_logits == 1 for it in items) and len(items) <= self.graph_max:
             return self._replay(ids, pos, meta)
         dev = self.device
         self.cache.meta = meta
+        rows: list[int] = []
+        for it, end in zip(items, _cumsum(meta.query_lens)):
+            rows += range(end - it.n_logits, end)
         was_training = self.model.training
         self.model.eval()  # the caller (a GRPO loop, the trainer's samples) keeps its own mode
         try:
             h = self.model.hidden_states(torch.tensor([ids], device=dev), torch.tensor(pos, device=dev), self.cache)
-            last = (meta.query_start[1:] - 1).long()  # (B,) index of each sequence's last token in N
-            return self.model.lm_head(h[0, last]).float()  # (B, V)
+            return self.model.lm_head(h[0, torch.tensor(rows, device=dev)]).float()  # (rows, V)
         finally:
             self.model.train(was_training)
 
