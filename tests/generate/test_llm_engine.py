@@ -200,3 +200,16 @@ def test_ngram_proposer_finds_the_latest_match():
     assert prop.propose_one([1, 2, 3, 9, 1, 2, 3, 8, 5, 1, 2, 3], 2) == [8, 5]
     assert prop.propose_one([4, 5, 6, 7], 3) == []
     assert prop.propose_one([1, 2, 1], 3) == [2, 1]
+
+
+@pytest.mark.parametrize("speculative", ["none", "ngram"])
+def test_graph_replay_path_with_padded_rows(model, speculative):
+    """The CUDA-graph decode path's static buffers and scratch-block padding, emulated on the CPU."""
+    prompts = _prompts(5, seed=4)
+    cfg = EngineConfig(block_size=4, max_num_seqs=5, speculative=speculative, num_speculative_tokens=2)
+    eng = LLMEngine(model, None, cfg)
+    eng.runner.graph_max = 16  # the size a CUDA engine gets; on the CPU replay runs the same buffers eagerly
+    outs = eng.generate(prompts, SamplingParams(max_tokens=10, temperature=0))
+    assert sorted(eng.runner.graphs) == [1, 2, 4, 8, 16]
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == uncached_greedy(model, p, 10)

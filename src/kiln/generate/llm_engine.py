@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from kiln.generate.block_manager import BlockManager
-from kiln.generate.model_runner import ModelRunner, StepItem
+from kiln.generate.model_runner import MAX_ROW_TOKENS, ModelRunner, StepItem
 from kiln.generate.sampling import SamplingParams, sample_next
 from kiln.generate.scheduler import Scheduler
 from kiln.generate.sequence import Sequence, Status
@@ -130,11 +130,14 @@ class LLMEngine:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self._lookahead)
-        graphs = config.max_num_seqs if config.cuda_graphs else 0
+        rows = config.max_num_seqs * (1 + config.num_speculative_tokens if config.speculative != "none" else 1)
+        graphs = rows if config.cuda_graphs else 0
         self.runner = ModelRunner(model, num_blocks, config.block_size, graphs)
         self.max_seq_tokens = min(mc.context_length, num_blocks * config.block_size)
         self._per_seq_blocks = per_seq
         self.proposer = make_proposer(config, model, draft_model, num_blocks, self.vocab_limit)
+        if config.num_speculative_tokens + 1 > MAX_ROW_TOKENS and config.speculative != "none":
+            raise ValueError(f"num_speculative_tokens must be <= {MAX_ROW_TOKENS - 1}")
         self.spec_counts = {"proposed": 0, "accepted": 0}
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
