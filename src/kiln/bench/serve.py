@@ -14,7 +14,8 @@ speed of a decode step does not depend on the values):
    loss of the row's weights on ``--heldout`` text (only meaningful with a trained ``--model``).
 2. **Throughput** (``--parts throughput``): ``--requests`` requests whose prompt lengths follow the
    AlpacaEval instructions (``--prompts``, ~4 UTF-8 bytes per token; synthetic ids, as the weights are
-   random), ``--max-tokens`` each, kept ``c`` in flight for c in ``--concurrency``: output tokens/s,
+   random), ``--max-tokens`` each, kept ``c`` in flight for c in ``--concurrency`` (the first
+   min(``--requests``, max(16, 8c)) requests, so c=1 stays short): output tokens/s,
    time to first token and inter-token latency (p50/p99) of Kiln's engine, vs ``transformers`` batched
    ``generate`` (static batches of c, left-padded; no per-token latencies).
 
@@ -109,11 +110,11 @@ def export_for_references(model: Any, out: Path) -> Path:
 
 
 def copy_bandwidth(device: Any, nbytes: int = 1 << 30) -> float:
-    """Bytes/s of a device-to-device copy (read + write counted), best of 5; CPU: 256 MiB."""
+    """Bytes/s of a device-to-device copy (read + write counted), best of 5; CPU: 64 MiB."""
     import torch
 
     if device.type != "cuda":
-        nbytes = 1 << 28
+        nbytes = 1 << 26
     src = torch.empty(nbytes // 2, dtype=torch.int16, device=device)
     dst = torch.empty_like(src)
     best = float("inf")
@@ -133,6 +134,17 @@ def bytes_per_token(model: Any, context: int) -> int:
     c = model.config
     itemsize = next(model.parameters()).element_size()
     return weight_bytes(model) + 2 * c.n_layers * c.n_kv_heads * c.head_dim * context * itemsize
+
+
+def _free(device: Any) -> None:
+    """Collect engines (their scheduler refers back to them) and return cached GPU memory between rows."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _sync(device: Any) -> None:
@@ -309,6 +321,7 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
             row.error = f"{type(e).__name__}: {e}"
             traceback.print_exc()
         rows.append(row)
+        _free(device)
         print(f"  {impl}: {row.tok_s or 0:.1f} tok/s {row.note} {row.error}", flush=True)
 
     r = args.repeats
@@ -462,17 +475,20 @@ def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Pa
     export = export_for_references(model, work / f"export_{shape}") if "transformers" in args.rows else None
     rows = []
     for c in args.concurrency:
+        n = min(len(prompts), max(16, 8 * c))  # enough requests to keep c in flight; c=1 stays short
         for impl in ("kiln", "transformers"):
             if impl == "transformers" and impl not in args.rows:
                 continue
             try:
-                row = (kiln_throughput(model, prompts, c, args.max_tokens) if impl == "kiln"
-                       else hf_throughput(export, prompts, c, args.max_tokens, device))
+                row = (kiln_throughput(model, prompts[:n], c, args.max_tokens) if impl == "kiln"
+                       else hf_throughput(export, prompts[:n], c, args.max_tokens, device))
+                row.note = f"{n} requests" + (f", {row.note}" if row.note else "")
             except Exception as e:  # noqa: BLE001 - a failed row is reported, not fatal
                 row = ServeRow("throughput", "", impl, c, error=f"{type(e).__name__}: {e}")
                 traceback.print_exc()
             row.shape = shape
             rows.append(row)
+            _free(device)
             print(f"  {shape} c={c} {row.impl}: {row.tok_s or 0:.1f} tok/s {row.error}", flush=True)
     return rows
 
