@@ -158,12 +158,13 @@ def _sync(device: Any) -> None:
 
 
 def kiln_decode(model: Any, prompt: list[int], new_tokens: int, repeats: int, speculative: str = "none",
-                draft: Any = None) -> tuple[float, str]:
+                draft: Any = None, compile_decode: bool = False) -> tuple[float, str]:
     """Best tokens/s of one greedy request over ``repeats`` runs (after a warm-up that captures graphs)."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     cfg = EngineConfig(max_num_seqs=1, max_num_batched_tokens=max(2048, len(prompt) + 8), num_blocks=None,
-                       speculative=speculative, num_speculative_tokens=4, enable_prefix_caching=False)
+                       speculative=speculative, num_speculative_tokens=4, enable_prefix_caching=False,
+                       compile_decode=compile_decode)
     eng = LLMEngine(model, None, cfg, draft_model=draft)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     dev = eng.device
@@ -327,6 +328,8 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
     r = args.repeats
     add("kiln bf16" if dtype == torch.bfloat16 else "kiln fp32",
         lambda: kiln_decode(model, prompt, new_tokens, r), model, model)
+    if "compile" in args.rows and device.type == "cuda":
+        add("kiln bf16 compiled", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=True), model)
     for mode in ("int8", "int4"):
         if mode in args.rows:
             qm = quantize_model(copy.deepcopy(model), mode)
@@ -522,7 +525,7 @@ def format_tables(rows: list[ServeRow]) -> str:
     return "\n".join(out)
 
 
-ROWS = ("int8", "int4", "ngram", "draft", "transformers", "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
+ROWS = ("compile", "int8", "int4", "ngram", "draft", "transformers", "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -48,6 +48,9 @@ class EngineConfig:
     """Share full KV blocks between requests with the same prefix (hash-chained, reference-counted)."""
     cuda_graphs: bool = True
     """On CUDA, replay a captured graph for decode steps of up to ``max_num_seqs`` sequences."""
+    compile_decode: bool = False
+    """Also ``torch.compile`` the captured decode step (fusing the elementwise work between matmuls;
+    one compilation per captured batch size, so best with a small ``max_num_seqs``)."""
     gpu_memory_fraction: float = 0.5
     """With ``num_blocks=None`` on CUDA: at most this fraction of the free GPU memory for the cache."""
     eos_token_id: int | None = None
@@ -132,7 +135,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self._lookahead)
         rows = config.max_num_seqs * (1 + config.num_speculative_tokens if config.speculative != "none" else 1)
         graphs = rows if config.cuda_graphs else 0
-        self.runner = ModelRunner(model, num_blocks, config.block_size, graphs)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, graphs, config.compile_decode)
         self.max_seq_tokens = min(mc.context_length, num_blocks * config.block_size)
         self._per_seq_blocks = per_seq
         self.proposer = make_proposer(config, model, draft_model, num_blocks, self.vocab_limit)

@@ -20,7 +20,6 @@ from torch import Tensor
 from kiln.generate.sequence import Sequence
 from kiln.model import PagedKVCache, PagedMetadata, Transformer
 
-
 MAX_ROW_TOKENS = 8  # most tokens of one sequence run as per-token decode rows (speculative verification)
 
 
@@ -46,8 +45,11 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 class ModelRunner:
     """Owns the paged cache of ``model`` and runs packed steps through it."""
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, cuda_graph_max_batch: int = 0) -> None:
-        """``cuda_graph_max_batch``: the most decode rows (tokens) replayed from CUDA graphs; 0: none."""
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, cuda_graph_max_batch: int = 0,
+                 compile_decode: bool = False) -> None:
+        """``cuda_graph_max_batch``: the most decode rows (tokens) replayed from CUDA graphs; 0: none.
+        ``compile_decode``: run the captured decode forward through ``torch.compile`` (fuses the norms,
+        RoPE and SwiGLU between the matmuls; the paged attention stays eager), as gpt-fast does."""
         cfg = model.config
         p = next(model.parameters())
         self.model = model
@@ -58,6 +60,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-cfg.context_length // block_size)
         self.graph_max = cuda_graph_max_batch if self.device.type == "cuda" else 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._decode = torch.compile(self._decode_core, dynamic=False) if compile_decode else self._decode_core
         self._static: dict[str, Tensor] = {}
 
     def prepare(self, items: list[StepItem]) -> tuple[list[int], list[int], PagedMetadata]:
@@ -127,7 +130,7 @@ class ModelRunner:
         if not self.graph_max or self.graphs:
             return
         G, dev = self.graph_max, self.device
-        s = self._static = {
+        self._static = {
             "ids": torch.zeros(G, dtype=torch.long, device=dev),
             "pos": torch.zeros(G, dtype=torch.long, device=dev),
             "slots": torch.full((G,), self.cache.scratch_block * self.block_size, dtype=torch.long, device=dev),
@@ -165,7 +168,11 @@ class ModelRunner:
         """The decode forward over static buffers: logits (b, V) fp32."""
         s = self._static
         self.cache.meta = meta
-        h = self.model.hidden_states(s["ids"][:b][None], s["pos"][:b], self.cache)
+        return self._decode(s["ids"][:b], s["pos"][:b])
+
+    def _decode_core(self, ids: Tensor, pos: Tensor) -> Tensor:
+        """ids, pos (b,) -> logits (b, V) fp32, one token per row (the cache's ``meta`` is set)."""
+        h = self.model.hidden_states(ids[None], pos, self.cache)
         return self.model.lm_head(h[0]).float()
 
     def _replay(self, ids: list[int], pos: list[int], meta: PagedMetadata) -> Tensor:

@@ -226,6 +226,7 @@ class MultiHeadSelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.o_proj(out)
 
+    @torch.compiler.disable  # the engine may compile the decode step: the cache write and kernel stay eager
     def _paged(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
         """q (1, H, N, D), k/v (1, Hkv, N, D) of a packed engine step -> attention output (N, H, D)."""
         i = self.layer_idx
