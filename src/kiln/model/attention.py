@@ -97,7 +97,9 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
     if meta.decode and q.is_cuda:
         from kiln.kernels.paged_attention import paged_decode_attention  # lazy: Triton is optional
 
-        return paged_decode_attention(q, k_pool, v_pool, meta.block_tables, meta.context_lens)
+        # under autocast q may be bf16 over an fp32 pool: the kernel takes one dtype
+        out = paged_decode_attention(q.to(k_pool.dtype), k_pool, v_pool, meta.block_tables, meta.context_lens)
+        return out.to(q.dtype)
     if meta.decode:
         return _paged_decode_torch(q, k_pool, v_pool, meta)
     from kiln.kernels.paged_attention import gather_blocks
