@@ -189,7 +189,7 @@ def hf_decode(export_dir: Path, prompt: list[int], new_tokens: int, device: Any,
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    m = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=dtype).to(device).eval()
+    m = AutoModelForCausalLM.from_pretrained(str(export_dir)).to(device=device, dtype=dtype).eval()
     note = "static cache"
     if device.type == "cuda":
         m.forward = torch.compile(m.forward, mode="reduce-overhead", fullgraph=True)
@@ -447,7 +447,7 @@ def hf_throughput(export_dir: Path, prompts: list[list[int]], concurrency: int, 
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    m = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=dtype).to(device).eval()
+    m = AutoModelForCausalLM.from_pretrained(str(export_dir)).to(device=device, dtype=dtype).eval()
     n_out = 0
     t0 = time.perf_counter()
     with torch.inference_mode():
