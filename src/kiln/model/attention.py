@@ -122,12 +122,16 @@ def _paged_decode_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMe
     bs, Hkv = k_pool.shape[1], k_pool.shape[2]
     if meta.decode_gather is None:  # the same for every layer of the step: built once
         n_blocks = -(-max(meta.context_lens_list) // bs)
-        valid = torch.arange(n_blocks * bs, device=q.device)[None, :] < meta.context_lens[:, None]  # (B, S)
-        meta.decode_gather = (meta.block_tables[:, :n_blocks].long(), valid[:, None, None, :])
-    tables, valid = meta.decode_gather  # (B, nb), (B, 1, 1, S)
-    S = tables.shape[1] * bs
-    k = k_pool[tables].reshape(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
-    v = v_pool[tables].reshape(B, S, Hkv, D).transpose(1, 2)
+        S = n_blocks * bs
+        valid = torch.arange(S, device=q.device)[None, :] < meta.context_lens[:, None]  # (B, S)
+        tables = meta.block_tables[:, :n_blocks].long()  # (B, nb)
+        slots = (tables[:, :, None] * bs + torch.arange(bs, device=q.device)).reshape(-1)  # (B*S,) pool rows
+        meta.decode_gather = (slots, valid[:, None, None, :])
+    slots, valid = meta.decode_gather  # (B*S,), (B, 1, 1, S)
+    S = valid.shape[-1]
+    # index_select over pool rows: a few times faster on the CPU than advanced indexing by block
+    k = k_pool.view(-1, Hkv, D).index_select(0, slots).view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+    v = v_pool.view(-1, Hkv, D).index_select(0, slots).view(B, S, Hkv, D).transpose(1, 2)
     G = H // Hkv
     qg = q.reshape(B, Hkv, G, D)  # heads h = kv*G + g are contiguous in the HF layout
     out = scaled_dot_product_attention(qg, k, v, valid)  # (B, Hkv, G, D)
