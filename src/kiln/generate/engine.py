@@ -76,6 +76,11 @@ def one_shot_engine(model: Transformer, vocab_limit: int | None, eot_id: int | N
         LLMEngine,
     )
 
+    if next(model.parameters()).device.type == "cpu":
+        # On the CPU the decode step gathers every running sequence's blocks per layer; past ~16
+        # sequences of a few hundred tokens that stops fitting in cache and a step slows more than the
+        # batch grows (32 GSM8K prompts: 16.2 s with 8 running, 15.5 s with 16, 23.4 s with 32).
+        max_num_seqs = min(max_num_seqs, 16)
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_num_seqs),
                        cuda_graphs=False, eos_token_id=eot_id, vocab_limit=vocab_limit,
                        context_overflow="slide", enable_prefix_caching=max_num_seqs > 1)
