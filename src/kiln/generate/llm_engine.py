@@ -236,6 +236,7 @@ class LLMEngine:
             items.append(StepItem(seq, c, seq.window[c:c + n - len(d)] + d if d else seq.window[c:c + n], 1 + len(d)))
         logits = self.runner.run(items)[:, :self.vocab_limit]  # (rows, V) fp32: one row per wanted position
         greedy = logits.argmax(dim=-1).tolist()
+        sampled = self._sample(items, logits)
         outputs = []
         row = 0
         for it, (seq, n) in zip(items, batch):
@@ -254,13 +255,26 @@ class LLMEngine:
                 self._finish(seq, "length")
                 outputs.append(self._output(seq))
                 continue
-            tok = greedy[i] if p.temperature == 0 else int(sample_next(logits[i], p.temperature, p.top_k,
-                                                                       p.top_p, seq.generator))
+            tok = greedy[i] if p.temperature == 0 else sampled[i]
             if p.logprobs is not None:
                 seq.logprobs.append(_logprobs(logits[i], tok, p.logprobs))
             self._append(seq, tok)
             outputs.append(self._output(seq))
         return outputs
+
+    def _sample(self, items: list[StepItem], logits: Tensor) -> dict[int, int]:
+        """Sampled token per logits row of the items that sample this step (temperature > 0): each
+        row draws with its request's own generator; one host sync for all of them."""
+        rows, draws = [], []
+        row = 0
+        for it in items:
+            seq, p = it.seq, it.seq.params
+            done = it.start + len(it.tokens) == seq.num_window_tokens  # the window's end: a token is due
+            if it.n_logits == 1 and done and p.temperature > 0 and p.max_tokens > 0:
+                rows.append(row)
+                draws.append(sample_next(logits[row], p.temperature, p.top_k, p.top_p, seq.generator))
+            row += it.n_logits
+        return dict(zip(rows, torch.stack(draws).tolist())) if draws else {}
 
     # -- speculative decoding (greedy requests only: the output is exactly plain greedy decoding's) ----
 
