@@ -42,13 +42,14 @@ def _dense_reference(q, k_pool, v_pool, bt, lens, q_lens):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("H,Hkv,D,bs", [(4, 2, 16, 4), (6, 6, 24, 8), (8, 1, 32, 16)])
-def test_decode_kernel_equals_reference(dev, H, Hkv, D, bs):
-    lens = [1, 5, bs, bs + 1, 3 * bs + 2]
+@pytest.mark.parametrize("H,Hkv,D,bs,split", [(4, 2, 16, 4, 1), (6, 6, 24, 8, 1), (8, 1, 32, 16, 1),
+                                              (4, 2, 16, 4, 3), (2, 1, 8, 4, None)])
+def test_decode_kernel_equals_reference(dev, H, Hkv, D, bs, split):
+    lens = [1, 5, bs, bs + 1, 3 * bs + 2] + ([17 * bs + 3] if split is None else [])  # None: 4 splits here
     k_pool, v_pool, bt = _pool(lens, bs, Hkv, D, torch.float32, dev)
     q = torch.randn(len(lens), H, D, device=dev)
     cl = torch.tensor(lens, dtype=torch.int32, device=dev)
-    got = paged_decode_attention(q, k_pool, v_pool, bt, cl)
+    got = paged_decode_attention(q, k_pool, v_pool, bt, cl, split=split)
     want = _dense_reference(q, k_pool, v_pool, bt, lens, [1] * len(lens))
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     ref = paged_attention_ref(q, k_pool, v_pool, bt, cl, torch.arange(len(lens) + 1, dtype=torch.int32))
