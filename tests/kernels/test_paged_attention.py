@@ -8,7 +8,7 @@ import torch
 
 from kiln.kernels.paged_attention import paged_attention_ref, paged_decode_attention
 from kiln.model import PagedMetadata, kiln_attention
-from kiln.model.attention import paged_attention
+from kiln.model.attention import paged_attention, paged_prefill_batched
 
 
 def _pool(lens, bs, Hkv, D, dtype, dev, seed=0):
@@ -81,5 +81,8 @@ def test_model_paths_equal_reference(decode):
     got = paged_attention(q, k_pool, v_pool, meta)
     want = _dense_reference(q, k_pool, v_pool, bt, lens, q_lens)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    for fused in (False, True):  # the padded one-call path CUDA takes for several prompt chunks
+        got = paged_prefill_batched(q, k_pool, v_pool, meta, fused)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     ref = paged_attention_ref(q, k_pool, v_pool, bt, meta.context_lens, starts)
     torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=1e-5)
