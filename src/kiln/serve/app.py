@@ -189,12 +189,12 @@ class _Choice:
     completion_tokens: int = 0
 
 
-def _absorb(choice: _Choice, out: Any, want_logprobs: bool) -> tuple[str, list]:
+def _absorb(choice: _Choice, out: Any, logprobs: int | None) -> tuple[str, list]:
     """Fold one RequestOutput into ``choice``; returns (new text, new logprob entries)."""
     choice.text += out.new_text
     choice.token_ids.extend(out.new_token_ids)
     choice.completion_tokens = out.num_generated_tokens
-    new_lp = token_logprobs(list(out.new_token_ids), out.logprobs) if want_logprobs else []
+    new_lp = token_logprobs(list(out.new_token_ids), out.logprobs, logprobs) if logprobs is not None else []
     choice.logprobs.extend(new_lp)
     if out.finished:
         choice.finish_reason = "length" if out.finish_reason == "length" else "stop"
@@ -239,7 +239,7 @@ async def _collect(state: ServerState, request: Request, batch: Batch, plan: _Pl
             if isinstance(item, End):
                 batch.open.discard(i)
                 raise _end_error(item)
-            _absorb(choices[i], item, plan.logprobs is not None)
+            _absorb(choices[i], item, plan.logprobs)
             if item.finished:
                 batch.open.discard(i)
     finally:
@@ -287,7 +287,7 @@ async def _stream(state: ServerState, batch: Batch, plan: _Plan, chunk: Callable
                 state.worker.abort(batch)
                 yield _sse(_end_error(item).body())
                 return
-            text, lps = _absorb(choices[i], item, plan.logprobs is not None)
+            text, lps = _absorb(choices[i], item, plan.logprobs)
             if item.finished:
                 batch.open.discard(i)
             if text or lps or item.finished:
@@ -321,7 +321,10 @@ async def _read_json(request: Request, model: type) -> Any:
 async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.kiln
     req: ChatCompletionRequest = await _read_json(request, ChatCompletionRequest)
-    rendered = state.renderer.render([{"role": m.role, "content": m.text()} for m in req.messages])
+    try:
+        rendered = state.renderer.render([{"role": m.role, "content": m.text()} for m in req.messages])
+    except ValueError as e:
+        raise APIError(400, f"messages: {e}", param="messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     plan = _plan(state, req, [rendered.ids], list(rendered.stop) + req.stop_list(), rendered.stop_token_ids,
                  logprobs, req.max_completion_tokens or req.max_tokens)

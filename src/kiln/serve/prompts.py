@@ -36,7 +36,9 @@ class ChatRenderer:
     def render(self, messages: list[dict[str, str]]) -> ChatPrompt:
         """Prompt ids ending where the assistant's reply starts."""
         if self.template is not None:
-            ids = self.template.render(messages, add_generation_prompt=True)
+            # OpenAI's "developer" role is the system message of newer clients.
+            messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+            ids = self.template.render(messages, add_generation_prompt=True)  # ValueError names a bad message
             return ChatPrompt(list(ids), (), tuple(self.template.stop_token_ids))
         return ChatPrompt(self.tokenizer.encode(render_plain(messages)), PLAIN_STOP)
 

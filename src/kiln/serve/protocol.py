@@ -131,24 +131,26 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def token_logprobs(token_ids: list[int], entries: list[Any] | None) -> list[tuple[int, float, list[tuple[int, float]]]]:
-    """Normalise the engine's per-token log-probs to ``[(token_id, logprob, [(alt_id, logprob), ...])]``.
+def token_logprobs(token_ids: list[int], entries: list[Any] | None,
+                   k: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """The engine's per-token log-probs as ``[(token_id, logprob, [(alt_id, logprob), ...k])]``.
 
-    An engine entry is either a dict ``{token_id: logprob}`` holding the sampled token and its top
-    alternatives, or an object/tuple with the sampled log-prob and the alternatives.
+    An engine entry is a dict ``{token_id: logprob}`` holding the sampled token and the k most
+    likely ids (k + 1 entries when the sampled token is not among them); the alternatives are the
+    k most likely, as OpenAI's ``top_logprobs`` are. An object or (logprob, top) pair also works.
     """
     out = []
     for tok, e in zip(token_ids, entries or []):
         if isinstance(e, dict):
-            alts = sorted(((int(k), float(v)) for k, v in e.items()), key=lambda kv: -kv[1])
+            alts = sorted(((int(i), float(v)) for i, v in e.items()), key=lambda kv: -kv[1])[:k]
             lp = float(e.get(tok, float("nan")))
         elif hasattr(e, "logprob"):
             lp = float(e.logprob)
-            alts = [(int(k), float(v)) for k, v in (getattr(e, "top", None) or [])]
+            alts = [(int(i), float(v)) for i, v in (getattr(e, "top", None) or [])][:k]
         elif isinstance(e, (tuple, list)) and len(e) == 2:
             lp, top = e
             lp = float(lp)
-            alts = [(int(k), float(v)) for k, v in (top.items() if isinstance(top, dict) else top or [])]
+            alts = [(int(i), float(v)) for i, v in (top.items() if isinstance(top, dict) else top or [])][:k]
         else:
             lp, alts = float(e), []
         out.append((int(tok), lp, alts))
