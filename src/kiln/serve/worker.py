@@ -210,7 +210,6 @@ class EngineWorker:
             outs = self.engine.step()
         except Exception as e:  # fail the in-flight requests, keep serving the next ones
             log.exception("engine step failed; cancelling %d in-flight sequences", len(self._seqs))
-            self._counters["errors"] += 1
             for rid in list(self._seqs):
                 self._end(rid, End("error", f"engine step failed: {type(e).__name__}: {e}"))
             return
