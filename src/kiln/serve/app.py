@@ -489,6 +489,7 @@ def build_app(state: ServerState) -> FastAPI:
     app.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=guarded)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/", chat_page, methods=["GET"])
+    app.add_api_route("/favicon.ico", lambda: Response(status_code=204), methods=["GET"])
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
