@@ -75,3 +75,33 @@ def test_64_streaming_clients_half_hanging_up(server):
     assert after["errors"] == 0
     growth = after["rss_mib"] - before["rss_mib"]
     assert growth < 40, f"server memory grew {growth:.1f} MiB over the load ({before['rss_mib']} -> {after['rss_mib']})"
+
+
+def test_sigterm_lets_an_in_flight_stream_finish_then_exits(chat_model_dir):
+    import threading
+
+    from conftest import ServerProcess
+
+    s = ServerProcess(chat_model_dir, "--shutdown-grace", "20")
+    lines: list[str] = []
+    first = threading.Event()
+
+    def read() -> None:
+        body = {"model": MODEL, "prompt": "Once", "max_tokens": 60, "ignore_eos": True, "stream": True,
+                "temperature": 1.0, "seed": 1}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                first.set()
+
+    t = threading.Thread(target=read)
+    t.start()
+    assert first.wait(30)
+    s.proc.terminate()  # SIGTERM mid-stream
+    t.join(60)
+    out = s.stop()
+    assert s.proc.returncode in (0, -15), out  # uvicorn re-raises SIGTERM once it has shut down cleanly
+    assert "Application shutdown complete" in out and "Traceback" not in out, out
+    assert lines[-1] == "data: [DONE]" and '"finish_reason":"length"' in "".join(lines)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(s.url + "/health", timeout=2)
