@@ -97,7 +97,9 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
     if meta.decode and q.is_cuda:
         from kiln.kernels.paged_attention import paged_decode_attention  # lazy: Triton is optional
 
-        return paged_decode_attention(q, k_pool, v_pool, meta.block_tables, meta.context_lens)
+        # under autocast q may be bf16 over an fp32 pool: the kernel takes one dtype
+        out = paged_decode_attention(q.to(k_pool.dtype), k_pool, v_pool, meta.block_tables, meta.context_lens)
+        return out.to(q.dtype)
     if meta.decode:
         return _paged_decode_torch(q, k_pool, v_pool, meta)
     from kiln.kernels.paged_attention import gather_blocks
@@ -118,14 +120,17 @@ def _paged_decode_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMe
     """Decode step in plain PyTorch: q (B, H, D), one token per sequence -> (B, H, D)."""
     B, H, D = q.shape
     bs, Hkv = k_pool.shape[1], k_pool.shape[2]
-    n_blocks = -(-max(meta.context_lens_list) // bs)
-    tables = meta.block_tables[:, :n_blocks].long()  # (B, nb)
-    k = k_pool[tables].reshape(B, n_blocks * bs, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
-    v = v_pool[tables].reshape(B, n_blocks * bs, Hkv, D).transpose(1, 2)
-    valid = torch.arange(n_blocks * bs, device=q.device)[None, :] < meta.context_lens[:, None]  # (B, S)
+    if meta.decode_gather is None:  # the same for every layer of the step: built once
+        n_blocks = -(-max(meta.context_lens_list) // bs)
+        valid = torch.arange(n_blocks * bs, device=q.device)[None, :] < meta.context_lens[:, None]  # (B, S)
+        meta.decode_gather = (meta.block_tables[:, :n_blocks].long(), valid[:, None, None, :])
+    tables, valid = meta.decode_gather  # (B, nb), (B, 1, 1, S)
+    S = tables.shape[1] * bs
+    k = k_pool[tables].reshape(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+    v = v_pool[tables].reshape(B, S, Hkv, D).transpose(1, 2)
     G = H // Hkv
     qg = q.reshape(B, Hkv, G, D)  # heads h = kv*G + g are contiguous in the HF layout
-    out = scaled_dot_product_attention(qg, k, v, valid[:, None, None, :])  # (B, Hkv, G, D)
+    out = scaled_dot_product_attention(qg, k, v, valid)  # (B, Hkv, G, D)
     return out.reshape(B, H, D)
 
 
@@ -223,6 +228,7 @@ class MultiHeadSelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.o_proj(out)
 
+    @torch.compiler.disable  # the engine may compile the decode step: the cache write and kernel stay eager
     def _paged(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
         """q (1, H, N, D), k/v (1, Hkv, N, D) of a packed engine step -> attention output (N, H, D)."""
         i = self.layer_idx
