@@ -59,7 +59,17 @@ def build_chat_model(out: Path, steps: int = 100, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def chat_model_dir(tmp_path_factory) -> Path:
-    return build_chat_model(tmp_path_factory.mktemp("serve") / "kiln-chat-tiny")
+    """Built once per test run: pytest-xdist workers share the base temp folder's parent and a lock."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out = root / "kiln-chat-tiny"
+    with FileLock(str(root / "kiln-chat-tiny.lock")):
+        if not (out / "tokenizer.json").is_file():
+            build_chat_model(out)
+    return out
 
 
 def free_port() -> int:

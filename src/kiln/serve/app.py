@@ -290,8 +290,8 @@ async def _stream(state: ServerState, batch: Batch, plan: _Plan, chunk: Callable
             text, lps = _absorb(choices[i], item, plan.logprobs)
             if item.finished:
                 batch.open.discard(i)
-            if text or lps or item.finished:
-                yield _sse(chunk(i, text, lps, choices[i].finish_reason))
+            if item.new_token_ids or item.finished:  # one event per token, even while a UTF-8
+                yield _sse(chunk(i, text, lps, choices[i].finish_reason))  # character is still partial
         if include_usage:
             yield _sse({**chunk(0, "", [], None), "choices": [], "usage": _usage_of(plan, choices)})
         yield "data: [DONE]\n\n"
@@ -338,7 +338,7 @@ async def chat_completions(request: Request) -> Response:
                                          "logprobs": None, "finish_reason": None}]}
 
         def chunk(i: int, text: str, lps: list, finish: str | None) -> dict:
-            delta = {"content": text} if text else {}
+            delta = {"content": text}
             lp = _chat_logprobs(tt, lps) if plan.logprobs is not None and lps else None
             return {**head, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
