@@ -66,10 +66,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from kiln.eval.stage import find_tokenizer
     from kiln.generate import stream
     from kiln.model import load_pretrained
-    from kiln.tokenizer import Tokenizer
+    from kiln.tokenizer import find_tokenizer, load_tokenizer
 
     model_dir = resolve_model_dir(args.model)
     tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer(model_dir)
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     if args.dtype == "auto" and torch.device(device).type == "cuda":
         dtype = torch.bfloat16
-    tokenizer = Tokenizer.load(tok_path)
+    tokenizer = load_tokenizer(tok_path)
     model = load_pretrained(model_dir, device=device, dtype=dtype, attention_impl=args.attention)
     if args.quantize != "none":
         from kiln.model import quantize_model

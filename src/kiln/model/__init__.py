@@ -1,7 +1,8 @@
 """Kiln's language model, built from scratch in raw PyTorch (Llama layout, HF-compatible names).
 
 Building blocks (``layers``), attention with swappable kernels (``attention``), the KV cache
-(``kv_cache``), the model (``transformer``) and Hugging Face interop (``hf``). See docs/model.md.
+(``kv_cache``), the model (``transformer``), Hugging Face interop (``hf``), the loss
+(``loss.cross_entropy``) and the held-out loss over a token array (``heldout.evaluate_heldout``). See docs/model.md.
 """
 
 from kiln.model.attention import (
