@@ -17,6 +17,7 @@ BENCH_MODULES = [
     "kiln.bench.speedrun",
     "kiln.bench.distributed",
     "kiln.bench.serve",
+    "kiln.bench.serve_http",
 ]
 
 

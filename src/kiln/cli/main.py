@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "kiln.cli.eval",
     "kiln.cli.generate",
     "kiln.cli.export",
+    "kiln.cli.serve",
     "kiln.cli.bench",
     "kiln.cli.profile",
 ]
