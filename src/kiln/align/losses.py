@@ -337,6 +337,41 @@ def kl_to_reference(policy_log_probs: Tensor, ref_log_probs: Tensor) -> Tensor:
     return torch.exp(d) - d - 1
 
 
+def grpo_loss(
+    policy_log_probs: Tensor,
+    response_mask: Tensor,
+    loss_type: LossType,
+    raw_rewards: Tensor | None = None,
+    advantages: Tensor | None = None,
+    old_log_probs: Tensor | None = None,
+    cliprange: float | None = None,
+    ref_log_probs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_importance_weight: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO's loss of a micro-batch (scalar, not backpropagated): the per-token policy-gradient
+    loss plus ``kl_coef`` x the KL to ``ref_log_probs``, averaged over each response's tokens, then
+    over the batch (the DeepSeekMath / trl ``grpo`` normalization). ``kiln grpo`` trains on this.
+
+    kl_importance_weight: multiply the KL term by ``pi / pi_old`` so that its gradient is the
+    unbiased reverse-KL gradient off-policy (DeepSeek-V3.2, arXiv:2512.02556; trl's default
+    ``use_bias_correction_kl``); needs ``old_log_probs``.
+    """
+    per_token, meta = compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards, advantages,
+                                                   old_log_probs, cliprange)
+    if kl_coef and ref_log_probs is not None:
+        kl = kl_to_reference(policy_log_probs, ref_log_probs)
+        if kl_importance_weight:
+            if old_log_probs is None:
+                raise ValueError("kl_importance_weight needs old_log_probs")
+            kl = kl * torch.exp(policy_log_probs - old_log_probs)
+        per_token = per_token + kl_coef * kl
+        meta["kl"] = masked_mean(kl.detach(), response_mask)
+    if "clipped" in meta:
+        meta["clip_fraction"] = masked_mean(meta["clipped"].float(), response_mask)
+    return masked_mean(per_token, response_mask, dim=-1).mean(), meta
+
+
 def grpo_microbatch_train_step(
     policy_log_probs: Tensor,
     response_mask: Tensor,
@@ -350,25 +385,10 @@ def grpo_microbatch_train_step(
     kl_coef: float = 0.0,
     kl_importance_weight: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """One micro-batch of GRPO: per-token loss (+ ``kl_coef`` x KL to ``ref_log_probs``), mean over
-    each response's tokens, mean over the batch, divided by ``gradient_accumulation_steps``;
-    backpropagated here. Returns (that loss, detached; metadata).
-
-    kl_importance_weight: multiply the KL term by ``pi / pi_old`` so that its gradient is the
-    unbiased reverse-KL gradient off-policy (DeepSeek-V3.2, arXiv:2512.02556; trl's default
-    ``use_bias_correction_kl``); needs ``old_log_probs``."""
-    per_token, meta = compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards, advantages,
-                                                   old_log_probs, cliprange)
-    if kl_coef and ref_log_probs is not None:
-        kl = kl_to_reference(policy_log_probs, ref_log_probs)
-        if kl_importance_weight:
-            if old_log_probs is None:
-                raise ValueError("kl_importance_weight needs old_log_probs")
-            kl = kl * torch.exp(policy_log_probs - old_log_probs)
-        per_token = per_token + kl_coef * kl
-        meta["kl"] = masked_mean(kl.detach(), response_mask)
-    loss = masked_mean(per_token, response_mask, dim=-1).mean() / gradient_accumulation_steps
+    """One micro-batch of GRPO: ``grpo_loss`` divided by ``gradient_accumulation_steps`` and
+    backpropagated here. Returns (that loss, detached; metadata: clip fraction, KL)."""
+    loss, meta = grpo_loss(policy_log_probs, response_mask, loss_type, raw_rewards, advantages, old_log_probs,
+                           cliprange, ref_log_probs, kl_coef, kl_importance_weight)
+    loss = loss / gradient_accumulation_steps
     loss.backward()
-    if "clipped" in meta:
-        meta["clip_fraction"] = masked_mean(meta["clipped"].float(), response_mask)
     return loss.detach(), meta

@@ -1,9 +1,9 @@
 """Sampling replies from the policy: the one function GRPO, the SFT samples and the demo go through.
 
-``generate_replies`` runs Kiln's batched generation (``kiln.generate.generate_batch``: one KV
-cache, left-padded rows, one seeded ``torch.Generator``). When the serving engine
-(``kiln.generate.LLMEngine``) is present, this is the place that switches to it; callers do not
-change.
+``generate_replies`` runs the serving engine (``kiln.generate.LLMEngine``: paged KV cache,
+continuous batching, prefix sharing, so the G samples of a GRPO group share their prompt's
+blocks). A fresh engine per call: the policy's weights change between calls, so cached blocks of
+an earlier call would be stale.
 """
 
 from __future__ import annotations
@@ -20,15 +20,28 @@ def generate_replies(
     temperature: float,
     seed: int,
     stop_token_ids: Sequence[int],
-    batch_size: int = 64,
+    max_num_seqs: int = 64,
+    vocab_limit: int | None = None,
 ) -> list[list[int]]:
     """New ids for each prompt; a reply ends with (and keeps) its first stop id, or at ``max_tokens``.
 
-    The same ``seed``, prompts, batch size and device give the same replies (GRPO's exact resume
-    stores the seed of each rollout batch). The model is put back in its train/eval mode.
+    Prompt i samples from its own generator seeded ``seed + i``, so replies depend on the seed and
+    the prompts only (not on batching); GRPO's exact resume stores the seed of each rollout batch.
+    ``vocab_limit``: never sample ids at or above it (rows of a padded vocabulary). The model's
+    train/eval mode is restored.
     """
-    from kiln.generate import generate_batch
+    from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
-    stops = set(stop_token_ids)
-    return generate_batch(model, prompts, max_new_tokens=max_tokens, temperature=temperature, seed=seed,
-                          eot_id=None, stop=lambda new: new[-1] in stops, batch_size=batch_size)
+    was = model.training
+    model.eval()
+    try:
+        cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_num_seqs),
+                           cuda_graphs=False, vocab_limit=vocab_limit, context_overflow="stop")
+        engine = LLMEngine(model, None, cfg)
+        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i,
+                                 stop_token_ids=tuple(stop_token_ids), ignore_eos=True)
+                  for i in range(len(prompts))]
+        outs = engine.generate([list(p) for p in prompts], params)
+    finally:
+        model.train(was)
+    return [list(o.token_ids) for o in outs]

@@ -116,7 +116,8 @@ def chat_reply(model: torch.nn.Module, tpl: ChatTemplate, messages: list[dict[st
     from kiln.align.rollout import generate_replies
 
     ids = tpl.render(messages, add_generation_prompt=True)
-    out = generate_replies(model, [ids], max_tokens, temperature, seed, tpl.stop_token_ids)[0]
+    vocab = getattr(tpl.tokenizer, "vocab_size", None)
+    out = generate_replies(model, [ids], max_tokens, temperature, seed, tpl.stop_token_ids, vocab_limit=vocab)[0]
     if out and out[-1] in tpl.stop_token_ids:
         out = out[:-1]
     return tpl.tokenizer.decode(out)
