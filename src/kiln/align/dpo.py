@@ -34,7 +34,7 @@ Encoded = tuple[list[int], list[int], list[int]]
 def dpo_train_defaults() -> TrainConfig:
     """The runtime settings DPO starts from (Rafailov et al. use lr 1e-6 at 6B with batch 64; small
     models take a larger step)."""
-    return TrainConfig(lr=5e-6, min_lr=5e-7, warmup_steps=5, weight_decay=0.0, batch_size=8, max_steps=1,
+    return TrainConfig(lr=5e-6, min_lr=5e-7, warmup_steps=5, weight_decay=0.0, batch_size=8, max_steps=100,
                        eval_every=0, sample_every=0, save_every=100, log_every=10, **NO_SPIKE_GUARD)
 
 
@@ -157,6 +157,7 @@ class DPOBatches:
         self.seed, self.pad_id, self.device = seed, pad_id, torch.device(device)
         self.epoch, self.pos = 0, 0
         self._order = self._epoch_order(0)
+        self.metrics = DPOMetrics()  # rewards of the batches drawn since the last log line (checkpointed)
 
     def _epoch_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -182,11 +183,13 @@ class DPOBatches:
         return tuple(t.to(self.device) for t in (ids, labels, mask, self.ref[idx], lengths))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "metrics": self.metrics.sums}
 
     def load_state_dict(self, s: dict) -> None:
         self.seed, self.epoch, self.pos = int(s["seed"]), int(s["epoch"]), int(s["pos"])
         self._order = self._epoch_order(self.epoch)
+        m = s.get("metrics")
+        self.metrics.sums = None if m is None else m.to(self.device)
 
     def reseed(self, seed: int) -> None:
         self.seed = seed
@@ -288,7 +291,7 @@ def run_dpo(cfg: DPOConfig, model_dir: str | os.PathLike, out_dir: str | os.Path
         run.begin(state)
         run.log.info(f"dpo: {len(enc)} training pairs, {len(held)} held out, {steps} steps, beta {cfg.beta}, "
                      f"{cfg.loss_type}\n" + report.summary())
-        metrics, evals = DPOMetrics(), []
+        metrics, evals = batches.metrics, []
         hooks = _hooks(cfg, tcfg, model, held_src, metrics, run.log, evals)
         if fit(tcfg, state, batches, dpo_loss_fn(model_step, cfg, metrics), run, model_step=model_step,
                hooks=hooks, stop=stop):

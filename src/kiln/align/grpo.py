@@ -33,7 +33,7 @@ Problem = tuple[str, str]
 
 def grpo_train_defaults() -> TrainConfig:
     """The runtime settings GRPO starts from: constant small lr, no decay, the spike guard off."""
-    return TrainConfig(lr=2e-5, min_lr=2e-5, warmup_steps=0, weight_decay=0.0, batch_size=16, max_steps=1,
+    return TrainConfig(lr=2e-5, min_lr=2e-5, warmup_steps=0, weight_decay=0.0, batch_size=16, max_steps=100,
                        eval_every=0, sample_every=0, save_every=20, log_every=1, **NO_SPIKE_GUARD)
 
 
@@ -134,6 +134,7 @@ class RolloutSource:
         self.rollout, self.pos = 0, 0
         self.buffer: list[tuple[Tensor, ...]] = []
         self.stats: list[dict[str, float]] = []  # one row per rollout, read by the logging hook
+        self.logged = 0  # rows of ``stats`` already logged (checkpointed with them)
 
     def __iter__(self) -> RolloutSource:
         return self
@@ -179,14 +180,15 @@ class RolloutSource:
     def state_dict(self) -> dict:
         """The rollout counter (every seed derives from it), the position and the unconsumed buffer."""
         rest = [list(b) for b in self.buffer[self.pos :]]
-        return {"seed": self.seed, "rollout": self.rollout, "buffer": rest, "stats": json.dumps(self.stats)}
+        return {"seed": self.seed, "rollout": self.rollout, "buffer": rest, "stats": json.dumps(self.stats),
+                "logged": self.logged}
 
     def load_state_dict(self, s: dict) -> None:
         dev = next(self.model.parameters()).device
         self.seed, self.rollout = int(s["seed"]), int(s["rollout"])
         self.buffer = [tuple(t.to(dev) for t in b) for b in s["buffer"]]
         self.pos = 0
-        self.stats = json.loads(s["stats"])
+        self.stats, self.logged = json.loads(s["stats"]), int(s["logged"])
 
     def reseed(self, seed: int) -> None:
         self.seed = seed
@@ -281,14 +283,12 @@ def _hooks(cfg: GRPOConfig, tcfg: TrainConfig, model: Any, tpl: Any, held: list[
            runlog: Any, evals: list, vocab_limit: int) -> list:
     from kiln.train import Hook
 
-    logged = {"n": len(source.stats)}  # a resumed run logged the earlier ones
-
     def log_rollouts(step: int) -> None:
-        for s in source.stats[logged["n"] :]:
+        for s in source.stats[source.logged :]:
             runlog.metrics({"step": step, **s})
             runlog.info(f"step {step} | rollout {s['rollout']} | reward {s['reward_mean']:.3f} (min {s['reward_min']:.2f}"
                         f", max {s['reward_max']:.2f}) | {s['reply_tokens']:.1f} tokens/reply")
-        logged["n"] = len(source.stats)
+        source.logged = len(source.stats)
 
     def evaluate(step: int) -> dict:
         r = evaluate_reward(model, tpl, held, source.reward_fn, cfg.max_new_tokens, vocab_limit)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def sft_train_defaults() -> TrainConfig:
     """The runtime settings SFT starts from: a lower peak lr than pretraining, no weight decay."""
-    return TrainConfig(lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0, batch_size=8, max_steps=1,
+    return TrainConfig(lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0, batch_size=8, max_steps=100,
                        eval_every=0, sample_every=0, save_every=100, log_every=10)
 
 
