@@ -120,3 +120,18 @@ def test_grpo_resumes_mid_rollout(tmp_path, base_dir):
     out = _resume_check(run_grpo, cfg, base_dir, tmp_path, 3, ("loss", "reward_mean", "heldout_reward"))
     stats = json.loads((out / "manifest.json").read_text())["stats"]
     assert stats["rollouts"] == 3 and len(stats["rollout_rewards"]) == 3
+
+
+def test_cli_sft_and_grpo(tmp_path, base_dir, capsys):
+    from kiln.cli.main import main
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in addition_conversations(20, seed=5, digits=1)) + "\n")
+    assert main(["sft", str(base_dir), "--data", str(data), "-o", str(tmp_path / "sft"), "--max-steps", "2",
+                 "--set", "train.batch_size=4", "eval_every=0", "sample_every=0", "--add-chat-tokens"]) == 0
+    assert '"steps": 2' in capsys.readouterr().out
+    assert main(["grpo", str(tmp_path / "sft" / "model"), "-o", str(tmp_path / "grpo"), "--max-steps", "1",
+                 "--set", "group_size=2", "prompts_per_rollout=2", "train.batch_size=4", "eval_prompts=2",
+                 "max_new_tokens=3"]) == 0
+    assert main(["dpo", str(base_dir), "--data", str(data), "-o", str(tmp_path / "d")]) == 1  # no chat tokens
+    assert "kiln tokenizer add-special" in capsys.readouterr().err

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "kiln.cli.tokenize",
     "kiln.cli.train",
     "kiln.cli.eval",
+    "kiln.cli.align",
     "kiln.cli.generate",
     "kiln.cli.bench",
     "kiln.cli.profile",

@@ -1,0 +1,105 @@
+"""``kiln sft``, ``kiln dpo``, ``kiln grpo``: parse, build the stage's config, call ``kiln.align``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+from typing import Any
+
+_STAGES = {
+    "sft": ("kiln.align.sft", "SFTConfig", "run_sft",
+            "Supervised fine-tuning on conversations (loss on assistant tokens only, packed rows with a "
+            "document-aware mask). Writes OUT/model (a chat model with its template) and a manifest."),
+    "dpo": ("kiln.align.dpo", "DPOConfig", "run_dpo",
+            "Direct preference optimization against a frozen reference whose log-probs are computed once "
+            "and cached (OUT/reference). Logs reward margins and held-out preference accuracy."),
+    "grpo": ("kiln.align.grpo", "GRPOConfig", "run_grpo",
+             "GRPO with verifiable rewards: rollouts through the engine, group-normalized advantages, the "
+             "clipped surrogate, optional KL to the reference. Task: the seeded addition task or a "
+             "{question, answer} JSONL (GSM8K layout)."),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``sft``, ``dpo`` and ``grpo``."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    for name, (_, _, _, desc) in _STAGES.items():
+        p = subparsers.add_parser(name, help=desc.split(" (")[0].split(". ")[0], description=desc, formatter_class=fmt)
+        p.add_argument("model", help="base model folder (a train run's model/ or its run directory)")
+        p.add_argument("--out", "-o", required=True, help="run directory (resumed when it holds checkpoints)")
+        if name != "grpo":
+            p.add_argument("--data", nargs="+", required=True, metavar="SRC",
+                           help="files (.jsonl[.gz], .json, .parquet) or hf:NAME[:SPLIT]")
+            p.add_argument("--heldout", nargs="*", default=[], metavar="SRC", help="held-out files (default: a share of --data)")
+        else:
+            p.add_argument("--task", default="addition", help="'addition' or a {question, answer} .jsonl")
+        p.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model folder's)")
+        p.add_argument("--add-chat-tokens", action="store_true", help="add the chat tokens when the tokenizer lacks them")
+        p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: from epochs / rollouts)")
+        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
+                       help="config fields, e.g. beta=0.2 epochs=2 train.lr=1e-5 train.batch_size=16 train.device=cuda")
+        p.add_argument("--no-resume", action="store_true", help="start over instead of resuming OUT")
+        p.add_argument("--time-limit", default=None, help="pause (checkpoint, exit 75) after this long, e.g. 3h50m")
+        p.set_defaults(func=run, stage=name)
+
+
+def apply_stage_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """``key=value`` into a stage config; ``train.*`` keys go to its ``TrainConfig``."""
+    from kiln.train.config import _parse_value, apply_overrides
+
+    train_items = [o[len("train."):] for o in overrides if o.startswith("train.")]
+    top = {}
+    names = [f.name for f in dataclasses.fields(cfg) if f.name != "train"]
+    for item in overrides:
+        if item.startswith("train."):
+            continue
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. beta=0.2 or train.lr=1e-5")
+        key, raw = item.split("=", 1)
+        if key not in names:
+            close = difflib.get_close_matches(key, names + ["train.lr", "train.batch_size"], n=3)
+            raise ValueError(f"--set {key}: unknown key" + (f"; did you mean {', '.join(close)}?" if close else
+                                                            f"; known: {', '.join(names)}, train.*"))
+        current = getattr(cfg, key)
+        top[key] = tuple(raw.split(",")) if isinstance(current, tuple) and not current else _parse_value(raw, current, key)
+    train = apply_overrides(cfg.train, train_items) if train_items else cfg.train
+    return dataclasses.replace(cfg, train=train, **top)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """The stage config of ``args`` (defaults, then the flags, then ``--set``)."""
+    import importlib
+
+    module, cls_name, _, _ = _STAGES[args.stage]
+    cls = getattr(importlib.import_module(module), cls_name)
+    base = cls()
+    kw: dict[str, Any] = {"add_chat_tokens": args.add_chat_tokens, "max_steps": args.max_steps}
+    if args.stage == "grpo":
+        kw["task"] = args.task
+    else:
+        kw["data"], kw["heldout"] = tuple(args.data), tuple(args.heldout)
+    return apply_stage_overrides(dataclasses.replace(base, **kw), args.overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the stage; exit 75 when paused (the same command resumes)."""
+    import importlib
+
+    from kiln.artifacts import read_manifest
+    from kiln.train.stop import PAUSED_EXIT_CODE, StopRequest, parse_duration
+
+    module, _, fn_name, _ = _STAGES[args.stage]
+    cfg = build_config(args)
+    stop = StopRequest(parse_duration(args.time_limit) if args.time_limit else None)
+    with stop.signals_handled():
+        out = getattr(importlib.import_module(module), fn_name)(cfg, args.model, args.out, tokenizer=args.tokenizer,
+                                                                 resume=not args.no_resume, stop=stop)
+    if stop.paused:
+        print(f"paused at step {stop.paused_at}; run the same command to resume")
+        return PAUSED_EXIT_CODE
+    stats = read_manifest(out)["stats"]
+    print(json.dumps({k: v for k, v in stats.items() if k != "read"}, indent=1, default=str))
+    print(f"model: {out / 'model'}")
+    return 0
