@@ -16,6 +16,7 @@ BENCH_MODULES = [
     "kiln.bench.optim",
     "kiln.bench.speedrun",
     "kiln.bench.distributed",
+    "kiln.bench.align",
 ]
 
 
