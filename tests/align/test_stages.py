@@ -95,7 +95,7 @@ def test_dpo_resumes_with_cached_reference(tmp_path, base_dir, monkeypatch):
 
     data = tmp_path / "prefs.jsonl"
     recs = [{"prompt": q, "chosen": a, "rejected": str(int(a) + 1)} for q, a in
-            ((m["messages"][0]["content"], m["messages"][1]["content"]) for m in addition_conversations(24, 2, 1))]
+            ((m["messages"][0]["content"], m["messages"][1]["content"]) for m in addition_conversations(20, 2, 1))]
     recs.append({"prompt": "same", "chosen": "x", "rejected": "x"})
     data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     cfg = DPOConfig(data=(str(data),), max_steps=6, eval_every=3, add_chat_tokens=True, heldout_frac=0.2,
@@ -122,7 +122,7 @@ def test_grpo_resumes_mid_rollout(tmp_path, base_dir):
     assert stats["rollouts"] == 3 and len(stats["rollout_rewards"]) == 3
 
 
-def test_cli_sft_and_grpo(tmp_path, base_dir, capsys):
+def test_cli_sft(tmp_path, base_dir, capsys):
     from kiln.cli.main import main
 
     data = tmp_path / "chat.jsonl"
@@ -130,8 +130,34 @@ def test_cli_sft_and_grpo(tmp_path, base_dir, capsys):
     assert main(["sft", str(base_dir), "--data", str(data), "-o", str(tmp_path / "sft"), "--max-steps", "2",
                  "--set", "train.batch_size=4", "eval_every=0", "sample_every=0", "--add-chat-tokens"]) == 0
     assert '"steps": 2' in capsys.readouterr().out
-    assert main(["grpo", str(tmp_path / "sft" / "model"), "-o", str(tmp_path / "grpo"), "--max-steps", "1",
-                 "--set", "group_size=2", "prompts_per_rollout=2", "train.batch_size=4", "eval_prompts=2",
-                 "max_new_tokens=3"]) == 0
     assert main(["dpo", str(base_dir), "--data", str(data), "-o", str(tmp_path / "d")]) == 1  # no chat tokens
     assert "kiln tokenizer add-special" in capsys.readouterr().err
+
+
+def test_chat_recipe_on_stand_ins(tmp_path, base_dir):
+    """The recipe chains SFT -> DPO -> GRPO (addition, GSM8K) and writes one report (stand-in shared files)."""
+    import gzip
+
+    from kiln.align.recipe import ChatRecipeConfig, run_chat_recipe
+
+    sh = tmp_path / "shared"
+    for sub in ("align/lima", "align/llamafactory_demo", "align/hh-rlhf/harmless-base", "eval/gsm8k"):
+        (sh / sub).mkdir(parents=True)
+    (sh / "align/lima/lima.json").write_text(json.dumps([{"conversations": ["Hi!", "Hello."]}] * 4))
+    (sh / "align/llamafactory_demo/alpaca_en_demo.json").write_text(
+        json.dumps([{"instruction": "Say yes.", "input": "", "output": "Yes."}] * 4))
+    pair = {"conversations": [{"from": "human", "value": "2+2?"}], "chosen": {"from": "gpt", "value": "4"},
+            "rejected": {"from": "gpt", "value": "5"}}
+    (sh / "align/llamafactory_demo/dpo_en_demo.json").write_text(json.dumps([pair] * 8))
+    with gzip.open(sh / "align/hh-rlhf/harmless-base/test.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}) + "\n")
+    gsm = "".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"so #### {i + 1}"}) + "\n" for i in range(8))
+    (sh / "eval/gsm8k/train.jsonl").write_text(gsm)
+    (sh / "eval/gsm8k/test.jsonl").write_text(gsm)
+    cfg = ChatRecipeConfig(out=str(tmp_path / "chat"), base=str(base_dir), shared=str(sh), sft_steps=2, dpo_steps=2,
+                           grpo_addition_rollouts=1, grpo_gsm8k_rollouts=1, gsm8k_eval=4, batch_size=4, seq_len=47,
+                           device="cpu", overrides=("grpo.max_new_tokens=4", "grpo.eval_prompts=4"))
+    report = run_chat_recipe(cfg).read_text()
+    for name in ("## sft", "## dpo", "## grpo_addition", "## grpo_gsm8k", "## GSM8K"):
+        assert name in report
+    assert (tmp_path / "chat" / "grpo_gsm8k" / "model" / "tokenizer_config.json").is_file()

@@ -44,6 +44,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--time-limit", default=None, help="pause (checkpoint, exit 75) after this long, e.g. 3h50m")
         p.set_defaults(func=run, stage=name)
 
+    r = subparsers.add_parser("recipe", help="multi-stage recipes (chat: SFT -> DPO -> GRPO -> report)",
+                              description="Multi-stage recipes.")
+    rsub = r.add_subparsers(dest="recipe", metavar="RECIPE")
+    r.set_defaults(func=lambda args: (r.print_help(), 2)[1])
+    c = rsub.add_parser("chat", formatter_class=fmt, help="base model -> SFT -> DPO -> GRPO -> report.md",
+                        description="Chain SFT on the shared conversation sets, DPO on the shared preference pairs, "
+                                    "GRPO on the addition task and GSM8K, and GSM8K before/after; one report.md. "
+                                    "Without --base, pretrain first with the demo pipeline.")
+    c.add_argument("--preset", choices=["gpu", "cpu"], default="gpu", help="stage sizes (kiln.align.recipe)")
+    c.add_argument("--base", default=None, help="base model folder (default: pretrain one first)")
+    c.add_argument("--out", "-o", default=None, help="output folder (default: the preset's, runs/chat)")
+    c.add_argument("--shared", default=None, help="the shared data folder (default ../shared/data)")
+    c.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="recipe fields (sft_steps=500, device=cuda) and stage fields (sft.epochs=2, dpo.beta=0.2)")
+    c.set_defaults(func=run_recipe)
+
 
 def apply_stage_overrides(cfg: Any, overrides: list[str]) -> Any:
     """``key=value`` into a stage config; ``train.*`` keys go to its ``TrainConfig``."""
@@ -64,8 +80,11 @@ def apply_stage_overrides(cfg: Any, overrides: list[str]) -> Any:
                                                             f"; known: {', '.join(names)}, train.*"))
         current = getattr(cfg, key)
         top[key] = tuple(raw.split(",")) if isinstance(current, tuple) and not current else _parse_value(raw, current, key)
-    train = apply_overrides(cfg.train, train_items) if train_items else cfg.train
-    return dataclasses.replace(cfg, train=train, **top)
+    if train_items:
+        if not hasattr(cfg, "train"):
+            raise ValueError(f"--set train.*: {type(cfg).__name__} has no train settings")
+        top["train"] = apply_overrides(cfg.train, train_items)
+    return dataclasses.replace(cfg, **top)
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -102,4 +121,18 @@ def run(args: argparse.Namespace) -> int:
     stats = read_manifest(out)["stats"]
     print(json.dumps({k: v for k, v in stats.items() if k != "read"}, indent=1, default=str))
     print(f"model: {out / 'model'}")
+    return 0
+
+
+def run_recipe(args: argparse.Namespace) -> int:
+    """Build the recipe config (preset, flags, --set) and run it."""
+    from kiln.align.recipe import PRESETS, run_chat_recipe
+
+    cfg = PRESETS[args.preset]()
+    stage_keys = [o for o in args.overrides if o.split("=", 1)[0].split(".")[0] in ("sft", "dpo", "grpo")]
+    own = [o for o in args.overrides if o not in stage_keys]
+    kw: dict[str, Any] = {k: v for k, v in (("base", args.base), ("out", args.out), ("shared", args.shared)) if v}
+    cfg = apply_stage_overrides(dataclasses.replace(cfg, overrides=tuple(stage_keys), **kw), own) if own else \
+        dataclasses.replace(cfg, overrides=tuple(stage_keys), **kw)
+    run_chat_recipe(cfg)
     return 0
