@@ -92,6 +92,11 @@ class GRPOConfig:
                              "or no_baseline")
 
     @property
+    def on_policy(self) -> bool:
+        """One optimizer step per rollout batch: the samples' old log-probs are the step's own."""
+        return self.steps_per_rollout == 1
+
+    @property
     def steps_per_rollout(self) -> int:
         """Optimizer steps each rollout batch feeds."""
         return self.group_size * self.prompts_per_rollout * self.rollout_epochs // self.train.batch_size
@@ -167,8 +172,11 @@ class RolloutSource:
         ids, labels, mask = _rows(prompts, replies, self.tpl.tokenizer.eot_id or 0)
         dev = next(self.model.parameters()).device
         ids, labels, mask = ids.to(dev), labels.to(dev), mask.to(dev)
-        old = _log_probs(self.model, ids, labels, self.micro_batch)
-        ref = _log_probs(self.ref_model, ids, labels, self.micro_batch) if self.ref_model is not None else torch.zeros_like(old)
+        # One optimizer step per rollout batch is on-policy: the old log-probs are the step's own
+        # (detached, in the loss), so the extra forward over every sample is skipped (as trl does).
+        zeros = torch.zeros(ids.shape, device=dev)
+        old = zeros if cfg.on_policy else _log_probs(self.model, ids, labels, self.micro_batch)
+        ref = _log_probs(self.ref_model, ids, labels, self.micro_batch) if self.ref_model is not None else zeros
         out = []
         for e in range(cfg.rollout_epochs):
             order = torch.randperm(len(prompts), generator=g).to(dev)
@@ -218,6 +226,8 @@ def grpo_loss_fn(model_step: Any, cfg: GRPOConfig) -> Any:
     def loss_fn(ids: Tensor, labels: Tensor, mask: Tensor, adv: Tensor, raw: Tensor, old: Tensor,
                 ref: Tensor) -> Tensor:
         lp = token_log_probs(model_step(ids), labels)  # (m, L)
+        if cfg.on_policy:
+            old = lp.detach()
         loss, _ = grpo_loss(lp, mask, cfg.loss_type, raw_rewards=raw, advantages=adv, old_log_probs=old,
                             cliprange=cfg.cliprange, ref_log_probs=ref, kl_coef=cfg.kl_coef)
         return loss

@@ -62,7 +62,10 @@ def load_policy(
             f"tokenizer {tok_path} has no chat tokens {list(CHAT_TOKENS)}; add them with "
             f"`kiln tokenizer add-special {tok_path} --chat -o TOKDIR` and pass --tokenizer TOKDIR, "
             "or pass --add-chat-tokens")
-    model = load_pretrained(model_dir, device=device, dtype=torch.float32)
+    # On a GPU, torch's fused attention (the saved config may name Kiln's reference kernel, which
+    # materializes the scores); packed SFT rows use their document mask either way.
+    model = load_pretrained(model_dir, device=device, dtype=torch.float32,
+                            attention_impl="sdpa" if device.type == "cuda" else None)
     tok, model = prepare_chat_model(tok, model)
     return model, tok, ChatTemplate.from_tokenizer(tok)
 
@@ -91,20 +94,29 @@ def pick_device(name: str) -> torch.device:
 
 
 def export_chat_model(out_dir: Path, model: torch.nn.Module, tok: Tokenizer) -> Path:
-    """Write ``out_dir/model``: weights, Kiln's ``tokenizer.json`` and Hugging Face's
-    ``tokenizer_config.json`` with the chat template (atomically: a temporary folder renamed)."""
+    """Write ``out_dir/model`` atomically (a temporary folder renamed): weights, the tokenizer and
+    ``tokenizer_config.json`` with the chat template, so Kiln and ``transformers`` both open it.
+
+    Where ``save_pretrained`` writes tokenizer files itself (Hugging Face's ``tokenizer.json`` and
+    Kiln's ``kiln_tokenizer.json``), it is given the chat template; else Kiln's ``tokenizer.json``
+    and the ``tokenizer_config.json`` are written here.
+    """
+    import inspect
     import json
     import shutil
     import uuid
 
-    from kiln.align.chat import hf_tokenizer_config
+    from kiln.align.chat import JINJA_TEMPLATE, hf_tokenizer_config
     from kiln.model import save_pretrained
 
     final = out_dir / "model"
     tmp = out_dir / f".model.tmp-{uuid.uuid4().hex[:8]}"
-    save_pretrained(model, tmp)
-    tok.save(tmp / "tokenizer.json")
-    (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tok), indent=1) + "\n")
+    if "chat_template" in inspect.signature(save_pretrained).parameters:
+        save_pretrained(model, tmp, tokenizer=tok, chat_template=JINJA_TEMPLATE)
+    else:
+        save_pretrained(model, tmp)
+        tok.save(tmp / "tokenizer.json")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tok), indent=1) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
