@@ -4,7 +4,8 @@ The recipe chains the stages on the shared sets (``../shared/data``: LIMA and th
 Alpaca demo for SFT, with the addition task mixed in; the LLaMA-Factory DPO pairs for DPO with
 hh-rlhf's test pairs held out; the seeded addition task and GSM8K's train split for GRPO, its test
 split for the before/after accuracy). The base model is a folder (``--base``), or the recipe first
-runs the demo pipeline (corpus, tokenizer, pretraining with ``preset``) on ``pretrain_data``.
+runs the demo pipeline (corpus, tokenizer, pretraining with ``preset``) on ``pretrain_data``
+(``kiln recipe chat`` does that step: ``kiln.demo`` sits above ``kiln.align``).
 Every stage is resumable and reused when finished, so a killed recipe continues where it stopped.
 ``report.md`` has a table per stage (its manifest's statistics and time) and each stage's curve.
 """
@@ -25,7 +26,8 @@ class ChatRecipeConfig:
     out: str = "runs/chat"
     """Directory receiving one folder per stage and report.md."""
     base: str = ""
-    """Base model folder; empty: pretrain one with the demo pipeline first."""
+    """Base model folder (``kiln recipe chat`` without ``--base`` pretrains one first with the demo
+    pipeline on ``pretrain_data`` and ``preset``)."""
     pretrain_data: str = "kjv"
     """Corpus for the pretraining step when ``base`` is empty (as ``kiln demo --data``)."""
     preset: str = "tiny"
@@ -65,7 +67,7 @@ PRESETS = {"gpu": gpu, "cpu": cpu}
 
 
 def _with(cfg: Any, prefix: str, overrides: tuple[str, ...]) -> Any:
-    from kiln.cli.align import apply_stage_overrides
+    from kiln.align.stage import apply_stage_overrides
 
     mine = [o[len(prefix) + 1 :] for o in overrides if o.startswith(prefix + ".")]
     return apply_stage_overrides(cfg, mine) if mine else cfg
@@ -80,7 +82,10 @@ def run_chat_recipe(cfg: ChatRecipeConfig) -> Path:
 
     out, shared = Path(cfg.out), Path(cfg.shared)
     out.mkdir(parents=True, exist_ok=True)
-    base = Path(cfg.base) if cfg.base else _pretrain(cfg, out)
+    if not cfg.base:
+        raise ValueError("ChatRecipeConfig.base is empty: give a base model folder (kiln recipe chat pretrains "
+                         "one first when --base is not given)")
+    base = Path(cfg.base)
     add = out / "data" / "addition_chat.jsonl"
     add.parent.mkdir(parents=True, exist_ok=True)
     add.write_text("".join(json.dumps(r) + "\n" for r in addition_conversations(2000, cfg.seed, 2)))
@@ -124,14 +129,6 @@ def run_chat_recipe(cfg: ChatRecipeConfig) -> Path:
         policy = runs["grpo_gsm8k"] / "model"
     gsm = _gsm8k_before_after(cfg, runs["sft"] / "model", policy, gsm_test) if cfg.gsm8k_eval and gsm_test.is_file() else None
     return write_report(out, base, runs, t, gsm)
-
-
-def _pretrain(cfg: ChatRecipeConfig, out: Path) -> Path:
-    from kiln.demo import DemoConfig, run_demo
-
-    run_demo(DemoConfig(data=cfg.pretrain_data, out=str(out / "pretrain"), preset=cfg.preset,
-                        max_steps=cfg.pretrain_steps, seed=cfg.seed, device=cfg.device, chat_steps=0))
-    return out / "pretrain" / "train" / "model"
 
 
 def _gsm8k_before_after(cfg: ChatRecipeConfig, before: Path, after: Path, test: Path) -> dict[str, float]:

@@ -8,6 +8,7 @@ loss function and hooks; the loop, checkpoints, resume, logging and the schedule
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,29 @@ def chat_reply(model: torch.nn.Module, tpl: ChatTemplate, messages: list[dict[st
     if out and out[-1] in tpl.stop_token_ids:
         out = out[:-1]
     return tpl.tokenizer.decode(out)
+
+
+def apply_stage_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """``key=value`` into a stage config; ``train.*`` keys go to its ``TrainConfig``."""
+    from kiln.train.config import _parse_value, apply_overrides
+
+    train_items = [o[len("train."):] for o in overrides if o.startswith("train.")]
+    top = {}
+    names = [f.name for f in dataclasses.fields(cfg) if f.name != "train"]
+    for item in overrides:
+        if item.startswith("train."):
+            continue
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. beta=0.2 or train.lr=1e-5")
+        key, raw = item.split("=", 1)
+        if key not in names:
+            close = difflib.get_close_matches(key, names + ["train.lr", "train.batch_size"], n=3)
+            raise ValueError(f"--set {key}: unknown key" + (f"; did you mean {', '.join(close)}?" if close else
+                                                            f"; known: {', '.join(names)}, train.*"))
+        current = getattr(cfg, key)
+        top[key] = tuple(raw.split(",")) if isinstance(current, tuple) and not current else _parse_value(raw, current, key)
+    if train_items:
+        if not hasattr(cfg, "train"):
+            raise ValueError(f"--set train.*: {type(cfg).__name__} has no train settings")
+        top["train"] = apply_overrides(cfg.train, train_items)
+    return dataclasses.replace(cfg, **top)

@@ -58,8 +58,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("align", help="SFT/DPO/GRPO throughput: Kiln's stages vs trl's trainers",
                        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model shape (tiny: CPU; small: ~30M, GPU)")
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to time")
+    p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="kiln and/or trl")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--conversations", type=int, default=256, help="SFT conversations / DPO pairs (one epoch)")
     p.add_argument("--batch", type=int, default=8, help="SFT rows / DPO pairs per step")
@@ -68,7 +68,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group", type=int, default=8, help="GRPO samples per prompt")
     p.add_argument("--rollouts", type=int, default=4, help="GRPO rollout batches")
     p.add_argument("--max-new-tokens", type=int, default=32, help="GRPO reply length limit")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, data and sampling")
     p.add_argument("--out", default=None, help="write bench_align.md/.json here")
     p.set_defaults(func=run)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 from typing import Any
 
@@ -61,35 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.set_defaults(func=run_recipe)
 
 
-def apply_stage_overrides(cfg: Any, overrides: list[str]) -> Any:
-    """``key=value`` into a stage config; ``train.*`` keys go to its ``TrainConfig``."""
-    from kiln.train.config import _parse_value, apply_overrides
-
-    train_items = [o[len("train."):] for o in overrides if o.startswith("train.")]
-    top = {}
-    names = [f.name for f in dataclasses.fields(cfg) if f.name != "train"]
-    for item in overrides:
-        if item.startswith("train."):
-            continue
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. beta=0.2 or train.lr=1e-5")
-        key, raw = item.split("=", 1)
-        if key not in names:
-            close = difflib.get_close_matches(key, names + ["train.lr", "train.batch_size"], n=3)
-            raise ValueError(f"--set {key}: unknown key" + (f"; did you mean {', '.join(close)}?" if close else
-                                                            f"; known: {', '.join(names)}, train.*"))
-        current = getattr(cfg, key)
-        top[key] = tuple(raw.split(",")) if isinstance(current, tuple) and not current else _parse_value(raw, current, key)
-    if train_items:
-        if not hasattr(cfg, "train"):
-            raise ValueError(f"--set train.*: {type(cfg).__name__} has no train settings")
-        top["train"] = apply_overrides(cfg.train, train_items)
-    return dataclasses.replace(cfg, **top)
-
-
 def build_config(args: argparse.Namespace) -> Any:
     """The stage config of ``args`` (defaults, then the flags, then ``--set``)."""
     import importlib
+
+    from kiln.align.stage import apply_stage_overrides
 
     module, cls_name, _, _ = _STAGES[args.stage]
     cls = getattr(importlib.import_module(module), cls_name)
@@ -127,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
 def run_recipe(args: argparse.Namespace) -> int:
     """Build the recipe config (preset, flags, --set) and run it."""
     from kiln.align.recipe import PRESETS, run_chat_recipe
+    from kiln.align.stage import apply_stage_overrides
 
     cfg = PRESETS[args.preset]()
     stage_keys = [o for o in args.overrides if o.split("=", 1)[0].split(".")[0] in ("sft", "dpo", "grpo")]
@@ -134,5 +110,12 @@ def run_recipe(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {k: v for k, v in (("base", args.base), ("out", args.out), ("shared", args.shared)) if v}
     cfg = apply_stage_overrides(dataclasses.replace(cfg, overrides=tuple(stage_keys), **kw), own) if own else \
         dataclasses.replace(cfg, overrides=tuple(stage_keys), **kw)
-    run_chat_recipe(cfg)
+    base = cfg.base
+    if not base:  # pretrain first with the demo pipeline (corpus, tokenizer, the preset)
+        from kiln.demo import DemoConfig, run_demo
+
+        run_demo(DemoConfig(data=cfg.pretrain_data, out=f"{cfg.out}/pretrain", preset=cfg.preset,
+                            max_steps=cfg.pretrain_steps, seed=cfg.seed, device=cfg.device, chat_steps=0))
+        base = f"{cfg.out}/pretrain/train/model"
+    run_chat_recipe(dataclasses.replace(cfg, base=base))
     return 0
