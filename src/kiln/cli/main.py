@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "kiln.cli.tokenize",
     "kiln.cli.train",
     "kiln.cli.eval",
+    "kiln.cli.align",
     "kiln.cli.generate",
     "kiln.cli.export",
     "kiln.cli.serve",
