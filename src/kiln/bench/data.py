@@ -87,6 +87,91 @@ def bench_langid(shared: Path, limit: int | None = None, with_varieties: bool = 
     return rows
 
 
+def snippets(lines: list[tuple[str, str]], max_chars: int = 40) -> list[tuple[str, str]]:
+    """Short snippets: each text's first ``max_chars`` characters, cut at a word boundary (for
+    scripts without spaces, at ``max_chars // 2`` characters); texts under 10 characters skipped."""
+    out = []
+    for text, lang in lines:
+        cut = text[:max_chars]
+        if " " in cut and len(text) > max_chars:
+            cut = cut.rsplit(" ", 1)[0]
+        elif " " not in cut:
+            cut = text[: max_chars // 2]
+        if len(cut) >= 10:
+            out.append((cut, lang))
+    return out
+
+
+def paragraphs(lines: list[tuple[str, str]], min_chars: int = 300) -> list[tuple[str, str]]:
+    """Consecutive lines of one language joined into paragraphs of at least ``min_chars`` characters."""
+    out: list[tuple[str, str]] = []
+    buf: list[str] = []
+    prev = None
+    for text, lang in lines + [("", "")]:
+        if lang != prev and buf:
+            out.append((" ".join(buf), prev))
+            buf = []
+        prev = lang
+        buf.append(text)
+        if sum(map(len, buf)) >= min_chars:
+            out.append((" ".join(buf), lang))
+            buf = []
+    return [(t, lang) for t, lang in out if len(t) >= min_chars]
+
+
+PAIRS = (("hr", "bs"), ("bs", "hr"), ("bs", "sr"), ("sr", "hr"), ("id", "ms"), ("ms", "id"))
+"""Close-variety confusions reported by ``kiln bench data --what langid`` (truth, answer)."""
+
+
+def bench_langid_variants(shared: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Kiln's ensemble on UDHR of 79 languages (the 77 plus Bosnian and Malay) as lines (>= 20
+    characters), paragraphs (>= 300) and short snippets (<= 40): accuracy on each, and the counts of
+    the close-variety confusions of :data:`PAIRS`."""
+    from kiln.data.langid import EVAL_LANGUAGES, EVAL_LANGUAGES_WITH_VARIETIES, LanguageIdentifier
+
+    ident = LanguageIdentifier().load()
+    zip_path = shared / "web" / "langid_eval" / "udhr2.zip"
+    rows = []
+    for name, langs in (("77", EVAL_LANGUAGES), ("79 (+bs, ms)", EVAL_LANGUAGES_WITH_VARIETIES)):
+        lines = load_udhr_lines(zip_path, langs)
+        for kind, texts in (("lines >= 20 chars", lines), ("paragraphs >= 300 chars", paragraphs(lines)),
+                            ("snippets <= 40 chars", snippets(lines))):
+            if limit:
+                texts = random.Random(0).sample(texts, min(limit, len(texts)))
+            t0 = time.perf_counter()
+            preds = [ident.identify(t)[0] for t, _ in texts]
+            dt = time.perf_counter() - t0
+            row: dict[str, Any] = {"languages": name, "texts": kind, "n": len(texts),
+                                   "accuracy": sum(p == g for p, (_, g) in zip(preds, texts)) / len(texts),
+                                   "texts_per_s": len(texts) / dt}
+            if "bs" in langs.values():
+                for truth, answer in PAIRS:
+                    n = sum(1 for p, (_, g) in zip(preds, texts) if g == truth)
+                    row[f"{truth}->{answer}"] = f"{sum(1 for p, (_, g) in zip(preds, texts) if g == truth and p == answer)}/{n}"
+            rows.append(row)
+    return rows
+
+
+def bench_langid_mixed(n: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Chinese and Arabic technical paragraphs with Latin terms (:func:`kiln.bench.langid_mixed.mixed_script_texts`):
+    accuracy of Kiln's ensemble and of CLD3 alone, and how often each answers a language of another script."""
+    from kiln.bench.langid_mixed import glossary_entries, mixed_script_texts
+    from kiln.data.langid import LANGUAGE_SCRIPTS, LanguageIdentifier
+
+    ident = LanguageIdentifier().load()
+    cld3 = LanguageIdentifier(model="cld3").load()
+    rows = []
+    for lang in ("zh", "ar"):
+        for kind, texts in (("paragraphs", mixed_script_texts(lang, n, seed)), ("glossary lines", glossary_entries(lang))):
+            for name, fn in (("kiln ensemble", ident.identify), ("CLD3 alone", cld3.identify)):
+                preds = [fn(t)[0] for t in texts]
+                script = LANGUAGE_SCRIPTS[lang][0]
+                rows.append({"texts": f"{lang} {kind} with Latin terms", "model": name, "n": len(texts),
+                             "accuracy": sum(p == lang for p in preds) / len(texts),
+                             "wrong_script": sum(script not in LANGUAGE_SCRIPTS.get(p, ("Latin",)) for p in preds) / len(texts)})
+    return rows
+
+
 def _resiliparse_defaults(html: str, url: str | None = None) -> str:
     from resiliparse.extract.html2text import extract_plain_text
 
@@ -408,6 +493,10 @@ def run_bench(args: argparse.Namespace) -> int:
         print("\n## language ID (UDHR lines, 77 languages)\n" + _table(results["langid"]))
         results["langid_varieties"] = bench_langid(shared, args.limit, with_varieties=True)
         print("\n## language ID (79: the 77 plus Bosnian and Malay)\n" + _table(results["langid_varieties"]))
+        results["langid_texts"] = bench_langid_variants(shared, args.limit)
+        print("\n## language ID by text length, and close varieties (kiln ensemble)\n" + _table(results["langid_texts"]))
+        results["langid_mixed"] = bench_langid_mixed()
+        print("\n## language ID on Chinese/Arabic paragraphs with Latin terms\n" + _table(results["langid_mixed"]))
     if "pii" in what:
         results["pii"] = bench_pii()
         print("\n## PII masking (synthetic formats + near-misses; kiln.bench.pii)\n" + _table(results["pii"]))
