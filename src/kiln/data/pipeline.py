@@ -242,9 +242,9 @@ def build_steps(cfg: PipelineConfig, stats: Stats, perplexity_scorer: Callable[[
             return reason
         steps.append(FilterStep("c4", c4, k))
     if cfg.quality.classifier:
-        from kiln.data.quality import QualityClassifier
+        from kiln.data.quality import load_quality_classifier
 
-        clf = QualityClassifier.load(cfg.quality.classifier)
+        clf = load_quality_classifier(cfg.quality.classifier)
         thr = cfg.quality.min_classifier_score
 
         def classify(doc: Document) -> str | None:
