@@ -9,6 +9,9 @@ Sub-benchmarks (``--what``):
   available (lid.176 alone, CLD3 alone, langid.py) on UDHR lines of 77 languages (``web/langid_eval``).
 - ``pii``: precision and recall per kind (email, phone, IP) of the PII masker on a synthetic set of
   real formats and near-misses (:mod:`kiln.bench.pii`), leaks and false masks listed.
+- ``quality``: the shipped quality classifier: transfer to unseen Wikipedia and C4, the funnel of
+  ``web_en`` with and without it, and two tiny training runs (random vs classifier-kept documents,
+  ``--seconds`` each) scored on held-out Wikipedia and C4 (:mod:`kiln.bench.data_quality`).
 - ``minhash``: precision/recall on planted near-duplicates and docs/s + peak memory of Kiln's MinHash
   LSH vs datasketch's ``MinHashLSH`` on the same documents.
 - ``pipeline``: documents/s per core of the web preset on the evaluation pages written as a WARC,
@@ -500,6 +503,15 @@ def run_bench(args: argparse.Namespace) -> int:
     if "pii" in what:
         results["pii"] = bench_pii()
         print("\n## PII masking (synthetic formats + near-misses; kiln.bench.pii)\n" + _table(results["pii"]))
+    if "quality" in what:
+        from kiln.bench.data_quality import bench_quality
+
+        q = bench_quality(shared, Path(args.work) / "quality", steps=args.steps, seconds=args.seconds, limit=args.limit)
+        results.update(q)
+        for key, title in (("quality_transfer", "shipped quality classifier on unseen text"),
+                           ("quality_funnel", "funnel with the shipped quality classifier"),
+                           ("quality_downstream", f"tiny byte-level model, {args.steps} steps of 512 tokens each side, held-out bits per byte")):
+            print(f"\n## {title}\n" + _table(q[key]))
     if "minhash" in what:
         results["minhash"] = bench_minhash()
         print("\n## MinHash dedup\n" + _table(results["minhash"]))
@@ -523,6 +535,8 @@ def add_bench_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use only this many pages / lines")
     p.add_argument("--work", default="/tmp/kiln-bench-data", help="scratch folder for the pipeline benchmark")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--steps", type=int, default=300, help="quality: training steps (512 tokens) of each downstream run")
+    p.add_argument("--seconds", type=float, default=0.0, help="quality: also cap each downstream run's time (0: no cap)")
     p.add_argument("--refit", action="store_true", help="extract: refit Kiln's block classifier on the even pages first and print its weights")
     p.set_defaults(func=run_bench)
     return p

@@ -53,6 +53,67 @@ _SAMPLE = 1000  # characters of a block used for the share and keyword features 
 _DATE_RE = re.compile(r"\b\d{1,2}[./]\d{1,2}[./]\d{2,4}\b|\b\d{4}-\d{2}-\d{2}\b|\b\d{1,2}:\d{2}\b")
 
 
+# ---- three families that shallow features miss (issue 24 item 3) -------------------------------------
+# Related-article teasers ("... Read More"), photo captions and gallery counters ("Image 1 of 8",
+# "Photo: Anna Berg"), and staff lists ("Editor: ...", "Reporting by ... ; Editing by ..."). They
+# look like short content paragraphs to a length/link-density model. Each rule matches a whole
+# short block; ``family_of`` names the family, the extractor drops the block (and, for a teaser,
+# the headline just before it).
+_READ_MORE_RE = re.compile(
+    r"(?:read more|read the full (?:story|article)|continue reading|full story|more »|weiterlesen|mehr lesen|"
+    r"zum artikel|lire la suite|en savoir plus|leer más|seguir leyendo|czytaj (?:dalej|więcej)|więcej)"
+    r"\W{0,4}$", re.IGNORECASE)
+_GALLERY_RE = re.compile(
+    r"^\W*(?:image|photo|picture|slide|bild|foto|galerie|gallery|imagen|zdjęcie)\s*\d+\s*(?:of|/|von|de|sur|z|aus)\s*\d+\b",
+    re.IGNORECASE)
+_CAPTION_RE = re.compile(
+    r"(?:\(|\b)(?:photos?|fotos?|bild|image|picture|credit|quelle|source|crédit|zdjęcie|imagen)\s*:"
+    r"|©|\bgetty images\b|\b(?:ap|afp|dpa|reuters|epa)\s*(?:photo|/|foto)|\bfoto\s*:|\bphoto by\b",
+    re.IGNORECASE)
+_STAFF_RE = re.compile(
+    r"^(?:(?:deputy |managing |photo |executive |senior |contributing )?editors?|edited by|editing by|reporting by|"
+    r"additional reporting by|written by|redaktion|redakteur(?:in)?|chefredakt\w*|mitarbeit|text|autor(?:in)?|"
+    r"rédaction|rédacteur|rédactrice|redacción|redactor[a]?|redakcja|redaktor\w*)\b\s*[:;,]?",
+    re.IGNORECASE)
+_NAME_LINE_RE = re.compile(r"^[A-ZÀ-ÖØ-Þ][\w'’.-]+(?: [A-ZÀ-ÖØ-Þ][\w'’.-]+){1,3}$")
+FAMILIES = ("read_more_teaser", "gallery_counter", "photo_caption", "staff_list")
+
+
+def family_of(text: str) -> str | None:
+    """The boilerplate family a short block belongs to, or None (see the rules above)."""
+    t = text.strip()
+    n_words = len(t.split())
+    if n_words > 60:
+        return None
+    if _READ_MORE_RE.search(t) and n_words <= 60:
+        return "read_more_teaser"
+    if _GALLERY_RE.match(t):
+        return "gallery_counter"
+    if n_words <= 30 and _CAPTION_RE.search(t):
+        return "photo_caption"
+    if n_words <= 30 and _STAFF_RE.match(t):
+        return "staff_list"
+    lines = [ln.strip() for ln in t.split("\n") if ln.strip()]
+    if len(lines) >= 3 and all(_NAME_LINE_RE.match(ln) for ln in lines):
+        return "staff_list"  # a bare list of names, one a line
+    return None
+
+
+def drop_families(blocks: list[Block], keep: list[bool]) -> list[bool]:
+    """``keep`` with the family blocks set False; a teaser also takes the heading or link block before it."""
+    keep = list(keep)
+    for i, b in enumerate(blocks):
+        fam = family_of(b.text)
+        if fam is None:
+            continue
+        keep[i] = False
+        if fam == "read_more_teaser" and i > 0:
+            prev = blocks[i - 1]
+            if len(prev.text.split()) <= 20 and (prev.tag in _HEADINGS or prev.link_chars >= 0.5 * len(prev.text)):
+                keep[i - 1] = False
+    return keep
+
+
 @dataclass
 class Block:
     """One paragraph-level block of the page: its tag (``p``, ``h2``, ``ul``, ``""`` for bare text),

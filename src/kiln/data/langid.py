@@ -114,27 +114,32 @@ SCRIPT_DEFAULT_LANGUAGE = {
 """The answer for text whose script no model's candidates match (returned with a low score)."""
 
 
+_SCRIPT_NAMES = tuple(sorted({r[2] for r in _SCRIPT_RANGES}))
+_MARK = {name: chr(0xE000 + i) for i, name in enumerate(_SCRIPT_NAMES)}  # private-use markers
+
+
+@functools.lru_cache(maxsize=1)
+def _script_table() -> dict[int, str]:
+    """``str.translate`` table: every letter of a known script -> its script's marker (built once)."""
+    table = {}
+    for lo, hi, name in _SCRIPT_RANGES:
+        mark = _MARK[name]
+        for cp in range(lo, hi + 1):
+            if chr(cp).isalpha():
+                table[cp] = mark
+    return table
+
+
 def script_weights(text: str, max_chars: int = 500) -> dict[str, float]:
     """Letters of each script in the first ``max_chars`` characters, weighted (Han/kana x3, Hangul
-    x2.5: roughly Latin letters of the same meaning). ASCII text is all Latin (fast path)."""
-    import bisect
+    x2.5: roughly Latin letters of the same meaning)."""
+    from collections import Counter
 
-    text = text[:max_chars]
-    if text.isascii():
-        n = sum(c.isalpha() for c in text)
-        return {"Latin": float(n)} if n else {}
-    out: dict[str, float] = {}
-    for c in text:
-        if not c.isalpha():
-            continue
-        o = ord(c)
-        i = bisect.bisect_right(_SCRIPT_STARTS, o) - 1
-        if i >= 0 and o <= _SCRIPT_RANGES[i][1]:
-            name = _SCRIPT_RANGES[i][2]
-            out[name] = out.get(name, 0.0) + _SCRIPT_WEIGHT.get(name, 1.0)
-    return out
+    counts = Counter(text[:max_chars].translate(_script_table()))
+    return {name: counts[m] * _SCRIPT_WEIGHT.get(name, 1.0) for name, m in _MARK.items() if counts.get(m)}
 
 
+_ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
 NON_LATIN_SHARE = 0.25
 """A text is in its most frequent non-Latin script when that script holds at least this share of its
 (weighted) letters: Latin technical terms, names and URLs run through Chinese, Arabic or Russian
@@ -146,6 +151,15 @@ def dominant_script(text: str) -> str | None:
     :data:`NON_LATIN_SHARE` of the (weighted) letters, else the most frequent one; None without letters.
     Han text without a single kana is ``"Han-only"`` once it has 8 or more characters (Japanese
     prose always has kana: particles, endings), which Chinese may take and Japanese may not."""
+    head = text[:500]
+    # Fast path: a text whose UTF-8 is within 8% of its length in characters is (nearly) all ASCII,
+    # so Latin (a quarter of non-Latin letters would add at least ~20%).
+    if len(head.encode("utf-8")) < 1.08 * len(head):
+        return "Latin" if _ASCII_LETTER_RE.search(head) else (None if head.isascii() else _slow_script(head))
+    return _slow_script(head)
+
+
+def _slow_script(text: str) -> str | None:
     w = script_weights(text)
     if not w:
         return None
