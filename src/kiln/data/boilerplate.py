@@ -85,13 +85,13 @@ FAMILIES = ("read_more_teaser", "gallery_counter", "photo_caption", "staff_list"
 def family_of(text: str) -> str | None:
     """The boilerplate family a short block belongs to, or None (see the rules above)."""
     t = text.strip()
-    n_words = len(t.split())
-    if n_words > 60:
+    if len(t) > 480 or not t:  # ~60+ words: a paragraph, not one of these (and most blocks stop here)
         return None
-    if _READ_MORE_RE.search(t) and n_words <= 60:
+    if _READ_MORE_RE.search(t[-40:]):  # the tail only: a "$"-anchored search would scan every position
         return "read_more_teaser"
     if _GALLERY_RE.match(t):
         return "gallery_counter"
+    n_words = t.count(" ") + t.count("\n") + 1
     if n_words <= 30 and _CAPTION_RE.search(t):
         return "photo_caption"
     if n_words <= 30 and _STAFF_RE.match(t):
@@ -106,6 +106,8 @@ def drop_families(blocks: list[Block], keep: list[bool]) -> list[bool]:
     """``keep`` with the family blocks set False; a teaser also takes the heading or link block before it."""
     keep = list(keep)
     for i, b in enumerate(blocks):
+        if not keep[i]:  # already dropped: no need to ask (the rules cost ~5% of extraction)
+            continue
         fam = family_of(b.text)
         if fam is None:
             continue
