@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "kiln.cli.train",
     "kiln.cli.eval",
     "kiln.cli.generate",
+    "kiln.cli.scaling",
     "kiln.cli.bench",
     "kiln.cli.profile",
 ]
