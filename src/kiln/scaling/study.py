@@ -191,7 +191,7 @@ def render_report(cfg: ScalingConfig, rep: FitReport, report: dict, results: lis
             lines.append(f"- {name}: not fitted: {rep.errors.get(name)}")
             continue
         lines.append(f"- {name}: N_opt = {f['n_opt']['k']:.3g} C^{f['n_opt']['s']:.3f}, D_opt = "
-                     f"{f['d_opt']['k']:.3g} C^{f['d_opt']['s']:.3f}, L_opt = {f['loss_opt']['k']:.3g} C^{f['loss_opt']['s']:.4f}")
+                     f"{f['d_opt']['k']:.3g} C^{f['d_opt']['s']:.3f}, L_opt = {f['loss_opt'].get('E', 0.0):.3f} + {f['loss_opt']['k']:.3g} C^{f['loss_opt']['s']:.4f}")
     if rep.approach3 is not None:
         a = rep.approach3
         from kiln.scaling.fit import param_intervals
