@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "kiln.cli.generate",
     "kiln.cli.export",
     "kiln.cli.serve",
+    "kiln.cli.scaling",
     "kiln.cli.bench",
     "kiln.cli.profile",
 ]
