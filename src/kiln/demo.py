@@ -87,6 +87,8 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage of the demo; return the path of the written report."""
+    import numpy as np
+
     from kiln.data.corpus import CorpusConfig, prepare_corpus
     from kiln.distributed import pick_device
     from kiln.eval.heldout import evaluate_heldout
@@ -95,9 +97,6 @@ def run_demo(cfg: DemoConfig) -> Path:
     from kiln.shards import TokenizeConfig, read_shard, tokenize_corpus
     from kiln.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
     from kiln.train import PRESETS, apply_overrides, train
-
-    import numpy as np
-    import torch
 
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")

@@ -89,8 +89,8 @@ def test_cli_kill_then_sigterm_then_resume_is_bitwise_with_two_threads(tokens_di
     paused.send_signal(signal.SIGTERM)
     out = paused.communicate(timeout=300)[0]
     assert paused.returncode == 75, out[-2000:]  # paused at a step boundary with a checkpoint
-    at = json.loads((run / "checkpoints").joinpath(sorted(p.name for p in (run / "checkpoints").iterdir())[-1],
-                                                  "meta.json").read_text())["iteration"]
+    newest = max((run / "checkpoints").glob("step_*"))
+    at = json.loads((newest / "meta.json").read_text())["iteration"]
     assert 2 <= at < steps and f"paused at step {at}" in out
     final = _kiln_train(tokens_dir, run, steps)
     assert final.wait(timeout=600) == 0, final.stdout.read()[-2000:]

@@ -78,8 +78,8 @@ class TrainRow:
 def _kiln_runner(cfg, variant: str, device, lr: float, compile_: bool):
     import torch
 
-    from kiln.model import build_model
     from kiln.distributed import SingleProcess
+    from kiln.model import build_model
     from kiln.train.optim import AdamW, clip_grad_norm_, param_groups
     from kiln.train.step import TrainStep, make_loss_fn
 

@@ -25,7 +25,13 @@ from kiln.distributed.fsdp import (
     load_sharded_checkpoint,
     save_sharded_checkpoint,
 )
-from kiln.distributed.parallel import Runtime, build_optimizer, clip_grad_norm_, no_sync, wrap_model
+from kiln.distributed.parallel import (
+    Runtime,
+    build_optimizer,
+    clip_grad_norm_,
+    no_sync,
+    wrap_model,
+)
 from kiln.distributed.runtime import RuntimeProtocol, SingleProcess, pick_device
 from kiln.distributed.sampler import DistributedWindowSampler
 from kiln.distributed.zero import (

@@ -16,10 +16,18 @@ reproducible bitwise (torch's deterministic algorithms, cuBLAS's workspace, and 
 configuration per Kiln kernel; no Kiln kernel uses atomics). See docs/kernels.md.
 """
 
-from kiln.kernels._backend import HAVE_TRITON, KernelFallbackWarning, deterministic_mode, unsupported_reason
+from kiln.kernels._backend import (
+    HAVE_TRITON,
+    KernelFallbackWarning,
+    deterministic_mode,
+    unsupported_reason,
+)
 from kiln.kernels.attention import attention_ref, flash_attention
 from kiln.kernels.fp8 import fp8_linear, fp8_linear_ref
-from kiln.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from kiln.kernels.linear_cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_ref,
+)
 from kiln.kernels.rmsnorm import rmsnorm, rmsnorm_ref
 
 __all__ = [

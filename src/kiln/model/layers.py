@@ -89,13 +89,13 @@ class _EmbeddingLookup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, ids: Tensor) -> Tensor:  # noqa: D102 - see the class
+    def forward(ctx, weight: Tensor, ids: Tensor) -> Tensor:
         ctx.save_for_backward(ids)
         ctx.num_rows = weight.shape[0]
         return weight[ids]  # (..., d)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (ids,) = ctx.saved_tensors
         d = grad.shape[-1]
         dw = grad.new_zeros(ctx.num_rows, d).index_add_(0, ids.reshape(-1), grad.reshape(-1, d))  # (V, d)

@@ -25,11 +25,10 @@ Resumed from a checkpoint (``RunDir.begin``), a run continues bit-identically on
 from __future__ import annotations
 
 import contextlib
-from time import perf_counter
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from time import perf_counter
 
 import torch
 
@@ -231,7 +230,7 @@ class _Loop:
         steps since the last line (one step's time between two reads of a pipelined loop jitters)."""
         cfg, c, done = self.cfg, self.state.counters, r.step + 1
         tok_s = cfg.tokens_per_step / dt
-        mfu = lambda rate: self.mfu_scale * rate if self.mfu_scale else None  # noqa: E731
+        mfu = lambda rate: self.mfu_scale * rate if self.mfu_scale else None
         if cfg.log_every and (done % cfg.log_every == 0 or done == self.max_steps or r.step == self.start):
             steps_since, secs_since = done - self.logged[0], c.seconds - self.logged[1]
             rate = cfg.tokens_per_step * steps_since / secs_since if steps_since > 0 and secs_since > 0 else tok_s

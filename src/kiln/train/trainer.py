@@ -29,8 +29,8 @@ import torch
 
 from kiln.artifacts import MANIFEST, code_version, config_to_dict
 from kiln.distributed import SingleProcess, pick_device
-from kiln.train.config import TrainConfig
 from kiln.shards.sampler import WindowSampler
+from kiln.train.config import TrainConfig
 from kiln.train.data import read_heldout
 from kiln.train.loop import (  # noqa: F401 - REPEAT_WARN_EPOCHS, repeat_warning: public here before the split
     REPEAT_WARN_EPOCHS,
