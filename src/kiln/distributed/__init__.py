@@ -1,4 +1,4 @@
-"""Many ranks: environment, Kiln's data-parallel wrapper, ZeRO-1, FSDP2, a distributed sampler.
+"""Many ranks: environment, the runtime seam, Kiln's data-parallel wrapper, ZeRO-1, FSDP2.
 
 The only package in Kiln that touches ``torch.distributed``. Importing it starts nothing; see
 docs/distributed.md for the trainer seam (``RuntimeProtocol``, ``kiln.distributed.runtime``) and the torchrun command lines.
@@ -33,7 +33,6 @@ from kiln.distributed.parallel import (
     wrap_model,
 )
 from kiln.distributed.runtime import RuntimeProtocol, SingleProcess, pick_device
-from kiln.distributed.sampler import DistributedWindowSampler
 from kiln.distributed.zero import (
     ShardedOptimizer,
     optimizer_state_bytes,
@@ -73,3 +72,13 @@ __all__ = [
     "unwrap",
     "wrap_model",
 ]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562
+    """``DistributedWindowSampler`` moved to ``kiln.shards.sampler`` (Kiln's one sampler); the old
+    name still imports from here, loading ``kiln.shards`` only on use (no import of a later stage)."""
+    if name == "DistributedWindowSampler":
+        from kiln.shards.sampler import DistributedWindowSampler
+
+        return DistributedWindowSampler
+    raise AttributeError(f"module 'kiln.distributed' has no attribute {name!r}")

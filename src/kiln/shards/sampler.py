@@ -22,7 +22,8 @@ Two orders:
 iterating yields micro-batches of ``batch_size`` rows on ``device``, the batch source that
 ``kiln.train.fit`` takes. ``get_batch`` (CS336's signature) draws windows of one array with the
 same window cutter. ``TokenSampler`` (``kiln.train.data``) and ``ShardLoader`` (``kiln.shards.loader``)
-are this class under their old constructors.
+are this class under their old constructors, and so is ``DistributedWindowSampler`` (epoch order
+on a grid at multiples of T, its position counted in windows so a run resumes on any world size).
 """
 
 from __future__ import annotations
@@ -71,19 +72,21 @@ class WindowSampler:
         rank, world_size: this process's rows of each global batch of B x world_size.
         device: where iterated micro-batches go.
         order: "random", "epoch" or "sequential".
+        grid_offset: in epoch order, shift the grid by a random offset each epoch (else windows
+            start at multiples of T).
     """
 
     def __init__(self, shards: Sequence[np.ndarray], context_length: int, seed: int = 0, *,
                  doc_starts: Sequence[np.ndarray] | None = None, doc_aligned: bool | None = None,
                  batch_size: int = 1, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                 order: str = "random") -> None:
+                 order: str = "random", grid_offset: bool = True) -> None:
         if order not in ORDERS:
             raise ValueError(f"order={order!r} is unknown; use one of {ORDERS}")
         if batch_size <= 0 or context_length <= 0:
             raise ValueError(f"batch_size={batch_size} and context_length={context_length} must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.shards, self.context_length, self.order = list(shards), context_length, order
+        self.shards, self.context_length, self.order, self.grid_offset = list(shards), context_length, order, grid_offset
         self.doc_aligned = doc_starts is not None if doc_aligned is None else doc_aligned
         self.batch_size, self.rank, self.world_size, self.device = batch_size, rank, world_size, torch.device(device)
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards]).astype(np.int64)  # stream position of each shard
@@ -143,7 +146,7 @@ class WindowSampler:
             first = np.repeat(np.cumsum(counts) - counts, counts)
             starts = np.repeat(s, counts) + (np.arange(counts.sum()) - first) * T
         else:
-            offset = int(rng.integers(0, min(T, n - T))) if shuffle else 0
+            offset = int(rng.integers(0, min(T, n - T))) if shuffle and self.grid_offset else 0
             starts = offset + np.arange((n - 1 - offset) // T, dtype=np.int64) * T
         starts = starts[starts + T + 1 <= n]
         if shuffle:
@@ -222,6 +225,60 @@ class WindowSampler:
         else:
             self._plan = None
             self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+class DistributedWindowSampler(WindowSampler):
+    """``WindowSampler`` in epoch order over one token array of ``n_tokens``, windows at multiples of
+    ``context_length`` (no grid offset), under its old API: ``next_starts()`` gives this rank's
+    window starts (B,), ``next_batch(tokens, device)`` their ``(x, y)``. The position is counted in
+    windows consumed *globally*, so a run saved on 2 ranks resumes on 1 or 4 at the same point of
+    the same permutation (the next global batch is cut differently). ``env``: anything with
+    ``rank`` and ``world_size`` (a ``kiln.distributed.DistEnv``).
+    """
+
+    def __init__(self, n_tokens: int, context_length: int, batch_size: int, env: Any, seed: int = 0) -> None:
+        if context_length < 1 or batch_size < 1:
+            raise ValueError(f"context_length {context_length} and batch_size {batch_size} must be >= 1")
+        n_windows = (n_tokens - 1) // context_length
+        if n_windows < batch_size * env.world_size:
+            raise ValueError(
+                f"{n_tokens} tokens give {n_windows} windows of {context_length + 1} tokens, fewer than one "
+                f"global batch of {batch_size} x {env.world_size} ranks; lower the batch or context, or add data")
+        length_only = np.broadcast_to(np.zeros(1, np.uint8), (n_tokens,))  # the plan needs the length, not the tokens
+        super().__init__([length_only], context_length, seed, batch_size=batch_size, rank=env.rank,
+                         world_size=env.world_size, order="epoch", grid_offset=False)
+        self.n_windows, self.global_batch, self.consumed = n_windows, batch_size * env.world_size, 0
+
+    def next_starts(self) -> np.ndarray:
+        """Start offsets (B,) of this rank's windows for the next step; advances the position.
+        The tail of an epoch smaller than a global batch is dropped, then a new epoch begins."""
+        if self.consumed + self.global_batch > self.n_windows:
+            self.epoch, self.consumed = self.epoch + 1, 0
+        lo = self.consumed + self.rank * self.batch_size
+        self.consumed += self.global_batch
+        return self.epoch_starts(self.epoch)[lo:lo + self.batch_size].astype(np.int64)
+
+    def next_batch(self, tokens: np.ndarray, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        """Inputs and targets, each (B, T) int64 on ``device``, for this rank's next step."""
+        T1 = self.context_length + 1
+        return to_device(np.stack([np.asarray(tokens[s:s + T1], dtype=np.int64) for s in self.next_starts()]), device)
+
+    def __iter__(self):  # type: ignore[override]
+        while True:
+            yield self.next_starts()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position to save in a checkpoint (independent of rank and world size)."""
+        return {"seed": self.seed, "epoch": self.epoch, "consumed": self.consumed, "n_windows": self.n_windows,
+                "context_length": self.context_length}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Resume at a saved position; the token array and context length must be the same."""
+        if sd["n_windows"] != self.n_windows or sd["context_length"] != self.context_length:
+            raise ValueError(
+                f"sampler state is for {sd['n_windows']} windows of context {sd['context_length']}, this run has "
+                f"{self.n_windows} of context {self.context_length}; resume with the same tokens and context length")
+        self.seed, self.epoch, self.consumed, self._plan = sd["seed"], sd["epoch"], sd["consumed"], None
 
 
 def get_batch(tokens: np.ndarray | Sequence[int], batch_size: int, context_length: int,
