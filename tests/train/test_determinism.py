@@ -99,3 +99,18 @@ def test_cli_kill_then_sigterm_then_resume_is_bitwise_with_two_threads(tokens_di
     val = [[r["val_loss"] for r in read_metrics(d / "metrics.jsonl") if "val_loss" in r] for d in (run, tmp_path / "a")]
     assert val[0] == val[1] and len(val[0]) == 2
     assert _same_weights(run, tmp_path / "a")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kernels", ["kiln", "triton"])
+def test_gpu_deterministic_mode_repeats_bitwise(tokens_dir, tmp_path, kernels):
+    """deterministic=true on the GPU: two runs give the same bits, with torch's ops or Kiln's Triton
+    attention and RMSNorm (context 512: the autotuned launch path, pinned to one config)."""
+    sets = OVERRIDES + ["device=cuda", "deterministic=true", "max_steps=4", "eval_every=4", "save_every=0",
+                        "model.context_length=512", f"model.attention_impl={'triton' if kernels == 'triton' else 'sdpa'}",
+                        f"model.norm_impl={kernels if kernels == 'triton' else 'kiln'}"]
+    cfg = apply_overrides(tiny(), sets)
+    a, b = train(cfg, tokens_dir, tmp_path / "a"), train(cfg, tokens_dir, tmp_path / "b")
+    assert _losses(a) == _losses(b) and len(_losses(a)) == 4
+    assert _same_weights(a, b)
+    assert not torch.are_deterministic_algorithms_enabled()  # the mode ends with the run

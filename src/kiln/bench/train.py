@@ -38,7 +38,8 @@ import time
 import traceback
 from dataclasses import dataclass, replace
 
-VARIANTS = ("torch", "torch+liger", "kiln", "kiln+triton", "kiln+fp8", "kiln+muon", "kiln+det", "kiln+triton+det")
+DEFAULT_VARIANTS = ("torch", "torch+liger", "kiln", "kiln+triton", "kiln+fp8", "kiln+muon")
+VARIANTS = (*DEFAULT_VARIANTS, "kiln+det", "kiln+triton+det")
 
 
 def shapes() -> dict:
@@ -240,7 +241,7 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--shapes", default="gpt2_small,350m", help=f"comma list from {','.join(shapes())}")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list from {','.join(VARIANTS)}")
     p.add_argument("--batch", type=int, default=0, help="sequences per step (0: 32 for gpt2_small, 64 for speedrun, 16 for 350m)")
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation)")
