@@ -91,17 +91,17 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage of the demo; return the path of the written report."""
+    import numpy as np
+
     from kiln.data.corpus import CorpusConfig, prepare_corpus
     from kiln.data.readers import read_texts
+    from kiln.distributed import pick_device
     from kiln.model.heldout import evaluate_heldout
     from kiln.generate import generate
     from kiln.model import load_pretrained
     from kiln.shards import TokenizeConfig, read_shard, tokenize_corpus
     from kiln.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
     from kiln.train import PRESETS, apply_overrides, train
-
-    import numpy as np
-    import torch
 
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
@@ -147,7 +147,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     timings["train"] = time.perf_counter() - t
 
     t = stage("5/7 eval: held-out loss and bits per byte")
-    device = _device(cfg.device)
+    device = str(pick_device(cfg.device))
     model = load_pretrained(train_dir / "model", device=device)
     model.eval()
     val_paths = sorted(Path(tokens_dir).glob("val_*.bin"))
@@ -187,14 +187,6 @@ def run_demo(cfg: DemoConfig) -> Path:
     report = write_report(out, cfg, corpus_dir, tok_dir, tokens_dir, train_dir, heldout, samples, timings, chat)
     print(f"\nreport: {report}")
     return report
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _stats(artifact: Path) -> dict[str, Any]:
