@@ -131,7 +131,6 @@ class LLMEngine:
         limit = config.vocab_limit if config.vocab_limit is not None else tok_vocab
         self.vocab_limit = mc.vocab_size if not isinstance(limit, int) else min(limit, mc.vocab_size)
         num_blocks = config.num_blocks or self._default_num_blocks()
-        per_seq = -(-mc.context_length // config.block_size)
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -140,7 +139,6 @@ class LLMEngine:
         graphs = rows if config.cuda_graphs else 0
         self.runner = ModelRunner(model, num_blocks, config.block_size, graphs, config.compile_decode)
         self.max_seq_tokens = min(mc.context_length, num_blocks * config.block_size)
-        self._per_seq_blocks = per_seq
         self.proposer = make_proposer(config, model, draft_model, num_blocks, self.vocab_limit)
         if config.num_speculative_tokens + 1 > MAX_ROW_TOKENS and config.speculative != "none":
             raise ValueError(f"num_speculative_tokens must be <= {MAX_ROW_TOKENS - 1}")
