@@ -14,6 +14,7 @@ back to ``kiln_attention`` for the rest.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -104,7 +105,7 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
     if meta.decode:
         return _paged_decode_torch(q, k_pool, v_pool, meta)
     if q.is_cuda and len(meta.query_lens) > 1:  # many sequences: one padded, masked call per layer
-        return paged_prefill_batched(q, k_pool, v_pool, meta, fused)
+        return _paged_mixed_cuda(q, k_pool, v_pool, meta, fused)
     from kiln.kernels.paged_attention import gather_blocks
 
     out = torch.empty_like(q)
@@ -116,6 +117,37 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
         q_b = q[start:start + n].transpose(0, 1)[None]  # (1, H, n, D)
         out[start:start + n] = fn(q_b, k, v, L - n)[0].transpose(0, 1)
         start += n
+    return out
+
+
+def _paged_mixed_cuda(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetadata, fused: bool) -> Tensor:
+    """A CUDA step mixing decoding sequences (one token) and prompt chunks: the decoders go through the
+    Triton decode kernel, the chunks through ``paged_prefill_batched``, so a long chunk never pads the
+    decoders' rows to its length."""
+    from kiln.kernels.paged_attention import paged_decode_attention  # lazy: Triton is optional
+
+    if meta.split is None:  # the same for every layer of the step: built once
+        dev = q.device
+        one = [b for b, n in enumerate(meta.query_lens) if n == 1]
+        many = [b for b, n in enumerate(meta.query_lens) if n > 1]
+        starts = [0, *itertools.accumulate(meta.query_lens)]
+        tok_many = [t for b in many for t in range(starts[b], starts[b + 1])]
+        sub = PagedMetadata(meta.slot_mapping, meta.block_tables[many], meta.context_lens[many],
+                            torch.tensor([0, *itertools.accumulate(meta.query_lens[b] for b in many)],
+                                         dtype=torch.int32, device=dev),
+                            [meta.query_lens[b] for b in many], [meta.context_lens_list[b] for b in many])
+        idx = {name: torch.tensor(v, dtype=torch.long, device=dev) for name, v in
+               (("one", one), ("tok_one", [starts[b] for b in one]), ("tok_many", tok_many))}
+        meta.split = (idx, sub)
+    idx, sub = meta.split
+    out = torch.empty_like(q)
+    if idx["one"].numel():
+        rows = paged_decode_attention(q.index_select(0, idx["tok_one"]).to(k_pool.dtype), k_pool, v_pool,
+                                      meta.block_tables.index_select(0, idx["one"]),
+                                      meta.context_lens.index_select(0, idx["one"]))
+        out.index_copy_(0, idx["tok_one"], rows.to(q.dtype))
+    out.index_copy_(0, idx["tok_many"], paged_prefill_batched(q.index_select(0, idx["tok_many"]), k_pool, v_pool,
+                                                              sub, fused))
     return out
 
 
