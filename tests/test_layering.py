@@ -36,11 +36,7 @@ ALLOWED: dict[tuple[str, str], str] = {}
 # Edges of the data flow that ORDER alone allows but that must go, each with its reason; a known
 # offender stays listed until its fix lands (then its entry must be removed: see the test).
 FORBIDDEN = {("data", "model"): "data curation builds no model: a scorer is passed in (issue 17 item 3)"}
-KNOWN: dict[tuple[str, str], str] = {
-    # kiln_lm_scorer builds a Kiln model for the perplexity filter; the data-quality work moves it to
-    # kiln.eval and passes the scorer in from the CLI. Remove this entry when that lands.
-    ("kiln.data.quality", "kiln.model"): "issue 17 item 3, third back-edge",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _module_name(path: Path) -> str:

@@ -7,6 +7,8 @@ Sub-benchmarks (``--what``):
   (``web/trafilatura_eval_html.tar.gz``); Kiln's also on the even (fit) and odd (held-out) halves.
 - ``langid``: accuracy and texts/s of Kiln's identifiers (CLD3 + lid.176 + langid.py) and of each reference model
   available (lid.176 alone, CLD3 alone, langid.py) on UDHR lines of 77 languages (``web/langid_eval``).
+- ``pii``: precision and recall per kind (email, phone, IP) of the PII masker on a synthetic set of
+  real formats and near-misses (:mod:`kiln.bench.pii`), leaks and false masks listed.
 - ``minhash``: precision/recall on planted near-duplicates and docs/s + peak memory of Kiln's MinHash
   LSH vs datasketch's ``MinHashLSH`` on the same documents.
 - ``pipeline``: documents/s per core of the web preset on the evaluation pages written as a WARC,
@@ -155,6 +157,27 @@ def refit_block_classifier(shared: Path) -> str:
         body = textwrap.fill(", ".join(f"{x:.6g}" for x in w), 96, initial_indent="        ", subsequent_indent="        ")
         out.append(f"{name}: Weights = (\n    {b:.6g},\n    (\n{body},\n    ),\n)")
     return "\n".join(out)
+
+
+def bench_pii(n_per_kind: int = 300, seed: int = 0) -> list[dict[str, Any]]:
+    """Precision/recall per PII kind of Kiln's masker on :func:`kiln.bench.pii.pii_eval_set`; the
+    leaks and false masks are printed."""
+    from kiln.bench.pii import pii_eval_set, score_pii
+    from kiln.data.pii import mask_pii
+
+    examples = pii_eval_set(n_per_kind, seed)
+    rows = []
+    r = score_pii(mask_pii, examples)
+    t0 = time.perf_counter()
+    for text, _, _ in examples:
+        mask_pii(text)
+    per_s = len(examples) / (time.perf_counter() - t0)
+    for kind, row in r["per_kind"].items():
+        rows.append({"masker": "kiln (regex + ipaddress/phonenumbers)", "kind": kind, **row,
+                     "near_misses": r["near_misses"], "texts_per_s": per_s})
+    for line in r["leaks"] + r["false_masks"]:
+        print("  ", line)
+    return rows
 
 
 def planted_near_duplicates(
@@ -385,6 +408,9 @@ def run_bench(args: argparse.Namespace) -> int:
         print("\n## language ID (UDHR lines, 77 languages)\n" + _table(results["langid"]))
         results["langid_varieties"] = bench_langid(shared, args.limit, with_varieties=True)
         print("\n## language ID (79: the 77 plus Bosnian and Malay)\n" + _table(results["langid_varieties"]))
+    if "pii" in what:
+        results["pii"] = bench_pii()
+        print("\n## PII masking (synthetic formats + near-misses; kiln.bench.pii)\n" + _table(results["pii"]))
     if "minhash" in what:
         results["minhash"] = bench_minhash()
         print("\n## MinHash dedup\n" + _table(results["minhash"]))
@@ -399,12 +425,12 @@ def run_bench(args: argparse.Namespace) -> int:
 def add_bench_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
     """Add ``data`` under ``kiln bench``."""
     p = bench_subparsers.add_parser(
-        "data", help="data stage: extraction F1, language ID accuracy, MinHash vs datasketch, pipeline docs/s",
+        "data", help="data stage: PII precision/recall, extraction F1, language ID accuracy, MinHash vs datasketch, pipeline docs/s",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     default_shared = os.environ.get("KILN_SHARED_DATA", str(Path.cwd().parent / "shared" / "data"))
     p.add_argument("--shared-data", default=default_shared, help="folder holding web/ (the evaluation sets)")
-    p.add_argument("--what", default="extract,langid,minhash,pipeline", help="comma-separated benchmarks")
+    p.add_argument("--what", default="pii,extract,langid,minhash,pipeline", help="comma-separated benchmarks")
     p.add_argument("--limit", type=int, default=None, help="use only this many pages / lines")
     p.add_argument("--work", default="/tmp/kiln-bench-data", help="scratch folder for the pipeline benchmark")
     p.add_argument("--json", default=None, help="also write the results as JSON here")

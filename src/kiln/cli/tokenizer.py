@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Train a byte-level BPE tokenizer (GPT-2 style) and write OUT/tokenizer.json "
                                    "with a manifest. Reuses OUT when config and inputs are unchanged.")
     t.add_argument("--input", "-i", nargs="+", required=True, metavar="PATH",
-                   help="training text: .txt or .jsonl (field \"text\") files, or a corpus artifact dir")
+                   help="training text: .txt/.jsonl files (field \"text\"), any file Kiln reads (.jsonl.zst, .gz, "
+                        "Parquet...), globs, hf://, or a `kiln data run` / corpus artifact folder (its train files)")
     t.add_argument("--out", "-o", required=True, help="output artifact directory")
     t.add_argument("--vocab-size", type=int, default=8192, help="vocab size including the 256 bytes and special tokens")
     t.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
@@ -28,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--max-doc-chars", type=int, default=None, help="truncate each .jsonl document to this many characters")
     t.add_argument("--max-bytes", type=int, default=None, help="train on about the first this-many bytes of input")
     t.add_argument("--heldout", nargs="*", default=[], metavar="PATH",
-                   help="held-out files for the bytes/token statistic (default: a corpus input's val.jsonl)")
+                   help="held-out files for the bytes/token statistic (default: the val split of an artifact input)")
     t.add_argument("--workers", type=int, default=0, help="parallel workers for pre-tokenization (0: all cores)")
     t.add_argument("--backend", choices=["auto", "native", "python"], default="auto",
                    help="auto: the C core when built; python: the pure-Python reference")
@@ -56,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Build the config from ``args`` and run the stage."""
+    from kiln.data.readers import read_texts
     from kiln.tokenizer.stage import TokenizerTrainConfig, train_tokenizer
 
     cfg = TokenizerTrainConfig(
@@ -63,7 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
         pattern=args.pattern, max_doc_chars=args.max_doc_chars, max_bytes=args.max_bytes,
         heldout=tuple(args.heldout), workers=args.workers, backend=args.backend,
     )
-    out = train_tokenizer(cfg, args.out, force=args.force, progress=True)
+    out = train_tokenizer(cfg, args.out, force=args.force, progress=True, read_texts=read_texts)
     from kiln.artifacts import read_manifest
 
     print(json.dumps(read_manifest(out)["stats"], indent=1))

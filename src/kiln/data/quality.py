@@ -1,5 +1,6 @@
 """Model-based quality filters: a fastText-style linear classifier trained from positive and negative
-examples (``kiln data train-quality``), and a perplexity filter scored by any language model.
+examples (``kiln data train-quality``), and a perplexity filter scored by any language model (``perplexity_filter(scorer, max)``; Kiln's own
+scorer, ``kiln.eval.kiln_lm_scorer``, is built by the caller and passed in).
 
 The classifier follows fastText's supervised model (Joulin et al. 2016, arXiv:1607.01759) reduced to
 the binary case: a document is the mean of the weights of its hashed word unigrams and bigrams, and
@@ -19,6 +20,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -133,7 +135,9 @@ class QualityConfig:
     min_classifier_score: float = 0.5
     """Drop documents whose p(high quality) is below this."""
     perplexity_model: str | None = None
-    """A Kiln model folder (``save_pretrained``) for the perplexity filter; None disables it."""
+    """A Kiln model folder (``save_pretrained``) for the perplexity filter; None disables it. The
+    scorer itself is built by the caller (``kiln.eval.kiln_lm_scorer``, as ``kiln data run`` does) and
+    passed to ``run_pipeline(..., perplexity_scorer=...)``; this path names it in the manifest."""
     perplexity_tokenizer: str | None = None
     """tokenizer.json of that model."""
     max_perplexity: float = 1000.0
@@ -150,33 +154,10 @@ def perplexity_filter(scorer: Callable[[str], float], max_perplexity: float) -> 
     return check
 
 
-def kiln_lm_scorer(model_dir: str, tokenizer_path: str, max_tokens: int = 512) -> Callable[[str], float]:
-    """A perplexity scorer from a small Kiln language model (imported lazily: torch, kiln.model).
-
-    Perplexity is ``exp(mean next-token cross-entropy)`` over the first ``max_tokens`` tokens.
-    """
-    import torch
-
-    try:
-        from kiln.model import load_pretrained
-    except ImportError as e:
-        raise ImportError("the perplexity filter needs kiln.model.load_pretrained (the model package)") from e
-    from kiln.tokenizer import Tokenizer
-
-    model = load_pretrained(model_dir).eval()
-    tok = Tokenizer.load(tokenizer_path)
-    context = getattr(getattr(model, "config", None), "context_length", None)
-    if context:
-        max_tokens = min(max_tokens, int(context))
-
-    @torch.no_grad()
-    def score(text: str) -> float:
-        ids = tok.encode(text)[: max_tokens + 1]
-        if len(ids) < 2:
-            return float("inf")
-        x = torch.tensor(ids, dtype=torch.long)[None, :]  # (1, T+1)
-        logits = model(x[:, :-1])  # (1, T, V)
-        loss = torch.nn.functional.cross_entropy(logits[0].float(), x[0, 1:])
-        return float(torch.exp(loss))
-
-    return score
+def __getattr__(name: str) -> Any:
+    # kiln_lm_scorer built a model inside the data stage (an import of a later stage); it lives in
+    # kiln.eval now and is passed in (issue 17). Say where it went instead of a bare AttributeError.
+    if name == "kiln_lm_scorer":
+        raise ImportError("kiln_lm_scorer moved to kiln.eval (from kiln.eval import kiln_lm_scorer); pass the scorer "
+                          "to perplexity_filter or to run_pipeline(..., perplexity_scorer=...)")
+    raise AttributeError(f"module 'kiln.data.quality' has no attribute {name!r}")

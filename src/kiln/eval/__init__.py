@@ -12,6 +12,7 @@ Modules (importing this package imports none of them; the names below load on fi
 - ``core``: the centered CORE-style aggregate.
 - ``contamination``: n-gram overlap of benchmarks with training shards.
 - ``stage``: ``EvalConfig``, ``run_eval`` (the ``"eval"`` artifact), ``QuickEval`` for the trainer.
+- ``scorer``: ``kiln_lm_scorer``, the perplexity scorer the data stage's perplexity filter takes.
 - ``harness``: the lm-evaluation-harness model class (needs ``pip install lm-eval``).
 
 See docs/eval.md.
@@ -45,6 +46,8 @@ _EXPORTS = {
     "run_eval": "kiln.eval.stage",
     "evaluate_tasks": "kiln.eval.stage",
     "QuickEval": "kiln.eval.stage",
+    "kiln_lm_scorer": "kiln.eval.scorer",
+    "KilnLMScorer": "kiln.eval.scorer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,8 +2,8 @@
 
 The model writes a solution after a few-shot prompt; the answer is extracted (``#### 42`` or the
 last number for GSM8K, the last ``\\boxed{}`` for MATH) and checked against the reference
-(``kiln.eval.answers``). A Kiln ``Transformer`` decodes many prompts at once through one KV cache
-(``kiln.generate.batch``); any other ``model(idx) -> logits`` goes through ``decode``, one prompt at a
+(``kiln.eval.answers``). A Kiln ``Transformer`` decodes many prompts at once through the engine
+(``kiln.generate.LLMEngine``: paged KV cache, continuous batching); any other ``model(idx) -> logits`` goes through ``decode``, one prompt at a
 time. Both stop at end-of-text or at a stop string such as the next few-shot "Question:".
 """
 
@@ -112,51 +112,50 @@ def _decode_pieces(
 ) -> Iterator[str]:
     """Token-by-token decoding; yields text as it becomes decodable.
 
-    A Kiln ``Transformer`` keeps a KV cache (``kiln.model.KVCache``: each step feeds one token);
-    any other model of the protocol re-runs its last ``context_length`` tokens every step.
+    A Kiln ``Transformer`` decodes through the engine (``kiln.generate``, paged KV cache); any other
+    model of the protocol re-runs its last ``context_length`` tokens every step.
     """
-    from kiln.generate import sample_next
-
     T = context_length(model)
     dev = model_device(model)
     eot = getattr(tokenizer, "eot_id", None)
     n_vocab = getattr(tokenizer, "vocab_size", None)
-    gen = torch.Generator(device=dev).manual_seed(seed)
     ids = list(tokenizer.encode(prompt)) or ([eot] if eot is not None else [])
     ids = ids[-(T - 1):]
-    cache = None
-    if hasattr(model, "hidden_states"):  # a Kiln Transformer: decode with a KV cache
-        from kiln.model import KVCache
-
-        cache = KVCache.for_model(model, batch_size=1)
-
-    def logits_for(tokens: list[int]) -> torch.Tensor:
-        out = model(torch.tensor([tokens], dtype=torch.long, device=dev), **({"kv_cache": cache} if cache else {}))
-        out = (out[0] if isinstance(out, tuple) else out)[0, -1].float()  # (V,)
-        if n_vocab is not None and out.numel() > n_vocab:
-            out[n_vocab:] = float("-inf")
-        return out
-
     new: list[int] = []
     shown = ""
-    logits = logits_for(ids)
-    for _ in range(max_new_tokens):
-        nxt = int(sample_next(logits, temperature, top_k, None, gen))
-        if eot is not None and nxt == eot:
-            return
+    if hasattr(model, "hidden_states"):  # a Kiln Transformer: one request through the engine
+        from kiln.generate import generate_tokens
+
+        tokens: Iterator[int] = generate_tokens(model, ids, max_new_tokens, temperature, top_k, None, seed,
+                                                eot, n_vocab)
+    else:
+        tokens = _uncached_tokens(model, ids, max_new_tokens, temperature, top_k, seed, eot, n_vocab, T, dev)
+    for nxt in tokens:
         new.append(nxt)
         text = tokenizer.decode(new)
         if text.startswith(shown) and len(text) > len(shown):
             yield text[len(shown):]
             shown = text
-        window = (ids + new)[-(T - 1):]
-        if cache is None:
-            logits = logits_for(window)
-        elif cache.length >= T - 1:  # cache full: restart from the most recent three quarters
-            cache.reset()
-            logits = logits_for(window[-(3 * T // 4):])
-        else:
-            logits = logits_for([nxt])
+
+
+def _uncached_tokens(
+    model: Any, ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
+    eot: int | None, n_vocab: int | None, T: int, dev: torch.device,
+) -> Iterator[int]:
+    """Token ids from a ``model(idx) -> logits`` that has no cache: re-runs its last T - 1 tokens a step."""
+    from kiln.generate import sample_next
+
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    for _ in range(max_new_tokens):
+        out = model(torch.tensor([ids[-(T - 1):]], dtype=torch.long, device=dev))
+        logits = (out[0] if isinstance(out, tuple) else out)[0, -1].float()  # (V,)
+        if n_vocab is not None and logits.numel() > n_vocab:
+            logits[n_vocab:] = float("-inf")
+        nxt = int(sample_next(logits, temperature, top_k, None, gen))
+        if eot is not None and nxt == eot:
+            return
+        ids = ids + [nxt]
+        yield nxt
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -203,7 +202,7 @@ def evaluate_generative(
 ) -> GenResult:
     """Greedy accuracy (and sampled pass@k) of ``model`` on GSM8K (``kind="gsm8k"``) or MATH.
 
-    A Kiln ``Transformer`` decodes ``batch_size`` prompts at a time through one KV cache
+    A Kiln ``Transformer`` decodes with up to ``batch_size`` prompts running at once in the engine
     (``kiln.generate.generate_texts``); any other model, or a given ``decode_fn(model, tokenizer,
     prompt, max_new_tokens=, stop=, [temperature=, seed=]) -> str``, goes one prompt at a time.
     """

@@ -1,21 +1,11 @@
-"""Batched decoding: many prompts of different lengths decoded together through one KV cache.
+"""Many prompts at once: ``generate_batch`` and ``generate_texts`` run them through the engine
+(``kiln.generate.LLMEngine``: paged KV cache, continuous batching), and the left-padded batch tools that
+scoring (``kiln.eval.multiple_choice``) still uses to run many prompts through one dense ``KVCache``.
 
-Rows are left-padded to a common length, so every row's next token lands in the same cache slot and
-one forward pass serves the whole batch. Two things keep each row's numbers what they are alone:
-
-- a per-row key mask hides padded slots from attention (``PaddedAttention``, put in place of the
-  model's attention kernel while decoding; a padded query attends only to its own slot, so no
-  softmax row is empty and no NaN reaches the cache);
-- per-row RoPE positions count from each row's first real token (``slot - pad``).
-
-Rows that finish (end-of-text, a stop condition, their token budget) leave the batch: their cache
-rows are dropped, and slots that are padding in every remaining row are trimmed. Prompts are sorted by
-length and cut into batches of ``batch_size``, so batches pad little. When the cache reaches the
-context length, the remaining rows are re-encoded from their last 3/4 of the context (the sliding
-window of ``engine.generate_tokens``).
-
-One ``torch.Generator`` draws every sample in row order, so a seed reproduces the output for the same
-prompts, batch size and device (a row's draw depends on which rows share its batch).
+Left padding (``PaddedAttention``, ``prefill_padded``): rows are left-padded to a common length, a
+per-row key mask hides padded slots from attention (a padded query attends only to its own slot, so no
+softmax row is empty and no NaN reaches the cache), and per-row RoPE positions count from each row's
+first real token (``slot - pad``).
 """
 
 from __future__ import annotations
@@ -28,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kiln.generate.engine import prompt_ids, tokenizer_vocab_limit, window_keep
-from kiln.generate.sampling import check_sampling_args, sample_next
+from kiln.generate.engine import prompt_ids, tokenizer_vocab_limit
+from kiln.generate.sampling import check_sampling_args
 from kiln.model.attention import causal_mask
 from kiln.model.kv_cache import KVCache
 from kiln.model.layers import scaled_dot_product_attention
@@ -132,67 +122,6 @@ def prefill_padded(
     return cache, pad, model.hidden_states(idx.to(dev), pos, cache)
 
 
-def _decode_chunk(
-    model: Any,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator,
-    eot_id: int | None,
-    vocab_limit: int,
-    stop: Callable[[list[int]], bool] | None,
-) -> list[list[int]]:
-    """Decode one batch of prompts together; returns each row's new tokens (end-of-text excluded)."""
-    ctx = model.config.context_length
-    keep = window_keep(ctx)  # the same sliding window as one-at-a-time decoding
-    ids = [list(p[-ctx:]) for p in prompts]
-    new: list[list[int]] = [[] for _ in prompts]
-    active = list(range(len(prompts)))  # prompt index of each cache row
-    dev = next(model.parameters()).device
-    with padded_attention(model) as attn:
-        cap = min(ctx, max(map(len, ids)) + max_new_tokens)
-        cache, pad, h = prefill_padded(model, attn, ids, cap)
-        logits = model.lm_head(h[:, -1]).float()  # (B, V)
-        for _ in range(max_new_tokens):
-            nxt = sample_next(logits[:, :vocab_limit], temperature, top_k, top_p, generator).tolist()
-            stay: list[int] = []  # cache rows that go on
-            for b, i in enumerate(active):
-                t = nxt[b]
-                if eot_id is not None and t == eot_id:
-                    continue
-                new[i].append(t)
-                ids[i].append(t)
-                if len(new[i]) < max_new_tokens and not (stop is not None and stop(new[i])):
-                    stay.append(b)
-            if not stay:
-                break
-            tokens = [nxt[b] for b in stay]
-            if len(stay) < len(active):  # drop finished rows; trim slots now padding in every row
-                sel = torch.tensor(stay, dtype=torch.long, device=dev)
-                pad = pad[sel]
-                trim = int(pad.min())
-                old = attn.key_valid[sel]  # (B', cap)
-                cache.select(sel, trim)
-                pad = pad - trim
-                valid = torch.zeros_like(old)
-                valid[:, : cache.length] = old[:, trim : trim + cache.length]
-                attn.key_valid = valid
-                active = [active[b] for b in stay]
-            if cache.length >= cache.max_seq_len:  # context full: re-encode the most recent tokens
-                left = max_new_tokens - min(len(new[i]) for i in active)
-                rows = [ids[i][-keep:] for i in active]
-                cache, pad, h = prefill_padded(model, attn, rows, min(ctx, max(map(len, rows)) + left))
-            else:
-                attn.mark_valid(cache.length)
-                pos = (cache.length - pad)[:, None]  # (B, 1)
-                x = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]  # (B, 1)
-                h = model.hidden_states(x, pos, cache)
-            logits = model.lm_head(h[:, -1]).float()
-    return new
-
-
 def generate_batch(
     model: Any,
     prompts: Sequence[Sequence[int]],
@@ -206,49 +135,43 @@ def generate_batch(
     stop: Callable[[list[int]], bool] | None = None,
     batch_size: int = 32,
 ) -> list[list[int]]:
-    """New token ids for each of ``prompts`` (token lists of any lengths), decoded ``batch_size`` at a time.
+    """New token ids for each of ``prompts`` (token lists of any lengths), through the engine
+    (``LLMEngine``) with up to ``batch_size`` sequences running at once.
 
-    Greedy when ``temperature == 0``; otherwise temperature, top-k, top-p as ``sample_next``. A row
-    ends before ``eot_id``, after ``max_new_tokens`` tokens, or once ``stop(new_ids)`` is true (the
-    token that made it true is kept). ``model`` is a Kiln ``Transformer``; it is in eval mode while
-    decoding. Returned in the order of ``prompts``.
+    Greedy when ``temperature == 0``; otherwise temperature, top-k, top-p as ``sample_next``, prompt i
+    drawing from its own generator seeded ``seed + i`` (so its text does not depend on the batch). A
+    row ends before ``eot_id``, after ``max_new_tokens`` tokens, or once ``stop(new_ids)`` is true (the
+    token that made it true is kept). ``model`` is a Kiln ``Transformer``. Returned in prompt order.
     """
+    from kiln.generate.engine import one_shot_engine
+    from kiln.generate.sampling import SamplingParams
+
     check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    V = model.config.vocab_size
+    out: list[list[int]] = [[] for _ in prompts]
+    engine = one_shot_engine(model, vocab_limit, eot_id, max_num_seqs=batch_size)
+    base = int(torch.randint(0, 2**62, ())) if seed is None else seed
+    rids = {}
     for n, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {n} is empty; give at least one token (e.g. the end-of-text id)")
-        bad = [t for t in p if not 0 <= t < V]
-        if bad:
-            raise ValueError(f"prompt {n}: token id {bad[0]} is outside the model's vocabulary of {V}; "
-                             "the tokenizer does not match this model")
-    out: list[list[int]] = [[] for _ in prompts]
-    if max_new_tokens == 0 or not prompts:
-        return out
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
-    limit = V if vocab_limit is None else min(V, vocab_limit)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: little padding
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for s in range(0, len(order), batch_size):
-                chunk = order[s : s + batch_size]
-                got = _decode_chunk(model, [list(prompts[i]) for i in chunk], max_new_tokens, temperature,
-                                    top_k, top_p, generator, eot_id, limit, stop)
-                for i, g in zip(chunk, got):
-                    out[i] = g
-    finally:
-        model.train(was_training)
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                seed=base + n, ignore_eos=eot_id is None)
+        try:
+            rids[engine.add_request(list(p), params)] = n
+        except ValueError as e:
+            raise ValueError(f"prompt {n}: {e}") from None
+    while engine.has_unfinished():
+        for o in engine.step():
+            new = out[rids[o.request_id]]
+            for t in o.new_token_ids:
+                if not (o.finish_reason == "stop" and t == eot_id):
+                    new.append(t)
+            if not o.finished and stop is not None and stop(new):
+                engine.abort(o.request_id)
     return out
 
 
@@ -273,24 +196,23 @@ def generate_texts(
 ) -> list[str]:
     """Continuations of ``prompts`` (text), each cut before its first stop string; see ``generate_batch``.
 
-    A row stops decoding as soon as its text contains a stop string. An empty prompt starts from the
-    end-of-text token.
+    A row stops decoding as soon as its text contains a stop string (the engine's stop strings). An
+    empty prompt starts from the end-of-text token.
     """
+    from kiln.generate.engine import one_shot_engine
+    from kiln.generate.sampling import SamplingParams
+
+    check_sampling_args(temperature, top_k, top_p)
     eot = getattr(tokenizer, "eot_id", None)
-    tok_vocab = tokenizer_vocab_limit(model, tokenizer)
-    ids = [prompt_ids(tokenizer, p) for p in prompts]
-    stops = [s for s in stop if s]
-    check = None
-    if stops:
-        # A stop string must end in the newest token (else it was seen a step earlier); each token is
-        # at least one byte and a character at most four, so the last 4*len+4 tokens hold it.
-        window = 4 * max(map(len, stops)) + 4
-
-        def check(new: list[int]) -> bool:
-            tail = tokenizer.decode(new[-window:])
-            return any(s in tail for s in stops)
-
-    new = generate_batch(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                         eot if stop_at_eot else None,
-                         tok_vocab, check, batch_size)
-    return [cut_at_stop(tokenizer.decode(n), stops) for n in new]
+    engine = one_shot_engine(model, tokenizer_vocab_limit(model, tokenizer), eot, max(1, batch_size), tokenizer)
+    base = int(torch.randint(0, 2**62, ())) if seed is None else seed
+    reqs = [engine.add_request(prompt_ids(tokenizer, p),
+                               SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                              top_p=top_p, seed=base + n, stop=tuple(stop),
+                                              ignore_eos=not stop_at_eot))
+            for n, p in enumerate(prompts)]
+    texts = {r: "" for r in reqs}
+    while engine.has_unfinished():
+        for o in engine.step():
+            texts[o.request_id] = o.text
+    return [texts[r] for r in reqs]

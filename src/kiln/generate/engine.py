@@ -1,4 +1,4 @@
-"""Text generation: prefill the prompt into a KV cache, then decode one token at a time.
+"""One-request text generation through the engine (``kiln.generate.LLMEngine``).
 
 ``generate_tokens`` yields token ids; ``stream`` turns them into text pieces holding only complete
 UTF-8 characters (a byte-level BPE token can end in the middle of a multi-byte character);
@@ -12,11 +12,8 @@ import codecs
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-import torch
-from torch import Tensor
-
-from kiln.generate.sampling import check_sampling_args, sample_next
-from kiln.model import KVCache, Transformer
+from kiln.generate.sampling import check_sampling_args
+from kiln.model import Transformer
 
 
 class TokenizerLike(Protocol):
@@ -70,13 +67,19 @@ class TextStreamer:
         return piece
 
 
-def _next_logits(model: Transformer, ids: list[int], cache: KVCache) -> Tensor:
-    """Feed ``ids`` through the model into ``cache``; logits of the last position, (1, V) fp32."""
-    device = cache.k[0].device
-    with torch.inference_mode():
-        x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-        h = model.hidden_states(x, kv_cache=cache)[:, -1]  # (1, d_model): only the last row is needed
-        return model.lm_head(h).float()  # (1, V)
+def one_shot_engine(model: Transformer, vocab_limit: int | None, eot_id: int | None, max_num_seqs: int = 1,
+                    tokenizer: Any = None) -> Any:
+    """An ``LLMEngine`` for a one-call helper: a pool sized for ``max_num_seqs`` full contexts, no CUDA
+    graphs (a fresh engine per call would recapture them), and the sliding context window."""
+    from kiln.generate.llm_engine import (  # the engine module imports this one
+        EngineConfig,
+        LLMEngine,
+    )
+
+    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_num_seqs),
+                       cuda_graphs=False, eos_token_id=eot_id, vocab_limit=vocab_limit,
+                       context_overflow="slide", enable_prefix_caching=max_num_seqs > 1)
+    return LLMEngine(model, tokenizer, cfg)
 
 
 def generate_tokens(
@@ -92,75 +95,39 @@ def generate_tokens(
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` sampled token ids after ``prompt_ids``; stop before ``eot_id``.
 
-    A prompt longer than the context keeps its last ``context_length`` tokens. ``seed`` makes the
-    draw reproducible (on a given device). The model is put in eval mode while generating.
-    ``vocab_limit`` (the tokenizer's vocabulary size) keeps sampling away from the padding rows of
-    a model whose vocabulary was rounded up for speed (e.g. 50257 -> 50304).
+    One request through the engine (``LLMEngine``). A prompt longer than the context keeps its last
+    ``context_length`` tokens, and a full context slides (its most recent 3/4 is re-encoded), so
+    ``max_new_tokens`` may exceed ``context_length``. ``seed`` makes the draw reproducible (on a given
+    device). The model's train/eval mode is left as it was. ``vocab_limit`` (the tokenizer's
+    vocabulary size) keeps sampling away from the padding rows of a model whose vocabulary was
+    rounded up for speed (e.g. 50257 -> 50304).
     """
+    from kiln.generate.sampling import SamplingParams
+
     check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if not prompt_ids:
-        raise ValueError("prompt_ids is empty; give at least one token (e.g. the end-of-text id)")
-    V, ctx = model.config.vocab_size, model.config.context_length
-    bad = [i for i in prompt_ids if not 0 <= i < V]
-    if bad:
-        raise ValueError(
-            f"prompt token id {bad[0]} is outside the model's vocabulary of {V}; "
-            "the tokenizer does not match this model"
-        )
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
-    # Checked above, eagerly; the loop itself is a separate generator so bad input fails at the call.
-    limit = V if vocab_limit is None else min(V, vocab_limit)
-    return _decode_loop(
-        model, list(prompt_ids[-ctx:]), max_new_tokens, temperature, top_k, top_p, generator, eot_id, limit
-    )
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, ignore_eos=eot_id is None)
+    engine = one_shot_engine(model, vocab_limit, eot_id)
+    engine.add_request(list(prompt_ids), params)  # checks the prompt now, not at the first token
+    return _engine_tokens(engine, eot_id)
+
+
+def _engine_tokens(engine: Any, eot_id: int | None) -> Iterator[int]:
+    """Step a one-request engine, yielding its new tokens (end-of-text held out)."""
+    while engine.has_unfinished():
+        for out in engine.step():
+            for t in out.new_token_ids:
+                if out.finish_reason == "stop" and t == eot_id:
+                    return
+                yield t
 
 
 def window_keep(context_length: int) -> int:
     """Tokens kept when a full context slides: the most recent 3/4, re-encoded from position 0
     (one re-encode per ``context_length // 4`` new tokens instead of one per token)."""
     return max(1, context_length - context_length // 4)
-
-
-def _decode_loop(
-    model: Transformer,
-    ids: list[int],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator,
-    eot_id: int | None,
-    vocab_limit: int,
-) -> Iterator[int]:
-    """Prefill ``ids`` into a fresh KV cache, then sample and feed one token at a time."""
-    ctx = model.config.context_length
-    keep = window_keep(ctx)
-    cache = KVCache.for_model(model, batch_size=1)
-    was_training = model.training
-    model.eval()
-    try:
-        logits = _next_logits(model, ids, cache)
-        for _ in range(max_new_tokens):
-            nxt = int(sample_next(logits[:, :vocab_limit], temperature, top_k, top_p, generator)[0])
-            if eot_id is not None and nxt == eot_id:
-                return
-            ids.append(nxt)
-            yield nxt
-            if cache.length >= ctx:  # context full: re-encode the most recent tokens from position 0
-                cache.reset()
-                ids = ids[-keep:]
-                logits = _next_logits(model, ids, cache)
-            else:
-                logits = _next_logits(model, [nxt], cache)
-    finally:
-        model.train(was_training)
 
 
 def stream(

@@ -1,6 +1,9 @@
-"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus) sampling."""
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus) sampling,
+and ``SamplingParams``, one request's decoding settings for the engine."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -57,3 +60,39 @@ def sample_next(
     flat = probs.reshape(-1, probs.shape[-1])  # (N, V)
     ids = torch.multinomial(flat, num_samples=1, generator=generator)  # (N, 1)
     return ids.reshape(probs.shape[:-1])
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded by the engine (``kiln.generate.LLMEngine``)."""
+
+    max_tokens: int = 16
+    """Most tokens to generate (the request ends with finish_reason 'length')."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 is greedy (argmax)."""
+    top_k: int | None = None
+    """Sample among the k most likely tokens only (None: no top-k filter)."""
+    top_p: float | None = None
+    """Nucleus sampling: the smallest set of tokens holding this probability (None: no filter)."""
+    seed: int | None = None
+    """Seeds this request's own torch.Generator: same seed, same tokens, whatever else is batched."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: the text ends before the first one (needs the engine's tokenizer)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end the request (kept in token_ids, not in text), besides end-of-text."""
+    ignore_eos: bool = False
+    """Keep going past the end-of-text token."""
+    logprobs: int | None = None
+    """Return log-probabilities (of the model's distribution, before temperature and filters) for each
+    new token: 0 = only the sampled token's, k = also the k most likely alternatives."""
+
+    def __post_init__(self) -> None:
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 0")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise ValueError(f"logprobs={self.logprobs!r} must be None or an integer >= 0")
+        if isinstance(self.stop, str):  # a lone string is one stop string, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))

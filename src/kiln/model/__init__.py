@@ -14,8 +14,13 @@ from kiln.model.attention import (
     triton_attention,
 )
 from kiln.model.config import ModelConfig
-from kiln.model.hf import load_llama_state_dict, load_pretrained, save_pretrained, to_hf_state_dict
-from kiln.model.kv_cache import KVCache
+from kiln.model.hf import (
+    load_llama_state_dict,
+    load_pretrained,
+    save_pretrained,
+    to_hf_state_dict,
+)
+from kiln.model.kv_cache import KVCache, PagedKVCache, PagedMetadata
 from kiln.model.layers import (
     NORM_IMPLS,
     Embedding,
@@ -41,6 +46,8 @@ __all__ = [
     "Linear",
     "ModelConfig",
     "MultiHeadSelfAttention",
+    "PagedKVCache",
+    "PagedMetadata",
     "RMSNorm",
     "RotaryEmbedding",
     "SwiGLU",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kiln.model.kv_cache import KVCache
+from kiln.model.kv_cache import KVCache, PagedKVCache, PagedMetadata
 from kiln.model.layers import Linear, RMSNorm, RotaryEmbedding, scaled_dot_product_attention
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
@@ -85,6 +85,50 @@ ATTENTION_IMPLS: dict[str, AttentionFn] = {
 }
 
 
+def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetadata, fused: bool = False) -> Tensor:
+    """Attention of one engine step's packed queries over the paged cache: q (N, H, D) -> (N, H, D).
+
+    The step's keys/values are already in the pool (``PagedKVCache.write``). Three paths, one answer:
+    a decode step on CUDA runs Kiln's Triton kernel (``kiln.kernels.paged_attention``); a decode step
+    elsewhere gathers every sequence's blocks into one padded batch and masks past each length; a step
+    with prefill chunks gathers sequence by sequence and calls the causal kernel with the chunk's
+    offset (``kiln_attention``, or torch's SDPA when ``fused``).
+    """
+    if meta.decode and q.is_cuda:
+        from kiln.kernels.paged_attention import paged_decode_attention  # lazy: Triton is optional
+
+        return paged_decode_attention(q, k_pool, v_pool, meta.block_tables, meta.context_lens)
+    if meta.decode:
+        return _paged_decode_torch(q, k_pool, v_pool, meta)
+    from kiln.kernels.paged_attention import gather_blocks
+
+    out = torch.empty_like(q)
+    fn = sdpa_attention if fused else kiln_attention
+    start = 0
+    for b, (n, L) in enumerate(zip(meta.query_lens, meta.context_lens_list)):
+        k = gather_blocks(k_pool, meta.block_tables[b], L).transpose(0, 1)[None]  # (1, Hkv, L, D)
+        v = gather_blocks(v_pool, meta.block_tables[b], L).transpose(0, 1)[None]
+        q_b = q[start:start + n].transpose(0, 1)[None]  # (1, H, n, D)
+        out[start:start + n] = fn(q_b, k, v, L - n)[0].transpose(0, 1)
+        start += n
+    return out
+
+
+def _paged_decode_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetadata) -> Tensor:
+    """Decode step in plain PyTorch: q (B, H, D), one token per sequence -> (B, H, D)."""
+    B, H, D = q.shape
+    bs, Hkv = k_pool.shape[1], k_pool.shape[2]
+    n_blocks = -(-max(meta.context_lens_list) // bs)
+    tables = meta.block_tables[:, :n_blocks].long()  # (B, nb)
+    k = k_pool[tables].reshape(B, n_blocks * bs, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+    v = v_pool[tables].reshape(B, n_blocks * bs, Hkv, D).transpose(1, 2)
+    valid = torch.arange(n_blocks * bs, device=q.device)[None, :] < meta.context_lens[:, None]  # (B, S)
+    G = H // Hkv
+    qg = q.reshape(B, Hkv, G, D)  # heads h = kv*G + g are contiguous in the HF layout
+    out = scaled_dot_product_attention(qg, k, v, valid[:, None, None, :])  # (B, Hkv, G, D)
+    return out.reshape(B, H, D)
+
+
 class MultiHeadSelfAttention(nn.Module):
     """Causal self-attention with optional RoPE and grouped-query attention (Ainslie et al., arXiv:2305.13245).
 
@@ -145,17 +189,20 @@ class MultiHeadSelfAttention(nn.Module):
         self,
         x: Tensor,
         token_positions: Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | PagedKVCache | None = None,
     ) -> Tensor:
         """x: (B, T, d_model) -> (B, T, d_model).
 
         token_positions: (T,) or (B, T) RoPE positions; default ``offset + arange(T)`` where offset is
         the number of tokens already in ``kv_cache`` (0 without one). With ``kv_cache``, this layer's
         new keys/values are appended to it (the caller advances the cache after all layers).
+        With a ``PagedKVCache``, x is one engine step packed as (1, N, d_model) and token_positions
+        (N,) is required; keys/values go to the pool by ``kv_cache.meta`` (see ``paged_attention``).
         """
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        offset = 0 if kv_cache is None else kv_cache.length
+        paged = isinstance(kv_cache, PagedKVCache)
+        offset = kv_cache.length if isinstance(kv_cache, KVCache) else 0
         q = self.q_proj(x).view(B, T, H, D)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, Hkv, D)  # (B, T, Hkv, D)
         if self.q_norm is not None:
@@ -167,9 +214,18 @@ class MultiHeadSelfAttention(nn.Module):
                 token_positions = torch.arange(offset, offset + T, device=x.device)  # (T,)
             q = self.rope(q, token_positions)
             k = self.rope(k, token_positions)
+        if paged:
+            return self.o_proj(self._paged(q, k, v, kv_cache).reshape(B, T, H * D))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, offset + T, D)
         fn = ATTENTION_IMPLS[self.attention_impl] if isinstance(self.attention_impl, str) else self.attention_impl
         out = fn(q, k, v, offset)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.o_proj(out)
+
+    def _paged(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
+        """q (1, H, N, D), k/v (1, Hkv, N, D) of a packed engine step -> attention output (N, H, D)."""
+        i = self.layer_idx
+        cache.write(i, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, Hkv, D) into the pool
+        fused = self.attention_impl in ("sdpa", "triton")
+        return paged_attention(q[0].transpose(0, 1), cache.k[i], cache.v[i], cache.meta, fused)

@@ -96,3 +96,75 @@ class KVCache:
                 store[i] = new
         self.batch_size = len(rows)
         self.length = n
+
+
+class PagedKVCache:
+    """Keys and values in a pool of fixed-size blocks shared by many sequences (Kwon et al.,
+    "Efficient Memory Management for LLM Serving with PagedAttention", arXiv:2309.06180).
+
+    ``k[i]``, ``v[i]``: (num_blocks + 1, block_size, n_kv_heads, head_dim) for layer i. A sequence owns
+    a list of block ids (its *block table*, kept by ``kiln.generate.block_manager``); its token at
+    position p lives at slot ``table[p // block_size] * block_size + p % block_size``. The extra last
+    block (``scratch_block``) is never handed out: padded rows of a CUDA-graph batch write there.
+
+    The engine sets ``meta`` (a ``PagedMetadata``) before each forward; the model's attention then
+    writes the step's new keys/values by ``meta.slot_mapping`` and reads through ``meta.block_tables``.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        num_blocks: int,
+        block_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (num_blocks + 1, block_size, n_kv_heads, head_dim)
+        self.k: list[Tensor] = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v: list[Tensor] = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.scratch_block = num_blocks
+        self.meta: PagedMetadata | None = None
+
+    def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> None:
+        """Store k_new, v_new: (N, n_kv_heads, head_dim) at the slots ``meta.slot_mapping`` (N,)."""
+        assert self.meta is not None, "set PagedKVCache.meta before the forward pass"
+        slots = self.meta.slot_mapping
+        self.k[layer].view(-1, *k_new.shape[1:]).index_copy_(0, slots, k_new.to(self.k[layer].dtype))
+        self.v[layer].view(-1, *v_new.shape[1:]).index_copy_(0, slots, v_new.to(self.v[layer].dtype))
+
+    def nbytes(self) -> int:
+        """Bytes held by the pool (all layers, keys and values)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class PagedMetadata:
+    """Where one engine step's tokens go, for a forward pass over B sequences packed into N tokens.
+
+    Tensors (on the cache's device): ``slot_mapping`` (N,) long, the pool slot of each new token;
+    ``block_tables`` (B, max_blocks) int32; ``context_lens`` (B,) int32, tokens in the cache per
+    sequence after this step (cached + new); ``query_start`` (B + 1,) int32, where each sequence's
+    new tokens start in the packed N. Python copies of the lengths (``query_lens``, ``context_lens_list``)
+    drive the readable per-sequence prefill path without device syncs. ``decode``: every sequence
+    has exactly one new token (the Triton kernel's case, and the shape CUDA graphs capture).
+    """
+
+    def __init__(
+        self,
+        slot_mapping: Tensor,
+        block_tables: Tensor,
+        context_lens: Tensor,
+        query_start: Tensor,
+        query_lens: list[int],
+        context_lens_list: list[int],
+    ) -> None:
+        self.slot_mapping = slot_mapping
+        self.block_tables = block_tables
+        self.context_lens = context_lens
+        self.query_start = query_start
+        self.query_lens = query_lens
+        self.context_lens_list = context_lens_list
+        self.decode = all(n == 1 for n in query_lens)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from kiln.model.attention import AttentionFn, MultiHeadSelfAttention
 from kiln.model.config import ModelConfig
-from kiln.model.kv_cache import KVCache
+from kiln.model.kv_cache import KVCache, PagedKVCache
 from kiln.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, trunc_normal_
 
 
@@ -48,7 +48,7 @@ class TransformerBlock(nn.Module):
         self.mlp = SwiGLU(d_model, d_ff, device=device, dtype=dtype, impl=linear_impl)
 
     def forward(
-        self, x: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None
+        self, x: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | PagedKVCache | None = None
     ) -> Tensor:
         """x: (B, T, d_model) -> (B, T, d_model)."""
         x = x + self.self_attn(self.input_layernorm(x), token_positions, kv_cache)
@@ -129,17 +129,20 @@ class Transformer(nn.Module):
         self.norm.reset_parameters()
 
     def hidden_states(
-        self, idx: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | None = None
+        self, idx: Tensor, token_positions: Tensor | None = None, kv_cache: KVCache | PagedKVCache | None = None
     ) -> Tensor:
         """idx: (B, T) long -> final normed hidden states (B, T, d_model), before ``lm_head``.
 
         For fused linear + cross-entropy losses, which take these and ``lm_head.weight`` and never
-        materialize the (B, T, V) logits.
+        materialize the (B, T, V) logits. With a ``PagedKVCache`` (the engine), idx is one step packed
+        as (1, N) and token_positions (N,) is required.
         """
         if idx.ndim != 2:
             raise ValueError(f"Transformer input must be (batch, seq) token ids, got shape {tuple(idx.shape)}")
         T = idx.shape[1]
-        offset = 0 if kv_cache is None else kv_cache.length
+        if isinstance(kv_cache, PagedKVCache) and token_positions is None:
+            raise ValueError("a PagedKVCache forward needs token_positions (N,) for the packed tokens")
+        offset = kv_cache.length if isinstance(kv_cache, KVCache) else 0
         if token_positions is None and offset + T > self.config.context_length:
             raise ValueError(
                 f"sequence of {offset + T} tokens ({offset} cached + {T} new) exceeds "
@@ -148,7 +151,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, d_model)
         for layer in self.layers:
             x = layer(x, token_positions, kv_cache)
-        if kv_cache is not None:
+        if isinstance(kv_cache, KVCache):
             kv_cache.advance(T)
         return self.norm(x)
 

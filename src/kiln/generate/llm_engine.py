@@ -1,0 +1,344 @@
+"""``LLMEngine``: many requests decoded together over one paged KV cache (the layout of nano-vllm).
+
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=64))
+    rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=100, temperature=0.7, seed=1))
+    while engine.has_unfinished():
+        for out in engine.step():            # one scheduler step: outputs of requests that advanced
+            print(out.request_id, out.new_text, out.finished)
+
+A step asks the ``Scheduler`` which sequences run and how many tokens each (continuous batching,
+chunked prefill, preemption by recompute), the ``ModelRunner`` runs them as one packed forward over the
+``PagedKVCache`` whose blocks the ``BlockManager`` hands out (prefix sharing), then every sequence whose
+window is fully computed samples its next token with its own generator and checks its stop conditions.
+The engine is single-threaded; a server wraps it in its own thread. See docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kiln.generate.block_manager import BlockManager
+from kiln.generate.model_runner import ModelRunner
+from kiln.generate.sampling import SamplingParams, sample_next
+from kiln.generate.scheduler import Scheduler
+from kiln.generate.sequence import Sequence, Status
+from kiln.model import Transformer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Sizes and switches of one ``LLMEngine``."""
+
+    block_size: int = 16
+    """Tokens per KV-cache block (a power of two for the Triton decode kernel)."""
+    num_blocks: int | None = None
+    """Blocks in the pool. None: room for ``max_num_seqs`` full contexts, capped on CUDA at
+    ``gpu_memory_fraction`` of the free memory."""
+    max_num_seqs: int = 64
+    """Most sequences running at once (the largest decode batch)."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step: prompts longer than what is left are prefilled in chunks."""
+    enable_prefix_caching: bool = True
+    """Share full KV blocks between requests with the same prefix (hash-chained, reference-counted)."""
+    cuda_graphs: bool = True
+    """On CUDA, replay a captured graph for decode steps of up to ``max_num_seqs`` sequences."""
+    gpu_memory_fraction: float = 0.5
+    """With ``num_blocks=None`` on CUDA: at most this fraction of the free GPU memory for the cache."""
+    eos_token_id: int | None = None
+    """End-of-text id that ends a request; None: the tokenizer's ``eot_id`` (if any)."""
+    vocab_limit: int | None = None
+    """Never sample ids >= this (a model's vocabulary padded past the tokenizer's); None: the
+    tokenizer's ``vocab_size`` if it has one, else the model's."""
+    context_overflow: str = "stop"
+    """When a sequence fills the context: 'stop' ends it (finish_reason 'length') and refuses longer
+    prompts; 'slide' re-encodes its most recent 3/4 and goes on (old ``kiln generate`` behaviour)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.max_num_seqs < 1:
+            raise ValueError(f"block_size={self.block_size} and max_num_seqs={self.max_num_seqs} must be >= 1")
+        if self.context_overflow not in ("stop", "slide"):
+            raise ValueError(f"context_overflow={self.context_overflow!r}; use 'stop' or 'slide'")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                             f"max_num_seqs={self.max_num_seqs} (every running sequence decodes one token a step)")
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step (``step`` returns one per request that advanced)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    """Every token generated so far (a stop token id or end-of-text that ended it included)."""
+    new_token_ids: list[int]
+    """Tokens generated in this step."""
+    text: str
+    """Decoded text so far ('' without a tokenizer), cut before a stop string; while a stop string
+    could still be completing, its possible start is held back."""
+    new_text: str
+    """The part of ``text`` new in this step."""
+    logprobs: list[dict[int, float]] | None
+    """One dict per new token {token id: log-prob}: the sampled token first, then the top
+    alternatives (``SamplingParams.logprobs``); None when not asked for."""
+    finished: bool
+    finish_reason: str | None
+    """'stop' (end-of-text, stop token or string), 'length' (max_tokens or context), 'abort', or None."""
+    num_prompt_tokens: int
+    num_generated_tokens: int
+
+
+class LLMEngine:
+    """Continuous-batching generation over a paged KV cache for a Kiln ``Transformer``."""
+
+    def __init__(self, model: Transformer, tokenizer: Any = None, config: EngineConfig | None = None) -> None:
+        config = EngineConfig() if config is None else config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        mc = model.config
+        self.context_length = mc.context_length
+        self.device = next(model.parameters()).device
+        self.eos = config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eot_id", None)
+        tok_vocab = getattr(tokenizer, "vocab_size", None)
+        limit = config.vocab_limit if config.vocab_limit is not None else tok_vocab
+        self.vocab_limit = mc.vocab_size if not isinstance(limit, int) else min(limit, mc.vocab_size)
+        num_blocks = config.num_blocks or self._default_num_blocks()
+        per_seq = -(-mc.context_length // config.block_size)
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks} must be >= 1")
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        graphs = config.max_num_seqs if config.cuda_graphs else 0
+        self.runner = ModelRunner(model, num_blocks, config.block_size, graphs)
+        self.max_seq_tokens = min(mc.context_length, num_blocks * config.block_size)
+        self._per_seq_blocks = per_seq
+        self._seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.num_finished = 0
+
+    def _default_num_blocks(self) -> int:
+        cfg, mc = self.config, self.model.config
+        want = cfg.max_num_seqs * -(-mc.context_length // cfg.block_size)
+        if self.device.type != "cuda":
+            return want
+        itemsize = next(self.model.parameters()).element_size()
+        per_block = 2 * mc.n_layers * cfg.block_size * mc.n_kv_heads * mc.head_dim * itemsize
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(1, min(want, int(free * cfg.gpu_memory_fraction) // per_block))
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; returns its id (``request_id`` or a fresh one). Raises ValueError on a bad
+        prompt (empty, an id outside the vocabulary, too long for the context or the cache)."""
+        params = SamplingParams() if params is None else params
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self._seqs:
+            raise ValueError(f"request_id {rid!r} is already in the engine")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt is empty; give at least one token (e.g. the end-of-text id)")
+        V = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary of {V}; "
+                             "the tokenizer does not match this model")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the engine to have a tokenizer; use stop_token_ids instead")
+        gen = torch.Generator(device=self.device)
+        if params.seed is not None:
+            gen.manual_seed(params.seed)
+        else:
+            gen.seed()
+        streamer = None
+        if self.tokenizer is not None:
+            from kiln.generate.engine import TextStreamer
+
+            streamer = TextStreamer(self.tokenizer)
+        seq = Sequence(rid, prompt, params, gen, streamer)
+        if self.config.context_overflow == "slide":
+            seq.window_start = max(0, len(prompt) - self.max_seq_tokens)
+        elif len(prompt) > self.max_seq_tokens:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the context of {self.max_seq_tokens} tokens "
+                             "(the model's context_length, or the KV cache); shorten it")
+        self._seqs[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request: its blocks are freed at once. Returns its last output (finish_reason
+        'abort'), or None if the id is unknown or already finished."""
+        seq = self._seqs.pop(str(request_id), None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        seq.finish_reason = "abort"
+        self.num_finished += 1
+        return self._output(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block (call after changing the model's weights in place)."""
+        for block in self.blocks.blocks:
+            if block.ref_count == 0:
+                block.hash, block.token_ids = None, ()
+        self.blocks.hash_to_block = {h: b for h, b in self.blocks.hash_to_block.items()
+                                     if self.blocks.blocks[b].ref_count > 0}
+
+    # -- the step ---------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; outputs for the requests that produced a token (or finished)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.waiting and not self.scheduler.running and self.blocks.num_free == self.blocks.num_blocks:
+                seq = self.scheduler.waiting[0]
+                raise RuntimeError(f"request {seq.request_id!r} cannot fit the KV cache ({self.blocks.num_blocks} "
+                                   f"blocks of {self.blocks.block_size}); raise EngineConfig.num_blocks")
+            return []
+        logits = self.runner.run(batch)  # (B, V) fp32
+        logits = logits[:, :self.vocab_limit]
+        greedy = logits.argmax(dim=-1).tolist()
+        outputs = []
+        for i, (seq, n) in enumerate(batch):
+            seq.num_computed += n
+            self.blocks.publish_full_blocks(seq)
+            if seq.num_uncomputed > 0:  # a prefill chunk: the prompt's end is still to come
+                continue
+            p = seq.params
+            if p.max_tokens == 0:
+                self._finish(seq, "length")
+                outputs.append(self._output(seq))
+                continue
+            tok = greedy[i] if p.temperature == 0 else int(sample_next(logits[i], p.temperature, p.top_k,
+                                                                       p.top_p, seq.generator))
+            if p.logprobs is not None:
+                seq.logprobs.append(_logprobs(logits[i], tok, p.logprobs))
+            self._append(seq, tok)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _append(self, seq: Sequence, tok: int) -> None:
+        """Add a sampled token to ``seq`` and finish or slide it when a limit is reached."""
+        p = seq.params
+        seq.token_ids.append(tok)
+        if (tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            return self._finish(seq, "stop")
+        if seq.streamer is not None:
+            before = len(seq.text)
+            seq.text += seq.streamer.push(tok)
+            if p.stop and self._cut_at_stop(seq, before):
+                return self._finish(seq, "stop", flush=False)
+        if len(seq.output_token_ids) >= p.max_tokens:
+            return self._finish(seq, "length")
+        if seq.num_window_tokens > self.max_seq_tokens:  # the next token has no position left
+            if self.config.context_overflow == "stop":
+                return self._finish(seq, "length")
+            self.blocks.release(seq)  # slide: recompute the most recent 3/4 of the context
+            keep = max(1, self.max_seq_tokens - self.max_seq_tokens // 4)
+            seq.window_start = len(seq.token_ids) - keep
+        return None
+
+    def _cut_at_stop(self, seq: Sequence, before: int) -> bool:
+        """Cut ``seq.text`` before the first stop string that the new text completes."""
+        longest = max(map(len, seq.params.stop))
+        start = max(0, before - longest + 1)
+        hits = [i for i in (seq.text.find(s, start) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            return False
+        seq.text = seq.text[:min(hits)]
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, flush: bool = True) -> None:
+        """End ``seq``: free its blocks; the streamer's held-back bytes join the text unless a stop
+        string cut it."""
+        seq.finish_reason = reason
+        if flush and seq.streamer is not None:
+            seq.text += seq.streamer.flush()
+        self.scheduler.finish(seq)
+        self._seqs.pop(seq.request_id, None)
+        self.num_finished += 1
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        out = seq.output_token_ids
+        new = out[seq.num_tokens_emitted:]
+        seq.num_tokens_emitted = len(out)
+        visible = len(seq.text)
+        if seq.params.stop and not seq.finished:  # hold back what may be the start of a stop string
+            visible = max(seq.num_text_emitted, visible - max(map(len, seq.params.stop)) + 1)
+        new_text = seq.text[seq.num_text_emitted:visible]
+        seq.num_text_emitted = visible
+        lps = None
+        if seq.params.logprobs is not None:
+            lps = seq.logprobs[len(seq.logprobs) - len(new):] if new else []
+        return RequestOutput(seq.request_id, seq.prompt_token_ids, list(out), new, seq.text[:visible], new_text,
+                             lps, seq.finished, seq.finish_reason, seq.num_prompt_tokens, len(out))
+
+    # -- conveniences -------------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run ``prompts`` (token lists) to completion; final outputs in the order of ``prompts``.
+
+        Each output covers its whole request: ``new_token_ids``, ``new_text`` and ``logprobs`` hold
+        every generated token, not only the last step's."""
+        params = SamplingParams() if params is None else params
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        final: dict[str, RequestOutput] = {}
+        lps: dict[str, list[dict[int, float]]] = {r: [] for r in rids}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(rids), desc="generate", unit="req")
+        try:
+            while self.has_unfinished():
+                for out in self.step():
+                    lps[out.request_id] += out.logprobs or []
+                    if out.finished:
+                        final[out.request_id] = out
+                        out.new_token_ids, out.new_text = list(out.token_ids), out.text
+                        out.logprobs = None if out.logprobs is None else lps[out.request_id]
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [final[r] for r in rids]
+
+    def stats(self) -> dict[str, Any]:
+        """Cache and queue counters: free/used blocks, waiting/running, preemptions, prefix-cache hits."""
+        b = self.blocks
+        return {
+            "num_blocks": b.num_blocks, "free_blocks": b.num_free, "used_blocks": b.num_blocks - b.num_free,
+            "block_size": b.block_size, "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running), "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hits": b.prefix_hits, "prefix_cache_queries": b.prefix_queries,
+            "finished": self.num_finished,
+        }
+
+
+def _logprobs(logits: Tensor, tok: int, k: int) -> dict[int, float]:
+    """{sampled id: log-prob, then the k most likely ids: log-prob} under the model's distribution."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    out = {tok: float(lp[tok])}
+    if k:
+        vals, ids = lp.topk(k)
+        for v, i in zip(vals.tolist(), ids.tolist()):
+            out.setdefault(i, v)
+    return out
+
+
+__all__ = ["EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams", "Status"]

@@ -1,0 +1,96 @@
+"""``Scheduler``: which sequences run in the next step, and how many of their tokens (continuous
+batching with chunked prefill, as in Orca (Yu et al., OSDI 2022) and vLLM / Sarathi (arXiv:2308.16369)).
+
+Every step has a token budget (``max_num_batched_tokens``). Running sequences go first, oldest first:
+a decoding sequence needs one token, one still prefilling takes what is left of its prompt up to the
+budget (a long prompt is computed in chunks over several steps, so it never stalls the others'
+decoding). Then waiting sequences are admitted, oldest first, while the budget, the sequence limit
+and the free blocks allow; each takes its longest cached prefix from the block manager first.
+
+When a running sequence needs a block and none is free, the newest running sequence is *preempted by
+recompute*: its blocks are released and it goes back to the front of the waiting queue with its tokens
+(prompt + generated so far), to be prefilled again later. Requests join and leave between steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from kiln.generate.block_manager import BlockManager
+from kiln.generate.sequence import Sequence, Status
+
+
+class Scheduler:
+    """The waiting queue and the running list over one ``BlockManager``."""
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} < max_num_seqs={max_num_seqs}: "
+                             "every running sequence needs a token per step; raise the budget")
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the queues and free its blocks (done, or aborted)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.FINISHED
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """This step's work: (sequence, number of its tokens to compute), running ones first."""
+        budget = self.max_num_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted below to make room for an older one
+                continue
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.can_grow(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                self.blocks.grow(seq, n)
+                batch.append((seq, n))
+                budget -= n
+        # Admit new work only when nothing was preempted: otherwise the preempted would thrash.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.blocks.match_prefix(seq)
+            n = min(seq.num_window_tokens - len(hits) * self.blocks.block_size, budget)
+            if not self.blocks.can_admit(seq, hits, n):
+                break
+            self.waiting.popleft()
+            self.blocks.admit(seq, hits)
+            self.blocks.grow(seq, n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Release ``seq``'s blocks and requeue it at the front (it is recomputed when readmitted)."""
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

@@ -1,0 +1,154 @@
+"""Attention over a paged KV cache: the reference (gather the blocks, plain attention) and a Triton
+decode kernel (one new query token per sequence; Kwon et al., arXiv:2309.06180).
+
+The pool holds fixed-size blocks: ``k_pool``, ``v_pool`` (num_blocks, block_size, Hkv, D). Sequence
+b owns blocks ``block_tables[b, :ceil(context_lens[b] / block_size)]``; its position p lives in block
+``block_tables[b, p // block_size]`` at row ``p % block_size``. Queries are packed: sequence b's new
+tokens are rows ``query_start[b]:query_start[b+1]`` of q (N, H, D) and sit at the last positions of its
+context, so they attend causally to every cached key before them. Query head h reads key/value head
+``h // (H // Hkv)`` (the Hugging Face Llama grouping).
+
+The decode kernel runs one program per (sequence, key/value head): it loads that head's G = H / Hkv
+queries once, walks the sequence's blocks through the block table with an online softmax
+(Milakov & Gimelshein, arXiv:1805.02867), and never materializes the gathered keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kiln.kernels._backend import HAVE_TRITON, unsupported_reason, warn_fallback
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def gather_blocks(pool: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` cached rows of one sequence: pool (NB, bs, Hkv, D), table (>= blocks,)
+    -> (length, Hkv, D), a copy in position order."""
+    bs = pool.shape[1]
+    n_blocks = -(-length // bs)
+    return pool[table[:n_blocks].long()].reshape(n_blocks * bs, *pool.shape[2:])[:length]
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start: torch.Tensor,
+) -> torch.Tensor:
+    """Reference: for each sequence, gather its keys/values and run causal softmax attention in fp32.
+
+    q (N, H, D); pools (NB, bs, Hkv, D); block_tables (B, max_blocks) int; context_lens (B,) int;
+    query_start (B + 1,) int. Returns (N, H, D) in q's dtype.
+    """
+    _, H, D = q.shape
+    Hkv = k_pool.shape[2]
+    out = torch.empty_like(q)
+    starts = query_start.tolist()
+    for b, L in enumerate(context_lens.tolist()):
+        s, e = starts[b], starts[b + 1]
+        n = e - s
+        k = gather_blocks(k_pool, block_tables[b], L).float().repeat_interleave(H // Hkv, dim=1)  # (L, H, D)
+        v = gather_blocks(v_pool, block_tables[b], L).float().repeat_interleave(H // Hkv, dim=1)
+        scores = torch.einsum("nhd,lhd->hnl", q[s:e].float(), k) / math.sqrt(D)  # (H, n, L)
+        q_pos = torch.arange(L - n, L, device=q.device)  # the new tokens are the last n positions
+        allowed = torch.arange(L, device=q.device)[None, :] <= q_pos[:, None]  # (n, L)
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        out[s:e] = torch.einsum("hnl,lhd->nhd", probs, v).to(q.dtype)
+    return out
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _paged_decode_kernel(
+        Q, K, V, O, TABLES, LENS, scale,
+        stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_ob, stride_oh,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        t = tl.arange(0, BS)
+        g_ok = g < G
+        d_ok = d < D
+        heads = kvh * G + g  # the query heads that read this key/value head
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale  # (G, D)
+        L = tl.load(LENS + b)
+        m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        s_sum = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+        for j in range(tl.cdiv(L, BS)):
+            blk = tl.load(TABLES + b * stride_tb + j).to(tl.int64)
+            pos = j * BS + t
+            kv_ok = (pos < L)[:, None] & d_ok[None, :]
+            off = blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :]
+            k = tl.load(K + off, mask=kv_ok, other=0.0).to(tl.float32)  # (BS, D)
+            v = tl.load(V + off, mask=kv_ok, other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (G, BS)
+            s = tl.where((pos < L)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            s_sum = s_sum * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m = m_new
+        out = acc / s_sum[:, None]
+        tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
+
+
+def _decode_reason(q: torch.Tensor, k_pool: torch.Tensor) -> str | None:
+    reason = unsupported_reason(q, k_pool)
+    if reason is not None:
+        return reason
+    if q.dtype not in SUPPORTED_DTYPES or k_pool.dtype != q.dtype:
+        return f"dtype {q.dtype} / pool {k_pool.dtype} (the kernel takes fp32/fp16/bf16, one dtype)"
+    bs = k_pool.shape[1]
+    if bs & (bs - 1):
+        return f"block_size {bs} is not a power of two"
+    return None
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> torch.Tensor:
+    """One query token per sequence over its paged keys/values: q (B, H, D) -> (B, H, D).
+
+    pools (NB, bs, Hkv, D), contiguous; block_tables (B, max_blocks) int32; context_lens (B,) int32
+    (the query is the last position of each context). Triton on CUDA (or the CPU under
+    TRITON_INTERPRET=1); elsewhere ``paged_attention_ref`` with one warning. No host sync: safe to
+    capture in a CUDA graph.
+    """
+    reason = _decode_reason(q, k_pool)
+    B, H, D = q.shape
+    if reason is not None:
+        warn_fallback("paged_decode_attention", reason)
+        starts = torch.arange(B + 1, device=q.device, dtype=torch.int32)
+        return paged_attention_ref(q, k_pool, v_pool, block_tables, context_lens, starts)
+    Hkv, bs = k_pool.shape[2], k_pool.shape[1]
+    G = H // Hkv
+    out = torch.empty_like(q)
+    assert k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.stride() == v_pool.stride()
+    q = q.contiguous()
+    _paged_decode_kernel[(B, Hkv)](
+        q, k_pool, v_pool, out, block_tables, context_lens, 1.0 / math.sqrt(D),
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        G=G, D=D, BLOCK_G=max(triton.next_power_of_2(G), 1), BLOCK_D=triton.next_power_of_2(D), BS=bs,
+    )
+    return out

@@ -1,0 +1,167 @@
+"""The engine (paged KV cache, continuous batching, prefix sharing, preemption) against one-at-a-time
+uncached generation, on a tiny random model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kiln.generate import EngineConfig, LLMEngine, SamplingParams
+from kiln.model import ModelConfig, Transformer
+
+CFG = ModelConfig(vocab_size=257, context_length=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+EOT = 256
+
+
+class ByteTokenizer:
+    eot_id = EOT
+    vocab_size = 257
+
+    def __init__(self) -> None:
+        self.vocab = {i: bytes([i]) for i in range(256)}
+        self.vocab[EOT] = b"<|endoftext|>"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(CFG).eval()
+
+
+@torch.no_grad()
+def uncached_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[0, len(prompt):].tolist()
+
+
+def _prompts(n: int, seed: int = 1) -> list[list[int]]:
+    """Mixed lengths; every other prompt starts with the same 20 tokens (prefix sharing)."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(0, 256, (20,), generator=g).tolist()
+    out = []
+    for i in range(n):
+        L = int(torch.randint(1, 30, (1,), generator=g))
+        out.append((shared if i % 2 else []) + torch.randint(0, 256, (L,), generator=g).tolist())
+    return out
+
+
+def test_concurrent_greedy_equals_one_at_a_time_with_sharing_and_preemption(model):
+    prompts = _prompts(12)
+    # 24 blocks of 4 tokens for 6 sequences of up to 61 tokens: preemption is forced; a 16-token budget
+    # chunks every prompt longer than what is left of a step.
+    eng = LLMEngine(model, None, EngineConfig(block_size=4, num_blocks=24, max_num_seqs=6, max_num_batched_tokens=16))
+    outs = eng.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+    s = eng.stats()
+    assert s["preemptions"] > 0 and s["prefix_cache_hits"] > 0
+    assert s["free_blocks"] == s["num_blocks"] == 24 and s["running"] == s["waiting"] == 0
+    assert all(b.ref_count == 0 for b in eng.blocks.blocks)
+    for p, o in zip(prompts, outs):
+        assert o.finished and o.finish_reason == "length" and len(o.token_ids) == 12
+        assert o.token_ids == uncached_greedy(model, p, 12), f"prompt of {len(p)} tokens"
+
+
+def test_requests_join_between_steps_and_a_long_prompt_is_chunked(model):
+    eng = LLMEngine(model, None, EngineConfig(block_size=4, max_num_seqs=4, max_num_batched_tokens=8))
+    short = eng.add_request([1, 2, 3], SamplingParams(max_tokens=20, temperature=0))
+    eng.step()  # prefill: the first token
+    long_prompt = list(range(40, 90))  # 50 tokens: 7 steps at 8 tokens a step, shared with the decoder
+    rid = eng.add_request(long_prompt, SamplingParams(max_tokens=3, temperature=0))
+    steps_with_short = 0
+    final = {}
+    while eng.has_unfinished():
+        outs = {o.request_id: o for o in eng.step()}
+        steps_with_short += short in outs and rid not in final
+        final.update({k: v for k, v in outs.items() if v.finished})
+    assert steps_with_short >= 6  # the short request kept decoding while the long one prefilled
+    assert final[rid].token_ids == uncached_greedy(model, long_prompt, 3)
+    assert final[short].token_ids == uncached_greedy(model, [1, 2, 3], 20)
+
+
+def test_seed_reproduces_whatever_is_batched_alongside(model):
+    p = SamplingParams(max_tokens=10, temperature=1.0, top_k=50, seed=123)
+    alone = LLMEngine(model).generate([[5, 6, 7]], p)[0].token_ids
+    crowd = LLMEngine(model).generate([[9] * 30, [5, 6, 7], [1, 2]], [SamplingParams(max_tokens=5, seed=1), p,
+                                                                      SamplingParams(max_tokens=8)])[1].token_ids
+    other = LLMEngine(model).generate([[5, 6, 7]], SamplingParams(max_tokens=10, top_k=50, seed=124))[0].token_ids
+    assert alone == crowd and alone != other
+
+
+def test_abort_frees_blocks_at_once(model):
+    eng = LLMEngine(model, None, EngineConfig(block_size=4, num_blocks=40))
+    a = eng.add_request(list(range(30)), SamplingParams(max_tokens=30, temperature=0))
+    b = eng.add_request(list(range(30)), SamplingParams(max_tokens=30, temperature=0))
+    for _ in range(3):
+        eng.step()
+    used = eng.stats()["used_blocks"]
+    out = eng.abort(a)
+    assert out.finished and out.finish_reason == "abort" and eng.abort(a) is None
+    assert 0 < eng.stats()["used_blocks"] < used  # b still holds its blocks (some shared with a's prefix)
+    eng.abort(b)
+    assert eng.stats()["used_blocks"] == 0 and not eng.has_unfinished()
+
+
+def test_stops_text_and_logprobs(model):
+    tok = ByteTokenizer()
+    eng = LLMEngine(model, tok)
+    base = eng.generate([[104, 105]], SamplingParams(max_tokens=12, temperature=0))[0]
+    assert base.text == tok.decode(base.token_ids)
+    # a stop token id ends the request at its first occurrence, the token kept in token_ids
+    t = base.token_ids[4]
+    o = eng.generate([[104, 105]], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(t,)))[0]
+    assert o.finish_reason == "stop" and o.token_ids == base.token_ids[:base.token_ids.index(t) + 1]
+    # a stop string cuts the text before it; streamed deltas add up to the final text
+    stop = base.text[3:5]
+    eng.add_request([104, 105], SamplingParams(max_tokens=12, temperature=0, stop=(stop,)), "s")
+    pieces, last = [], None
+    while eng.has_unfinished():
+        for out in eng.step():
+            pieces.append(out.new_text)
+            last = out
+    assert last.finish_reason == "stop" and last.text == base.text[:base.text.index(stop)] == "".join(pieces)
+    # logprobs: the sampled token first, then the top 3, all <= 0 and normalized
+    o = eng.generate([[104, 105]], SamplingParams(max_tokens=3, temperature=0, logprobs=3))[0]
+    assert len(o.logprobs) == 3 and all(len(d) == 3 for d in o.logprobs)  # greedy: sampled is the top-1
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([[104, 105]]))[0, -1].float(), -1)
+    assert math.isclose(o.logprobs[0][o.token_ids[0]], float(ref.max()), abs_tol=1e-4)
+
+
+def test_eos_and_context_limit(model):
+    eng = LLMEngine(model, None, EngineConfig(eos_token_id=None))
+    first = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=1, temperature=0))[0].token_ids[0]
+    eng2 = LLMEngine(model, None, EngineConfig(eos_token_id=first))
+    o = eng2.generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0))[0]
+    assert o.finish_reason == "stop" and o.token_ids == [first]
+    o = eng2.generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert o.finish_reason == "length" and len(o.token_ids) == 5
+    o = eng.generate([list(range(60))], SamplingParams(max_tokens=50, temperature=0))[0]
+    assert o.finish_reason == "length" and len(o.token_ids) == 5  # positions 60..63, then one last token
+
+
+def test_bad_requests(model):
+    eng = LLMEngine(model)
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match="vocabulary"):
+        eng.add_request([999], SamplingParams())
+    with pytest.raises(ValueError, match="context"):
+        eng.add_request(list(range(65)), SamplingParams())
+    with pytest.raises(ValueError, match="tokenizer"):
+        eng.add_request([1], SamplingParams(stop=("x",)))
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=-1)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    eng.add_request([1], SamplingParams(), "x")
+    with pytest.raises(ValueError, match="already"):
+        eng.add_request([1], SamplingParams(), "x")
