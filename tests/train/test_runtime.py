@@ -32,7 +32,21 @@ from kiln.train import (
 )
 from kiln.train.metrics import read_metrics
 
-from conftest import VOCAB, small_config
+
+def _train_conftest():
+    """tests/train/conftest.py by path: `from conftest import` takes whichever conftest pytest
+    imported last (tests/data's when the whole suite is collected)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("kiln_tests_train_conftest", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_conftest = _train_conftest()
+VOCAB, small_config = _conftest.VOCAB, _conftest.small_config
 
 
 class Interrupted(Exception):
