@@ -4,8 +4,11 @@ clock-driven schedule and the fused loss."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,20 +35,11 @@ from kiln.train import (
 )
 from kiln.train.metrics import read_metrics
 
-
-def _train_conftest():
-    """tests/train/conftest.py by path: `from conftest import` takes whichever conftest pytest
-    imported last (tests/data's when the whole suite is collected)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("kiln_tests_train_conftest", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_conftest = _train_conftest()
+# tests/train/conftest.py by path: a bare `from conftest import` picks whichever conftest module
+# another folder's tests loaded first when the whole suite runs.
+_spec = importlib.util.spec_from_file_location("train_conftest", Path(__file__).with_name("conftest.py"))
+_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_conftest)
 VOCAB, small_config = _conftest.VOCAB, _conftest.small_config
 
 

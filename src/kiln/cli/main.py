@@ -23,8 +23,11 @@ COMMAND_MODULES = [
     "kiln.cli.tokenize",
     "kiln.cli.train",
     "kiln.cli.eval",
+    "kiln.cli.align",
     "kiln.cli.generate",
     "kiln.cli.export",
+    "kiln.cli.serve",
+    "kiln.cli.scaling",
     "kiln.cli.bench",
     "kiln.cli.profile",
 ]

@@ -54,6 +54,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--tiktoken", default=None, metavar="PATH", help="write a .tiktoken ranks file here")
     e.set_defaults(func=run_export)
 
+    a = sub.add_parser("add-special", help="add chat (or other) special tokens to a trained tokenizer",
+                       formatter_class=fmt,
+                       description="Write a copy of a tokenizer with special tokens added after its largest id "
+                                   "(ordinary ids unchanged). --chat adds Kiln's chat tokens (<|system|>, <|user|>, "
+                                   "<|assistant|>, <|end|>) and writes tokenizer_config.json with the Hugging Face "
+                                   "chat_template beside it. The model's embedding grows at `kiln sft` start.")
+    a.add_argument("tokenizer", help="tokenizer artifact dir or tokenizer.json")
+    a.add_argument("--out", "-o", required=True, help="output directory")
+    a.add_argument("--chat", action="store_true", help="add Kiln's chat tokens")
+    a.add_argument("--tokens", nargs="*", default=[], metavar="TOKEN", help="other special tokens to add")
+    a.set_defaults(func=run_add_special)
+
 
 def run_train(args: argparse.Namespace) -> int:
     """Build the config from ``args`` and run the stage."""
@@ -94,4 +106,29 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"wrote {save_hf(tok, args.hf)}")
     if args.tiktoken:
         print(f"wrote {save_tiktoken(tok, args.tiktoken)} (special tokens: {tok.special_tokens})")
+    return 0
+
+
+def run_add_special(args: argparse.Namespace) -> int:
+    """Add the tokens and write OUT/tokenizer.json (+ the Hugging Face files with --chat)."""
+    from pathlib import Path
+
+    from kiln.align.chat import add_chat_tokens, save_hf_tokenizer
+    from kiln.tokenizer.tokenizer import Tokenizer
+
+    if not args.chat and not args.tokens:
+        raise ValueError("nothing to add: pass --chat and/or --tokens TOKEN ...")
+    tok = Tokenizer.load(args.tokenizer)
+    if args.tokens:
+        specials = sorted(tok.special_tokens, key=tok.special_tokens.__getitem__)
+        specials += [t for t in args.tokens if t not in tok.special_tokens]
+        tok = Tokenizer(tok.vocab, tok.merges, specials, pattern=tok.pattern)
+    if args.chat:
+        tok = add_chat_tokens(tok)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    hf = out / "hf"
+    save_hf_tokenizer(tok, hf)
+    print(f"wrote {out / 'tokenizer.json'} and {hf}/ (Hugging Face files); special tokens: {tok.special_tokens}")
     return 0

@@ -145,3 +145,4 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed = 0
+        seq.draft_computed = 0

@@ -23,10 +23,11 @@ import torch
 from torch import Tensor
 
 from kiln.generate.block_manager import BlockManager
-from kiln.generate.model_runner import ModelRunner
+from kiln.generate.model_runner import MAX_ROW_TOKENS, ModelRunner, StepItem
 from kiln.generate.sampling import SamplingParams, sample_next
 from kiln.generate.scheduler import Scheduler
 from kiln.generate.sequence import Sequence, Status
+from kiln.generate.speculative import make_proposer
 from kiln.model import Transformer
 
 
@@ -47,6 +48,9 @@ class EngineConfig:
     """Share full KV blocks between requests with the same prefix (hash-chained, reference-counted)."""
     cuda_graphs: bool = True
     """On CUDA, replay a captured graph for decode steps of up to ``max_num_seqs`` sequences."""
+    compile_decode: bool = False
+    """Also ``torch.compile`` the captured decode step (fusing the elementwise work between matmuls;
+    one compilation per captured batch size, so best with a small ``max_num_seqs``)."""
     gpu_memory_fraction: float = 0.5
     """With ``num_blocks=None`` on CUDA: at most this fraction of the free GPU memory for the cache."""
     eos_token_id: int | None = None
@@ -54,6 +58,14 @@ class EngineConfig:
     vocab_limit: int | None = None
     """Never sample ids >= this (a model's vocabulary padded past the tokenizer's); None: the
     tokenizer's ``vocab_size`` if it has one, else the model's."""
+    speculative: str = "none"
+    """Speculative decoding of greedy requests: 'none', 'ngram' (prompt lookup: drafts copied from an
+    earlier occurrence of the last few tokens) or 'draft' (a small Kiln model, ``LLMEngine(draft_model=)``).
+    The output is exactly plain greedy decoding's; sampled requests decode one token a step."""
+    num_speculative_tokens: int = 4
+    """Draft tokens verified per step and sequence."""
+    ngram_max: int = 3
+    """Prompt lookup: the longest tail n-gram searched for (then shorter ones, down to 1)."""
     context_overflow: str = "stop"
     """When a sequence fills the context: 'stop' ends it (finish_reason 'length') and refuses longer
     prompts; 'slide' re-encodes its most recent 3/4 and goes on (old ``kiln generate`` behaviour)."""
@@ -61,6 +73,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1:
             raise ValueError(f"block_size={self.block_size} and max_num_seqs={self.max_num_seqs} must be >= 1")
+        if self.speculative not in ("none", "ngram", "draft"):
+            raise ValueError(f"speculative={self.speculative!r}; use 'none', 'ngram' or 'draft'")
+        if self.num_speculative_tokens < 1 or self.ngram_max < 1:
+            raise ValueError("num_speculative_tokens and ngram_max must be >= 1")
         if self.context_overflow not in ("stop", "slide"):
             raise ValueError(f"context_overflow={self.context_overflow!r}; use 'stop' or 'slide'")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -96,7 +112,10 @@ class RequestOutput:
 class LLMEngine:
     """Continuous-batching generation over a paged KV cache for a Kiln ``Transformer``."""
 
-    def __init__(self, model: Transformer, tokenizer: Any = None, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: Transformer, tokenizer: Any = None, config: EngineConfig | None = None,
+                 draft_model: Transformer | None = None) -> None:
+        """``draft_model``: the small model that drafts tokens when ``config.speculative == 'draft'``
+        (same vocabulary; it gets its own paged cache with the same block tables)."""
         config = EngineConfig() if config is None else config
         self.model = model
         self.tokenizer = tokenizer
@@ -113,11 +132,16 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        graphs = config.max_num_seqs if config.cuda_graphs else 0
-        self.runner = ModelRunner(model, num_blocks, config.block_size, graphs)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self._lookahead)
+        rows = config.max_num_seqs * (1 + config.num_speculative_tokens if config.speculative != "none" else 1)
+        graphs = rows if config.cuda_graphs else 0
+        self.runner = ModelRunner(model, num_blocks, config.block_size, graphs, config.compile_decode)
         self.max_seq_tokens = min(mc.context_length, num_blocks * config.block_size)
         self._per_seq_blocks = per_seq
+        self.proposer = make_proposer(config, model, draft_model, num_blocks, self.vocab_limit)
+        if config.num_speculative_tokens + 1 > MAX_ROW_TOKENS and config.speculative != "none":
+            raise ValueError(f"num_speculative_tokens must be <= {MAX_ROW_TOKENS - 1}")
+        self.spec_counts = {"proposed": 0, "accepted": 0}
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.num_finished = 0
@@ -205,27 +229,91 @@ class LLMEngine:
                 raise RuntimeError(f"request {seq.request_id!r} cannot fit the KV cache ({self.blocks.num_blocks} "
                                    f"blocks of {self.blocks.block_size}); raise EngineConfig.num_blocks")
             return []
-        logits = self.runner.run(batch)  # (B, V) fp32
-        logits = logits[:, :self.vocab_limit]
+        drafts = self._propose(batch)
+        items = []
+        for seq, n in batch:
+            c, d = seq.num_computed, drafts.get(seq.request_id, [])
+            items.append(StepItem(seq, c, seq.window[c:c + n - len(d)] + d if d else seq.window[c:c + n], 1 + len(d)))
+        logits = self.runner.run(items)[:, :self.vocab_limit]  # (rows, V) fp32: one row per wanted position
         greedy = logits.argmax(dim=-1).tolist()
+        sampled = self._sample(items, logits)
         outputs = []
-        for i, (seq, n) in enumerate(batch):
-            seq.num_computed += n
+        row = 0
+        for it, (seq, n) in zip(items, batch):
+            rows = range(row, row + it.n_logits)
+            row += it.n_logits
+            if it.n_logits > 1:  # speculative: keep the drafts the model agrees with, then its own token
+                self._accept(seq, it.tokens[1:], [greedy[r] for r in rows], logits[rows.start:rows.stop])
+                outputs.append(self._output(seq))
+                continue
+            seq.num_computed += len(it.tokens)  # n, or 1 when speculation found no draft
             self.blocks.publish_full_blocks(seq)
             if seq.num_uncomputed > 0:  # a prefill chunk: the prompt's end is still to come
                 continue
-            p = seq.params
+            p, i = seq.params, rows.start
             if p.max_tokens == 0:
                 self._finish(seq, "length")
                 outputs.append(self._output(seq))
                 continue
-            tok = greedy[i] if p.temperature == 0 else int(sample_next(logits[i], p.temperature, p.top_k,
-                                                                       p.top_p, seq.generator))
+            tok = greedy[i] if p.temperature == 0 else sampled[i]
             if p.logprobs is not None:
                 seq.logprobs.append(_logprobs(logits[i], tok, p.logprobs))
             self._append(seq, tok)
             outputs.append(self._output(seq))
         return outputs
+
+    def _sample(self, items: list[StepItem], logits: Tensor) -> dict[int, int]:
+        """Sampled token per logits row of the items that sample this step (temperature > 0): each
+        row draws with its request's own generator; one host sync for all of them."""
+        rows, draws = [], []
+        row = 0
+        for it in items:
+            seq, p = it.seq, it.seq.params
+            done = it.start + len(it.tokens) == seq.num_window_tokens  # the window's end: a token is due
+            if it.n_logits == 1 and done and p.temperature > 0 and p.max_tokens > 0:
+                rows.append(row)
+                draws.append(sample_next(logits[row], p.temperature, p.top_k, p.top_p, seq.generator))
+            row += it.n_logits
+        return dict(zip(rows, torch.stack(draws).tolist())) if draws else {}
+
+    # -- speculative decoding (greedy requests only: the output is exactly plain greedy decoding's) ----
+
+    def _lookahead(self, seq: Sequence) -> int:
+        """Draft tokens worth verifying for a decoding ``seq`` (0: plain decoding)."""
+        p = seq.params
+        if self.proposer is None or p.temperature != 0:
+            return 0
+        room = min(p.max_tokens - len(seq.output_token_ids), self.max_seq_tokens - seq.num_window_tokens) - 1
+        return max(0, min(self.config.num_speculative_tokens, room))
+
+    def _propose(self, batch: list[tuple[Sequence, int]]) -> dict[str, list[int]]:
+        """Draft tokens per request id, for the decoding sequences the scheduler gave room to speculate."""
+        want = [(seq, n - 1) for seq, n in batch if n > 1 and seq.num_uncomputed == 1]
+        if not want:
+            return {}
+        return self.proposer.propose(want)
+
+    def _accept(self, seq: Sequence, draft: list[int], target: list[int], logits: Tensor) -> None:
+        """Greedy verification (Leviathan et al., arXiv:2211.17192): ``target[i]`` is the model's token
+        after the last real token and ``draft[:i]``; tokens are taken while the draft agrees, then one
+        more from the model. Rejected drafts' keys/values stay in the blocks past ``num_computed`` and
+        are overwritten later."""
+        c = seq.num_computed
+        self.spec_counts["proposed"] += len(draft)
+        for i, tok in enumerate(target):
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(_logprobs(logits[i], tok, seq.params.logprobs))
+            self._append(seq, tok)
+            if seq.finished or not seq.block_table:  # done, or slid to a new window (blocks released)
+                return
+            seq.num_computed = c + i + 1  # the token before ``tok`` is now in the cache
+            if i >= len(draft) or tok != draft[i]:
+                break
+            self.spec_counts["accepted"] += 1
+        if seq.finished:
+            return
+        seq.draft_computed = min(seq.draft_computed, seq.num_computed)
+        self.blocks.publish_full_blocks(seq)
 
     def _append(self, seq: Sequence, tok: int) -> None:
         """Add a sampled token to ``seq`` and finish or slide it when a limit is reached."""
@@ -326,7 +414,8 @@ class LLMEngine:
             "block_size": b.block_size, "waiting": len(self.scheduler.waiting),
             "running": len(self.scheduler.running), "preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hits": b.prefix_hits, "prefix_cache_queries": b.prefix_queries,
-            "finished": self.num_finished,
+            "finished": self.num_finished, "spec_proposed": self.spec_counts["proposed"],
+            "spec_accepted": self.spec_counts["accepted"],
         }
 
 

@@ -15,6 +15,7 @@ recompute*: its blocks are released and it goes back to the front of the waiting
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from kiln.generate.block_manager import BlockManager
 from kiln.generate.sequence import Sequence, Status
@@ -23,7 +24,12 @@ from kiln.generate.sequence import Sequence, Status
 class Scheduler:
     """The waiting queue and the running list over one ``BlockManager``."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+        lookahead: Callable[[Sequence], int] | None = None,
+    ) -> None:
+        """``lookahead(seq)``: draft tokens a decoding sequence may verify this step (speculative decoding);
+        they are budgeted and given blocks like prompt tokens."""
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} < max_num_seqs={max_num_seqs}: "
                              "every running sequence needs a token per step; raise the budget")
@@ -33,6 +39,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.lookahead = lookahead
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -61,6 +68,10 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted below to make room for an older one
                 continue
             n = min(seq.num_uncomputed, budget)
+            if n == seq.num_uncomputed == 1 and self.lookahead is not None:
+                n = min(1 + self.lookahead(seq), budget)
+                if not self.blocks.can_grow(seq, n):  # drafts never cost another sequence its blocks
+                    n = 1
             while not self.blocks.can_grow(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)

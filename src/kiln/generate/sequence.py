@@ -42,6 +42,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hash of each full, computed block of the window, in order
         self.num_computed = 0
+        self.draft_computed = 0  # window tokens in the draft model's cache (speculative decoding)
         self.num_cached_prompt_tokens = 0  # tokens taken from the prefix cache at the first admission
         self.streamer = streamer  # a TextStreamer, or None without a tokenizer
         self.text = ""

@@ -36,12 +36,15 @@ from kiln.model.layers import (
     softmax,
     triton_rms_norm,
 )
+from kiln.model.quantize import Int4Linear, Int8Linear, quantize_model
 from kiln.model.transformer import Transformer, TransformerBlock, build_model
 
 __all__ = [
     "ATTENTION_IMPLS",
     "NORM_IMPLS",
     "Embedding",
+    "Int4Linear",
+    "Int8Linear",
     "KVCache",
     "Linear",
     "ModelConfig",
@@ -59,6 +62,7 @@ __all__ = [
     "kiln_attention",
     "load_llama_state_dict",
     "load_pretrained",
+    "quantize_model",
     "rms_norm",
     "rotate_half",
     "save_pretrained",

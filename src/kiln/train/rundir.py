@@ -94,9 +94,10 @@ class RunDir(StageRun):
             (self.out_dir / name).unlink(missing_ok=True)
 
     def export_model(self, model: torch.nn.Module, tokenizer: str | os.PathLike | None = None) -> Path:
-        """Write ``model/`` atomically (rank 0): ``save_pretrained``, with the tokenizer's files when
-        ``tokenizer`` (a file or folder) is given -- Hugging Face's three and ``kiln_tokenizer.json``,
-        so ``AutoTokenizer``/``AutoModelForCausalLM`` and ``kiln generate`` open the folder as it is."""
+        """Write ``model/`` (``save_pretrained``, plus the tokenizer files when given: Hugging Face's
+        ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and Kiln's
+        ``kiln_tokenizer.json``) atomically (rank 0). With its tokenizer, the model folder is all
+        `kiln generate` and Hugging Face's Auto* classes need."""
         from kiln.model import save_pretrained
         from kiln.tokenizer import load_tokenizer
 
