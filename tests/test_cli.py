@@ -62,11 +62,17 @@ def test_console_script_installed():
     assert r.returncode == 0 and "usage: kiln" in r.stdout and "export" in r.stdout, r.stderr
 
 
-def test_python_dash_m_kiln_is_the_kiln_command(tmp_path):
-    """`python -m kiln` parses and runs like `kiln`: a subcommand, its one-line error, its exit status."""
-    r = subprocess.run([sys.executable, "-m", "kiln", "generate", "--model", str(tmp_path / "none")],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr.startswith("kiln generate: error:") and len(r.stderr.splitlines()) == 1
+def test_python_dash_m_kiln_is_the_kiln_command(tmp_path, capsys, monkeypatch):
+    """`python -m kiln` (runpy runs kiln/__main__.py as __main__, as the interpreter does) parses and
+    runs like `kiln`: a subcommand, its one-line error, its exit status."""
+    import runpy
+
+    monkeypatch.delenv("KILN_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["kiln", "generate", "--model", str(tmp_path / "none")])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("kiln", run_name="__main__", alter_sys=True)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("kiln generate: error:") and len(err.splitlines()) == 1, err
 
 
 def test_bad_input_is_one_line_error(tmp_path, capsys):

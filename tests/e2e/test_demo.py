@@ -22,7 +22,7 @@ def _demo_config(out):
     from kiln.demo import DemoConfig
 
     return DemoConfig(
-        out=str(out), vocab_size=VOCAB, max_docs=60, max_steps=12,
+        out=str(out), vocab_size=VOCAB, max_docs=60, max_steps=12, chat_steps=2,  # the chat stage runs, briefly
         sample_tokens=8, prompts=(PROMPT,),
         overrides=("model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
                    "model.d_ff=64", "model.context_length=32", "batch_size=4", "micro_batch_size=4",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,22 @@ from typing import Any
 EXCHANGE = ("What is 3 + 4?", "Continue the text: And God said", "What is 5 + 2?")
 
 
-def corpus_conversations(train_jsonl: Path, n: int, seed: int, words: int = 5, max_words: int = 14) -> list[dict]:
-    """``n`` "Continue the text" conversations from sentences of a corpus split (``{"text"}`` JSONL)."""
+def corpus_conversations(
+    train: Path | Iterable[str], n: int, seed: int, words: int = 5, max_words: int = 14
+) -> list[dict]:
+    """``n`` "Continue the text" conversations from sentences of a corpus split: a ``{"text"}`` JSONL
+    file, or the split's texts (``kiln.data.readers.read_texts`` over a corpus artifact)."""
     sentences = []
-    with open(train_jsonl, encoding="utf-8") as f:
-        for line in f:
-            text = json.loads(line).get("text", "")
-            for s in re.split(r"(?<=[.;:?!])\s+|\n+", text):
-                w = s.split()
-                if words + 2 <= len(w) <= words + max_words:
-                    sentences.append(w)
+    if isinstance(train, (str, Path)):
+        with open(train, encoding="utf-8") as f:
+            texts: Iterable[str] = [json.loads(line).get("text", "") for line in f]
+    else:
+        texts = train
+    for text in texts:
+        for s in re.split(r"(?<=[.;:?!])\s+|\n+", text):
+            w = s.split()
+            if words + 2 <= len(w) <= words + max_words:
+                sentences.append(w)
     rng = random.Random(seed)
     rng.shuffle(sentences)
     return [{"messages": [{"role": "user", "content": "Continue the text: " + " ".join(w[:words])},
@@ -42,8 +49,11 @@ def corpus_conversations(train_jsonl: Path, n: int, seed: int, words: int = 5, m
 def chat_data(corpus_dir: Path, out: Path, seed: int, n_corpus: int = 600, n_add: int = 600) -> Path:
     """Write the demo's SFT conversations (corpus continuations + addition) to ``out`` (JSONL)."""
     from kiln.align.rewards import addition_conversations
+    from kiln.data.readers import read_texts
 
-    recs = corpus_conversations(corpus_dir / "train.jsonl", n_corpus, seed) + addition_conversations(n_add, seed, 1)
+    # the corpus artifact's train split in whatever format the corpus stage wrote (train_*.jsonl.zst)
+    recs = corpus_conversations(read_texts(corpus_dir, split="train"), n_corpus, seed)
+    recs += addition_conversations(n_add, seed, 1)
     random.Random(seed).shuffle(recs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
