@@ -325,6 +325,10 @@ class Server:
                 self.proc.wait()
 
 
+def _thread_env(args: argparse.Namespace) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+
+
 def kiln_server(args: argparse.Namespace, model_dir: Path, device: Any) -> Server:
     port = _free_port()
     cmd = [sys.executable, "-m", "kiln.cli.main", "serve", str(model_dir), "--port", str(port),
@@ -332,7 +336,7 @@ def kiln_server(args: argparse.Namespace, model_dir: Path, device: Any) -> Serve
            "--request-timeout", "3600", "--log-level", "warning"]
     for k, v in engine_overrides(args).items():
         cmd += ["--engine", f"{k}={v}"]
-    return Server(cmd, port)
+    return Server(cmd, port, env=_thread_env(args))
 
 
 def transformers_server(args: argparse.Namespace, hf_dir: Path, device: Any) -> Server:
@@ -341,7 +345,8 @@ def transformers_server(args: argparse.Namespace, hf_dir: Path, device: Any) -> 
     cmd = [exe, "serve", str(hf_dir), "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
            "--device", str(device), "--dtype", "bfloat16" if device.type == "cuda" else "float32",
            "--log-level", "warning"]
-    return Server(cmd, port, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    return Server(cmd, port, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                  **_thread_env(args)})
 
 
 # -- the table ----------------------------------------------------------------------------------------------
@@ -433,6 +438,10 @@ def run(args: argparse.Namespace) -> int:
     from kiln.serve.server import parse_overrides
 
     device = pick_device(args.device)
+    if args.threads:  # the same intra-op thread count in-process and in the servers (OMP_NUM_THREADS)
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
     if not args.concurrency or min(args.concurrency) < 1:
         raise ValueError(f"--concurrency {args.concurrency}: give positive integers, e.g. 1,16,64,256")
@@ -443,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
     blurb = (f"Chat requests (AlpacaEval instructions through the chat template, cut to fit), {args.max_tokens} "
              f"greedy output tokens each, kept c in flight (min({args.requests}, max(16, 8c)) requests per c); "
              f"shape {args.shape}, random weights, tokenizer {args.tokenizer or 'byte-level'} + chat tokens; "
-             f"{args.client_procs} client processes for the HTTP rows. 'vs direct': output tok/s over the "
+             f"{args.client_procs} client processes for the HTTP rows; torch threads {args.threads or 'default'}. 'vs direct': output tok/s over the "
              "direct engine's at the same c.")
     report("serve-http", device, blurb, format_table(rows), rows, args.out)
     return 0 if not any(r.error for r in rows if r.impl.startswith("kiln")) else 1
@@ -465,6 +474,8 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    help="EngineConfig override for both Kiln rows (repeatable)")
     p.add_argument("--client-procs", type=int, default=4, help="HTTP client processes")
     p.add_argument("--transformers", action="store_true", help="add transformers serve (continuous batching)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for every row (0: torch's "
+                   "default). On a busy CPU, 1: a spinning second thread can slow small matmuls 10-30x")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--out", default=None, help="directory for bench_serve-http.md and .json")
     p.set_defaults(func=run)
