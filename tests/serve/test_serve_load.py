@@ -91,7 +91,8 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits(chat_model_dir):
                 "temperature": 1.0, "seed": 1}
         with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
-                lines.append(line)
+                if line:
+                    lines.append(line)
                 first.set()
 
     t = threading.Thread(target=read)

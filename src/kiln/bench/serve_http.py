@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,15 +107,20 @@ def build_model_dirs(args: argparse.Namespace, device: Any, work: Path) -> tuple
     import torch
 
     from kiln.align.chat import save_hf_tokenizer
-    from kiln.bench.serve import bench_model, export_for_references
-    from kiln.model import save_pretrained
+    from kiln.bench.serve import export_for_references, serve_shapes
+    from kiln.model import build_model, save_pretrained
 
     tok = chat_tokenizer(args.tokenizer)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = bench_model(args.shape, device, dtype, None)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but shape {args.shape} only "
-                         f"{model.config.vocab_size}; pick a larger --shape or a smaller --tokenizer")
+    shapes = serve_shapes()
+    if args.shape not in shapes:
+        raise ValueError(f"unknown --shape {args.shape!r}; use one of {sorted(shapes)}")
+    # The vocabulary is the tokenizer's, so no server can sample an id its tokenizer cannot decode
+    # (transformers samples over every row of the head; Kiln stops at the tokenizer's size anyway).
+    cfg = replace(shapes[args.shape], vocab_size=tok.vocab_size,
+                  attention_impl="sdpa" if device.type == "cuda" else "kiln")
+    torch.manual_seed(0)
+    model = build_model(cfg, device=device, dtype=dtype).eval()
     kiln_dir = save_pretrained(model, work / "kiln-bench-model")
     tok.save(kiln_dir / "tokenizer.json")
     hf_dir = None
@@ -255,10 +260,12 @@ def _client_proc(args: tuple) -> tuple[float, float, Timings]:
 
 
 def run_http(url: str, model: str, requests: list[tuple[list, list[int]]], c: int, max_tokens: int,
-             procs: int) -> Timings:
+             procs: int, ignore_eos: bool = True) -> Timings:
     """Stream every request through ``url``/v1/chat/completions with ``c`` in flight, split over
-    ``procs`` client processes."""
-    bodies = [{"model": model, "messages": m, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+    ``procs`` client processes. ``ignore_eos`` is an extension (vLLM's, Kiln's) that `transformers
+    serve` refuses: without it a reply may end early, and tokens are counted from ``usage``."""
+    extra = {"ignore_eos": True} if ignore_eos else {}
+    bodies = [{"model": model, "messages": m, "max_tokens": max_tokens, "temperature": 0.0, **extra,
                "stream": True, "stream_options": {"include_usage": True}} for m, _ in requests]
     k = max(1, min(procs, c))
     shares = [(c // k) + (1 if i < c % k else 0) for i in range(k)]
@@ -325,6 +332,10 @@ class Server:
                 self.proc.wait()
 
 
+def _thread_env(args: argparse.Namespace) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+
+
 def kiln_server(args: argparse.Namespace, model_dir: Path, device: Any) -> Server:
     port = _free_port()
     cmd = [sys.executable, "-m", "kiln.cli.main", "serve", str(model_dir), "--port", str(port),
@@ -332,7 +343,7 @@ def kiln_server(args: argparse.Namespace, model_dir: Path, device: Any) -> Serve
            "--request-timeout", "3600", "--log-level", "warning"]
     for k, v in engine_overrides(args).items():
         cmd += ["--engine", f"{k}={v}"]
-    return Server(cmd, port)
+    return Server(cmd, port, env=_thread_env(args))
 
 
 def transformers_server(args: argparse.Namespace, hf_dir: Path, device: Any) -> Server:
@@ -341,7 +352,8 @@ def transformers_server(args: argparse.Namespace, hf_dir: Path, device: Any) -> 
     cmd = [exe, "serve", str(hf_dir), "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
            "--device", str(device), "--dtype", "bfloat16" if device.type == "cuda" else "float32",
            "--log-level", "warning"]
-    return Server(cmd, port, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    return Server(cmd, port, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                  **_thread_env(args)})
 
 
 # -- the table ----------------------------------------------------------------------------------------------
@@ -389,11 +401,15 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
             print(f"  {impl} did not start: {e}", flush=True)
             continue
         try:
-            run_http(server.url, name, reqs[:4], 4, 4, 1)  # warm-up
+            kiln = impl.startswith("kiln")
+            run_http(server.url, name, reqs[:4], 4, 4, 1, kiln)  # warm-up
             for c in args.concurrency:
                 n = _count(args, c, len(reqs))
                 rows.append(_safe(impl, c, n, lambda: run_http(server.url, name, reqs[:n], c, args.max_tokens,
-                                                               args.client_procs)))
+                                                               args.client_procs, kiln)))
+                if not kiln:
+                    rows[-1].note = ("no ignore_eos (refused): replies may stop early; TTFT/ITL per text event"
+                                     + (f"; {rows[-1].note}" if rows[-1].note else ""))
         finally:
             server.stop()
     direct = {r.concurrency: r.tok_s for r in rows if r.impl == "kiln direct"}
@@ -433,6 +449,10 @@ def run(args: argparse.Namespace) -> int:
     from kiln.serve.server import parse_overrides
 
     device = pick_device(args.device)
+    if args.threads:  # the same intra-op thread count in-process and in the servers (OMP_NUM_THREADS)
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
     if not args.concurrency or min(args.concurrency) < 1:
         raise ValueError(f"--concurrency {args.concurrency}: give positive integers, e.g. 1,16,64,256")
@@ -443,8 +463,8 @@ def run(args: argparse.Namespace) -> int:
     blurb = (f"Chat requests (AlpacaEval instructions through the chat template, cut to fit), {args.max_tokens} "
              f"greedy output tokens each, kept c in flight (min({args.requests}, max(16, 8c)) requests per c); "
              f"shape {args.shape}, random weights, tokenizer {args.tokenizer or 'byte-level'} + chat tokens; "
-             f"{args.client_procs} client processes for the HTTP rows. 'vs direct': output tok/s over the "
-             "direct engine's at the same c.")
+             f"{args.client_procs} client processes for the HTTP rows; torch threads {args.threads or 'default'}. "
+             "'vs direct': output tok/s over the direct engine's at the same c.")
     report("serve-http", device, blurb, format_table(rows), rows, args.out)
     return 0 if not any(r.error for r in rows if r.impl.startswith("kiln")) else 1
 
@@ -465,6 +485,8 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    help="EngineConfig override for both Kiln rows (repeatable)")
     p.add_argument("--client-procs", type=int, default=4, help="HTTP client processes")
     p.add_argument("--transformers", action="store_true", help="add transformers serve (continuous batching)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for every row (0: torch's "
+                   "default). On a busy CPU, 1: a spinning second thread can slow small matmuls 10-30x")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--out", default=None, help="directory for bench_serve-http.md and .json")
     p.set_defaults(func=run)

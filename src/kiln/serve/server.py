@@ -44,10 +44,10 @@ def load(spec: ModelSpec) -> Loaded:
     """Load the model, its tokenizer and an ``LLMEngine`` over them."""
     import torch
 
-    from kiln.eval.stage import find_tokenizer, pick_device
+    from kiln.eval.stage import pick_device
     from kiln.generate import EngineConfig, LLMEngine
     from kiln.model import load_pretrained
-    from kiln.tokenizer import Tokenizer
+    from kiln.tokenizer import load_tokenizer
 
     model_dir = Path(spec.model_dir)
     if not (model_dir / "config.json").is_file() and (model_dir / "model" / "config.json").is_file():
@@ -55,9 +55,8 @@ def load(spec: ModelSpec) -> Loaded:
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{spec.model_dir} has neither config.json nor model/config.json; pass a model "
                                 "folder written by save_pretrained or a finished train run directory")
-    tok_path = Path(spec.tokenizer) if spec.tokenizer else find_tokenizer(model_dir)
-    if not tok_path.exists():
-        raise FileNotFoundError(f"--tokenizer {tok_path} does not exist; pass a tokenizer.json or tokenizer artifact")
+    if spec.tokenizer and not Path(spec.tokenizer).exists():
+        raise FileNotFoundError(f"--tokenizer {spec.tokenizer} does not exist; pass a tokenizer file or folder")
     device = pick_device(spec.device)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if spec.dtype not in (*dtypes, "auto"):
@@ -65,7 +64,7 @@ def load(spec: ModelSpec) -> Loaded:
     dtype = dtypes.get(spec.dtype)
     if spec.dtype == "auto" and torch.device(device).type == "cuda":
         dtype = torch.bfloat16
-    tokenizer = Tokenizer.load(tok_path)
+    tokenizer = load_tokenizer(spec.tokenizer or model_dir)  # Kiln's format or Hugging Face's
     model = load_pretrained(model_dir, device=device, dtype=dtype).eval()
     engine = LLMEngine(model, tokenizer=tokenizer, config=engine_config(EngineConfig, spec.engine))
     name = Path(spec.model_dir).resolve().name
