@@ -56,6 +56,8 @@ def load_policy(
     """
     from kiln.model import load_pretrained
 
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside autocast (rollouts)
     tok_path = Path(tokenizer) if tokenizer is not None else find_tokenizer_file(model_dir)
     tok = load_tokenizer(tok_path)
     if ChatTemplate.from_tokenizer(tok) is None and not add_chat_tokens:
