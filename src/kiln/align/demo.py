@@ -39,7 +39,7 @@ def corpus_conversations(train_jsonl: Path, n: int, seed: int, words: int = 5, m
                           {"role": "assistant", "content": " ".join(w[words:])}]} for w in sentences[:n]]
 
 
-def chat_data(corpus_dir: Path, out: Path, seed: int, n_corpus: int = 600, n_add: int = 600) -> Path:
+def chat_data(corpus_dir: Path, out: Path, seed: int, n_corpus: int = 4000, n_add: int = 2000) -> Path:
     """Write the demo's SFT conversations (corpus continuations + addition) to ``out`` (JSONL)."""
     from kiln.align.rewards import addition_conversations
 
