@@ -1,5 +1,5 @@
 """Shared n-gram hashing (kiln.ngrams), and the layering it exists for: the data stages do not
-import the evaluation package."""
+import the evaluation package (checked for every stage in tests/test_layering.py)."""
 
 import numpy as np
 
@@ -28,21 +28,3 @@ def test_ngram_hashes_depend_on_order_and_position_only():
 def test_contamination_keeps_the_old_import_path():
     assert contamination.ngram_hashes is ngrams.ngram_hashes
     assert contamination.member_of_sorted is ngrams.member_of_sorted
-
-
-def test_data_stages_do_not_import_evaluation():
-    """The data flow runs data -> shards -> train -> eval: no module of kiln.data imports kiln.eval,
-    kiln.train or kiln.bench, at the top or inside a function."""
-    import ast
-    from pathlib import Path
-
-    import kiln.data
-
-    later = ("kiln.eval", "kiln.train", "kiln.bench")
-    bad = []
-    for path in sorted(Path(kiln.data.__file__).parent.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            bad += [f"{path.name}:{node.lineno} {n}" for n in names if n.startswith(later)]
-    assert not bad, bad

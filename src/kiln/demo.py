@@ -92,7 +92,8 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage of the demo; return the path of the written report."""
     from kiln.data.corpus import CorpusConfig, prepare_corpus
-    from kiln.eval.heldout import evaluate_heldout
+    from kiln.data.readers import read_texts
+    from kiln.model.heldout import evaluate_heldout
     from kiln.generate import generate
     from kiln.model import load_pretrained
     from kiln.shards import TokenizeConfig, read_shard, tokenize_corpus
@@ -121,8 +122,8 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     t = stage("2/7 tokenizer: byte-level BPE")
     tok_dir = train_tokenizer(
-        TokenizerTrainConfig(inputs=(str(corpus_dir / "train.jsonl"),), vocab_size=cfg.vocab_size),
-        out / "tokenizer", force=cfg.force,
+        TokenizerTrainConfig(inputs=(str(corpus_dir),), vocab_size=cfg.vocab_size),
+        out / "tokenizer", force=cfg.force, read_texts=read_texts,
     )
     timings["tokenizer"] = time.perf_counter() - t
 

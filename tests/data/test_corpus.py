@@ -10,17 +10,19 @@ import pytest
 from kiln.artifacts import read_manifest
 from kiln.data.corpus import (
     CorpusConfig,
-    _strip_gutenberg_fallback,
     kjv_documents,
     normalize_text,
     prepare_corpus,
     val_train_overlap,
     split_of,
+    strip_gutenberg,
 )
 
 
 def _lines(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    from kiln.data.writers import read_records
+
+    return list(read_records(path))
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ def jsonl(tmp_path):
 
 def test_prepare_jsonl(tmp_path, jsonl):
     out = prepare_corpus(CorpusConfig(source=str(jsonl), val_fraction=0.1), tmp_path / "corpus")
-    train, val = _lines(out / "train.jsonl"), _lines(out / "val.jsonl")
+    train, val = _lines(out / "train_00000.jsonl.zst"), _lines(out / "val_00000.jsonl.zst")
     assert len(train) + len(val) == 200 and 5 < len(val) < 40
     assert not {d["id"] for d in train} & {d["id"] for d in val}
     assert train[0]["text"].startswith("Document number") and train[0]["text"].endswith("Second  para.")
@@ -52,20 +54,20 @@ def test_split_is_deterministic_and_seeded(tmp_path, jsonl):
     a = prepare_corpus(CorpusConfig(source=str(jsonl), val_fraction=0.1), tmp_path / "a")
     b = prepare_corpus(CorpusConfig(source=str(jsonl), val_fraction=0.1), tmp_path / "b")
     c = prepare_corpus(CorpusConfig(source=str(jsonl), val_fraction=0.1, seed=1), tmp_path / "c")
-    assert (a / "val.jsonl").read_bytes() == (b / "val.jsonl").read_bytes()
-    assert (a / "val.jsonl").read_bytes() != (c / "val.jsonl").read_bytes()
+    assert (a / "val_00000.jsonl.zst").read_bytes() == (b / "val_00000.jsonl.zst").read_bytes()
+    assert (a / "val_00000.jsonl.zst").read_bytes() != (c / "val_00000.jsonl.zst").read_bytes()
     assert split_of("x", 0, 0.0) == "train"
 
 
 def test_reuse_and_recompute(tmp_path, jsonl):
     cfg = CorpusConfig(source=str(jsonl), val_fraction=0.1)
     out = prepare_corpus(cfg, tmp_path / "corpus")
-    created = read_manifest(out)["created"], (out / "train.jsonl").stat().st_mtime_ns
+    created = read_manifest(out)["created"], (out / "train_00000.jsonl.zst").stat().st_mtime_ns
     prepare_corpus(cfg, out)
-    assert (read_manifest(out)["created"], (out / "train.jsonl").stat().st_mtime_ns) == created
+    assert (read_manifest(out)["created"], (out / "train_00000.jsonl.zst").stat().st_mtime_ns) == created
     prepare_corpus(CorpusConfig(source=str(jsonl), val_fraction=0.1, max_docs=50), out)
     assert read_manifest(out)["config"]["max_docs"] == 50
-    assert len(_lines(out / "train.jsonl")) + len(_lines(out / "val.jsonl")) == 50
+    assert len(_lines(out / "train_00000.jsonl.zst")) + len(_lines(out / "val_00000.jsonl.zst")) == 50
 
 
 def test_max_bytes_and_min_chars(tmp_path, jsonl):
@@ -78,7 +80,7 @@ def test_tiny_corpus_still_gets_val(tmp_path):
     src = tmp_path / "two.jsonl"
     src.write_text('{"text": "alpha"}\n{"text": "beta"}\n')
     out = prepare_corpus(CorpusConfig(source=str(src), val_fraction=0.01), tmp_path / "c")
-    assert len(_lines(out / "val.jsonl")) == 1 and len(_lines(out / "train.jsonl")) == 1
+    assert len(_lines(out / "val_00000.jsonl.zst")) == 1 and len(_lines(out / "train_00000.jsonl.zst")) == 1
     s = read_manifest(out)["stats"]
     assert s["val_docs"] == 1 and s["train_docs"] == 1
 
@@ -98,14 +100,22 @@ def test_config_errors():
         CorpusConfig(max_docs=0)
 
 
-def test_gutenberg_fallback_and_normalize():
+def test_gutenberg_and_normalize():
     text = ("Header\r\n*** START OF THE PROJECT GUTENBERG EBOOK ALICE ***\r\nBody  \r\n\r\n\r\ntext\r\n"
             "*** END OF THE PROJECT GUTENBERG EBOOK ALICE ***\r\nLicense")
-    body = _strip_gutenberg_fallback(text)
+    body = strip_gutenberg(text)
     assert "Header" not in body and "License" not in body and "Body" in body
     assert normalize_text(body) == "Body\n\ntext"
     assert normalize_text("e\u0301") == "\u00e9"  # NFC
-    assert _strip_gutenberg_fallback("no markers") == "no markers"
+    assert strip_gutenberg("no markers").strip() == "no markers"
+
+
+def test_one_strip_gutenberg_and_one_metadata_stems():
+    """Issue 17 item 5: one function, one list (corpus and pipeline use books' and readers')."""
+    from kiln.data import books, corpus, pipeline, readers
+
+    assert corpus.strip_gutenberg is books.strip_gutenberg
+    assert not hasattr(pipeline, "_METADATA_STEMS") and readers.METADATA_STEMS
 
 
 def test_kjv_chapters():
@@ -141,10 +151,10 @@ def test_gutenberg_markers_stripped_in_corpus(tmp_path):
             "*** END OF THE PROJECT GUTENBERG EBOOK ALICE ***\r\nLicense text")
     src.write_text(json.dumps({"text": book}) + "\n" + json.dumps({"text": "plain text stays"}) + "\n")
     out = prepare_corpus(CorpusConfig(source=str(src), val_fraction=0.0), tmp_path / "c")
-    texts = [d["text"] for d in _lines(out / "train.jsonl")]
+    texts = [d["text"] for d in _lines(out / "train_00000.jsonl.zst")]
     assert texts == ["Alice was beginning to get very tired.", "plain text stays"]
     off = prepare_corpus(CorpusConfig(source=str(src), val_fraction=0.0, strip_gutenberg=False), tmp_path / "d")
-    assert "License text" in _lines(off / "train.jsonl")[0]["text"]
+    assert "License text" in _lines(off / "train_00000.jsonl.zst")[0]["text"]
 
 
 def test_real_gutenberg_corpus_first_books(tmp_path, shared_data):
@@ -152,7 +162,7 @@ def test_real_gutenberg_corpus_first_books(tmp_path, shared_data):
     if not tar.is_file():
         pytest.skip("gutenberg_books.tar.gz is absent")
     out = prepare_corpus(CorpusConfig(source=str(tar), max_docs=3, val_fraction=0.0), tmp_path / "g")
-    books = _lines(out / "train.jsonl")
+    books = _lines(out / "train_00000.jsonl.zst")
     assert len(books) == 3
     for b in books:
         assert "*** START OF" not in b["text"] and "*** END OF" not in b["text"] and len(b["text"]) > 10_000
@@ -179,7 +189,7 @@ def test_prepare_drops_validation_copies_of_training_documents(tmp_path):
     recs = [{"id": f"doc{i}", "text": _words(i % 30)} for i in range(60)]  # doc i and doc i+30: one text
     src.write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = prepare_corpus(CorpusConfig(source=str(src), val_fraction=0.3), tmp_path / "c")
-    train, val = _lines(out / "train.jsonl"), _lines(out / "val.jsonl")
+    train, val = _lines(out / "train_00000.jsonl.zst"), _lines(out / "val_00000.jsonl.zst")
     assert not {d["text"] for d in val} & {d["text"] for d in train}
     s = read_manifest(out, "corpus")["stats"]
     n_dropped = s["dropped"]["val_overlaps_train"]
@@ -187,4 +197,4 @@ def test_prepare_drops_validation_copies_of_training_documents(tmp_path):
     assert s["decontamination"]["dropped"][0]["share"] == 1.0
     # Off: the copies stay in val.
     off = prepare_corpus(CorpusConfig(source=str(src), val_fraction=0.3, decontaminate_ngram=0), tmp_path / "off")
-    assert {d["text"] for d in _lines(off / "val.jsonl")} & {d["text"] for d in _lines(off / "train.jsonl")}
+    assert {d["text"] for d in _lines(off / "val_00000.jsonl.zst")} & {d["text"] for d in _lines(off / "train_00000.jsonl.zst")}

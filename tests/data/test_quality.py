@@ -41,7 +41,7 @@ def test_perplexity_filter_takes_any_scorer() -> None:
 def test_kiln_lm_scorer_on_a_tiny_model(tmp_path) -> None:
     torch = pytest.importorskip("torch")
     model_mod = pytest.importorskip("kiln.model")
-    from kiln.data.quality import kiln_lm_scorer
+    from kiln.eval import kiln_lm_scorer
     from kiln.tokenizer import Tokenizer
 
     torch.manual_seed(0)
@@ -50,5 +50,45 @@ def test_kiln_lm_scorer_on_a_tiny_model(tmp_path) -> None:
     Tokenizer({i: bytes([i]) for i in range(256)}, []).save(tmp_path / "tokenizer.json")
     score = kiln_lm_scorer(str(tmp_path / "model"), str(tmp_path / "tokenizer.json"))
     ppl = score("the kiln is hot " * 20)  # longer than the context: truncated, not an error
-    assert 1.0 < ppl < 10_000.0
+    # exp(mean next-token loss) over the first context_length + 1 = 33 tokens (bytes here), by hand
+    ids = torch.tensor(list(("the kiln is hot " * 20).encode())[:33])
+    with torch.no_grad():
+        logits = model_mod.load_pretrained(tmp_path / "model")(ids[None, :-1])[0]  # (32, V)
+    nll = -(logits.float().log_softmax(-1)[torch.arange(32), ids[1:]]).mean()
+    assert ppl == pytest.approx(float(torch.exp(nll)), rel=1e-5)
     assert perplexity_filter(score, max_perplexity=0.5)("some text")[0] == "perplexity_too_high"
+
+
+def test_kiln_lm_scorer_lives_in_eval_and_data_builds_no_model() -> None:
+    """Issue 17: the data stage takes a scorer; building a model is kiln.eval's (the old name says where it went)."""
+    import pickle
+
+    import kiln.data.quality as q
+    from kiln.eval import KilnLMScorer, kiln_lm_scorer
+
+    with pytest.raises(ImportError, match="kiln.eval"):
+        q.kiln_lm_scorer  # noqa: B018
+    s = pickle.loads(pickle.dumps(kiln_lm_scorer("m", "t.json")))  # ships to workers unloaded
+    assert isinstance(s, KilnLMScorer) and s._model is None
+
+
+def test_pipeline_perplexity_needs_a_passed_scorer(tmp_path) -> None:
+    from dataclasses import replace
+
+    from kiln.data.pipeline import minimal, run_pipeline
+    from kiln.data.quality import QualityConfig
+
+    (tmp_path / "a.txt").write_text("The kiln is hot today. " * 30)
+    cfg = replace(minimal(), workers=1, report=False, dedup=None, quality=QualityConfig(perplexity_model="m", max_perplexity=50.0))
+    with pytest.raises(ValueError, match="kiln_lm_scorer"):
+        run_pipeline(cfg, [str(tmp_path / "a.txt")], tmp_path / "out", executor=None)
+    stats = run_pipeline(cfg, [str(tmp_path / "a.txt")], tmp_path / "out2", perplexity_scorer=_ConstScorer(100.0), force=True)
+    assert stats.dropped.get("perplexity_too_high") == 1 and stats.kept == 0
+
+
+class _ConstScorer:
+    def __init__(self, v: float) -> None:
+        self.v = v
+
+    def __call__(self, text: str) -> float:
+        return self.v

@@ -82,11 +82,12 @@ def test_json_array_and_keys(tmp_path):
 def test_bad_records_counted_not_fatal(tmp_path, caplog):
     p = tmp_path / "bad.jsonl"
     p.write_bytes(b'{"text": "ok"}\n{not json\n\n[1, 2]\n{"other": 1}\n{"text": "caf\xe9"}\n{"text": 5}\n')
-    errors = collections.Counter()
-    docs = list(read_documents(str(p), errors=errors))
+    errors, repairs = collections.Counter(), collections.Counter()
+    docs = list(read_documents(str(p), errors=errors, repairs=repairs))
     assert texts(docs) == ["ok", "caf\ufffd"]
-    assert errors == {"invalid_json": 1, "not_an_object": 1, "missing_text_key": 1,
-                      "invalid_utf8": 1, "text_not_a_string": 1}
+    # The invalid UTF-8 line is kept, repaired: a repair, not an error (each record counted once).
+    assert errors == {"invalid_json": 1, "not_an_object": 1, "missing_text_key": 1, "text_not_a_string": 1}
+    assert repairs == {"invalid_utf8": 1}
     assert "bad.jsonl:2: invalid_json" in caplog.text
 
 
@@ -99,9 +100,9 @@ def test_compressed_text_file(tmp_path):
 def test_invalid_utf8_text_file(tmp_path):
     p = tmp_path / "latin1.txt"
     p.write_bytes("naïve".encode("latin-1"))
-    errors = collections.Counter()
-    (doc,) = read_documents(str(p), errors=errors)
-    assert doc.text == "na\ufffdve" and errors["invalid_utf8"] == 1
+    errors, repairs = collections.Counter(), collections.Counter()
+    (doc,) = read_documents(str(p), errors=errors, repairs=repairs)
+    assert doc.text == "na\ufffdve" and repairs["invalid_utf8"] == 1 and not errors
 
 
 def test_truncated_gzip_counted(tmp_path):

@@ -200,3 +200,37 @@ def test_ngram_proposer_finds_the_latest_match():
     assert prop.propose_one([1, 2, 3, 9, 1, 2, 3, 8, 5, 1, 2, 3], 2) == [8, 5]
     assert prop.propose_one([4, 5, 6, 7], 3) == []
     assert prop.propose_one([1, 2, 1], 3) == [2, 1]
+
+
+@pytest.mark.parametrize("speculative", ["none", "ngram"])
+def test_graph_replay_path_with_padded_rows(model, speculative):
+    """The CUDA-graph decode path's static buffers and scratch-block padding, emulated on the CPU."""
+    prompts = _prompts(5, seed=4)
+    cfg = EngineConfig(block_size=4, max_num_seqs=5, speculative=speculative, num_speculative_tokens=2)
+    eng = LLMEngine(model, None, cfg)
+    eng.runner.graph_max = 16  # the size a CUDA engine gets; on the CPU replay runs the same buffers eagerly
+    outs = eng.generate(prompts, SamplingParams(max_tokens=10, temperature=0))
+    assert sorted(eng.runner.graphs) == [1, 2, 4, 8, 16]
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == uncached_greedy(model, p, 10)
+
+
+def test_sampled_requests_survive_preemption_and_prefix_cache_resets(model):
+    """A seeded sampled request gives the same tokens when preempted and recomputed as when alone;
+    ``reset_prefix_cache`` stops later requests from reusing blocks computed before it."""
+    prompts = _prompts(6, seed=7)
+    params = [SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=100 + i) for i in range(6)]
+    alone = [LLMEngine(model).generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    tight = LLMEngine(model, None, EngineConfig(block_size=4, num_blocks=20, max_num_seqs=6, max_num_batched_tokens=12))
+    outs = tight.generate(prompts, params)
+    assert tight.stats()["preemptions"] > 0
+    assert [o.token_ids for o in outs] == alone
+    eng = LLMEngine(model, None, EngineConfig(block_size=4))
+    eng.generate([prompts[1]], SamplingParams(max_tokens=2, temperature=0))
+    hits = eng.stats()["prefix_cache_hits"]
+    eng.generate([prompts[1]], SamplingParams(max_tokens=2, temperature=0))
+    assert eng.stats()["prefix_cache_hits"] > hits
+    eng.reset_prefix_cache()
+    hits = eng.stats()["prefix_cache_hits"]
+    eng.generate([prompts[1]], SamplingParams(max_tokens=2, temperature=0))
+    assert eng.stats()["prefix_cache_hits"] == hits

@@ -8,7 +8,7 @@ import torch
 
 from kiln.kernels.paged_attention import paged_attention_ref, paged_decode_attention
 from kiln.model import PagedMetadata, kiln_attention
-from kiln.model.attention import paged_attention
+from kiln.model.attention import paged_attention, paged_prefill_batched
 
 
 def _pool(lens, bs, Hkv, D, dtype, dev, seed=0):
@@ -42,13 +42,14 @@ def _dense_reference(q, k_pool, v_pool, bt, lens, q_lens):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("H,Hkv,D,bs", [(4, 2, 16, 4), (6, 6, 24, 8), (8, 1, 32, 16)])
-def test_decode_kernel_equals_reference(dev, H, Hkv, D, bs):
-    lens = [1, 5, bs, bs + 1, 3 * bs + 2]
+@pytest.mark.parametrize("H,Hkv,D,bs,split", [(4, 2, 16, 4, 1), (6, 6, 24, 8, 1), (8, 1, 32, 16, 1),
+                                              (4, 2, 16, 4, 3), (2, 1, 8, 4, None)])
+def test_decode_kernel_equals_reference(dev, H, Hkv, D, bs, split):
+    lens = [1, 5, bs, bs + 1, 3 * bs + 2] + ([17 * bs + 3] if split is None else [])  # None: 4 splits here
     k_pool, v_pool, bt = _pool(lens, bs, Hkv, D, torch.float32, dev)
     q = torch.randn(len(lens), H, D, device=dev)
     cl = torch.tensor(lens, dtype=torch.int32, device=dev)
-    got = paged_decode_attention(q, k_pool, v_pool, bt, cl)
+    got = paged_decode_attention(q, k_pool, v_pool, bt, cl, split=split)
     want = _dense_reference(q, k_pool, v_pool, bt, lens, [1] * len(lens))
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     ref = paged_attention_ref(q, k_pool, v_pool, bt, cl, torch.arange(len(lens) + 1, dtype=torch.int32))
@@ -80,5 +81,8 @@ def test_model_paths_equal_reference(decode):
     got = paged_attention(q, k_pool, v_pool, meta)
     want = _dense_reference(q, k_pool, v_pool, bt, lens, q_lens)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    for fused in (False, True):  # the padded one-call path CUDA takes for several prompt chunks
+        got = paged_prefill_batched(q, k_pool, v_pool, meta, fused)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     ref = paged_attention_ref(q, k_pool, v_pool, bt, meta.context_lens, starts)
     torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=1e-5)

@@ -81,7 +81,9 @@ def tok_path(tok):
 
 
 def _docs(path):
-    return [json.loads(line)["text"] for line in open(path, encoding="utf-8")]
+    from kiln.data.writers import read_records
+
+    return [rec["text"] for rec in read_records(path)]
 
 
 def test_shards_hold_every_document_then_eot(tmp_path, corpus, tok):
@@ -90,7 +92,7 @@ def test_shards_hold_every_document_then_eot(tmp_path, corpus, tok):
     out = tokenize_corpus(cfg, tmp_path / "tokens", progress=False)  # loads tok_path with Tokenizer.load
     for split in ("train", "val"):
         ds = TokenDataset(out, split)
-        texts = _docs(corpus / f"{split}.jsonl")
+        texts = _docs(corpus / f"{split}_00000.jsonl.zst")
         expected = np.concatenate([np.array(tokenizer.encode(t) + [tokenizer.eot_id]) for t in texts])
         assert tokenizer.decode(ds.get(0, len(ds)).tolist()).startswith(texts[0])
         np.testing.assert_array_equal(ds.get(0, len(ds)), expected)
@@ -99,8 +101,8 @@ def test_shards_hold_every_document_then_eot(tmp_path, corpus, tok):
     m = read_manifest(out, "tokens")
     s = m["stats"]
     assert len(shard_paths(out, "train")) == s["train"]["shards"] > 1
-    assert s["train"]["docs"] == len(_docs(corpus / "train.jsonl"))
-    assert s["train"]["bytes"] == sum(len(t.encode()) for t in _docs(corpus / "train.jsonl"))
+    assert s["train"]["docs"] == len(_docs(corpus / "train_00000.jsonl.zst"))
+    assert s["train"]["bytes"] == sum(len(t.encode()) for t in _docs(corpus / "train_00000.jsonl.zst"))
     assert s["tokens"] == s["train"]["tokens"] + s["val"]["tokens"]
     assert 0.9 < s["bytes_per_token"] < 1.5  # a few merges: about one token per byte
     assert str(tok_path) in m["inputs"] and str(corpus) in m["inputs"]

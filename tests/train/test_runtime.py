@@ -4,8 +4,11 @@ clock-driven schedule and the fused loss."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +35,12 @@ from kiln.train import (
 )
 from kiln.train.metrics import read_metrics
 
-from conftest import VOCAB, small_config
+# tests/train/conftest.py by path: a bare `from conftest import` picks whichever conftest module
+# another folder's tests loaded first when the whole suite runs.
+_spec = importlib.util.spec_from_file_location("train_conftest", Path(__file__).with_name("conftest.py"))
+_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_conftest)
+VOCAB, small_config = _conftest.VOCAB, _conftest.small_config
 
 
 class Interrupted(Exception):

@@ -2,7 +2,7 @@
 
 Both sides train the same model shape on the same token shards for the same number of seconds of
 training steps (the first step, which compiles, and evaluation excluded), then score the same held-out windows
-(loss in nats per token and bits per byte, ``kiln.eval.heldout.evaluate_heldout``):
+(loss in nats per token and bits per byte, ``kiln.model.heldout.evaluate_heldout``):
 
 - ``kiln``: ``kiln.train.train`` with a preset (default ``speedrun``) and ``max_seconds`` set: the
   real trainer, every choice of the preset (optimizer, schedule, document-aligned windows...).
@@ -74,7 +74,7 @@ def run_torch(cfg, tokens_dir: Path, seconds: float, seed: int, device, val, tok
     import torch
 
     from kiln.bench.baseline import build_plain
-    from kiln.eval.heldout import evaluate_heldout
+    from kiln.model.heldout import evaluate_heldout
     from kiln.shards import read_shard
     from kiln.train.data import TokenSampler
 
@@ -150,7 +150,7 @@ def run_kiln(cfg, tokens_dir: Path, tokenizer: str | None, seconds: float, seed:
     paused it (its checkpoint is in ``out/kiln_seed<seed>``, resumed by the next call)."""
     import torch
 
-    from kiln.eval.heldout import evaluate_heldout
+    from kiln.model.heldout import evaluate_heldout
     from kiln.model import load_pretrained
     from kiln.train import train
 

@@ -16,6 +16,8 @@ BENCH_MODULES = [
     "kiln.bench.optim",
     "kiln.bench.speedrun",
     "kiln.bench.distributed",
+    "kiln.bench.serve",
+    "kiln.bench.serve_http",
     "kiln.bench.align",
 ]
 

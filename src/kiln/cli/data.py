@@ -3,6 +3,7 @@
     kiln data run --preset web_en --input crawl/*.warc.gz --out data/web
     kiln data run --preset books --input gutenberg_books.tar.gz --out data/books
     kiln data run --input crawl/ --out data/web --output-format parquet --langid-model cld3 --toxicity-threshold 0.8
+    kiln data run --input crawl/ --out data/web --set langid.min_score=0.5 --set dedup.minhash.threshold=0.7
     kiln data train-quality --positive books/ wiki.txt --negative c4.jsonl --out quality.npz
     kiln data presets
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,10 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("data", help="curate raw web/book data into clean, deduplicated shards")
     sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
 
-    r = sub.add_parser("run", help="run a curation preset over inputs", formatter_class=_DefaultsHelpFormatter)
+    from kiln.data.curation import config_keys
+
+    r = sub.add_parser("run", help="run a curation preset over inputs", formatter_class=_DefaultsHelpFormatter,
+                       epilog="config keys for --set KEY=VALUE: " + ", ".join(config_keys()))
     r.add_argument("--preset", default="web_en", help="web_en | books | minimal (see `kiln data presets`)")
     r.add_argument("--input", nargs="+", required=True, help="files, folders, globs (WARC/WET/HTML/JSONL/Parquet/txt/tar), URLs, hf://")
     r.add_argument("--out", required=True,
@@ -91,11 +96,21 @@ def register(subparsers: Any) -> None:
                    help="drop documents whose toxicity-classifier probability exceeds this (default: the preset's; "
                         + _preset_defaults(lambda c: c.toxicity.max_classifier_score if c.toxicity else "no toxicity step") + ")")
     r.add_argument("--quality-model", default=None,
-                   help="a model from `kiln data train-quality` to filter with (default: none)")
+                   help="'default' (the shipped classifier: Wikipedia + news vs Usenet posts) or a model from "
+                        "`kiln data train-quality` to filter with (default: none)")
     r.add_argument("--min-quality", type=float, default=0.5, help="drop below this classifier score")
+    r.add_argument("--perplexity-model", default=None,
+                   help="a Kiln model folder (save_pretrained) whose perplexity filters documents (default: none)")
+    r.add_argument("--perplexity-tokenizer", default=None, help="that model's tokenizer.json (default: none; needed with --perplexity-model)")
+    r.add_argument("--max-perplexity", type=float, default=1000.0, help="drop documents above this perplexity")
     r.add_argument("--keep-dropped-fraction", type=float, default=0.0, help="keep this share of filtered documents, tagged")
     r.add_argument("--val-fraction", type=float, default=0.0, help="share of kept documents written to val_* shards")
     r.add_argument("--no-dedup", action="store_true", help="skip exact and MinHash dedup")
+    r.add_argument("--set", action="append", dest="overrides", default=[], metavar="KEY=VALUE",
+                   help="override any config key after the flags above (repeatable), as `kiln train --set`: "
+                        "dotted keys reach the steps' configs, e.g. --set langid.min_score=0.5 "
+                        "--set dedup.minhash.threshold=0.7 --set toxicity=none; the keys are those of "
+                        "`kiln data presets`")
     r.add_argument("--force", action="store_true", help="recompute even if a matching output exists")
     r.add_argument("--keep-work", action="store_true", help="keep the .work folder (markers, intermediates)")
     r.set_defaults(func=run_data)
@@ -109,6 +124,12 @@ def register(subparsers: Any) -> None:
     q.add_argument("--epochs", type=int, default=5, help="SGD passes")
     q.add_argument("--text-key", default="text", help="field holding the text in JSON/Parquet")
     q.set_defaults(func=run_train_quality)
+    b = sub.add_parser("build-quality-model", help="rebuild the shipped quality classifier from the gensim wheel",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--gensim-wheel", default=None, help="a gensim 4.4.0 wheel (default: pip download it into --cache)")
+    b.add_argument("--cache", default=str(Path.home() / ".cache" / "kiln"), help="where the wheel is downloaded")
+    b.add_argument("--out", default=None, help="model file (default: the package's kiln/data/models/quality_default.npz)")
+    b.set_defaults(func=run_build_quality_model)
 
     pr = sub.add_parser("presets", help="print the presets' configs as JSON")
     pr.set_defaults(func=run_presets)
@@ -119,7 +140,7 @@ def build_config(args: argparse.Namespace):
     """The preset named by ``--preset`` with the command-line overrides applied."""
     from dataclasses import replace
 
-    from kiln.data.pipeline import PRESETS
+    from kiln.data.pipeline import PRESETS, apply_overrides
     from kiln.data.quality import QualityConfig
 
     if args.preset not in PRESETS:
@@ -147,11 +168,16 @@ def build_config(args: argparse.Namespace):
         changes["langid"] = replace(changes.get("langid", cfg.langid), model=args.langid_model)
     if args.toxicity_classifier is not None or args.toxicity_threshold is not None:
         changes["toxicity"] = _toxicity_config(cfg.toxicity, args)
-    if args.quality_model:
-        changes["quality"] = QualityConfig(classifier=args.quality_model, min_classifier_score=args.min_quality)
+    if args.quality_model or getattr(args, "perplexity_model", None):
+        if getattr(args, "perplexity_model", None) and not args.perplexity_tokenizer:
+            raise ValueError("--perplexity-model needs --perplexity-tokenizer (the model's tokenizer.json)")
+        changes["quality"] = QualityConfig(
+            classifier=args.quality_model, min_classifier_score=args.min_quality,
+            perplexity_model=getattr(args, "perplexity_model", None), perplexity_tokenizer=getattr(args, "perplexity_tokenizer", None),
+            max_perplexity=getattr(args, "max_perplexity", 1000.0))
     if args.no_dedup:
         changes["dedup"] = None
-    return replace(cfg, **changes)
+    return apply_overrides(replace(cfg, **changes), getattr(args, "overrides", None) or [])
 
 
 def _toxicity_config(tox: Any, args: argparse.Namespace) -> Any:
@@ -184,7 +210,13 @@ def run_data(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     executor = make_executor(args.executor, args.workers, args.ray_address)
-    stats = run_pipeline(cfg, args.input, args.out, executor=executor, force=args.force, keep_work=args.keep_work)
+    scorer = None
+    if cfg.quality.perplexity_model:
+        from kiln.eval import kiln_lm_scorer
+
+        scorer = kiln_lm_scorer(cfg.quality.perplexity_model, cfg.quality.perplexity_tokenizer)
+    stats = run_pipeline(cfg, args.input, args.out, executor=executor, force=args.force, keep_work=args.keep_work,
+                         perplexity_scorer=scorer)
     for row in funnel_rows(stats):
         print(f"{row['stage']:<32} {row['kind']:<8} {row['docs']:>10,} docs {row['bytes']:>14,} bytes")
     print(f"report: {args.out}/report.html")
@@ -194,6 +226,15 @@ def run_data(args: argparse.Namespace) -> int:
 def _chunks(text: str, words: int) -> list[str]:
     ws = text.split()
     return [" ".join(ws[i : i + words]) for i in range(0, len(ws), words)] or [""]
+
+
+def run_build_quality_model(args: argparse.Namespace) -> int:
+    from kiln.data.quality_default import DEFAULT_MODEL, build_default_quality_classifier, fetch_gensim_wheel
+
+    wheel = args.gensim_wheel or fetch_gensim_wheel(Path(args.cache))
+    metrics = build_default_quality_classifier(wheel, args.out or DEFAULT_MODEL)
+    print(json.dumps(metrics, indent=2))
+    return 0
 
 
 def run_train_quality(args: argparse.Namespace) -> int:

@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate",
         help="sample text from a trained model",
         description="Continue --prompt with a trained model, streaming the text to stdout as it decodes "
-        "(KV cache; temperature, top-k and top-p sampling; stops at end-of-text).",
+        "(the engine: paged KV cache, continuous batching for --prompts-file; temperature, top-k and top-p "
+        "sampling; stops at end-of-text).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True,
@@ -37,6 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weight dtype; auto: bf16 on cuda, as stored on cpu")
     p.add_argument("--attention", default=None, choices=["kiln", "sdpa", "triton"],
                    help="attention kernel (default: the one the model was saved with)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantization of the loaded model (kiln.model.quantize; int4: groups of 128)")
+    p.add_argument("--speculative", default="none", choices=["none", "ngram"],
+                   help="prompt-lookup speculative decoding for --prompt with --temperature 0 (same text, "
+                   "fewer forward passes when the output repeats the context)")
     p.add_argument("--no-echo", action="store_true", help="print only the continuation, not the prompt")
     p.add_argument("--keep-eot", action="store_true", help="do not stop at the end-of-text token")
     p.set_defaults(func=run)
@@ -63,10 +69,9 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from kiln.eval.stage import find_tokenizer
     from kiln.generate import stream
     from kiln.model import load_pretrained
-    from kiln.tokenizer import Tokenizer
+    from kiln.tokenizer import find_tokenizer, load_tokenizer
 
     model_dir = resolve_model_dir(args.model)
     tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer(model_dir)
@@ -78,8 +83,12 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     if args.dtype == "auto" and torch.device(device).type == "cuda":
         dtype = torch.bfloat16
-    tokenizer = Tokenizer.load(tok_path)
+    tokenizer = load_tokenizer(tok_path)
     model = load_pretrained(model_dir, device=device, dtype=dtype, attention_impl=args.attention)
+    if args.quantize != "none":
+        from kiln.model import quantize_model
+
+        model = quantize_model(model, args.quantize)
     if args.prompts_file:
         return _run_batch(args, model, tokenizer, device)
     if not args.no_echo:
@@ -89,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     n_chars = 0
     for piece in stream(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        stop_at_eot=not args.keep_eot):
+                        stop_at_eot=not args.keep_eot, speculative=args.speculative):
         sys.stdout.write(piece)
         sys.stdout.flush()
         n_chars += len(piece)

@@ -12,18 +12,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tokenize",
         help="encode a corpus into token shards (train_00000.bin, val_00000.bin, ...)",
         description=(
-            "Encode the documents of a corpus artifact (train.jsonl, val.jsonl) with a Kiln tokenizer "
+            "Encode the documents of a `kiln data run` or corpus artifact (train_XXXXX.jsonl.zst, val_XXXXX..., "
+            "found through its manifest) with a Kiln tokenizer "
             "into binary token shards, in parallel over cores, each document followed by <|endoftext|>. "
             "The output folder is an artifact: rerunning with the same inputs and options reuses it."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--corpus", default="",
-                   help="corpus artifact folder with train.jsonl and val.jsonl (or train*/val* files)")
+                   help="`kiln data run` or corpus artifact folder (or any folder of train*/val* files)")
     p.add_argument("--train", nargs="+", default=[], metavar="SOURCE",
-                   help="instead of --corpus: train sources (files, folders, globs, URLs, hf://dataset)")
+                   help="instead of --corpus: train sources (files, folders, globs, URLs, hf://; an artifact "
+                        "folder gives its train split)")
     p.add_argument("--val", nargs="+", default=[], metavar="SOURCE",
-                   help="instead of --corpus: validation sources")
+                   help="instead of --corpus: validation sources (an artifact folder gives its val split)")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json or tokenizer artifact folder")
     p.add_argument("--out", required=True, help="output folder for the token shards")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")

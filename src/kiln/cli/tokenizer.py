@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Train a byte-level BPE tokenizer (GPT-2 style) and write OUT/tokenizer.json "
                                    "with a manifest. Reuses OUT when config and inputs are unchanged.")
     t.add_argument("--input", "-i", nargs="+", required=True, metavar="PATH",
-                   help="training text: .txt or .jsonl (field \"text\") files, or a corpus artifact dir")
+                   help="training text: .txt/.jsonl files (field \"text\"), any file Kiln reads (.jsonl.zst, .gz, "
+                        "Parquet...), globs, hf://, or a `kiln data run` / corpus artifact folder (its train files)")
     t.add_argument("--out", "-o", required=True, help="output artifact directory")
     t.add_argument("--vocab-size", type=int, default=8192, help="vocab size including the 256 bytes and special tokens")
     t.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"], metavar="TOKEN",
@@ -28,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--max-doc-chars", type=int, default=None, help="truncate each .jsonl document to this many characters")
     t.add_argument("--max-bytes", type=int, default=None, help="train on about the first this-many bytes of input")
     t.add_argument("--heldout", nargs="*", default=[], metavar="PATH",
-                   help="held-out files for the bytes/token statistic (default: a corpus input's val.jsonl)")
+                   help="held-out files for the bytes/token statistic (default: the val split of an artifact input)")
     t.add_argument("--workers", type=int, default=0, help="parallel workers for pre-tokenization (0: all cores)")
     t.add_argument("--backend", choices=["auto", "native", "python"], default="auto",
                    help="auto: the C core when built; python: the pure-Python reference")
@@ -68,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Build the config from ``args`` and run the stage."""
+    from kiln.data.readers import read_texts
     from kiln.tokenizer.stage import TokenizerTrainConfig, train_tokenizer
 
     cfg = TokenizerTrainConfig(
@@ -75,7 +77,7 @@ def run_train(args: argparse.Namespace) -> int:
         pattern=args.pattern, max_doc_chars=args.max_doc_chars, max_bytes=args.max_bytes,
         heldout=tuple(args.heldout), workers=args.workers, backend=args.backend,
     )
-    out = train_tokenizer(cfg, args.out, force=args.force, progress=True)
+    out = train_tokenizer(cfg, args.out, force=args.force, progress=True, read_texts=read_texts)
     from kiln.artifacts import read_manifest
 
     print(json.dumps(read_manifest(out)["stats"], indent=1))
@@ -85,9 +87,9 @@ def run_train(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     """Print ``kiln.tokenizer.inspect.inspect_tokenizer``'s report."""
     from kiln.tokenizer.inspect import format_report, inspect_tokenizer
-    from kiln.tokenizer.tokenizer import Tokenizer
+    from kiln.tokenizer import load_tokenizer
 
-    report = inspect_tokenizer(Tokenizer.load(args.tokenizer), args.heldout, max_bytes=args.max_bytes, top=args.top)
+    report = inspect_tokenizer(load_tokenizer(args.tokenizer), args.heldout, max_bytes=args.max_bytes, top=args.top)
     print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_report(report))
     return 0
 
@@ -95,11 +97,11 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Write the requested formats."""
     from kiln.tokenizer.interop import save_hf, save_tiktoken
-    from kiln.tokenizer.tokenizer import Tokenizer
+    from kiln.tokenizer import load_tokenizer
 
     if not args.hf and not args.tiktoken:
         raise ValueError("nothing to export: pass --hf PATH and/or --tiktoken PATH")
-    tok = Tokenizer.load(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)
     if args.hf:
         print(f"wrote {save_hf(tok, args.hf)}")
     if args.tiktoken:

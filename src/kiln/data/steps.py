@@ -1,8 +1,9 @@
 """Steps: generators over Documents, and the counters that make every drop a statistic.
 
-A step is ``run(docs, stats) -> Iterator[Document]`` (the datatrove shape). A :class:`FilterStep`
-wraps a function ``Document -> drop reason | None``; every reason is counted in :class:`Stats`
-with the document's *input* bytes, so the funnel balances exactly:
+A step is ``run(docs, stats) -> Iterator[Document]`` (the datatrove shape). A :class:`Filter`
+decides ``Document -> drop reason | None`` (:class:`FilterStep` wraps a plain function), a
+:class:`Map` changes documents and drops none; every reason is counted in :class:`Stats` with the
+document's *input* bytes, so the funnel balances exactly:
 
     docs_in  == kept + sum(dropped.values()) + sum(errors.values())
     bytes_in == kept_bytes_in + sum(dropped_bytes.values()) + sum(error_bytes.values())
@@ -179,24 +180,71 @@ class Step:
         raise NotImplementedError
 
 
-class MapStep(Step):
+class Filter(Step):
+    """A step that keeps each document or drops it with a reason (datatrove's filter shape).
+
+    A subclass sets ``name`` and implements :meth:`decide` (``None`` keeps the document, a string
+    is the drop reason, counted in :class:`Stats`). ``decide`` may change the document in place
+    (C4 removes lines, extraction replaces the text) and count events with :meth:`count`.
+    ``keep_dropped_fraction`` keeps that share of dropped documents anyway, tagged
+    ``metadata["kept_despite"]`` (decided by a hash of the id, so reruns agree).
+    """
+
+    keep_dropped_fraction: float = 0.0
+
+    def decide(self, doc: Document) -> str | None:
+        raise NotImplementedError
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Count ``n`` events of ``key`` (not drops: ``c4_lines_removed``...) in the running Stats."""
+        self._stats.counters[key] += n
+
+    def run(self, docs: Iterable[Document], stats: Stats) -> Iterator[Document]:
+        if not 0.0 <= self.keep_dropped_fraction <= 1.0:
+            raise ValueError(f"keep_dropped_fraction={self.keep_dropped_fraction} must be in [0, 1]")
+        self._stats = stats
+        for doc in docs:
+            reason = self.decide(doc)
+            if reason is None:
+                yield doc
+            elif self.keep_dropped_fraction and unit_hash(doc.id, reason) < self.keep_dropped_fraction:
+                doc.metadata["kept_despite"] = reason
+                stats.counters[f"kept_despite:{reason}"] += 1
+                yield doc
+            else:
+                stats.add_drop(doc, reason)
+
+
+class Map(Step):
+    """A step that changes every document and drops none; :meth:`apply` may :meth:`count` events."""
+
+    def apply(self, doc: Document) -> Document:
+        raise NotImplementedError
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Count ``n`` events of ``key`` (``pii_email``...) in the running Stats."""
+        self._stats.counters[key] += n
+
+    def run(self, docs: Iterable[Document], stats: Stats) -> Iterator[Document]:
+        self._stats = stats
+        for doc in docs:
+            yield self.apply(doc)
+
+
+class MapStep(Map):
     """Apply ``fn(doc) -> doc`` to every document (a transform that drops nothing)."""
 
     def __init__(self, name: str, fn: Callable[[Document], Document]) -> None:
         self.name = name
         self.fn = fn
 
-    def run(self, docs: Iterable[Document], stats: Stats) -> Iterator[Document]:
-        for doc in docs:
-            yield self.fn(doc)
+    def apply(self, doc: Document) -> Document:
+        return self.fn(doc)
 
 
-class FilterStep(Step):
-    """Keep documents for which ``fn(doc)`` returns None; count the reason string of the others.
-
-    ``fn`` may also change the document in place (C4 removes lines, extraction replaces the text).
-    ``keep_dropped_fraction`` keeps that fraction of dropped documents anyway, tagged.
-    """
+class FilterStep(Filter):
+    """A :class:`Filter` from a function: keep documents for which ``fn(doc)`` returns None; count
+    the reason string of the others."""
 
     def __init__(
         self, name: str, fn: Callable[[Document], str | None], keep_dropped_fraction: float = 0.0
@@ -207,17 +255,8 @@ class FilterStep(Step):
         self.fn = fn
         self.keep_dropped_fraction = keep_dropped_fraction
 
-    def run(self, docs: Iterable[Document], stats: Stats) -> Iterator[Document]:
-        for doc in docs:
-            reason = self.fn(doc)
-            if reason is None:
-                yield doc
-            elif self.keep_dropped_fraction and unit_hash(doc.id, reason) < self.keep_dropped_fraction:
-                doc.metadata["kept_despite"] = reason
-                stats.counters[f"kept_despite:{reason}"] += 1
-                yield doc
-            else:
-                stats.add_drop(doc, reason)
+    def decide(self, doc: Document) -> str | None:
+        return self.fn(doc)
 
 
 def run_steps(

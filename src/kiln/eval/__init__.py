@@ -3,7 +3,8 @@
 Modules (importing this package imports none of them; the names below load on first use):
 
 - ``lm``: the model/tokenizer protocol and the batched log-likelihood engine (``score_rows``).
-- ``heldout``: ``evaluate_heldout`` over a 1-D token array (in-training validation).
+- ``heldout``: ``evaluate_heldout`` over a 1-D token array (in-training validation; defined in
+  ``kiln.model.heldout``).
 - ``perplexity``: ``evaluate_text`` / ``text_loss``: documents scored with sliding windows.
 - ``multiple_choice``: ``MCItem``, ``score_items`` (acc, acc_len, acc_norm).
 - ``tasks``: loaders (HellaSwag, llm-foundry jsonl, MMLU) and the ``TASKS`` registry.
@@ -11,6 +12,7 @@ Modules (importing this package imports none of them; the names below load on fi
 - ``core``: the centered CORE-style aggregate.
 - ``contamination``: n-gram overlap of benchmarks with training shards.
 - ``stage``: ``EvalConfig``, ``run_eval`` (the ``"eval"`` artifact), ``QuickEval`` for the trainer.
+- ``scorer``: ``kiln_lm_scorer``, the perplexity scorer the data stage's perplexity filter takes.
 - ``harness``: the lm-evaluation-harness model class (needs ``pip install lm-eval``).
 
 See docs/eval.md.
@@ -24,7 +26,7 @@ from typing import Any
 _EXPORTS = {
     "score_rows": "kiln.eval.lm",
     "check_vocab": "kiln.eval.lm",
-    "evaluate_heldout": "kiln.eval.heldout",
+    "evaluate_heldout": "kiln.model.heldout",
     "evaluate_text": "kiln.eval.perplexity",
     "text_loss": "kiln.eval.perplexity",
     "TextLoss": "kiln.eval.perplexity",
@@ -44,6 +46,8 @@ _EXPORTS = {
     "run_eval": "kiln.eval.stage",
     "evaluate_tasks": "kiln.eval.stage",
     "QuickEval": "kiln.eval.stage",
+    "kiln_lm_scorer": "kiln.eval.scorer",
+    "KilnLMScorer": "kiln.eval.scorer",
 }
 
 __all__ = sorted(_EXPORTS)

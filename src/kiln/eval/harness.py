@@ -51,7 +51,8 @@ def lm_class() -> type:
                      batch_size: int | str = 16, stride: int | None = None, **_: Any) -> None:
             super().__init__()
             from kiln.eval.lm import check_vocab
-            from kiln.eval.stage import find_tokenizer, pick_device
+            from kiln.eval.stage import pick_device
+            from kiln.tokenizer import find_tokenizer, load_tokenizer
 
             if model is None:
                 raise ValueError("KilnLM needs model=DIR (a directory written by save_pretrained)")
@@ -62,11 +63,9 @@ def lm_class() -> type:
                 model = load_pretrained(model, device=pick_device(device))
                 tokenizer = tok_path
             if isinstance(tokenizer, (str, os.PathLike)) or tokenizer is None:
-                from kiln.tokenizer import Tokenizer
-
                 if tokenizer is None:
                     raise ValueError("KilnLM needs tokenizer=PATH when model is an object")
-                tokenizer = Tokenizer.load(tokenizer)
+                tokenizer = load_tokenizer(tokenizer)
             check_vocab(model, tokenizer)
             self.model = model.eval() if hasattr(model, "eval") else model
             self.tok = tokenizer

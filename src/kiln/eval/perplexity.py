@@ -108,22 +108,24 @@ def text_loss(
 
 
 def read_texts(path: str | os.PathLike, text_key: str = "text") -> Iterator[str]:
-    """Documents of a ``.txt`` file (the whole file; blank-line separated with ``split``) or ``.jsonl``.
-
-    A jsonl row without ``text_key`` or with invalid JSON is an error naming the file and line.
-    """
+    """Documents of a held-out source: a ``.txt`` file (the whole file), a ``.jsonl`` file (a row
+    without ``text_key`` or with invalid JSON is an error naming the file and line), or anything the
+    data stage's reader takes (``.jsonl.zst``, Parquet, globs, ``hf://``; a ``kiln data run`` or corpus
+    artifact folder gives its val split, through its manifest)."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} does not exist")
-    if p.suffix == ".jsonl":
+    if p.is_file() and p.suffix == ".jsonl":
         from kiln.eval.tasks import read_jsonl
 
         for i, obj in read_jsonl(p):
             if not isinstance(obj.get(text_key), str):
                 raise ValueError(f"{p}:{i}: expected an object with a string {text_key!r} field")
             yield obj[text_key]
-    else:
+    elif p.is_file() and p.suffix in (".txt", ".md", ".text"):
         yield p.read_text(encoding="utf-8")
+    else:
+        from kiln.data.readers import read_texts as read_documents_text  # the one reading layer
+
+        yield from read_documents_text([os.fspath(path)], split="val", text_key=text_key)
 
 
 def shard_documents(path: str | os.PathLike) -> Iterator[list[int]]:

@@ -9,7 +9,6 @@ once and called by the trainer every N steps.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -17,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kiln.tokenizer.folder import find_tokenizer  # also kiln.eval.stage.find_tokenizer, its old home
 
 log = logging.getLogger(__name__)
 
@@ -101,30 +102,6 @@ class EvalConfig:
             raise ValueError(f"--scoring {self.scoring!r} is not one of auto, rows, cache")
         if self.samples and max(self.pass_k) > self.samples:
             raise ValueError(f"pass@{max(self.pass_k)} needs --samples >= {max(self.pass_k)}")
-
-
-def find_tokenizer(model_dir: str | os.PathLike) -> Path:
-    """The tokenizer a model was trained with: beside it, or via the manifests' recorded inputs."""
-    d = Path(model_dir).resolve()
-    seen: set[Path] = set()
-    queue = [d, d.parent]
-    while queue:
-        cur = queue.pop(0)
-        if cur in seen or not cur.exists():
-            continue
-        seen.add(cur)
-        if (cur / "tokenizer.json").is_file():
-            return cur / "tokenizer.json"
-        m = cur / "manifest.json"
-        if m.is_file():
-            try:
-                inputs = json.loads(m.read_text()).get("inputs", {})
-            except json.JSONDecodeError:
-                inputs = {}
-            queue.extend(Path(p) for p in inputs)
-    raise FileNotFoundError(
-        f"no tokenizer.json found beside {d} or through its manifests' inputs; pass --tokenizer PATH"
-    )
 
 
 def pick_device(device: str) -> str:
@@ -344,7 +321,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | os.PathLike, force: bool = False) -
     """The eval stage: load ``cfg.model``, score everything, write the artifact; returns ``out_dir``."""
     from kiln.artifacts import StageRun, write_json_atomic
     from kiln.eval.lm import check_vocab
-    from kiln.tokenizer import Tokenizer
+    from kiln.tokenizer import load_tokenizer
 
     if not cfg.model:
         raise ValueError("no model given; pass --model DIR (a directory written by save_pretrained)")
@@ -355,7 +332,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | os.PathLike, force: bool = False) -
         if run.reused:
             log.info("eval: %s is up to date (reused)", out_dir)
             return Path(out_dir)
-        tokenizer = Tokenizer.load(tok_path)
+        tokenizer = load_tokenizer(tok_path)
         model = load_model(cfg.model, cfg.device, cfg.dtype)
         check_vocab(model, tokenizer)
         t0 = time.time()

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from kiln.generate.block_manager import BlockManager
-from kiln.generate.model_runner import ModelRunner, StepItem
+from kiln.generate.model_runner import MAX_ROW_TOKENS, ModelRunner, StepItem
 from kiln.generate.sampling import SamplingParams, sample_next
 from kiln.generate.scheduler import Scheduler
 from kiln.generate.sequence import Sequence, Status
@@ -48,6 +48,9 @@ class EngineConfig:
     """Share full KV blocks between requests with the same prefix (hash-chained, reference-counted)."""
     cuda_graphs: bool = True
     """On CUDA, replay a captured graph for decode steps of up to ``max_num_seqs`` sequences."""
+    compile_decode: bool = False
+    """Also ``torch.compile`` the captured decode step (fusing the elementwise work between matmuls;
+    one compilation per captured batch size, so best with a small ``max_num_seqs``)."""
     gpu_memory_fraction: float = 0.5
     """With ``num_blocks=None`` on CUDA: at most this fraction of the free GPU memory for the cache."""
     eos_token_id: int | None = None
@@ -130,11 +133,14 @@ class LLMEngine:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self._lookahead)
-        graphs = config.max_num_seqs if config.cuda_graphs else 0
-        self.runner = ModelRunner(model, num_blocks, config.block_size, graphs)
+        rows = config.max_num_seqs * (1 + config.num_speculative_tokens if config.speculative != "none" else 1)
+        graphs = rows if config.cuda_graphs else 0
+        self.runner = ModelRunner(model, num_blocks, config.block_size, graphs, config.compile_decode)
         self.max_seq_tokens = min(mc.context_length, num_blocks * config.block_size)
         self._per_seq_blocks = per_seq
         self.proposer = make_proposer(config, model, draft_model, num_blocks, self.vocab_limit)
+        if config.num_speculative_tokens + 1 > MAX_ROW_TOKENS and config.speculative != "none":
+            raise ValueError(f"num_speculative_tokens must be <= {MAX_ROW_TOKENS - 1}")
         self.spec_counts = {"proposed": 0, "accepted": 0}
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -230,6 +236,7 @@ class LLMEngine:
             items.append(StepItem(seq, c, seq.window[c:c + n - len(d)] + d if d else seq.window[c:c + n], 1 + len(d)))
         logits = self.runner.run(items)[:, :self.vocab_limit]  # (rows, V) fp32: one row per wanted position
         greedy = logits.argmax(dim=-1).tolist()
+        sampled = self._sample(items, logits)
         outputs = []
         row = 0
         for it, (seq, n) in zip(items, batch):
@@ -248,13 +255,26 @@ class LLMEngine:
                 self._finish(seq, "length")
                 outputs.append(self._output(seq))
                 continue
-            tok = greedy[i] if p.temperature == 0 else int(sample_next(logits[i], p.temperature, p.top_k,
-                                                                       p.top_p, seq.generator))
+            tok = greedy[i] if p.temperature == 0 else sampled[i]
             if p.logprobs is not None:
                 seq.logprobs.append(_logprobs(logits[i], tok, p.logprobs))
             self._append(seq, tok)
             outputs.append(self._output(seq))
         return outputs
+
+    def _sample(self, items: list[StepItem], logits: Tensor) -> dict[int, int]:
+        """Sampled token per logits row of the items that sample this step (temperature > 0): each
+        row draws with its request's own generator; one host sync for all of them."""
+        rows, draws = [], []
+        row = 0
+        for it in items:
+            seq, p = it.seq, it.seq.params
+            done = it.start + len(it.tokens) == seq.num_window_tokens  # the window's end: a token is due
+            if it.n_logits == 1 and done and p.temperature > 0 and p.max_tokens > 0:
+                rows.append(row)
+                draws.append(sample_next(logits[row], p.temperature, p.top_k, p.top_p, seq.generator))
+            row += it.n_logits
+        return dict(zip(rows, torch.stack(draws).tolist())) if draws else {}
 
     # -- speculative decoding (greedy requests only: the output is exactly plain greedy decoding's) ----
 

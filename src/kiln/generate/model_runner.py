@@ -20,6 +20,8 @@ from torch import Tensor
 from kiln.generate.sequence import Sequence
 from kiln.model import PagedKVCache, PagedMetadata, Transformer
 
+MAX_ROW_TOKENS = 8  # most tokens of one sequence run as per-token decode rows (speculative verification)
+
 
 @dataclass
 class StepItem:
@@ -43,7 +45,11 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 class ModelRunner:
     """Owns the paged cache of ``model`` and runs packed steps through it."""
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, cuda_graph_max_batch: int = 0) -> None:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, cuda_graph_max_batch: int = 0,
+                 compile_decode: bool = False) -> None:
+        """``cuda_graph_max_batch``: the most decode rows (tokens) replayed from CUDA graphs; 0: none.
+        ``compile_decode``: run the captured decode forward through ``torch.compile`` (fuses the norms,
+        RoPE and SwiGLU between the matmuls; the paged attention stays eager), as gpt-fast does."""
         cfg = model.config
         p = next(model.parameters())
         self.model = model
@@ -54,11 +60,19 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-cfg.context_length // block_size)
         self.graph_max = cuda_graph_max_batch if self.device.type == "cuda" else 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._decode = torch.compile(self._decode_core, dynamic=False) if compile_decode else self._decode_core
         self._static: dict[str, Tensor] = {}
 
     def prepare(self, items: list[StepItem]) -> tuple[list[int], list[int], PagedMetadata]:
-        """Token ids (N,), positions (N,) and the attention metadata of one step (lists on the host)."""
+        """Token ids (N,), positions (N,) and the attention metadata of one step (lists on the host).
+
+        When every item wants logits at all its tokens and has at most ``MAX_ROW_TOKENS`` (decode, and
+        speculative verification), each token becomes its own attention row (its sequence's block
+        table, context up to itself): the step is then a decode step for the attention kernel and for
+        the CUDA graphs, whatever the number of draft tokens.
+        """
         bs, scratch = self.block_size, self.cache.scratch_block
+        per_token = all(len(it.tokens) == it.n_logits <= MAX_ROW_TOKENS for it in items)
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -68,9 +82,14 @@ class ModelRunner:
             ids += it.tokens
             pos += range(c, c + n)
             slots += [table[p // bs] * bs + p % bs for p in range(c, c + n)]
-            q_lens.append(n)
-            ctx_lens.append(c + n)
-            tables.append(table)
+            if per_token:
+                q_lens += [1] * n
+                ctx_lens += range(c + 1, c + n + 1)
+                tables += [table] * n
+            else:
+                q_lens.append(n)
+                ctx_lens.append(c + n)
+                tables.append(table)
         width = max(map(len, tables))
         dev = self.device
         meta = PagedMetadata(
@@ -87,29 +106,31 @@ class ModelRunner:
     def run(self, items: list[StepItem]) -> Tensor:
         """Logits (sum of n_logits, vocab_size) fp32: the last ``n_logits`` positions of each item, in order."""
         ids, pos, meta = self.prepare(items)
-        if meta.decode and all(it.n_logits == 1 for it in items) and len(items) <= self.graph_max:
+        if meta.decode and all(it.n_logits == len(it.tokens) for it in items) and len(ids) <= self.graph_max:
             return self._replay(ids, pos, meta)
         dev = self.device
         self.cache.meta = meta
         rows: list[int] = []
-        for it, end in zip(items, _cumsum(meta.query_lens)):
+        for it, end in zip(items, _cumsum([len(it.tokens) for it in items])):
             rows += range(end - it.n_logits, end)
         was_training = self.model.training
-        self.model.eval()  # the caller (a GRPO loop, the trainer's samples) keeps its own mode
+        if was_training:  # the caller (a GRPO loop, the trainer's samples) keeps its own mode
+            self.model.eval()
         try:
             h = self.model.hidden_states(torch.tensor([ids], device=dev), torch.tensor(pos, device=dev), self.cache)
             return self.model.lm_head(h[0, torch.tensor(rows, device=dev)]).float()  # (rows, V)
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
 
     # -- CUDA graphs for decode ------------------------------------------------------------------------
 
     def capture(self) -> None:
-        """Capture one decode graph per size in ``graph_batch_sizes`` (largest first, one memory pool)."""
+        """Capture one decode graph per row count in ``graph_batch_sizes`` (largest first, one memory pool)."""
         if not self.graph_max or self.graphs:
             return
         G, dev = self.graph_max, self.device
-        s = self._static = {
+        self._static = {
             "ids": torch.zeros(G, dtype=torch.long, device=dev),
             "pos": torch.zeros(G, dtype=torch.long, device=dev),
             "slots": torch.full((G,), self.cache.scratch_block * self.block_size, dtype=torch.long, device=dev),
@@ -119,27 +140,43 @@ class ModelRunner:
         pool = None
         with torch.inference_mode():
             for b in reversed(graph_batch_sizes(G)):
-                meta = PagedMetadata(s["slots"][:b], s["tables"][:b], s["lens"][:b],
-                                     torch.arange(b + 1, dtype=torch.int32, device=dev), [1] * b, [1] * b)
-
-                def fwd(b: int = b, meta: PagedMetadata = meta) -> Tensor:
-                    self.cache.meta = meta
-                    h = self.model.hidden_states(s["ids"][:b][None], s["pos"][:b], self.cache)
-                    return self.model.lm_head(h[0]).float()  # (b, V)
-
+                meta = self._static_meta(b, [1] * b)
+                if dev.type != "cuda":  # emulation for tests: the same static buffers, run eagerly
+                    self.graphs[b] = (None, None)
+                    continue
                 stream = torch.cuda.Stream(device=dev)
                 stream.wait_stream(torch.cuda.current_stream(dev))
                 with torch.cuda.stream(stream):
-                    fwd()  # warm-up outside the graph (Triton compiles, cuBLAS picks its kernels)
+                    self._static_forward(b, meta)  # warm-up outside the graph (Triton compiles, cuBLAS picks)
                 torch.cuda.current_stream(dev).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = fwd()
+                    out = self._static_forward(b, meta)
                 pool = graph.pool() if pool is None else pool
                 self.graphs[b] = (graph, out)
-        torch.cuda.synchronize(dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
+    def _static_meta(self, b: int, lens: list[int]) -> PagedMetadata:
+        """Metadata over the first ``b`` rows of the static buffers (``lens``: host copy, for the
+        PyTorch attention path; the CUDA kernel reads the device lengths)."""
+        s, dev = self._static, self.device
+        return PagedMetadata(s["slots"][:b], s["tables"][:b], s["lens"][:b],
+                             torch.arange(b + 1, dtype=torch.int32, device=dev), [1] * b, lens)
+
+    def _static_forward(self, b: int, meta: PagedMetadata) -> Tensor:
+        """The decode forward over static buffers: logits (b, V) fp32."""
+        s = self._static
+        self.cache.meta = meta
+        return self._decode(s["ids"][:b], s["pos"][:b])
+
+    def _decode_core(self, ids: Tensor, pos: Tensor) -> Tensor:
+        """ids, pos (b,) -> logits (b, V) fp32, one token per row (the cache's ``meta`` is set)."""
+        h = self.model.hidden_states(ids[None], pos, self.cache)
+        return self.model.lm_head(h[0]).float()
 
     def _replay(self, ids: list[int], pos: list[int], meta: PagedMetadata) -> Tensor:
+        """Run a decode step of len(ids) rows through the smallest captured graph that holds it."""
         if not self.graphs:
             self.capture()
         B = len(ids)
@@ -156,6 +193,8 @@ class ModelRunner:
         s["tables"][:B, w:].fill_(self.cache.scratch_block)
         s["tables"][B:b].fill_(self.cache.scratch_block)
         graph, out = self.graphs[b]
+        if graph is None:  # emulated on the CPU (tests)
+            return self._static_forward(b, self._static_meta(b, s["lens"][:b].tolist()))[:B]
         graph.replay()
         return out[:B]
 

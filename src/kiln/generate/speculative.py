@@ -46,8 +46,8 @@ class NgramProposer:
 class DraftModelProposer:
     """Greedy drafts from a small model over its own paged cache (same block tables as the target)."""
 
-    def __init__(self, draft: Any, num_blocks: int, block_size: int, vocab_limit: int) -> None:
-        self.runner = ModelRunner(draft, num_blocks, block_size, cuda_graph_max_batch=0)
+    def __init__(self, draft: Any, num_blocks: int, block_size: int, vocab_limit: int, graph_rows: int = 0) -> None:
+        self.runner = ModelRunner(draft, num_blocks, block_size, cuda_graph_max_batch=graph_rows)
         self.vocab_limit = vocab_limit
 
     @torch.inference_mode()
@@ -83,4 +83,5 @@ def make_proposer(config: Any, model: Any, draft_model: Any, num_blocks: int, vo
     if dc.vocab_size < vocab_limit or dc.context_length < mc.context_length:
         raise ValueError(f"the draft model (vocab {dc.vocab_size}, context {dc.context_length}) must cover the "
                          f"model's vocabulary ({vocab_limit} ids used) and context ({mc.context_length})")
-    return DraftModelProposer(draft_model, num_blocks, config.block_size, vocab_limit)
+    graphs = config.max_num_seqs if config.cuda_graphs else 0
+    return DraftModelProposer(draft_model, num_blocks, config.block_size, vocab_limit, graphs)

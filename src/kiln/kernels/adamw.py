@@ -10,7 +10,7 @@ Per element (``okf`` = 1.0 if the step's device-side guard passed, else 0.0; ``t
 Each element is read once (p, g, m, v) and written once (p, m, v): 28 bytes per fp32 parameter,
 the floor for Adam. ``lr``, ``ok`` and the step counts are device tensors, so nothing reads a
 value back to the host, and a learning-rate change needs no recompilation. The eager reference is
-``kiln.train.optim._adamw_guarded_update``; tests compare the two (interpreted on the CPU).
+``adamw_update_ref`` below (``kiln.train.AdamW``'s unfused path); tests compare the two (interpreted on the CPU).
 """
 
 from __future__ import annotations
@@ -51,25 +51,53 @@ if HAVE_TRITON:
 BLOCK = 2048
 
 
+def adamw_update_ref(
+    params: list[torch.Tensor], grads: list[torch.Tensor], avgs: list[torch.Tensor], avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor], lr: torch.Tensor, ok: torch.Tensor,
+    beta1: float, beta2: float, eps: float, weight_decay: float,
+) -> None:
+    """The eager reference of the guarded AdamW update (``kiln.train.AdamW``'s default path).
+
+    AdamW on lists of tensors where ``lr`` (0-dim fp32), ``ok`` (0-dim bool) and each ``steps[i]``
+    (0-dim fp32) are device tensors, so nothing here reads a value back to the host.
+
+    ``okf = float(ok)`` multiplies every change: a false ``ok`` adds 0 to the step count, lerps the
+    moments by weight 0 and moves parameters by 0. Gradients pass through ``where(ok, g, 0)`` first,
+    so a skipped step's inf/NaN gradients never reach the state (0 * NaN would be NaN).
+    """
+    okf = ok.to(torch.float32)
+    lr_eff = lr * okf  # 0 when skipped
+    for p, g, m, v, s in zip(params, grads, avgs, avg_sqs, steps):
+        s.add_(okf)
+        t = s.clamp(min=1.0)  # a skipped first step: keep the bias corrections finite
+        bias1 = 1.0 - torch.pow(beta1, t)
+        bias2 = 1.0 - torch.pow(beta2, t)
+        g = torch.where(ok, g, torch.zeros_like(g))
+        if weight_decay != 0:
+            p.mul_(1.0 - lr_eff * weight_decay)
+        m.lerp_(g, ((1.0 - beta1) * okf).to(m.dtype))
+        v.mul_(1.0 - (1.0 - beta2) * okf).add_(g * g * ((1.0 - beta2) * okf))
+        denom = (v / bias2).sqrt().add_(eps)
+        p.sub_(m / denom * (lr_eff / bias1))
+
+
 def adamw_fused_update_(
     params: list[torch.Tensor], grads: list[torch.Tensor], avgs: list[torch.Tensor], avg_sqs: list[torch.Tensor],
     steps: list[torch.Tensor], lr: torch.Tensor, ok: torch.Tensor,
     beta1: float, beta2: float, eps: float, weight_decay: float,
 ) -> None:
-    """The guarded AdamW update of ``kiln.train.optim._adamw_guarded_update``, one kernel per tensor.
+    """The guarded AdamW update of ``adamw_update_ref``, one kernel per tensor.
 
     ``steps`` are incremented by ``ok`` first (one multi-tensor add); then each parameter's kernel
     reads its own step count. Contiguous tensors only; others (and devices Triton cannot run on)
     go through the eager reference with one warning.
     """
-    from kiln.train.optim import _adamw_guarded_update
-
     reason = unsupported_reason(*params[:1], lr, ok)
     if reason is None and not all(t.is_contiguous() for ts in (params, grads, avgs, avg_sqs) for t in ts):
         reason = "non-contiguous parameter, gradient or state tensor"
     if reason is not None:
         warn_fallback("adamw", reason)
-        _adamw_guarded_update(params, grads, avgs, avg_sqs, steps, lr, ok, beta1, beta2, eps, weight_decay)
+        adamw_update_ref(params, grads, avgs, avg_sqs, steps, lr, ok, beta1, beta2, eps, weight_decay)
         return
     okf = ok.to(torch.float32)
     torch._foreach_add_(steps, okf)

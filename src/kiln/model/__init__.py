@@ -1,7 +1,8 @@
 """Kiln's language model, built from scratch in raw PyTorch (Llama layout, HF-compatible names).
 
 Building blocks (``layers``), attention with swappable kernels (``attention``), the KV cache
-(``kv_cache``), the model (``transformer``) and Hugging Face interop (``hf``). See docs/model.md.
+(``kv_cache``), the model (``transformer``), Hugging Face interop (``hf``), the loss
+(``loss.cross_entropy``) and the held-out loss over a token array (``heldout.evaluate_heldout``). See docs/model.md.
 """
 
 from kiln.model.attention import (
@@ -35,12 +36,15 @@ from kiln.model.layers import (
     softmax,
     triton_rms_norm,
 )
+from kiln.model.quantize import Int4Linear, Int8Linear, quantize_model
 from kiln.model.transformer import Transformer, TransformerBlock, build_model
 
 __all__ = [
     "ATTENTION_IMPLS",
     "NORM_IMPLS",
     "Embedding",
+    "Int4Linear",
+    "Int8Linear",
     "KVCache",
     "Linear",
     "ModelConfig",
@@ -58,6 +62,7 @@ __all__ = [
     "kiln_attention",
     "load_llama_state_dict",
     "load_pretrained",
+    "quantize_model",
     "rms_norm",
     "rotate_half",
     "save_pretrained",

@@ -92,14 +92,19 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
     a decode step on CUDA runs Kiln's Triton kernel (``kiln.kernels.paged_attention``); a decode step
     elsewhere gathers every sequence's blocks into one padded batch and masks past each length; a step
     with prefill chunks gathers sequence by sequence and calls the causal kernel with the chunk's
-    offset (``kiln_attention``, or torch's SDPA when ``fused``).
+    offset (``kiln_attention``, or torch's SDPA when ``fused``); on CUDA, with several sequences, it
+    pads them into one batch instead (``paged_prefill_batched``: one call per layer, no Python loop).
     """
     if meta.decode and q.is_cuda:
         from kiln.kernels.paged_attention import paged_decode_attention  # lazy: Triton is optional
 
-        return paged_decode_attention(q, k_pool, v_pool, meta.block_tables, meta.context_lens)
+        # under autocast q may be bf16 over an fp32 pool: the kernel takes one dtype
+        out = paged_decode_attention(q.to(k_pool.dtype), k_pool, v_pool, meta.block_tables, meta.context_lens)
+        return out.to(q.dtype)
     if meta.decode:
         return _paged_decode_torch(q, k_pool, v_pool, meta)
+    if q.is_cuda and len(meta.query_lens) > 1:  # many sequences: one padded, masked call per layer
+        return paged_prefill_batched(q, k_pool, v_pool, meta, fused)
     from kiln.kernels.paged_attention import gather_blocks
 
     out = torch.empty_like(q)
@@ -114,18 +119,60 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
     return out
 
 
+def paged_prefill_batched(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetadata, fused: bool = False) -> Tensor:
+    """Prompt chunks of B sequences in one masked attention call: q (N, H, D) packed -> (N, H, D).
+
+    Queries are scattered into (B, Tq) rows (Tq the longest chunk), keys/values gathered into (B, S)
+    (S the longest context), and the mask allows key j for the query at position p of sequence b when
+    j <= p and j < its context length. Padded query rows see key 0 only (no empty softmax row) and are
+    dropped on the way out.
+    """
+    N, H, D = q.shape
+    bs, Hkv = k_pool.shape[1], k_pool.shape[2]
+    B, Tq, dev = len(meta.query_lens), max(meta.query_lens), q.device
+    n_blocks = -(-max(meta.context_lens_list) // bs)
+    S = n_blocks * bs
+    slots = (meta.block_tables[:, :n_blocks].long()[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
+    k = k_pool.view(-1, Hkv, D).index_select(0, slots).view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+    v = v_pool.view(-1, Hkv, D).index_select(0, slots).view(B, S, Hkv, D).transpose(1, 2)
+    q_lens = torch.diff(meta.query_start.long())  # (B,)
+    seq_of = torch.repeat_interleave(torch.arange(B, device=dev), q_lens, output_size=N)  # (N,)
+    dest = seq_of * Tq + torch.arange(N, device=dev) - meta.query_start.long()[seq_of]  # (N,) row in B*Tq
+    qp = q.new_zeros(B * Tq, H, D).index_copy_(0, dest, q).view(B, Tq, H, D).transpose(1, 2)  # (B, H, Tq, D)
+    ctx = meta.context_lens.long()[:, None]  # (B, 1)
+    t = torch.arange(Tq, device=dev)[None, :]  # (1, Tq)
+    q_pos = ctx - q_lens[:, None] + t  # (B, Tq) position of each query row
+    j = torch.arange(S, device=dev)[None, None, :]  # (1, 1, S)
+    allowed = (j <= q_pos[:, :, None]) & (j < ctx[:, :, None])  # (B, Tq, S)
+    allowed |= (t >= q_lens[:, None])[:, :, None] & (j == 0)  # padded query rows: key 0 only
+    if fused:
+        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=allowed[:, None], enable_gqa=H != Hkv)
+    else:
+        G = H // Hkv  # fold the G query heads of a key/value head into the query axis (as kiln_attention)
+        out = scaled_dot_product_attention(qp.reshape(B, Hkv, G * Tq, D), k, v, allowed.repeat(1, G, 1)[:, None])
+        out = out.reshape(B, H, Tq, D)
+    return out.transpose(1, 2).reshape(B * Tq, H, D).index_select(0, dest)
+
+
 def _paged_decode_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetadata) -> Tensor:
     """Decode step in plain PyTorch: q (B, H, D), one token per sequence -> (B, H, D)."""
     B, H, D = q.shape
     bs, Hkv = k_pool.shape[1], k_pool.shape[2]
-    n_blocks = -(-max(meta.context_lens_list) // bs)
-    tables = meta.block_tables[:, :n_blocks].long()  # (B, nb)
-    k = k_pool[tables].reshape(B, n_blocks * bs, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
-    v = v_pool[tables].reshape(B, n_blocks * bs, Hkv, D).transpose(1, 2)
-    valid = torch.arange(n_blocks * bs, device=q.device)[None, :] < meta.context_lens[:, None]  # (B, S)
+    if meta.decode_gather is None:  # the same for every layer of the step: built once
+        n_blocks = -(-max(meta.context_lens_list) // bs)
+        S = n_blocks * bs
+        valid = torch.arange(S, device=q.device)[None, :] < meta.context_lens[:, None]  # (B, S)
+        tables = meta.block_tables[:, :n_blocks].long()  # (B, nb)
+        slots = (tables[:, :, None] * bs + torch.arange(bs, device=q.device)).reshape(-1)  # (B*S,) pool rows
+        meta.decode_gather = (slots, valid[:, None, None, :])
+    slots, valid = meta.decode_gather  # (B*S,), (B, 1, 1, S)
+    S = valid.shape[-1]
+    # index_select over pool rows: a few times faster on the CPU than advanced indexing by block
+    k = k_pool.view(-1, Hkv, D).index_select(0, slots).view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+    v = v_pool.view(-1, Hkv, D).index_select(0, slots).view(B, S, Hkv, D).transpose(1, 2)
     G = H // Hkv
     qg = q.reshape(B, Hkv, G, D)  # heads h = kv*G + g are contiguous in the HF layout
-    out = scaled_dot_product_attention(qg, k, v, valid[:, None, None, :])  # (B, Hkv, G, D)
+    out = scaled_dot_product_attention(qg, k, v, valid)  # (B, Hkv, G, D)
     return out.reshape(B, H, D)
 
 
@@ -223,6 +270,7 @@ class MultiHeadSelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.o_proj(out)
 
+    @torch.compiler.disable  # the engine may compile the decode step: the cache write and kernel stay eager
     def _paged(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
         """q (1, H, N, D), k/v (1, Hkv, N, D) of a packed engine step -> attention output (N, H, D)."""
         i = self.layer_idx

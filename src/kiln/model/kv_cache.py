@@ -168,3 +168,4 @@ class PagedMetadata:
         self.query_lens = query_lens
         self.context_lens_list = context_lens_list
         self.decode = all(n == 1 for n in query_lens)
+        self.decode_gather: tuple[Tensor, Tensor] | None = None  # the PyTorch decode path's, per step

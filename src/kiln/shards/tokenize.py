@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from kiln.artifacts import StageRun
-from kiln.data.readers import file_kind, read_documents
+from kiln.data.readers import artifact_files, file_kind, is_artifact, read_documents
 from kiln.shards.format import ShardWriter, dtype_for_vocab
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,14 @@ class TokenizeConfig:
     """How to turn a corpus into token shards."""
 
     corpus: str = ""
-    """Corpus artifact folder holding ``train.jsonl`` and ``val.jsonl`` (or ``train*``/``val*``
-    files or folders of any format ``read_documents`` takes). Ignored for a split given below."""
+    """Document artifact folder (``kiln data run`` or the corpus stage: ``train_XXXXX.jsonl.zst``...,
+    found through its manifest; older corpus artifacts' ``train.jsonl``/``val.jsonl``), or a folder of
+    ``train*``/``val*`` files of any format ``read_documents`` takes. Ignored for a split given below."""
     tokenizer: str = ""
     """Tokenizer file (``tokenizer.json``) or tokenizer artifact folder."""
     train: tuple[str, ...] = ()
-    """Explicit sources for the train split (files, folders, globs, URLs, hf://), instead of ``corpus``."""
+    """Explicit sources for the train split (files, folders, globs, URLs, hf://), instead of ``corpus``;
+    a document artifact folder gives its train files (through its manifest)."""
     val: tuple[str, ...] = ()
     """Explicit sources for the val split, instead of ``corpus``."""
     text_key: str = "text"
@@ -80,7 +82,9 @@ def split_sources(cfg: TokenizeConfig) -> dict[str, list[str]]:
         if not d.is_dir():
             raise FileNotFoundError(f"corpus folder {d} does not exist; run prepare_corpus / `kiln demo` first")
         exact = d / f"{split}.jsonl"
-        if exact.is_file():
+        if is_artifact(d):  # a Kiln document artifact: its files as its manifest lists them
+            out[split] = [str(p) for p in artifact_files(d, split)]
+        elif exact.is_file():
             out[split] = [str(exact)]
         elif (d / split).is_dir():
             out[split] = [str(d / split)]
@@ -100,14 +104,14 @@ def split_sources(cfg: TokenizeConfig) -> dict[str, list[str]]:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """``kiln.tokenizer.Tokenizer.load(path)``, with a clear error when it is missing."""
+    """``kiln.tokenizer.load_tokenizer(path)``, with a clear error when it is missing."""
     if not path:
         raise ValueError("no tokenizer given; pass the tokenizer.json or tokenizer artifact folder")
     if not Path(path).exists():
         raise FileNotFoundError(f"tokenizer {path} does not exist; train one with `kiln tokenizer train`")
-    from kiln.tokenizer import Tokenizer
+    from kiln.tokenizer import load_tokenizer as load
 
-    return Tokenizer.load(path)
+    return load(path)
 
 
 class _Encoder:
@@ -154,10 +158,13 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     return _worker_encoder(texts)
 
 
-def _batches(sources: list[str], text_key: str, errors: collections.Counter) -> Iterator[list[str]]:
+def _batches(
+    sources: list[str], text_key: str, errors: collections.Counter, split: str = "train"
+) -> Iterator[list[str]]:
+    """Texts in batches; a document artifact among ``sources`` gives its ``split`` files."""
     batch: list[str] = []
     size = 0
-    for doc in read_documents(sources, text_key=text_key, errors=errors):
+    for doc in read_documents(sources, text_key=text_key, errors=errors, split=split):
         batch.append(doc.text)
         size += len(doc.text)
         if len(batch) >= BATCH_DOCS or size >= BATCH_BYTES:
@@ -211,7 +218,7 @@ def tokenize_corpus(
     """Tokenize each split into shards in ``out_dir`` (stage ``"tokens"``); reused when unchanged.
 
     Args:
-        cfg: the config; ``cfg.tokenizer`` is loaded with ``Tokenizer.load`` unless ``tokenizer`` is given.
+        cfg: the config; ``cfg.tokenizer`` is loaded with ``kiln.tokenizer.load_tokenizer`` unless ``tokenizer`` is given.
         out_dir: the artifact folder (``train_00000.bin``..., ``val_00000.bin``..., ``manifest.json``).
         force: recompute even if a matching artifact exists.
         tokenizer: an already-loaded tokenizer object (``encode``, ``eot_id``, ``vocab_size``), e.g.
@@ -293,7 +300,7 @@ def _tokenize_split(
     )
     nbytes = 0
     with ShardWriter(out, split, vocab_size, cfg.shard_tokens) as writer:
-        for flat, lengths, b in _encoded(_batches(sources, cfg.text_key, errors), encoder, pool, in_flight):
+        for flat, lengths, b in _encoded(_batches(sources, cfg.text_key, errors, split), encoder, pool, in_flight):
             pos = 0
             for n in lengths.tolist():
                 writer.add_document(flat[pos:pos + n])

@@ -2,10 +2,12 @@
 
 See docs/tokenizer.md. Submodules: ``pretokenize`` (split patterns), ``train`` (BPE training,
 pure-Python reference), ``tokenizer`` (encode/decode, files), ``interop`` (Hugging Face and
-tiktoken formats), ``stage`` (``TokenizerTrainConfig``, ``train_tokenizer``), ``inspect``,
-``native`` (the optional C core).
+tiktoken formats), ``folder`` (``find_tokenizer``/``load_tokenizer`` for a model, run or tokens
+folder; ``save_tokenizer_files``: a model folder's files), ``stage`` (``TokenizerTrainConfig``,
+``train_tokenizer``), ``inspect``, ``native`` (the optional C core).
 """
 
+from kiln.tokenizer.folder import find_tokenizer, load_tokenizer, save_tokenizer_files
 from kiln.tokenizer.interop import (
     from_hf_json,
     from_tiktoken,
@@ -25,10 +27,13 @@ __all__ = [
     "PATTERNS",
     "Tokenizer",
     "TokenizerTrainConfig",
+    "find_tokenizer",
     "from_hf_json",
     "from_tiktoken",
+    "load_tokenizer",
     "merge_words_reference",
     "save_hf",
+    "save_tokenizer_files",
     "save_tiktoken",
     "to_tiktoken",
     "train_bpe",

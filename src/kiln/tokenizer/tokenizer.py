@@ -33,6 +33,7 @@ from kiln.tokenizer.pretokenize import (
 FORMAT = "kiln-bpe"
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
+KILN_TOKENIZER_FILE = "kiln_tokenizer.json"  # Kiln's format in a model folder, beside Hugging Face's tokenizer.json
 _CACHE_MAX = 1 << 18  # pre-tokens kept in the Python encode cache before it is cleared
 
 
@@ -279,10 +280,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "auto") -> Tokenizer:
-        """Load Kiln's ``tokenizer.json`` (the file, or a tokenizer artifact directory holding it)."""
+        """Load Kiln's format: the file, or a folder holding it as ``kiln_tokenizer.json`` (a model
+        folder) or ``tokenizer.json`` (a tokenizer artifact). ``kiln.tokenizer.load_tokenizer`` reads
+        Hugging Face's format too and finds the tokenizer of a run or tokens folder."""
         p = Path(path)
         if p.is_dir():
-            p = p / TOKENIZER_FILE
+            p = p / KILN_TOKENIZER_FILE if (p / KILN_TOKENIZER_FILE).is_file() else p / TOKENIZER_FILE
         if not p.is_file():
             raise FileNotFoundError(f"tokenizer file {p} does not exist; run `kiln tokenizer train` first")
         try:
@@ -291,7 +294,7 @@ class Tokenizer:
             raise ValueError(f"{p} is not valid JSON ({e}); retrain or re-export it") from e
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ValueError(f"{p} is not a Kiln tokenizer (format {d.get('format') if isinstance(d, dict) else None!r}); "
-                             "for a Hugging Face tokenizer.json use kiln.tokenizer.from_hf_json")
+                             "for a Hugging Face tokenizer.json use kiln.tokenizer.load_tokenizer")
         if d.get("version") != FORMAT_VERSION:
             raise ValueError(f"{p} has format version {d.get('version')}, this Kiln reads {FORMAT_VERSION}; upgrade Kiln")
         vocab = {int(i): str_to_bytes(s, f"{p} token") for s, i in d["vocab"].items()}

@@ -1,6 +1,6 @@
 """Training: the math (cross-entropy, AdamW, clipping, schedules), batches, checkpoints, the loop.
 
-- ``loss``: ``cross_entropy``;  ``optim``: ``AdamW``, ``param_groups``, ``clip_grad_norm_``;
+- ``cross_entropy`` (from ``kiln.model.loss``; ``loss`` keeps the old path);  ``optim``: ``AdamW``, ``param_groups``, ``clip_grad_norm_``;
   ``schedule``: ``cosine_lr``, ``wsd_lr``;  ``data``: ``get_batch``, ``TokenSampler``;
 - ``checkpoint``: ``save_checkpoint``, ``load_checkpoint``, ``restore_checkpoint``;
 - ``config``: ``TrainConfig``, presets ``tiny``/``gpt2_small`` in ``PRESETS``, ``apply_overrides``;
@@ -24,7 +24,7 @@ from kiln.distributed.runtime import SingleProcess
 from kiln.train.config import PRESETS, TrainConfig, apply_overrides, gpt2_small, tiny
 from kiln.train.data import TokenSampler, get_batch
 from kiln.train.loop import Hook, accumulation_steps, autocast_for, check_batch, fit, micro_batch_size
-from kiln.train.loss import cross_entropy
+from kiln.model.loss import cross_entropy
 from kiln.train.optim import AdamW, clip_grad_norm_, param_groups
 from kiln.train.rundir import RunDir
 from kiln.train.schedule import cosine_lr, schedule_lr, wsd_lr

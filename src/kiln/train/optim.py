@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
+from kiln.kernels.adamw import adamw_fused_update_, adamw_update_ref
 from kiln.distributed.parallel import clip_grad_norm_  # noqa: F401 - public here too: one definition for every runtime
 
 
@@ -119,11 +120,8 @@ class AdamW(torch.optim.Optimizer):
         return params, grads, avgs, avg_sqs, steps
 
     def _guarded_step(self, ok: torch.Tensor) -> None:
-        fn = _adamw_guarded_update
-        if self.fused:  # Kiln's Triton kernel (kiln.kernels.adamw); it falls back to fn where it cannot run
-            from kiln.kernels.adamw import adamw_fused_update_
-
-            fn = adamw_fused_update_
+        # Kiln's Triton kernel (kiln.kernels.adamw) falls back to the reference where it cannot run
+        fn = adamw_fused_update_ if self.fused else adamw_update_ref
         for i, group in enumerate(self.param_groups):
             params, grads, avgs, avg_sqs, steps = self._gather(group, device_steps=True)
             if not params:
@@ -134,34 +132,6 @@ class AdamW(torch.optim.Optimizer):
             lr_t.fill_(group["lr"])  # a device-side fill: no sync, and no recompile when lr changes
             beta1, beta2 = group["betas"]
             fn(params, grads, avgs, avg_sqs, steps, lr_t, ok, beta1, beta2, group["eps"], group["weight_decay"])
-
-
-def _adamw_guarded_update(
-    params: list[torch.Tensor], grads: list[torch.Tensor], avgs: list[torch.Tensor], avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor], lr: torch.Tensor, ok: torch.Tensor,
-    beta1: float, beta2: float, eps: float, weight_decay: float,
-) -> None:
-    """AdamW on lists of tensors where ``lr`` (0-dim fp32), ``ok`` (0-dim bool) and each ``steps[i]``
-    (0-dim fp32) are device tensors, so nothing here reads a value back to the host.
-
-    ``okf = float(ok)`` multiplies every change: a false ``ok`` adds 0 to the step count, lerps the
-    moments by weight 0 and moves parameters by 0. Gradients pass through ``where(ok, g, 0)`` first,
-    so a skipped step's inf/NaN gradients never reach the state (0 * NaN would be NaN).
-    """
-    okf = ok.to(torch.float32)
-    lr_eff = lr * okf  # 0 when skipped
-    for p, g, m, v, s in zip(params, grads, avgs, avg_sqs, steps):
-        s.add_(okf)
-        t = s.clamp(min=1.0)  # a skipped first step: keep the bias corrections finite
-        bias1 = 1.0 - torch.pow(beta1, t)
-        bias2 = 1.0 - torch.pow(beta2, t)
-        g = torch.where(ok, g, torch.zeros_like(g))
-        if weight_decay != 0:
-            p.mul_(1.0 - lr_eff * weight_decay)
-        m.lerp_(g, ((1.0 - beta1) * okf).to(m.dtype))
-        v.mul_(1.0 - (1.0 - beta2) * okf).add_(g * g * ((1.0 - beta2) * okf))
-        denom = (v / bias2).sqrt().add_(eps)
-        p.sub_(m / denom * (lr_eff / bias1))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

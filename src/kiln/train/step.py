@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from kiln.train.loss import cross_entropy
+from kiln.model.loss import cross_entropy
 
 FaultHook = Callable[[int, torch.Tensor], torch.Tensor]
 

@@ -285,30 +285,27 @@ def _fit_vocab(cfg: TrainConfig, data_vocab: int) -> TrainConfig:
 
 
 def _find_tokenizer(tokens_dir: Path) -> Path | None:
-    """The tokenizer artifact recorded among the tokens manifest's inputs, if any."""
+    """The tokenizer the tokens were made with (``kiln.tokenizer.find_tokenizer``), if any."""
+    from kiln.tokenizer import find_tokenizer
+
     try:
-        manifest = json.loads((tokens_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
+        return find_tokenizer(tokens_dir)
+    except FileNotFoundError:
         return None
-    for p in manifest.get("inputs", {}):
-        cand = Path(p)
-        if (cand / "tokenizer.json").is_file() or (cand.name == "tokenizer.json" and cand.is_file()):
-            return cand
-    return None
 
 
 def _load_tokenizer(path: Path | None, runlog: RunLog) -> Any:
     if path is None:
         runlog.warning("no tokenizer given or found: no bits per byte and no samples (pass tokenizer_path)")
         return None
-    from kiln.tokenizer import Tokenizer
+    from kiln.tokenizer import load_tokenizer
 
-    return Tokenizer.load(path)
+    return load_tokenizer(path)
 
 
 @torch.no_grad()
 def _evaluate(model, data: PretrainData, token_bytes, cfg: TrainConfig, device, amp, step: int, runlog) -> dict:
-    from kiln.eval.heldout import evaluate_heldout
+    from kiln.model.heldout import evaluate_heldout
 
     dtype = torch.bfloat16 if isinstance(amp, torch.autocast) else None
     r = evaluate_heldout(model, data.val, token_bytes, cfg.model.context_length, cfg.micro_batch,

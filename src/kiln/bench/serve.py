@@ -1,0 +1,598 @@
+"""`kiln bench serve`: Kiln's engine beside gpt-fast and transformers on the same weights, same run.
+
+Two tables, each on one model shape (random-init weights unless ``--model`` names a trained one; the
+speed of a decode step does not depend on the values):
+
+1. **Batch-1 decode** (``--parts latency``): tokens/s generating ``--new-tokens`` greedy tokens after a
+   ``--prompt-len`` prompt, one request. Rows: Kiln's engine (bf16 on CUDA, CUDA graphs for the decode
+   step), its int8 and int4 weight-only models, speculative decoding (prompt lookup; a draft model),
+   gpt-fast's ``generate.py`` (``--gpt-fast DIR``, run in a subprocess on the same weights exported
+   and converted by gpt-fast's own script, ``--compile`` on CUDA), and ``transformers``
+   (``LlamaForCausalLM.generate`` with a static cache, ``torch.compile(mode="reduce-overhead")`` on
+   CUDA). ``bound`` = the share of the memory-bandwidth limit reached: bytes read per token (weights
+   + the average KV cache) over a device copy bandwidth measured in the same run. ``loss``: held-out
+   loss of the row's weights on ``--heldout`` text (only meaningful with a trained ``--model``).
+2. **Throughput** (``--parts throughput``): ``--requests`` requests whose prompt lengths follow the
+   AlpacaEval instructions (``--prompts``, ~4 UTF-8 bytes per token; synthetic ids, as the weights are
+   random), ``--max-tokens`` each, kept ``c`` in flight for c in ``--concurrency`` (the first
+   min(``--requests``, max(16, 8c)) requests, so c=1 stays short): output tokens/s,
+   time to first token and inter-token latency (p50/p99) of Kiln's engine, vs ``transformers`` batched
+   ``generate`` (static batches of c, left-padded; no per-token latencies).
+
+Every reference row runs in a ``try``: a failure is a row with its error, not a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PROMPTS = "../shared/data/align/alpaca_eval/alpaca_eval.jsonl"
+
+
+@dataclass
+class ServeRow:
+    """One implementation on one measurement."""
+
+    table: str
+    shape: str
+    impl: str
+    concurrency: int = 1
+    tok_s: float | None = None
+    bound: float | None = None
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    itl_p50_ms: float | None = None
+    itl_p99_ms: float | None = None
+    loss: float | None = None
+    note: str = ""
+    error: str = ""
+
+
+# -- models and weights ------------------------------------------------------------------------------
+
+
+def bench_model(shape: str, device: Any, dtype: Any, model_dir: str | None, seed: int = 0) -> Any:
+    """The benchmarked Kiln model: ``model_dir`` loaded, or the named shape with random weights."""
+    import torch
+
+    from kiln.model import build_model, load_pretrained
+
+    if model_dir:
+        return load_pretrained(model_dir, device=device, dtype=dtype).eval()
+    table = serve_shapes()
+    if shape not in table:
+        raise ValueError(f"unknown shape {shape!r}; use one of {sorted(table)}")
+    torch.manual_seed(seed)
+    return build_model(replace(table[shape], attention_impl="sdpa" if device.type == "cuda" else "kiln"),
+                       device=device, dtype=dtype).eval()
+
+
+def serve_shapes() -> dict:
+    """``kiln bench train``'s shapes plus ``preset_tiny`` (the tiny training preset: vocab 4096,
+    context 128, d_model 128, 4 layers), the CPU default."""
+    from kiln.bench.train import shapes
+    from kiln.train.config import tiny
+
+    return {**shapes(), "preset_tiny": tiny().model}
+
+
+def export_for_references(model: Any, out: Path) -> Path:
+    """The model in Hugging Face Llama layout (bf16, head untied, with a safetensors index so gpt-fast's
+    converter reads it): what transformers and gpt-fast load."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kiln.model.hf import hf_config_dict, to_hf_state_dict
+
+    out.mkdir(parents=True, exist_ok=True)
+    sd = to_hf_state_dict(model, torch.bfloat16)
+    sd.setdefault("lm_head.weight", model.lm_head.weight.detach().to("cpu", torch.bfloat16).contiguous().clone())
+    if sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr():
+        sd["lm_head.weight"] = sd["lm_head.weight"].clone()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = hf_config_dict(model.config, torch.bfloat16)
+    cfg.pop("kiln")
+    cfg["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(sd, "model.safetensors")}))
+    return out
+
+
+def copy_bandwidth(device: Any, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted), best of 5; CPU: 64 MiB."""
+    import torch
+
+    if device.type != "cuda":
+        nbytes = 1 << 26
+    src = torch.empty(nbytes // 2, dtype=torch.int16, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def bytes_per_token(model: Any, context: int) -> int:
+    """Weights read per decode step plus the KV cache at ``context`` tokens."""
+    from kiln.model.quantize import weight_bytes
+
+    c = model.config
+    itemsize = next(model.parameters()).element_size()
+    return weight_bytes(model) + 2 * c.n_layers * c.n_kv_heads * c.head_dim * context * itemsize
+
+
+def _free(device: Any) -> None:
+    """Collect engines (their scheduler refers back to them) and return cached GPU memory between rows."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- batch-1 decode ------------------------------------------------------------------------------------
+
+
+def kiln_decode(model: Any, prompt: list[int], new_tokens: int, repeats: int, speculative: str = "none",
+                draft: Any = None, compile_decode: bool = False) -> tuple[float, str]:
+    """Best tokens/s of one greedy request over ``repeats`` runs (after a warm-up that captures graphs)."""
+    from kiln.generate import EngineConfig, LLMEngine, SamplingParams
+
+    cfg = EngineConfig(max_num_seqs=1, max_num_batched_tokens=max(2048, len(prompt) + 8), num_blocks=None,
+                       speculative=speculative, num_speculative_tokens=4, enable_prefix_caching=False,
+                       compile_decode=compile_decode)
+    eng = LLMEngine(model, None, cfg, draft_model=draft)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    dev = eng.device
+    eng.generate([prompt], params)  # warm-up: Triton compilation, CUDA graph capture
+    best = 0.0
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = eng.generate([prompt], params)[0]
+        _sync(dev)
+        best = max(best, len(out.token_ids) / (time.perf_counter() - t0))
+    s = eng.stats()
+    note = ""
+    if speculative != "none" and s["spec_proposed"]:
+        note = f"accepted {s['spec_accepted'] / s['spec_proposed']:.0%} of drafts"
+    return best, note
+
+
+def hf_decode(export_dir: Path, prompt: list[int], new_tokens: int, device: Any, repeats: int) -> tuple[float, str]:
+    """transformers' LlamaForCausalLM, static cache, compiled forward on CUDA: best tokens/s."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    m = AutoModelForCausalLM.from_pretrained(str(export_dir)).to(device=device, dtype=dtype).eval()
+    note = "static cache"
+    if device.type == "cuda":
+        m.forward = torch.compile(m.forward, mode="reduce-overhead", fullgraph=True)
+        note += ", torch.compile reduce-overhead"
+    ids = torch.tensor([prompt], device=device)
+    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+          "cache_implementation": "static", "pad_token_id": 0}
+    best = 0.0
+    with torch.inference_mode():
+        for i in range(repeats + 2):  # two warm-ups: compilation and graph recording
+            _sync(device)
+            t0 = time.perf_counter()
+            out = m.generate(ids, **kw)
+            _sync(device)
+            if i >= 2:
+                best = max(best, (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0))
+    return best, note
+
+
+GPT_FAST_DRIVER = r'''
+# Written by kiln bench serve: runs gpt-fast (its own code, from --gpt-fast) on Kiln's exported weights.
+import json, re, sys, io, contextlib
+from pathlib import Path
+ref, export, work, mode, prompt_len, new_tokens, compile_, device = sys.argv[1:9]
+sys.path.insert(0, ref); sys.path.insert(0, str(Path(ref) / "scripts"))
+import types
+sys.modules.setdefault("sentencepiece", types.ModuleType("sentencepiece"))  # only its tokenizer needs it; unused
+import model as gm
+hf = json.loads((Path(export) / "config.json").read_text())
+gm.transformer_configs["kilnbench"] = dict(
+    block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+    n_head=hf["num_attention_heads"], n_local_heads=hf["num_key_value_heads"], dim=hf["hidden_size"],
+    intermediate_size=hf["intermediate_size"], rope_base=hf["rope_theta"], norm_eps=hf["rms_norm_eps"])
+from convert_hf_checkpoint import convert_hf_checkpoint
+ckdir = Path(work) / "kilnbench"; ckdir.mkdir(parents=True, exist_ok=True)
+for f in ("model.safetensors", "model.safetensors.index.json", "config.json"):
+    (ckdir / f).unlink(missing_ok=True); (ckdir / f).symlink_to(Path(export) / f)
+convert_hf_checkpoint(checkpoint_dir=ckdir, model_name="kilnbench")
+(ckdir / "tokenizer.model").write_bytes(b"")
+ck = ckdir / "model.pth"
+if mode in ("int8", "int4"):
+    import quantize
+    quantize.quantize(checkpoint_path=ck, mode=mode, groupsize=128, label="")
+    ck = ckdir / ("modelint8.pth" if mode == "int8" else "modelint4.g128.pth")
+import generate
+class _Tok:
+    def encode(self, s): return [1]
+    def decode(self, ids): return ""
+    def bos_id(self): return 1
+    def eos_id(self): return 2
+generate.get_tokenizer = lambda *a, **k: _Tok()
+buf = io.StringIO()
+with contextlib.redirect_stdout(buf):
+    generate.main(prompt=int(prompt_len), num_samples=5, max_new_tokens=int(new_tokens), batch_size=1, top_k=1,
+                  temperature=1.0, checkpoint_path=ck, compile=compile_ == "1", device=device)
+text = buf.getvalue()
+m = re.findall(r"Average tokens/sec: ([0-9.]+)", text)
+print(json.dumps({"tok_s": float(m[-1]) if m else None, "tail": text[-800:]}))
+'''
+
+
+def gpt_fast_decode(ref: Path, export_dir: Path, work: Path, mode: str, prompt_len: int, new_tokens: int,
+                    device: Any) -> tuple[float, str]:
+    """gpt-fast's generate.main (5 samples; its own average tok/s) in a subprocess, on the exported weights."""
+    if not (ref / "generate.py").is_file():
+        raise FileNotFoundError(f"--gpt-fast {ref} has no generate.py (see /work/shared/refs/README.md)")
+    driver = work / "gpt_fast_driver.py"
+    driver.write_text(GPT_FAST_DRIVER)
+    compile_ = "1" if device.type == "cuda" else "0"
+    proc = subprocess.run([sys.executable, str(driver), str(ref.resolve()), str(export_dir), str(work), mode,
+                           str(prompt_len), str(new_tokens), compile_, device.type],
+                          check=False, capture_output=True, text=True, timeout=1800, cwd=str(work))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"gpt-fast failed (rc {proc.returncode}): {(proc.stderr or proc.stdout)[-600:]}")
+    res = json.loads(lines[-1])
+    if res["tok_s"] is None:
+        raise RuntimeError(f"gpt-fast printed no tokens/sec: {res['tail']}")
+    return res["tok_s"], "compile" if compile_ == "1" else "eager"
+
+
+def heldout_loss(model: Any, tokens: list[int], seq: int) -> float:
+    """Mean next-token loss (nats) over ``tokens`` cut into windows of ``seq``."""
+    import torch
+    import torch.nn.functional as F
+
+    dev = next(model.parameters()).device
+    n = (len(tokens) - 1) // seq
+    if n < 1:
+        return float("nan")
+    x = torch.tensor(tokens[: n * seq + 1], device=dev)
+    total = 0.0
+    with torch.inference_mode():
+        for i in range(n):
+            w = x[i * seq:(i + 1) * seq + 1]
+            logits = model(w[None, :-1]).float()
+            total += F.cross_entropy(logits[0], w[1:]).item()
+    return total / n
+
+
+def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path) -> list[ServeRow]:
+    """Table 1 on one shape."""
+    import copy
+
+    import torch
+
+    from kiln.model import quantize_model
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = bench_model(shape, device, dtype, args.model)
+    V, ctx = model.config.vocab_size, model.config.context_length
+    g = torch.Generator().manual_seed(0)
+    plen = max(1, min(args.prompt_len, ctx // 2))
+    new_tokens = min(args.new_tokens, ctx - plen)
+    prompt = torch.randint(0, min(V, 1024), (plen,), generator=g).tolist()
+    bw = copy_bandwidth(device)
+    heldout = _heldout_tokens(args, V)
+    rows: list[ServeRow] = []
+    print(f"{shape}: copy bandwidth {bw / 1e9:.0f} GB/s; prompt {plen}, {new_tokens} new tokens", flush=True)
+
+    def add(impl: str, fn: Any, m: Any = None, loss_model: Any = None) -> None:
+        row = ServeRow("decode", shape, impl)
+        try:
+            row.tok_s, row.note = fn()
+            if m is not None:
+                row.bound = row.tok_s * bytes_per_token(m, plen + new_tokens // 2) / bw
+            if loss_model is not None and heldout:
+                row.loss = heldout_loss(loss_model, heldout, min(ctx, 256))
+        except Exception as e:  # noqa: BLE001 - a failed row is reported, not fatal
+            row.error = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        rows.append(row)
+        _free(device)
+        print(f"  {impl}: {row.tok_s or 0:.1f} tok/s {row.note} {row.error}", flush=True)
+
+    r = args.repeats
+    add("kiln bf16" if dtype == torch.bfloat16 else "kiln fp32",
+        lambda: kiln_decode(model, prompt, new_tokens, r), model, model)
+    if "compile" in args.rows and device.type == "cuda":
+        add("kiln bf16 compiled", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=True), model)
+    for mode in ("int8", "int4"):
+        if mode in args.rows:
+            qm = quantize_model(copy.deepcopy(model), mode)
+            add(f"kiln {mode}", lambda qm=qm: kiln_decode(qm, prompt, new_tokens, r), qm, qm)
+            del qm
+    if "ngram" in args.rows:
+        add("kiln spec ngram", lambda: kiln_decode(model, prompt, new_tokens, r, "ngram"), model)
+    if "draft" in args.rows:
+        draft = bench_model("", device, dtype, args.draft_model) if args.draft_model else build_draft(model, device, dtype)
+        add("kiln spec draft", lambda: kiln_decode(model, prompt, new_tokens, r, "draft", draft), model)
+    export = None
+    if {"gpt-fast", "gpt-fast-int8", "gpt-fast-int4", "transformers"} & set(args.rows):
+        export = export_for_references(model, work / f"export_{shape}")
+    if "transformers" in args.rows:
+        add("transformers", lambda: hf_decode(export, prompt, new_tokens, device, r), model)
+    for mode, name in (("bf16", "gpt-fast"), ("int8", "gpt-fast-int8"), ("int4", "gpt-fast-int4")):
+        if name in args.rows and args.gpt_fast:
+            add(name, lambda mode=mode: gpt_fast_decode(Path(args.gpt_fast), export, work, mode, plen,
+                                                        new_tokens, device), model)
+    return rows
+
+
+def build_draft(model: Any, device: Any, dtype: Any) -> Any:
+    """A 2-layer draft with the model's vocabulary and context, random weights (acceptance is then
+    low; pass --draft-model for a trained one)."""
+    import torch
+
+    from kiln.model import build_model
+
+    c = model.config
+    torch.manual_seed(1)
+    cfg = replace(c, n_layers=2, d_model=max(64, c.d_model // 4), n_heads=max(1, c.n_heads // 4),
+                  n_kv_heads=max(1, c.n_heads // 4), d_ff=max(128, c.d_ff // 4))
+    return build_model(cfg, device=device, dtype=dtype).eval()
+
+
+def _heldout_tokens(args: argparse.Namespace, vocab: int) -> list[int]:
+    """Held-out token ids for the loss column: a Kiln tokenizer on ``--heldout`` text, or nothing."""
+    if not (args.heldout and args.tokenizer and Path(args.heldout).is_file()):
+        return []
+    from kiln.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer)
+    text = Path(args.heldout).read_text(encoding="utf-8")[: args.heldout_chars]
+    return [t for t in tok.encode(text) if t < vocab]
+
+
+# -- throughput ------------------------------------------------------------------------------------------
+
+
+def prompt_lengths(path: str, n: int, bytes_per_token: int = 4) -> list[int]:
+    """Token counts of the first ``n`` AlpacaEval instructions (~bytes/4), cycled; synthetic if absent."""
+    lens: list[int] = []
+    p = Path(path)
+    if p.is_file():
+        for line in p.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                lens.append(max(1, len(json.loads(line)["instruction"].encode()) // bytes_per_token))
+    if not lens:
+        lens = [8 + (i * 37) % 120 for i in range(64)]
+    return [lens[i % len(lens)] for i in range(n)]
+
+
+def synthetic_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, min(vocab, 50257), (n,), generator=g).tolist() for n in lengths]
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, math.ceil(q * len(xs)) - 1)] * 1e3
+
+
+def kiln_throughput(model: Any, prompts: list[list[int]], concurrency: int, max_tokens: int) -> ServeRow:
+    """Keep ``concurrency`` requests in the engine until all are done; latencies per request."""
+    from kiln.generate import EngineConfig, LLMEngine, SamplingParams
+
+    dev = next(model.parameters()).device
+    eng = LLMEngine(model, None, EngineConfig(max_num_seqs=concurrency, max_num_batched_tokens=max(2048, concurrency)))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    eng.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0))  # warm-up (graphs)
+    pending = list(reversed(prompts))
+    start: dict[str, float] = {}
+    last: dict[str, float] = {}
+    ttft: list[float] = []
+    itl: list[float] = []
+    n_out = 0
+    t0 = time.perf_counter()
+    while pending or eng.has_unfinished():
+        while pending and len(eng.scheduler.running) + len(eng.scheduler.waiting) < concurrency:
+            rid = eng.add_request(pending.pop(), params)
+            start[rid] = time.perf_counter()
+        outs = eng.step()
+        now = time.perf_counter()
+        for o in outs:
+            n_out += len(o.new_token_ids)
+            if o.request_id not in last:
+                ttft.append(now - start[o.request_id])
+            else:
+                itl.append((now - last[o.request_id]) / max(1, len(o.new_token_ids)))
+            last[o.request_id] = now
+    _sync(dev)
+    dt = time.perf_counter() - t0
+    return ServeRow("throughput", "", "kiln engine", concurrency, n_out / dt, None, _pct(ttft, 0.5), _pct(ttft, 0.99),
+                    _pct(itl, 0.5), _pct(itl, 0.99), note=f"{eng.stats()['preemptions']} preemptions")
+
+
+def hf_throughput(export_dir: Path, prompts: list[list[int]], concurrency: int, max_tokens: int, device: Any) -> ServeRow:
+    """transformers batched generate: batches of ``concurrency`` prompts, left-padded, greedy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    m = AutoModelForCausalLM.from_pretrained(str(export_dir)).to(device=device, dtype=dtype).eval()
+    n_out = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(prompts), concurrency):
+            batch = prompts[s:s + concurrency]
+            L = max(map(len, batch))
+            ids = torch.zeros(len(batch), L, dtype=torch.long)
+            mask = torch.zeros(len(batch), L, dtype=torch.long)
+            for i, p in enumerate(batch):
+                ids[i, L - len(p):] = torch.tensor(p)
+                mask[i, L - len(p):] = 1
+            out = m.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+            n_out += (out.shape[1] - L) * len(batch)
+    _sync(device)
+    return ServeRow("throughput", "", "transformers generate", concurrency, n_out / (time.perf_counter() - t0),
+                    note="static batches, left padding")
+
+
+def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Path) -> list[ServeRow]:
+    import torch
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = bench_model(shape, device, dtype, args.model)
+    ctx = model.config.context_length
+    lens = [min(n, ctx - args.max_tokens) for n in prompt_lengths(args.prompts, args.requests)]
+    prompts = synthetic_prompts(lens, model.config.vocab_size)
+    export = export_for_references(model, work / f"export_{shape}") if "transformers" in args.rows else None
+    rows = []
+    for c in args.concurrency:
+        n = min(len(prompts), max(16, 8 * c))  # enough requests to keep c in flight; c=1 stays short
+        for impl in ("kiln", "transformers"):
+            if impl == "transformers" and impl not in args.rows:
+                continue
+            try:
+                row = (kiln_throughput(model, prompts[:n], c, args.max_tokens) if impl == "kiln"
+                       else hf_throughput(export, prompts[:n], c, args.max_tokens, device))
+                row.note = f"{n} requests" + (f", {row.note}" if row.note else "")
+            except Exception as e:  # noqa: BLE001 - a failed row is reported, not fatal
+                row = ServeRow("throughput", "", impl, c, error=f"{type(e).__name__}: {e}")
+                traceback.print_exc()
+            row.shape = shape
+            rows.append(row)
+            _free(device)
+            print(f"  {shape} c={c} {row.impl}: {row.tok_s or 0:.1f} tok/s {row.error}", flush=True)
+    return rows
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+
+def _f(x: float | None, fmt: str = ".1f") -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def format_tables(rows: list[ServeRow]) -> str:
+    out = []
+    dec = [r for r in rows if r.table == "decode"]
+    if dec:
+        out += ["| shape | impl | tok/s | vs kiln | bound | held-out loss | note |", "|---|---|---|---|---|---|---|"]
+        base = {r.shape: r.tok_s for r in dec if r.impl.startswith("kiln") and r.impl.split()[1] in ("bf16", "fp32")}
+        for r in dec:
+            rel = f"{r.tok_s / base[r.shape]:.2f}x" if r.tok_s and base.get(r.shape) else ""
+            note = r.note + (f" ERROR {r.error[:160]}" if r.error else "")
+            out.append(f"| {r.shape} | {r.impl} | {_f(r.tok_s)} | {rel} | {_f(r.bound and 100 * r.bound, '.0f')}"
+                       f"{'%' if r.bound else ''} | {_f(r.loss, '.4f')} | {note} |")
+    thr = [r for r in rows if r.table == "throughput"]
+    if thr:
+        out += ["", "| shape | impl | concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | note |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in thr:
+            note = r.note + (f" ERROR {r.error[:160]}" if r.error else "")
+            out.append(f"| {r.shape} | {r.impl} | {r.concurrency} | {_f(r.tok_s)} | {_f(r.ttft_p50_ms)} | "
+                       f"{_f(r.ttft_p99_ms)} | {_f(r.itl_p50_ms, '.2f')} | {_f(r.itl_p99_ms, '.2f')} | {note} |")
+    return "\n".join(out)
+
+
+ROWS = ("compile", "int8", "int4", "ngram", "draft", "transformers", "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln.bench.report import pick_device, report
+
+    device = pick_device(args.device)
+    args.rows = tuple(args.rows.split(",")) if args.rows else ()
+    bad = [r for r in args.rows if r not in ROWS]
+    if bad:
+        print(f"unknown row {bad[0]!r}; use some of {ROWS}", file=sys.stderr)
+        return 2
+    args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
+    if args.gpt_fast and not Path(args.gpt_fast).is_dir():
+        print(f"--gpt-fast {args.gpt_fast} is not a folder; the gpt-fast rows are skipped", file=sys.stderr)
+        args.gpt_fast = None
+    shapes = args.shapes.split(",") if args.shapes else [("gpt2_small" if device.type == "cuda" else "preset_tiny")]
+    rows: list[ServeRow] = []
+    with tempfile.TemporaryDirectory(prefix="kiln_bench_serve_") as tmp:
+        work = Path(tmp)
+        for shape in shapes:
+            if "latency" in args.parts:
+                rows += latency_table(args, shape, device, work)
+            if "throughput" in args.parts:
+                rows += throughput_table(args, shape, device, work)
+    blurb = (f"Batch-1 greedy decode of {args.new_tokens} tokens after a {args.prompt_len}-token prompt (best of "
+             f"{args.repeats}); throughput: {args.requests} requests, AlpacaEval prompt lengths, {args.max_tokens} "
+             "output tokens each. Weights: " + (args.model or "random init (speed does not depend on values)") + ".")
+    report("serve", device, blurb, format_tables(rows), rows, args.out)
+    return 0 if not any(r.error for r in rows if r.impl.startswith("kiln")) else 1
+
+
+def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
+    """Register ``kiln bench serve``."""
+    p = bench_subparsers.add_parser(
+        "serve", help="the engine's batch-1 decode and throughput vs gpt-fast and transformers, same weights",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--shapes", default="", help="comma list of model shapes (gpt2_small, speedrun, 350m, tiny, "
+                   "preset_tiny); default gpt2_small on CUDA, preset_tiny on the CPU")
+    p.add_argument("--parts", default="latency,throughput", help="latency and/or throughput")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"optional rows, some of {','.join(ROWS)}")
+    p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
+    p.add_argument("--draft-model", default=None, help="a trained draft model directory for the draft row")
+    p.add_argument("--gpt-fast", default=None, metavar="DIR", help="gpt-fast's source folder "
+                   "(e.g. ../shared/refs/gpt-fast); without it the gpt-fast rows are skipped")
+    p.add_argument("--prompt-len", type=int, default=128, help="batch-1 prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=256, help="batch-1 generated tokens")
+    p.add_argument("--repeats", type=int, default=3, help="timed batch-1 runs per row (best kept)")
+    p.add_argument("--prompts", default=DEFAULT_PROMPTS, help="AlpacaEval jsonl for the prompt lengths")
+    p.add_argument("--requests", type=int, default=1000, help="throughput requests per concurrency")
+    p.add_argument("--concurrency", default="1,16,64,256", help="comma list of requests kept in flight")
+    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per throughput request")
+    p.add_argument("--heldout", default=None, help="held-out text file for the loss column (with --tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="the model's Kiln tokenizer, for --heldout")
+    p.add_argument("--heldout-chars", type=int, default=200_000, help="characters of --heldout used")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--out", default=None, help="directory for bench_serve.md and bench_serve.json")
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kiln.bench.serve ...``."""
+    parser = argparse.ArgumentParser(prog="python -m kiln.bench.serve")
+    add_bench_parser(parser.add_subparsers(dest="bench", required=True))
+    return run(parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""`kiln bench serve-http`: chat requests through Kiln's HTTP server vs the same engine called
+directly, and vs `transformers serve`, on the same weights, same run.
+
+Requests are AlpacaEval instructions (``--prompts``: real text, rendered with the chat template,
+each cut to fit the context with room for ``--max-tokens``), ``--max-tokens`` greedy tokens each
+(``ignore_eos``: random weights would stop at random places). For each concurrency c, the first
+min(``--requests``, max(16, 8c)) requests run closed-loop with c in flight:
+
+- ``kiln direct``: an ``LLMEngine`` loaded by the server's own loader (same ``EngineConfig``),
+  driven in-process; TTFT = add_request to the first token, ITL = gaps between a request's tokens.
+- ``kiln http``: ``kiln serve`` in a subprocess on 127.0.0.1; streaming ``/v1/chat/completions``
+  from client processes (asyncio + httpx; ``--client-procs`` of them so the client is not the
+  bottleneck); TTFT = request sent to the first token event, ITL = gaps between token events.
+- ``transformers serve`` (``--transformers``): its continuous-batching server on the same weights
+  exported in Hugging Face layout with the same chat template, offline; same client.
+
+``http/direct`` is the HTTP path's output tokens/s over the direct engine's (goal: >= 0.90).
+Every row runs in a ``try``: a failure becomes a row with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PROMPTS = "../shared/data/align/alpaca_eval/alpaca_eval.jsonl"
+FALLBACK_PROMPTS = ["Write a short poem about the sea.", "What are the names of some famous actors?",
+                    "Explain how a kiln works, step by step, for a curious child.", "Give me three tips for sleep."]
+
+
+@dataclass
+class HttpRow:
+    """One way of serving, at one concurrency."""
+
+    impl: str
+    concurrency: int
+    requests: int = 0
+    tok_s: float | None = None
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    itl_p50_ms: float | None = None
+    itl_p99_ms: float | None = None
+    vs_direct: float | None = None
+    note: str = ""
+    error: str = ""
+
+
+@dataclass
+class Timings:
+    """What a run measured: output tokens, wall seconds, per-request TTFTs and per-token gaps (s)."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    def row(self, impl: str, c: int, n: int) -> HttpRow:
+        return HttpRow(impl, c, n, self.tokens / self.seconds if self.seconds else None,
+                       pct(self.ttft, 0.5), pct(self.ttft, 0.99), pct(self.itl, 0.5), pct(self.itl, 0.99),
+                       note=f"{self.errors} failed requests" if self.errors else "")
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    """The q-quantile of ``xs`` (seconds) in milliseconds (nearest rank); None when empty."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))] * 1e3
+
+
+# -- the model folder and the requests ------------------------------------------------------------------
+
+
+def chat_tokenizer(path: str | None) -> Any:
+    """``path`` (a tokenizer.json, a tokenizer artifact folder, or a folder with GPT-2's vocab.json and
+    merges.txt) with the chat tokens added; default: a byte-level tokenizer (no files needed)."""
+    from kiln.align.chat import add_chat_tokens
+    from kiln.tokenizer import Tokenizer
+
+    if not path:
+        tok = Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"])
+    elif (Path(path) / "vocab.json").is_file() and (Path(path) / "merges.txt").is_file():
+        tok = Tokenizer.from_gpt2_files(Path(path) / "vocab.json", Path(path) / "merges.txt")
+    else:
+        tok = Tokenizer.load(path)
+    return add_chat_tokens(tok)
+
+
+def build_model_dirs(args: argparse.Namespace, device: Any, work: Path) -> tuple[Path, Path | None, Any]:
+    """A Kiln model folder (random weights of ``--shape``, the chat tokenizer beside it) and, for the
+    transformers row, the same weights and template in Hugging Face layout."""
+    import torch
+
+    from kiln.align.chat import save_hf_tokenizer
+    from kiln.bench.serve import bench_model, export_for_references
+    from kiln.model import save_pretrained
+
+    tok = chat_tokenizer(args.tokenizer)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = bench_model(args.shape, device, dtype, None)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but shape {args.shape} only "
+                         f"{model.config.vocab_size}; pick a larger --shape or a smaller --tokenizer")
+    kiln_dir = save_pretrained(model, work / "kiln-bench-model")
+    tok.save(kiln_dir / "tokenizer.json")
+    hf_dir = None
+    if args.transformers:
+        hf_dir = export_for_references(model, work / "hf-bench-model")
+        save_hf_tokenizer(tok, hf_dir)
+        cfg = json.loads((hf_dir / "config.json").read_text())
+        cfg.update(eos_token_id=tok.special_tokens["<|end|>"], pad_token_id=tok.eot_id)
+        (hf_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    del model
+    return kiln_dir, hf_dir, tok
+
+
+def chat_requests(path: str, n: int, tok: Any, context: int, max_tokens: int) -> list[tuple[list, list[int]]]:
+    """``n`` requests ``(messages, prompt ids)`` from the AlpacaEval instructions (cycled), each
+    instruction cut so that its rendered prompt leaves ``max_tokens`` of the context."""
+    from kiln.align.chat import ChatTemplate
+
+    tpl = ChatTemplate.from_tokenizer(tok)
+    p = Path(path)
+    texts = [json.loads(line)["instruction"] for line in p.read_text(encoding="utf-8").splitlines()
+             if line.strip()] if p.is_file() else []
+    if not texts:
+        print(f"--prompts {path} is absent: using {len(FALLBACK_PROMPTS)} built-in prompts", file=sys.stderr)
+        texts = FALLBACK_PROMPTS
+    room = context - max_tokens
+    if room < 8:
+        raise ValueError(f"--max-tokens {max_tokens} leaves {room} tokens of the {context}-token context for prompts")
+    out = []
+    for i in range(n):
+        text = texts[i % len(texts)]
+        ids = tpl.render([{"role": "user", "content": text}])
+        while len(ids) > room:  # cut the instruction's tokens (a cut may split a character: re-render)
+            body = tok.encode_ordinary(text)
+            text = tok.decode(body[: max(1, len(body) - (len(ids) - room))]).rstrip("\ufffd")
+            ids = tpl.render([{"role": "user", "content": text}])
+        out.append(([{"role": "user", "content": text}], ids))
+    return out
+
+
+# -- direct engine ----------------------------------------------------------------------------------------
+
+
+def engine_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The EngineConfig both Kiln rows use (the server gets the same via --engine)."""
+    c = max(args.concurrency)
+    return {"max_num_seqs": str(c), "max_num_batched_tokens": str(max(2048, c)), **args.engine}
+
+
+def run_direct(engine: Any, prompts: list[list[int]], c: int, max_tokens: int) -> Timings:
+    """Closed loop: keep ``c`` requests in the engine until every prompt is done."""
+    from kiln.generate import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    pending = list(reversed(prompts))
+    start: dict[str, float] = {}
+    last: dict[str, float] = {}
+    t = Timings()
+    t0 = time.perf_counter()
+    while pending or start:
+        while pending and len(start) < c:
+            start[engine.add_request(pending.pop(), params)] = time.perf_counter()
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            n = len(o.new_token_ids)
+            t.tokens += n
+            if n and o.request_id not in last:
+                t.ttft.append(now - start[o.request_id])
+            elif n:
+                t.itl.append((now - last[o.request_id]) / n)
+            if n:
+                last[o.request_id] = now
+            if o.finished:
+                start.pop(o.request_id, None)
+                last.pop(o.request_id, None)
+    t.seconds = time.perf_counter() - t0
+    return t
+
+
+# -- HTTP client (runs in --client-procs processes) ---------------------------------------------------------
+
+
+async def _one(client: Any, url: str, body: dict, t: Timings) -> None:
+    t0 = time.perf_counter()
+    prev = None
+    events = 0
+    usage_tokens = None
+    try:
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                t.errors += 1
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage_tokens = chunk["usage"].get("completion_tokens")
+                choices = chunk.get("choices") or []
+                if not choices or "role" in (choices[0].get("delta") or {}) and not choices[0]["delta"].get("content"):
+                    continue  # the role-only first event and the usage event carry no token
+                now = time.perf_counter()
+                if prev is None:
+                    t.ttft.append(now - t0)
+                else:
+                    t.itl.append(now - prev)
+                prev = now
+                events += 1
+    except Exception:  # noqa: BLE001 - a failed request is counted, the run goes on
+        t.errors += 1
+        return
+    t.tokens += usage_tokens if usage_tokens is not None else events
+
+
+async def _client(url: str, bodies: list[dict], c: int) -> Timings:
+    import httpx
+
+    t = Timings()
+    queue = list(reversed(bodies))
+    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def worker() -> None:
+            while queue:
+                await _one(client, url, queue.pop(), t)
+
+        await asyncio.gather(*(worker() for _ in range(c)))
+    return t
+
+
+def _client_proc(args: tuple) -> tuple[float, float, Timings]:
+    url, bodies, c = args
+    start = time.time()
+    t = asyncio.run(_client(url, bodies, c))
+    return start, time.time(), t
+
+
+def run_http(url: str, model: str, requests: list[tuple[list, list[int]]], c: int, max_tokens: int,
+             procs: int) -> Timings:
+    """Stream every request through ``url``/v1/chat/completions with ``c`` in flight, split over
+    ``procs`` client processes."""
+    bodies = [{"model": model, "messages": m, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+               "stream": True, "stream_options": {"include_usage": True}} for m, _ in requests]
+    k = max(1, min(procs, c))
+    shares = [(c // k) + (1 if i < c % k else 0) for i in range(k)]
+    slices = [bodies[i::k] for i in range(k)]
+    jobs = [(url + "/v1/chat/completions", s, sh) for s, sh in zip(slices, shares) if s]
+    if len(jobs) == 1:
+        results = [_client_proc(jobs[0])]
+    else:
+        with mp.get_context("spawn").Pool(len(jobs)) as pool:
+            results = pool.map(_client_proc, jobs)
+    t = Timings()
+    for _, _, r in results:
+        t.tokens += r.tokens
+        t.ttft += r.ttft
+        t.itl += r.itl
+        t.errors += r.errors
+    t.seconds = max(e for _, e, _ in results) - min(s for s, _, _ in results)
+    return t
+
+
+# -- servers ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess, ready once GET /health answers 200."""
+
+    def __init__(self, cmd: list[str], port: int, env: dict | None = None, wait_s: float = 600.0) -> None:
+        import httpx
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited with {self.proc.returncode}: {self.output()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{cmd[0]} did not answer /health in {wait_s:.0f} s: {self.output()[-2000:]}")
+            time.sleep(0.5)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def kiln_server(args: argparse.Namespace, model_dir: Path, device: Any) -> Server:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "kiln.cli.main", "serve", str(model_dir), "--port", str(port),
+           "--device", str(device), "--max-pending", str(4 * max(args.concurrency) + 64),
+           "--request-timeout", "3600", "--log-level", "warning"]
+    for k, v in engine_overrides(args).items():
+        cmd += ["--engine", f"{k}={v}"]
+    return Server(cmd, port)
+
+
+def transformers_server(args: argparse.Namespace, hf_dir: Path, device: Any) -> Server:
+    exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+    port = _free_port()
+    cmd = [exe, "serve", str(hf_dir), "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
+           "--device", str(device), "--dtype", "bfloat16" if device.type == "cuda" else "float32",
+           "--log-level", "warning"]
+    return Server(cmd, port, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+
+
+# -- the table ----------------------------------------------------------------------------------------------
+
+
+def _count(args: argparse.Namespace, c: int, total: int) -> int:
+    return min(total, max(16, 8 * c))  # enough requests to keep c in flight; c=1 stays short
+
+
+def _safe(impl: str, c: int, n: int, fn: Any) -> HttpRow:
+    try:
+        row = fn().row(impl, c, n)
+    except Exception as e:  # noqa: BLE001 - a failed row is reported, not fatal
+        traceback.print_exc()
+        row = HttpRow(impl, c, n, error=f"{type(e).__name__}: {str(e)[:300]}")
+    print(f"  c={c} {impl}: {row.tok_s or 0:.1f} tok/s {row.error}", flush=True)
+    return row
+
+
+def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
+    """Every row: direct engine at each c, then the Kiln server, then transformers serve."""
+    from kiln.serve.server import ModelSpec, load
+
+    kiln_dir, hf_dir, tok = build_model_dirs(args, device, work)
+    spec = ModelSpec(str(kiln_dir), device=str(device), engine=engine_overrides(args))
+    loaded = load(spec)
+    reqs = chat_requests(args.prompts, args.requests, tok, loaded.model.config.context_length, args.max_tokens)
+    warm = [ids for _, ids in reqs[:4]]
+    rows = []
+    run_direct(loaded.engine, warm, 4, 4)  # warm-up: kernels, CUDA graphs
+    for c in args.concurrency:
+        n = _count(args, c, len(reqs))
+        rows.append(_safe("kiln direct", c, n, lambda: run_direct(loaded.engine, [i for _, i in reqs[:n]], c,
+                                                                    args.max_tokens)))
+    del loaded
+    _free(device)
+    servers = [("kiln http", lambda: kiln_server(args, kiln_dir, device), kiln_dir.name)]
+    if hf_dir is not None:
+        servers.append(("transformers serve", lambda: transformers_server(args, hf_dir, device), str(hf_dir)))
+    for impl, start, name in servers:
+        try:
+            server = start()
+        except Exception as e:  # noqa: BLE001
+            rows += [HttpRow(impl, c, error=f"{type(e).__name__}: {str(e)[:300]}") for c in args.concurrency]
+            print(f"  {impl} did not start: {e}", flush=True)
+            continue
+        try:
+            run_http(server.url, name, reqs[:4], 4, 4, 1)  # warm-up
+            for c in args.concurrency:
+                n = _count(args, c, len(reqs))
+                rows.append(_safe(impl, c, n, lambda: run_http(server.url, name, reqs[:n], c, args.max_tokens,
+                                                               args.client_procs)))
+        finally:
+            server.stop()
+    direct = {r.concurrency: r.tok_s for r in rows if r.impl == "kiln direct"}
+    for r in rows:
+        if r.tok_s and direct.get(r.concurrency):
+            r.vs_direct = r.tok_s / direct[r.concurrency]
+    return rows
+
+
+def _free(device: Any) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _f(x: float | None, fmt: str = ".1f") -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def format_table(rows: list[HttpRow]) -> str:
+    out = ["| impl | concurrency | requests | output tok/s | vs direct | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
+           "ITL p99 ms | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.concurrency, r.impl != "kiln direct", r.impl)):
+        note = r.note + (f" ERROR {r.error}" if r.error else "")
+        out.append(f"| {r.impl} | {r.concurrency} | {r.requests} | {_f(r.tok_s)} | {_f(r.vs_direct, '.2f')} | "
+                   f"{_f(r.ttft_p50_ms)} | {_f(r.ttft_p99_ms)} | {_f(r.itl_p50_ms, '.2f')} | "
+                   f"{_f(r.itl_p99_ms, '.2f')} | {note} |")
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln.bench.report import pick_device, report
+    from kiln.serve.server import parse_overrides
+
+    device = pick_device(args.device)
+    args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
+    if not args.concurrency or min(args.concurrency) < 1:
+        raise ValueError(f"--concurrency {args.concurrency}: give positive integers, e.g. 1,16,64,256")
+    args.engine = parse_overrides(args.engine)
+    args.shape = args.shape or ("gpt2_small" if device.type == "cuda" else "preset_tiny")
+    with tempfile.TemporaryDirectory(prefix="kiln_bench_serve_http_") as tmp:
+        rows = measure(args, device, Path(tmp))
+    blurb = (f"Chat requests (AlpacaEval instructions through the chat template, cut to fit), {args.max_tokens} "
+             f"greedy output tokens each, kept c in flight (min({args.requests}, max(16, 8c)) requests per c); "
+             f"shape {args.shape}, random weights, tokenizer {args.tokenizer or 'byte-level'} + chat tokens; "
+             f"{args.client_procs} client processes for the HTTP rows. 'vs direct': output tok/s over the "
+             "direct engine's at the same c.")
+    report("serve-http", device, blurb, format_table(rows), rows, args.out)
+    return 0 if not any(r.error for r in rows if r.impl.startswith("kiln")) else 1
+
+
+def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
+    p = bench_subparsers.add_parser(
+        "serve-http", help="kiln serve over HTTP vs the engine directly vs transformers serve (tok/s, TTFT, ITL)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="", help="model shape (kiln bench serve's shapes; default gpt2_small on "
+                   "CUDA, preset_tiny on the CPU)")
+    p.add_argument("--tokenizer", default="", help="tokenizer.json, or a folder with GPT-2's vocab.json + "
+                   "merges.txt (chat tokens are added); default byte-level")
+    p.add_argument("--prompts", default=DEFAULT_PROMPTS, help="AlpacaEval jsonl (its 'instruction' field)")
+    p.add_argument("--requests", type=int, default=1000, help="most requests per concurrency")
+    p.add_argument("--concurrency", default="1,16,64,256", help="comma list of requests kept in flight")
+    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
+    p.add_argument("--engine", action="append", default=[], metavar="NAME=VALUE",
+                   help="EngineConfig override for both Kiln rows (repeatable)")
+    p.add_argument("--client-procs", type=int, default=4, help="HTTP client processes")
+    p.add_argument("--transformers", action="store_true", help="add transformers serve (continuous batching)")
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--out", default=None, help="directory for bench_serve-http.md and .json")
+    p.set_defaults(func=run)

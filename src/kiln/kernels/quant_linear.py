@@ -1,0 +1,161 @@
+"""Weight-only quantized matrix-vector products for decoding: int8 per output channel and int4 per
+group of input channels (as gpt-fast's ``WeightOnlyInt8Linear`` / ``WeightOnlyInt4Linear``; GPTQ's
+and AWQ's group-wise layout, Frantar et al., arXiv:2210.17323).
+
+At batch 1 a decode step reads every weight once and does two FLOPs per weight: it is bound by memory
+bandwidth, so halving (int8) or quartering (int4) the bytes of the weights is the speed-up. The kernels
+stream the compressed weights and dequantize in registers:
+
+- int8: ``w[n, k] = q[n, k] * scale[n]``; q int8 (N, K), scale (N,). y = (x @ q^T) * scale.
+- int4: ``w[n, k] = q[n, k] * scale[n, g] + low[n, g]``, g = k // group_size, q in [0, 15] packed two
+  per byte along K (low nibble: even k), packed uint8 (N, K / 2), scale and low (N, K / group_size).
+  Asymmetric (min/max) groups fit skewed rows better than symmetric ones at 4 bits.
+
+Each GEMV program computes ``BLOCK_N`` outputs of one input row, walking K in ``BLOCK_K`` tiles. Rows
+beyond ``GEMV_MAX_ROWS`` (prefill) dequantize the whole matrix and use a dense matmul instead: there
+the weights are read once for many rows, so compression buys nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.kernels._backend import HAVE_TRITON, unsupported_reason, warn_fallback
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+GEMV_MAX_ROWS = 8  # input rows up to which the streaming kernel beats dequantize + matmul
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: w (N, K) -> (q int8 (N, K), scale fp32 (N,))."""
+    amax = w.float().abs().amax(dim=1).clamp_min(1e-8)
+    scale = amax / 127.0
+    q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[:, None]).to(dtype)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise int4: w (N, K) -> (packed uint8 (N, K/2), scale (N, G), low (N, G)) fp32,
+    G = K / group_size. K must be divisible by group_size, and group_size even."""
+    N, K = w.shape
+    if K % group_size or group_size % 2:
+        raise ValueError(f"int4: in_features {K} must be a multiple of an even group_size {group_size}")
+    g = w.float().reshape(N, K // group_size, group_size)
+    low, high = g.amin(dim=2), g.amax(dim=2)
+    scale = ((high - low) / 15.0).clamp_min(1e-8)
+    q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(N, K)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed, scale, low
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    N = packed.shape[0]
+    q = torch.stack((packed & 0xF, packed >> 4), dim=2).reshape(N, -1).float()  # (N, K)
+    gs = q.shape[1] // scale.shape[1]
+    w = q.reshape(N, -1, gs) * scale[..., None] + low[..., None]
+    return w.reshape(N, -1).to(dtype)
+
+
+def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Reference: x (..., K) -> (..., N) in x's dtype, through the dequantized weight."""
+    return x @ dequantize_int8(q, scale, x.dtype).t()
+
+
+def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Reference: x (..., K) -> (..., N) in x's dtype, through the dequantized weight."""
+    return x @ dequantize_int4(packed, scale, low, x.dtype).t()
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _int8_gemv_kernel(X, Q, S, Y, N, K, stride_x, stride_q, stride_y,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.program_id(1)
+        n_ok = n < N
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            x = tl.load(X + m * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
+            q = tl.load(Q + n[:, None] * stride_q + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+            acc += tl.sum(q.to(tl.float32) * x[None, :], axis=1)
+        s = tl.load(S + n, mask=n_ok, other=0.0)
+        tl.store(Y + m * stride_y + n, (acc * s).to(Y.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _int4_gemv_kernel(X, P, S, Z, Y, N, K, stride_x, stride_p, stride_s, stride_y,
+                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.program_id(1)
+        n_ok = n < N
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            mask = n_ok[:, None] & k_ok[None, :]
+            x = tl.load(X + m * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
+            byte = tl.load(P + n[:, None] * stride_p + (k // 2)[None, :], mask=mask, other=0).to(tl.int32)
+            q = (byte >> ((k % 2) * 4)[None, :]) & 0xF
+            g = (k // GROUP)[None, :]
+            s = tl.load(S + n[:, None] * stride_s + g, mask=mask, other=0.0)
+            z = tl.load(Z + n[:, None] * stride_s + g, mask=mask, other=0.0)
+            acc += tl.sum((q.to(tl.float32) * s + z) * x[None, :], axis=1)
+        tl.store(Y + m * stride_y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
+    """y = x @ (q * scale)^T: x (..., K) -> (..., N) in x's dtype. The Triton GEMV for up to
+    ``GEMV_MAX_ROWS`` rows on CUDA; otherwise dequantize and matmul (the CPU's fast path).
+    ``use_kernel=True`` runs the kernel on the CPU too (interpreted, for tests)."""
+    x2 = _rows(x)
+    M, K = x2.shape
+    N = q.shape[0]
+    if use_kernel is None:
+        use_kernel = x.is_cuda and M <= GEMV_MAX_ROWS
+    if not use_kernel:
+        return int8_linear_ref(x, q, scale)
+    reason = unsupported_reason(x2, q)
+    if reason is not None:
+        warn_fallback("int8_linear", reason)
+        return int8_linear_ref(x, q, scale)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    BLOCK_N, BLOCK_K = 16, 256
+    _int8_gemv_kernel[(triton.cdiv(N, BLOCK_N), M)](x2, q, scale, y, N, K, x2.stride(0), q.stride(0), y.stride(0),
+                                                    BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+                use_kernel: bool | None = None) -> torch.Tensor:
+    """y = x @ dequant(packed, scale, low)^T: x (..., K) -> (..., N); see ``int8_linear``."""
+    x2 = _rows(x)
+    M, K = x2.shape
+    N = packed.shape[0]
+    if use_kernel is None:
+        use_kernel = x.is_cuda and M <= GEMV_MAX_ROWS
+    if not use_kernel:
+        return int4_linear_ref(x, packed, scale, low)
+    reason = unsupported_reason(x2, packed)
+    if reason is not None:
+        warn_fallback("int4_linear", reason)
+        return int4_linear_ref(x, packed, scale, low)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    BLOCK_N, BLOCK_K = 16, 256
+    _int4_gemv_kernel[(triton.cdiv(N, BLOCK_N), M)](
+        x2, packed, scale, low, y, N, K, x2.stride(0), packed.stride(0), scale.stride(0), y.stride(0),
+        GROUP=K // scale.shape[1], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return y.reshape(*x.shape[:-1], N)

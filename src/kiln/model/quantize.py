@@ -1,0 +1,107 @@
+"""Weight-only quantization as a module swap (gpt-fast's recipe): every ``Linear`` of a trained model
+becomes an ``Int8Linear`` (per-output-channel scales) or an ``Int4Linear`` (asymmetric groups of
+``group_size`` input channels), holding compressed weights as buffers; activations stay in the model's
+dtype. The kernels and the quantizers are in ``kiln.kernels.quant_linear``. Inference only.
+
+    model = quantize_model(load_pretrained(path, device="cuda", dtype=torch.bfloat16), "int8")
+
+The quality cost is measured, not assumed: ``kiln bench serve`` reports held-out loss per mode.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kiln.kernels.quant_linear import (
+    int4_linear,
+    int8_linear,
+    quantize_int4,
+    quantize_int8,
+)
+from kiln.model.layers import Linear
+
+QUANT_MODES = ("int8", "int4")
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T with q int8 (out, in) and scale fp32 (out,)."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        q, scale = quantize_int8(weight.detach())
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in) -> (..., out) in x's dtype."""
+        return int8_linear(x, self.q, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int4Linear(nn.Module):
+    """y = x @ w^T with w[n, k] = q * scale[n, k // group_size] + low[n, k // group_size], q in [0, 15]."""
+
+    def __init__(self, weight: Tensor, group_size: int = 128) -> None:
+        super().__init__()
+        K = weight.shape[1]
+        group_size = largest_group(K, group_size)
+        packed, scale, low = quantize_int4(weight.detach(), group_size)
+        self.in_features, self.out_features, self.group_size = K, weight.shape[0], group_size
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.register_buffer("low", low)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in) -> (..., out) in x's dtype."""
+        return int4_linear(x, self.packed, self.scale, self.low)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4, group_size={self.group_size}"
+
+
+def largest_group(in_features: int, group_size: int) -> int:
+    """The largest even group size <= ``group_size`` that divides ``in_features`` (128 -> 64 -> ... -> 2)."""
+    g = group_size
+    while g > 2 and in_features % g:
+        g //= 2
+    if in_features % g or g % 2:
+        raise ValueError(f"int4 needs an even in_features; got {in_features}")
+    return g
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_head: bool = True) -> nn.Module:
+    """Swap ``model``'s ``Linear`` layers (in place) for int8 or int4 ones; returns the model.
+
+    ``include_head``: also the output head (a tied head gets its own compressed copy; the embedding
+    lookup keeps the original matrix). At batch 1 the head of a GPT-2-size model is a third of the
+    bytes read per token.
+    """
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantization mode {mode!r} is unknown; use one of {QUANT_MODES}")
+    swaps = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, Linear)
+             and (include_head or not name.endswith("lm_head"))]
+    for name, lin in swaps:
+        new = Int8Linear(lin.weight) if mode == "int8" else Int4Linear(lin.weight, group_size)
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], new)
+    return model
+
+
+def weight_bytes(model: nn.Module, per_token: bool = True) -> int:
+    """Bytes a decode step reads for weights: every parameter and quantized buffer, except the
+    embedding table (one row is read per token) when ``per_token``."""
+    seen: set[int] = set()
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or (per_token and name.startswith("embed_tokens")) or name.endswith(("rope.cos", "rope.sin")):
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    if per_token and getattr(model.config, "tie_embeddings", False) and not isinstance(getattr(model, "lm_head", None), (Int8Linear, Int4Linear)):
+        total += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()  # the tied head
+    return total

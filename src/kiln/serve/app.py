@@ -1,0 +1,514 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over an ``EngineWorker``.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``
+(engine and queue statistics, resident memory), ``GET /`` (the chat page). Every error is answered
+in OpenAI's format with its status code (400 bad request, 401 bad key, 404 unknown model or route,
+413 body too large, 429 queue full, 503 shutting down, 504 timed out, 500 engine failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kiln.serve.config import ServeConfig
+from kiln.serve.prompts import ChatRenderer
+from kiln.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    token_logprobs,
+    usage,
+    validation_message,
+)
+from kiln.serve.worker import Batch, End, EngineWorker, QueueFull, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    """What the routes need: the engine thread, the tokenizer, the model's limits."""
+
+    worker: EngineWorker
+    tokenizer: Any
+    config: ServeConfig
+    model_name: str
+    context_length: int
+    vocab_size: int
+    renderer: ChatRenderer = field(init=False)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.renderer = ChatRenderer(self.tokenizer)
+
+
+@dataclass
+class _Plan:
+    """One request turned into engine work: a prompt per sequence and its sampling parameters."""
+
+    prompts: list[list[int]]  # one per distinct prompt
+    params: list[Any]  # SamplingParams per sequence (len(prompts) * n)
+    n: int
+    logprobs: int | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Request -> engine work
+# ---------------------------------------------------------------------------------------------
+def _sampling_params(state: ServerState, req: Any, prompt_len: int, stop: list[str], stop_ids: tuple,
+                     logprobs: int | None, max_tokens: int | None, seed: int | None) -> Any:
+    from kiln.generate import SamplingParams
+
+    room = state.context_length - prompt_len
+    if room < 1:
+        raise APIError(400, f"the prompt is {prompt_len} tokens; this model's context is "
+                            f"{state.context_length} tokens, which leaves no room to generate. Shorten it",
+                       param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                       code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = min(state.config.default_max_tokens, room)
+    elif max_tokens > room:
+        raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceeds the "
+                            f"context of {state.context_length} tokens; ask for at most {room}",
+                       param="max_tokens", code="context_length_exceeded")
+    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
+                          top_p=None if req.top_p >= 1.0 else req.top_p, seed=seed, stop=tuple(stop),
+                          stop_token_ids=tuple(stop_ids), ignore_eos=req.ignore_eos, logprobs=logprobs)
+
+
+def _plan(state: ServerState, req: Any, prompts: list[list[int]], stop: list[str], stop_ids: tuple,
+          logprobs: int | None, max_tokens: int | None) -> _Plan:
+    cfg = state.config
+    if req.model != state.model_name:
+        raise APIError(404, f"the model {req.model!r} does not exist; this server serves {state.model_name!r} "
+                            "(GET /v1/models lists it)", param="model", code="model_not_found")
+    if req.n > cfg.max_n:
+        raise APIError(400, f"n={req.n} is over this server's limit of {cfg.max_n}", param="n")
+    if len(stop) > cfg.max_stop:
+        raise APIError(400, f"{len(stop)} stop strings given; at most {cfg.max_stop}", param="stop")
+    params = []
+    for ids in prompts:
+        bad = [t for t in ids if not 0 <= t < state.vocab_size]
+        if bad:
+            raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary of {state.vocab_size}",
+                           param="prompt")
+        for j in range(req.n):
+            seed = None if req.seed is None else req.seed + j
+            params.append(_sampling_params(state, req, len(ids), stop, stop_ids, logprobs, max_tokens, seed))
+    return _Plan(prompts, params, req.n, logprobs)
+
+
+def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[list[int]]:
+    p = req.prompt
+    if isinstance(p, str):
+        texts: list = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        texts = [list(p)]
+    else:
+        texts = list(p)
+    if not texts:
+        raise APIError(400, "prompt is an empty list; give a string or token ids", param="prompt")
+    out = []
+    for t in texts:
+        ids = state.tokenizer.encode(t) if isinstance(t, str) else list(t)
+        if not ids:
+            eot = getattr(state.tokenizer, "eot_id", None)
+            if eot is None:
+                raise APIError(400, "the prompt is empty and the tokenizer has no end-of-text token to start "
+                                    "from; give some text", param="prompt")
+            ids = [eot]
+        out.append(ids)
+    return out
+
+
+def _submit(state: ServerState, plan: _Plan) -> Batch:
+    seqs = [(plan.prompts[k // plan.n], p) for k, p in enumerate(plan.params)]
+    try:
+        return state.worker.submit(seqs)
+    except QueueFull as e:
+        raise APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    except ShuttingDown as e:
+        raise APIError(503, str(e), type="server_error", code="shutting_down")
+
+
+def _end_error(end: End) -> APIError:
+    if end.reason == "timeout":
+        return APIError(504, end.message, type="timeout_error", code="timeout")
+    if end.reason == "shutdown":
+        return APIError(503, end.message, type="server_error", code="shutting_down")
+    if end.reason == "abort":
+        return APIError(499, "the request was cancelled", type="server_error", code="cancelled")
+    return APIError(500, f"generation failed: {end.message}", type="server_error", code="engine_error")
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine outputs -> OpenAI responses
+# ---------------------------------------------------------------------------------------------
+class _TokenText:
+    """A token's text and bytes, as OpenAI's logprobs show them."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        vocab = getattr(tokenizer, "vocab", None)
+        self.vocab = vocab if isinstance(vocab, dict) else {}
+
+    def bytes(self, tok: int) -> bytes:
+        b = self.vocab.get(tok)
+        if isinstance(b, (bytes, bytearray)):
+            return bytes(b)
+        return self.tokenizer.decode([tok]).encode("utf-8")
+
+    def text(self, tok: int) -> str:
+        return self.bytes(tok).decode("utf-8", errors="replace")
+
+
+@dataclass
+class _Choice:
+    """What one sequence produced so far (the event loop's side)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+def _absorb(choice: _Choice, out: Any, logprobs: int | None) -> tuple[str, list]:
+    """Fold one RequestOutput into ``choice``; returns (new text, new logprob entries)."""
+    choice.text += out.new_text
+    choice.token_ids.extend(out.new_token_ids)
+    choice.completion_tokens = out.num_generated_tokens
+    new_lp = token_logprobs(list(out.new_token_ids), out.logprobs, logprobs) if logprobs is not None else []
+    choice.logprobs.extend(new_lp)
+    if out.finished:
+        choice.finish_reason = "length" if out.finish_reason == "length" else "stop"
+    return out.new_text, new_lp
+
+
+def _chat_logprobs(tt: _TokenText, entries: list) -> dict:
+    def item(tok: int, lp: float) -> dict:
+        return {"token": tt.text(tok), "logprob": lp, "bytes": list(tt.bytes(tok))}
+
+    return {"content": [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in alts]}
+                        for t, lp, alts in entries]}
+
+
+def _completion_logprobs(tt: _TokenText, entries: list, offset: int) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    for t, lp, alts in entries:
+        s = tt.text(t)
+        tokens.append(s)
+        lps.append(lp)
+        tops.append({tt.text(a): alp for a, alp in alts})
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def _watch_disconnect(request: Request, on_gone: Callable[[], None]) -> None:
+    while True:
+        await asyncio.sleep(0.25)
+        if await request.is_disconnected():
+            on_gone()
+            return
+
+
+async def _collect(state: ServerState, request: Request, batch: Batch, plan: _Plan) -> list[_Choice]:
+    """Wait for every sequence of ``batch`` to finish (non-streaming); abort them if the client goes."""
+    choices = [_Choice() for _ in plan.params]
+    watcher = asyncio.create_task(_watch_disconnect(request, lambda: state.worker.abort(batch)))
+    try:
+        while batch.open:
+            i, item = await batch.get()
+            if isinstance(item, End):
+                batch.open.discard(i)
+                raise _end_error(item)
+            _absorb(choices[i], item, plan.logprobs)
+            if item.finished:
+                batch.open.discard(i)
+    finally:
+        watcher.cancel()
+        if batch.open:
+            state.worker.abort(batch)
+    return choices
+
+
+def _usage_of(plan: _Plan, choices: list[_Choice]) -> dict:
+    return usage(sum(len(p) for p in plan.prompts), sum(c.completion_tokens for c in choices))
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events whose sequences are aborted however the response ends (client gone too)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _stream(state: ServerState, batch: Batch, plan: _Plan, chunk: Callable[..., dict],
+                  first: Callable[[int], dict] | None, include_usage: bool) -> AsyncIterator[str]:
+    """SSE events: ``chunk(index, text, logprob entries, finish_reason)`` per engine output."""
+    choices = [_Choice() for _ in plan.params]
+    if first is not None:
+        for i in range(len(plan.params)):
+            yield _sse(first(i))
+    try:
+        while batch.open:
+            i, item = await batch.get()
+            if isinstance(item, End):
+                batch.open.discard(i)
+                state.worker.abort(batch)
+                yield _sse(_end_error(item).body())
+                return
+            text, lps = _absorb(choices[i], item, plan.logprobs)
+            if item.finished:
+                batch.open.discard(i)
+            if item.new_token_ids or item.finished:  # one event per token, even while a UTF-8
+                yield _sse(chunk(i, text, lps, choices[i].finish_reason))  # character is still partial
+        if include_usage:
+            yield _sse({**chunk(0, "", [], None), "choices": [], "usage": _usage_of(plan, choices)})
+        yield "data: [DONE]\n\n"
+    finally:
+        if batch.open:
+            state.worker.abort(batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes
+# ---------------------------------------------------------------------------------------------
+async def _read_json(request: Request, model: type) -> Any:
+    body = await request.body()
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object", code="invalid_json")
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        msg, param = validation_message(e)
+        raise APIError(400, msg, param=param)
+
+
+async def chat_completions(request: Request) -> Response:
+    state: ServerState = request.app.state.kiln
+    req: ChatCompletionRequest = await _read_json(request, ChatCompletionRequest)
+    try:
+        rendered = state.renderer.render([{"role": m.role, "content": m.text()} for m in req.messages])
+    except ValueError as e:
+        raise APIError(400, f"messages: {e}", param="messages")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    plan = _plan(state, req, [rendered.ids], list(rendered.stop) + req.stop_list(), rendered.stop_token_ids,
+                 logprobs, req.max_completion_tokens or req.max_tokens)
+    batch = _submit(state, plan)
+    rid, created, tt = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), _TokenText(state.tokenizer)
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
+
+    if req.stream:
+        def first(i: int) -> dict:
+            return {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]}
+
+        def chunk(i: int, text: str, lps: list, finish: str | None) -> dict:
+            delta = {"content": text}
+            lp = _chat_logprobs(tt, lps) if plan.logprobs is not None and lps else None
+            return {**head, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return _EventStream(_stream(state, batch, plan, chunk, first, include),
+                            on_close=lambda: batch.open and state.worker.abort(batch))
+    choices = await _collect(state, request, batch, plan)
+    return JSONResponse({
+        "id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                     "logprobs": _chat_logprobs(tt, c.logprobs) if plan.logprobs is not None else None,
+                     "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+        "usage": _usage_of(plan, choices),
+    })
+
+
+async def completions(request: Request) -> Response:
+    state: ServerState = request.app.state.kiln
+    req: CompletionRequest = await _read_json(request, CompletionRequest)
+    plan = _plan(state, req, _completion_prompts(state, req), req.stop_list(), (), req.logprobs, req.max_tokens)
+    batch = _submit(state, plan)
+    rid, created, tt = f"cmpl-{uuid.uuid4().hex}", int(time.time()), _TokenText(state.tokenizer)
+    head = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
+
+    if req.stream:
+        offsets = [0] * len(plan.params)
+
+        def chunk(i: int, text: str, lps: list, finish: str | None) -> dict:
+            lp = None
+            if plan.logprobs is not None:
+                lp = _completion_logprobs(tt, lps, offsets[i])
+                offsets[i] += sum(len(s) for s in lp["tokens"])
+            return {**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
+
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return _EventStream(_stream(state, batch, plan, chunk, None, include),
+                            on_close=lambda: batch.open and state.worker.abort(batch))
+    choices = await _collect(state, request, batch, plan)
+    return JSONResponse({
+        "id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+        "choices": [{"index": i, "text": c.text,
+                     "logprobs": _completion_logprobs(tt, c.logprobs, 0) if plan.logprobs is not None else None,
+                     "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+        "usage": _usage_of(plan, choices),
+    })
+
+
+async def list_models(request: Request) -> Response:
+    state: ServerState = request.app.state.kiln
+    return JSONResponse({"object": "list", "data": [
+        {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "kiln",
+         "max_model_len": state.context_length}]})
+
+
+def resident_mib() -> float:
+    """This process's resident memory in MiB (Linux /proc; elsewhere the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def health(request: Request) -> Response:
+    state: ServerState = request.app.state.kiln
+    stats = state.worker.stats()
+    return JSONResponse({"status": "draining" if stats["draining"] else "ok", "model": state.model_name,
+                         "chat_format": state.renderer.kind, "context_length": state.context_length,
+                         "rss_mib": round(resident_mib(), 1), **stats})
+
+
+async def chat_page(request: Request) -> Response:
+    page = resources.files("kiln.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; style-src 'self' "
+                                       "'unsafe-inline'; script-src 'self' 'unsafe-inline'"})
+
+
+# ---------------------------------------------------------------------------------------------
+# App
+# ---------------------------------------------------------------------------------------------
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` gets 413, by Content-Length or while it streams."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _too_large(self.max_bytes)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge()
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large(max_bytes: int) -> Response:
+    err = APIError(413, f"the request body is over this server's limit of {max_bytes} bytes (--max-body-bytes)",
+                   code="body_too_large")
+    return JSONResponse(err.body(), status_code=413)
+
+
+def _error_response(err: APIError) -> Response:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def build_app(state: ServerState) -> FastAPI:
+    """The FastAPI app for ``state``; its lifespan starts the engine thread and drains it on exit."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.worker.start()
+        yield
+        # uvicorn has already waited up to --shutdown-grace for open requests; cancel what is left.
+        await asyncio.to_thread(state.worker.drain, 1.0)
+
+    api_key = state.config.api_key
+
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:] if auth[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer KEY'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="Kiln", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.kiln = state
+    guarded = [Depends(check_key)]
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], dependencies=guarded)
+    app.add_api_route("/v1/completions", completions, methods=["POST"], dependencies=guarded)
+    app.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=guarded)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/", chat_page, methods=["GET"])
+    app.add_api_route("/favicon.ico", lambda: Response(status_code=204), methods=["GET"])
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return _error_response(exc)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(request: Request, exc: BodyTooLarge) -> Response:
+        return _too_large(state.config.max_body_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        msg = {404: f"no route {request.url.path}; see /v1/chat/completions, /v1/completions, /v1/models",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return _error_response(APIError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+    app.add_middleware(BodyLimit, max_bytes=state.config.max_body_bytes)
+    return app

@@ -1,0 +1,157 @@
+"""The OpenAI wire format: request bodies (validated with pydantic), errors, and the pieces of
+responses (logprobs, usage). Field meanings follow https://platform.openai.com/docs/api-reference.
+
+Unknown fields are ignored (clients send many); fields Kiln cannot honour are refused by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_TOP_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, description="extension (vLLM's): -1 or 0 means off")
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, v: float) -> float:
+        if v != 0:
+            raise ValueError("penalties are not supported by Kiln's engine; leave them at 0")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int | None) -> int | None:
+        if v is None or v in (-1, 0):
+            return None
+        if v < 1:
+            raise ValueError("top_k must be a positive integer, or -1/0 for no top-k filter")
+        return v
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str = ""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = ""
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text":
+                raise APIError(400, f"message content of type {part.type!r} is not supported; send text",
+                               param="messages")
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo=true is not supported; the prompt is known to the caller")
+        return v
+
+
+def validation_message(err: Any) -> tuple[str, str | None]:
+    """One readable line from a pydantic ValidationError: 'max_tokens: Input should be >= 1 (got -5)'."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int) or True)
+    got = first.get("input")
+    msg = first.get("msg", "invalid value")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    extra = f"; and {len(err.errors()) - 1} more problem(s)" if len(err.errors()) > 1 else ""
+    return f"{loc}: {msg}{shown}{extra}", (str(first["loc"][0]) if first.get("loc") else None)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def token_logprobs(token_ids: list[int], entries: list[Any] | None,
+                   k: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """The engine's per-token log-probs as ``[(token_id, logprob, [(alt_id, logprob), ...k])]``.
+
+    An engine entry is a dict ``{token_id: logprob}`` holding the sampled token and the k most
+    likely ids (k + 1 entries when the sampled token is not among them); the alternatives are the
+    k most likely, as OpenAI's ``top_logprobs`` are. An object or (logprob, top) pair also works.
+    """
+    out = []
+    for tok, e in zip(token_ids, entries or []):
+        if isinstance(e, dict):
+            alts = sorted(((int(i), float(v)) for i, v in e.items()), key=lambda kv: -kv[1])[:k]
+            lp = float(e.get(tok, float("nan")))
+        elif hasattr(e, "logprob"):
+            lp = float(e.logprob)
+            alts = [(int(i), float(v)) for i, v in (getattr(e, "top", None) or [])][:k]
+        elif isinstance(e, (tuple, list)) and len(e) == 2:
+            lp, top = e
+            lp = float(lp)
+            alts = [(int(i), float(v)) for i, v in (top.items() if isinstance(top, dict) else top or [])][:k]
+        else:
+            lp, alts = float(e), []
+        out.append((int(tok), lp, alts))
+    return out

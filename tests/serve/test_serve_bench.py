@@ -1,0 +1,45 @@
+"""`kiln bench serve-http`'s pieces: requests cut to the context, the direct-engine loop and the
+streaming HTTP client (against the session's server), each counting tokens and latencies."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.bench.serve_http import Timings, chat_requests, chat_tokenizer, pct, run_direct, run_http
+
+
+def test_chat_requests_are_cut_to_leave_room_for_the_reply():
+    tok = chat_tokenizer(None)
+    reqs = chat_requests("/nonexistent.jsonl", 6, tok, context=48, max_tokens=16)
+    assert len(reqs) == 6
+    assert all(len(ids) <= 32 for _, ids in reqs)
+    assert max(len(ids) for _, ids in reqs) == 32  # the long built-in prompt was cut to fit exactly
+    assert reqs[4][0] == reqs[0][0]  # cycled
+
+
+def test_percentiles_nearest_rank():
+    assert pct([], 0.5) is None
+    assert pct([0.001 * i for i in range(1, 101)], 0.99) == pytest.approx(99.0)
+    assert pct([0.002, 0.001], 0.5) == pytest.approx(1.0)
+
+
+def test_direct_loop_counts_every_token():
+    import torch
+
+    from kiln.generate import LLMEngine
+    from kiln.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=264, context_length=64, d_model=32, n_layers=1, n_heads=2, d_ff=64))
+    engine = LLMEngine(model.eval(), tokenizer=chat_tokenizer(None))
+    t = run_direct(engine, [[1, 2, 3]] * 5, c=2, max_tokens=4)
+    assert t.tokens == 20 and len(t.ttft) == 5 and len(t.itl) == 15 and t.seconds > 0
+    assert engine.stats()["used_blocks"] == 0
+
+
+def test_http_client_counts_tokens_and_gaps(server):
+    tok = chat_tokenizer(None)
+    reqs = chat_requests("/nonexistent.jsonl", 4, tok, context=128, max_tokens=5)
+    t: Timings = run_http(server.url, "kiln-chat-tiny", reqs, c=2, max_tokens=5, procs=1)
+    assert t.errors == 0 and t.tokens == 20  # ignore_eos: exactly max_tokens each
+    assert len(t.ttft) == 4 and len(t.itl) == 16 and t.seconds > 0

@@ -1,0 +1,214 @@
+"""The server's pieces in-process: config checks, API key, queue limit, timeout, engine failure,
+shutdown, plain-text chat for base models, and `kiln chat`'s loop. Engines here are small fakes
+that keep to LLMEngine's contract, so each behaviour is forced deterministically."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from kiln.generate import RequestOutput, SamplingParams  # noqa: E402
+from kiln.serve.config import ServeConfig  # noqa: E402
+from kiln.serve.prompts import PLAIN_STOP, ChatRenderer  # noqa: E402
+from kiln.serve.worker import End, EngineWorker, QueueFull, ShuttingDown  # noqa: E402
+from kiln.tokenizer import Tokenizer  # noqa: E402
+
+
+def byte_tokenizer() -> Tokenizer:
+    return Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"])
+
+
+@dataclass
+class FakeEngine:
+    """Emits 'a' per step per request; finishes at max_tokens. ``fail_next`` makes step() raise once."""
+
+    step_s: float = 0.0
+    fail_next: bool = False
+    live: dict = field(default_factory=dict)
+    aborted: list = field(default_factory=list)
+
+    def add_request(self, prompt_ids, params, request_id=None):
+        self.live[request_id] = (list(prompt_ids), params, [])
+        return request_id
+
+    def abort(self, rid):
+        if self.live.pop(rid, None) is not None:
+            self.aborted.append(rid)
+
+    def has_unfinished(self):
+        return bool(self.live)
+
+    def stats(self):
+        return {"used_blocks": len(self.live), "free_blocks": 100 - len(self.live), "running": len(self.live),
+                "waiting": 0}
+
+    def step(self):
+        time.sleep(self.step_s)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("boom")
+        outs = []
+        for rid, (prompt, params, gen) in list(self.live.items()):
+            gen.append(97)
+            done = len(gen) >= params.max_tokens
+            outs.append(RequestOutput(rid, prompt, list(gen), [97], "a" * len(gen), "a", None, done,
+                                      "length" if done else None, len(prompt), len(gen)))
+            if done:
+                del self.live[rid]
+        return outs
+
+
+@dataclass
+class FakeConfig:
+    vocab_size: int = 257
+    context_length: int = 64
+
+
+def make_client(engine, **cfg):
+    from fastapi.testclient import TestClient
+
+    from kiln.serve.app import ServerState, build_app
+
+    config = ServeConfig(model_name="fake", **cfg)
+    worker = EngineWorker(engine, max_pending=config.max_pending, request_timeout_s=config.request_timeout_s)
+    state = ServerState(worker, byte_tokenizer(), config, "fake", 64, 257)
+    return TestClient(build_app(state)), worker
+
+
+def chat(client, headers=None, **kw):
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **kw}
+    return client.post("/v1/chat/completions", json=body, headers=headers or {})
+
+
+def test_config_refuses_a_public_host_without_a_key():
+    with pytest.raises(ValueError, match="--api-key"):
+        ServeConfig(host="0.0.0.0")
+    assert ServeConfig(host="0.0.0.0", api_key="k" * 16).host == "0.0.0.0"
+    assert ServeConfig(host="::1").api_key is None
+    with pytest.raises(ValueError, match="max-pending"):
+        ServeConfig(max_pending=0)
+
+
+def test_api_key_guards_the_api_but_not_health():
+    client, _ = make_client(FakeEngine(), api_key="secret-key-123")
+    with client:
+        assert chat(client).status_code == 401
+        r = chat(client, {"Authorization": "Bearer secret-key-124"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        ok = chat(client, {"Authorization": "Bearer secret-key-123"})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "aaa"
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/health").status_code == 200
+
+
+def test_queue_limit_answers_429_and_counts_n():
+    client, worker = make_client(FakeEngine(), max_pending=2)
+    with client:
+        r = chat(client, n=3)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert "max-pending" in r.json()["error"]["message"]
+        assert chat(client, n=2).status_code == 200
+        assert worker.stats()["rejected"] == 1 and worker.pending == 0
+
+
+def test_timeout_aborts_and_frees_the_request():
+    engine = FakeEngine(step_s=0.02)
+    client, worker = make_client(engine, request_timeout_s=0.3)
+    with client:
+        r = chat(client, max_tokens=40)  # 40 steps of 20 ms: past the 0.3 s timeout
+        assert r.status_code == 504 and "request-timeout" in r.json()["error"]["message"]
+        with client.stream("POST", "/v1/chat/completions", json={
+                "model": "fake", "messages": [{"role": "user", "content": "x"}], "max_tokens": 40,
+                "stream": True}) as s:
+            lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert '"timeout"' in lines[-1] and "[DONE]" not in lines[-1]
+        assert len(engine.aborted) == 2 and not engine.live and worker.stats()["timed_out"] == 2
+
+
+def test_engine_failure_is_a_500_and_the_next_request_is_served():
+    engine = FakeEngine(fail_next=True)
+    client, worker = make_client(engine)
+    with client:
+        r = chat(client)
+        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+        assert chat(client).status_code == 200
+        assert worker.stats()["errors"] == 1 and not engine.live
+
+
+def test_drain_cancels_what_does_not_finish_in_the_grace_period():
+    async def main():
+        engine = FakeEngine(step_s=0.01)
+        worker = EngineWorker(engine, max_pending=8)
+        worker.start()
+        quick = worker.submit([([1, 2], SamplingParams(max_tokens=2))])
+        slow = worker.submit([([1, 2], SamplingParams(max_tokens=10_000))])
+        await asyncio.sleep(0.1)
+        await asyncio.to_thread(worker.drain, 0.2)
+        with pytest.raises(ShuttingDown):
+            worker.submit([([1], SamplingParams())])
+        items = [quick.queue.get_nowait()[1] for _ in range(quick.queue.qsize())]
+        last = [slow.queue.get_nowait()[1] for _ in range(slow.queue.qsize())][-1]
+        return items, last, engine
+
+    items, last, engine = asyncio.run(main())
+    assert items[-1].finished and items[-1].finish_reason == "length"  # finished within the grace
+    assert isinstance(last, End) and last.reason == "shutdown"  # cancelled after it
+    assert not engine.live
+
+
+def test_worker_queue_full_without_http():
+    async def main():
+        worker = EngineWorker(FakeEngine(step_s=0.01), max_pending=3)
+        worker.start()
+        worker.submit([([1], SamplingParams(max_tokens=50))] * 3)
+        with pytest.raises(QueueFull):
+            worker.submit([([1], SamplingParams())])
+        worker.drain(0.0)
+
+    asyncio.run(main())
+
+
+def test_base_model_chat_is_plain_text():
+    tok = byte_tokenizer()
+    r = ChatRenderer(tok)
+    assert r.kind == "plain"
+    p = r.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert tok.decode(p.ids) == "System: Be brief.\nUser: hi\nAssistant:"
+    assert p.stop == PLAIN_STOP and p.stop_token_ids == ()
+
+
+def test_chat_template_renderer_uses_the_stop_id():
+    from kiln.align.chat import add_chat_tokens
+
+    tok = add_chat_tokens(byte_tokenizer())
+    r = ChatRenderer(tok)
+    p = r.render([{"role": "developer", "content": "sys"}, {"role": "user", "content": "hi"}])
+    assert r.kind == "template" and tok.decode(p.ids) == "<|system|>sys<|end|><|user|>hi<|end|><|assistant|>"
+    assert tok.special_tokens["<|end|>"] in p.stop_token_ids
+
+
+def test_kiln_chat_loop_keeps_history_and_streams(tmp_path):
+    import torch
+
+    from kiln.generate import LLMEngine
+    from kiln.model import ModelConfig, Transformer
+    from kiln.serve.terminal import ChatSettings, chat_loop
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=257, context_length=96, d_model=32, n_layers=1, n_heads=2, d_ff=64))
+    tok = byte_tokenizer()
+    engine = LLMEngine(model.eval(), tokenizer=tok)
+    lines = iter(["hello", "/system be nice", "again", "/reset", "third", "/exit", "never read"])
+    out = io.StringIO()
+    msgs = chat_loop(engine, tok, 96, ChatSettings(max_tokens=5, temperature=0.0), read=lambda _: next(lines), out=out)
+    # /reset dropped the first exchanges but kept the system message
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+    assert msgs[1]["content"] == "third" and len(msgs[2]["content"].encode()) <= 5 * 4
+    assert out.getvalue().count("model> ") == 3 and "[history cleared]" in out.getvalue()
+    assert not engine.has_unfinished() and engine.stats()["used_blocks"] == 0
