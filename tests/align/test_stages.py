@@ -163,3 +163,16 @@ def test_chat_recipe_on_stand_ins(tmp_path, base_dir):
     for name in ("## sft", "## dpo", "## grpo_addition", "## grpo_gsm8k", "## GSM8K"):
         assert name in report
     assert (tmp_path / "chat" / "grpo_gsm8k" / "model" / "tokenizer_config.json").is_file()
+
+
+def test_demo_chat_stage(tmp_path, base_dir):
+    from kiln.align.demo import EXCHANGE, run_chat_demo, stats
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = "In the beginning God created the heaven and the earth. And the earth was without form, and void."
+    (corpus / "train.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    run, exchange = run_chat_demo(base_dir, corpus, tmp_path / "chat", steps=2, seed=0, device="cpu")
+    assert [q for q, _ in exchange] == list(EXCHANGE) and all(isinstance(a, str) for _, a in exchange)
+    s = stats(run)
+    assert s["steps"] == 2 and s["conversations"] > 1000 and s["heldout_loss_after"] is not None

@@ -46,7 +46,7 @@ def corpus_conversations(
                           {"role": "assistant", "content": " ".join(w[words:])}]} for w in sentences[:n]]
 
 
-def chat_data(corpus_dir: Path, out: Path, seed: int, n_corpus: int = 600, n_add: int = 600) -> Path:
+def chat_data(corpus_dir: Path, out: Path, seed: int, n_corpus: int = 4000, n_add: int = 2000) -> Path:
     """Write the demo's SFT conversations (corpus continuations + addition) to ``out`` (JSONL)."""
     from kiln.align.rewards import addition_conversations
     from kiln.data.readers import read_texts

@@ -140,6 +140,7 @@ class RolloutSource:
         self.buffer: list[tuple[Tensor, ...]] = []
         self.stats: list[dict[str, float]] = []  # one row per rollout, read by the logging hook
         self.logged = 0  # rows of ``stats`` already logged (checkpointed with them)
+        self.engine: Any = None
 
     def __iter__(self) -> RolloutSource:
         return self
@@ -154,16 +155,17 @@ class RolloutSource:
     def generate(self, k: int) -> list[tuple[Tensor, ...]]:
         """Rollout batch ``k``: sample, score, normalize, take old (and reference) log-probs, cut into
         micro-batches in a seeded order per epoch. A function of (seed, k, the policy's weights)."""
-        from kiln.align.rollout import generate_replies
+        from kiln.align.rollout import RolloutEngine
 
         cfg, G = self.cfg, self.cfg.group_size
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
         picks = torch.randint(len(self.problems), (cfg.prompts_per_rollout,), generator=g).tolist()
         prompts = [self.tpl.render([{"role": "user", "content": self.problems[i][0]}]) for i in picks for _ in range(G)]
         truths = [self.problems[i][1] for i in picks for _ in range(G)]
-        replies = generate_replies(self.model, prompts, cfg.max_new_tokens, cfg.temperature,
-                                   seed=self.seed * 7919 + k * 100_003, stop_token_ids=self.tpl.stop_token_ids,
-                                   vocab_limit=self.vocab_limit)
+        if self.engine is None:  # one engine for the run (CUDA graphs captured once)
+            self.engine = RolloutEngine(self.model, max_num_seqs=len(prompts), vocab_limit=self.vocab_limit)
+        replies = self.engine.generate(prompts, cfg.max_new_tokens, cfg.temperature,
+                                       seed=self.seed * 7919 + k * 100_003, stop_token_ids=self.tpl.stop_token_ids)
         texts = [self.tpl.tokenizer.decode([t for t in r if t not in self.tpl.stop_token_ids]) for r in replies]
         adv, raw, meta = compute_group_normalized_rewards(self.reward_fn, texts, truths, G, cfg.advantage_eps,
                                                           cfg.normalize_by_std)

@@ -56,6 +56,8 @@ def load_policy(
     """
     from kiln.model import load_pretrained
 
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside autocast (rollouts)
     tok_path = Path(tokenizer) if tokenizer is not None else find_tokenizer_file(model_dir)
     tok = load_tokenizer(tok_path)
     if ChatTemplate.from_tokenizer(tok) is None and not add_chat_tokens:
@@ -95,29 +97,18 @@ def pick_device(name: str) -> torch.device:
 
 
 def export_chat_model(out_dir: Path, model: torch.nn.Module, tok: Tokenizer) -> Path:
-    """Write ``out_dir/model`` atomically (a temporary folder renamed): weights, the tokenizer and
-    ``tokenizer_config.json`` with the chat template, so Kiln and ``transformers`` both open it.
-
-    Where ``save_pretrained`` writes tokenizer files itself (Hugging Face's ``tokenizer.json`` and
-    Kiln's ``kiln_tokenizer.json``), it is given the chat template; else Kiln's ``tokenizer.json``
-    and the ``tokenizer_config.json`` are written here.
-    """
-    import inspect
-    import json
+    """Write ``out_dir/model`` atomically (a temporary folder renamed): weights and the tokenizer
+    files (Hugging Face's, with the chat template and ``<|end|>`` as eos, and Kiln's
+    ``kiln_tokenizer.json``), so Kiln, ``kiln generate`` and ``transformers`` all open it."""
     import shutil
     import uuid
 
-    from kiln.align.chat import JINJA_TEMPLATE, hf_tokenizer_config
+    from kiln.align.chat import JINJA_TEMPLATE
     from kiln.model import save_pretrained
 
     final = out_dir / "model"
     tmp = out_dir / f".model.tmp-{uuid.uuid4().hex[:8]}"
-    if "chat_template" in inspect.signature(save_pretrained).parameters:
-        save_pretrained(model, tmp, tokenizer=tok, chat_template=JINJA_TEMPLATE)
-    else:
-        save_pretrained(model, tmp)
-        tok.save(tmp / "tokenizer.json")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tok), indent=1) + "\n")
+    save_pretrained(model, tmp, tokenizer=tok, chat_template=JINJA_TEMPLATE)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final

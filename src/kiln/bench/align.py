@@ -118,8 +118,7 @@ def prepare(work: Path, size: str, n: int, seq: int, seed: int) -> dict[str, int
     model = build_model(ModelConfig(vocab_size=V, context_length=max(ctx, seq), d_model=d, n_layers=L, n_heads=H))
     mdir = work / "model"
     save_pretrained(model, mdir)
-    save_hf_tokenizer(tok, mdir)  # tokenizer.json (HF) + tokenizer_config.json (chat template)
-    tok.save(mdir / "kiln_tokenizer.json")
+    save_hf_tokenizer(tok, mdir)  # tokenizer.json (HF), tokenizer_config.json (chat template), kiln_tokenizer.json
     sft = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {a}."}]}
            for q, a in probs]
     dpo = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": f"The answer is {a}."}],
