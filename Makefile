@@ -18,9 +18,10 @@ $(BASE): pyproject.toml
 	touch $(BASE)
 
 # Tests also install the references Kiln is checked against (tiktoken, HF tokenizers and
-# transformers, rustbpe, Triton for the kernel interpreter) and the data-curation extras.
+# transformers, rustbpe, Triton for the kernel interpreter), the data-curation extras and scipy
+# for the scaling-law fits.
 $(TESTDEPS): $(BASE)
-	$(BIN)/pip install -q -e ".[dev,data,ray]"
+	$(BIN)/pip install -q -e ".[dev,data,ray,scaling]"
 	touch $(TESTDEPS)
 
 setup: $(BASE)

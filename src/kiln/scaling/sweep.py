@@ -38,11 +38,11 @@ from kiln.scaling.shapes import FLOPS_RULES, N_KINDS, ShapeRule, count_params, d
 class ScalingConfig:
     """An IsoFLOP sweep. Defaults: a CPU toy (seconds per point) on a tiny vocab."""
 
-    budgets: tuple[float, ...] = (3e10, 1e11, 3e11)
+    budgets: tuple[float, ...] = (1e10, 3e10, 1e11)
     """Compute budgets (training FLOPs per run, by ``flops_rule``)."""
     sizes_per_budget: int = 4
     """Model sizes per budget (approach 2 needs three or more)."""
-    size_spread: float = 8.0
+    size_spread: float = 16.0
     """Largest / smallest target N of a budget."""
     tokens_per_param: float = 20.0
     """Tokens per parameter at the centre of each budget's sizes (Chinchilla's ~20)."""
@@ -53,9 +53,9 @@ class ScalingConfig:
     """FLOPs per token: "exact" (``Transformer.flops_per_token``, attention included) or "6N"."""
     context_length: int = 64
     """Training window (tokens)."""
-    head_dim: int = 16
+    head_dim: int = 8
     """Channels per head (the shape ladder's width step)."""
-    aspect: int = 32
+    aspect: int = 16
     """d_model / n_layers of the shape rule."""
     batch_size: int = 8
     """Sequences per optimizer step."""
@@ -107,7 +107,8 @@ class ScalingConfig:
 
 
 def cpu_toy() -> ScalingConfig:
-    """The default: three budgets x four sizes of 2-60k-parameter models on the CPU."""
+    """The default: three budgets x four sizes of 2k-90k-parameter models on the CPU (~11k steps
+    of 512 tokens in all; the toy corpus of docs/scaling.md)."""
     return ScalingConfig()
 
 
