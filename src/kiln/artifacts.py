@@ -201,6 +201,22 @@ class StageRun:
             and {k: v for k, v in old.get("inputs", {}).items()} == self.inputs
         )
 
+    def write_manifest(self, directory: Path, seconds: float | None = None) -> dict[str, Any]:
+        """Write ``manifest.json`` (stage, config, inputs, code, ``self.stats``) into ``directory``,
+        atomically; the last file of an artifact. ``seconds`` defaults to the time since creation."""
+        self.manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "stage": self.stage,
+            "config": self.config,
+            "inputs": self.inputs,
+            "code": code_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.time() - self._t0, 3) if seconds is None else seconds,
+            "stats": config_to_dict(self.stats),
+        }
+        write_json_atomic(directory / MANIFEST, self.manifest)
+        return self.manifest
+
     def __enter__(self) -> StageRun:
         if not self.reused:
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -213,17 +229,7 @@ class StageRun:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        self.manifest = {
-            "manifest_version": MANIFEST_VERSION,
-            "stage": self.stage,
-            "config": self.config,
-            "inputs": self.inputs,
-            "code": code_version(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(time.time() - self._t0, 3),
-            "stats": config_to_dict(self.stats),
-        }
-        write_json_atomic(self.tmp / MANIFEST, self.manifest)  # last file inside the artifact
+        self.write_manifest(self.tmp)
         old = None
         if self.out_dir.exists():
             old = self.out_dir.with_name(f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}")

@@ -88,6 +88,7 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage of the demo; return the path of the written report."""
     from kiln.data.corpus import CorpusConfig, prepare_corpus
+    from kiln.distributed import pick_device
     from kiln.eval.heldout import evaluate_heldout
     from kiln.generate import generate
     from kiln.model import load_pretrained
@@ -142,7 +143,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     timings["train"] = time.perf_counter() - t
 
     t = stage("5/6 eval: held-out loss and bits per byte")
-    device = _device(cfg.device)
+    device = str(pick_device(cfg.device))
     model = load_pretrained(train_dir / "model", device=device)
     model.eval()
     val_paths = sorted(Path(tokens_dir).glob("val_*.bin"))
@@ -171,14 +172,6 @@ def run_demo(cfg: DemoConfig) -> Path:
     report = write_report(out, cfg, corpus_dir, tok_dir, tokens_dir, train_dir, heldout, samples, timings)
     print(f"\nreport: {report}")
     return report
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _stats(artifact: Path) -> dict[str, Any]:

@@ -72,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer(model_dir)
     if not tok_path.exists():
         raise FileNotFoundError(f"--tokenizer {tok_path} does not exist; pass a tokenizer.json or tokenizer artifact")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from kiln.distributed import pick_device
+
+    device = str(pick_device(args.device))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     if args.dtype == "auto" and torch.device(device).type == "cuda":
         dtype = torch.bfloat16

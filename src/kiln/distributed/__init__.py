@@ -1,7 +1,7 @@
 """Many ranks: environment, Kiln's data-parallel wrapper, ZeRO-1, FSDP2, a distributed sampler.
 
 The only package in Kiln that touches ``torch.distributed``. Importing it starts nothing; see
-docs/distributed.md for the trainer seam and the torchrun command lines.
+docs/distributed.md for the trainer seam (``RuntimeProtocol``, ``kiln.distributed.runtime``) and the torchrun command lines.
 """
 
 from kiln.distributed.config import DistConfig
@@ -25,7 +25,8 @@ from kiln.distributed.fsdp import (
     load_sharded_checkpoint,
     save_sharded_checkpoint,
 )
-from kiln.distributed.parallel import Runtime, build_optimizer, no_sync, wrap_model
+from kiln.distributed.parallel import Runtime, build_optimizer, clip_grad_norm_, no_sync, wrap_model
+from kiln.distributed.runtime import RuntimeProtocol, SingleProcess, pick_device
 from kiln.distributed.sampler import DistributedWindowSampler
 from kiln.distributed.zero import (
     ShardedOptimizer,
@@ -40,11 +41,14 @@ __all__ = [
     "DistributedError",
     "DistributedWindowSampler",
     "Runtime",
+    "RuntimeProtocol",
     "ShardedOptimizer",
+    "SingleProcess",
     "all_reduce_max",
     "apply_fsdp",
     "build_optimizer",
     "check_consistency",
+    "clip_grad_norm_",
     "collective_guard",
     "distributed",
     "fingerprint",
@@ -55,6 +59,7 @@ __all__ = [
     "optimizer_state_bytes",
     "partition_params",
     "per_rank_batch",
+    "pick_device",
     "plan_buckets",
     "save_sharded_checkpoint",
     "setup_rank_logging",

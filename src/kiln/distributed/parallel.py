@@ -6,7 +6,7 @@ but the last micro-batch of an accumulation step in ``no_sync(model)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -71,6 +71,25 @@ def _fsdp_no_sync(model: Any) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm_(params: Iterable[torch.Tensor] | torch.Tensor, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+    """Scale gradients in place so their global L2 norm is at most ``max_norm``.
+
+    Returns the total norm before clipping as a 0-dim fp32 tensor on the gradients' device. The
+    scale ``min(1, max_norm / (norm + eps))`` is applied as a tensor, so nothing waits on the host.
+    (``kiln.train.clip_grad_norm_`` is this function.)
+    """
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norms = torch._foreach_norm(grads, 2)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2)
+    scale = (max_norm / (total + eps)).clamp(max=1.0)
+    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    return total
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
@@ -138,12 +157,20 @@ class Runtime:
         """True when ranks hold state the others lack (FSDP, ZeRO-1): every rank must save its part."""
         return self.env.is_distributed and (self.cfg.strategy == "fsdp" or self.cfg.zero1)
 
+    @property
+    def zero1(self) -> bool:
+        """True when the optimizer state is sharded over ranks (ZeRO-1)."""
+        return self.env.is_distributed and self.cfg.zero1
+
     def clip_grad_norm_(self, params: Any, max_norm: float) -> torch.Tensor:
         """Clip to a global L2 norm over all ranks' shards; returns the norm (a plain 0-dim tensor).
 
-        ``torch.nn.utils.clip_grad_norm_`` reduces DTensor gradient norms across shards, so every
+        Whole gradients (one process, DDP, ZeRO-1): ``clip_grad_norm_`` below, no host sync. Under
+        FSDP ``torch.nn.utils.clip_grad_norm_`` reduces DTensor gradient norms across shards, so every
         rank gets the same norm and scale (a norm of the local shards alone would differ per rank).
         """
+        if not self.sharded_params:
+            return clip_grad_norm_(params, max_norm)
         total = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
         return total.full_tensor() if hasattr(total, "full_tensor") else total
 

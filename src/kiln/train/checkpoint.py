@@ -10,7 +10,9 @@ Layout of ``step_000042/``::
 Nothing is ever unpickled: tensors go through safetensors, everything else through JSON, so a
 checkpoint from an untrusted source cannot run code. The directory is built under a temporary name
 and renamed into place, so a killed save never leaves a half-written checkpoint under the final name;
-a truncated or foreign directory raises ``CheckpointError`` naming the problem.
+a truncated, damaged or foreign directory raises ``CheckpointError`` naming the file, the problem
+and the earlier checkpoint to resume from. Before anything is loaded, every tensor that ``meta.json``
+names is checked to be in its file (``_validate``).
 """
 
 from __future__ import annotations
@@ -120,6 +122,39 @@ def save_checkpoint(
     return out
 
 
+def _tensor_keys(obj: Any) -> list[str]:
+    """Every ``{"__tensor__": key}`` reference inside a JSON part of ``meta.json``."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return [obj["__tensor__"]]
+        return [k for v in obj.values() for k in _tensor_keys(v)]
+    if isinstance(obj, list):
+        return [k for v in obj for k in _tensor_keys(v)]
+    return []
+
+
+def _what_to_do(src: Path) -> str:
+    """Which checkpoint to resume from instead of the damaged ``src`` (a sibling ``step_*`` before it)."""
+    ckpt = src.parent if src.name == "trainer" else src  # a sharded checkpoint keeps its meta in trainer/
+    earlier = sorted(p for p in ckpt.parent.glob("step_*") if p.name < ckpt.name
+                     and ((p / META).is_file() or (p / "trainer" / META).is_file()))
+    if earlier:
+        return f"delete {ckpt} and run the same command again: it resumes from {earlier[-1]}"
+    return f"delete {ckpt}; no earlier checkpoint is beside it, so the run starts over from step 0"
+
+
+def _validate(src: Path, meta: dict, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Every tensor ``meta.json`` names is in its safetensors file (a flipped byte in a file's header
+    renames a tensor and keeps the file readable)."""
+    for name, have in tensors.items():
+        if name not in meta:
+            raise CheckpointError(f"checkpoint {src}/{META} lacks the '{name}' part; {_what_to_do(src)}")
+        missing = [k for k in _tensor_keys(meta[name]) if k not in have]
+        if missing:
+            raise CheckpointError(f"checkpoint file {src / f'{name}.safetensors'} lacks tensor '{missing[0]}' that "
+                                  f"{META} lists ({len(missing)} missing): the file is damaged; {_what_to_do(src)}")
+
+
 def _read(src: Path, names: tuple[str, ...] = _FILES) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     if not src.is_dir():
         hint = " (checkpoints are directories like checkpoints/step_000100)" if src.is_file() else ""
@@ -128,9 +163,9 @@ def _read(src: Path, names: tuple[str, ...] = _FILES) -> tuple[dict, dict[str, d
     try:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {src} has no {META}: the save was interrupted or this is not a Kiln checkpoint; delete it and resume from an earlier one") from None
+        raise CheckpointError(f"checkpoint {src} has no {META}: the save was interrupted or this is not a Kiln checkpoint; {_what_to_do(src)}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint {src}/{META} is corrupt ({e}); delete {src} and resume from an earlier one") from None
+        raise CheckpointError(f"checkpoint {src}/{META} is corrupt ({e}); {_what_to_do(src)}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{src} is not a Kiln checkpoint (no '{FORMAT}' tag in {META})")
     if meta.get("version") != VERSION:
@@ -141,11 +176,12 @@ def _read(src: Path, names: tuple[str, ...] = _FILES) -> tuple[dict, dict[str, d
         expected = meta.get("files", {}).get(path.name)
         size = path.stat().st_size if path.is_file() else None
         if size is None or size != expected:
-            raise CheckpointError(f"checkpoint file {path} is missing or truncated ({size} bytes, expected {expected}); delete {src} and resume from an earlier one")
+            raise CheckpointError(f"checkpoint file {path} is missing or truncated ({size} bytes, expected {expected}); {_what_to_do(src)}")
         try:
             tensors[name] = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint file {path} is unreadable ({e}); delete {src} and resume from an earlier one") from None
+            raise CheckpointError(f"checkpoint file {path} is unreadable ({e}); {_what_to_do(src)}") from None
+    _validate(src, meta, tensors)
     return meta, tensors
 
 

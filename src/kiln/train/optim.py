@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 import torch
 
+from kiln.distributed.parallel import clip_grad_norm_  # noqa: F401 - public here too: one definition for every runtime
+
 
 class AdamW(torch.optim.Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter, arXiv:1711.05101).
@@ -176,24 +178,3 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             decay.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-@torch.no_grad()
-def clip_grad_norm_(
-    params: Iterable[torch.Tensor] | torch.Tensor, max_norm: float, eps: float = 1e-6
-) -> torch.Tensor:
-    """Scale gradients in place so their global L2 norm is at most ``max_norm``.
-
-    Returns the total norm before clipping as a 0-dim fp32 tensor on the gradients' device. The
-    scale ``min(1, max_norm / (norm + eps))`` is applied as a tensor, so nothing waits on the host.
-    """
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    norms = torch._foreach_norm(grads, 2)
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2)
-    scale = (max_norm / (total + eps)).clamp(max=1.0)
-    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
-    return total

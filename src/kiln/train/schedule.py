@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 
 def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, cosine_steps: int) -> float:
@@ -41,3 +42,17 @@ def wsd_lr(
         return min_lr
     frac = (step - decay_start) / decay_steps
     return max_lr + (min_lr - max_lr) * frac
+
+
+def schedule_lr(cfg: Any, t: int, max_steps: int, elapsed: float = 0.0) -> float:
+    """The learning rate of update ``t`` (1-based) under a ``TrainConfig``'s schedule (``lr``,
+    ``min_lr``, ``warmup_steps``, ``schedule``, ``decay_frac``). With a time budget (``max_seconds``)
+    the decay follows whichever is further along, steps or seconds, so a run cut by its budget ends
+    decayed."""
+    if cfg.max_seconds:
+        t = max(t, min(round(max_steps * elapsed / cfg.max_seconds), max_steps))
+    if cfg.schedule == "wsd":
+        decay = min(round(cfg.decay_frac * max_steps), max(max_steps - cfg.warmup_steps, 0))
+        stable = max_steps - cfg.warmup_steps - decay  # so the decay ends exactly at the last step
+        return wsd_lr(t, cfg.lr, cfg.min_lr, cfg.warmup_steps, stable, decay)
+    return cosine_lr(t, cfg.lr, cfg.min_lr, cfg.warmup_steps, max_steps)

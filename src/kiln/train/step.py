@@ -80,6 +80,10 @@ def make_loss_fn(model_step: torch.nn.Module, model: torch.nn.Module, loss_impl:
 class TrainStep:
     """Queue one guarded optimizer step: micro-batches, backward, clip, spike guard, masked update.
 
+    ``loss_fn(*batch) -> 0-dim loss`` is any differentiable loss of a micro-batch (next-token
+    cross-entropy, a masked SFT loss, a DPO loss); ``clip(params, max_norm) -> norm`` is the
+    runtime's ``clip_grad_norm_``; ``dist`` a ``kiln.distributed.RuntimeProtocol``.
+
     ``threshold`` is a 0-dim fp32 device tensor (``inf`` until the detector has enough history);
     the trainer writes ``SpikeDetector.threshold()`` into it after reading each result.
     """
@@ -100,17 +104,20 @@ class TrainStep:
         """Judge later steps against ``value`` (a device-side fill: no sync)."""
         self.threshold.fill_(value)
 
-    def __call__(self, step: int, lr: float, batches: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    def __call__(self, step: int, lr: float, batches: Callable[[], tuple[torch.Tensor, ...]],
                  accum: int) -> StepResult:
-        """Run ``accum`` micro-batches from ``batches()`` and the guarded update; nothing waits on the GPU."""
+        """Run ``accum`` micro-batches from ``batches()`` and the guarded update; nothing waits on the GPU.
+
+        Each micro-batch is a tuple of tensors already on the device (for pretraining ``(x, y)``,
+        (mb, T) each); the loss is ``loss_fn(*batch)``, a 0-dim mean over the micro-batch."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
-            x, y = batches()  # (mb, T) each, already on the device (non-blocking copies)
+            batch = batches()
             sync = self.dist.no_sync(self.model_step) if micro < accum - 1 else contextlib.nullcontext()
             with sync, self.amp:
-                loss = self.loss_fn(x, y)
+                loss = self.loss_fn(*batch)
                 if self.fault_hook is not None:
                     loss = self.fault_hook(step, loss)
                 (loss / accum).backward()
