@@ -113,10 +113,12 @@ def cpu_toy() -> ScalingConfig:
 
 
 def gutenberg_h100() -> ScalingConfig:
-    """The H100 check (docs/scaling.md): 3 budgets x 5 sizes on ~19M Gutenberg tokens (vocab 8192),
-    context 512, 64 x 512 tokens per step, no point past 4 epochs."""
-    return ScalingConfig(budgets=(1.5e14, 4e14, 1e15), sizes_per_budget=5, size_spread=10.0, context_length=512,
-                         head_dim=64, aspect=64, batch_size=64, lr=6e-3, evals=8, eval_tokens=262144, saves=2,
+    """The H100 check (docs/scaling.md): 4 budgets x up to 5 sizes (0.15M-7.7M parameters) on
+    19.5M Gutenberg tokens (Kiln's BPE, vocab 4096), context 512, 32 x 512 tokens per step, no
+    point past 4 epochs (18 points, 320M tokens); with ``--check-multiple 4`` the check run
+    trains at 2e15 FLOPs."""
+    return ScalingConfig(budgets=(3e13, 8e13, 2e14, 5e14), sizes_per_budget=5, size_spread=10.0, context_length=512,
+                         head_dim=32, aspect=64, batch_size=32, lr=3e-3, evals=8, eval_tokens=131072, saves=2,
                          device="cuda", attention_impl="sdpa")
 
 
