@@ -18,12 +18,12 @@ $(BASE): pyproject.toml
 	touch $(BASE)
 
 # Tests also install the server (FastAPI, uvicorn), the openai client and playwright (the chat page is
-# tested in Debian's chromium: `make chromium` or .ci/run installs it; the test skips without it),
+# tested in Debian's chromium, which `make test` installs; the test skips without it),
 # the references Kiln is checked against (tiktoken, HF tokenizers and
 # transformers, rustbpe, Triton for the kernel interpreter, lm-evaluation-harness for the adapter
-# and prompt-agreement tests) and the data-curation extras.
+# and prompt-agreement tests), the data-curation extras and scipy for the scaling-law fits.
 $(TESTDEPS): $(BASE)
-	$(BIN)/pip install -q -e ".[dev,data,ray,harness,serve]"
+	$(BIN)/pip install -q -e ".[dev,data,ray,harness,serve,scaling]"
 	touch $(TESTDEPS)
 
 setup: $(BASE)

@@ -167,3 +167,20 @@ def test_approach2_needs_three_sizes_per_budget_and_two_budgets():
     assert "approach2" in rep.errors and "two or more budgets" in rep.errors["approach2"]
     with pytest.raises(ValueError, match="finite and > 0"):
         approach3([Run(n=1e8, d=1e9, c=6e17, loss=float("nan"))] * 8)
+
+
+def test_cli_fit_then_predict(tmp_path, capsys):
+    from kiln.cli.main import main
+
+    rows = isoflop_runs(budgets=(1e18, 1e19, 1e20), sizes=5)
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"runs": [{"params": r.n, "tokens": r.d, "loss": r.loss} for r in rows]}))
+    assert main(["scaling", "fit", str(path), "--bootstrap", "0", "--top-starts", "4", "--target", "1e21",
+                 "--out", str(tmp_path / "fit")]) == 0
+    out = capsys.readouterr().out
+    assert "approach3: E 1.69" in out and "at C = 1.000e+21" in out
+    assert (tmp_path / "fit" / "isoflops.png").stat().st_size > 1000
+    assert main(["scaling", "predict", str(tmp_path / "fit" / "fit.json"), "--budget", "1e22"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("approach3"))
+    n_true = compute_optimal(_true(), 1e22)[0]
+    assert float(line.split()[1]) == pytest.approx(n_true, rel=1e-2)

@@ -110,3 +110,49 @@ def test_killed_point_resumes_to_the_same_loss(toy_tokens, tmp_path):
     assert not (tmp_path / "cut" / "result.json").exists()
     resumed = run_point(cfg, p, toy_tokens, tmp_path / "cut")
     assert resumed["val_loss"] == whole["val_loss"] and resumed["curve_loss"] == whole["curve_loss"]
+
+
+def _two_points(toy_tokens, out):
+    from kiln.scaling.study import _jobs
+
+    cfg = replace(tiny_sweep(), evals=1, saves=1)
+    rule = ShapeRule(vocab_size=64, context_length=32, head_dim=8, aspect=16)
+    pts = [make_point(cfg, rule.shape(8), 2e8), make_point(cfg, rule.shape(16), 2e8)]
+    return cfg, pts, _jobs(cfg, pts, toy_tokens, out)
+
+
+def test_process_executor_runs_one_process_per_slot(toy_tokens, tmp_path):
+    from kiln.scaling.executors import ProcessExecutor
+
+    cfg, pts, jobs = _two_points(toy_tokens, tmp_path)
+    status = ProcessExecutor(devices=("cpu",), per_device=2).run(jobs)
+    assert status == {p.id: "done" for p in pts}
+    for j in jobs:
+        assert json.loads((Path(j.out) / "result.json").read_text())["val_loss"] > 0
+        assert "kiln train" in (Path(j.out) / "train.log").read_text()
+
+
+def test_ray_executor_wiring_with_a_stand_in(toy_tokens, tmp_path, monkeypatch):
+    """The Ray executor's calls (init, remote with num_gpus, get) against a stand-in module: the
+    swappable executor is tested without starting a cluster."""
+    import sys
+    import types
+
+    from kiln.scaling.executors import RayExecutor
+
+    calls = {}
+    fake = types.ModuleType("ray")
+    fake.is_initialized = lambda: False
+    fake.init = lambda **kw: calls.setdefault("init", kw)
+
+    def remote(num_gpus):
+        calls["num_gpus"] = num_gpus
+        return lambda fn: types.SimpleNamespace(remote=lambda *a: (fn, a))
+
+    fake.remote = remote
+    fake.get = lambda ref: ref[0](*ref[1])
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    cfg, pts, jobs = _two_points(toy_tokens, tmp_path)
+    status = RayExecutor(address="auto", num_gpus=0.5).run(jobs)
+    assert status == {p.id: "done" for p in pts}
+    assert calls["num_gpus"] == 0.5 and calls["init"]["address"] == "auto"

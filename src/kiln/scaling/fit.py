@@ -393,11 +393,19 @@ def epoch_grid() -> np.ndarray:
     return np.stack([m.ravel() for m in mesh], 1)
 
 
+def _scipy_optimize():
+    try:
+        import scipy.optimize
+    except ImportError as e:
+        raise RuntimeError("the scaling-law fits need scipy: pip install 'kiln[scaling]'") from e
+    return scipy.optimize
+
+
 def approach3(runs: Sequence[Run], delta: float = HUBER_DELTA, top_starts: int = 16,
               starts: np.ndarray | None = None) -> Parametric:
     """Fit ``L(N, D)`` by Huber (``delta``) on log-residuals, L-BFGS from the ``top_starts`` best of
     ``starts`` (default: Besiroglu et al.'s grid); ``top_starts=0`` runs from every start."""
-    from scipy.optimize import minimize
+    minimize = _scipy_optimize().minimize
 
     check_runs(runs)
     if len(runs) < 6 or len({r.n for r in runs}) < 2 or len({r.d for r in runs}) < 2:
@@ -439,8 +447,7 @@ def compute_optimal(p: Parametric, c: float, flops: PowerLaw | None = None) -> t
     """(N_opt, D_opt, loss) minimizing ``p.loss`` at compute ``c``: with ``flops`` (C/D = k N^s,
     the runs' FLOPs per token) along C = flops(N) D, else along C = 6 N D (Hoffmann et al.'s
     closed form, ``N_opt = G (C/6)^(beta/(alpha+beta))``)."""
-    from scipy.optimize import minimize_scalar
-
+    minimize_scalar = _scipy_optimize().minimize_scalar
     if flops is None:
         flops = PowerLaw(k=6.0, s=1.0)
     if p.alpha <= 0 or p.beta <= 0:

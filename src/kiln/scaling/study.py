@@ -122,6 +122,8 @@ def run_study(cfg: ScalingConfig, tokens_dir: str | os.PathLike, out_dir: str | 
                               "points": len(results), "sweep_seconds": sum(r["seconds"] for r in results),
                               "errors": rep.errors}
     target = study.check_multiple * max(cfg.budgets) if study.check_multiple else None
+    report["stability_budget"] = target or max(cfg.budgets)
+    report["stability"] = stability(runs, report["stability_budget"])
     if target:
         check = _check(cfg, rep, target, vocab, train_tokens, tokens_dir, out, executor)
         if check.get("status") == "paused":
@@ -146,11 +148,18 @@ def _check(cfg: ScalingConfig, rep: FitReport, target: float, vocab: int, train_
     pick = next((preds[a] for a in ("approach3", "approach2", "approach1") if a in preds), None)
     if pick is None:
         return {"error": "no approach fitted, nothing to check: " + json.dumps(rep.errors)}
-    model = shape_for_params(pick.n, cfg.shape_rule(vocab), cfg.n_kind)
+    rule = cfg.shape_rule(vocab)
+    model = shape_for_params(pick.n, rule, cfg.n_kind)
     p = make_point(cfg, model, target, role="check")
-    if p.tokens > cfg.max_epochs * train_tokens:
-        return {"error": f"the check run would see the training tokens {p.tokens / train_tokens:.1f} times "
-                         f"(> {cfg.max_epochs:g}); lower check_multiple or the budgets"}
+    moved = None
+    if p.tokens > cfg.max_epochs * train_tokens:  # data-bound: the next wider rungs until it fits
+        wider = [m for m in rule.ladder() if m.d_model > model.d_model]
+        fits = [q for q in (make_point(cfg, m, target, role="check") for m in wider[:16])
+                if q.tokens <= cfg.max_epochs * train_tokens]
+        if not fits:
+            return {"error": f"the check run would see the training tokens {p.tokens / train_tokens:.1f} times "
+                             f"(> {cfg.max_epochs:g}); lower check_multiple or the budgets"}
+        moved, p = f"{p.id} would pass over the data {p.tokens / train_tokens:.1f} times", fits[0]
     status = execute(cfg, [p], tokens_dir, out, executor)
     if status.get(p.id) == "paused":
         return {"status": "paused"}
@@ -164,11 +173,34 @@ def _check(cfg: ScalingConfig, rep: FitReport, target: float, vocab: int, train_
         p3 = Parametric(**{k: rep.approach3[k] for k in ("E", "A", "B", "alpha", "beta")})
         at_run = float(p3.loss(row.n, row.d))
     return {
-        "budget": target, "chosen_by": pick.approach, "point": p.id, "n": row.n, "tokens": r["tokens"],
+        "budget": target, "chosen_by": pick.approach, "moved": moved, "point": p.id, "n": row.n, "tokens": r["tokens"],
         "epochs": r["epochs"], "loss": actual, "seconds": r["seconds"],
         "approach3_at_run": at_run,
         "predictions": {k: asdict(v) | {"error": v.loss - actual} for k, v in preds.items()},
     }
+
+
+def stability(runs: list[Run], target: float) -> list[dict]:
+    """How many sizes per budget the fits need: refit with only the k runs of each budget nearest
+    its best (lowest loss), k = 3 .. all, and predict at ``target`` (no bootstrap)."""
+    from kiln.scaling.fit import group_budgets
+
+    groups = group_budgets(runs)
+    most = max(len(g) for g in groups)
+    rows = []
+    for k in range(3, most + 1):
+        sub = []
+        for g in groups:
+            g_sorted = sorted(g, key=lambda r: r.n)
+            best = min(range(len(g_sorted)), key=lambda i: g_sorted[i].loss)
+            order = sorted(range(len(g_sorted)), key=lambda i: (abs(i - best), i))  # nearest the best, in N order
+            sub += [g_sorted[i] for i in order[:k]]
+        rep = fit_all(sub, bootstrap=0)
+        row = {"sizes_per_budget": k, "runs": len(sub), "errors": sorted(rep.errors)}
+        for p in predict(rep, target):
+            row[p.approach] = {"n": p.n, "loss": p.loss}
+        rows.append(row)
+    return rows
 
 
 def _fmt_ci(ci: Any, fmt: str) -> str:
@@ -205,6 +237,8 @@ def render_report(cfg: ScalingConfig, rep: FitReport, report: dict, results: lis
     check = report.get("check")
     if check and "error" not in check:
         lines += ["", f"## Check at C = {check['budget']:.3e} FLOPs ({check['point']}, chosen by {check['chosen_by']})", "",
+                  (f"Moved up the ladder: {check['moved']}, so the check trains a wider model than "
+                   "predicted; approach 3's loss at the trained (N, D) is the fair comparison.\n\n" if check.get("moved") else "") +
                   f"Trained: N = {check['n']:,.0f}, {check['tokens']:,} tokens ({check['epochs']:.2f} epochs), "
                   f"held-out loss **{check['loss']:.4f}** ({check['seconds']:.0f} s).", "",
                   "| approach | N_opt | D_opt | predicted optimal loss | error (pred - actual) |", "|---|---|---|---|---|"]
@@ -216,6 +250,14 @@ def render_report(cfg: ScalingConfig, rep: FitReport, report: dict, results: lis
                          f"(error {check['approach3_at_run'] - check['loss']:+.4f}).")
     elif check:
         lines += ["", f"Check: {check['error']}"]
+    if report.get("stability"):
+        lines += ["", f"## Stability: predictions at {report['stability_budget']:.3e} FLOPs "
+                  "from the k sizes per budget nearest each budget's best run", "",
+                  "| k | runs | approach 1 N / loss | approach 2 N / loss | approach 3 N / loss |", "|---|---|---|---|---|"]
+        for row in report["stability"]:
+            cells = [f"{row[a]['n']:,.0f} / {row[a]['loss']:.4f}" if a in row else "-" for a in
+                     ("approach1", "approach2", "approach3")]
+            lines.append(f"| {row['sizes_per_budget']} | {row['runs']} | " + " | ".join(cells) + " |")
     lines += ["", "![isoflops](isoflops.png)", "![power laws](power_laws.png)", "![residuals](residuals.png)", ""]
     return "\n".join(lines)
 

@@ -38,11 +38,11 @@ from kiln.scaling.shapes import FLOPS_RULES, N_KINDS, ShapeRule, count_params, d
 class ScalingConfig:
     """An IsoFLOP sweep. Defaults: a CPU toy (seconds per point) on a tiny vocab."""
 
-    budgets: tuple[float, ...] = (3e10, 1e11, 3e11)
+    budgets: tuple[float, ...] = (1e10, 3e10, 1e11)
     """Compute budgets (training FLOPs per run, by ``flops_rule``)."""
     sizes_per_budget: int = 4
     """Model sizes per budget (approach 2 needs three or more)."""
-    size_spread: float = 8.0
+    size_spread: float = 16.0
     """Largest / smallest target N of a budget."""
     tokens_per_param: float = 20.0
     """Tokens per parameter at the centre of each budget's sizes (Chinchilla's ~20)."""
@@ -53,9 +53,9 @@ class ScalingConfig:
     """FLOPs per token: "exact" (``Transformer.flops_per_token``, attention included) or "6N"."""
     context_length: int = 64
     """Training window (tokens)."""
-    head_dim: int = 16
+    head_dim: int = 8
     """Channels per head (the shape ladder's width step)."""
-    aspect: int = 32
+    aspect: int = 16
     """d_model / n_layers of the shape rule."""
     batch_size: int = 8
     """Sequences per optimizer step."""
@@ -107,15 +107,18 @@ class ScalingConfig:
 
 
 def cpu_toy() -> ScalingConfig:
-    """The default: three budgets x four sizes of 2-60k-parameter models on the CPU."""
+    """The default: three budgets x four sizes of 2k-90k-parameter models on the CPU (~11k steps
+    of 512 tokens in all; the toy corpus of docs/scaling.md)."""
     return ScalingConfig()
 
 
 def gutenberg_h100() -> ScalingConfig:
-    """The H100 check (docs/scaling.md): 3 budgets x 5 sizes on ~19M Gutenberg tokens (vocab 8192),
-    context 512, 64 x 512 tokens per step, no point past 4 epochs."""
-    return ScalingConfig(budgets=(1.5e14, 4e14, 1e15), sizes_per_budget=5, size_spread=10.0, context_length=512,
-                         head_dim=64, aspect=64, batch_size=64, lr=6e-3, evals=8, eval_tokens=262144, saves=2,
+    """The H100 check (docs/scaling.md): 4 budgets x up to 5 sizes (0.15M-7.7M parameters) on
+    19.5M Gutenberg tokens (Kiln's BPE, vocab 4096), context 512, 32 x 512 tokens per step, no
+    point past 4 epochs (18 points, 320M tokens); with ``--check-multiple 4`` the check run
+    trains at 2e15 FLOPs."""
+    return ScalingConfig(budgets=(3e13, 8e13, 2e14, 5e14), sizes_per_budget=5, size_spread=10.0, context_length=512,
+                         head_dim=32, aspect=64, batch_size=32, lr=3e-3, evals=8, eval_tokens=131072, saves=2,
                          device="cuda", attention_impl="sdpa")
 
 
