@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="study folder")
     p.add_argument("--check-multiple", type=float, default=0.0,
                    help="train a check run at this many times the largest budget (0: none)")
-    p.add_argument("--executor", choices=("local", "process", "ray"), default="local")
+    p.add_argument("--executor", choices=("local", "process", "ray"), default="local",
+                   help="where the sweep's points run: this process, one process per device, or ray")
     p.add_argument("--devices", default="0", help="process executor: CUDA devices, comma-separated ('cpu' for none)")
     p.add_argument("--per-device", type=int, default=1, help="process executor: points at once per device")
     p.add_argument("--ray-address", default=None, help="ray executor: cluster address (default: start a local one)")
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="which N of a sweep's points (rows files give one N)")
     p.add_argument("--flops-rule", default=None, choices=("exact", "6N"), help="a sweep's C: its own rule, or 6N")
     p.add_argument("--target", type=float, default=None, help="predict at this budget (FLOPs)")
-    p.add_argument("--bootstrap", type=int, default=100)
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits per approach")
     p.add_argument("--top-starts", type=int, default=16, help="approach 3: L-BFGS starts (0: all 4,500)")
     p.add_argument("--skip-bad", action="store_true", help="leave bad rows out (counted) instead of stopping")
     p.add_argument("--drop-worst", type=int, default=0, help="leave out the K highest-loss rows (outliers)")
@@ -61,8 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("lr-check", help="does the learning rate transfer across width? (widths x lrs)")
     _sweep_args(p)
-    p.add_argument("--tokens", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--tokens", required=True, help="shard folder (train_*.bin, val_*.bin)")
+    p.add_argument("--out", required=True, help="folder for the runs and the learning-rate table")
     p.add_argument("--widths", default="32,64,128", help="d_model values")
     p.add_argument("--lrs", default="3e-3,1e-2,3e-2", help="peak learning rates")
     p.add_argument("--tokens-per-run", type=int, default=400_000, help="training tokens of every run")
@@ -70,9 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("shards", help="cut a shard folder down to a budget of tokens (to carry to a GPU)")
     p.add_argument("--tokens", required=True, help="source shard folder (kiln tokenize output)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--train-tokens", type=int, required=True)
-    p.add_argument("--val-tokens", type=int, default=1_000_000)
+    p.add_argument("--out", required=True, help="shard folder to write")
+    p.add_argument("--train-tokens", type=int, required=True, help="training tokens to keep")
+    p.add_argument("--val-tokens", type=int, default=1_000_000, help="held-out tokens to keep")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to copy in (default: the source's)")
     p.set_defaults(func=_shards)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
