@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -67,10 +66,6 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float = 300.0) -> None:
         time.sleep(0.05)
 
 
-def _steps_done(run: Path) -> int:
-    return max((s for s, _ in _losses(run)), default=0)
-
-
 def test_cli_kill_then_sigterm_then_resume_is_bitwise_with_two_threads(tokens_dir, tmp_path):
     steps = 12
     straight = _kiln_train(tokens_dir, tmp_path / "a", steps)
@@ -83,10 +78,8 @@ def test_cli_kill_then_sigterm_then_resume_is_bitwise_with_two_threads(tokens_di
     assert not (run / "manifest.json").exists()
     paused = _kiln_train(tokens_dir, run, steps)  # resumes from the newest checkpoint
     log = run / "train.log"
-    _wait_for(paused, lambda: len(re.findall(r"resuming at step (\d+)", log.read_text())) == 1)
-    resumed_at = int(re.findall(r"resuming at step (\d+)", log.read_text())[0])
-    _wait_for(paused, lambda: _steps_done(run) > resumed_at)  # a step of its own, then the signal
-    paused.send_signal(signal.SIGTERM)
+    _wait_for(paused, lambda: "resuming at step" in log.read_text())  # signal handlers are set by now
+    paused.send_signal(signal.SIGTERM)  # the pause lands after the next step, whatever the machine's speed
     out = paused.communicate(timeout=300)[0]
     assert paused.returncode == 75, out[-2000:]  # paused at a step boundary with a checkpoint
     newest = max((run / "checkpoints").glob("step_*"))
