@@ -37,7 +37,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-DEFAULT_PROMPTS = "../shared/data/align/alpaca_eval/alpaca_eval.jsonl"
+ALPACA_EVAL = "data/align/alpaca_eval/alpaca_eval.jsonl"
+DEFAULT_PROMPTS = f"../shared/{ALPACA_EVAL}"  # beside the clone; also tried: ./shared/ (the GPU machine's copy)
 FALLBACK_PROMPTS = ["Write a short poem about the sea.", "What are the names of some famous actors?",
                     "Explain how a kiln works, step by step, for a curious child.", "Give me three tips for sleep."]
 
@@ -141,6 +142,8 @@ def chat_requests(path: str, n: int, tok: Any, context: int, max_tokens: int) ->
 
     tpl = ChatTemplate.from_tokenizer(tok)
     p = Path(path)
+    if not p.is_file() and path == DEFAULT_PROMPTS and Path("shared", ALPACA_EVAL).is_file():
+        p = Path("shared", ALPACA_EVAL)
     texts = [json.loads(line)["instruction"] for line in p.read_text(encoding="utf-8").splitlines()
              if line.strip()] if p.is_file() else []
     if not texts:

@@ -272,26 +272,58 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+_SLOT = "\u0000kiln-text\u0000"
+
+
+class _EventWriter:
+    """Formats one token's event. The common case (text only, not finished) fills a per-choice
+    template made once with ``chunk`` instead of serialising the whole chunk per token: at 256
+    streams the event loop shares the GIL with the engine thread, so each microsecond counts."""
+
+    def __init__(self, chunk: Callable[..., dict]) -> None:
+        self.chunk = chunk
+        self.templates: dict[int, tuple[str, str]] = {}
+
+    def text_event(self, i: int, text: str) -> str:
+        if i not in self.templates:
+            pre, _, post = _sse(self.chunk(i, _SLOT, [], None)).partition(json.dumps(_SLOT, ensure_ascii=False))
+            self.templates[i] = (pre, post)
+        pre, post = self.templates[i]
+        return pre + json.dumps(text, ensure_ascii=False) + post
+
+
 async def _stream(state: ServerState, batch: Batch, plan: _Plan, chunk: Callable[..., dict],
                   first: Callable[[int], dict] | None, include_usage: bool) -> AsyncIterator[str]:
-    """SSE events: ``chunk(index, text, logprob entries, finish_reason)`` per engine output."""
+    """SSE events: ``chunk(index, text, logprob entries, finish_reason)`` per engine output (one event
+    per token, with "" while a UTF-8 character is still partial). Items already queued are written
+    together, so a lagging client or loop costs one send, not one per token."""
     choices = [_Choice() for _ in plan.params]
+    writer = _EventWriter(chunk)
     if first is not None:
-        for i in range(len(plan.params)):
-            yield _sse(first(i))
+        yield "".join(_sse(first(i)) for i in range(len(plan.params)))
     try:
         while batch.open:
-            i, item = await batch.get()
-            if isinstance(item, End):
-                batch.open.discard(i)
-                state.worker.abort(batch)
-                yield _sse(_end_error(item).body())
-                return
-            text, lps = _absorb(choices[i], item, plan.logprobs)
-            if item.finished:
-                batch.open.discard(i)
-            if item.new_token_ids or item.finished:  # one event per token, even while a UTF-8
-                yield _sse(chunk(i, text, lps, choices[i].finish_reason))  # character is still partial
+            items = [await batch.get()]
+            while not batch.queue.empty():
+                items.append(batch.queue.get_nowait())
+            parts = []
+            for i, item in items:
+                if isinstance(item, End):
+                    batch.open.discard(i)
+                    state.worker.abort(batch)
+                    parts.append(_sse(_end_error(item).body()))
+                    yield "".join(parts)
+                    return
+                text, lps = _absorb(choices[i], item, plan.logprobs)
+                if item.finished:
+                    batch.open.discard(i)
+                    parts.append(_sse(chunk(i, text, lps, choices[i].finish_reason)))
+                elif plan.logprobs is not None:
+                    parts.append(_sse(chunk(i, text, lps, None)))
+                elif item.new_token_ids:
+                    parts.append(writer.text_event(i, text))
+            if parts:
+                yield "".join(parts)
         if include_usage:
             yield _sse({**chunk(0, "", [], None), "choices": [], "usage": _usage_of(plan, choices)})
         yield "data: [DONE]\n\n"
