@@ -515,7 +515,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if "quality" in what:
         from kiln.bench.data_quality import bench_quality
 
-        q = bench_quality(shared, Path(args.work) / "quality", steps=args.steps, seconds=args.seconds, limit=args.limit)
+        q = bench_quality(shared, Path(args.work) / "quality", steps=args.steps, seconds=args.seconds, seed=args.seed,
+                          limit=args.limit)
         results.update(q)
         for key, title in (("quality_transfer", "shipped quality classifier on unseen text"),
                            ("quality_funnel", "funnel with the shipped quality classifier"),
@@ -547,6 +548,7 @@ def add_bench_parser(bench_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5, help="extract_cv: number of folds")
     p.add_argument("--steps", type=int, default=300, help="quality: training steps (512 tokens) of each downstream run")
     p.add_argument("--seconds", type=float, default=0.0, help="quality: also cap each downstream run's time (0: no cap)")
+    p.add_argument("--seed", type=int, default=0, help="quality: seed of the held-out split, the random sample and the model")
     p.add_argument("--refit", action="store_true", help="extract: refit Kiln's block classifier on all pages first and print its weights")
     p.set_defaults(func=run_bench)
     return p
