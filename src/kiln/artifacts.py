@@ -38,7 +38,14 @@ MANIFEST_VERSION = 1
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 
 
-class ArtifactError(RuntimeError):
+class KilnError(Exception):
+    """A failure Kiln can explain in one line: bad input, a damaged or foreign artifact, a config that
+    cannot work. The message names the file (and line, record or key) and says what to do; ``kiln``
+    prints it without a traceback (``--debug`` or ``KILN_DEBUG=1`` shows one). Every stage's own
+    error classes derive from it (``ArtifactError``, ``ShardFormatError``, ``CheckpointError``...)."""
+
+
+class ArtifactError(KilnError, RuntimeError):
     """An artifact directory is missing, incomplete or not of the expected stage."""
 
 

@@ -7,7 +7,8 @@ The demo chains the real stages, each writing its own artifact directory under `
     tokens/     tokenize_corpus  token shards (uint16, document boundaries)
     train/      train            the `tiny` preset (or any preset), checkpoints, metrics, loss.png
     eval/       held-out loss and bits per byte on the validation split
-    report.md   what each stage did, the loss curve, the samples
+    chat/       kiln.align.demo  a short SFT on offline chat data, then a chat exchange
+    report.md   what each stage did, the loss curve, the samples, the exchange
 
 Every stage is reused when its config and inputs are unchanged, so a second `kiln demo` only
 re-samples; a killed demo resumes (training resumes from its last checkpoint).
@@ -73,6 +74,9 @@ class DemoConfig:
     """Recompute every stage even when its artifact is up to date."""
     overrides: tuple[str, ...] = field(default_factory=tuple)
     """Extra `key=value` overrides for the training config (as `kiln train --set`)."""
+    chat_steps: int = 80
+    """SFT steps of the last stage (chat data made offline from the corpus and an addition task);
+    0 skips it."""
 
     def __post_init__(self) -> None:
         if self.vocab_size < 257:
@@ -87,17 +91,17 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage of the demo; return the path of the written report."""
+    import numpy as np
+
     from kiln.data.corpus import CorpusConfig, prepare_corpus
     from kiln.data.readers import read_texts
+    from kiln.distributed import pick_device
     from kiln.model.heldout import evaluate_heldout
     from kiln.generate import generate
     from kiln.model import load_pretrained
     from kiln.shards import TokenizeConfig, read_shard, tokenize_corpus
     from kiln.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
     from kiln.train import PRESETS, apply_overrides, train
-
-    import numpy as np
-    import torch
 
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
@@ -109,27 +113,27 @@ def run_demo(cfg: DemoConfig) -> Path:
         print(f"\n== {name} ==", flush=True)
         return time.perf_counter()
 
-    t = stage("1/6 corpus: read, clean, split")
+    t = stage("1/7 corpus: read, clean, split")
     corpus_dir = prepare_corpus(
         CorpusConfig(source=cfg.data, val_fraction=cfg.val_fraction, max_docs=cfg.max_docs, seed=cfg.seed),
         out / "corpus", force=cfg.force,
     )
     timings["corpus"] = time.perf_counter() - t
 
-    t = stage("2/6 tokenizer: byte-level BPE")
+    t = stage("2/7 tokenizer: byte-level BPE")
     tok_dir = train_tokenizer(
         TokenizerTrainConfig(inputs=(str(corpus_dir),), vocab_size=cfg.vocab_size),
         out / "tokenizer", force=cfg.force, read_texts=read_texts,
     )
     timings["tokenizer"] = time.perf_counter() - t
 
-    t = stage("3/6 tokenize: corpus -> token shards")
+    t = stage("3/7 tokenize: corpus -> token shards")
     tokens_dir = tokenize_corpus(
         TokenizeConfig(corpus=str(corpus_dir), tokenizer=str(tok_dir)), out / "tokens", force=cfg.force
     )
     timings["tokenize"] = time.perf_counter() - t
 
-    t = stage(f"4/6 train: preset {cfg.preset}")
+    t = stage(f"4/7 train: preset {cfg.preset}")
     tokenizer = Tokenizer.load(tok_dir)
     train_cfg = PRESETS[cfg.preset]()
     train_cfg = replace(train_cfg, model=replace(train_cfg.model, vocab_size=tokenizer.vocab_size),
@@ -142,8 +146,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     train_dir = train(train_cfg, tokens_dir, out / "train", tokenizer_path=tok_dir)
     timings["train"] = time.perf_counter() - t
 
-    t = stage("5/6 eval: held-out loss and bits per byte")
-    device = _device(cfg.device)
+    t = stage("5/7 eval: held-out loss and bits per byte")
+    device = str(pick_device(cfg.device))
     model = load_pretrained(train_dir / "model", device=device)
     model.eval()
     val_paths = sorted(Path(tokens_dir).glob("val_*.bin"))
@@ -159,7 +163,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     print(f"held-out loss {heldout['loss']:.4f} | perplexity {np.exp(heldout['loss']):.1f} | "
           f"bits/byte {heldout['bpb']:.4f} over {heldout['tokens']:,} tokens")
 
-    t = stage("6/6 samples")
+    t = stage("6/7 samples")
     samples = []
     prompts = cfg.prompts or (KJV_PROMPTS if cfg.data == "kjv" else GENERIC_PROMPTS)
     for i, prompt in enumerate(prompts):
@@ -169,17 +173,20 @@ def run_demo(cfg: DemoConfig) -> Path:
         print(f"--- {prompt!r}\n{prompt}{text}\n", flush=True)
     timings["samples"] = time.perf_counter() - t
 
-    report = write_report(out, cfg, corpus_dir, tok_dir, tokens_dir, train_dir, heldout, samples, timings)
+    chat = None
+    if cfg.chat_steps:
+        from kiln.align.demo import format_exchange, run_chat_demo
+
+        t = stage(f"7/7 chat: {cfg.chat_steps} steps of SFT, then a conversation")
+        sft_dir, exchange = run_chat_demo(train_dir / "model", corpus_dir, out / "chat", cfg.chat_steps, cfg.seed,
+                                          cfg.device, cfg.force)
+        chat = (sft_dir, exchange)
+        timings["chat"] = time.perf_counter() - t
+        print(format_exchange(exchange), flush=True)
+
+    report = write_report(out, cfg, corpus_dir, tok_dir, tokens_dir, train_dir, heldout, samples, timings, chat)
     print(f"\nreport: {report}")
     return report
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _stats(artifact: Path) -> dict[str, Any]:
@@ -220,6 +227,7 @@ def write_report(
     heldout: dict[str, float],
     samples: list[tuple[str, str]],
     timings: dict[str, float],
+    chat: tuple[Path, list[tuple[str, str]]] | None = None,
 ) -> Path:
     """Write ``report.md`` (markdown; the loss curve PNG sits beside it in train/)."""
     import math
@@ -264,6 +272,14 @@ def write_report(
     lines += ["", "## Samples", ""]
     for prompt, text in samples:
         lines += [f"**{prompt}**", "", "```", prompt + text, "```", ""]
+    if chat is not None:
+        from kiln.align.demo import format_exchange, stats
+
+        s = stats(chat[0])
+        lines += ["## Chat (SFT)", "", f"{s['steps']} SFT steps on {s['conversations']} offline conversations; "
+                  f"held-out loss on assistant tokens {_fmt(s['heldout_loss_before'])} -> "
+                  f"{_fmt(s['heldout_loss_after'])} ({timings.get('chat', 0):.0f} s).", "", "```",
+                  format_exchange(chat[1]), "```", ""]
     report = out / "report.md"
     tmp = report.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")

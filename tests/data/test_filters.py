@@ -15,7 +15,7 @@ PROSE = (
 def test_gopher_quality_keeps_prose_and_names_reasons() -> None:
     assert gopher_quality(PROSE * 2) is None
     assert gopher_quality("too short to keep") == "gopher_short_doc"
-    assert gopher_quality(" ".join(["a1 b2"] * 60)) is not None
+    assert gopher_quality(" ".join(["a1 b2"] * 60)) == "gopher_below_avg_word_length"
     assert gopher_quality("# " * 10 + PROSE * 2 + " #" * 30) == "gopher_symbol_word_ratio"
     no_stop = " ".join(["kiln pottery clay fire glaze wheel"] * 20)
     assert gopher_quality(no_stop) == "gopher_stop_words"

@@ -50,7 +50,12 @@ def test_kiln_lm_scorer_on_a_tiny_model(tmp_path) -> None:
     Tokenizer({i: bytes([i]) for i in range(256)}, []).save(tmp_path / "tokenizer.json")
     score = kiln_lm_scorer(str(tmp_path / "model"), str(tmp_path / "tokenizer.json"))
     ppl = score("the kiln is hot " * 20)  # longer than the context: truncated, not an error
-    assert 1.0 < ppl < 10_000.0
+    # exp(mean next-token loss) over the first context_length + 1 = 33 tokens (bytes here), by hand
+    ids = torch.tensor(list(("the kiln is hot " * 20).encode())[:33])
+    with torch.no_grad():
+        logits = model_mod.load_pretrained(tmp_path / "model")(ids[None, :-1])[0]  # (32, V)
+    nll = -(logits.float().log_softmax(-1)[torch.arange(32), ids[1:]]).mean()
+    assert ppl == pytest.approx(float(torch.exp(nll)), rel=1e-5)
     assert perplexity_filter(score, max_perplexity=0.5)("some text")[0] == "perplexity_too_high"
 
 

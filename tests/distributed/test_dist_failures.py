@@ -23,6 +23,9 @@ def test_dead_or_stuck_rank_is_an_error_not_a_hang(tmp_path, how):
     r0 = results[0]
     assert r0.returncode == 1, r0.output
     assert "error: rank 0/2: collective 'all_reduce after a peer died' failed" in r0.output, r0.output
-    assert r0.result["seconds_to_error"] < 20
+    # It failed by itself (exit 1 above, not the launcher's kill); a stuck peer is noticed through the
+    # collective timeout, so not before it (a lower bound: an upper one would time a loaded machine).
+    if how == "hang":
+        assert r0.result["seconds_to_error"] >= 3
     # The dead rank exited with its own status; the stuck one was killed, as torchrun's agent would.
     assert results[1].returncode == (17 if how == "exit" else -9)

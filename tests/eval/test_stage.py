@@ -27,7 +27,7 @@ def _tiny_model(vocab_size=257):
 def data_dir(tmp_path):
     d = tmp_path / "evaldata"
     (d / "hellaswag").mkdir(parents=True)
-    rows = [{"activity_label": "Cat", "ctx": f"A cat number {i} sits. it", "endings": ["jumps.", "sleeps.", "x.", "y."],
+    rows = [{"activity_label": "Cat", "ctx_a": f"A cat number {i} sits.", "ctx_b": "it", "ctx": f"A cat number {i} sits. it", "endings": ["jumps.", "sleeps.", "x.", "y."],
              "label": i % 4} for i in range(6)]
     (d / "hellaswag" / "hellaswag_val_subset1000_original_format.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows))

@@ -28,29 +28,42 @@ def test_hellaswag_txt_and_bz2(tmp_path):
     with bz2.open(tmp_path / "h.txt.bz2", "wt") as f:
         f.write(text)
     for name in ("h.txt", "h.txt.bz2"):
-        items = load_hellaswag(tmp_path / name)
+        items = load_hellaswag(tmp_path / name, prompt="kiln")
         assert len(items) == 2 and items[0].gold == 2
         assert items[0].pairs[0] == ("Cat: A cat sits. it", " jumps.")
         assert items[1].source.endswith(f"{name}:7")
-    assert len(load_hellaswag(tmp_path / "h.txt", limit=1)) == 1
+    assert len(load_hellaswag(tmp_path / "h.txt", limit=1, prompt="kiln")) == 1
+    with pytest.raises(ValueError, match="lost the ctx_a/ctx_b split"):
+        load_hellaswag(tmp_path / "h.txt")  # lm-eval's prompt cannot be rebuilt from it
 
 
 def test_hellaswag_malformed_names_file_and_line(tmp_path):
     (tmp_path / "h.txt").write_text("ctx\n2\na\nb\nc\nd\nctx2\nseven\na\nb\nc\nd\n")
     with pytest.raises(ValueError, match=r"h\.txt:8: gold label 'seven'"):
-        load_hellaswag(tmp_path / "h.txt")
+        load_hellaswag(tmp_path / "h.txt", prompt="kiln")
     (tmp_path / "short.txt").write_text("ctx\n2\na\n")
     with pytest.raises(ValueError, match=r"short\.txt:3: the file ends inside an item"):
-        load_hellaswag(tmp_path / "short.txt")
+        load_hellaswag(tmp_path / "short.txt", prompt="kiln")
 
 
 def test_hellaswag_jsonl(tmp_path):
     p = _jsonl(tmp_path / "h.jsonl", [{"activity_label": "Cat", "ctx": "A cat [title] Pet it [step]", "endings": ["a", "b"], "label": 1},
                                       {"ctx": "x", "endings": ["a", "b"], "label": 5}])
     with pytest.raises(ValueError, match=r"h\.jsonl:2: 'label'=5"):
-        load_hellaswag(p)
-    items = load_hellaswag(p, limit=1)
+        load_hellaswag(p, prompt="kiln")
+    items = load_hellaswag(p, limit=1, prompt="kiln")
     assert items[0].pairs == (("Cat: A cat. Pet it", " a"), ("Cat: A cat. Pet it", " b")) and items[0].gold == 1
+    with pytest.raises(ValueError, match=r"h\.jsonl:1: .*'ctx_a'"):
+        load_hellaswag(p)  # lm-eval's prompt needs the original fields
+
+
+def test_hellaswag_lm_eval_prompt(tmp_path):
+    """lm-eval's form: ctx_b capitalized, the label always in front, a removed tag's space kept."""
+    row = {"activity_label": "Cat", "ctx_a": "A cat [title] Pet it.", "ctx_b": "then it", "ctx": "unused",
+           "endings": ["purrs [step] loudly.", " sleeps."], "label": 0}
+    items = load_hellaswag(_jsonl(tmp_path / "h.jsonl", [row, {**row, "activity_label": ""}]))
+    assert items[0].pairs == (("Cat: A cat. Pet it. Then it", " purrs loudly."), ("Cat: A cat. Pet it. Then it", " sleeps."))
+    assert items[1].pairs[0][0] == ": A cat. Pet it. Then it"
 
 
 def test_foundry_schemas(tmp_path):
@@ -125,7 +138,7 @@ def test_registry_and_baselines():
 # ---------------------------------------------------------------- the real files (first items only)
 
 def test_real_hellaswag(shared_data):
-    full = load_hellaswag(shared_data / "eval/hellaswag/hellaswag_val_full.txt.bz2", limit=3)
+    full = load_hellaswag(shared_data / "eval/hellaswag/hellaswag_val_full.txt.bz2", limit=3, prompt="kiln")
     assert len(full) == 3 and full[0].gold == 3
     assert full[0].pairs[3] == ("Roof shingle removal: A man is sitting on a roof. he",
                                 " starts pulling up roofing on a roof.")

@@ -74,3 +74,12 @@ def test_generate_quantized_model(run_dir, capsys):
     assert "characters in" in capsys.readouterr().err
     assert main(["generate", *base, "--prompt", "Hi", "--quantize", "int4"]) == 0
     assert "characters in" in capsys.readouterr().err
+
+
+def test_generate_speculative_ngram_prints_the_same_greedy_text(run_dir, capsys):
+    base = ["--model", str(run_dir / "run"), "--max-new-tokens", "40", "--temperature", "0", "--no-echo",
+            "--keep-eot", "--prompt", "abcabcabc"]
+    assert main(["generate", *base]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", *base, "--speculative", "ngram"]) == 0
+    assert capsys.readouterr().out == plain

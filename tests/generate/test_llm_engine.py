@@ -213,3 +213,76 @@ def test_graph_replay_path_with_padded_rows(model, speculative):
     assert sorted(eng.runner.graphs) == [1, 2, 4, 8, 16]
     for p, o in zip(prompts, outs):
         assert o.token_ids == uncached_greedy(model, p, 10)
+
+
+def test_sampled_requests_survive_preemption_and_prefix_cache_resets(model):
+    """A seeded sampled request gives the same tokens when preempted and recomputed as when alone;
+    ``reset_prefix_cache`` stops later requests from reusing blocks computed before it."""
+    prompts = _prompts(6, seed=7)
+    params = [SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=100 + i) for i in range(6)]
+    alone = [LLMEngine(model).generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    tight = LLMEngine(model, None, EngineConfig(block_size=4, num_blocks=20, max_num_seqs=6, max_num_batched_tokens=12))
+    outs = tight.generate(prompts, params)
+    assert tight.stats()["preemptions"] > 0
+    assert [o.token_ids for o in outs] == alone
+    eng = LLMEngine(model, None, EngineConfig(block_size=4))
+    eng.generate([prompts[1]], SamplingParams(max_tokens=2, temperature=0))
+    hits = eng.stats()["prefix_cache_hits"]
+    eng.generate([prompts[1]], SamplingParams(max_tokens=2, temperature=0))
+    assert eng.stats()["prefix_cache_hits"] > hits
+    eng.reset_prefix_cache()
+    hits = eng.stats()["prefix_cache_hits"]
+    eng.generate([prompts[1]], SamplingParams(max_tokens=2, temperature=0))
+    assert eng.stats()["prefix_cache_hits"] == hits
+
+
+@pytest.mark.parametrize("speculative", ["none", "ngram"])
+def test_random_arrivals_and_aborts_keep_outputs_and_blocks_right(model, speculative):
+    """Requests join at random steps, some are aborted mid-prefill or mid-decode, the pool is tiny:
+    every request that finishes equals uncached greedy, and every block comes back."""
+    g = torch.Generator().manual_seed(11)
+    prompts = _prompts(14, seed=5)
+    cfg = EngineConfig(block_size=4, num_blocks=22, max_num_seqs=5, max_num_batched_tokens=10,
+                       speculative=speculative, num_speculative_tokens=3)
+    eng = LLMEngine(model, None, cfg)
+    pending = list(enumerate(prompts))
+    final, aborted, live = {}, set(), set()
+    while pending or eng.has_unfinished():
+        while pending and float(torch.rand((), generator=g)) < 0.5:
+            i, p = pending.pop(0)
+            live.add(eng.add_request(p, SamplingParams(max_tokens=8, temperature=0), request_id=f"r{i}"))
+        if live and float(torch.rand((), generator=g)) < 0.1:
+            rid = sorted(live)[int(torch.randint(0, len(live), (), generator=g))]
+            eng.abort(rid)
+            aborted.add(rid)
+            live.discard(rid)
+        for o in eng.step():
+            if o.finished:
+                final[o.request_id] = o
+                live.discard(o.request_id)
+    assert aborted and len(final) + len(aborted) == len(prompts)
+    for rid, o in final.items():
+        assert o.token_ids == uncached_greedy(model, prompts[int(rid[1:])], 8), rid
+    s = eng.stats()
+    assert s["free_blocks"] == s["num_blocks"] and all(b.ref_count == 0 for b in eng.blocks.blocks)
+    assert all(eng.blocks.blocks[b].hash == h for h, b in eng.blocks.hash_to_block.items())
+
+
+def test_speculative_sampling_keeps_the_distribution():
+    """Rejection sampling against prompt-lookup drafts: the second generated token's distribution over
+    a tiny vocabulary matches plain sampling's (600 seeded requests each)."""
+    torch.manual_seed(2)
+    m = Transformer(ModelConfig(vocab_size=8, context_length=32, d_model=16, n_layers=1, n_heads=2, d_ff=32)).eval()
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+
+    def second_tokens(spec: bool) -> torch.Tensor:
+        cfg = EngineConfig(block_size=4, max_num_seqs=64, speculative="ngram" if spec else "none",
+                           speculative_sampling=spec, num_speculative_tokens=2)
+        eng = LLMEngine(m, None, cfg)
+        outs = eng.generate([prompt] * 600, [SamplingParams(max_tokens=3, seed=s) for s in range(600)])
+        if spec:
+            assert eng.stats()["spec_proposed"] > 0 and eng.stats()["spec_accepted"] > 0
+        return torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=8).float() / 600
+
+    plain, spec = second_tokens(False), second_tokens(True)
+    assert 0.5 * (plain - spec).abs().sum() < 0.1, (plain, spec)

@@ -8,7 +8,7 @@ import torch
 
 from kiln.kernels.paged_attention import paged_attention_ref, paged_decode_attention
 from kiln.model import PagedMetadata, kiln_attention
-from kiln.model.attention import paged_attention
+from kiln.model.attention import _paged_mixed_cuda, paged_attention, paged_prefill_batched
 
 
 def _pool(lens, bs, Hkv, D, dtype, dev, seed=0):
@@ -42,13 +42,14 @@ def _dense_reference(q, k_pool, v_pool, bt, lens, q_lens):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("H,Hkv,D,bs", [(4, 2, 16, 4), (6, 6, 24, 8), (8, 1, 32, 16)])
-def test_decode_kernel_equals_reference(dev, H, Hkv, D, bs):
-    lens = [1, 5, bs, bs + 1, 3 * bs + 2]
+@pytest.mark.parametrize("H,Hkv,D,bs,split", [(4, 2, 16, 4, 1), (6, 6, 24, 8, 1), (8, 1, 32, 16, 1),
+                                              (4, 2, 16, 4, 3), (2, 1, 8, 4, None)])
+def test_decode_kernel_equals_reference(dev, H, Hkv, D, bs, split):
+    lens = [1, 5, bs, bs + 1, 3 * bs + 2] + ([17 * bs + 3] if split is None else [])  # None: 4 splits here
     k_pool, v_pool, bt = _pool(lens, bs, Hkv, D, torch.float32, dev)
     q = torch.randn(len(lens), H, D, device=dev)
     cl = torch.tensor(lens, dtype=torch.int32, device=dev)
-    got = paged_decode_attention(q, k_pool, v_pool, bt, cl)
+    got = paged_decode_attention(q, k_pool, v_pool, bt, cl, split=split)
     want = _dense_reference(q, k_pool, v_pool, bt, lens, [1] * len(lens))
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     ref = paged_attention_ref(q, k_pool, v_pool, bt, cl, torch.arange(len(lens) + 1, dtype=torch.int32))
@@ -80,5 +81,21 @@ def test_model_paths_equal_reference(decode):
     got = paged_attention(q, k_pool, v_pool, meta)
     want = _dense_reference(q, k_pool, v_pool, bt, lens, q_lens)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    for fused in (False, True):  # the padded one-call path CUDA takes for several prompt chunks
+        got = paged_prefill_batched(q, k_pool, v_pool, meta, fused)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_step_split_equals_reference(dev):
+    """CUDA's mixed steps: one-token sequences through the decode kernel, chunks through the padded call."""
+    bs, H, Hkv, D = 4, 4, 2, 8
+    lens, q_lens = [3, 9, 4, 13, 6], [1, 2, 1, 5, 1]
+    k_pool, v_pool, bt = _pool(lens, bs, Hkv, D, torch.float32, dev, seed=3)
+    q = torch.randn(sum(q_lens), H, D, device=dev)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    meta = PagedMetadata(torch.zeros(sum(q_lens), dtype=torch.long, device=dev), bt,
+                         torch.tensor(lens, dtype=torch.int32, device=dev), starts, q_lens, lens)
+    want = _dense_reference(q, k_pool, v_pool, bt, lens, q_lens)
+    torch.testing.assert_close(_paged_mixed_cuda(q, k_pool, v_pool, meta, True).double(), want, atol=1e-5, rtol=1e-5)
     ref = paged_attention_ref(q, k_pool, v_pool, bt, meta.context_lens, starts)
     torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=1e-5)

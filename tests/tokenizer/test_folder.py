@@ -38,8 +38,11 @@ def test_find_through_manifests_and_above(tmp_path, tok):
     step.mkdir(parents=True)
     assert find_tokenizer(step) == want  # a checkpoint: two folders up
     assert find_tokenizer(want) == want
+    (tmp_path / "elsewhere").mkdir()
     with pytest.raises(FileNotFoundError, match="--tokenizer"):
         find_tokenizer(tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_tokenizer(tmp_path / "tokenizer" / "missing")  # never a tokenizer found above a typo
 
 
 def test_model_folder_files_and_both_formats(tmp_path, tok):

@@ -4,8 +4,11 @@ clock-driven schedule and the fused loss."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +35,12 @@ from kiln.train import (
 )
 from kiln.train.metrics import read_metrics
 
-from conftest import VOCAB, small_config
+# tests/train/conftest.py by path: a bare `from conftest import` picks whichever conftest module
+# another folder's tests loaded first when the whole suite runs.
+_spec = importlib.util.spec_from_file_location("train_conftest", Path(__file__).with_name("conftest.py"))
+_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_conftest)
+VOCAB, small_config = _conftest.VOCAB, _conftest.small_config
 
 
 class Interrupted(Exception):
@@ -169,7 +177,7 @@ def test_train_step_queues_without_host_syncs(monkeypatch):
 def test_a_run_cut_by_its_time_budget_ends_at_min_lr(tmp_path, tokens_dir, make_config, monkeypatch):
     cfg = make_config(max_steps=1000, warmup_steps=2, max_seconds=30.0, save_every=0, eval_every=0, lr=1e-2, min_lr=1e-3)
     assert schedule_lr(cfg, 1, cfg.max_steps, elapsed=cfg.max_seconds) == cfg.min_lr  # the clock alone ends the decay
-    clock = iter(range(0, 10**6))  # a fake clock: every reading is one second later
+    clock = iter(range(10**6))  # a fake clock: every reading is one second later
     monkeypatch.setattr("kiln.train.loop.perf_counter", lambda: float(next(clock)))
     run = train(cfg, tokens_dir, tmp_path / "run")
     rows = [r for r in read_metrics(run / "metrics.jsonl") if "lr" in r]

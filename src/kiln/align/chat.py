@@ -18,7 +18,6 @@ markers so ``return_assistant_tokens_mask=True`` gives the same mask.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -216,48 +215,23 @@ def _role_content(m: Message, k: int) -> tuple[str, str]:
 
 
 def hf_tokenizer_config(tokenizer: Tokenizer) -> dict[str, Any]:
-    """The ``tokenizer_config.json`` dict for ``tokenizer``: chat template, eos/pad, special tokens.
+    """The ``tokenizer_config.json`` dict for ``tokenizer`` (``kiln.tokenizer.folder``'s), with
+    ``chat_template`` (and ``<|end|>`` as eos) when it has the chat tokens."""
+    from kiln.tokenizer.folder import hf_tokenizer_config as folder_config
 
-    The ``tests``/``server`` helpers call this when writing a model folder; ``save_hf_tokenizer``
-    writes it with ``tokenizer.json`` beside it. Without chat tokens, no ``chat_template`` key.
-    """
-    specials = sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
-    added = {
-        str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                 "special": True}
-        for s, i in specials
-    }
     has_chat = ChatTemplate.from_tokenizer(tokenizer) is not None
-    eos = END if has_chat else (ENDOFTEXT if ENDOFTEXT in tokenizer.special_tokens else None)
-    cfg: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "added_tokens_decoder": added,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 1_000_000_000,
-        "bos_token": None,
-        "eos_token": eos,
-        "pad_token": ENDOFTEXT if ENDOFTEXT in tokenizer.special_tokens else eos,
-        "unk_token": None,
-    }
-    if has_chat:
-        cfg["chat_template"] = JINJA_TEMPLATE
-    return cfg
+    return folder_config(tokenizer, JINJA_TEMPLATE if has_chat else None)[0]
 
 
 def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (with ``chat_template``) into ``out_dir``.
+    """Write the model-folder tokenizer files (Hugging Face's ``tokenizer.json``,
+    ``tokenizer_config.json`` with ``chat_template``, ``special_tokens_map.json``, and Kiln's
+    ``kiln_tokenizer.json``) into ``out_dir``.
 
     ``transformers.AutoTokenizer.from_pretrained(out_dir)`` then loads it, and its
     ``apply_chat_template`` gives ``ChatTemplate.render``'s ids.
     """
-    from kiln.tokenizer.interop import save_hf
+    from kiln.tokenizer.folder import save_tokenizer_files
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".tokenizer.json.tmp"
-    save_hf(tokenizer, tmp)
-    os.replace(tmp, out / "tokenizer.json")
-    tmp = out / ".tokenizer_config.json.tmp"
-    tmp.write_text(json.dumps(hf_tokenizer_config(tokenizer), indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / "tokenizer_config.json")
-    return out
+    has_chat = ChatTemplate.from_tokenizer(tokenizer) is not None
+    return save_tokenizer_files(tokenizer, out_dir, chat_template=JINJA_TEMPLATE if has_chat else None)

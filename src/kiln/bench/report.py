@@ -10,10 +10,11 @@ from typing import Any
 
 
 def pick_device(name: str) -> Any:
-    """``--device``: "auto" (CUDA when present, else the CPU) or any name ``torch.device`` takes."""
-    import torch
+    """``--device``: "auto" (CUDA when present, else the CPU) or any name ``torch.device`` takes
+    (``kiln.distributed.pick_device``)."""
+    from kiln.distributed import pick_device as pick
 
-    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return pick(name)
 
 
 def report(bench: str, device: Any, blurb: str, table: str, rows: list, out: str | None) -> str:

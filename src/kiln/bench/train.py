@@ -12,6 +12,11 @@ Every row trains the same model shape on the same random token batches, one GPU,
   attention, fused RMSNorm, chunked linear + cross-entropy).
 - ``kiln+muon``: ``kiln`` with the optimizer the speedrun preset uses: Muon (fused, ``kiln.kernels.muon``)
   for the block matrices and AdamW for the rest (``kiln.train.muon.muon_with_adamw``).
+- ``kiln+det``, ``kiln+triton+det``: ``kiln`` and ``kiln+triton`` in ``TrainConfig.deterministic``'s
+  mode (``kiln.kernels.deterministic_mode``: torch's deterministic algorithms, cuBLAS's fixed
+  workspace, Kiln's kernels on one fixed launch configuration): the price of bitwise-reproducible
+  GPU steps. Not in the default list; run them with their base rows, e.g.
+  ``--variants kiln,kiln+det,kiln+triton,kiln+triton+det``.
 - ``kiln+fp8``: ``kiln`` with float8 GEMMs for the block matrices (``ModelConfig.linear_impl="fp8"``,
   ``kiln.kernels.fp8``: e4m3, row-wise scales, all three GEMMs of each linear). MFU is still
   counted against the bf16 peak, so it stays comparable with the other rows.
@@ -33,7 +38,8 @@ import time
 import traceback
 from dataclasses import dataclass, replace
 
-VARIANTS = ("torch", "torch+liger", "kiln", "kiln+triton", "kiln+fp8", "kiln+muon")
+DEFAULT_VARIANTS = ("torch", "torch+liger", "kiln", "kiln+triton", "kiln+fp8", "kiln+muon")
+VARIANTS = (*DEFAULT_VARIANTS, "kiln+det", "kiln+triton+det")
 
 
 def shapes() -> dict:
@@ -73,12 +79,12 @@ class TrainRow:
 def _kiln_runner(cfg, variant: str, device, lr: float, compile_: bool):
     import torch
 
+    from kiln.distributed import SingleProcess
     from kiln.model import build_model
     from kiln.train.optim import AdamW, clip_grad_norm_, param_groups
     from kiln.train.step import TrainStep, make_loss_fn
-    from kiln.train.trainer import SingleProcess
 
-    triton = variant == "kiln+triton"
+    triton = variant.startswith("kiln+triton")
     mcfg = replace(cfg, attention_impl="triton" if triton else "sdpa", norm_impl="triton" if triton else "kiln",
                    linear_impl="fp8" if variant == "kiln+fp8" else "kiln")
     model = build_model(mcfg, device=device)
@@ -198,6 +204,7 @@ def format_table(rows: list[TrainRow]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from kiln.bench.report import pick_device, report
+    from kiln.kernels import deterministic_mode
 
     device = pick_device(args.device)
     table = shapes()
@@ -217,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
             compile_ = device.type == "cuda" if args.compile == "auto" else args.compile == "on"
             print(f"{name} {variant}: building{' and compiling' if compile_ else ''}, "
                   f"{args.warmup} warm-up + {args.steps} timed steps...", flush=True)
-            row = bench_variant(name, table[name], variant, batch, args.steps, args.warmup, device, compile_)
+            with deterministic_mode(variant.endswith("+det")):
+                row = bench_variant(name, table[name], variant, batch, args.steps, args.warmup, device, compile_)
             rows.append(row)
             print(f"{name} {variant}: " + (row.error or f"{row.tok_s:,.0f} tok/s"), flush=True)
     report("train", device, f"{args.steps} timed steps after {args.warmup} warm-up steps; bf16 autocast on CUDA.",
@@ -233,7 +241,7 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--shapes", default="gpt2_small,350m", help=f"comma list from {','.join(shapes())}")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list from {','.join(VARIANTS)}")
     p.add_argument("--batch", type=int, default=0, help="sequences per step (0: 32 for gpt2_small, 64 for speedrun, 16 for 350m)")
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation)")

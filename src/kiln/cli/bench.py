@@ -18,6 +18,7 @@ BENCH_MODULES = [
     "kiln.bench.distributed",
     "kiln.bench.serve",
     "kiln.bench.serve_http",
+    "kiln.bench.align",
 ]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def register(subparsers: Any) -> None:
                    help="drop documents whose toxicity-classifier probability exceeds this (default: the preset's; "
                         + _preset_defaults(lambda c: c.toxicity.max_classifier_score if c.toxicity else "no toxicity step") + ")")
     r.add_argument("--quality-model", default=None,
-                   help="a model from `kiln data train-quality` to filter with (default: none)")
+                   help="'default' (the shipped classifier: Wikipedia + news vs Usenet posts) or a model from "
+                        "`kiln data train-quality` to filter with (default: none)")
     r.add_argument("--min-quality", type=float, default=0.5, help="drop below this classifier score")
     r.add_argument("--perplexity-model", default=None,
                    help="a Kiln model folder (save_pretrained) whose perplexity filters documents (default: none)")
@@ -122,6 +124,12 @@ def register(subparsers: Any) -> None:
     q.add_argument("--epochs", type=int, default=5, help="SGD passes")
     q.add_argument("--text-key", default="text", help="field holding the text in JSON/Parquet")
     q.set_defaults(func=run_train_quality)
+    b = sub.add_parser("build-quality-model", help="rebuild the shipped quality classifier from the gensim wheel",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--gensim-wheel", default=None, help="a gensim 4.4.0 wheel (default: pip download it into --cache)")
+    b.add_argument("--cache", default=str(Path.home() / ".cache" / "kiln"), help="where the wheel is downloaded")
+    b.add_argument("--out", default=None, help="model file (default: the package's kiln/data/models/quality_default.npz)")
+    b.set_defaults(func=run_build_quality_model)
 
     pr = sub.add_parser("presets", help="print the presets' configs as JSON")
     pr.set_defaults(func=run_presets)
@@ -218,6 +226,15 @@ def run_data(args: argparse.Namespace) -> int:
 def _chunks(text: str, words: int) -> list[str]:
     ws = text.split()
     return [" ".join(ws[i : i + words]) for i in range(0, len(ws), words)] or [""]
+
+
+def run_build_quality_model(args: argparse.Namespace) -> int:
+    from kiln.data.quality_default import DEFAULT_MODEL, build_default_quality_classifier, fetch_gensim_wheel
+
+    wheel = args.gensim_wheel or fetch_gensim_wheel(Path(args.cache))
+    metrics = build_default_quality_classifier(wheel, args.out or DEFAULT_MODEL)
+    print(json.dumps(metrics, indent=2))
+    return 0
 
 
 def run_train_quality(args: argparse.Namespace) -> int:

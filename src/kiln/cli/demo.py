@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seed for split, init, data order, samples")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="where to train")
     p.add_argument("--force", action="store_true", help="recompute every stage")
+    p.add_argument("--chat-steps", type=int, default=d.chat_steps,
+                   help="SFT steps of the last stage (offline chat data), then a printed chat exchange; 0 skips it")
     p.add_argument("--set", action="append", dest="overrides", default=[], metavar="KEY=VALUE",
                    help="training config override, as in `kiln train --set` (e.g. model.n_layers=2)")
     p.set_defaults(func=run)
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens,
         sample_tokens=args.sample_tokens, temperature=args.temperature, top_k=args.top_k,
         seed=args.seed, device=args.device, force=args.force, overrides=tuple(args.overrides),
+        chat_steps=args.chat_steps,
     )
     if args.prompts:
         kwargs["prompts"] = tuple(args.prompts)

@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="attention kernel (default: the one the model was saved with)")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                    help="weight-only quantization of the loaded model (kiln.model.quantize; int4: groups of 128)")
+    p.add_argument("--speculative", default="none", choices=["none", "ngram"],
+                   help="prompt-lookup speculative decoding for --prompt with --temperature 0 (same text, "
+                   "fewer forward passes when the output repeats the context)")
     p.add_argument("--no-echo", action="store_true", help="print only the continuation, not the prompt")
     p.add_argument("--keep-eot", action="store_true", help="do not stop at the end-of-text token")
     p.set_defaults(func=run)
@@ -74,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
     tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer(model_dir)
     if not tok_path.exists():
         raise FileNotFoundError(f"--tokenizer {tok_path} does not exist; pass a tokenizer.json or tokenizer artifact")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from kiln.distributed import pick_device
+
+    device = str(pick_device(args.device))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     if args.dtype == "auto" and torch.device(device).type == "cuda":
         dtype = torch.bfloat16
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     n_chars = 0
     for piece in stream(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        stop_at_eot=not args.keep_eot):
+                        stop_at_eot=not args.keep_eot, speculative=args.speculative):
         sys.stdout.write(piece)
         sys.stdout.flush()
         n_chars += len(piece)

@@ -306,16 +306,17 @@ class C4Filter(Filter):
 
 
 class QualityClassifierFilter(Filter):
-    """A model from ``kiln data train-quality``: ``quality_classifier`` below the minimum score."""
+    """A model from ``kiln data train-quality``, or ``"default"`` (the shipped classifier):
+    ``quality_classifier`` below the minimum score."""
 
     name = "quality_classifier"
 
     def __init__(self, cfg: QualityConfig, keep_dropped_fraction: float = 0.0) -> None:
-        from kiln.data.quality import QualityClassifier
+        from kiln.data.quality import load_quality_classifier
 
         self.cfg = cfg
         self.keep_dropped_fraction = keep_dropped_fraction
-        self.clf = QualityClassifier.load(cfg.classifier)
+        self.clf = load_quality_classifier(cfg.classifier)
 
     @classmethod
     def build(cls, cfg: PipelineConfig) -> QualityClassifierFilter | None:

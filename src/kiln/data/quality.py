@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -47,6 +47,13 @@ class QualityTrainConfig:
     """Share of examples held out to report accuracy."""
     seed: int = 0
     """Shuffling and split seed."""
+    optimizer: str = "sgd"
+    """``sgd``: fastText's per-example SGD (large data); ``adam``: full-batch Adam on the mean
+    logistic loss plus ``l2`` (small data: SGD on a mean of weights underfits a few thousand examples)."""
+    l2: float = 1e-4
+    """``adam``: L2 penalty on the weights (per example, as ``l2 * |w|^2 / 2``)."""
+    steps: int = 400
+    """``adam``: full-batch steps."""
 
 
 def features(text: str, buckets_log2: int, bigrams: bool, max_words: int) -> np.ndarray:
@@ -73,15 +80,20 @@ class QualityClassifier:
         z = float(self.w[f].mean()) + self.bias
         return 1.0 / (1.0 + math.exp(-max(min(z, 30.0), -30.0)))
 
-    def save(self, path: str | Path) -> None:
-        """Write the ``.npz`` model (magic, version, config, weights)."""
+    def predict(self, text: str, threshold: float = 0.5) -> tuple[str, float]:
+        """``("high" | "low", p(high))``: the label at ``threshold`` and the score."""
+        p = self.score(text)
+        return ("high" if p >= threshold else "low"), p
+
+    def save(self, path: str | Path, dtype: str = "float32") -> None:
+        """Write the ``.npz`` model (magic, version, config, weights as ``dtype``; float16 halves the file)."""
         meta = json.dumps({"magic": MAGIC, "version": VERSION, "config": asdict(self.cfg), "bias": self.bias})
         with open(path, "wb") as f:
-            np.savez_compressed(f, meta=np.array(meta), w=self.w)
+            np.savez_compressed(f, meta=np.array(meta), w=self.w.astype(dtype))
 
     @classmethod
-    def load(cls, path: str | Path) -> QualityClassifier:
-        """Read a model written by :meth:`save`; checks the magic and version."""
+    def load(cls, path: str | Path | IO[bytes]) -> QualityClassifier:
+        """Read a model written by :meth:`save` (a path or a binary file); checks the magic and version."""
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             if meta.get("magic") != MAGIC or meta.get("version") != VERSION:
@@ -102,6 +114,11 @@ def train_quality_classifier(
     n_val = int(len(data) * cfg.val_fraction) if len(data) >= 10 else 0
     val, train = data[:n_val], data[n_val:]
     feats = [features(t, cfg.buckets_log2, cfg.bigrams, cfg.max_words) for t, _ in train]
+    if cfg.optimizer == "adam":
+        w, bias = _fit_adam(feats, np.array([y for _, y in train]), cfg)
+        return _with_metrics(QualityClassifier(w, bias, cfg), train, val)
+    if cfg.optimizer != "sgd":
+        raise ValueError(f"optimizer {cfg.optimizer!r} is unknown; pick sgd or adam")
     w = np.zeros(1 << cfg.buckets_log2, dtype=np.float32)
     bias = 0.0
     total = cfg.epochs * len(train)
@@ -118,7 +135,10 @@ def train_quality_classifier(
             g = p - y  # d(logistic loss)/dz
             np.add.at(w, f, -lr * g / len(f))
             bias -= lr * g * 0.1
-    model = QualityClassifier(w, bias, cfg)
+    return _with_metrics(QualityClassifier(w, bias, cfg), train, val)
+
+
+def _with_metrics(model: QualityClassifier, train: list, val: list) -> tuple[QualityClassifier, dict[str, float]]:
     metrics: dict[str, float] = {"train_examples": len(train), "val_examples": len(val)}
     if val:
         correct = sum((model.score(t) >= 0.5) == (y == 1.0) for t, y in val)
@@ -126,12 +146,37 @@ def train_quality_classifier(
     return model, metrics
 
 
+def _fit_adam(feats: list[np.ndarray], y: np.ndarray, cfg: QualityTrainConfig) -> tuple[np.ndarray, float]:
+    """Full-batch Adam on ``mean_i logloss(sigmoid(mean(w[f_i]) + b), y_i) + l2 |w|^2 / 2``."""
+    idx = np.concatenate(feats)  # (nnz,) bucket ids
+    row = np.repeat(np.arange(len(feats)), [len(f) for f in feats])  # (nnz,) example of each id
+    inv_len = 1.0 / np.array([len(f) for f in feats], dtype=np.float64)  # (N,)
+    n_w = 1 << cfg.buckets_log2
+    w = np.zeros(n_w + 1)  # the weights, then the bias
+    m = np.zeros_like(w)
+    v = np.zeros_like(w)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for t in range(1, cfg.steps + 1):
+        z = np.bincount(row, weights=w[idx], minlength=len(feats)) * inv_len + w[-1]
+        p = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+        r = (p - y) / len(feats)  # dL/dz_i
+        g = np.empty_like(w)
+        g[:n_w] = np.bincount(idx, weights=(r * inv_len)[row], minlength=n_w) + cfg.l2 * w[:n_w]
+        g[-1] = r.sum()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        lr = cfg.lr * (1 - (t - 1) / cfg.steps)  # linear decay, as the SGD path
+        w -= lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+    return w[:n_w].astype(np.float32), float(w[-1])
+
+
 @dataclass(frozen=True)
 class QualityConfig:
     """Model-based quality filtering."""
 
     classifier: str | None = None
-    """Path of a model from ``kiln data train-quality``; None disables the classifier filter."""
+    """``"default"`` (the shipped model, :mod:`kiln.data.quality_default`: Wikipedia + news vs
+    Usenet posts), the path of a model from ``kiln data train-quality``, or None (no classifier filter)."""
     min_classifier_score: float = 0.5
     """Drop documents whose p(high quality) is below this."""
     perplexity_model: str | None = None
@@ -142,6 +187,30 @@ class QualityConfig:
     """tokenizer.json of that model."""
     max_perplexity: float = 1000.0
     """Drop documents whose per-token perplexity under the model is above this."""
+
+
+def load_quality_classifier(spec: str) -> QualityClassifier:
+    """``"default"``: the shipped model (SHA-256 checked); anything else: a model file's path."""
+    if spec == "default":
+        from kiln.data.quality_default import load_default_quality_classifier
+
+        return load_default_quality_classifier()
+    return QualityClassifier.load(spec)
+
+
+def quality_classifier_filter(cfg: QualityConfig) -> Callable[[str], tuple[str | None, float]]:
+    """``text -> (drop reason or None, p(high quality))`` for ``cfg.classifier`` (the pipeline's
+    ``quality_classifier`` step: drop reason ``quality_classifier`` below ``min_classifier_score``)."""
+    if not cfg.classifier:
+        raise ValueError("QualityConfig.classifier is None: set it to 'default' or a model path")
+    clf = load_quality_classifier(cfg.classifier)
+    thr = cfg.min_classifier_score
+
+    def check(text: str) -> tuple[str | None, float]:
+        s = clf.score(text)
+        return ("quality_classifier" if s < thr else None), s
+
+    return check
 
 
 def perplexity_filter(scorer: Callable[[str], float], max_perplexity: float) -> Callable[[str], tuple[str | None, float]]:

@@ -1,4 +1,4 @@
-"""Many ranks: environment, Kiln's data-parallel wrapper, ZeRO-1, FSDP2, a distributed sampler.
+"""Many ranks: environment, the runtime seam, Kiln's data-parallel wrapper, ZeRO-1, FSDP2.
 
 The only package in Kiln that touches ``torch.distributed``. Importing it starts nothing; see
 docs/distributed.md for the trainer seam (``RuntimeProtocol``, ``kiln.distributed.runtime``) and the torchrun command lines.
@@ -25,9 +25,14 @@ from kiln.distributed.fsdp import (
     load_sharded_checkpoint,
     save_sharded_checkpoint,
 )
-from kiln.distributed.parallel import Runtime, build_optimizer, clip_grad_norm_, no_sync, wrap_model
+from kiln.distributed.parallel import (
+    Runtime,
+    build_optimizer,
+    clip_grad_norm_,
+    no_sync,
+    wrap_model,
+)
 from kiln.distributed.runtime import RuntimeProtocol, SingleProcess, pick_device
-from kiln.distributed.sampler import DistributedWindowSampler
 from kiln.distributed.zero import (
     ShardedOptimizer,
     optimizer_state_bytes,
@@ -67,3 +72,13 @@ __all__ = [
     "unwrap",
     "wrap_model",
 ]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562
+    """``DistributedWindowSampler`` moved to ``kiln.shards.sampler`` (Kiln's one sampler); the old
+    name still imports from here, loading ``kiln.shards`` only on use (no import of a later stage)."""
+    if name == "DistributedWindowSampler":
+        from kiln.shards.sampler import DistributedWindowSampler
+
+        return DistributedWindowSampler
+    raise AttributeError(f"module 'kiln.distributed' has no attribute {name!r}")

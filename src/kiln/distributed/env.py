@@ -19,10 +19,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kiln.artifacts import KilnError
+
 log = logging.getLogger(__name__)
 
 
-class DistributedError(RuntimeError):
+class DistributedError(KilnError, RuntimeError):
     """A collective failed: a rank died, timed out or disagrees with the others.
 
     Subclasses RuntimeError so ``kiln``'s CLI prints it as a one-line error and exits non-zero.

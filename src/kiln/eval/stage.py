@@ -105,12 +105,10 @@ class EvalConfig:
 
 
 def pick_device(device: str) -> str:
-    """Resolve "auto" to cuda when available, else cpu."""
-    if device != "auto":
-        return device
-    import torch
+    """Resolve "auto" to cuda when available, else cpu (``kiln.distributed.pick_device``, as a string)."""
+    from kiln.distributed import pick_device as pick
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(pick(device))
 
 
 def load_model(model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Any:

@@ -90,28 +90,63 @@ def _str_list(obj: dict, key: str, where: str) -> list[str]:
 
 
 def clean_hellaswag(text: str) -> str:
-    """WikiHow artifacts out of a HellaSwag string: " [title]" becomes ". ", other [tags] go."""
+    """Kiln's variant: WikiHow artifacts out of a HellaSwag string (" [title]" becomes ". ", other
+    [tags] go), stripped at both ends."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ").strip()
 
 
-def load_hellaswag(path: str | os.PathLike, limit: int | None = None) -> list[MCItem]:
-    """HellaSwag items: the context, then " " + each of the 4 endings (original jsonl or llama.cpp txt)."""
+def lm_eval_hellaswag_preprocess(text: str) -> str:
+    """lm-evaluation-harness's ``hellaswag/utils.py: preprocess``, step for step: strip, " [title]"
+    becomes ". ", [tags] go, one double space becomes one; no strip at the end (a space a removed
+    tag leaves stays, as lm-eval keeps it)."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hellaswag_pair(obj: dict, where: str, prompt: str) -> tuple[str, list[str]]:
+    """(context, continuations) of one original-format record, in lm-eval's or Kiln's form."""
+    ends = _str_list(obj, "endings", where)
+    label = obj.get("activity_label")
+    if prompt == "kiln":  # the context as one field, lower-case second part, both ends stripped
+        ctx = _field(obj, "ctx", str, where)
+        ctx = clean_hellaswag(f"{label}: {ctx}" if isinstance(label, str) and label else ctx)
+        return ctx, [" " + clean_hellaswag(e) for e in ends]
+    # lm-eval's process_docs: ctx_a + " " + ctx_b.capitalize(), the label always in front, and the
+    # target delimiter " " before each choice.
+    ctx = _field(obj, "ctx_a", str, where) + " " + _field(obj, "ctx_b", str, where).capitalize()
+    query = lm_eval_hellaswag_preprocess(f"{label if isinstance(label, str) else ''}: {ctx}")
+    return query, [" " + lm_eval_hellaswag_preprocess(e) for e in ends]
+
+
+HELLASWAG_PROMPTS = ("lm_eval", "kiln")
+
+
+def load_hellaswag(path: str | os.PathLike, limit: int | None = None, prompt: str = "lm_eval") -> list[MCItem]:
+    """HellaSwag items: a context, then " " + each of the 4 endings.
+
+    ``prompt``: "lm_eval" (default) builds them exactly as lm-evaluation-harness does (its
+    ``hellaswag`` task), so accuracies compare with published lm-eval numbers; it needs the original
+    jsonl (``ctx_a``/``ctx_b``). "kiln" is Kiln's earlier variant (the ``ctx`` field: second part
+    lower-case, ends stripped), and also reads llama.cpp's 6-line txt, which holds only that form.
+    """
+    if prompt not in HELLASWAG_PROMPTS:
+        raise ValueError(f"prompt={prompt!r}; use one of {', '.join(HELLASWAG_PROMPTS)}")
     p = _check_file(path)
     items: list[MCItem] = []
     if p.name.endswith((".jsonl", ".jsonl.bz2")):
         for i, obj in read_jsonl(p):
             where = f"{p}:{i}"
-            ctx = _field(obj, "ctx", str, where)
-            label = obj.get("activity_label")
-            ends = _str_list(obj, "endings", where)
-            ctx = clean_hellaswag(f"{label}: {ctx}" if isinstance(label, str) and label else ctx)
-            items.append(MCItem.shared_context(ctx, [" " + clean_hellaswag(e) for e in ends],
-                                               _gold(obj, "label", len(ends), where), where))
+            ctx, conts = _hellaswag_pair(obj, where, prompt)
+            items.append(MCItem.shared_context(ctx, conts, _gold(obj, "label", len(conts), where), where))
             if limit is not None and len(items) >= limit:
                 break
         return items
+    if prompt != "kiln":
+        raise ValueError(f"{p}: llama.cpp's HellaSwag txt lost the ctx_a/ctx_b split lm-eval's prompt needs; "
+                         "use the original jsonl, or task hellaswag_kiln (Kiln's prompt)")
     with _open_text(p) as f:
         while limit is None or len(items) < limit:
             first = len(items) * 6 + 1
@@ -243,16 +278,26 @@ def _foundry(rel: str, delimiter: str = " ") -> Callable[[Path, int | None], lis
 
 
 def _hellaswag(d: Path, limit: int | None) -> list[MCItem]:
-    full = d / "hellaswag" / "hellaswag_val_full.txt.bz2"
+    """lm-eval's prompt over the original jsonl: the full validation set where present, else the
+    1000-item subset (the llama.cpp txt holds only Kiln's form of the context)."""
+    full = d / "hellaswag" / "hellaswag_val.jsonl"
     if full.is_file():
         return load_hellaswag(full, limit)
     return load_hellaswag(d / "hellaswag" / "hellaswag_val_subset1000_original_format.jsonl", limit)
 
 
+def _hellaswag_kiln(d: Path, limit: int | None) -> list[MCItem]:
+    full = d / "hellaswag" / "hellaswag_val_full.txt.bz2"
+    if full.is_file():
+        return load_hellaswag(full, limit, prompt="kiln")
+    return load_hellaswag(d / "hellaswag" / "hellaswag_val_subset1000_original_format.jsonl", limit, prompt="kiln")
+
+
 # The CORE-style suite (DCLM, arXiv:2406.11794, as nanochat uses it) over the files at hand.
 # Delimiters follow llm-foundry's gauntlet: question-style queries get "\nAnswer: ".
 TASKS: dict[str, TaskSpec] = {
-    "hellaswag": TaskSpec("hellaswag", _hellaswag),
+    "hellaswag": TaskSpec("hellaswag", _hellaswag),  # lm-evaluation-harness's prompt
+    "hellaswag_kiln": TaskSpec("hellaswag_kiln", _hellaswag_kiln, core=False),  # Kiln's earlier prompt
     "arc_easy": TaskSpec("arc_easy", _foundry("world_knowledge/arc_easy.jsonl", "\nAnswer: ")),
     "arc_challenge": TaskSpec("arc_challenge", _foundry("world_knowledge/arc_challenge.jsonl", "\nAnswer: ")),
     "piqa": TaskSpec("piqa", _foundry("commonsense_reasoning/piqa.jsonl", "Answer: ")),

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from kiln.generate.block_manager import BlockManager
 from kiln.generate.model_runner import MAX_ROW_TOKENS, ModelRunner, StepItem
-from kiln.generate.sampling import SamplingParams, sample_next
+from kiln.generate.sampling import SamplingParams, filter_logits, sample_next
 from kiln.generate.scheduler import Scheduler
 from kiln.generate.sequence import Sequence, Status
 from kiln.generate.speculative import make_proposer
@@ -61,7 +61,10 @@ class EngineConfig:
     speculative: str = "none"
     """Speculative decoding of greedy requests: 'none', 'ngram' (prompt lookup: drafts copied from an
     earlier occurrence of the last few tokens) or 'draft' (a small Kiln model, ``LLMEngine(draft_model=)``).
-    The output is exactly plain greedy decoding's; sampled requests decode one token a step."""
+    The output is exactly plain greedy decoding's; sampled requests speculate only with ``speculative_sampling``."""
+    speculative_sampling: bool = False
+    """Also speculate for sampled requests (temperature > 0), by rejection sampling: the tokens follow
+    the model's distribution, but a seed draws different tokens than without speculation."""
     num_speculative_tokens: int = 4
     """Draft tokens verified per step and sequence."""
     ngram_max: int = 3
@@ -128,7 +131,6 @@ class LLMEngine:
         limit = config.vocab_limit if config.vocab_limit is not None else tok_vocab
         self.vocab_limit = mc.vocab_size if not isinstance(limit, int) else min(limit, mc.vocab_size)
         num_blocks = config.num_blocks or self._default_num_blocks()
-        per_seq = -(-mc.context_length // config.block_size)
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks} must be >= 1")
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -137,7 +139,6 @@ class LLMEngine:
         graphs = rows if config.cuda_graphs else 0
         self.runner = ModelRunner(model, num_blocks, config.block_size, graphs, config.compile_decode)
         self.max_seq_tokens = min(mc.context_length, num_blocks * config.block_size)
-        self._per_seq_blocks = per_seq
         self.proposer = make_proposer(config, model, draft_model, num_blocks, self.vocab_limit)
         if config.num_speculative_tokens + 1 > MAX_ROW_TOKENS and config.speculative != "none":
             raise ValueError(f"num_speculative_tokens must be <= {MAX_ROW_TOKENS - 1}")
@@ -236,6 +237,7 @@ class LLMEngine:
             items.append(StepItem(seq, c, seq.window[c:c + n - len(d)] + d if d else seq.window[c:c + n], 1 + len(d)))
         logits = self.runner.run(items)[:, :self.vocab_limit]  # (rows, V) fp32: one row per wanted position
         greedy = logits.argmax(dim=-1).tolist()
+        sampled = self._sample(items, logits)
         outputs = []
         row = 0
         for it, (seq, n) in zip(items, batch):
@@ -254,20 +256,33 @@ class LLMEngine:
                 self._finish(seq, "length")
                 outputs.append(self._output(seq))
                 continue
-            tok = greedy[i] if p.temperature == 0 else int(sample_next(logits[i], p.temperature, p.top_k,
-                                                                       p.top_p, seq.generator))
+            tok = greedy[i] if p.temperature == 0 else sampled[i]
             if p.logprobs is not None:
                 seq.logprobs.append(_logprobs(logits[i], tok, p.logprobs))
             self._append(seq, tok)
             outputs.append(self._output(seq))
         return outputs
 
-    # -- speculative decoding (greedy requests only: the output is exactly plain greedy decoding's) ----
+    def _sample(self, items: list[StepItem], logits: Tensor) -> dict[int, int]:
+        """Sampled token per logits row of the items that sample this step (temperature > 0): each
+        row draws with its request's own generator; one host sync for all of them."""
+        rows, draws = [], []
+        row = 0
+        for it in items:
+            seq, p = it.seq, it.seq.params
+            done = it.start + len(it.tokens) == seq.num_window_tokens  # the window's end: a token is due
+            if it.n_logits == 1 and done and p.temperature > 0 and p.max_tokens > 0:
+                rows.append(row)
+                draws.append(sample_next(logits[row], p.temperature, p.top_k, p.top_p, seq.generator))
+            row += it.n_logits
+        return dict(zip(rows, torch.stack(draws).tolist())) if draws else {}
+
+    # -- speculative decoding (greedy: exactly plain greedy decoding's output; sampled: the same distribution) --
 
     def _lookahead(self, seq: Sequence) -> int:
         """Draft tokens worth verifying for a decoding ``seq`` (0: plain decoding)."""
         p = seq.params
-        if self.proposer is None or p.temperature != 0:
+        if self.proposer is None or (p.temperature != 0 and not self.config.speculative_sampling):
             return 0
         room = min(p.max_tokens - len(seq.output_token_ids), self.max_seq_tokens - seq.num_window_tokens) - 1
         return max(0, min(self.config.num_speculative_tokens, room))
@@ -280,26 +295,42 @@ class LLMEngine:
         return self.proposer.propose(want)
 
     def _accept(self, seq: Sequence, draft: list[int], target: list[int], logits: Tensor) -> None:
-        """Greedy verification (Leviathan et al., arXiv:2211.17192): ``target[i]`` is the model's token
-        after the last real token and ``draft[:i]``; tokens are taken while the draft agrees, then one
-        more from the model. Rejected drafts' keys/values stay in the blocks past ``num_computed`` and
-        are overwritten later."""
+        """Verify ``draft`` (Leviathan et al., arXiv:2211.17192; Chen et al., arXiv:2302.01318): row i
+        of ``logits`` is the model's distribution after the last real token and ``draft[:i]``. Greedy:
+        drafts are kept while they equal the model's argmax ``target[i]``, then one more token of the
+        model's own, so the output is exactly greedy decoding's. Sampled: draft i is kept with
+        probability p_i(draft i) (the drafts are deterministic proposals), else the token is drawn from
+        p_i without it; when every draft is kept, one more is drawn from the last row. Either way each
+        token follows the model's sampling distribution. Rejected drafts' keys/values stay in the
+        blocks past ``num_computed`` and are overwritten later."""
         c = seq.num_computed
         self.spec_counts["proposed"] += len(draft)
-        for i, tok in enumerate(target):
+        for i in range(len(draft) + 1):
+            d = draft[i] if i < len(draft) else None
+            tok = target[i] if seq.params.temperature == 0 else self._verify_sampled(seq, logits[i], d)
             if seq.params.logprobs is not None:
                 seq.logprobs.append(_logprobs(logits[i], tok, seq.params.logprobs))
             self._append(seq, tok)
             if seq.finished or not seq.block_table:  # done, or slid to a new window (blocks released)
                 return
             seq.num_computed = c + i + 1  # the token before ``tok`` is now in the cache
-            if i >= len(draft) or tok != draft[i]:
+            if tok != d:
                 break
             self.spec_counts["accepted"] += 1
-        if seq.finished:
-            return
         seq.draft_computed = min(seq.draft_computed, seq.num_computed)
         self.blocks.publish_full_blocks(seq)
+
+    def _verify_sampled(self, seq: Sequence, logits: Tensor, draft: int | None) -> int:
+        """One step of speculative sampling with a deterministic proposal ``draft`` (None: no draft)."""
+        p = seq.params
+        probs = torch.softmax(filter_logits(logits.float() / p.temperature, p.top_k, p.top_p), dim=-1)  # (V,)
+        if draft is not None:
+            u = torch.rand((), device=probs.device, generator=seq.generator)
+            if bool(u < probs[draft]):
+                return draft
+            probs = probs.clone()
+            probs[draft] = 0.0  # the residual max(0, p - q) for a one-hot q
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=seq.generator))
 
     def _append(self, seq: Sequence, tok: int) -> None:
         """Add a sampled token to ``seq`` and finish or slide it when a limit is reached."""

@@ -66,13 +66,16 @@ class ModelRunner:
     def prepare(self, items: list[StepItem]) -> tuple[list[int], list[int], PagedMetadata]:
         """Token ids (N,), positions (N,) and the attention metadata of one step (lists on the host).
 
-        When every item wants logits at all its tokens and has at most ``MAX_ROW_TOKENS`` (decode, and
-        speculative verification), each token becomes its own attention row (its sequence's block
+        On CUDA (or with graphs), when every item wants logits at all its tokens and has at most
+        ``MAX_ROW_TOKENS`` (decode, and speculative verification), each token becomes its own attention row (its sequence's block
         table, context up to itself): the step is then a decode step for the attention kernel and for
         the CUDA graphs, whatever the number of draft tokens.
         """
         bs, scratch = self.block_size, self.cache.scratch_block
-        per_token = all(len(it.tokens) == it.n_logits <= MAX_ROW_TOKENS for it in items)
+        # On the CPU without graphs a verify chunk is cheaper as one query block than as k+1 rows that
+        # each gather the whole context.
+        rows_ok = self.device.type == "cuda" or self.graph_max > 0
+        per_token = rows_ok and all(len(it.tokens) == it.n_logits <= MAX_ROW_TOKENS for it in items)
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []

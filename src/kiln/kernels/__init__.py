@@ -11,19 +11,30 @@ Newton-Schulz, two passes per bucket of same-shaped matrices).
 
 Each public function falls back to its ``*_ref`` with one :class:`KernelFallbackWarning` where the
 kernel cannot run (no Triton, CPU without ``TRITON_INTERPRET=1``, unsupported dtype or shape).
-Importing this package never requires Triton. See docs/kernels.md.
+Importing this package never requires Triton. ``deterministic_mode()`` makes GPU steps
+reproducible bitwise (torch's deterministic algorithms, cuBLAS's workspace, and one fixed launch
+configuration per Kiln kernel; no Kiln kernel uses atomics). See docs/kernels.md.
 """
 
-from kiln.kernels._backend import HAVE_TRITON, KernelFallbackWarning, unsupported_reason
+from kiln.kernels._backend import (
+    HAVE_TRITON,
+    KernelFallbackWarning,
+    deterministic_mode,
+    unsupported_reason,
+)
 from kiln.kernels.attention import attention_ref, flash_attention
 from kiln.kernels.fp8 import fp8_linear, fp8_linear_ref
-from kiln.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from kiln.kernels.linear_cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_ref,
+)
 from kiln.kernels.rmsnorm import rmsnorm, rmsnorm_ref
 
 __all__ = [
     "HAVE_TRITON",
     "KernelFallbackWarning",
     "attention_ref",
+    "deterministic_mode",
     "flash_attention",
     "fp8_linear",
     "fp8_linear_ref",

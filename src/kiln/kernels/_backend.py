@@ -8,8 +8,10 @@ and returns the reference result. Never a silent wrong answer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -90,3 +92,42 @@ def warn_fallback(kernel: str, reason: str) -> None:
         KernelFallbackWarning,
         stacklevel=3,
     )
+
+
+_DETERMINISTIC = {"on": False}
+CUBLAS_WORKSPACE = ":4096:8"
+"""cuBLAS's workspace setting for reproducible GEMMs (cuBLAS docs, "Results reproducibility"):
+8 buffers of 4 MiB, so GEMMs never split their reductions by the workspace at hand."""
+
+
+def deterministic() -> bool:
+    """True inside ``deterministic_mode()``: Kiln's kernels then launch one fixed configuration
+    instead of autotuning (a tuner's pick can differ between runs, and with it the order of a sum)."""
+    return _DETERMINISTIC["on"]
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool = True) -> Iterator[None]:
+    """Bitwise-reproducible GPU steps within the block (a no-op when ``enabled`` is False).
+
+    ``torch.use_deterministic_algorithms(True)`` (torch's atomics-free paths, e.g. a sorted
+    ``index_put_`` and FlashAttention's deterministic backward; an op without one raises),
+    ``CUBLAS_WORKSPACE_CONFIG`` set to ``CUBLAS_WORKSPACE`` unless already set (set it before the
+    process's first GEMM to be safe), cuDNN deterministic and not benchmarking, and Kiln's own
+    kernels (none of which uses atomics) on one fixed launch configuration each. Restores every
+    setting on exit. The CPU is deterministic without it (``kiln.model.layers._EmbeddingLookup``).
+    """
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, _DETERMINISTIC["on"])
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    _DETERMINISTIC["on"] = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, _DETERMINISTIC["on"] = saved[2:]

@@ -8,9 +8,11 @@ tokens are rows ``query_start[b]:query_start[b+1]`` of q (N, H, D) and sit at th
 context, so they attend causally to every cached key before them. Query head h reads key/value head
 ``h // (H // Hkv)`` (the Hugging Face Llama grouping).
 
-The decode kernel runs one program per (sequence, key/value head): it loads that head's G = H / Hkv
-queries once, walks the sequence's blocks through the block table with an online softmax
-(Milakov & Gimelshein, arXiv:1805.02867), and never materializes the gathered keys.
+The decode kernel runs one program per (sequence, key/value head, split): it loads that head's
+G = H / Hkv queries once, walks its share of the sequence's blocks through the block table with an
+online softmax (Milakov & Gimelshein, arXiv:1805.02867), and never materializes the gathered keys.
+With more than one split (flash-decoding), each program writes its unnormalized partial and a second
+kernel combines them, so a single long sequence at batch 1 still spreads over many SMs.
 """
 
 from __future__ import annotations
@@ -70,12 +72,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _paged_decode_kernel(
-        Q, K, V, O, TABLES, LENS, scale,
+        Q, K, V, O, TABLES, LENS, PM, PL, PACC, scale, chunk, n_splits,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_ob, stride_oh,
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+        SPLIT: tl.constexpr,
     ):
+        # Program (b, kvh, s): sequence b, key/value head kvh, blocks [s * chunk, (s + 1) * chunk) of the
+        # sequence (all of them when not SPLIT). SPLIT writes the unnormalized partial (max, sum, acc)
+        # for _paged_reduce_kernel; otherwise the normalized output.
         b = tl.program_id(0)
         kvh = tl.program_id(1)
+        sp = tl.program_id(2)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         t = tl.arange(0, BS)
@@ -88,7 +95,9 @@ if HAVE_TRITON:
         m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
         s_sum = tl.zeros((BLOCK_G,), tl.float32)
         acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-        for j in range(tl.cdiv(L, BS)):
+        lo = sp * chunk
+        hi = tl.minimum(lo + chunk, tl.cdiv(L, BS))
+        for j in range(lo, hi):
             blk = tl.load(TABLES + b * stride_tb + j).to(tl.int64)
             pos = j * BS + t
             kv_ok = (pos < L)[:, None] & d_ok[None, :]
@@ -103,9 +112,46 @@ if HAVE_TRITON:
             s_sum = s_sum * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             m = m_new
-        out = acc / s_sum[:, None]
+        if SPLIT:
+            row = ((b * tl.num_programs(1) + kvh) * n_splits + sp) * BLOCK_G + g  # (G,) rows of the partials
+            tl.store(PM + row, m)
+            tl.store(PL + row, s_sum)
+            tl.store(PACC + row[:, None] * BLOCK_D + d[None, :], acc)
+        else:
+            out = acc / s_sum[:, None]
+            tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
+                     mask=g_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _paged_reduce_kernel(
+        O, PM, PL, PACC, n_splits, stride_ob, stride_oh,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        # Combine the splits of (b, kvh): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        sp = tl.arange(0, BLOCK_S)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        sp_ok = sp < n_splits
+        row = ((b * tl.num_programs(1) + kvh) * n_splits + sp[:, None]) * BLOCK_G + g[None, :]  # (S, G)
+        m = tl.load(PM + row, mask=sp_ok[:, None], other=float("-inf"))
+        l_s = tl.load(PL + row, mask=sp_ok[:, None], other=0.0)
+        acc = tl.load(PACC + row[:, :, None] * BLOCK_D + d[None, None, :], mask=sp_ok[:, None, None], other=0.0)
+        M = tl.max(m, axis=0)  # (G,): split 0 always holds a block, so M is finite
+        w = tl.exp(m - M[None, :])  # empty splits: e^-inf = 0
+        total = tl.sum(w * l_s, axis=0)
+        out = tl.sum(w[:, :, None] * acc, axis=0) / total[:, None]  # (G, D)
+        heads = kvh * G + g
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
-                 mask=g_ok[:, None] & d_ok[None, :])
+                 mask=(g < G)[:, None] & (d < D)[None, :])
+
+
+def num_splits(max_blocks: int) -> int:
+    """Splits of a sequence's blocks across programs (flash-decoding, Dao et al. 2023): at least 4
+    blocks a split, at most 16 splits, so one long sequence still fills many SMs at batch 1. A function
+    of the block-table width only, which CUDA graphs keep fixed."""
+    return max(1, min(16, max_blocks // 4))
 
 
 def _decode_reason(q: torch.Tensor, k_pool: torch.Tensor) -> str | None:
@@ -126,13 +172,15 @@ def paged_decode_attention(
     v_pool: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
+    split: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its paged keys/values: q (B, H, D) -> (B, H, D).
 
     pools (NB, bs, Hkv, D), contiguous; block_tables (B, max_blocks) int32; context_lens (B,) int32
-    (the query is the last position of each context). Triton on CUDA (or the CPU under
-    TRITON_INTERPRET=1); elsewhere ``paged_attention_ref`` with one warning. No host sync: safe to
-    capture in a CUDA graph.
+    (the query is the last position of each context). ``split``: programs per (sequence, head), each
+    over a share of the blocks, combined by a second kernel (default ``num_splits(max_blocks)``; 1 =
+    one pass). Triton on CUDA (or the CPU under TRITON_INTERPRET=1); elsewhere
+    ``paged_attention_ref`` with one warning. No host sync: safe to capture in a CUDA graph.
     """
     reason = _decode_reason(q, k_pool)
     B, H, D = q.shape
@@ -145,10 +193,22 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     assert k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.stride() == v_pool.stride()
     q = q.contiguous()
-    _paged_decode_kernel[(B, Hkv)](
-        q, k_pool, v_pool, out, block_tables, context_lens, 1.0 / math.sqrt(D),
+    BLOCK_G, BLOCK_D = max(triton.next_power_of_2(G), 1), triton.next_power_of_2(D)
+    splits = num_splits(block_tables.shape[1]) if split is None else split
+    chunk = -(-block_tables.shape[1] // splits)
+    if splits > 1:
+        pm = torch.empty(B * Hkv * splits * BLOCK_G, device=q.device, dtype=torch.float32)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(B * Hkv * splits * BLOCK_G * BLOCK_D, device=q.device, dtype=torch.float32)
+    else:
+        pm = pl = pacc = out  # unused
+    _paged_decode_kernel[(B, Hkv, splits)](
+        q, k_pool, v_pool, out, block_tables, context_lens, pm, pl, pacc, 1.0 / math.sqrt(D), chunk, splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        G=G, D=D, BLOCK_G=max(triton.next_power_of_2(G), 1), BLOCK_D=triton.next_power_of_2(D), BS=bs,
+        G=G, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BS=bs, SPLIT=splits > 1,
     )
+    if splits > 1:
+        _paged_reduce_kernel[(B, Hkv)](out, pm, pl, pacc, splits, out.stride(0), out.stride(1), G=G, D=D,
+                                       BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BLOCK_S=triton.next_power_of_2(splits))
     return out

@@ -15,7 +15,14 @@ import functools
 
 import torch
 
-from kiln.kernels._backend import HAVE_TRITON, TRITON_INTERPRET, compiling, unsupported_reason, warn_fallback
+from kiln.kernels._backend import (
+    HAVE_TRITON,
+    TRITON_INTERPRET,
+    compiling,
+    deterministic,
+    unsupported_reason,
+    warn_fallback,
+)
 
 if HAVE_TRITON:
     import triton
@@ -129,6 +136,10 @@ def rmsnorm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tupl
     if TRITON_INTERPRET:
         block_d, rows, warps = _interpret_config(d)
         _rmsnorm_fwd_kernel[(triton.cdiv(n, rows),)](*args, ROWS=rows, BLOCK_D=block_d, PPS=1, num_warps=warps)
+    elif deterministic():  # one fixed config (the forward has no cross-row sum, but keep the plan simple)
+        block_d = triton.next_power_of_2(d)
+        c = _configs(block_d, False)[0]
+        _rmsnorm_fwd_kernel[(triton.cdiv(n, c.kwargs["ROWS"]),)](*args, BLOCK_D=block_d, **c.kwargs, num_warps=c.num_warps)
     else:
         block_d = triton.next_power_of_2(d)
         _tuned(block_d, False)[lambda meta: (triton.cdiv(n, meta["ROWS"]),)](*args, BLOCK_D=block_d)
@@ -154,6 +165,11 @@ def rmsnorm_backward(
         used = n_programs(rows, 1)
         dw_partial = torch.empty((used, d), device=x2d.device, dtype=torch.float32)
         _rmsnorm_bwd_kernel[(used,)](*args, dw_partial, *tail, ROWS=rows, BLOCK_D=block_d, PPS=1, num_warps=warps)
+    elif deterministic():  # one fixed config: the weight gradient's partial sums follow the grid it picks
+        c = _configs(block_d, True)[0]
+        used = n_programs(c.kwargs["ROWS"], c.kwargs["PPS"])
+        dw_partial = torch.empty((used, d), device=x2d.device, dtype=torch.float32)
+        _rmsnorm_bwd_kernel[(used,)](*args, dw_partial, *tail, BLOCK_D=block_d, **c.kwargs, num_warps=c.num_warps)
     else:
         tuned = _tuned(block_d, True)
         most = max(1, min(n, 4 * sms))  # every config has PPS <= 4 and ROWS >= 1

@@ -14,6 +14,7 @@ back to ``kiln_attention`` for the rest.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -92,7 +93,8 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
     a decode step on CUDA runs Kiln's Triton kernel (``kiln.kernels.paged_attention``); a decode step
     elsewhere gathers every sequence's blocks into one padded batch and masks past each length; a step
     with prefill chunks gathers sequence by sequence and calls the causal kernel with the chunk's
-    offset (``kiln_attention``, or torch's SDPA when ``fused``).
+    offset (``kiln_attention``, or torch's SDPA when ``fused``); on CUDA, with several sequences, it
+    pads them into one batch instead (``paged_prefill_batched``: one call per layer, no Python loop).
     """
     if meta.decode and q.is_cuda:
         from kiln.kernels.paged_attention import paged_decode_attention  # lazy: Triton is optional
@@ -102,6 +104,8 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
         return out.to(q.dtype)
     if meta.decode:
         return _paged_decode_torch(q, k_pool, v_pool, meta)
+    if q.is_cuda and len(meta.query_lens) > 1:  # many sequences: one padded, masked call per layer
+        return _paged_mixed_cuda(q, k_pool, v_pool, meta, fused)
     from kiln.kernels.paged_attention import gather_blocks
 
     out = torch.empty_like(q)
@@ -116,18 +120,88 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
     return out
 
 
+def _paged_mixed_cuda(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetadata, fused: bool) -> Tensor:
+    """A CUDA step mixing decoding sequences (one token) and prompt chunks: the decoders go through the
+    Triton decode kernel, the chunks through ``paged_prefill_batched``, so a long chunk never pads the
+    decoders' rows to its length."""
+    from kiln.kernels.paged_attention import paged_decode_attention  # lazy: Triton is optional
+
+    if meta.split is None:  # the same for every layer of the step: built once
+        dev = q.device
+        one = [b for b, n in enumerate(meta.query_lens) if n == 1]
+        many = [b for b, n in enumerate(meta.query_lens) if n > 1]
+        starts = [0, *itertools.accumulate(meta.query_lens)]
+        tok_many = [t for b in many for t in range(starts[b], starts[b + 1])]
+        sub = PagedMetadata(meta.slot_mapping, meta.block_tables[many], meta.context_lens[many],
+                            torch.tensor([0, *itertools.accumulate(meta.query_lens[b] for b in many)],
+                                         dtype=torch.int32, device=dev),
+                            [meta.query_lens[b] for b in many], [meta.context_lens_list[b] for b in many])
+        idx = {name: torch.tensor(v, dtype=torch.long, device=dev) for name, v in
+               (("one", one), ("tok_one", [starts[b] for b in one]), ("tok_many", tok_many))}
+        meta.split = (idx, sub)
+    idx, sub = meta.split
+    out = torch.empty_like(q)
+    if idx["one"].numel():
+        rows = paged_decode_attention(q.index_select(0, idx["tok_one"]).to(k_pool.dtype), k_pool, v_pool,
+                                      meta.block_tables.index_select(0, idx["one"]),
+                                      meta.context_lens.index_select(0, idx["one"]))
+        out.index_copy_(0, idx["tok_one"], rows.to(q.dtype))
+    out.index_copy_(0, idx["tok_many"], paged_prefill_batched(q.index_select(0, idx["tok_many"]), k_pool, v_pool,
+                                                              sub, fused))
+    return out
+
+
+def paged_prefill_batched(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetadata, fused: bool = False) -> Tensor:
+    """Prompt chunks of B sequences in one masked attention call: q (N, H, D) packed -> (N, H, D).
+
+    Queries are scattered into (B, Tq) rows (Tq the longest chunk), keys/values gathered into (B, S)
+    (S the longest context), and the mask allows key j for the query at position p of sequence b when
+    j <= p and j < its context length. Padded query rows see key 0 only (no empty softmax row) and are
+    dropped on the way out.
+    """
+    N, H, D = q.shape
+    bs, Hkv = k_pool.shape[1], k_pool.shape[2]
+    B, Tq, dev = len(meta.query_lens), max(meta.query_lens), q.device
+    n_blocks = -(-max(meta.context_lens_list) // bs)
+    S = n_blocks * bs
+    slots = (meta.block_tables[:, :n_blocks].long()[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
+    k = k_pool.view(-1, Hkv, D).index_select(0, slots).view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+    v = v_pool.view(-1, Hkv, D).index_select(0, slots).view(B, S, Hkv, D).transpose(1, 2)
+    q_lens = torch.diff(meta.query_start.long())  # (B,)
+    seq_of = torch.repeat_interleave(torch.arange(B, device=dev), q_lens, output_size=N)  # (N,)
+    dest = seq_of * Tq + torch.arange(N, device=dev) - meta.query_start.long()[seq_of]  # (N,) row in B*Tq
+    qp = q.new_zeros(B * Tq, H, D).index_copy_(0, dest, q).view(B, Tq, H, D).transpose(1, 2)  # (B, H, Tq, D)
+    ctx = meta.context_lens.long()[:, None]  # (B, 1)
+    t = torch.arange(Tq, device=dev)[None, :]  # (1, Tq)
+    q_pos = ctx - q_lens[:, None] + t  # (B, Tq) position of each query row
+    j = torch.arange(S, device=dev)[None, None, :]  # (1, 1, S)
+    allowed = (j <= q_pos[:, :, None]) & (j < ctx[:, :, None])  # (B, Tq, S)
+    allowed |= (t >= q_lens[:, None])[:, :, None] & (j == 0)  # padded query rows: key 0 only
+    if fused:
+        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=allowed[:, None], enable_gqa=H != Hkv)
+    else:
+        G = H // Hkv  # fold the G query heads of a key/value head into the query axis (as kiln_attention)
+        out = scaled_dot_product_attention(qp.reshape(B, Hkv, G * Tq, D), k, v, allowed.repeat(1, G, 1)[:, None])
+        out = out.reshape(B, H, Tq, D)
+    return out.transpose(1, 2).reshape(B * Tq, H, D).index_select(0, dest)
+
+
 def _paged_decode_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetadata) -> Tensor:
     """Decode step in plain PyTorch: q (B, H, D), one token per sequence -> (B, H, D)."""
     B, H, D = q.shape
     bs, Hkv = k_pool.shape[1], k_pool.shape[2]
     if meta.decode_gather is None:  # the same for every layer of the step: built once
         n_blocks = -(-max(meta.context_lens_list) // bs)
-        valid = torch.arange(n_blocks * bs, device=q.device)[None, :] < meta.context_lens[:, None]  # (B, S)
-        meta.decode_gather = (meta.block_tables[:, :n_blocks].long(), valid[:, None, None, :])
-    tables, valid = meta.decode_gather  # (B, nb), (B, 1, 1, S)
-    S = tables.shape[1] * bs
-    k = k_pool[tables].reshape(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
-    v = v_pool[tables].reshape(B, S, Hkv, D).transpose(1, 2)
+        S = n_blocks * bs
+        valid = torch.arange(S, device=q.device)[None, :] < meta.context_lens[:, None]  # (B, S)
+        tables = meta.block_tables[:, :n_blocks].long()  # (B, nb)
+        slots = (tables[:, :, None] * bs + torch.arange(bs, device=q.device)).reshape(-1)  # (B*S,) pool rows
+        meta.decode_gather = (slots, valid[:, None, None, :])
+    slots, valid = meta.decode_gather  # (B*S,), (B, 1, 1, S)
+    S = valid.shape[-1]
+    # index_select over pool rows: a few times faster on the CPU than advanced indexing by block
+    k = k_pool.view(-1, Hkv, D).index_select(0, slots).view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+    v = v_pool.view(-1, Hkv, D).index_select(0, slots).view(B, S, Hkv, D).transpose(1, 2)
     G = H // Hkv
     qg = q.reshape(B, Hkv, G, D)  # heads h = kv*G + g are contiguous in the HF layout
     out = scaled_dot_product_attention(qg, k, v, valid)  # (B, Hkv, G, D)

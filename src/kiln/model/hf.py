@@ -155,11 +155,18 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     )
 
 
-def save_pretrained(model: Transformer, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def save_pretrained(
+    model: Transformer, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+    tokenizer: Any = None, chat_template: str | None = None,
+) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (HF Llama layout) into ``out_dir``; returns it.
 
     dtype: cast the weights (e.g. torch.bfloat16 to halve the file); default: the model's dtype.
-    Each file is written to a temporary name and renamed, so a killed save leaves no half file.
+    tokenizer: a ``kiln.tokenizer.Tokenizer`` whose files go beside the weights (Hugging Face's
+    ``tokenizer.json``, ``tokenizer_config.json`` with ``chat_template`` if given,
+    ``special_tokens_map.json``, and Kiln's ``kiln_tokenizer.json``), so ``AutoTokenizer`` and
+    ``AutoModelForCausalLM`` open the folder as it is. Each file is written to a temporary name and
+    renamed, so a killed save leaves no half file.
     """
     from safetensors.torch import save_file
 
@@ -173,6 +180,10 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, dtype: torch
     tmp = out / f".{CONFIG_FILE}.tmp"
     tmp.write_text(json.dumps(hf_config_dict(model.config, stored_dtype), indent=2) + "\n")
     os.replace(tmp, out / CONFIG_FILE)
+    if tokenizer is not None:
+        from kiln.tokenizer import save_tokenizer_files
+
+        save_tokenizer_files(tokenizer, out, chat_template=chat_template)
     return out
 
 

@@ -169,3 +169,4 @@ class PagedMetadata:
         self.context_lens_list = context_lens_list
         self.decode = all(n == 1 for n in query_lens)
         self.decode_gather: tuple[Tensor, Tensor] | None = None  # the PyTorch decode path's, per step
+        self.split: tuple[dict, PagedMetadata] | None = None  # CUDA mixed steps: decoders vs chunks

@@ -2,7 +2,9 @@
 
 - :mod:`kiln.shards.format`: the shard file (``write_shard``, ``read_shard``, ``ShardWriter``).
 - :mod:`kiln.shards.tokenize`: the ``"tokens"`` stage (``TokenizeConfig``, ``tokenize_corpus``).
-- :mod:`kiln.shards.loader`: ``TokenDataset`` and ``ShardLoader`` ((x, y) batches, resumable).
+- :mod:`kiln.shards.sampler`: ``WindowSampler``, the one batch source of training ((x, y) windows,
+  this rank's slice, resumable; random or epoch order) and ``get_batch``.
+- :mod:`kiln.shards.loader`: ``TokenDataset`` and ``ShardLoader`` (``WindowSampler`` over a folder).
 
 The format is specified in ``docs/architecture.md`` and ``docs/shards.md``.
 """
@@ -20,6 +22,7 @@ from kiln.shards.format import (
     write_shard,
 )
 from kiln.shards.loader import ShardLoader, TokenDataset, shard_paths
+from kiln.shards.sampler import WindowSampler, get_batch
 from kiln.shards.tokenize import TokenizeConfig, tokenize_corpus
 
 __all__ = [
@@ -32,7 +35,9 @@ __all__ = [
     "ShardWriter",
     "TokenDataset",
     "TokenizeConfig",
+    "WindowSampler",
     "dtype_for_vocab",
+    "get_batch",
     "read_header",
     "read_shard",
     "shard_paths",

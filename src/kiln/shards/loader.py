@@ -1,4 +1,4 @@
-"""Token shards -> (x, y) training batches: deterministic, resumable, optionally document-aligned.
+"""Token shards -> (x, y) batches in epochs: ``ShardLoader``, ``kiln.shards.WindowSampler`` over a folder.
 
 ``TokenDataset`` reads shards back to back as one token stream (a window may cross a shard
 boundary). ``ShardLoader`` cuts that stream into windows of ``seq_len + 1`` tokens and yields
@@ -26,7 +26,7 @@ every global batch. On CUDA the batch is staged in pinned host memory and copied
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from kiln.shards.format import Shard, read_shard
+from kiln.shards.sampler import WindowSampler
 
 
 def shard_paths(tokens_dir: str | os.PathLike, split: str = "train") -> list[Path]:
@@ -91,8 +92,9 @@ class TokenDataset:
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-class ShardLoader:
-    """Infinite iterator of (x, y) batches, each (batch_size, seq_len) int64 (see the module doc).
+class ShardLoader(WindowSampler):
+    """``WindowSampler`` in epoch (or sequential) order over a tokens folder: an infinite iterator of
+    (x, y) batches, each (batch_size, seq_len) int64 (see the module doc).
 
     Args:
         data: a TokenDataset, a tokens artifact folder (with ``split``) or a list of shard paths.
@@ -123,8 +125,6 @@ class ShardLoader:
         self.data = data if isinstance(data, TokenDataset) else TokenDataset(data, split)
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         n = len(self.data)
         if n < seq_len + 1:
             raise ValueError(
@@ -132,71 +132,23 @@ class ShardLoader:
             )
         if doc_aligned and self.data.doc_starts.size == 0:
             raise ValueError("doc_aligned=True but the shards record no document starts; use doc_aligned=False")
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.shuffle, self.doc_aligned, self.seed = shuffle, doc_aligned, seed
-        self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
-        self.pin = self.device.type == "cuda"
-        self.epoch, self.step = 0, 0
-        self._starts_epoch: int | None = None
-        self._starts = np.zeros(0, np.int64)
+        super().__init__([s.tokens for s in self.data.shards], seq_len, seed,
+                         doc_starts=[s.doc_starts for s in self.data.shards], doc_aligned=doc_aligned,
+                         batch_size=batch_size, rank=rank, world_size=world_size, device=device,
+                         order="epoch" if shuffle else "sequential")
+        self.seq_len, self.shuffle = seq_len, shuffle
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"an epoch has {len(self._epoch_starts(0))} windows of {seq_len + 1} tokens, fewer than one global "
+                f"an epoch has {len(self.epoch_starts(0))} windows of {seq_len + 1} tokens, fewer than one global "
                 f"batch of {batch_size} x {world_size}; lower batch_size or seq_len, or add data"
             )
 
-    # -- windows -----------------------------------------------------------------------------
-    def _epoch_starts(self, epoch: int) -> np.ndarray:
-        """Window start positions of an epoch, in the order they are served."""
-        if self._starts_epoch == epoch:
-            return self._starts
-        T, n = self.seq_len, len(self.data)
-        rng = np.random.default_rng([self.seed, epoch])
-        if self.doc_aligned:
-            s = self.data.doc_starts
-            e = np.append(s[1:], n)
-            counts = np.maximum(-(-(e - s) // T), 1)
-            first = np.repeat(np.cumsum(counts) - counts, counts)
-            starts = np.repeat(s, counts) + (np.arange(counts.sum()) - first) * T
-        else:
-            offset = int(rng.integers(0, min(T, n - T))) if self.shuffle else 0
-            starts = offset + np.arange((n - 1 - offset) // T, dtype=np.int64) * T
-        starts = starts[starts + T + 1 <= n]
-        if self.shuffle:
-            starts = starts[rng.permutation(len(starts))]
-        self._starts_epoch, self._starts = epoch, starts
-        return starts
+    _epoch_starts = WindowSampler.epoch_starts  # the name before the move
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """Batches per epoch (the last partial global batch is dropped)."""
-        return len(self._epoch_starts(self.epoch)) // (self.batch_size * self.world_size)
-
-    # -- batches -----------------------------------------------------------------------------
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         """The next (x, y), each (B, T) int64 on ``device``; advances the position."""
-        if self.step >= self.steps_per_epoch:
-            self.epoch, self.step = self.epoch + 1, 0
-        starts = self._epoch_starts(self.epoch)
-        B, T = self.batch_size, self.seq_len
-        lo = (self.step * self.world_size + self.rank) * B
-        buf = np.stack([self.data.get(int(s), int(s) + T + 1) for s in starts[lo:lo + B]])  # (B, T+1)
-        self.step += 1
-        x = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))  # (B, T)
-        y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))  # (B, T)
-        if self.pin:
-            x, y = x.pin_memory(), y.pin_memory()
-            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if self.device.type != "cpu":
-            return x.to(self.device), y.to(self.device)
-        return x, y
+        return super().next_batch()
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    # -- resume ------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
         return {
             "seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
@@ -215,4 +167,5 @@ class ShardLoader:
         if diff:
             detail = ", ".join(f"{k}: saved {a} vs now {b}" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume the data loader exactly ({detail}); use the same data and settings")
+        self._plan = None
         self.epoch, self.step = int(state["epoch"]), int(state["step"])

@@ -43,6 +43,9 @@ def find_tokenizer(path: str | os.PathLike) -> Path:
     start = Path(path).resolve()
     if start.is_file():
         return start
+    if not start.is_dir():
+        raise FileNotFoundError(f"{path} does not exist; pass an existing tokenizer file, or a tokenizer, model, "
+                                "run or tokens folder (--tokenizer PATH)")
     queue = deque([start, *list(start.parents)[:_UP]])
     seen: set[Path] = set()
     while queue:
@@ -105,6 +108,9 @@ def hf_tokenizer_config(tok: Tokenizer, chat_template: str | None = None) -> tup
     """
     eot = ENDOFTEXT if ENDOFTEXT in tok.special_tokens else None
     special_map = {"bos_token": eot, "eos_token": eot, "pad_token": eot} if eot else {}
+    if chat_template is not None and "<|end|>" in tok.special_tokens:
+        # a chat model ends its reply with the end-of-turn token (kiln.align.chat): generation stops there
+        special_map["eos_token"] = "<|end|>"
     added = {
         str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
                  "single_word": False, "special": True}

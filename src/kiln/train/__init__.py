@@ -13,6 +13,7 @@
 - ``trainer``: ``train``, pretraining composed of those parts.
 """
 
+from kiln.distributed.runtime import SingleProcess
 from kiln.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -20,16 +21,29 @@ from kiln.train.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from kiln.distributed.runtime import SingleProcess
 from kiln.train.config import PRESETS, TrainConfig, apply_overrides, gpt2_small, tiny
 from kiln.train.data import TokenSampler, get_batch
-from kiln.train.loop import Hook, accumulation_steps, autocast_for, check_batch, fit, micro_batch_size
+from kiln.train.loop import (
+    Hook,
+    accumulation_steps,
+    autocast_for,
+    check_batch,
+    fit,
+    micro_batch_size,
+)
 from kiln.model.loss import cross_entropy
 from kiln.train.optim import AdamW, clip_grad_norm_, param_groups
 from kiln.train.rundir import RunDir
 from kiln.train.schedule import cosine_lr, schedule_lr, wsd_lr
 from kiln.train.spike import SpikeDetector
-from kiln.train.state import Counters, TrainState, list_checkpoints, restore_state, rollback, save_state
+from kiln.train.state import (
+    Counters,
+    TrainState,
+    list_checkpoints,
+    restore_state,
+    rollback,
+    save_state,
+)
 from kiln.train.step import StepResult, TrainStep, make_loss_fn
 from kiln.train.stop import StopRequest
 from kiln.train.trainer import build_optimizer, train

@@ -28,13 +28,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kiln.artifacts import KilnError
+
 FORMAT = "kiln.checkpoint"
 VERSION = 1
 META = "meta.json"
 _FILES = ("model", "optimizer", "extra")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(KilnError, RuntimeError):
     """A checkpoint directory is missing, truncated, foreign, or does not fit the model."""
 
 

@@ -77,6 +77,10 @@ class TrainConfig:
     """Checkpoints kept on disk (older ones are deleted); at least 1."""
     seed: int = 1337
     """Seed for initialization and data order."""
+    deterministic: bool = False
+    """Bitwise-reproducible steps on the GPU (``kiln.kernels.deterministic_mode``: torch's deterministic
+    algorithms, cuBLAS's fixed workspace, one fixed launch configuration per Kiln kernel); costs speed
+    (docs/train.md#reproducibility). The CPU is deterministic without it, at any fixed thread count."""
     device: str = "auto"
     """"auto" (cuda if available, else cpu), or a torch device string ("cpu", "cuda:0")."""
     dtype: str = "auto"

@@ -15,7 +15,8 @@ A stage that trains (pretraining, SFT, DPO, GRPO) supplies three things and gets
 ``fit`` handles gradient accumulation, clipping, the learning-rate schedule (``cfg.schedule``,
 following the clock under ``cfg.max_seconds``), the spike guard (skip, then roll back to the last
 good checkpoint), checkpoints every ``cfg.save_every`` steps, logging (a line per
-``cfg.log_every`` steps, ``metrics.jsonl`` and TensorBoard through ``run.log``), and pausing on
+``cfg.log_every`` steps, ``metrics.jsonl`` and TensorBoard through ``run.log``), deterministic
+GPU kernels when ``cfg.deterministic`` (``kiln.kernels.deterministic_mode``), and pausing on
 ``stop`` (time limit, SIGTERM/SIGUSR1: a checkpoint, then ``False``; the CLI exits 75). Steps are
 queued without host syncs (``kiln.train.step``): step t's results are read after step t + 1 is queued.
 Resumed from a checkpoint (``RunDir.begin``), a run continues bit-identically on the CPU.
@@ -24,14 +25,14 @@ Resumed from a checkpoint (``RunDir.begin``), a run continues bit-identically on
 from __future__ import annotations
 
 import contextlib
-from time import perf_counter
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from time import perf_counter
 
 import torch
 
+from kiln.kernels import deterministic_mode
 from kiln.train.config import TrainConfig
 from kiln.train.metrics import format_duration, format_rate
 from kiln.train.rundir import RunDir
@@ -99,8 +100,9 @@ def fit(cfg: TrainConfig, state: TrainState, batches: Iterator[tuple[torch.Tenso
     """
     if state.data is None and hasattr(batches, "state_dict"):
         state.data = batches
-    return _Loop(cfg, state, batches, loss_fn, run, model_step, hooks, stop, fault_hook, data_tokens,
-                 flops_per_token, peak_flops).run()
+    with deterministic_mode(cfg.deterministic):
+        return _Loop(cfg, state, batches, loss_fn, run, model_step, hooks, stop, fault_hook, data_tokens,
+                     flops_per_token, peak_flops).run()
 
 
 class _Loop:
@@ -228,7 +230,7 @@ class _Loop:
         steps since the last line (one step's time between two reads of a pipelined loop jitters)."""
         cfg, c, done = self.cfg, self.state.counters, r.step + 1
         tok_s = cfg.tokens_per_step / dt
-        mfu = lambda rate: self.mfu_scale * rate if self.mfu_scale else None  # noqa: E731
+        mfu = lambda rate: self.mfu_scale * rate if self.mfu_scale else None
         if cfg.log_every and (done % cfg.log_every == 0 or done == self.max_steps or r.step == self.start):
             steps_since, secs_since = done - self.logged[0], c.seconds - self.logged[1]
             rate = cfg.tokens_per_step * steps_since / secs_since if steps_since > 0 and secs_since > 0 else tok_s

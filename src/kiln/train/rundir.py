@@ -94,17 +94,18 @@ class RunDir(StageRun):
             (self.out_dir / name).unlink(missing_ok=True)
 
     def export_model(self, model: torch.nn.Module, tokenizer: str | os.PathLike | None = None) -> Path:
-        """Write ``model/`` (``save_pretrained``, plus ``tokenizer.json`` when given) atomically (rank 0)."""
+        """Write ``model/`` (``save_pretrained``, plus the tokenizer files when given: Hugging Face's
+        ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and Kiln's
+        ``kiln_tokenizer.json``) atomically (rank 0). With its tokenizer, the model folder is all
+        `kiln generate` and Hugging Face's Auto* classes need."""
         from kiln.model import save_pretrained
+        from kiln.tokenizer import load_tokenizer
 
         final = self.out_dir / "model"
         if not self.dist.is_main:
             return final
         tmp = self.out_dir / f".model.tmp-{uuid.uuid4().hex[:8]}"
-        save_pretrained(model, tmp)
-        if tokenizer is not None:  # the model folder is then all `kiln generate` needs
-            src = Path(tokenizer)
-            shutil.copy(src / "tokenizer.json" if src.is_dir() else src, tmp / "tokenizer.json")
+        save_pretrained(model, tmp, tokenizer=load_tokenizer(tokenizer) if tokenizer is not None else None)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final

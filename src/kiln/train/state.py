@@ -30,7 +30,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from kiln.train.checkpoint import CheckpointError, load_checkpoint_extra, restore_checkpoint, save_checkpoint
+from kiln.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint_extra,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from kiln.train.spike import SpikeDetector
 
 RESEED_STRIDE = 7919

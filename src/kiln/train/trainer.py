@@ -29,8 +29,9 @@ import torch
 
 from kiln.artifacts import MANIFEST, code_version, config_to_dict
 from kiln.distributed import SingleProcess, pick_device
+from kiln.shards.sampler import WindowSampler
 from kiln.train.config import TrainConfig
-from kiln.train.data import TokenSampler, read_heldout
+from kiln.train.data import read_heldout
 from kiln.train.loop import (  # noqa: F401 - REPEAT_WARN_EPOCHS, repeat_warning: public here before the split
     REPEAT_WARN_EPOCHS,
     Hook,
@@ -118,9 +119,11 @@ def build_state(cfg: TrainConfig, data: PretrainData, dist: Any) -> tuple[TrainS
     model = build_model(cfg.model, device=device)
     model_step = dist.wrap(model)  # FSDP2 replaces model's parameters in place: build the optimizer after
     optimizer = build_optimizer(cfg, model, dist, device)
-    starts = data.doc_starts if cfg.doc_aligned else None
-    sampler = TokenSampler(data.train, cfg.model.context_length, cfg.seed, doc_starts=starts)
-    batches = _RankSlice(sampler, dist.rank, dist.world_size, micro_batch_size(cfg, dist.world_size), device)
+    # One global stream of windows; this rank's rows of each micro-batch (a 2-rank run equals 1 process).
+    batches = WindowSampler(data.train, cfg.model.context_length, cfg.seed,
+                            doc_starts=data.doc_starts if cfg.doc_aligned else None,
+                            batch_size=micro_batch_size(cfg, dist.world_size), rank=dist.rank,
+                            world_size=dist.world_size, device=device)
     spikes = SpikeDetector(cfg.spike_window, cfg.spike_min_history, cfg.spike_zscore, cfg.spike_ratio)
     return TrainState(model, optimizer, data=batches, spikes=spikes, config=config_to_dict(cfg)), model_step
 
@@ -172,46 +175,6 @@ def _pretrain_hooks(cfg: TrainConfig, state: TrainState, data: PretrainData, tok
     if cfg.sample_every and tokenizer is not None:
         hooks.append(Hook(cfg.sample_every, lambda step: _sample(model, tokenizer, cfg, device, amp, step, runlog)))
     return hooks
-
-
-class _RankSlice:
-    """This rank's share of one global stream of windows, as an iterator of ``(x, y)`` micro-batches.
-
-    Every rank draws the same ``micro_batch x world_size`` windows (same seed) and keeps slice
-    ``rank``, so ranks read disjoint draws and together read exactly what one process with the
-    same global batch reads (a 2-rank run equals a 1-process run). The position is the inner
-    sampler's state, identical on every rank and independent of the world size.
-    """
-
-    def __init__(self, inner: TokenSampler, rank: int, world_size: int, batch_size: int, device: torch.device) -> None:
-        self.inner, self.rank, self.world_size = inner, rank, world_size
-        self.batch_size, self.device = batch_size, device
-
-    @property
-    def seed(self) -> int:
-        return self.inner.seed
-
-    def reseed(self, seed: int) -> None:
-        self.inner.reseed(seed)
-
-    def __iter__(self) -> _RankSlice:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.next_batch(self.batch_size, self.device)
-
-    def next_batch(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.world_size == 1:
-            return self.inner.next_batch(batch_size, device)
-        x, y = self.inner.next_batch(batch_size * self.world_size, "cpu")  # (mb * world, T) each
-        rows = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
-        return x[rows].to(device), y[rows].to(device)
-
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)
 
 
 def _exportable(model: torch.nn.Module, cfg: TrainConfig, dist: Any) -> torch.nn.Module:

@@ -1,0 +1,95 @@
+"""The demo's last stage: a short SFT that turns the demo's base model into one that answers.
+
+Chat data a fresh install has offline, made from what the demo already holds:
+
+- "Continue the text: <the first words of a sentence of the corpus>" answered with the rest of that
+  sentence (the model knows the corpus; SFT teaches it the turn format and when to stop);
+- the synthetic addition task with one-digit operands ("What is 3 + 4?" -> "7"), which a model
+  this small learns to answer right in a few dozen steps.
+
+``run_chat_demo`` writes those conversations, runs ``kiln.align.sft.run_sft`` on the base model (the
+chat tokens are added at its start) and returns the SFT run and a chat exchange to print.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+EXCHANGE = ("What is 3 + 4?", "Continue the text: And God said", "What is 5 + 2?")
+
+
+def corpus_conversations(
+    train: Path | Iterable[str], n: int, seed: int, words: int = 5, max_words: int = 14
+) -> list[dict]:
+    """``n`` "Continue the text" conversations from sentences of a corpus split: a ``{"text"}`` JSONL
+    file, or the split's texts (``kiln.data.readers.read_texts`` over a corpus artifact)."""
+    sentences = []
+    if isinstance(train, (str, Path)):
+        with open(train, encoding="utf-8") as f:
+            texts: Iterable[str] = [json.loads(line).get("text", "") for line in f]
+    else:
+        texts = train
+    for text in texts:
+        for s in re.split(r"(?<=[.;:?!])\s+|\n+", text):
+            w = s.split()
+            if words + 2 <= len(w) <= words + max_words:
+                sentences.append(w)
+    rng = random.Random(seed)
+    rng.shuffle(sentences)
+    return [{"messages": [{"role": "user", "content": "Continue the text: " + " ".join(w[:words])},
+                          {"role": "assistant", "content": " ".join(w[words:])}]} for w in sentences[:n]]
+
+
+def chat_data(corpus_dir: Path, out: Path, seed: int, n_corpus: int = 4000, n_add: int = 2000) -> Path:
+    """Write the demo's SFT conversations (corpus continuations + addition) to ``out`` (JSONL)."""
+    from kiln.align.rewards import addition_conversations
+    from kiln.data.readers import read_texts
+
+    # the corpus artifact's train split in whatever format the corpus stage wrote (train_*.jsonl.zst)
+    recs = corpus_conversations(read_texts(corpus_dir, split="train"), n_corpus, seed)
+    recs += addition_conversations(n_add, seed, 1)
+    random.Random(seed).shuffle(recs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tmp.replace(out)
+    return out
+
+
+def run_chat_demo(model_dir: Path, corpus_dir: Path, out: Path, steps: int, seed: int, device: str = "auto",
+                  force: bool = False) -> tuple[Path, list[tuple[str, str]]]:
+    """SFT the demo model on ``chat_data`` for ``steps`` steps; (the SFT run, [(question, reply)])."""
+    from kiln.align.sft import SFTConfig, run_sft
+    from kiln.align.stage import chat_reply, load_policy, pick_device
+
+    data = chat_data(corpus_dir, out / "chat.jsonl", seed)
+    base = SFTConfig()
+    cfg = SFTConfig(data=(str(data),), max_steps=steps, add_chat_tokens=True, eval_every=max(steps // 2, 1),
+                    sample_every=0, heldout_frac=0.05, max_heldout=64,
+                    train=replace(base.train, lr=2e-3, min_lr=2e-4, warmup_steps=min(5, steps), batch_size=16,
+                                  seed=seed, device=device, save_every=max(steps // 2, 1)))
+    run_dir = run_sft(cfg, model_dir, out / "sft", resume=not force)
+    model, _, tpl = load_policy(run_dir / "model", None, False, pick_device(device))
+    model.eval()
+    exchange = [(q, chat_reply(model, tpl, [{"role": "user", "content": q}], max_tokens=24)) for q in EXCHANGE]
+    return run_dir, exchange
+
+
+def format_exchange(exchange: list[tuple[str, str]]) -> str:
+    """The exchange as the demo prints it."""
+    return "\n".join(f"user:      {q}\nassistant: {a}" for q, a in exchange)
+
+
+def stats(run_dir: Path) -> dict[str, Any]:
+    """The SFT run's held-out loss before and after (from its manifest)."""
+    from kiln.artifacts import read_manifest
+
+    s = read_manifest(run_dir)["stats"]
+    return {"heldout_loss_before": s.get("heldout_loss_first"), "heldout_loss_after": s.get("heldout_loss"),
+            "steps": s.get("steps"), "conversations": s.get("conversations")}

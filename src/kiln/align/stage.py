@@ -1,0 +1,153 @@
+"""What SFT, DPO and GRPO share around the runtime: loading the policy, the run state, the export.
+
+Each stage is a thin user of ``kiln.train``'s runtime (``fit(cfg, state, batches, loss_fn, run,
+hooks=...)``): it supplies a batch source (``Stateful``: its position is in every checkpoint), a
+loss function and hooks; the loop, checkpoints, resume, logging and the schedule are the runtime's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.align.chat import CHAT_TOKENS, ChatTemplate, prepare_chat_model
+from kiln.tokenizer.tokenizer import Tokenizer
+
+NO_SPIKE_GUARD = {"spike_min_history": 10**9}
+"""TrainConfig overrides that switch the spike guard off: preference and policy-gradient losses
+change sign and scale by design (a DPO loss falls toward 0, a GRPO loss is centered on 0), so a
+loss 1.3x its median is no sign of divergence there."""
+
+
+def find_tokenizer_file(model_dir: str | os.PathLike) -> Path:
+    """Kiln's tokenizer file in a model folder (``kiln_tokenizer.json`` or ``tokenizer.json``)."""
+    d = Path(model_dir)
+    if not (d / "config.json").is_file() and (d / "model" / "config.json").is_file():
+        d = d / "model"
+    for name in ("kiln_tokenizer.json", "tokenizer.json"):
+        if (d / name).is_file():
+            return d / name
+    raise FileNotFoundError(f"{d} has no tokenizer.json; export the model with its tokenizer (a train run's model/ has it)")
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A Kiln tokenizer from a model folder or a tokenizer file (Kiln's or Hugging Face's JSON)."""
+    p = Path(path)
+    f = find_tokenizer_file(p) if p.is_dir() else p
+    try:
+        return Tokenizer.load(f)
+    except ValueError:
+        from kiln.tokenizer.interop import from_hf_json
+
+        return from_hf_json(f)
+
+
+def load_policy(
+    model_dir: str | os.PathLike, tokenizer: str | os.PathLike | None, add_chat_tokens: bool, device: torch.device
+) -> tuple[torch.nn.Module, Tokenizer, ChatTemplate]:
+    """(model, tokenizer with chat tokens, template), the model grown for the chat tokens if needed.
+
+    Without chat tokens and ``add_chat_tokens`` False: the one-line error that says how to add them.
+    """
+    from kiln.model import load_pretrained
+
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls outside autocast (rollouts)
+    tok_path = Path(tokenizer) if tokenizer is not None else find_tokenizer_file(model_dir)
+    tok = load_tokenizer(tok_path)
+    if ChatTemplate.from_tokenizer(tok) is None and not add_chat_tokens:
+        raise ValueError(
+            f"tokenizer {tok_path} has no chat tokens {list(CHAT_TOKENS)}; add them with "
+            f"`kiln tokenizer add-special {tok_path} --chat -o TOKDIR` and pass --tokenizer TOKDIR, "
+            "or pass --add-chat-tokens")
+    # On a GPU, torch's fused attention (the saved config may name Kiln's reference kernel, which
+    # materializes the scores); packed SFT rows use their document mask either way.
+    model = load_pretrained(model_dir, device=device, dtype=torch.float32,
+                            attention_impl="sdpa" if device.type == "cuda" else None)
+    tok, model = prepare_chat_model(tok, model)
+    return model, tok, ChatTemplate.from_tokenizer(tok)
+
+
+def train_config(base: Any, model: torch.nn.Module, **overrides: Any) -> Any:
+    """The stage's ``TrainConfig`` with the (possibly grown) model's config and ``overrides``."""
+    return dataclasses.replace(base, model=model.config, vocab_from_data=False, **overrides)
+
+
+def build_state(cfg: Any, model: torch.nn.Module, data: Any, dist: Any) -> tuple[Any, torch.nn.Module]:
+    """``TrainState`` at step 0 (optimizer, spike guard, the batch source) and the wrapped model."""
+    from kiln.artifacts import config_to_dict
+    from kiln.train import SpikeDetector, TrainState, build_optimizer
+
+    model_step = dist.wrap(model)
+    optimizer = build_optimizer(cfg, model, dist, next(model.parameters()).device)
+    spikes = SpikeDetector(cfg.spike_window, cfg.spike_min_history, cfg.spike_zscore, cfg.spike_ratio)
+    return TrainState(model, optimizer, data=data, spikes=spikes, config=config_to_dict(cfg)), model_step
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def export_chat_model(out_dir: Path, model: torch.nn.Module, tok: Tokenizer) -> Path:
+    """Write ``out_dir/model`` atomically (a temporary folder renamed): weights and the tokenizer
+    files (Hugging Face's, with the chat template and ``<|end|>`` as eos, and Kiln's
+    ``kiln_tokenizer.json``), so Kiln, ``kiln generate`` and ``transformers`` all open it."""
+    import shutil
+    import uuid
+
+    from kiln.align.chat import JINJA_TEMPLATE
+    from kiln.model import save_pretrained
+
+    final = out_dir / "model"
+    tmp = out_dir / f".model.tmp-{uuid.uuid4().hex[:8]}"
+    save_pretrained(model, tmp, tokenizer=tok, chat_template=JINJA_TEMPLATE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def chat_reply(model: torch.nn.Module, tpl: ChatTemplate, messages: list[dict[str, str]], max_tokens: int = 64,
+               temperature: float = 0.0, seed: int = 0) -> str:
+    """The model's reply to ``messages`` (greedy by default), decoded up to its end-of-turn token."""
+    from kiln.align.rollout import generate_replies
+
+    ids = tpl.render(messages, add_generation_prompt=True)
+    vocab = getattr(tpl.tokenizer, "vocab_size", None)
+    out = generate_replies(model, [ids], max_tokens, temperature, seed, tpl.stop_token_ids, vocab_limit=vocab)[0]
+    if out and out[-1] in tpl.stop_token_ids:
+        out = out[:-1]
+    return tpl.tokenizer.decode(out)
+
+
+def apply_stage_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """``key=value`` into a stage config; ``train.*`` keys go to its ``TrainConfig``."""
+    from kiln.train.config import _parse_value, apply_overrides
+
+    train_items = [o[len("train."):] for o in overrides if o.startswith("train.")]
+    top = {}
+    names = [f.name for f in dataclasses.fields(cfg) if f.name != "train"]
+    for item in overrides:
+        if item.startswith("train."):
+            continue
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. beta=0.2 or train.lr=1e-5")
+        key, raw = item.split("=", 1)
+        if key not in names:
+            close = difflib.get_close_matches(key, names + ["train.lr", "train.batch_size"], n=3)
+            raise ValueError(f"--set {key}: unknown key" + (f"; did you mean {', '.join(close)}?" if close else
+                                                            f"; known: {', '.join(names)}, train.*"))
+        current = getattr(cfg, key)
+        top[key] = tuple(raw.split(",")) if isinstance(current, tuple) and not current else _parse_value(raw, current, key)
+    if train_items:
+        if not hasattr(cfg, "train"):
+            raise ValueError(f"--set train.*: {type(cfg).__name__} has no train settings")
+        top["train"] = apply_overrides(cfg.train, train_items)
+    return dataclasses.replace(cfg, **top)
