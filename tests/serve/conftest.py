@@ -26,8 +26,9 @@ REPLIES = [
 CONTEXT = 128
 
 
-def build_chat_model(out: Path, steps: int = 100, seed: int = 0) -> Path:
-    """A byte-level tokenizer with the chat tokens and a 2-layer model overfit on REPLIES."""
+def build_chat_model(out: Path, steps: int = 160, seed: int = 0) -> Path:
+    """A byte-level tokenizer with the chat tokens and a 1-layer model overfit on REPLIES (and one
+    two-turn chat, so the chat page's second turn has a known answer too)."""
     import torch
 
     from kiln.align.chat import ChatTemplate, add_chat_tokens
@@ -36,8 +37,9 @@ def build_chat_model(out: Path, steps: int = 100, seed: int = 0) -> Path:
 
     tok = add_chat_tokens(Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"]))
     tpl = ChatTemplate.from_tokenizer(tok)
-    rows = [tpl.render([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                       add_generation_prompt=False) for q, a in REPLIES]
+    chats = [[("user", q), ("assistant", a)] for q, a in REPLIES]
+    chats.append([("user", "hi"), ("assistant", REPLIES[0][1]), ("user", "who are you?"), ("assistant", REPLIES[2][1])])
+    rows = [tpl.render([{"role": r, "content": c} for r, c in chat], add_generation_prompt=False) for chat in chats]
     T = max(len(r) for r in rows)
     x = torch.full((len(rows), T), tok.eot_id)
     for i, r in enumerate(rows):

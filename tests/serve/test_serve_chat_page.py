@@ -46,6 +46,9 @@ def test_chat_page_streams_a_reply_and_keeps_history(server, browser_context, tm
     page.locator(".assistant .meta").nth(1).wait_for(timeout=30_000)
     bubbles = page.eval_on_selector_all(".msg", "els => els.map(e => e.className.split(' ')[1])")
     assert bubbles == ["user", "assistant", "user", "assistant"]
+    # the whole history went with the second turn: the model answers as trained on the two-turn chat
+    assert page.eval_on_selector_all(".assistant", "els => els.map(e => e.firstChild.textContent)") == [
+        "Hello! I am Kiln, a small model.", "I am Kiln, a small model."]
     assert page.eval_on_selector_all(".meta", "els => els.map(e => e.textContent)")[1].endswith(" s")
     assert page.is_enabled("#send") and not page.is_enabled("#stop")
     shot = tmp_path / "chat_page.png"

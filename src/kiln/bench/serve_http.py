@@ -256,7 +256,8 @@ async def _client(url: str, bodies: list[dict], c: int) -> Timings:
 
 
 def _client_proc(args: tuple) -> tuple[float, float, Timings]:
-    url, bodies, c = args
+    url, bodies, c, start_at = args
+    time.sleep(max(0.0, start_at - time.time()))  # every client process starts together
     start = time.time()
     t = asyncio.run(_client(url, bodies, c))
     return start, time.time(), t
@@ -273,7 +274,8 @@ def run_http(url: str, model: str, requests: list[tuple[list, list[int]]], c: in
     k = max(1, min(procs, c))
     shares = [(c // k) + (1 if i < c % k else 0) for i in range(k)]
     slices = [bodies[i::k] for i in range(k)]
-    jobs = [(url + "/v1/chat/completions", s, sh) for s, sh in zip(slices, shares) if s]
+    start_at = time.time() + (5.0 if k > 1 else 0.0)  # time for the spawned processes to import
+    jobs = [(url + "/v1/chat/completions", s, sh, start_at) for s, sh in zip(slices, shares) if s]
     if len(jobs) == 1:
         results = [_client_proc(jobs[0])]
     else:
