@@ -104,7 +104,7 @@ def test_fit_all_intervals_cover_the_truth_and_round_trip(tmp_path):
     back = FitReport.from_dict(json.loads(path.read_text()))
     preds = {p.approach: p for p in predict(back, 1e21)}
     assert set(preds) == {"approach1", "approach2", "approach3"}
-    n_true, d_true, l_true = compute_optimal(_true(), 1e21)
+    n_true, _, l_true = compute_optimal(_true(), 1e21)
     for p in preds.values():
         assert p.n == pytest.approx(n_true, rel=0.6) and p.loss == pytest.approx(l_true, rel=0.03)
         assert p.n_ci is not None and p.n_ci[0] <= p.n_ci[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-
 from pathlib import Path
 
 
@@ -80,8 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _config(args):
-    from kiln.scaling.sweep import apply_sets
-    from kiln.scaling.sweep import PRESETS
+    from kiln.scaling.sweep import PRESETS, apply_sets
 
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; use one of {sorted(PRESETS)}")
@@ -89,8 +87,8 @@ def _config(args):
 
 
 def _plan(args) -> int:
-    from kiln.scaling.sweep import data_info, make_point, plan, table
     from kiln.scaling.shapes import shape_for_params
+    from kiln.scaling.sweep import data_info, make_point, plan, table
 
     cfg = _config(args)
     train_tokens = None

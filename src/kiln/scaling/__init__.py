@@ -23,7 +23,13 @@ from kiln.scaling.fit import (
     load_runs,
     predict,
 )
-from kiln.scaling.shapes import N_KINDS, ShapeRule, count_params, flops_per_token, shape_for_params
+from kiln.scaling.shapes import (
+    N_KINDS,
+    ShapeRule,
+    count_params,
+    flops_per_token,
+    shape_for_params,
+)
 from kiln.scaling.sweep import PRESETS, Point, ScalingConfig, plan, run_point
 
 __all__ = [

@@ -7,6 +7,7 @@ a copy of the tokenizer, so a GPU machine gets a few MiB instead of the corpus (
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ def _take(paths: list[Path], budget: int) -> tuple[np.ndarray, np.ndarray, int]:
         s = read_shard(p)
         vocab = max(vocab, s.vocab_size)
         bounds = list(s.doc_starts) + [len(s)]
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             take = min(int(b - a), budget - n)
             if take <= 0:
                 break
@@ -64,7 +65,7 @@ def subset_shards(src: str | os.PathLike, out: str | os.PathLike, train_tokens: 
         for name, paths, budget in (("train", train, train_tokens), ("val", val, val_tokens)):
             toks, starts, vocab = _take(paths, budget)
             write_shard(run.tmp / f"{name}_00000.bin", toks, starts, vocab)
-            stats[name] = {"tokens": int(len(toks)), "docs": int(len(starts)), "mib": round(len(toks) * toks.itemsize / 2**20, 2)}
+            stats[name] = {"tokens": len(toks), "docs": len(starts), "mib": round(len(toks) * toks.itemsize / 2**20, 2)}
         if tok is not None and tok.is_file():
             shutil.copy(tok, run.tmp / "tokenizer.json")
         run.stats = stats

@@ -34,7 +34,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -513,11 +512,11 @@ def fit_all(runs: Sequence[Run], bootstrap: int = 100, seed: int = 0, top_starts
                 p = approach3(runs, top_starts=top_starts)
                 rep.approach3 = asdict(p)
                 # Each refit starts from the full fit and the best few grid points (a resample's optimum is near).
-                refit = lambda rs: asdict(approach3(rs, top_starts=4, starts=np.vstack([p.theta, _best_grid(rs, 3)])))  # noqa: E731
+                refit = lambda rs, p=p: asdict(approach3(rs, top_starts=4, starts=np.vstack([p.theta, _best_grid(rs, 3)])))
             else:
                 f = fn(runs)
                 setattr(rep, name, _laws(f) | {"detail": _detail(f)})
-                refit = lambda rs, fn=fn: _laws(fn(rs))  # noqa: E731
+                refit = lambda rs, fn=fn: _laws(fn(rs))
         except ValueError as e:
             rep.errors[name] = str(e)
             continue

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.scaling.fit import FitReport, Parametric, PowerLaw, Run, compute_optimal, group_budgets
+from kiln.scaling.fit import (
+    FitReport,
+    Parametric,
+    PowerLaw,
+    Run,
+    compute_optimal,
+    group_budgets,
+)
 
 COLORS = {"approach1": "tab:blue", "approach2": "tab:orange", "approach3": "tab:green"}
 

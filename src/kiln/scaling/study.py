@@ -24,7 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.artifacts import MANIFEST, code_version, config_to_dict, write_json_atomic, write_text_atomic
+from kiln.artifacts import (
+    MANIFEST,
+    code_version,
+    config_to_dict,
+    write_json_atomic,
+    write_text_atomic,
+)
 from kiln.scaling.executors import DONE, Job, LocalExecutor
 from kiln.scaling.fit import FitReport, Run, fit_all, predict
 from kiln.scaling.shapes import N_KINDS, shape_for_params
@@ -251,8 +257,9 @@ def render_report(cfg: ScalingConfig, rep: FitReport, report: dict, results: lis
     elif check:
         lines += ["", f"Check: {check['error']}"]
     if report.get("stability"):
-        lines += ["", f"## Stability: predictions at {report['stability_budget']:.3e} FLOPs "
-                  "from the k sizes per budget nearest each budget's best run", "",
+        head = (f"## Stability: predictions at {report['stability_budget']:.3e} FLOPs "
+                "from the k sizes per budget nearest each budget's best run")
+        lines += ["", head, "",
                   "| k | runs | approach 1 N / loss | approach 2 N / loss | approach 3 N / loss |", "|---|---|---|---|---|"]
         for row in report["stability"]:
             cells = [f"{row[a]['n']:,.0f} / {row[a]['loss']:.4f}" if a in row else "-" for a in

@@ -31,7 +31,15 @@ from typing import Any
 from kiln.artifacts import write_json_atomic
 from kiln.model.config import ModelConfig
 from kiln.scaling.fit import Run
-from kiln.scaling.shapes import FLOPS_RULES, N_KINDS, ShapeRule, count_params, describe, flops_per_token, shape_for_params
+from kiln.scaling.shapes import (
+    FLOPS_RULES,
+    N_KINDS,
+    ShapeRule,
+    count_params,
+    describe,
+    flops_per_token,
+    shape_for_params,
+)
 
 
 @dataclass(frozen=True)

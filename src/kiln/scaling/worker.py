@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from kiln.scaling.executors import DONE, PAUSED
@@ -19,7 +20,7 @@ def run_job(spec_path: str, stop: Any = None) -> str:
     """Train the point described by ``spec_path``; ``"done"`` or ``"paused"``."""
     from kiln.scaling.sweep import Point, ScalingConfig, run_point
 
-    spec = json.loads(open(spec_path).read())
+    spec = json.loads(Path(spec_path).read_text())
     c = dict(spec["config"])
     c["budgets"] = tuple(c["budgets"])
     cfg, point = ScalingConfig(**c), Point(**spec["point"])
