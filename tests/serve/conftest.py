@@ -124,6 +124,13 @@ class ServerProcess:
         return self.proc.stdout.read()
 
 
+@pytest.fixture
+def server_process() -> type[ServerProcess]:
+    """The ``ServerProcess`` class, for a test that starts its own server with other flags (a bare
+    ``from conftest import`` picks whichever folder's conftest was loaded first in a full run)."""
+    return ServerProcess
+
+
 @pytest.fixture(scope="session")
 def server(chat_model_dir):
     s = ServerProcess(chat_model_dir)

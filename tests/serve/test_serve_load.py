@@ -77,12 +77,10 @@ def test_64_streaming_clients_half_hanging_up(server):
     assert growth < 40, f"server memory grew {growth:.1f} MiB over the load ({before['rss_mib']} -> {after['rss_mib']})"
 
 
-def test_sigterm_lets_an_in_flight_stream_finish_then_exits(chat_model_dir):
+def test_sigterm_lets_an_in_flight_stream_finish_then_exits(chat_model_dir, server_process):
     import threading
 
-    from conftest import ServerProcess
-
-    s = ServerProcess(chat_model_dir, "--shutdown-grace", "20")
+    s = server_process(chat_model_dir, "--shutdown-grace", "20")
     lines: list[str] = []
     first = threading.Event()
 
