@@ -67,7 +67,7 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float = 300.0) -> None:
 
 
 def test_cli_kill_then_sigterm_then_resume_is_bitwise_with_two_threads(tokens_dir, tmp_path):
-    steps = 10
+    steps = 6  # kill after step 2, pause after the resumed run's next step, finish: each CLI start is most of the cost
     torch.set_num_threads(2)  # the uninterrupted run in this process, as the CLI runs: same bits
     sets = OVERRIDES + [f"max_steps={steps}", f"eval_every={steps}", "save_every=2", "keep_last=3"]
     train(apply_overrides(tiny(), sets), tokens_dir, tmp_path / "a")
