@@ -130,9 +130,6 @@ def test_no_forbidden_edge():
 
 # File-level import circles that exist on purpose or await their fix, each named: frozenset of modules -> why.
 KNOWN_CIRCLES: dict[frozenset[str], str] = {
-    # LLMEngine streams text through engine.TextStreamer while engine.generate builds an LLMEngine
-    # (both imports lazy): moving TextStreamer out of engine.py opens it. Remove this entry then.
-    frozenset({"kiln.generate.engine", "kiln.generate.llm_engine"}): "engine work (issue: one engine)",
     # load_quality_classifier("default") lazily imports quality_default, which builds on quality's
     # QualityClassifier: the "default" dispatch belongs in quality_default (or the caller).
     frozenset({"kiln.data.quality", "kiln.data.quality_default"}): "data-quality work",

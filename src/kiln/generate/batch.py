@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kiln.generate.engine import prompt_ids, tokenizer_vocab_limit
-from kiln.generate.sampling import check_sampling_args
+from kiln.generate.engine import one_shot_engine, prompt_ids, tokenizer_vocab_limit
+from kiln.generate.sampling import SamplingParams, check_sampling_args
 from kiln.model.attention import causal_mask
 from kiln.model.kv_cache import KVCache
 from kiln.model.layers import scaled_dot_product_attention
@@ -143,9 +143,6 @@ def generate_batch(
     row ends before ``eot_id``, after ``max_new_tokens`` tokens, or once ``stop(new_ids)`` is true (the
     token that made it true is kept). ``model`` is a Kiln ``Transformer``. Returned in prompt order.
     """
-    from kiln.generate.engine import one_shot_engine
-    from kiln.generate.sampling import SamplingParams
-
     check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -199,9 +196,6 @@ def generate_texts(
     A row stops decoding as soon as its text contains a stop string (the engine's stop strings). An
     empty prompt starts from the end-of-text token.
     """
-    from kiln.generate.engine import one_shot_engine
-    from kiln.generate.sampling import SamplingParams
-
     check_sampling_args(temperature, top_k, top_p)
     eot = getattr(tokenizer, "eot_id", None)
     engine = one_shot_engine(model, tokenizer_vocab_limit(model, tokenizer), eot, max(1, batch_size), tokenizer)

@@ -28,6 +28,7 @@ from kiln.generate.sampling import SamplingParams, filter_logits, sample_next
 from kiln.generate.scheduler import Scheduler
 from kiln.generate.sequence import Sequence, Status
 from kiln.generate.speculative import make_proposer
+from kiln.generate.streamer import TextStreamer
 from kiln.model import Transformer
 
 
@@ -184,8 +185,6 @@ class LLMEngine:
             gen.seed()
         streamer = None
         if self.tokenizer is not None:
-            from kiln.generate.engine import TextStreamer
-
             streamer = TextStreamer(self.tokenizer)
         seq = Sequence(rid, prompt, params, gen, streamer)
         if self.config.context_overflow == "slide":
