@@ -130,9 +130,6 @@ def test_no_forbidden_edge():
 
 # File-level import circles that exist on purpose or await their fix, each named: frozenset of modules -> why.
 KNOWN_CIRCLES: dict[frozenset[str], str] = {
-    # bench data dispatches to bench_quality lazily; data_quality takes write_eval_warc from bench.data:
-    # the shared WARC writer belongs in a module both import.
-    frozenset({"kiln.bench.data", "kiln.bench.data_quality"}): "data-quality work",
     # executors run worker.run_job lazily; worker takes the DONE/PAUSED markers from executors: the
     # markers belong in a module both import.
     frozenset({"kiln.scaling.executors", "kiln.scaling.worker"}): "scaling work",
