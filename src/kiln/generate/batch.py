@@ -20,7 +20,7 @@ from torch import Tensor
 
 from kiln.generate.engine import one_shot_engine, prompt_ids, tokenizer_vocab_limit
 from kiln.generate.sampling import SamplingParams, check_sampling_args
-from kiln.model.attention import causal_mask
+from kiln.model.attention import attention_swapped, causal_mask
 from kiln.model.kv_cache import KVCache
 from kiln.model.layers import scaled_dot_product_attention
 
@@ -82,16 +82,9 @@ def padded_attention(model: Any) -> Iterator[PaddedAttention]:
     The layers' own kernels are put back on exit. Fused (torch SDPA) when the model used ``sdpa`` or
     ``triton``, Kiln's reference otherwise.
     """
-    attns = [layer.self_attn for layer in model.layers]
-    saved = [a.attention_impl for a in attns]
-    pa = PaddedAttention(fused=saved[0] in ("sdpa", "triton"))
-    try:
-        for a in attns:
-            a.attention_impl = pa
+    pa = PaddedAttention(fused=model.layers[0].self_attn.attention_impl in ("sdpa", "triton"))
+    with attention_swapped(model, pa):
         yield pa
-    finally:
-        for a, s in zip(attns, saved):
-            a.attention_impl = s
 
 
 def prefill_padded(
