@@ -24,6 +24,58 @@ change sign and scale by design (a DPO loss falls toward 0, a GRPO loss is cente
 loss 1.3x its median is no sign of divergence there."""
 
 
+class EpochBatches:
+    """Base of the stages' batch sources: items drawn ``micro_batch`` at a time, epoch after epoch,
+    each epoch in its own seeded order; ``Stateful`` (``(epoch, pos, seed)`` is the position).
+
+    A subclass sets ``micro_batch`` and ``seed``, defines ``_epoch_items(epoch)`` (that epoch's items in
+    order) and ``collate(items)`` (the batch tuple), and calls ``_start()`` once its data is in place.
+    """
+
+    micro_batch: int
+    seed: int
+
+    def _start(self) -> None:
+        self.epoch, self.pos = 0, 0
+        self._items = self._epoch_items(0)
+
+    def _epoch_items(self, epoch: int) -> list:
+        raise NotImplementedError
+
+    def collate(self, items: list) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _permutation(self, n: int, epoch: int) -> list[int]:
+        """Epoch ``epoch``'s order of ``n`` items (the same for the same seed, on any machine)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+    def __iter__(self) -> EpochBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        picked = []
+        while len(picked) < self.micro_batch:
+            if self.pos >= len(self._items):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._items = self._epoch_items(self.epoch)
+            picked.append(self._items[self.pos])
+            self.pos += 1
+        return self.collate(picked)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.seed, self.epoch, self.pos = int(s["seed"]), int(s["epoch"]), int(s["pos"])
+        self._items = self._epoch_items(self.epoch)
+
+    def reseed(self, seed: int) -> None:
+        """A new order from this point (the runtime's rollback)."""
+        self.seed = seed
+        self._items = self._epoch_items(self.epoch)
+
+
 def find_tokenizer_file(model_dir: str | os.PathLike) -> Path:
     """Kiln's tokenizer file in a model folder (``kiln_tokenizer.json`` or ``tokenizer.json``)."""
     d = Path(model_dir)
