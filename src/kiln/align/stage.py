@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from kiln.align.chat import CHAT_TOKENS, ChatTemplate, prepare_chat_model
+from kiln.distributed.runtime import pick_device  # the one device choice; the stages import it from here
 from kiln.tokenizer.tokenizer import Tokenizer
 
 NO_SPIKE_GUARD = {"spike_min_history": 10**9}
@@ -139,13 +140,6 @@ def build_state(cfg: Any, model: torch.nn.Module, data: Any, dist: Any) -> tuple
     optimizer = build_optimizer(cfg, model, dist, next(model.parameters()).device)
     spikes = SpikeDetector(cfg.spike_window, cfg.spike_min_history, cfg.spike_zscore, cfg.spike_ratio)
     return TrainState(model, optimizer, data=data, spikes=spikes, config=config_to_dict(cfg)), model_step
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def export_chat_model(out_dir: Path, model: torch.nn.Module, tok: Tokenizer) -> Path:
