@@ -175,7 +175,7 @@ def run_sft(cfg: SFTConfig, model_dir: str | os.PathLike, out_dir: str | os.Path
     """
     from kiln.align.stage import build_state, export_chat_model, load_policy, pick_device, train_config
     from kiln.distributed import SingleProcess
-    from kiln.train import Hook, RunDir, fit
+    from kiln.train import RunDir, fit
 
     dist = dist or SingleProcess()
     torch.manual_seed(cfg.train.seed)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kiln.align.chat import CHAT_TOKENS, ChatTemplate, prepare_chat_model
-from kiln.distributed.runtime import pick_device  # the one device choice; the stages import it from here
+from kiln.distributed.runtime import pick_device as pick_device  # the one device choice; stages import it here
 from kiln.tokenizer.tokenizer import Tokenizer
 
 NO_SPIKE_GUARD = {"spike_min_history": 10**9}
