@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from kiln.generate.llm_engine import EngineConfig, LLMEngine
+from kiln.generate.llm_engine import EngineConfig, LLMEngine, window_keep  # noqa: F401 (window_keep: a public name here)
 from kiln.generate.sampling import SamplingParams, check_sampling_args
 from kiln.generate.streamer import TextStreamer, TokenizerLike
 from kiln.model import Transformer
@@ -74,12 +74,6 @@ def _engine_tokens(engine: Any, eot_id: int | None) -> Iterator[int]:
                 if out.finish_reason == "stop" and t == eot_id:
                     return
                 yield t
-
-
-def window_keep(context_length: int) -> int:
-    """Tokens kept when a full context slides: the most recent 3/4, re-encoded from position 0
-    (one re-encode per ``context_length // 4`` new tokens instead of one per token)."""
-    return max(1, context_length - context_length // 4)
 
 
 def stream(
