@@ -90,14 +90,10 @@ def find_tokenizer_file(model_dir: str | os.PathLike) -> Path:
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A Kiln tokenizer from a model folder or a tokenizer file (Kiln's or Hugging Face's JSON)."""
-    p = Path(path)
-    f = find_tokenizer_file(p) if p.is_dir() else p
-    try:
-        return Tokenizer.load(f)
-    except ValueError:
-        from kiln.tokenizer.interop import from_hf_json
+    from kiln.tokenizer.folder import load_tokenizer as load_file  # the format told by content
 
-        return from_hf_json(f)
+    p = Path(path)
+    return load_file(find_tokenizer_file(p) if p.is_dir() else p)
 
 
 def load_policy(
