@@ -130,15 +130,6 @@ def test_no_forbidden_edge():
 
 # File-level import circles that exist on purpose or await their fix, each named: frozenset of modules -> why.
 KNOWN_CIRCLES: dict[frozenset[str], str] = {
-    # LLMEngine streams text through engine.TextStreamer while engine.generate builds an LLMEngine
-    # (both imports lazy): moving TextStreamer out of engine.py opens it. Remove this entry then.
-    frozenset({"kiln.generate.engine", "kiln.generate.llm_engine"}): "engine work (issue: one engine)",
-    # load_quality_classifier("default") lazily imports quality_default, which builds on quality's
-    # QualityClassifier: the "default" dispatch belongs in quality_default (or the caller).
-    frozenset({"kiln.data.quality", "kiln.data.quality_default"}): "data-quality work",
-    # bench data dispatches to bench_quality lazily; data_quality takes write_eval_warc from bench.data:
-    # the shared WARC writer belongs in a module both import.
-    frozenset({"kiln.bench.data", "kiln.bench.data_quality"}): "data-quality work",
     # executors run worker.run_job lazily; worker takes the DONE/PAUSED markers from executors: the
     # markers belong in a module both import.
     frozenset({"kiln.scaling.executors", "kiln.scaling.worker"}): "scaling work",

@@ -96,12 +96,11 @@ def run_demo(cfg: DemoConfig) -> Path:
     from kiln.data.corpus import CorpusConfig, prepare_corpus
     from kiln.data.readers import read_texts
     from kiln.distributed import pick_device
-    from kiln.model.heldout import evaluate_heldout
     from kiln.generate import generate
     from kiln.model import load_pretrained
-    from kiln.shards import TokenizeConfig, read_shard, tokenize_corpus
+    from kiln.shards import TokenizeConfig, tokenize_corpus
     from kiln.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
-    from kiln.train import PRESETS, apply_overrides, train
+    from kiln.train import PRESETS, train
 
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
@@ -135,30 +134,14 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     t = stage(f"4/7 train: preset {cfg.preset}")
     tokenizer = Tokenizer.load(tok_dir)
-    train_cfg = PRESETS[cfg.preset]()
-    train_cfg = replace(train_cfg, model=replace(train_cfg.model, vocab_size=tokenizer.vocab_size),
-                        seed=cfg.seed, device=cfg.device)
-    if cfg.max_steps is not None:
-        # A short run keeps the preset's shape but scales warm-up with it (~5% of the steps).
-        warmup = min(train_cfg.warmup_steps, max(1, cfg.max_steps // 20))
-        train_cfg = replace(train_cfg, max_steps=cfg.max_steps, max_tokens=0, warmup_steps=warmup)
-    train_cfg = apply_overrides(train_cfg, list(cfg.overrides))
-    train_dir = train(train_cfg, tokens_dir, out / "train", tokenizer_path=tok_dir)
+    train_dir = train(_train_config(cfg, tokenizer.vocab_size), tokens_dir, out / "train", tokenizer_path=tok_dir)
     timings["train"] = time.perf_counter() - t
 
     t = stage("5/7 eval: held-out loss and bits per byte")
     device = str(pick_device(cfg.device))
     model = load_pretrained(train_dir / "model", device=device)
     model.eval()
-    val_paths = sorted(Path(tokens_dir).glob("val_*.bin"))
-    val_tokens = np.concatenate([np.asarray(read_shard(p).tokens) for p in val_paths])
-    token_bytes = tokenizer.token_bytes()
-    batch = 16
-    max_batches = -(-cfg.eval_tokens // (batch * model.config.context_length))
-    heldout = evaluate_heldout(
-        model, val_tokens, token_bytes, context_length=model.config.context_length,
-        batch_size=batch, max_batches=max_batches, device=device,
-    )
+    heldout = _heldout(model, tokens_dir, tokenizer.token_bytes(), cfg.eval_tokens, device)
     timings["eval"] = time.perf_counter() - t
     print(f"held-out loss {heldout['loss']:.4f} | perplexity {np.exp(heldout['loss']):.1f} | "
           f"bits/byte {heldout['bpb']:.4f} over {heldout['tokens']:,} tokens")
@@ -187,6 +170,37 @@ def run_demo(cfg: DemoConfig) -> Path:
     report = write_report(out, cfg, corpus_dir, tok_dir, tokens_dir, train_dir, heldout, samples, timings, chat)
     print(f"\nreport: {report}")
     return report
+
+
+def _train_config(cfg: DemoConfig, vocab_size: int) -> Any:
+    """The preset's TrainConfig for this demo: the tokenizer's vocabulary, the demo's seed and device,
+    ``max_steps`` and ``overrides`` applied."""
+    from kiln.train import PRESETS, apply_overrides
+
+    train_cfg = PRESETS[cfg.preset]()
+    train_cfg = replace(train_cfg, model=replace(train_cfg.model, vocab_size=vocab_size), seed=cfg.seed,
+                        device=cfg.device)
+    if cfg.max_steps is not None:
+        # A short run keeps the preset's shape but scales warm-up with it (~5% of the steps).
+        warmup = min(train_cfg.warmup_steps, max(1, cfg.max_steps // 20))
+        train_cfg = replace(train_cfg, max_steps=cfg.max_steps, max_tokens=0, warmup_steps=warmup)
+    return apply_overrides(train_cfg, list(cfg.overrides))
+
+
+def _heldout(model: Any, tokens_dir: Path, token_bytes: Any, eval_tokens: int, device: str) -> dict[str, Any]:
+    """Held-out loss and bits per byte of ``model`` on the val shards of ``tokens_dir``, over about
+    ``eval_tokens`` tokens in batches of 16 full contexts."""
+    import numpy as np
+
+    from kiln.model.heldout import evaluate_heldout
+    from kiln.shards import read_shard
+
+    val_paths = sorted(Path(tokens_dir).glob("val_*.bin"))
+    val_tokens = np.concatenate([np.asarray(read_shard(p).tokens) for p in val_paths])
+    batch = 16
+    max_batches = -(-eval_tokens // (batch * model.config.context_length))
+    return evaluate_heldout(model, val_tokens, token_bytes, context_length=model.config.context_length,
+                            batch_size=batch, max_batches=max_batches, device=device)
 
 
 def _stats(artifact: Path) -> dict[str, Any]:

@@ -113,3 +113,31 @@ def test_bad_head_counts_are_rejected():
         MultiHeadSelfAttention(16, 4, num_kv_heads=3)
     with pytest.raises(ValueError, match="attention_impl"):
         MultiHeadSelfAttention(16, 4, attention_impl="flash9")
+
+
+def test_attention_swapped_runs_the_given_kernel_and_puts_the_layers_back():
+    """Every layer runs the swapped-in kernel inside the block (the output equals the model with
+    that kernel by name), and each layer's own kernel is back after the block, even after an error."""
+    from kiln.model import ModelConfig, Transformer
+    from kiln.model.attention import attention_swapped
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+    model = Transformer(cfg).eval()
+    idx = torch.randint(0, 64, (2, 8))
+    calls = []
+
+    def counted(q, k, v, q_offset=0):
+        calls.append(q.shape)
+        return sdpa_attention(q, k, v, q_offset)
+
+    with torch.no_grad():
+        ref = model(idx)
+        with attention_swapped(model, counted):
+            got = model(idx)
+    assert len(calls) == cfg.n_layers
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert [layer.self_attn.attention_impl for layer in model.layers] == ["kiln", "kiln"]
+    with pytest.raises(RuntimeError), attention_swapped(model, counted):
+        raise RuntimeError("boom")
+    assert [layer.self_attn.attention_impl for layer in model.layers] == ["kiln", "kiln"]

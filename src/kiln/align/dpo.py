@@ -24,7 +24,7 @@ from torch import Tensor
 
 from kiln.align.data import PreferencePair, ReadReport, encode_preference, read_preferences
 from kiln.align.losses import dpo_loss, token_log_probs
-from kiln.align.stage import NO_SPIKE_GUARD
+from kiln.align.stage import NO_SPIKE_GUARD, EpochBatches
 from kiln.train.config import TrainConfig
 
 Encoded = tuple[list[int], list[int], list[int]]
@@ -143,7 +143,7 @@ def cached_reference_logps(cache: Path, key: str, compute: Any) -> Tensor:
     return logps
 
 
-class DPOBatches:
+class DPOBatches(EpochBatches):
     """Micro-batches of pairs with their reference log-probs (``Stateful``: ``(epoch, pos)``).
 
     Yields ``(ids (2m, T), labels, mask, ref (m, 2), lengths (m, 2))`` on the device.
@@ -155,26 +155,11 @@ class DPOBatches:
             raise ValueError("no usable training pairs (see the read report above)")
         self.pairs, self.ref, self.micro_batch = pairs, ref, micro_batch
         self.seed, self.pad_id, self.device = seed, pad_id, torch.device(device)
-        self.epoch, self.pos = 0, 0
-        self._order = self._epoch_order(0)
+        self._start()
         self.metrics = DPOMetrics()  # rewards of the batches drawn since the last log line (checkpointed)
 
-    def _epoch_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.pairs), generator=g).tolist()
-
-    def __iter__(self) -> DPOBatches:
-        return self
-
-    def __next__(self) -> tuple[Tensor, ...]:
-        idx = []
-        while len(idx) < self.micro_batch:
-            if self.pos >= len(self._order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._epoch_order(self.epoch)
-            idx.append(self._order[self.pos])
-            self.pos += 1
-        return self.collate(idx)
+    def _epoch_items(self, epoch: int) -> list[int]:
+        return self._permutation(len(self.pairs), epoch)
 
     def collate(self, idx: list[int]) -> tuple[Tensor, ...]:
         chunk = [self.pairs[i] for i in idx]
@@ -183,17 +168,12 @@ class DPOBatches:
         return tuple(t.to(self.device) for t in (ids, labels, mask, self.ref[idx], lengths))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "metrics": self.metrics.sums}
+        return {**super().state_dict(), "metrics": self.metrics.sums}
 
     def load_state_dict(self, s: dict) -> None:
-        self.seed, self.epoch, self.pos = int(s["seed"]), int(s["epoch"]), int(s["pos"])
-        self._order = self._epoch_order(self.epoch)
+        super().load_state_dict(s)
         m = s.get("metrics")
         self.metrics.sums = None if m is None else m.to(self.device)
-
-    def reseed(self, seed: int) -> None:
-        self.seed = seed
-        self._order = self._epoch_order(self.epoch)
 
 
 class DPOMetrics:

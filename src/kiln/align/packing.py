@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kiln.model.attention import attention_swapped
 from kiln.model.layers import scaled_dot_product_attention
 
 Example = tuple[Sequence[int], Sequence[int]]
@@ -105,16 +106,9 @@ class DocumentAttention:
 def document_attention(model: Any, doc_ids: Tensor) -> Iterator[DocumentAttention]:
     """Within the block, every attention layer of ``model`` (a Kiln ``Transformer``) masks across
     documents of ``doc_ids`` (B, T); the layers' own kernels are put back on exit."""
-    attns = [layer.self_attn for layer in model.layers]
-    saved = [a.attention_impl for a in attns]
     fn = DocumentAttention(doc_ids)
-    try:
-        for a in attns:
-            a.attention_impl = fn
+    with attention_swapped(model, fn):
         yield fn
-    finally:
-        for a, s in zip(attns, saved):
-            a.attention_impl = s
 
 
 def build_padded(example: Example, seq_len: int, pad_id: int = 0) -> tuple[Tensor, Tensor, Tensor]:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from kiln.align.data import Conversation, ReadReport, encode_conversation, read_conversations
 from kiln.align.packing import Example, build_padded, build_row, document_attention, pack
+from kiln.align.stage import EpochBatches
 from kiln.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class SFTConfig:
             raise ValueError("SFTConfig.epochs must be > 0 (or set max_steps)")
 
 
-class SFTBatches:
+class SFTBatches(EpochBatches):
     """Micro-batches of SFT rows, epoch after epoch (``Stateful``: ``(epoch, pos)`` is the position).
 
     Packed rows yield ``(ids, labels, mask, positions, doc_ids)``; unpacked ``(ids, labels, mask)``,
@@ -86,12 +87,10 @@ class SFTBatches:
             raise ValueError("no usable training conversations (see the read report above)")
         self.examples, self.seq_len, self.micro_batch = examples, seq_len, micro_batch
         self.packed, self.seed, self.pad_id, self.device = packed, seed, pad_id, torch.device(device)
-        self.epoch, self.pos = 0, 0
-        self._rows = self._epoch_rows(0)
+        self._start()
 
-    def _epoch_rows(self, epoch: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.examples), generator=g).tolist()
+    def _epoch_items(self, epoch: int) -> list[list[int]]:
+        order = self._permutation(len(self.examples), epoch)
         if not self.packed:
             return [[i] for i in order]
         return [[order[j] for j in row] for row in pack([self.examples[i] for i in order], self.seq_len)]
@@ -99,20 +98,7 @@ class SFTBatches:
     @property
     def rows_per_epoch(self) -> int:
         """Rows in one pass (epoch 0's packing; later epochs differ by a row or two at most)."""
-        return len(self._epoch_rows(0))
-
-    def __iter__(self) -> SFTBatches:
-        return self
-
-    def __next__(self) -> tuple[Tensor, ...]:
-        picked = []
-        while len(picked) < self.micro_batch:
-            if self.pos >= len(self._rows):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._rows = self._epoch_rows(self.epoch)
-            picked.append(self._rows[self.pos])
-            self.pos += 1
-        return self.collate(picked)
+        return len(self._epoch_items(0))
 
     def collate(self, rows: list[list[int]]) -> tuple[Tensor, ...]:
         """Stack rows (lists of example indices) into the batch tuple, on the device."""
@@ -121,18 +107,6 @@ class SFTBatches:
         else:
             built = [build_padded(self.examples[r[0]], self.seq_len, self.pad_id) for r in rows]
         return tuple(torch.stack(parts).to(self.device) for parts in zip(*built))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.seed, self.epoch, self.pos = int(s["seed"]), int(s["epoch"]), int(s["pos"])
-        self._rows = self._epoch_rows(self.epoch)
-
-    def reseed(self, seed: int) -> None:
-        """A new order from this point (the runtime's rollback)."""
-        self.seed = seed
-        self._rows = self._epoch_rows(self.epoch)
 
 
 def masked_nll(logits: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,7 +175,7 @@ def run_sft(cfg: SFTConfig, model_dir: str | os.PathLike, out_dir: str | os.Path
     """
     from kiln.align.stage import build_state, export_chat_model, load_policy, pick_device, train_config
     from kiln.distributed import SingleProcess
-    from kiln.train import Hook, RunDir, fit
+    from kiln.train import RunDir, fit
 
     dist = dist or SingleProcess()
     torch.manual_seed(cfg.train.seed)
@@ -246,7 +220,7 @@ def _hooks(cfg: SFTConfig, model: Any, tpl: Any, held_src: SFTBatches | None, ru
     def evaluate(step: int) -> dict | None:
         if held_src is None:
             return None
-        r = {"heldout_loss": heldout_loss(model, held_src, held_src._epoch_rows(0))}
+        r = {"heldout_loss": heldout_loss(model, held_src, held_src._epoch_items(0))}
         evals.append({"step": step, **r})
         runlog.info(f"step {step} | held-out loss {r['heldout_loss']:.4f} (assistant tokens)")
         runlog.metrics({"step": step, **r})

@@ -16,12 +16,65 @@ from typing import Any
 import torch
 
 from kiln.align.chat import CHAT_TOKENS, ChatTemplate, prepare_chat_model
+from kiln.distributed.runtime import pick_device as pick_device  # the one device choice; stages import it here
 from kiln.tokenizer.tokenizer import Tokenizer
 
 NO_SPIKE_GUARD = {"spike_min_history": 10**9}
 """TrainConfig overrides that switch the spike guard off: preference and policy-gradient losses
 change sign and scale by design (a DPO loss falls toward 0, a GRPO loss is centered on 0), so a
 loss 1.3x its median is no sign of divergence there."""
+
+
+class EpochBatches:
+    """Base of the stages' batch sources: items drawn ``micro_batch`` at a time, epoch after epoch,
+    each epoch in its own seeded order; ``Stateful`` (``(epoch, pos, seed)`` is the position).
+
+    A subclass sets ``micro_batch`` and ``seed``, defines ``_epoch_items(epoch)`` (that epoch's items in
+    order) and ``collate(items)`` (the batch tuple), and calls ``_start()`` once its data is in place.
+    """
+
+    micro_batch: int
+    seed: int
+
+    def _start(self) -> None:
+        self.epoch, self.pos = 0, 0
+        self._items = self._epoch_items(0)
+
+    def _epoch_items(self, epoch: int) -> list:
+        raise NotImplementedError
+
+    def collate(self, items: list) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _permutation(self, n: int, epoch: int) -> list[int]:
+        """Epoch ``epoch``'s order of ``n`` items (the same for the same seed, on any machine)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+    def __iter__(self) -> EpochBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        picked = []
+        while len(picked) < self.micro_batch:
+            if self.pos >= len(self._items):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._items = self._epoch_items(self.epoch)
+            picked.append(self._items[self.pos])
+            self.pos += 1
+        return self.collate(picked)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.seed, self.epoch, self.pos = int(s["seed"]), int(s["epoch"]), int(s["pos"])
+        self._items = self._epoch_items(self.epoch)
+
+    def reseed(self, seed: int) -> None:
+        """A new order from this point (the runtime's rollback)."""
+        self.seed = seed
+        self._items = self._epoch_items(self.epoch)
 
 
 def find_tokenizer_file(model_dir: str | os.PathLike) -> Path:
@@ -37,14 +90,10 @@ def find_tokenizer_file(model_dir: str | os.PathLike) -> Path:
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A Kiln tokenizer from a model folder or a tokenizer file (Kiln's or Hugging Face's JSON)."""
-    p = Path(path)
-    f = find_tokenizer_file(p) if p.is_dir() else p
-    try:
-        return Tokenizer.load(f)
-    except ValueError:
-        from kiln.tokenizer.interop import from_hf_json
+    from kiln.tokenizer.folder import load_tokenizer as load_file  # the format told by content
 
-        return from_hf_json(f)
+    p = Path(path)
+    return load_file(find_tokenizer_file(p) if p.is_dir() else p)
 
 
 def load_policy(
@@ -87,13 +136,6 @@ def build_state(cfg: Any, model: torch.nn.Module, data: Any, dist: Any) -> tuple
     optimizer = build_optimizer(cfg, model, dist, next(model.parameters()).device)
     spikes = SpikeDetector(cfg.spike_window, cfg.spike_min_history, cfg.spike_zscore, cfg.spike_ratio)
     return TrainState(model, optimizer, data=data, spikes=spikes, config=config_to_dict(cfg)), model_step
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def export_chat_model(out_dir: Path, model: torch.nn.Module, tok: Tokenizer) -> Path:

@@ -35,6 +35,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from kiln.data.warc import write_warc as write_eval_warc  # the old public name
+
 
 def load_udhr_lines(
     zip_path: str | os.PathLike, langs: dict[str, str] | None = None, min_chars: int = 20
@@ -376,27 +378,6 @@ def bench_minhash(n_docs: int = 5000, n_dups: int = 1000) -> list[dict[str, Any]
                      "peak_mib_per_1k_docs": peak / 2**20 / (len(texts) / 5 / 1000),
                      "precision": p, "recall": r, "true_pairs_j>=0.8": n_true})
     return rows
-
-
-def write_eval_warc(pages: list[dict[str, Any]], path: Path, copies: int = 1) -> int:
-    """Write the evaluation pages as WARC response records (``copies`` times each); returns records."""
-    import gzip
-
-    n = 0
-    with gzip.open(path, "wb") as f:
-        for c in range(copies):
-            for i, p in enumerate(pages):
-                body = p["html"].encode("utf-8")
-                http = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + body
-                head = (
-                    "WARC/1.0\r\nWARC-Type: response\r\n"
-                    f"WARC-Record-ID: <urn:kiln:{c}:{i}>\r\nWARC-Target-URI: {p['url']}\r\n"
-                    "WARC-Date: 2024-01-01T00:00:00Z\r\nContent-Type: application/http; msgtype=response\r\n"
-                    f"Content-Length: {len(http)}\r\n\r\n"
-                ).encode()
-                f.write(head + http + b"\r\n\r\n")
-                n += 1
-    return n
 
 
 def bench_pipeline(shared: Path, limit: int | None, work: Path) -> list[dict[str, Any]]:

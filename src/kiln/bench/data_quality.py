@@ -82,11 +82,11 @@ def bench_quality(shared: Path, work: Path, steps: int = 300, seconds: float = 0
                   limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
     """The three tables of the module doc (``limit``: use only that many evaluation pages). Each
     downstream run trains ``steps`` steps of 512 tokens (``seconds`` > 0 also caps its time)."""
-    from kiln.bench.data import write_eval_warc
     from kiln.data.extract import load_trafilatura_eval
     from kiln.data.pipeline import run_pipeline, web_en
     from kiln.data.quality import QualityConfig
     from kiln.data.quality_default import load_default_quality_classifier, windows
+    from kiln.data.warc import write_warc
 
     clf = load_default_quality_classifier()
     wiki_text = (shared / "pretrain" / "wiki_demo.txt").read_text(encoding="utf-8")
@@ -100,7 +100,7 @@ def bench_quality(shared: Path, work: Path, steps: int = 300, seconds: float = 0
     pages = load_trafilatura_eval(str(shared / "web" / "trafilatura_eval_html.tar.gz"))[:limit]
     work.mkdir(parents=True, exist_ok=True)
     warc = work / "pages.warc.gz"
-    n = write_eval_warc(pages, warc)
+    n = write_warc(pages, warc)
     funnel = []
     kept_pages: list[str] = []
     for name, quality in (("web_en", QualityConfig()), ("web_en + quality default", QualityConfig(classifier="default"))):

@@ -14,7 +14,7 @@ and which is read as a zip, never imported:
   file is a pickle: its strings are read with :mod:`pickletools` (opcodes listed, nothing executed).
 
 Both classes are cut into windows of ``window_words`` words and balanced. The model is a
-:class:`~kiln.data.quality.QualityClassifier` over 2**16 hashed unigram+bigram buckets, saved as
+:class:`~kiln.data.quality_classifier.QualityClassifier` over 2**16 hashed unigram+bigram buckets, saved as
 float16 (``kiln/data/models/quality_default.npz``, ~100-200 KB, SHA-256 pinned in
 :data:`DEFAULT_MODEL_SHA256`). Rebuild with ``kiln data build-quality-model``; held-out accuracy and
 the effect of filtering are in docs/benchmarks.md.
@@ -35,7 +35,11 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.data.quality import QualityClassifier, QualityTrainConfig, train_quality_classifier
+from kiln.data.quality_classifier import (
+    QualityClassifier,
+    QualityTrainConfig,
+    train_quality_classifier,
+)
 
 GENSIM_VERSION = "4.4.0"
 _DATA = "gensim/test/test_data/"

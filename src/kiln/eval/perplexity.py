@@ -15,7 +15,6 @@ bits per byte but kept in the token-level loss.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence

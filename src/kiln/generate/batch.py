@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kiln.generate.engine import prompt_ids, tokenizer_vocab_limit
-from kiln.generate.sampling import check_sampling_args
-from kiln.model.attention import causal_mask
+from kiln.generate.engine import one_shot_engine, prompt_ids, tokenizer_vocab_limit
+from kiln.generate.sampling import SamplingParams, check_sampling_args
+from kiln.model.attention import attention_swapped, causal_mask
 from kiln.model.kv_cache import KVCache
 from kiln.model.layers import scaled_dot_product_attention
 
@@ -82,16 +82,9 @@ def padded_attention(model: Any) -> Iterator[PaddedAttention]:
     The layers' own kernels are put back on exit. Fused (torch SDPA) when the model used ``sdpa`` or
     ``triton``, Kiln's reference otherwise.
     """
-    attns = [layer.self_attn for layer in model.layers]
-    saved = [a.attention_impl for a in attns]
-    pa = PaddedAttention(fused=saved[0] in ("sdpa", "triton"))
-    try:
-        for a in attns:
-            a.attention_impl = pa
+    pa = PaddedAttention(fused=model.layers[0].self_attn.attention_impl in ("sdpa", "triton"))
+    with attention_swapped(model, pa):
         yield pa
-    finally:
-        for a, s in zip(attns, saved):
-            a.attention_impl = s
 
 
 def prefill_padded(
@@ -143,9 +136,6 @@ def generate_batch(
     row ends before ``eot_id``, after ``max_new_tokens`` tokens, or once ``stop(new_ids)`` is true (the
     token that made it true is kept). ``model`` is a Kiln ``Transformer``. Returned in prompt order.
     """
-    from kiln.generate.engine import one_shot_engine
-    from kiln.generate.sampling import SamplingParams
-
     check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -199,9 +189,6 @@ def generate_texts(
     A row stops decoding as soon as its text contains a stop string (the engine's stop strings). An
     empty prompt starts from the end-of-text token.
     """
-    from kiln.generate.engine import one_shot_engine
-    from kiln.generate.sampling import SamplingParams
-
     check_sampling_args(temperature, top_k, top_p)
     eot = getattr(tokenizer, "eot_id", None)
     engine = one_shot_engine(model, tokenizer_vocab_limit(model, tokenizer), eot, max(1, batch_size), tokenizer)

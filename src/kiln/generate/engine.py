@@ -8,63 +8,13 @@ the context (a sliding window), so ``max_new_tokens`` may exceed ``context_lengt
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
-from kiln.generate.sampling import check_sampling_args
+from kiln.generate.llm_engine import EngineConfig, LLMEngine, window_keep  # noqa: F401 (window_keep: a public name here)
+from kiln.generate.sampling import SamplingParams, check_sampling_args
+from kiln.generate.streamer import TextStreamer, TokenizerLike
 from kiln.model import Transformer
-
-
-class TokenizerLike(Protocol):
-    """What generation needs of a tokenizer (``kiln.tokenizer.Tokenizer`` has it)."""
-
-    eot_id: int | None
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-
-class TextStreamer:
-    """Incremental detokenizer: ``push(id)`` returns the newly completed text (maybe "").
-
-    Uses the tokenizer's ``vocab`` (id -> bytes) and an incremental UTF-8 decoder when there is one,
-    so bytes of a character split across tokens are held back until it is complete. Otherwise it
-    re-decodes the ids so far and holds back trailing U+FFFD replacement characters.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        vocab = getattr(tokenizer, "vocab", None)
-        is_bytes = isinstance(vocab, dict) and isinstance(next(iter(vocab.values()), b""), (bytes, bytearray))
-        self._vocab: dict[int, bytes] | None = vocab if is_bytes else None
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._ids: list[int] = []
-        self._emitted = 0
-
-    def push(self, token_id: int) -> str:
-        """Add one token; return the characters it completes ("" while a character is partial)."""
-        if self._vocab is not None:
-            b = self._vocab.get(token_id)
-            if b is None:  # e.g. a special token kept outside the byte vocabulary
-                b = self.tokenizer.decode([token_id]).encode("utf-8")
-            return self._utf8.decode(b)
-        self._ids.append(token_id)
-        text = self.tokenizer.decode(self._ids)
-        complete = len(text.rstrip("\ufffd"))
-        piece = text[self._emitted:complete]
-        self._emitted = max(self._emitted, complete)
-        return piece
-
-    def flush(self) -> str:
-        """Whatever is held back (an incomplete character becomes U+FFFD)."""
-        if self._vocab is not None:
-            return self._utf8.decode(b"", final=True)
-        text = self.tokenizer.decode(self._ids)
-        piece = text[self._emitted:]
-        self._emitted = len(text)
-        return piece
 
 
 def one_shot_engine(model: Transformer, vocab_limit: int | None, eot_id: int | None, max_num_seqs: int = 1,
@@ -72,11 +22,6 @@ def one_shot_engine(model: Transformer, vocab_limit: int | None, eot_id: int | N
     """An ``LLMEngine`` for a one-call helper: a pool sized for ``max_num_seqs`` full contexts, no CUDA
     graphs (a fresh engine per call would recapture them), and the sliding context window.
     ``speculative``: 'none' or 'ngram' (prompt lookup, greedy requests only)."""
-    from kiln.generate.llm_engine import (  # the engine module imports this one
-        EngineConfig,
-        LLMEngine,
-    )
-
     if next(model.parameters()).device.type == "cpu":
         # On the CPU the decode step gathers every running sequence's blocks per layer; past ~16
         # sequences of a few hundred tokens that stops fitting in cache and a step slows more than the
@@ -110,7 +55,6 @@ def generate_tokens(
     rounded up for speed (e.g. 50257 -> 50304). ``speculative="ngram"``: prompt-lookup speculative
     decoding when greedy (same tokens, fewer forward passes when the output repeats the context).
     """
-    from kiln.generate.sampling import SamplingParams
 
     check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 0:
@@ -130,12 +74,6 @@ def _engine_tokens(engine: Any, eot_id: int | None) -> Iterator[int]:
                 if out.finish_reason == "stop" and t == eot_id:
                     return
                 yield t
-
-
-def window_keep(context_length: int) -> int:
-    """Tokens kept when a full context slides: the most recent 3/4, re-encoded from position 0
-    (one re-encode per ``context_length // 4`` new tokens instead of one per token)."""
-    return max(1, context_length - context_length // 4)
 
 
 def stream(

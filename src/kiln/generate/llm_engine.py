@@ -28,7 +28,14 @@ from kiln.generate.sampling import SamplingParams, filter_logits, sample_next
 from kiln.generate.scheduler import Scheduler
 from kiln.generate.sequence import Sequence, Status
 from kiln.generate.speculative import make_proposer
+from kiln.generate.streamer import TextStreamer
 from kiln.model import Transformer
+
+
+def window_keep(context_length: int) -> int:
+    """Tokens kept when a full context slides: the most recent 3/4, re-encoded from position 0
+    (one re-encode per ``context_length // 4`` new tokens instead of one per token)."""
+    return max(1, context_length - context_length // 4)
 
 
 @dataclass(frozen=True)
@@ -184,8 +191,6 @@ class LLMEngine:
             gen.seed()
         streamer = None
         if self.tokenizer is not None:
-            from kiln.generate.engine import TextStreamer
-
             streamer = TextStreamer(self.tokenizer)
         seq = Sequence(rid, prompt, params, gen, streamer)
         if self.config.context_overflow == "slide":
@@ -349,8 +354,7 @@ class LLMEngine:
             if self.config.context_overflow == "stop":
                 return self._finish(seq, "length")
             self.blocks.release(seq)  # slide: recompute the most recent 3/4 of the context
-            keep = max(1, self.max_seq_tokens - self.max_seq_tokens // 4)
-            seq.window_start = len(seq.token_ids) - keep
+            seq.window_start = len(seq.token_ids) - window_keep(self.max_seq_tokens)
         return None
 
     def _cut_at_stop(self, seq: Sequence, before: int) -> bool:

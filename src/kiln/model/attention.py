@@ -15,7 +15,9 @@ back to ``kiln_attention`` for the rest.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,22 @@ from kiln.model.kv_cache import KVCache, PagedKVCache, PagedMetadata
 from kiln.model.layers import Linear, RMSNorm, RotaryEmbedding, scaled_dot_product_attention
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+
+
+@contextmanager
+def attention_swapped(model: nn.Module, impl: Any) -> Iterator[None]:
+    """Within the block, every attention layer of ``model`` (a Kiln ``Transformer``) runs ``impl``
+    (an ``attention_impl`` name or a callable ``(q, k, v, q_offset) -> out``); the layers' own
+    kernels are put back on exit, also after an error."""
+    attns = [layer.self_attn for layer in model.layers]
+    saved = [a.attention_impl for a in attns]
+    try:
+        for a in attns:
+            a.attention_impl = impl
+        yield
+    finally:
+        for a, s in zip(attns, saved):
+            a.attention_impl = s
 
 
 def causal_mask(t_q: int, t_k: int, q_offset: int = 0, device: torch.device | str | None = None) -> Tensor:

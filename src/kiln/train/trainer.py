@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.artifacts import MANIFEST, code_version, config_to_dict
+from kiln.artifacts import code_version, config_to_dict
 from kiln.distributed import SingleProcess, pick_device
 from kiln.shards.sampler import WindowSampler
 from kiln.train.config import TrainConfig
