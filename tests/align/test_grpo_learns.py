@@ -19,6 +19,8 @@ from kiln.align import rewards as R
 if not hasattr(__import__("kiln.train", fromlist=["fit"]), "fit"):  # before the runtime branch is merged
     pytest.skip("kiln.train.fit (the shared runtime) is not in this tree yet", allow_module_level=True)
 
+ROLLOUTS, LR = 16, 1e-2  # 16 rollout batches of 4 prompts x 8 replies, one step each
+
 
 def digit_share(response: str, ground_truth: str = "") -> dict[str, float]:
     """Share of the reply's non-space characters that are digits (0 for an empty reply)."""
@@ -41,7 +43,7 @@ def base_dir(tmp_path, base_tokenizer):
 
 
 def test_grpo_raises_a_learnable_reward(tmp_path, base_dir, monkeypatch):
-    from kiln.align.grpo import GRPOConfig, grpo_addition_cpu, run_grpo
+    from kiln.align.grpo import grpo_addition_cpu, run_grpo
 
     monkeypatch.setitem(R.REWARDS, "digit_share", digit_share)
     preset = grpo_addition_cpu()
@@ -58,5 +60,3 @@ def test_grpo_raises_a_learnable_reward(tmp_path, base_dir, monkeypatch):
     assert last > first + 0.3
     assert stats["last_eval"]["heldout_reward"] > stats["first_eval"]["heldout_reward"] + 0.3
 
-
-ROLLOUTS, LR = 16, 1e-2
