@@ -108,6 +108,22 @@ class GRPOConfig:
         return REWARDS[name]
 
 
+def grpo_addition_cpu() -> GRPOConfig:
+    """GRPO settings measured to raise greedy accuracy on the synthetic addition task on a CPU.
+
+    One-digit sums, 8 prompts x 8 replies per rollout batch, one on-policy optimizer step per batch
+    (64 samples), AdamW at a constant lr 3e-4, sampling temperature 0.7, no KL, 300 rollouts.
+    From a 2-layer d=64 model SFT'd to 0.17-0.20 greedy accuracy it reached 0.34-0.41 on 128 held-out
+    prompts over seeds 0-2, ~45 CPU-seconds each (``python -m kiln.align.learning``; docs/align.md,
+    "GRPO that learns"). Start it from a model that already gets some sums right: a group whose
+    samples all score the same has zero advantages.
+    """
+    base = grpo_train_defaults()
+    return GRPOConfig(digits=1, group_size=8, prompts_per_rollout=8, rollouts=300, temperature=0.7,
+                      kl_coef=0.0, eval_prompts=128, eval_every=100,
+                      train=replace(base, lr=3e-4, min_lr=3e-4, batch_size=64, optimizer="adamw"))
+
+
 def load_problems(cfg: GRPOConfig, n: int, seed: int) -> list[Problem]:
     """``n`` problems of the task: seeded synthetic ones, or the first ``n`` records of a file."""
     if cfg.task == "addition":
