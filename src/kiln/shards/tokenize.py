@@ -14,6 +14,7 @@ import inspect
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -149,6 +150,11 @@ _worker_encoder: _Encoder | None = None  # set once per worker process by _init_
 
 def _init_worker(tokenizer_or_path: Any, eot_id: int | None, dtype: np.dtype) -> None:
     global _worker_encoder
+    # A forked worker inherits the parent's Python signal handlers: under a handler that only sets a
+    # flag (a training run's pause on SIGTERM, a server's graceful shutdown), Pool.terminate()'s
+    # SIGTERM would not end the worker and the pool's join would wait forever (seen in a full test run).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops the pool
     tok = load_tokenizer(tokenizer_or_path) if isinstance(tokenizer_or_path, (str, os.PathLike)) else tokenizer_or_path
     _worker_encoder = _Encoder(tok, eot_id, dtype)
 
