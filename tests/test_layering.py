@@ -129,11 +129,7 @@ def test_no_forbidden_edge():
 
 
 # File-level import circles that exist on purpose or await their fix, each named: frozenset of modules -> why.
-KNOWN_CIRCLES: dict[frozenset[str], str] = {
-    # executors run worker.run_job lazily; worker takes the DONE/PAUSED markers from executors: the
-    # markers belong in a module both import.
-    frozenset({"kiln.scaling.executors", "kiln.scaling.worker"}): "scaling work",
-}
+KNOWN_CIRCLES: dict[frozenset[str], str] = {}
 
 
 def _module_graph() -> dict[str, set[str]]:

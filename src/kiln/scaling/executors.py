@@ -28,8 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-PAUSED = "paused"
-DONE = "done"
+from kiln.scaling.worker import DONE, PAUSED  # the job states live with the worker
 
 
 @dataclass(frozen=True)

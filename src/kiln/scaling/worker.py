@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kiln.scaling.executors import DONE, PAUSED
+# A job's end state, as every executor reports it (executors import these from here: the worker is
+# the module that runs a job, and the executors only schedule it).
+PAUSED = "paused"
+DONE = "done"
 
 
 def run_job(spec_path: str, stop: Any = None) -> str:
