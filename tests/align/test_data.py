@@ -116,3 +116,17 @@ def test_shared_sets(shared_data):
     hh = read_preferences([d / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"], rep)
     assert len(hh) > 2000 and sum(rep.dropped.values()) < 0.05 * len(hh)
     assert len(read_preferences([d / "llamafactory_demo" / "dpo_en_demo.json"])) > 100
+
+
+def test_no_usable_records_error_says_what_the_read_found(tmp_path):
+    from kiln.align.data import ReadReport, read_conversations, require_usable
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    report = ReadReport()
+    convs = list(read_conversations([str(bad)], report))
+    with pytest.raises(ValueError) as e:
+        require_usable(convs, "training conversations", [str(bad)], report)
+    msg = str(e.value)
+    assert "no usable training conversations in" in msg and str(bad) in msg
+    assert f"{bad}:1: no_assistant_turn" in msg and f"{bad}:2: malformed_json" in msg

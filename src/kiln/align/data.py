@@ -64,6 +64,15 @@ class ReadReport:
         return "\n".join(lines)
 
 
+def require_usable(items: list, what: str, sources: Any, report: ReadReport) -> list:
+    """``items`` if any; else a ValueError that says what the read found in ``sources`` (every reason
+    and the first examples with file:line), checked before a stage spends time on the data."""
+    if not items:
+        names = ", ".join(str(x) for x in sources) if isinstance(sources, (list, tuple)) else str(sources)
+        raise ValueError(f"no usable {what} in {names}; the read found:\n{report.summary()}")
+    return items
+
+
 @dataclass(frozen=True)
 class Conversation:
     """One conversation for SFT, ending with an assistant turn."""

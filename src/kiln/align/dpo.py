@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kiln.align.data import PreferencePair, ReadReport, encode_preference, read_preferences
+from kiln.align.data import PreferencePair, ReadReport, encode_preference, read_preferences, require_usable
 from kiln.align.losses import dpo_loss, token_log_probs
 from kiln.align.stage import NO_SPIKE_GUARD, EpochBatches
 from kiln.train.config import TrainConfig
@@ -152,7 +152,7 @@ class DPOBatches(EpochBatches):
     def __init__(self, pairs: list[Encoded], ref: Tensor, micro_batch: int, seed: int, pad_id: int = 0,
                  device: torch.device | str = "cpu") -> None:
         if not pairs:
-            raise ValueError("no usable training pairs (see the read report above)")
+            raise ValueError("no training pairs to batch")
         self.pairs, self.ref, self.micro_batch = pairs, ref, micro_batch
         self.seed, self.pad_id, self.device = seed, pad_id, torch.device(device)
         self._start()
@@ -256,6 +256,7 @@ def run_dpo(cfg: DPOConfig, model_dir: str | os.PathLike, out_dir: str | os.Path
     train_p, held_p = split_pairs(read_preferences(cfg.data, report), cfg)
     seq_len = cfg.seq_len or model.config.context_length
     enc = [e for e in (encode_preference(p, tpl, seq_len + 1, report) for p in train_p) if e is not None]
+    enc = require_usable(enc, "training pairs", cfg.data, report)  # before the reference scores anything
     held = [e for e in (encode_preference(p, tpl, seq_len + 1, report) for p in held_p) if e is not None]
     mb, pad = cfg.train.micro_batch_size or cfg.train.batch_size, tok.eot_id or 0
     ref_train, ref_held = _reference(cfg, model, model_dir, tokenizer, Path(out_dir), enc, held, mb, pad)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kiln.align.data import Conversation, ReadReport, encode_conversation, read_conversations
+from kiln.align.data import Conversation, ReadReport, encode_conversation, read_conversations, require_usable
 from kiln.align.packing import Example, build_padded, build_row, document_attention, pack
 from kiln.align.stage import EpochBatches
 from kiln.train.config import TrainConfig
@@ -84,7 +84,7 @@ class SFTBatches(EpochBatches):
     def __init__(self, examples: list[Example], seq_len: int, micro_batch: int, packed: bool, seed: int,
                  pad_id: int = 0, device: torch.device | str = "cpu") -> None:
         if not examples:
-            raise ValueError("no usable training conversations (see the read report above)")
+            raise ValueError("no training conversations to batch")
         self.examples, self.seq_len, self.micro_batch = examples, seq_len, micro_batch
         self.packed, self.seed, self.pad_id, self.device = packed, seed, pad_id, torch.device(device)
         self._start()
@@ -188,7 +188,8 @@ def run_sft(cfg: SFTConfig, model_dir: str | os.PathLike, out_dir: str | os.Path
     mb = cfg.train.micro_batch_size or cfg.train.batch_size
     device = next(model.parameters()).device
     pad = tok.eot_id or 0
-    batches = SFTBatches([e for e in enc if e is not None], seq_len, mb, cfg.pack, cfg.train.seed, pad, device)
+    enc = require_usable([e for e in enc if e is not None], "training conversations", cfg.data, report)
+    batches = SFTBatches(enc, seq_len, mb, cfg.pack, cfg.train.seed, pad, device)
     held_src = SFTBatches(held, seq_len, mb, cfg.pack, 0, pad, device) if held else None
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches.rows_per_epoch / cfg.train.batch_size))
     tcfg = train_config(cfg.train, model, max_steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps))
