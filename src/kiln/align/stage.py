@@ -80,6 +80,9 @@ class EpochBatches:
 def find_tokenizer_file(model_dir: str | os.PathLike) -> Path:
     """Kiln's tokenizer file in a model folder (``kiln_tokenizer.json`` or ``tokenizer.json``)."""
     d = Path(model_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"model folder {d} does not exist; pass a model folder (save_pretrained, "
+                                "`kiln export`) or a finished train run directory")
     if not (d / "config.json").is_file() and (d / "model" / "config.json").is_file():
         d = d / "model"
     for name in ("kiln_tokenizer.json", "tokenizer.json"):
