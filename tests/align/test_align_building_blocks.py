@@ -74,6 +74,7 @@ def test_group_normalized_rewards():
     adv2, _, _ = L.compute_group_normalized_rewards(lambda r, g: float(r == g), responses, truths, 4, 1e-6, False)
     assert adv2[:4].tolist() == [0.5, -0.5, 0.5, -0.5]
     assert meta["reward_mean"] == 0.75
+    assert meta["groups_with_signal"] == 0.5  # the first group is mixed, the second all 1
 
 
 def test_policy_gradient_losses():

@@ -35,7 +35,9 @@ def build_base(out: Path) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus.txt"
-    corpus.write_text("What is 12 + 30? 42. 0123456789 + ?\n" * 50)
+    # Merges among letters only: a corpus with numbers in it merged "1" "2" into one id, so "112"
+    # read as "1", "12" and the model had to learn two spellings of the same digits.
+    corpus.write_text("What is the sum? What is it? + ?\n" * 50)
     vocab, merges = train_bpe(corpus, 262, ["<|endoftext|>"])
     tok = Tokenizer(vocab, merges, ["<|endoftext|>"])
     torch.manual_seed(0)

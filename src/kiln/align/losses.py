@@ -258,7 +258,9 @@ def compute_group_normalized_rewards(
     without it: Dr. GRPO, Liu et al. 2025, arXiv:2503.20783). The std is the unbiased one
     (``torch.std``), as trl and the DeepSeekMath description use.
 
-    Returns (advantages (B,), raw_rewards (B,), metadata: mean/std/min/max of the raw rewards).
+    Returns (advantages (B,), raw_rewards (B,), metadata: mean/std/min/max of the raw rewards and
+    ``groups_with_signal``, the share of groups whose rewards are not all equal: a group that scores
+    alike has zero advantages and teaches nothing, so this share is GRPO's usable signal).
     """
     if len(rollout_responses) != len(repeated_ground_truths):
         raise ValueError(f"{len(rollout_responses)} responses but {len(repeated_ground_truths)} ground truths")
@@ -268,7 +270,8 @@ def compute_group_normalized_rewards(
                        dtype=torch.float32)
     adv = group_normalize(raw, group_size, advantage_eps, normalize_by_std)
     meta = {"reward_mean": raw.mean().item(), "reward_std": raw.std().item() if raw.numel() > 1 else 0.0,
-            "reward_min": raw.min().item(), "reward_max": raw.max().item()}
+            "reward_min": raw.min().item(), "reward_max": raw.max().item(),
+            "groups_with_signal": (raw.view(-1, group_size).amax(-1) > raw.view(-1, group_size).amin(-1)).float().mean().item()}
     return adv, raw, meta
 
 

@@ -9,6 +9,9 @@ A reward function is ``reward_fn(response: str, ground_truth: str) -> {"reward",
   through ``math-verify`` when it is installed (``pip install math-verify``);
 - ``addition_reward``: the synthetic task's check: the reply is the sum and nothing else (answer
   reward: the last number is the sum; format reward: the reply is one number).
+- ``addition_digits_reward``: partial credit on the same task: the share of the sum's digits the
+  reply gets right, place by place (answer reward: still the exact sum). A model that rarely gets a
+  whole two-digit sum right still gets most of its digits right, so its groups differ in reward.
 
 The synthetic task (``addition_problems``): "What is a + b?" with operands of ``digits`` digits,
 drawn from a seeded generator, so train and held-out prompts are reproducible and disjoint by seed.
@@ -56,6 +59,18 @@ def addition_reward(response: str, ground_truth: str) -> Reward:
     return {"reward": float(answer and formatted), "answer_reward": float(answer), "format_reward": float(formatted)}
 
 
+def addition_digits_reward(response: str, ground_truth: str) -> Reward:
+    """Partial credit: digits equal to the sum's, aligned from the units place, over the longer of
+    the two lengths (a reply with a digit too many or too few loses that place); 0 unless the reply
+    is one number. The answer reward is the exact check of ``addition_reward``."""
+    exact = addition_reward(response, ground_truth)
+    if not exact["format_reward"]:
+        return {**exact, "reward": 0.0}
+    got, want = response.strip().lstrip("-")[::-1], ground_truth.strip().lstrip("-")[::-1]
+    share = sum(a == b for a, b in zip(got, want)) / max(len(got), len(want))
+    return {**exact, "reward": share}
+
+
 def format_reward(response: str, ground_truth: str = "") -> Reward:
     """1 when the response states a final answer (``####``, "the answer is", or ``\\boxed{}``)."""
     ok = "####" in response or "answer is" in response.lower() or "\\boxed{" in response
@@ -64,6 +79,7 @@ def format_reward(response: str, ground_truth: str = "") -> Reward:
 
 REWARDS: dict[str, RewardFn] = {
     "addition": addition_reward,
+    "addition_digits": addition_digits_reward,
     "gsm8k": gsm8k_reward,
     "math": math_reward,
     "format": format_reward,
