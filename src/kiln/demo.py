@@ -158,14 +158,14 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     chat = None
     if cfg.chat_steps:
-        from kiln.align.demo import format_exchange, run_chat_demo
+        from kiln.align.demo import format_exchange, run_chat_demo, stats
 
         t = stage(f"7/7 chat: {cfg.chat_steps} steps of SFT, then a conversation")
         sft_dir, exchange = run_chat_demo(train_dir / "model", corpus_dir, out / "chat", cfg.chat_steps, cfg.seed,
                                           cfg.device, cfg.force)
         chat = (sft_dir, exchange)
         timings["chat"] = time.perf_counter() - t
-        print(format_exchange(exchange), flush=True)
+        print(format_exchange(exchange, stats(sft_dir)["heldout"]), flush=True)
 
     report = write_report(out, cfg, corpus_dir, tok_dir, tokens_dir, train_dir, heldout, samples, timings, chat)
     print(f"\nreport: {report}")
@@ -293,7 +293,7 @@ def write_report(
         lines += ["## Chat (SFT)", "", f"{s['steps']} SFT steps on {s['conversations']} offline conversations; "
                   f"held-out loss on assistant tokens {_fmt(s['heldout_loss_before'])} -> "
                   f"{_fmt(s['heldout_loss_after'])} ({timings.get('chat', 0):.0f} s).", "", "```",
-                  format_exchange(chat[1]), "```", ""]
+                  format_exchange(chat[1], s["heldout"]), "```", ""]
     report = out / "report.md"
     tmp = report.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 EXCHANGE = ("What is 3 + 4?", "Continue the text: And God said", "What is 5 + 2?")
+HELDOUT_QUESTIONS = 20
+"""Fresh one-digit questions (a seed the training data does not use) scored greedily after the SFT."""
 
 
 def corpus_conversations(
@@ -78,12 +80,35 @@ def run_chat_demo(model_dir: Path, corpus_dir: Path, out: Path, steps: int, seed
     model, _, tpl = load_policy(run_dir / "model", None, False, pick_device(device))
     model.eval()
     exchange = [(q, chat_reply(model, tpl, [{"role": "user", "content": q}], max_tokens=24)) for q in EXCHANGE]
+    _write_json(out / "heldout.json", addition_accuracy(model, tpl, HELDOUT_QUESTIONS, seed + 10**6))
     return run_dir, exchange
 
 
-def format_exchange(exchange: list[tuple[str, str]]) -> str:
-    """The exchange as the demo prints it."""
-    return "\n".join(f"user:      {q}\nassistant: {a}" for q, a in exchange)
+def addition_accuracy(model: Any, tpl: Any, n: int, seed: int) -> dict[str, Any]:
+    """Greedy exact-answer accuracy on ``n`` one-digit questions drawn with ``seed``."""
+    from kiln.align.grpo import evaluate_reward
+    from kiln.align.rewards import addition_problems, addition_reward
+
+    r = evaluate_reward(model, tpl, addition_problems(n, seed, 1), addition_reward, 8,
+                        getattr(tpl.tokenizer, "vocab_size", None))
+    return {"questions": n, "correct": round(r["heldout_accuracy"] * n), "accuracy": r["heldout_accuracy"],
+            "seed": seed}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj) + "\n")
+    tmp.replace(path)
+
+
+def format_exchange(exchange: list[tuple[str, str]], heldout: dict[str, Any] | None = None) -> str:
+    """The exchange as the demo prints it; with ``heldout`` (``stats(run)["heldout"]``), the measured
+    accuracy on fresh questions under it."""
+    text = "\n".join(f"user:      {q}\nassistant: {a}" for q, a in exchange)
+    if heldout:
+        text += (f"\n({heldout['correct']}/{heldout['questions']} right on fresh one-digit sums, greedy;"
+                 f" seed {heldout['seed']})")
+    return text
 
 
 def stats(run_dir: Path) -> dict[str, Any]:
@@ -91,5 +116,7 @@ def stats(run_dir: Path) -> dict[str, Any]:
     from kiln.artifacts import read_manifest
 
     s = read_manifest(run_dir)["stats"]
+    acc = Path(run_dir).parent / "heldout.json"
     return {"heldout_loss_before": s.get("heldout_loss_first"), "heldout_loss_after": s.get("heldout_loss"),
-            "steps": s.get("steps"), "conversations": s.get("conversations")}
+            "steps": s.get("steps"), "conversations": s.get("conversations"),
+            "heldout": json.loads(acc.read_text()) if acc.is_file() else None}
