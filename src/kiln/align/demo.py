@@ -65,17 +65,21 @@ def chat_data(corpus_dir: Path, out: Path, seed: int, n_corpus: int = 4000, n_ad
 
 
 def run_chat_demo(model_dir: Path, corpus_dir: Path, out: Path, steps: int, seed: int, device: str = "auto",
-                  force: bool = False) -> tuple[Path, list[tuple[str, str]]]:
-    """SFT the demo model on ``chat_data`` for ``steps`` steps; (the SFT run, [(question, reply)])."""
+                  force: bool = False, n_corpus: int = 4000, n_add: int = 2000, seq_len: int = 0,
+                  lr: float = 2e-3, save_every: int = 0) -> tuple[Path, list[tuple[str, str]]]:
+    """SFT the demo model on ``chat_data`` for ``steps`` steps; (the SFT run, [(question, reply)]).
+
+    ``n_corpus``/``n_add``: conversations of each kind; ``seq_len``: packed row length (0: the
+    model's context); ``lr``: peak learning rate (cosine to a tenth)."""
     from kiln.align.sft import SFTConfig, run_sft
     from kiln.align.stage import chat_reply, load_policy, pick_device
 
-    data = chat_data(corpus_dir, out / "chat.jsonl", seed)
+    data = chat_data(corpus_dir, out / "chat.jsonl", seed, n_corpus, n_add)
     base = SFTConfig()
     cfg = SFTConfig(data=(str(data),), max_steps=steps, add_chat_tokens=True, eval_every=max(steps // 2, 1),
-                    sample_every=0, heldout_frac=0.05, max_heldout=64,
-                    train=replace(base.train, lr=2e-3, min_lr=2e-4, warmup_steps=min(5, steps), batch_size=16,
-                                  seed=seed, device=device, save_every=max(steps // 2, 1)))
+                    sample_every=0, heldout_frac=0.05, max_heldout=64, seq_len=seq_len,
+                    train=replace(base.train, lr=lr, min_lr=lr / 10, warmup_steps=min(5, steps), batch_size=16,
+                                  seed=seed, device=device, save_every=save_every or max(steps // 2, 1)))
     run_dir = run_sft(cfg, model_dir, out / "sft", resume=not force)
     model, _, tpl = load_policy(run_dir / "model", None, False, pick_device(device))
     model.eval()
