@@ -4,8 +4,12 @@ Chat data a fresh install has offline, made from what the demo already holds:
 
 - "Continue the text: <the first words of a sentence of the corpus>" answered with the rest of that
   sentence (the model knows the corpus; SFT teaches it the turn format and when to stop);
-- the synthetic addition task with one-digit operands ("What is 3 + 4?" -> "7"), which a model
-  this small learns to answer right in a few dozen steps.
+- the synthetic addition task with one-digit operands ("What is 3 + 4?" -> "7").
+
+Three of four conversations are additions and rows are 64 tokens: with the earlier mix (two of
+three continuations, whose replies are ~12 tokens against an addition's 2, so additions were ~8%
+of the loss) and 128-token rows, 80 steps answered 3 of 20 fresh sums right; this mix and row
+length learn the table at the same compute (docs/align.md, "The demo's chat stage").
 
 ``run_chat_demo`` writes those conversations, runs ``kiln.align.sft.run_sft`` on the base model (the
 chat tokens are added at its start) and returns the SFT run and a chat exchange to print.
@@ -48,7 +52,7 @@ def corpus_conversations(
                           {"role": "assistant", "content": " ".join(w[words:])}]} for w in sentences[:n]]
 
 
-def chat_data(corpus_dir: Path, out: Path, seed: int, n_corpus: int = 4000, n_add: int = 2000) -> Path:
+def chat_data(corpus_dir: Path, out: Path, seed: int, n_corpus: int = 1500, n_add: int = 4500) -> Path:
     """Write the demo's SFT conversations (corpus continuations + addition) to ``out`` (JSONL)."""
     from kiln.align.rewards import addition_conversations
     from kiln.data.readers import read_texts
@@ -65,7 +69,7 @@ def chat_data(corpus_dir: Path, out: Path, seed: int, n_corpus: int = 4000, n_ad
 
 
 def run_chat_demo(model_dir: Path, corpus_dir: Path, out: Path, steps: int, seed: int, device: str = "auto",
-                  force: bool = False, n_corpus: int = 4000, n_add: int = 2000, seq_len: int = 0,
+                  force: bool = False, n_corpus: int = 1500, n_add: int = 4500, seq_len: int = 64,
                   lr: float = 2e-3, save_every: int = 0) -> tuple[Path, list[tuple[str, str]]]:
     """SFT the demo model on ``chat_data`` for ``steps`` steps; (the SFT run, [(question, reply)]).
 
@@ -75,6 +79,9 @@ def run_chat_demo(model_dir: Path, corpus_dir: Path, out: Path, steps: int, seed
     from kiln.align.stage import chat_reply, load_policy, pick_device
 
     data = chat_data(corpus_dir, out / "chat.jsonl", seed, n_corpus, n_add)
+    config = Path(model_dir) / "config.json"
+    context = json.loads(config.read_text()).get("max_position_embeddings", 0) if config.is_file() else 0
+    seq_len = min(seq_len, context) if seq_len and context else seq_len  # a demo run with a short context
     base = SFTConfig()
     cfg = SFTConfig(data=(str(data),), max_steps=steps, add_chat_tokens=True, eval_every=max(steps // 2, 1),
                     sample_every=0, heldout_frac=0.05, max_heldout=64, seq_len=seq_len,
