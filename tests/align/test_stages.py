@@ -166,7 +166,7 @@ def test_chat_recipe_on_stand_ins(tmp_path, base_dir):
 
 
 def test_demo_chat_stage(tmp_path, base_dir):
-    from kiln.align.demo import EXCHANGE, run_chat_demo, stats
+    from kiln.align.demo import EXCHANGE, format_exchange, run_chat_demo, stats
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -176,3 +176,6 @@ def test_demo_chat_stage(tmp_path, base_dir):
     assert [q for q, _ in exchange] == list(EXCHANGE) and all(isinstance(a, str) for _, a in exchange)
     s = stats(run)
     assert s["steps"] == 2 and s["conversations"] > 1000 and s["heldout_loss_after"] is not None
+    h = s["heldout"]  # fresh one-digit sums scored greedily, printed under the exchange
+    assert h["questions"] == 20 and 0 <= h["correct"] <= 20 and h["accuracy"] == h["correct"] / 20
+    assert f"{h['correct']}/20 right" in format_exchange(exchange, h)
