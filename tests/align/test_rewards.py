@@ -11,7 +11,12 @@ from dataclasses import replace
 
 from kiln.align import losses as L
 from kiln.align.grpo import grpo_addition2_cpu, grpo_addition_cpu
-from kiln.align.rewards import REWARDS, addition_digits_reward, addition_problems, addition_reward
+from kiln.align.rewards import (
+    REWARDS,
+    addition_digits_reward,
+    addition_problems,
+    addition_reward,
+)
 
 
 def test_addition_digits_partial_credit():
