@@ -113,8 +113,8 @@ def grpo_addition_cpu() -> GRPOConfig:
 
     One-digit sums, 8 prompts x 8 replies per rollout batch, one on-policy optimizer step per batch
     (64 samples), AdamW at a constant lr 3e-4, sampling temperature 0.7, no KL, 300 rollouts.
-    From a 2-layer d=64 model SFT'd to 0.17-0.20 greedy accuracy it reached 0.34-0.41 on 128 held-out
-    prompts over seeds 0-2, ~45 CPU-seconds each (``python -m kiln.align.learning``; docs/align.md,
+    From a 2-layer d=64 model SFT'd to 0.14-0.16 greedy accuracy it reached 0.55-0.66 on 128 held-out
+    prompts over seeds 0-2, ~45-51 CPU-seconds each (``python -m kiln.align.learning``; docs/align.md,
     "GRPO that learns"). Start it from a model that already gets some sums right: a group whose
     samples all score the same has zero advantages.
     """
