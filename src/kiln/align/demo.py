@@ -117,8 +117,8 @@ def format_exchange(exchange: list[tuple[str, str]], heldout: dict[str, Any] | N
     accuracy on fresh questions under it."""
     text = "\n".join(f"user:      {q}\nassistant: {a}" for q, a in exchange)
     if heldout:
-        text += (f"\n({heldout['correct']}/{heldout['questions']} right on fresh one-digit sums, greedy;"
-                 f" seed {heldout['seed']})")
+        text += (f"\n({heldout['correct']}/{heldout['questions']} right on newly drawn one-digit sums, greedy, "
+                 f"seed {heldout['seed']}; all 100 such sums occur in the SFT data)")
     return text
 
 
