@@ -176,7 +176,8 @@ class ModelRunner:
                     with torch.cuda.graph(graph, pool=pool):
                         logits, ids = self._graph_body(b, steps)
                     pool = graph.pool() if pool is None else pool
-                    table[b] = _Graph(graph, logits, ids)
+                    table[b] = _Graph(graph, logits if steps == 1 else None, ids)  # K steps: ids only
+                    del logits
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
 
@@ -286,11 +287,11 @@ class ModelRunner:
         return g.logits, g.ids
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence], steps: int = 1) -> tuple[list[list[int]], Tensor]:
+    def decode(self, seqs: list[Sequence], steps: int = 1) -> tuple[list[list[int]], Tensor | None]:
         """A decode step of every sequence in ``seqs`` (each has exactly one uncomputed token, and
         blocks for ``steps`` more tokens) through a captured graph. Returns the greedy ids, B lists of
-        ``steps`` (one device->host copy), and the last step's logits (B, V) fp32 on the device (for
-        sampling and log-probabilities; meaningful when ``steps == 1``)."""
+        ``steps`` (one device->host copy), and for ``steps == 1`` the logits (B, V) fp32 on the device
+        (for sampling and log-probabilities; None after a multi-step CUDA graph)."""
         if not self.graphs:
             self.capture()
         if steps not in (1, self.decode_steps):
@@ -300,7 +301,7 @@ class ModelRunner:
         self._write_rows([(seq.token_ids[-1], seq.num_computed, seq.block_table) for seq in seqs])
         self._upload(b)
         logits, ids = self._launch(b, steps)
-        return ids[:B].tolist(), logits[:B]
+        return ids[:B].tolist(), None if logits is None else logits[:B]
 
     def _replay(self, items: list[StepItem]) -> Tensor:
         """Run per-token rows (decode, or speculative verification) through the one-step graph that
