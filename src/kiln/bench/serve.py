@@ -386,6 +386,64 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
     return rows
 
 
+# -- host work per decode token (the forward stubbed out) -------------------------------------------------
+
+
+def host_table(args: argparse.Namespace, shape: str, device: Any) -> list[ServeRow]:
+    """What one decode token costs the host in each engine path, with the model's forward replaced by a
+    stub that returns 16 zero logits (the GPU's share removed: the layers, the head, the argmax over the
+    vocabulary; the engine's bookkeeping, copies and graph replays kept): the general step (per-step
+    Python packing, ``run``), the lean step (one copy in, argmax in the graph, one copy out) and
+    multi-step decode. Graph paths are emulated on the CPU (their in-graph ops then run eagerly)."""
+    import torch
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = bench_model(shape, device, dtype, None)
+    d = model.config.d_model
+    zeros = torch.zeros(8, 16, device=device)
+
+    class _Head(torch.nn.Module):
+        def forward(self, h: Any) -> Any:
+            return zeros[: h.shape[0]].to(h.dtype)
+
+    model.hidden_states = lambda idx, pos, cache: torch.zeros(1, idx.shape[1], d, device=device, dtype=dtype)
+    true_head, model.lm_head = model.lm_head, _Head()
+    plen = max(1, min(args.prompt_len, model.config.context_length // 2))
+    n = min(args.new_tokens, model.config.context_length - plen)
+    rows = []
+    try:
+        for label, graphs, steps in (("general step", False, 1), ("lean step", True, 1), ("multi-step", True, 8)):
+            rows.append(_host_row(model, shape, label, graphs, steps, plen, n, args.repeats, zeros))
+            print(f"  host {label}: {rows[-1].note}", flush=True)
+    finally:
+        model.lm_head = true_head
+        del model.hidden_states
+    return rows
+
+
+def _host_row(model: Any, shape: str, label: str, graphs: bool, steps: int, plen: int, n: int, repeats: int,
+              zeros: Any) -> ServeRow:
+    """One path of ``host_table``: best tokens/s of one greedy request, the forward stubbed."""
+    from kiln.generate import EngineConfig, LLMEngine, SamplingParams
+
+    eng = LLMEngine(model, None, EngineConfig(max_num_seqs=1, enable_prefix_caching=False, cuda_graphs=graphs,
+                                              decode_steps=steps))
+    if graphs and not eng.runner.graph_max:
+        eng.runner.graph_max = 1  # the CPU: the graph body runs eagerly over the same static buffers
+    eng.runner._decode = lambda ids, pos: zeros[: ids.shape[0]]  # graph paths: logits (b, V) of zeros
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    eng.generate([[1] * plen], params)  # warm-up (captures)
+    best = 0.0
+    for _ in range(repeats):
+        _sync(eng.device)
+        t0 = time.perf_counter()
+        out = eng.generate([[1] * plen], params)[0]
+        _sync(eng.device)
+        best = max(best, len(out.token_ids) / (time.perf_counter() - t0))
+    note = f"{1e6 / best:.0f} us/token" + (f", {steps} steps per graph" if steps > 1 else "")
+    return ServeRow("host", shape, label, tok_s=best, note=note)
+
+
 def build_draft(model: Any, device: Any, dtype: Any) -> Any:
     """A 2-layer draft with the model's vocabulary and context, random weights (acceptance is then
     low; pass --draft-model for a trained one)."""
@@ -548,6 +606,11 @@ def format_tables(rows: list[ServeRow]) -> str:
             note = r.note + (f" ERROR {r.error[:160]}" if r.error else "")
             out.append(f"| {r.shape} | {r.impl} | {_f(r.tok_s)} | {rel} | {_f(r.bound and 100 * r.bound, '.0f')}"
                        f"{'%' if r.bound else ''} | {_f(r.loss, '.4f')} | {note} |")
+    host = [r for r in rows if r.table == "host"]
+    if host:
+        out += ["", "| shape | engine path, forward stubbed | host tok/s | host us/token |", "|---|---|---|---|"]
+        for r in host:
+            out.append(f"| {r.shape} | {r.impl} | {_f(r.tok_s, '.0f')} | {_f(r.tok_s and 1e6 / r.tok_s, '.0f')} |")
     thr = [r for r in rows if r.table == "throughput"]
     if thr:
         out += ["", "| shape | impl | concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | note |",
@@ -587,6 +650,8 @@ def run(args: argparse.Namespace) -> int:
                 rows += latency_table(args, shape, device, work)
             if "throughput" in args.parts:
                 rows += throughput_table(args, shape, device, work)
+            if "host" in args.parts:
+                rows += host_table(args, shape, device)
     blurb = (f"Batch-1 greedy decode of {args.new_tokens} tokens after a {args.prompt_len}-token prompt (best of "
              f"{args.repeats}); throughput: {args.requests} requests, AlpacaEval prompt lengths, {args.max_tokens} "
              "output tokens each. Weights: " + (args.model or "random init (speed does not depend on values)") + ".")
@@ -603,7 +668,8 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shapes", default="", help="comma list of model shapes (gpt2_small, speedrun, 350m, tiny, "
                    "preset_tiny); default on CUDA gpt2_small and Kiln's largest preset (today the same), "
                    "preset_tiny on the CPU")
-    p.add_argument("--parts", default="latency,throughput", help="latency and/or throughput")
+    p.add_argument("--parts", default="latency,throughput", help="latency, throughput and/or host (the engine's "
+                   "host work per decode token, the forward stubbed out)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"optional rows, some of {','.join(ROWS)}")
     p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
     p.add_argument("--draft-model", default=None, help="a trained draft model directory for the draft row")
