@@ -62,7 +62,7 @@ def test_compiled_call_goes_through_the_custom_op_without_graph_breaks(dev, mode
     """What the engine's compiled decode step traces: the kernel as ``kiln::int8_gemv``/``int4_gemv``
     (fullgraph: no break), same numbers as the eager kernel."""
     torch.manual_seed(3)
-    w, x = torch.randn(40, 64, device=dev), torch.randn(1, 64, device=dev)
+    w, x = torch.randn(40, 64, device=dev), torch.randn(2, 64, device=dev)  # 2 rows: the custom op (1: torch ops)
     if mode == "int8":
         args = quantize_int8(w)
         fn, ref = (lambda x: int8_linear(x, *args, use_kernel=True)), int8_linear_ref(x, *args)
@@ -70,5 +70,15 @@ def test_compiled_call_goes_through_the_custom_op_without_graph_breaks(dev, mode
         args = quantize_int4(w, 32)
         fn, ref = (lambda x: int4_linear(x, *args, use_kernel=True)), int4_linear_ref(x, *args)
     torch._dynamo.reset()
-    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm
+
+    got = torch.compile(fn, backend=backend, fullgraph=True)(x)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert f"kiln.{mode}_gemv" in str([n.target for n in graphs[0].graph.nodes])
+    torch._dynamo.reset()
+    one = torch.compile(fn, backend="aot_eager", fullgraph=True)(x[:1])  # one row: dequantize + matmul ops
+    torch.testing.assert_close(one, ref[:1], atol=1e-4, rtol=1e-4)

@@ -294,7 +294,10 @@ class LLMEngine:
         if seqs is None:
             return None
         ids, logits = runner.decode(seqs, k)
-        sampled = self._sample_rows(seqs, logits[:, :self.vocab_limit]) if k == 1 else {}
+        sampled = {}
+        if any(seq.params.temperature > 0 for seq in seqs):  # only with k == 1: sampled per request, as ever
+            sampled = self._sample([StepItem(seq, seq.num_computed, seq.token_ids[-1:]) for seq in seqs],
+                                   logits[:, :self.vocab_limit])
         outputs = []
         for i, seq in enumerate(seqs):
             c, p = seq.num_computed, seq.params
@@ -325,16 +328,6 @@ class LLMEngine:
                 return 1
             more = more or p.max_tokens - len(seq.token_ids) + seq.num_prompt_tokens > 1
         return K if more else 1
-
-    def _sample_rows(self, seqs: list[Sequence], logits: Tensor) -> dict[int, int]:
-        """Sampled token per row of the sequences with temperature > 0 (their own generators; one sync)."""
-        rows, draws = [], []
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            if p.temperature > 0:
-                rows.append(i)
-                draws.append(sample_next(logits[i], p.temperature, p.top_k, p.top_p, seq.generator))
-        return dict(zip(rows, torch.stack(draws).tolist())) if draws else {}
 
     def _sample(self, items: list[StepItem], logits: Tensor) -> dict[int, int]:
         """Sampled token per logits row of the items that sample this step (temperature > 0): each

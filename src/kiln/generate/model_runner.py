@@ -54,7 +54,8 @@ class ModelRunner:
                  compile_decode: bool = False, decode_steps: int = 1, vocab_limit: int | None = None) -> None:
         """``cuda_graph_max_batch``: the most decode rows (tokens) replayed from CUDA graphs; 0: none.
         ``compile_decode``: run the captured decode forward through ``torch.compile`` (fuses the norms,
-        RoPE and SwiGLU between the matmuls; the paged attention stays eager), as gpt-fast does.
+        RoPE and SwiGLU between the matmuls, and at one row the matmuls too; the paged attention stays
+        eager), as gpt-fast does.
         ``decode_steps``: also capture graphs that run this many greedy decode steps in a row
         (multi-step decode, ``decode(seqs, steps)``). ``vocab_limit``: greedy ids are taken below it."""
         cfg = model.config
@@ -71,7 +72,11 @@ class ModelRunner:
         self.vocab_limit = cfg.vocab_size if vocab_limit is None else vocab_limit
         self.graphs: dict[int, _Graph] = {}  # batch rows -> one-step graph
         self.multi_graphs: dict[int, _Graph] = {}  # batch rows -> ``decode_steps``-step graph
-        self._decode = torch.compile(self._decode_core, dynamic=False) if compile_decode else self._decode_core
+        # coordinate_descent_tuning, as gpt-fast sets it: Inductor then also rewrites a one-row matmul
+        # as a multiply-and-sum that it fuses with the norms, activations and dequantization around it
+        # (torch/_inductor/decomposition.py, mm), instead of one cuBLAS call per projection.
+        self._decode = (torch.compile(self._decode_core, dynamic=False, options={"coordinate_descent_tuning": True})
+                        if compile_decode else self._decode_core)
         self._s: dict[str, Tensor] = {}
         self._metas: dict[int, PagedMetadata] = {}
 

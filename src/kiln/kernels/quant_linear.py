@@ -174,8 +174,13 @@ def _(x2, packed, scale, low):
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
     """y = x @ (q * scale)^T: x (..., K) -> (..., N) in x's dtype. The Triton GEMV for up to
     ``GEMV_MAX_ROWS`` rows on CUDA; otherwise dequantize and matmul (the CPU's fast path).
-    ``use_kernel=True`` runs the kernel on the CPU too (interpreted, for tests). Under torch.compile
-    the kernel is called as the custom op ``kiln::int8_gemv``."""
+    ``use_kernel=True`` runs the kernel on the CPU too (interpreted, for tests).
+
+    Under torch.compile: one row is written as dequantize-then-matmul in torch ops, which Inductor
+    (with ``coordinate_descent_tuning``, as the engine's compiled decode sets it) turns into one fused
+    reduction reading the int8 weights, together with the norm or activation before it (gpt-fast's
+    ``WeightOnlyInt8Linear`` relies on the same); 2-8 rows call the kernel as the custom op
+    ``kiln::int8_gemv``, opaque to the compiler (no graph break)."""
     x2 = _rows(x)
     M = x2.shape[0]
     if use_kernel is None:
@@ -185,6 +190,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, use_kerne
     reason = unsupported_reason(x2, q)
     if reason is not None:
         warn_fallback("int8_linear", reason)
+        return int8_linear_ref(x, q, scale)
+    if compiling() and M == 1:  # Inductor fuses the dequantization into its one-row matmul (see below)
         return int8_linear_ref(x, q, scale)
     y = (_int8_gemv_op if compiling() else _int8_gemv)(x2, q, scale)
     return y.reshape(*x.shape[:-1], q.shape[0])
@@ -202,6 +209,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low:
     reason = unsupported_reason(x2, packed)
     if reason is not None:
         warn_fallback("int4_linear", reason)
+        return int4_linear_ref(x, packed, scale, low)
+    if compiling() and M == 1:
         return int4_linear_ref(x, packed, scale, low)
     y = (_int4_gemv_op if compiling() else _int4_gemv)(x2, packed, scale, low)
     return y.reshape(*x.shape[:-1], packed.shape[0])
