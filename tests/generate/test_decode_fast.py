@@ -114,6 +114,22 @@ def test_multi_step_greedy_equals_single_step_with_stops_and_joins(model):
     assert s["free_blocks"] == s["num_blocks"] and s["running"] == 0
 
 
+def test_multi_step_under_preemption_and_prefix_sharing(model):
+    """A pool too small for everyone: multi-step rounds fall back to the general step when blocks run
+    short (it preempts), and the output still equals the general path's, every block freed."""
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(0, 256, (12,), generator=g).tolist()
+    prompts = [(shared if i % 2 else []) + torch.randint(0, 256, (3 + 5 * i,), generator=g).tolist() for i in range(6)]
+    params = SamplingParams(max_tokens=18, temperature=0, ignore_eos=True)
+    eng = _engine(model, True, num_blocks=22)
+    calls = _spy(eng)
+    got = [o.token_ids for o in eng.generate(prompts, params)]
+    want = [o.token_ids for o in _engine(model, False, num_blocks=22).generate(prompts, params)]
+    s = eng.stats()
+    assert got == want and 8 in calls
+    assert s["preemptions"] > 0 and s["prefix_cache_hits"] > 0 and s["free_blocks"] == s["num_blocks"]
+
+
 def test_lean_step_samples_and_logprobs_like_the_general_path(model):
     """Sampled (seeded) and log-prob requests mixed with greedy ones go through the one-step graph
     (sampling outside it) and give the general path's tokens."""
