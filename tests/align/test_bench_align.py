@@ -38,6 +38,7 @@ def test_prepare_multi_turn_data_and_a_kiln_row(tmp_path):
     res = run_child(spec)
     assert res["steps"] >= 2 and res["timed_steps"] == res["steps"] - 1
     assert 0 < res["steady_seconds"] < res["seconds"]
+    (tmp_path / "long").mkdir()
     with pytest.raises(ValueError, match="lower --turns"):
         prepare(tmp_path / "long", "tiny", n=4, seq=32, seed=0, turns=6)
 
@@ -60,7 +61,7 @@ def test_split_hh_is_seeded_and_disjoint(tmp_path):
 def test_learning_table_and_window_mean():
     curve = [[1.0, 0.1], [5.0, 0.2], [8.5, 0.4], [10.0, 0.6], [12.0, 0.9]]
     assert window_mean(curve, 10.0) == pytest.approx(0.5)  # the points in [8, 10] s only
-    assert window_mean(curve, 1.0) is None
+    assert window_mean(curve, 0.5) is None
     res = {"plan": {"grpo_seconds": 10.0}, "device": "cpu",
            "sft": {"steps": 60, "heldout_loss_before": 3.2, "heldout_loss_after": 0.9, "gpu_s": 4.0,
                    "greedy_accuracy_after": 0.25},
