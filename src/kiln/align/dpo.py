@@ -313,7 +313,13 @@ def _reference(cfg: DPOConfig, model: Any, model_dir: Any, tokenizer: Any, out: 
         key.update(t.flatten()[:1024].numpy().tobytes())  # training step moves the sums
         key.update(f"{tuple(t.shape)}:{t.sum().item()!r}".encode())
     key.update((pairs_hash(enc) + pairs_hash(held)).encode())
-    compute = lambda: compute_reference_logps(ref_model, enc + held, mb, pad)  # noqa: E731
+    key.update(f"{cfg.train.dtype}:{next(ref_model.parameters()).device.type}".encode())  # the precision scored in
+    from kiln.train.loop import autocast_for
+
+    def compute() -> Tensor:  # under the training step's autocast: at step 0 the policy's log-probs equal these
+        with autocast_for(cfg.train.dtype, next(ref_model.parameters()).device):
+            return compute_reference_logps(ref_model, enc + held, mb, pad)
+
     logps = cached_reference_logps(out / "reference" / "ref_logps.safetensors", key.hexdigest()[:24], compute)
     return logps[: len(enc)], logps[len(enc) :]
 

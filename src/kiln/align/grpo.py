@@ -173,6 +173,7 @@ class RolloutSource:
         """Rollout batch ``k``: sample, score, normalize, take old (and reference) log-probs, cut into
         micro-batches in a seeded order per epoch. A function of (seed, k, the policy's weights)."""
         from kiln.align.stage import to_device
+        from kiln.train.loop import autocast_for
 
         cfg, G = self.cfg, self.cfg.group_size
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
@@ -192,8 +193,9 @@ class RolloutSource:
         # One optimizer step per rollout batch is on-policy: the old log-probs are the step's own
         # (detached, in the loss), so the extra forward over every sample is skipped (as trl does).
         zeros = torch.zeros(ids.shape, device=dev)
-        old = zeros if cfg.on_policy else _log_probs(self.model, ids, labels, self.micro_batch)
-        ref = _log_probs(self.ref_model, ids, labels, self.micro_batch) if self.ref_model is not None else zeros
+        with autocast_for(cfg.train.dtype, dev):  # the step's own precision: the first ratio is exactly 1
+            old = zeros if cfg.on_policy else _log_probs(self.model, ids, labels, self.micro_batch)
+            ref = _log_probs(self.ref_model, ids, labels, self.micro_batch) if self.ref_model is not None else zeros
         out = []
         for e in range(cfg.rollout_epochs):
             order = torch.randperm(len(prompts), generator=g).to(dev)
