@@ -50,8 +50,10 @@ class LearnPlan:
     d_model: int
     n_layers: int
     n_heads: int
+    sft_first_steps: int
+    """SFT steps of the first round (batch 16 rows of 64 tokens, lr 3e-3: ``kiln.align.learning``'s SFT)."""
     sft_round_steps: int
-    """SFT steps per round (batch 16 rows of 256 tokens, lr 3e-3)."""
+    """SFT steps of each later round."""
     sft_max_rounds: int
     """Most SFT rounds."""
     sft_target: float
@@ -74,12 +76,13 @@ class LearnPlan:
 
 
 PLANS = {
-    "tiny": LearnPlan(64, 2, 2, sft_round_steps=30, sft_max_rounds=2, sft_target=0.15, dpo_heldout=16,
-                      dpo_max_pairs=32, dpo_epochs=1, dpo_lr=1e-4, grpo_seconds=6, grpo_max_rollouts=4,
-                      eval_prompts=16, gsm8k_n=4),
-    "small": LearnPlan(256, 4, 4, sft_round_steps=40, sft_max_rounds=10, sft_target=0.2, dpo_heldout=256,
-                       dpo_max_pairs=0, dpo_epochs=1, dpo_lr=5e-5, grpo_seconds=40, grpo_max_rollouts=1500,
-                       eval_prompts=128, gsm8k_n=64),
+    "tiny": LearnPlan(64, 2, 2, sft_first_steps=30, sft_round_steps=20, sft_max_rounds=2, sft_target=0.15,
+                      dpo_heldout=16, dpo_max_pairs=32, dpo_epochs=1, dpo_lr=1e-4, grpo_seconds=6,
+                      grpo_max_rollouts=4, eval_prompts=16, gsm8k_n=4),
+    # the model and the SFT/GRPO settings measured to learn on a CPU (docs/align.md, "GRPO that learns")
+    "small": LearnPlan(64, 2, 2, sft_first_steps=60, sft_round_steps=20, sft_max_rounds=6, sft_target=0.15,
+                       dpo_heldout=256, dpo_max_pairs=0, dpo_epochs=1, dpo_lr=1e-4, grpo_seconds=30,
+                       grpo_max_rollouts=1500, eval_prompts=128, gsm8k_n=64),
 }
 
 
@@ -193,25 +196,26 @@ def sft_rounds(plan: LearnPlan, base: Path, out: Path, device: str, seed: int, c
     from kiln.align.sft import SFTConfig, run_sft
 
     data, held = out / "sft_train.jsonl", out / "sft_held.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in addition_conversations(8000, seed + 1, 1)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in addition_conversations(4000, 1, 1)))  # as kiln.align.learning
     held.write_text("".join(json.dumps(r) + "\n" for r in addition_conversations(200, seed + 2, 1)))
     model, rounds, t0 = base, [], clock.now()
     for r in range(plan.sft_max_rounds):
-        cfg = SFTConfig(data=(str(data),), heldout=(str(held),), seq_len=256, max_steps=plan.sft_round_steps,
-                        eval_every=plan.sft_round_steps, sample_every=0,
+        steps = plan.sft_first_steps if r == 0 else plan.sft_round_steps
+        cfg = SFTConfig(data=(str(data),), heldout=(str(held),), seq_len=64, max_steps=steps, eval_every=steps,
+                        sample_every=0,
                         train=replace(SFTConfig().train, lr=3e-3, min_lr=3e-4, warmup_steps=5, batch_size=16,
-                                      seed=seed + r, device=device, save_every=0, log_every=50))
+                                      seed=SFTConfig().train.seed + r, device=device, save_every=0, log_every=50))
         run = run_sft(cfg, model, out / f"sft{r}", resume=False)
         stats = json.loads((run / "manifest.json").read_text())["stats"]
         model = run / "model"
         acc = greedy_reward(model, held_addition(plan, seed), "addition", 16, device)["heldout_accuracy"]
-        rounds.append({"round": r, "heldout_loss_first": stats["heldout_loss_first"],
+        rounds.append({"round": r, "steps": steps, "heldout_loss_first": stats["heldout_loss_first"],
                        "heldout_loss": stats["heldout_loss"], "greedy_accuracy": acc})
         if acc >= plan.sft_target:
             break
     gpu_s = clock.now() - t0
     return model, {"heldout_loss_before": rounds[0]["heldout_loss_first"], "heldout_loss_after": rounds[-1]["heldout_loss"],
-                   "greedy_accuracy_after": rounds[-1]["greedy_accuracy"], "steps": plan.sft_round_steps * len(rounds),
+                   "greedy_accuracy_after": rounds[-1]["greedy_accuracy"], "steps": sum(x["steps"] for x in rounds),
                    "rounds": rounds, "gpu_s": round(gpu_s, 2)}
 
 
