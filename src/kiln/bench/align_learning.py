@@ -1,7 +1,7 @@
 """`kiln bench align --learning`: does each stage learn, and GRPO's reward per GPU-second against trl's.
 
 One small model (a byte-level tokenizer, so digits are single ids and any text encodes; context
-1024) goes through the chain, each stage timed on the device with the GPU drained at both ends
+2048 on a GPU) goes through the chain, each stage timed on the device with the GPU drained at both ends
 ("GPU s": wall seconds on the one GPU, the stage's own start-up included):
 
 1. **SFT** on seeded one-digit addition conversations, in rounds of ``sft_round_steps`` until the
@@ -39,10 +39,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-CONTEXT = 1024
-"""Context of the learning model, in bytes (hh-rlhf pairs longer than this are dropped, counted)."""
-
-
 @dataclass(frozen=True)
 class LearnPlan:
     """Sizes of one learning check (``PLANS``)."""
@@ -50,6 +46,8 @@ class LearnPlan:
     d_model: int
     n_layers: int
     n_heads: int
+    context: int
+    """Context in tokens (bytes, nearly): hh-rlhf pairs longer than this are dropped, counted."""
     sft_first_steps: int
     """SFT steps of the first round (batch 16 rows of 64 tokens, lr 3e-3: ``kiln.align.learning``'s SFT)."""
     sft_round_steps: int
@@ -76,11 +74,11 @@ class LearnPlan:
 
 
 PLANS = {
-    "tiny": LearnPlan(64, 2, 2, sft_first_steps=30, sft_round_steps=20, sft_max_rounds=2, sft_target=0.15,
+    "tiny": LearnPlan(64, 2, 2, 1024, sft_first_steps=30, sft_round_steps=20, sft_max_rounds=2, sft_target=0.15,
                       dpo_heldout=16, dpo_max_pairs=32, dpo_epochs=1, dpo_lr=1e-4, grpo_seconds=6,
                       grpo_max_rollouts=4, eval_prompts=16, gsm8k_n=4),
     # the model and the SFT/GRPO settings measured to learn on a CPU (docs/align.md, "GRPO that learns")
-    "small": LearnPlan(64, 2, 2, sft_first_steps=60, sft_round_steps=20, sft_max_rounds=6, sft_target=0.15,
+    "small": LearnPlan(64, 2, 2, 2048, sft_first_steps=60, sft_round_steps=20, sft_max_rounds=6, sft_target=0.15,
                        dpo_heldout=256, dpo_max_pairs=0, dpo_epochs=1, dpo_lr=1e-4, grpo_seconds=30,
                        grpo_max_rollouts=1500, eval_prompts=128, gsm8k_n=64),
 }
@@ -127,7 +125,7 @@ def run_learning(args: argparse.Namespace, device: Any) -> int:
                     shutil.copy(out / name, dest / name)
     table = learning_table(res)
     blurb = (f"Learning check, plan `{'tiny' if args.size == 'tiny' else 'small'}` {asdict(plan)}; byte-level "
-             f"tokenizer, context {CONTEXT}. GPU s: wall seconds of the stage on the device, drained at both ends.")
+             f"tokenizer. GPU s: wall seconds of the stage on the device, drained at both ends.")
     report("align_learning", device, blurb, table, [], args.out)
     return 0
 
@@ -166,7 +164,7 @@ def build_base(out: Path, plan: LearnPlan, seed: int) -> Path:
     tok = add_chat_tokens(Tokenizer(vocab, merges, ["<|endoftext|>"]))
     torch.manual_seed(seed)
     V = -(-tok.vocab_size // 64) * 64
-    model = build_model(ModelConfig(vocab_size=V, context_length=CONTEXT, d_model=plan.d_model,
+    model = build_model(ModelConfig(vocab_size=V, context_length=plan.context, d_model=plan.d_model,
                                     n_layers=plan.n_layers, n_heads=plan.n_heads))
     save_pretrained(model, out)
     save_hf_tokenizer(tok, out)
@@ -235,14 +233,14 @@ def split_hh(hh: Path, plan: LearnPlan, out: Path, seed: int) -> tuple[Path, Pat
     return out / "hh_train.jsonl", out / "hh_held.jsonl"
 
 
-def likelihood_preference(model_dir: Path, held: Path, device: str) -> tuple[float, int]:
+def likelihood_preference(model_dir: Path, held: Path, device: str, context: int) -> tuple[float, int]:
     """Share of ``held``'s pairs whose chosen reply has the higher summed log-prob; (share, pairs)."""
     from kiln.align.data import ReadReport, encode_preference, read_preferences
     from kiln.align.dpo import compute_reference_logps
     from kiln.align.stage import load_policy, pick_device
 
     model, tok, tpl = load_policy(model_dir, None, False, pick_device(device))
-    enc = [e for e in (encode_preference(p, tpl, CONTEXT + 1, ReadReport()) for p in read_preferences([held]))
+    enc = [e for e in (encode_preference(p, tpl, context + 1, ReadReport()) for p in read_preferences([held]))
            if e is not None]
     lp = compute_reference_logps(model, enc, 16, tok.eot_id or 0)  # (N, 2)
     return float((lp[:, 0] > lp[:, 1]).float().mean()) if len(enc) else 0.0, len(enc)
@@ -253,7 +251,7 @@ def dpo_hh(plan: LearnPlan, model: Path, hh: Path, out: Path, device: str, seed:
     from kiln.align.dpo import DPOConfig, dpo_train_defaults, run_dpo
 
     train, held = split_hh(hh, plan, out, seed)
-    before, n_held = likelihood_preference(model, held, device)
+    before, n_held = likelihood_preference(model, held, device, plan.context)
     cfg = DPOConfig(data=(str(train),), heldout=(str(held),), max_heldout=plan.dpo_heldout, epochs=plan.dpo_epochs,
                     eval_every=10**9, beta=0.1,
                     train=replace(dpo_train_defaults(), lr=plan.dpo_lr, min_lr=plan.dpo_lr / 10, batch_size=16,
@@ -262,7 +260,7 @@ def dpo_hh(plan: LearnPlan, model: Path, hh: Path, out: Path, device: str, seed:
     run = run_dpo(cfg, model, out / "dpo", resume=False)
     gpu_s = clock.now() - t0
     stats = json.loads((run / "manifest.json").read_text())["stats"]
-    after, _ = likelihood_preference(run / "model", held, device)
+    after, _ = likelihood_preference(run / "model", held, device, plan.context)
     last = stats.get("last_eval") or {}
     return {"pairs": stats["pairs"], "heldout_pairs": n_held, "steps": stats["steps"], "read": stats["read"],
             "likelihood_accuracy_before": before, "likelihood_accuracy_after": after,
