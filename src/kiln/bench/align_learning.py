@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+
 @dataclass(frozen=True)
 class LearnPlan:
     """Sizes of one learning check (``PLANS``)."""
