@@ -263,6 +263,8 @@ def run_child(spec: dict[str, Any]) -> dict[str, float]:
     import torch
 
     torch.manual_seed(spec["seed"])
+    if spec["device"].startswith("cuda"):  # TF32 for fp32 matmuls outside autocast on both sides, as Kiln's
+        torch.set_float32_matmul_precision("high")  # stages set it (load_policy): trl's generation runs fp32 weights
     work, out = Path(spec["work"]), Path(spec["work"]) / f"{spec['stage']}-{spec['side']}"
     fn = {("sft", "kiln"): _kiln_sft, ("dpo", "kiln"): _kiln_dpo, ("grpo", "kiln"): _kiln_grpo,
           ("sft", "trl"): _trl_sft, ("dpo", "trl"): _trl_dpo, ("grpo", "trl"): _trl_grpo}[(spec["stage"], spec["side"])]

@@ -326,6 +326,8 @@ def _trl_grpo_child(spec: dict) -> None:
 
     plan, device, out = LearnPlan(**spec["plan"]), spec["device"], Path(spec["out"])
     cfg, cuda = grpo_settings(plan, spec["seed"], device), device.startswith("cuda")
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 outside autocast, as Kiln's stages (load_policy)
     n = cfg.group_size * cfg.prompts_per_rollout
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype="float32", attn_implementation="sdpa").to(device)
     tok = AutoTokenizer.from_pretrained(spec["model"])
