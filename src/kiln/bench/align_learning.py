@@ -160,7 +160,8 @@ def build_base(out: Path, plan: LearnPlan, seed: int) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "corpus.txt"
-    corpus.write_text("What is 12 + 30? 42. 0123456789 + ?\n" * 50)
+    # merges among letters only: digits stay single ids ("112" is "1", "1", "2"; branch grpo2's finding)
+    corpus.write_text("What is the sum? What is it? + ?\n" * 50)
     vocab, merges = train_bpe(corpus, 262, ["<|endoftext|>"])
     tok = add_chat_tokens(Tokenizer(vocab, merges, ["<|endoftext|>"]))
     torch.manual_seed(seed)
