@@ -24,7 +24,7 @@ from torch import Tensor
 
 from kiln.generate.block_manager import BlockManager
 from kiln.generate.model_runner import MAX_ROW_TOKENS, ModelRunner, StepItem
-from kiln.generate.sampling import SamplingParams, filter_logits, sample_next
+from kiln.generate.sampling import SamplingParams, filter_logits, sample_rows
 from kiln.generate.scheduler import Scheduler
 from kiln.generate.sequence import Sequence, Status
 from kiln.generate.speculative import make_proposer
@@ -332,16 +332,25 @@ class LLMEngine:
     def _sample(self, items: list[StepItem], logits: Tensor) -> dict[int, int]:
         """Sampled token per logits row of the items that sample this step (temperature > 0): each
         row draws with its request's own generator; one host sync for all of them."""
-        rows, draws = [], []
+        groups: dict[tuple, tuple[list[int], list[torch.Generator]]] = {}  # rows by their sampling settings
         row = 0
         for it in items:
             seq, p = it.seq, it.seq.params
             done = it.start + len(it.tokens) == seq.num_window_tokens  # the window's end: a token is due
             if it.n_logits == 1 and done and p.temperature > 0 and p.max_tokens > 0:
+                rows, gens = groups.setdefault((p.temperature, p.top_k, p.top_p), ([], []))
                 rows.append(row)
-                draws.append(sample_next(logits[row], p.temperature, p.top_k, p.top_p, seq.generator))
+                gens.append(seq.generator)
             row += it.n_logits
-        return dict(zip(rows, torch.stack(draws).tolist())) if draws else {}
+        if not groups:
+            return {}
+        all_rows, draws = [], []
+        for (temp, top_k, top_p), (rows, gens) in groups.items():  # one batched draw per setting
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))  # a decode step: a slice, no copy
+            idx = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=logits.device)
+            draws.append(sample_rows(logits[idx], temp, top_k, top_p, gens))
+            all_rows += rows
+        return dict(zip(all_rows, torch.cat(draws).tolist()))
 
     # -- speculative decoding (greedy: exactly plain greedy decoding's output; sampled: the same distribution) --
 
