@@ -190,3 +190,18 @@ def test_compiled_multi_step_traces_once_and_equals_eager(model, monkeypatch):
     general = _engine(model, False)
     assert first == [o.token_ids for o in general.generate(prompts, params)]
     assert again == [o.token_ids for o in general.generate(later, plist)]
+
+
+def test_multi_step_with_sliding_context_equals_the_general_path(model):
+    """``context_overflow='slide'`` (the one-call helpers'): near the context's end the rounds drop to
+    one step, the slide re-encodes, and multi-step resumes; tokens equal the general path's."""
+    prompts = [[1] * 50, [2, 3] * 10, [7]]
+    params = SamplingParams(max_tokens=70, temperature=0, ignore_eos=True)
+    outs = []
+    for graphs in (False, True):
+        eng = LLMEngine(model, None, EngineConfig(block_size=4, max_num_seqs=3, context_overflow="slide"))
+        if graphs:
+            eng.runner.graph_max = 4
+            calls = _spy(eng)
+        outs.append([o.token_ids for o in eng.generate(prompts, params)])
+    assert outs[0] == outs[1] and all(len(t) == 70 for t in outs[1]) and {1, 8} <= set(calls)
