@@ -162,3 +162,46 @@ def test_quantized_model_multi_step_equals_its_eager_self(model, mode):
     calls = _spy(eng)
     outs = eng.generate(prompts, SamplingParams(max_tokens=11, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == eager and 4 in calls
+
+
+def test_compiled_multi_step_traces_once_and_equals_eager(model, monkeypatch):
+    """``compile_decode`` over the multi-step graph body (torch.compile's tracing, with the aot_eager
+    backend: no C++ compiler needed): the same tokens as eager, and no recompilation once each batch
+    size has been traced, however many steps and sequences follow."""
+    real_compile, traced = torch.compile, []
+
+    def backend(gm, inputs):
+        traced.append(gm)
+        return gm
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=backend, dynamic=kw.get("dynamic")))
+    torch._dynamo.reset()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    eng = _engine(model, True, decode_steps=4, compile_decode=True)
+    eng.runner.graph_max = 2
+    first = [o.token_ids for o in eng.generate(prompts, params)]  # the 2-row graphs
+    later = [[9, 9], [4, 5, 6, 7, 8]]
+    plist = [params, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]  # then the 1-row graphs
+    again = [o.token_ids for o in eng.generate(later, plist)]
+    n_traced = len(traced)  # each size traced once (emulated graphs trace at first use, not at capture)
+    assert [o.token_ids for o in eng.generate(later, plist)] == again and len(traced) == n_traced > 0
+    torch._dynamo.reset()
+    general = _engine(model, False)
+    assert first == [o.token_ids for o in general.generate(prompts, params)]
+    assert again == [o.token_ids for o in general.generate(later, plist)]
+
+
+def test_multi_step_with_sliding_context_equals_the_general_path(model):
+    """``context_overflow='slide'`` (the one-call helpers'): near the context's end the rounds drop to
+    one step, the slide re-encodes, and multi-step resumes; tokens equal the general path's."""
+    prompts = [[1] * 50, [2, 3] * 10, [7]]
+    params = SamplingParams(max_tokens=70, temperature=0, ignore_eos=True)
+    outs = []
+    for graphs in (False, True):
+        eng = LLMEngine(model, None, EngineConfig(block_size=4, max_num_seqs=3, context_overflow="slide"))
+        if graphs:
+            eng.runner.graph_max = 4
+            calls = _spy(eng)
+        outs.append([o.token_ids for o in eng.generate(prompts, params)])
+    assert outs[0] == outs[1] and all(len(t) == 70 for t in outs[1]) and {1, 8} <= set(calls)

@@ -56,8 +56,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     """On CUDA, replay a captured graph for decode steps of up to ``max_num_seqs`` sequences."""
     compile_decode: bool = False
-    """Also ``torch.compile`` the captured decode step (fusing the elementwise work between matmuls;
-    one compilation per captured batch size, so best with a small ``max_num_seqs``)."""
+    """Also ``torch.compile`` the captured decode step (fusing the elementwise work between matmuls, and
+    at one row the matmuls with it; coordinate-descent tuning, as gpt-fast: slower to compile; one
+    compilation per captured batch size, so best with a small ``max_num_seqs``)."""
     decode_steps: int = 8
     """Multi-step decode (as vLLM's multi-step scheduling): when every running sequence decodes
     greedily (no log-probabilities) and nothing waits, one CUDA graph runs this many decode steps,

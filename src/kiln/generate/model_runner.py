@@ -79,6 +79,7 @@ class ModelRunner:
                         if compile_decode else self._decode_core)
         self._s: dict[str, Tensor] = {}
         self._metas: dict[int, PagedMetadata] = {}
+        self._uploaded: Any = None  # a CUDA event after the last host->device copy of the pinned rows
 
     def prepare(self, items: list[StepItem]) -> tuple[list[int], list[int], PagedMetadata]:
         """Token ids (N,), positions (N,) and the attention metadata of one step (lists on the host).
@@ -220,6 +221,8 @@ class ModelRunner:
     def _write_rows(self, rows: list[tuple[int, int, list[int]]]) -> None:
         """Host buffer rows 0..B-1 from (token id, position, block table) each; rows past B padded."""
         G, MB, bs, np_ = self.graph_max, self.max_blocks_per_seq, self.block_size, self._np
+        if self._uploaded is not None:  # the last step's copy out of the pinned buffer has finished
+            self._uploaded.synchronize()  # (callers sync on the results anyway: this costs nothing)
         for i, (tok, p, table) in enumerate(rows):
             np_[i], np_[G + i], np_[3 * G + i] = tok, p, p + 1
             np_[2 * G + i] = table[p // bs] * bs + p % bs
@@ -237,6 +240,9 @@ class ModelRunner:
         """One host->device copy: every row's ids/positions/slots/lengths and the first b tables."""
         n = 4 * self.graph_max + b * self.max_blocks_per_seq
         self._inp[:n].copy_(self._host[:n], non_blocking=True)
+        if self.device.type == "cuda":
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
 
     def _meta(self, b: int) -> PagedMetadata:
         """Metadata over the first ``b`` static rows. On CUDA one object per b (torch.compile guards on
