@@ -25,3 +25,16 @@ def test_bench_serve_runs_on_cpu(tmp_path, capsys):
     assert "| tiny | kiln int8 |" in (tmp_path / "bench_serve.md").read_text()
     assert prompt_lengths(str(prompts), 4) == [10, 2, 25, 10]
     assert "ERROR" not in format_tables([])
+
+
+def test_bench_serve_host_part_and_largest_preset(tmp_path):
+    from kiln.bench.serve import largest_preset
+
+    assert largest_preset() == "gpt2_small"  # Kiln's largest training preset is the GPT-2-small shape
+    args = ["bench", "serve", "--device", "cpu", "--shapes", "tiny", "--parts", "host", "--new-tokens", "20",
+            "--prompt-len", "4", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "bench_serve.json").read_text())
+    assert [r["impl"] for r in rows] == ["general step", "lean step", "multi-step"]
+    assert all(r["table"] == "host" and r["tok_s"] > 0 for r in rows)
+    assert "| tiny | multi-step |" in (tmp_path / "bench_serve.md").read_text()

@@ -73,3 +73,24 @@ def test_seeded_sampling_is_reproducible():
 def test_bad_sampling_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sample_next(torch.randn(5), **kwargs)
+
+
+def test_sample_rows_follows_each_rows_distribution_and_ignores_the_others():
+    from kiln.generate.sampling import sample_rows
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, 0.5], [3.0, -1.0, 0.0, 0.0]])
+    n = 20_000
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    draws = sample_rows(logits.repeat(n // 2, 1), 2.0, None, None, gens).view(-1, 2)
+    for r in range(2):
+        freq = torch.bincount(draws[:, r], minlength=4).double() / (n // 2)
+        assert torch.allclose(freq, torch.softmax(logits[r].double() / 2.0, -1), atol=4 / math.sqrt(n // 2))
+    # a row's draw depends on its logits and its generator only: alone == in a batch
+    g = torch.Generator().manual_seed(5)
+    batch = torch.randn(6, 50, generator=g)
+    together = sample_rows(batch, 0.8, 10, 0.9, [torch.Generator().manual_seed(100 + i) for i in range(6)])
+    alone = [int(sample_rows(batch[i : i + 1], 0.8, 10, 0.9, [torch.Generator().manual_seed(100 + i)])[0])
+             for i in range(6)]
+    assert together.tolist() == alone
+    allowed = torch.isfinite(filter_logits(batch / 0.8, 10, 0.9))
+    assert allowed.gather(-1, together[:, None]).all()  # top-k and top-p hold

@@ -7,6 +7,7 @@ import torch
 
 from kiln.kernels.quant_linear import (
     dequantize_int4,
+    gemv_block_n,
     dequantize_int8,
     int4_linear,
     int4_linear_ref,
@@ -17,16 +18,20 @@ from kiln.kernels.quant_linear import (
 )
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 40, 64), (3, 17, 300)])
-def test_int8_kernel_equals_reference(dev, M, N, K):
+@pytest.mark.parametrize("M,N,K,block_n", [(1, 40, 64, None), (3, 17, 300, None), (1, 40, 32, 16)])
+def test_int8_kernel_equals_reference(dev, M, N, K, block_n, monkeypatch):
+    if block_n:  # the tile a large matrix gets (gemv_block_n), on a small one
+        monkeypatch.setattr("kiln.kernels.quant_linear.gemv_block_n", lambda n, m: block_n)
     torch.manual_seed(0)
     w, x = torch.randn(N, K, device=dev), torch.randn(M, K, device=dev)
     q, s = quantize_int8(w)
     torch.testing.assert_close(int8_linear(x, q, s, use_kernel=True), int8_linear_ref(x, q, s), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("M,N,K,G", [(1, 40, 64, 32), (2, 17, 256, 64)])
-def test_int4_kernel_equals_reference(dev, M, N, K, G):
+@pytest.mark.parametrize("M,N,K,G,block_n", [(1, 40, 64, 32, None), (2, 17, 256, 64, None), (1, 40, 64, 16, 16)])
+def test_int4_kernel_equals_reference(dev, M, N, K, G, block_n, monkeypatch):
+    if block_n:
+        monkeypatch.setattr("kiln.kernels.quant_linear.gemv_block_n", lambda n, m: block_n)
     torch.manual_seed(0)
     w, x = torch.randn(N, K, device=dev), torch.randn(M, K, device=dev)
     p, s, z = quantize_int4(w, G)
@@ -45,3 +50,35 @@ def test_quantizers_round_trip_within_half_a_step():
     assert p.dtype == torch.uint8 and p.shape == (8, 64)
     with pytest.raises(ValueError, match="multiple"):
         quantize_int4(torch.randn(4, 100), 32)
+
+
+def test_gemv_block_n_keeps_enough_programs():
+    assert gemv_block_n(768, 1) == 4 and gemv_block_n(2304, 1) == 8 and gemv_block_n(50304, 1) == 16
+    assert gemv_block_n(4100, 1) == 16 and gemv_block_n(768, 8) == 16
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_call_goes_through_the_custom_op_without_graph_breaks(dev, mode):
+    """What the engine's compiled decode step traces: the kernel as ``kiln::int8_gemv``/``int4_gemv``
+    (fullgraph: no break), same numbers as the eager kernel."""
+    torch.manual_seed(3)
+    w, x = torch.randn(40, 64, device=dev), torch.randn(2, 64, device=dev)  # 2 rows: the custom op (1: torch ops)
+    if mode == "int8":
+        args = quantize_int8(w)
+        fn, ref = (lambda x: int8_linear(x, *args, use_kernel=True)), int8_linear_ref(x, *args)
+    else:
+        args = quantize_int4(w, 32)
+        fn, ref = (lambda x: int4_linear(x, *args, use_kernel=True)), int4_linear_ref(x, *args)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm
+
+    got = torch.compile(fn, backend=backend, fullgraph=True)(x)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert f"kiln.{mode}_gemv" in str([n.target for n in graphs[0].graph.nodes])
+    torch._dynamo.reset()
+    one = torch.compile(fn, backend="aot_eager", fullgraph=True)(x[:1])  # one row: dequantize + matmul ops
+    torch.testing.assert_close(one, ref[:1], atol=1e-4, rtol=1e-4)

@@ -17,6 +17,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,7 +25,8 @@ from torch import Tensor
 
 from kiln.align.data import PreferencePair, ReadReport, encode_preference, read_preferences, require_usable
 from kiln.align.losses import dpo_loss, token_log_probs
-from kiln.align.stage import NO_SPIKE_GUARD, EpochBatches
+from kiln.align.packing import ExampleStore
+from kiln.align.stage import NO_SPIKE_GUARD, EpochBatches, to_device
 from kiln.train.config import TrainConfig
 
 Encoded = tuple[list[int], list[int], list[int]]
@@ -109,12 +111,12 @@ def compute_reference_logps(model: Any, pairs: list[Encoded], batch_pairs: int =
     try:
         for s in range(0, len(pairs), batch_pairs):
             chunk = pairs[s : s + batch_pairs]
-            ids, labels, mask = (t.to(device) for t in collate_pairs(chunk, pad_id))
-            lp = reply_log_probs(model, ids, labels, mask).float().cpu()  # (2b,)
+            ids, labels, mask = to_device(collate_pairs(chunk, pad_id), device)
+            lp = reply_log_probs(model, ids, labels, mask).float()  # (2b,) on the device: one copy at the end
             out.append(torch.stack([lp[: len(chunk)], lp[len(chunk) :]], dim=1))
     finally:
         model.train(was)
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    return torch.cat(out).cpu() if out else torch.zeros(0, 2)
 
 
 def pairs_hash(pairs: list[Encoded]) -> str:
@@ -155,6 +157,11 @@ class DPOBatches(EpochBatches):
             raise ValueError("no training pairs to batch")
         self.pairs, self.ref, self.micro_batch = pairs, ref, micro_batch
         self.seed, self.pad_id, self.device = seed, pad_id, torch.device(device)
+        # prompt + chosen (rows 0..N-1) and prompt + rejected (N..2N-1), learned on the reply: a
+        # batch is then a few tensor ops (``collate_pairs``'s layout, built without Python loops)
+        self.store = ExampleStore([(p + c, [0] * len(p) + [1] * len(c)) for p, c, _ in pairs]
+                                  + [(p + r, [0] * len(p) + [1] * len(r)) for p, _, r in pairs])
+        self.lengths = torch.tensor([[len(c), len(r)] for _, c, r in pairs], dtype=torch.float32)  # (N, 2)
         self._start()
         self.metrics = DPOMetrics()  # rewards of the batches drawn since the last log line (checkpointed)
 
@@ -162,10 +169,12 @@ class DPOBatches(EpochBatches):
         return self._permutation(len(self.pairs), epoch)
 
     def collate(self, idx: list[int]) -> tuple[Tensor, ...]:
-        chunk = [self.pairs[i] for i in idx]
-        ids, labels, mask = collate_pairs(chunk, self.pad_id)
-        lengths = torch.tensor([[len(c), len(r)] for _, c, r in chunk], dtype=torch.float32)
-        return tuple(t.to(self.device) for t in (ids, labels, mask, self.ref[idx], lengths))
+        """``collate_pairs`` of the pairs at ``idx`` with their reference log-probs and reply lengths."""
+        N = len(self.pairs)
+        rows = [[i] for i in idx] + [[N + i] for i in idx]
+        T = -(-(int(self.store.lens[[r[0] for r in rows]].max()) - 1) // 8) * 8
+        ids, labels, mask = self.store.rows(rows, T, self.pad_id)[:3]
+        return to_device((ids, labels, mask, self.ref[idx], self.lengths[idx]), self.device)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "metrics": self.metrics.sums}
@@ -184,7 +193,7 @@ class DPOMetrics:
 
     def add(self, rc: Tensor, rr: Tensor) -> None:
         row = torch.stack([rc.sum(), rr.sum(), (rc - rr).sum(), (rc > rr).float().sum(),
-                           torch.tensor(float(rc.numel()), device=rc.device)])
+                           rc.new_full((), float(rc.numel()))])  # a fill, not a host-to-device copy (a sync)
         self.sums = row if self.sums is None else self.sums + row
 
     def pop(self) -> dict[str, float] | None:
@@ -242,8 +251,12 @@ def split_pairs(pairs: list[PreferencePair], cfg: DPOConfig) -> tuple[list[Prefe
 
 def run_dpo(cfg: DPOConfig, model_dir: str | os.PathLike, out_dir: str | os.PathLike,
             tokenizer: str | os.PathLike | None = None, resume: bool = True, dist: Any = None,
-            stop: Any = None) -> Path:
-    """Train the model in ``model_dir`` on ``cfg.data``'s preferences; the result lands in ``out_dir/model``."""
+            stop: Any = None, extra_hooks: Sequence[Any] = ()) -> Path:
+    """Train the model in ``model_dir`` on ``cfg.data``'s preferences; the result lands in ``out_dir/model``.
+
+    ``extra_hooks``: ``kiln.train.Hook``-like objects run after the stage's own (a bench's timer, a
+    learning curve's probe); a hook's ``due(step, last)`` says when it runs.
+    """
     from kiln.align.stage import build_state, export_chat_model, load_policy, pick_device, train_config
     from kiln.distributed import SingleProcess
     from kiln.train import RunDir, fit
@@ -273,7 +286,7 @@ def run_dpo(cfg: DPOConfig, model_dir: str | os.PathLike, out_dir: str | os.Path
         run.log.info(f"dpo: {len(enc)} training pairs, {len(held)} held out, {steps} steps, beta {cfg.beta}, "
                      f"{cfg.loss_type}\n" + report.summary())
         metrics, evals = batches.metrics, []
-        hooks = _hooks(cfg, tcfg, model, held_src, metrics, run.log, evals)
+        hooks = [*_hooks(cfg, tcfg, model, held_src, metrics, run.log, evals), *extra_hooks]
         if fit(tcfg, state, batches, dpo_loss_fn(model_step, cfg, metrics), run, model_step=model_step,
                hooks=hooks, stop=stop):
             export_chat_model(run.path, model, tok)
@@ -300,7 +313,13 @@ def _reference(cfg: DPOConfig, model: Any, model_dir: Any, tokenizer: Any, out: 
         key.update(t.flatten()[:1024].numpy().tobytes())  # training step moves the sums
         key.update(f"{tuple(t.shape)}:{t.sum().item()!r}".encode())
     key.update((pairs_hash(enc) + pairs_hash(held)).encode())
-    compute = lambda: compute_reference_logps(ref_model, enc + held, mb, pad)  # noqa: E731
+    key.update(f"{cfg.train.dtype}:{next(ref_model.parameters()).device.type}".encode())  # the precision scored in
+    from kiln.train.loop import autocast_for
+
+    def compute() -> Tensor:  # under the training step's autocast: at step 0 the policy's log-probs equal these
+        with autocast_for(cfg.train.dtype, next(ref_model.parameters()).device):
+            return compute_reference_logps(ref_model, enc + held, mb, pad)
+
     logps = cached_reference_logps(out / "reference" / "ref_logps.safetensors", key.hexdigest()[:24], compute)
     return logps[: len(enc)], logps[len(enc) :]
 

@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -185,16 +186,15 @@ class RolloutSource:
     def generate(self, k: int) -> list[tuple[Tensor, ...]]:
         """Rollout batch ``k``: sample, score, normalize, take old (and reference) log-probs, cut into
         micro-batches in a seeded order per epoch. A function of (seed, k, the policy's weights)."""
-        from kiln.align.rollout import RolloutEngine
+        from kiln.align.stage import to_device
+        from kiln.train.loop import autocast_for
 
         cfg, G = self.cfg, self.cfg.group_size
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
         picks = torch.randint(len(self.problems), (cfg.prompts_per_rollout,), generator=g).tolist()
         prompts = [self.tpl.render([{"role": "user", "content": self.problems[i][0]}]) for i in picks for _ in range(G)]
         truths = [self.problems[i][1] for i in picks for _ in range(G)]
-        if self.engine is None:  # one engine for the run (CUDA graphs captured once)
-            self.engine = RolloutEngine(self.model, max_num_seqs=len(prompts), vocab_limit=self.vocab_limit)
-        replies = self.engine.generate(prompts, cfg.max_new_tokens, cfg.temperature,
+        replies = self.rollout_engine().generate(prompts, cfg.max_new_tokens, cfg.temperature,
                                        seed=self.seed * 7919 + k * 100_003, stop_token_ids=self.tpl.stop_token_ids)
         texts = [self.tpl.tokenizer.decode([t for t in r if t not in self.tpl.stop_token_ids]) for r in replies]
         adv, raw, meta = compute_group_normalized_rewards(self.reward_fn, texts, truths, G, cfg.advantage_eps,
@@ -203,19 +203,34 @@ class RolloutSource:
         self.stats.append({"rollout": k, **meta})
         ids, labels, mask = _rows(prompts, replies, self.tpl.tokenizer.eot_id or 0)
         dev = next(self.model.parameters()).device
-        ids, labels, mask = ids.to(dev), labels.to(dev), mask.to(dev)
+        ids, labels, mask, adv, raw = to_device((ids, labels, mask, adv, raw), dev)
         # One optimizer step per rollout batch is on-policy: the old log-probs are the step's own
         # (detached, in the loss), so the extra forward over every sample is skipped (as trl does).
         zeros = torch.zeros(ids.shape, device=dev)
-        old = zeros if cfg.on_policy else _log_probs(self.model, ids, labels, self.micro_batch)
-        ref = _log_probs(self.ref_model, ids, labels, self.micro_batch) if self.ref_model is not None else zeros
+        with autocast_for(cfg.train.dtype, dev):  # the step's own precision: the first ratio is exactly 1
+            old = zeros if cfg.on_policy else _log_probs(self.model, ids, labels, self.micro_batch)
+            ref = _log_probs(self.ref_model, ids, labels, self.micro_batch) if self.ref_model is not None else zeros
         out = []
         for e in range(cfg.rollout_epochs):
             order = torch.randperm(len(prompts), generator=g).to(dev)
             for s in range(0, len(prompts), self.micro_batch):
                 j = order[s : s + self.micro_batch]
-                out.append((ids[j], labels[j], mask[j], adv.to(dev)[j], raw.to(dev)[j], old[j], ref[j]))
+                out.append((ids[j], labels[j], mask[j], adv[j], raw[j], old[j], ref[j]))
         return out
+
+    def rollout_engine(self) -> Any:
+        """The run's one engine (CUDA graphs captured once), made on first use; held-out evaluation
+        shares it. Its KV pool holds ``prompts x group`` sequences of the longest rendered prompt
+        (with room to spare) plus ``max_new_tokens``, not full contexts: the pool is the engine's
+        largest allocation."""
+        from kiln.align.rollout import RolloutEngine
+
+        if self.engine is None:
+            cfg = self.cfg
+            longest = max(len(self.tpl.render([{"role": "user", "content": q}])) for q, _ in self.problems[:512])
+            self.engine = RolloutEngine(self.model, max_num_seqs=cfg.prompts_per_rollout * cfg.group_size,
+                                        vocab_limit=self.vocab_limit, max_seq_tokens=2 * longest + cfg.max_new_tokens)
+        return self.engine
 
     def state_dict(self) -> dict:
         """The rollout counter (every seed derives from it), the position and the unconsumed buffer."""
@@ -269,12 +284,14 @@ def grpo_loss_fn(model_step: Any, cfg: GRPOConfig) -> Any:
 
 @torch.no_grad()
 def evaluate_reward(model: Any, tpl: Any, problems: list[Problem], reward_fn: RewardFn, max_new_tokens: int,
-                    vocab_limit: int | None = None) -> dict[str, float]:
-    """Greedy replies to ``problems``: mean reward, answer accuracy and format rate."""
+                    vocab_limit: int | None = None, engine: Any = None) -> dict[str, float]:
+    """Greedy replies to ``problems``: mean reward, answer accuracy and format rate. ``engine``: a
+    ``RolloutEngine`` to reuse (the run's own: its CUDA graphs are already captured)."""
     from kiln.align.rollout import generate_replies
 
     prompts = [tpl.render([{"role": "user", "content": q}]) for q, _ in problems]
-    replies = generate_replies(model, prompts, max_new_tokens, 0.0, 0, tpl.stop_token_ids, vocab_limit=vocab_limit)
+    replies = generate_replies(model, prompts, max_new_tokens, 0.0, 0, tpl.stop_token_ids, vocab_limit=vocab_limit,
+                               engine=engine)
     rs = [reward_fn(tpl.tokenizer.decode([t for t in r if t not in tpl.stop_token_ids]), a)
           for r, (_, a) in zip(replies, problems)]
     n = max(len(rs), 1)
@@ -285,8 +302,12 @@ def evaluate_reward(model: Any, tpl: Any, problems: list[Problem], reward_fn: Re
 
 def run_grpo(cfg: GRPOConfig, model_dir: str | os.PathLike, out_dir: str | os.PathLike,
              tokenizer: str | os.PathLike | None = None, resume: bool = True, dist: Any = None,
-             stop: Any = None) -> Path:
-    """Train the model in ``model_dir`` with GRPO on ``cfg.task``; the result lands in ``out_dir/model``."""
+             stop: Any = None, extra_hooks: Sequence[Any] = ()) -> Path:
+    """Train the model in ``model_dir`` with GRPO on ``cfg.task``; the result lands in ``out_dir/model``.
+
+    ``extra_hooks``: ``kiln.train.Hook``-like objects run after the stage's own (a bench's timer, a
+    learning curve's probe); a hook's ``due(step, last)`` says when it runs.
+    """
     import copy
 
     from kiln.align.stage import build_state, export_chat_model, load_policy, pick_device, train_config
@@ -313,7 +334,7 @@ def run_grpo(cfg: GRPOConfig, model_dir: str | os.PathLike, out_dir: str | os.Pa
         run.log.info(f"grpo: task {cfg.task}, {cfg.prompts_per_rollout} prompts x {cfg.group_size} replies per "
                      f"rollout, {cfg.steps_per_rollout} steps each, {steps} steps, {cfg.loss_type}")
         evals: list[dict] = []
-        hooks = _hooks(cfg, tcfg, model, tpl, held, source, run.log, evals, tok.vocab_size)
+        hooks = [*_hooks(cfg, tcfg, model, tpl, held, source, run.log, evals, tok.vocab_size), *extra_hooks]
         if fit(tcfg, state, source, grpo_loss_fn(model_step, cfg), run, model_step=model_step, hooks=hooks, stop=stop):
             export_chat_model(run.path, model, tok)
             run.finish({"steps": steps, "rollouts": source.rollout, "first_eval": evals[0] if evals else None,
@@ -333,7 +354,7 @@ def _hooks(cfg: GRPOConfig, tcfg: TrainConfig, model: Any, tpl: Any, held: list[
         source.logged = len(source.stats)
 
     def evaluate(step: int) -> dict:
-        r = evaluate_reward(model, tpl, held, source.reward_fn, cfg.max_new_tokens, vocab_limit)
+        r = evaluate_reward(model, tpl, held, source.reward_fn, cfg.max_new_tokens, vocab_limit, source.rollout_engine())
         evals.append({"step": step, **r})
         runlog.metrics({"step": step, **r})
         runlog.info(f"step {step} | held-out reward {r['heldout_reward']:.3f} | accuracy {r['heldout_accuracy']:.3f}"

@@ -57,24 +57,66 @@ def build_row(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> tup
     Position t predicts token t + 1 of the same document; the mask is the example's mask on that
     next token (so a learned token is learned from its own document's prefix only).
     """
-    T = seq_len
-    ids = torch.full((T + 1,), pad_id, dtype=torch.long)
-    learn = torch.zeros(T + 1, dtype=torch.bool)
-    doc = torch.full((T + 1,), -1, dtype=torch.long)  # -1: padding
-    pos = torch.zeros(T + 1, dtype=torch.long)
-    at = 0
-    for d, (e_ids, e_mask) in enumerate(examples):
-        n = len(e_ids)
-        ids[at : at + n] = torch.as_tensor(list(e_ids), dtype=torch.long)
-        learn[at : at + n] = torch.as_tensor(list(e_mask), dtype=torch.bool)
-        doc[at : at + n] = d
-        pos[at : at + n] = torch.arange(n)
-        at += n
-    same_doc = (doc[1:] == doc[:-1]) & (doc[1:] >= 0)  # (T,): the label is in the input's document
-    mask = learn[1:] & same_doc
-    padded_doc = doc[:-1].clone()
-    padded_doc[padded_doc < 0] = len(examples)  # padding: its own block, never attended by real tokens
-    return ids[:-1], ids[1:].clone(), mask, pos[:-1], padded_doc
+    return tuple(t[0] for t in build_rows([examples], seq_len, pad_id))
+
+
+def build_rows(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int = 0) -> tuple[Tensor, ...]:
+    """``build_row`` of every row at once: ids, labels, mask, positions, doc ids, each (B, T)."""
+    flat = [e for r in rows for e in r]
+    index, at = [], 0
+    for r in rows:
+        index.append(list(range(at, at + len(r))))
+        at += len(r)
+    return ExampleStore(flat).rows(index, seq_len, pad_id)
+
+
+class ExampleStore:
+    """Examples as one flat token tensor and one flat mask tensor with offsets, so a batch of rows
+    is a few tensor ops whatever its number of examples.
+
+    The host builds the next batch while the GPU runs the current step; built example by example
+    (a tensor per example, ops per row) it took ~7 ms for 16 rows of 512 tokens on this machine's
+    CPU, as long as a small model's step on an H100, so the GPU waited on it (docs/LOG.md, 2026-12-07).
+    """
+
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.lens = torch.tensor([len(ids) for ids, _ in examples], dtype=torch.long)  # (N,)
+        self.starts = torch.cumsum(self.lens, 0) - self.lens  # (N,) first token of each example
+        self.ids = torch.tensor([t for ids, _ in examples for t in ids], dtype=torch.long)  # (sum lens,)
+        self.mask = torch.tensor([bool(m) for _, mask in examples for m in mask], dtype=torch.bool)
+
+    def rows(self, rows: Sequence[Sequence[int]], seq_len: int, pad_id: int = 0) -> tuple[Tensor, ...]:
+        """Rows of the examples at ``rows`` (lists of indices, each fitting ``seq_len + 1`` tokens):
+        ids, labels, mask, positions, doc ids, each (B, T = ``seq_len``), as ``build_row`` defines them."""
+        B, W = len(rows), seq_len + 1
+        idx = torch.tensor([i for r in rows for i in r], dtype=torch.long)  # (n_docs,)
+        per_row = torch.tensor([len(r) for r in rows], dtype=torch.long)  # (B,)
+        lens = self.lens[idx]
+        row_of = torch.repeat_interleave(torch.arange(B), per_row)  # (n_docs,)
+        ends = torch.cumsum(lens, 0)
+        row_tokens = torch.zeros(B, dtype=torch.long).index_add_(0, row_of, lens)  # (B,)
+        if bool((row_tokens > W).any()):
+            raise ValueError(f"a row holds more than seq_len + 1 = {W} tokens; pack the examples first")
+        row_base = torch.cumsum(row_tokens, 0) - row_tokens  # (B,) first flat token of each row
+        doc_start = ends - lens - row_base[row_of]  # (n_docs,) first slot of each document in its row
+        first_doc = torch.cumsum(per_row, 0) - per_row  # (B,) flat index of each row's first document
+        doc_in_row = torch.arange(len(idx)) - first_doc[row_of]  # (n_docs,)
+        n = int(ends[-1]) if len(idx) else 0
+        pos_tok = torch.arange(n) - torch.repeat_interleave(ends - lens, lens)  # (n,) position in its document
+        slot = torch.repeat_interleave(row_of * W + doc_start, lens) + pos_tok  # (n,) where each token goes
+        src = torch.repeat_interleave(self.starts[idx], lens) + pos_tok  # (n,) where it comes from
+        ids = torch.full((B * W,), pad_id, dtype=torch.long)
+        learn = torch.zeros(B * W, dtype=torch.bool)
+        doc = torch.full((B * W,), -1, dtype=torch.long)  # -1: padding
+        pos = torch.zeros(B * W, dtype=torch.long)
+        ids[slot], learn[slot] = self.ids[src], self.mask[src]
+        doc[slot], pos[slot] = torch.repeat_interleave(doc_in_row, lens), pos_tok
+        ids, learn, doc, pos = ids.view(B, W), learn.view(B, W), doc.view(B, W), pos.view(B, W)
+        same_doc = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)  # (B, T): the label is in the input's document
+        mask = learn[:, 1:] & same_doc
+        # padding gets its own block (id = the row's document count), never attended by real tokens
+        padded_doc = torch.where(doc[:, :-1] < 0, per_row[:, None], doc[:, :-1])
+        return ids[:, :-1], ids[:, 1:].clone(), mask, pos[:, :-1], padded_doc
 
 
 class DocumentAttention:
@@ -82,12 +124,15 @@ class DocumentAttention:
 
     def __init__(self, doc_ids: Tensor) -> None:
         self.doc_ids = doc_ids  # (B, T)
+        self._mask: dict[int, Tensor] = {}  # built once per forward, shared by every layer
 
     def mask(self, T: int) -> Tensor:
-        """(B, 1, T, T) bool: causal and same document."""
-        d = self.doc_ids
-        causal = torch.ones(T, T, dtype=torch.bool, device=d.device).tril()
-        return (d[:, :, None] == d[:, None, :]) & causal  # (B, T, T)
+        """(B, T, T) bool: causal and same document."""
+        if T not in self._mask:
+            d = self.doc_ids
+            causal = torch.ones(T, T, dtype=torch.bool, device=d.device).tril()
+            self._mask[T] = (d[:, :, None] == d[:, None, :]) & causal  # (B, T, T)
+        return self._mask[T]
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0) -> Tensor:
         if q_offset != 0 or q.shape[2] != k.shape[2]:

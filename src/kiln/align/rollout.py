@@ -25,13 +25,21 @@ def _params(n: int, max_tokens: int, temperature: float, seed: int, stop_token_i
 class RolloutEngine:
     """One ``LLMEngine`` over a policy that trains between calls (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, max_num_seqs: int = 64, vocab_limit: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, max_num_seqs: int = 64, vocab_limit: int | None = None,
+                 max_seq_tokens: int | None = None) -> None:
+        """``max_seq_tokens``: the longest prompt + reply expected; the KV pool holds ``max_num_seqs``
+        of them (None: full contexts). A longer sequence is not an error: the scheduler preempts."""
         from kiln.generate import EngineConfig, LLMEngine
 
         self.model = model
         cuda = next(model.parameters()).device.type == "cuda"
+        num_blocks = None
+        if max_seq_tokens is not None:
+            block = EngineConfig().block_size
+            per_seq = -(-min(max_seq_tokens, model.config.context_length) // block) + 1
+            num_blocks = max_num_seqs * per_seq
         cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_num_seqs),
-                           cuda_graphs=cuda, vocab_limit=vocab_limit, context_overflow="stop")
+                           num_blocks=num_blocks, cuda_graphs=cuda, vocab_limit=vocab_limit, context_overflow="stop")
         self.engine = LLMEngine(model, None, cfg)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, temperature: float, seed: int,

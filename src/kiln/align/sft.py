@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kiln.align.data import Conversation, ReadReport, encode_conversation, read_conversations, require_usable
-from kiln.align.packing import Example, build_padded, build_row, document_attention, pack
+from kiln.align.packing import Example, ExampleStore, document_attention, pack
 from kiln.align.stage import EpochBatches
 from kiln.train.config import TrainConfig
 
@@ -86,6 +87,7 @@ class SFTBatches(EpochBatches):
         if not examples:
             raise ValueError("no training conversations to batch")
         self.examples, self.seq_len, self.micro_batch = examples, seq_len, micro_batch
+        self.store = ExampleStore(examples)  # the tokens as flat tensors: a batch is a few tensor ops
         self.packed, self.seed, self.pad_id, self.device = packed, seed, pad_id, torch.device(device)
         self._start()
 
@@ -102,11 +104,10 @@ class SFTBatches(EpochBatches):
 
     def collate(self, rows: list[list[int]]) -> tuple[Tensor, ...]:
         """Stack rows (lists of example indices) into the batch tuple, on the device."""
-        if self.packed:
-            built = [build_row([self.examples[i] for i in r], self.seq_len, self.pad_id) for r in rows]
-        else:
-            built = [build_padded(self.examples[r[0]], self.seq_len, self.pad_id) for r in rows]
-        return tuple(torch.stack(parts).to(self.device) for parts in zip(*built))
+        from kiln.align.stage import to_device
+
+        built = self.store.rows(rows, self.seq_len, self.pad_id)
+        return to_device(built if self.packed else built[:3], self.device)
 
 
 def masked_nll(logits: Tensor, labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,11 +168,12 @@ def split_heldout(convs: list[Conversation], cfg: SFTConfig) -> tuple[list[Conve
 
 def run_sft(cfg: SFTConfig, model_dir: str | os.PathLike, out_dir: str | os.PathLike,
             tokenizer: str | os.PathLike | None = None, resume: bool = True, dist: Any = None,
-            stop: Any = None) -> Path:
+            stop: Any = None, extra_hooks: Sequence[Any] = ()) -> Path:
     """Fine-tune the model in ``model_dir`` on ``cfg.data``; the chat model lands in ``out_dir/model``.
 
     Resumes from ``out_dir``'s newest checkpoint (bit-identical on the CPU); a finished run with
-    the same config and inputs is reused.
+    the same config and inputs is reused. ``extra_hooks``: ``kiln.train.Hook``-like objects run after the stage's own (a bench's timer, a
+    learning curve's probe); a hook's ``due(step, last)`` says when it runs.
     """
     from kiln.align.stage import build_state, export_chat_model, load_policy, pick_device, train_config
     from kiln.distributed import SingleProcess
@@ -203,7 +205,7 @@ def run_sft(cfg: SFTConfig, model_dir: str | os.PathLike, out_dir: str | os.Path
                      f"{seq_len} tokens ({'packed' if cfg.pack else 'padded'}), {len(held)} held out, {steps} steps\n"
                      + report.summary())
         evals: list[dict] = []
-        hooks = _hooks(cfg, model, tpl, held_src, run.log, evals)
+        hooks = [*_hooks(cfg, model, tpl, held_src, run.log, evals), *extra_hooks]
         if fit(tcfg, state, batches, sft_loss_fn(model_step, model), run, model_step=model_step, hooks=hooks,
                stop=stop, data_tokens=batches.rows_per_epoch * seq_len):
             export_chat_model(run.path, model, tok)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,17 @@ NO_SPIKE_GUARD = {"spike_min_history": 10**9}
 """TrainConfig overrides that switch the spike guard off: preference and policy-gradient losses
 change sign and scale by design (a DPO loss falls toward 0, a GRPO loss is centered on 0), so a
 loss 1.3x its median is no sign of divergence there."""
+
+
+def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Host tensors onto ``device`` without waiting: on CUDA through pinned memory with
+    ``non_blocking=True``. A copy from pageable memory synchronizes the stream, so the host would wait
+    for every queued step before building the next batch, and the runtime's steps (queued without
+    host syncs, ``kiln.train.step``) would run one at a time. The pinned buffers come from torch's
+    caching host allocator, which keeps each one until its copy has run."""
+    if device.type != "cuda":
+        return tuple(t.to(device) for t in tensors)
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
 
 
 class EpochBatches:

@@ -2,8 +2,9 @@
 
 Both sides train the same exported model (built here: a random-init Llama of ``--size``, saved in
 Hugging Face layout with a chat tokenizer, so no network is needed) on the same generated data
-(the seeded addition task as conversations, preference pairs and GRPO prompts) with the same
-settings, one epoch (SFT, DPO) or ``--rollouts`` rollout batches (GRPO), checkpoints off:
+(the seeded addition task as ``--turns``-turn conversations, preference pairs whose prompt is the
+conversation so far, and GRPO prompts) with the same settings, one epoch (SFT, DPO) or
+``--rollouts`` rollout batches (GRPO), checkpoints off:
 
 - SFT: packed rows of ``--seq-len`` tokens, ``--batch`` rows a step, loss on assistant tokens
   (Kiln ``run_sft``; trl ``SFTTrainer(packing=True, assistant_only_loss=True)``). Rate: tokens of
@@ -11,12 +12,19 @@ settings, one epoch (SFT, DPO) or ``--rollouts`` rollout batches (GRPO), checkpo
 - DPO: ``--batch`` pairs a step, sigmoid loss, reference log-probs computed once before training
   (Kiln's cache; trl ``precompute_ref_log_probs=True``). Rate: pairs per second.
 - GRPO: ``--prompts`` prompts x ``--group`` samples per rollout batch, ``--max-new-tokens``, one
-  optimizer step per batch, no KL (Kiln ``run_grpo`` over its engine; trl ``GRPOTrainer``
-  generating with ``transformers``). Rate: samples (rollout + update) per second.
+  optimizer step per batch, no KL, temperature 1, no vLLM (Kiln ``run_grpo`` over its engine; trl
+  ``GRPOTrainer(loss_type="grpo")`` generating with ``transformers``). Rate: samples (rollout +
+  update) per second.
 
-Each side runs in its own process, so "peak MiB" is that process's peak: CUDA's max allocated on a
-GPU, the resident set on the CPU. "s" is the stage's wall time from loading the model to trained
-weights (tokenization and the reference pass included on both sides).
+The same on both sides: bf16 autocast over fp32 weights on a GPU, AdamW (fused on CUDA: Kiln's
+Triton kernel, trl's ``adamw_torch_fused``) with betas (0.9, 0.95), no weight decay, gradient clip
+1.0, no gradient checkpointing (trl 1.16 turns it on by default; the bench turns it off), torch's
+SDPA attention, a log line every 50 steps. The rate is **after warm-up**: each side's clock starts
+when step ``--warmup`` has finished (the GPU drained) and stops when the last step has, so
+start-up, tokenization, the DPO reference pass, CUDA-graph capture and the first steps' allocator
+and kernel warm-up are outside it on both sides; "wall s" is the whole stage from loading the
+model to trained weights. Each side runs in its own process, so "peak MiB" is that process's
+peak: CUDA's max allocated on a GPU (``torch.cuda.max_memory_allocated``), the resident set on the CPU.
 """
 
 from __future__ import annotations
@@ -35,9 +43,11 @@ from typing import Any
 SIZES = {  # d_model, n_layers, n_heads, context
     "tiny": (64, 2, 4, 128),
     "small": (512, 8, 8, 512),
+    "gpt2": (768, 12, 12, 1024),  # GPT-2 small's shape (the vocabulary is the bench's own, ~580 ids)
 }
 STAGES = ("sft", "dpo", "grpo")
 SIDES = ("kiln", "trl")
+UNITS = {"sft": "tokens", "dpo": "pairs", "grpo": "samples"}
 
 
 @dataclass
@@ -48,8 +58,17 @@ class AlignRow:
     impl: str
     unit: str
     count: int = 0
+    """Units in the whole run (SFT: conversation tokens of one epoch; DPO: pairs; GRPO: samples)."""
     seconds: float | None = None
+    """Wall time of the stage, loading the model to trained weights."""
+    steps: int = 0
+    """Optimizer steps of the run."""
+    timed_steps: int = 0
+    """Steps inside the clock (after ``--warmup``)."""
+    steady_seconds: float | None = None
+    """Seconds of the timed steps (the GPU drained at both ends)."""
     rate: float | None = None
+    """Units per second over the timed steps: count x timed_steps / steps / steady_seconds."""
     peak_mib: float | None = None
     error: str = ""
 
@@ -62,13 +81,22 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="kiln and/or trl")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--conversations", type=int, default=256, help="SFT conversations / DPO pairs (one epoch)")
+    p.add_argument("--turns", type=int, default=1, help="question-answer turns per conversation (DPO: the last is the pair)")
     p.add_argument("--batch", type=int, default=8, help="SFT rows / DPO pairs per step")
     p.add_argument("--seq-len", type=int, default=0, help="SFT row length (0: the size's context)")
     p.add_argument("--prompts", type=int, default=8, help="GRPO prompts per rollout batch")
     p.add_argument("--group", type=int, default=8, help="GRPO samples per prompt")
     p.add_argument("--rollouts", type=int, default=4, help="GRPO rollout batches")
     p.add_argument("--max-new-tokens", type=int, default=32, help="GRPO reply length limit")
+    p.add_argument("--warmup", type=int, default=2, help="steps (GRPO: rollout batches) before each side's clock starts")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, data and sampling")
+    p.add_argument("--timeout", type=float, default=0, help="seconds per row before it is stopped (0: none)")
+    p.add_argument("--learning", action="store_true",
+                   help="instead of speed: the learning check (SFT, DPO on hh-rlhf, GRPO vs trl's GRPO; "
+                        "kiln.bench.align_learning)")
+    p.add_argument("--hh-rlhf", default="", help="--learning: hh-rlhf harmless-base test.jsonl.gz (default: "
+                   "../shared/data/align/hh-rlhf/... or .devcarry/hh-rlhf/...)")
+    p.add_argument("--gsm8k", default="", help="--learning: GSM8K test.jsonl for the accuracy before/after (optional)")
     p.add_argument("--out", default=None, help="write bench_align.md/.json here")
     p.set_defaults(func=run)
 
@@ -77,28 +105,42 @@ def run(args: argparse.Namespace) -> int:
     from kiln.bench.report import pick_device, report
 
     device = pick_device(args.device)
+    if args.learning:
+        from kiln.bench.align_learning import run_learning
+
+        return run_learning(args, device)
     seq = args.seq_len or SIZES[args.size][3]
     with tempfile.TemporaryDirectory(prefix="kiln-bench-align-") as tmp:
         work = Path(tmp)
-        counts = prepare(work, args.size, args.conversations, seq, args.seed)
+        counts = prepare(work, args.size, args.conversations, seq, args.seed, args.turns)
         spec_base = {"work": str(work), "device": str(device), "batch": args.batch, "seq": seq, "seed": args.seed,
                      "prompts": args.prompts, "group": args.group, "rollouts": args.rollouts,
-                     "max_new_tokens": args.max_new_tokens}
+                     "max_new_tokens": args.max_new_tokens, "warmup": args.warmup}
         rows = []
         for stage in args.stages:
             for side in args.sides:
-                rows.append(_child(stage, side, spec_base, counts))
+                rows.append(_child(stage, side, spec_base, counts, args.timeout or None))
+                print(_table(rows[-1:]).splitlines()[-1], flush=True)
     table = _table(rows)
     blurb = (f"Model `{args.size}` {SIZES[args.size]} (d_model, layers, heads, context), random init, exported to "
-             f"Hugging Face layout; {args.conversations} conversations / pairs, batch {args.batch}, rows of {seq} "
-             f"tokens; GRPO {args.prompts} prompts x {args.group} samples, {args.rollouts} rollouts, "
-             f"{args.max_new_tokens} new tokens. Same data, settings and device per stage; one process per row.")
+             f"Hugging Face layout; {args.conversations} conversations / pairs of {args.turns} turn(s) "
+             f"({counts['sft_tokens']:,} SFT tokens), batch {args.batch}, rows of {seq} tokens; GRPO {args.prompts} "
+             f"prompts x {args.group} samples, {args.rollouts} rollouts, {args.max_new_tokens} new tokens. Rates over "
+             f"the steps after the first {args.warmup} (each side's clock starts with the GPU drained after step "
+             f"{args.warmup}); wall s: load to trained weights. Same data, settings and device per stage; one process "
+             "per row.")
     report("align", device, blurb, table, rows, args.out)
     return 0
 
 
-def prepare(work: Path, size: str, n: int, seq: int, seed: int) -> dict[str, int]:
-    """Write the model folder (weights, HF tokenizer files, Kiln's kiln_tokenizer.json) and the data."""
+def _qa(q: str, a: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {a}."}]
+
+
+def prepare(work: Path, size: str, n: int, seq: int, seed: int, turns: int = 1) -> dict[str, int]:
+    """Write the model folder (weights, HF tokenizer files, Kiln's kiln_tokenizer.json) and the data:
+    ``n`` conversations of ``turns`` question-answer turns (SFT) and ``n`` pairs whose prompt is such a
+    conversation up to its last question (DPO: chosen the right sum, rejected one off by 7)."""
     import torch
 
     from kiln.align.chat import ChatTemplate, add_chat_tokens, save_hf_tokenizer
@@ -107,7 +149,7 @@ def prepare(work: Path, size: str, n: int, seq: int, seed: int) -> dict[str, int
     from kiln.model.transformer import build_model
     from kiln.tokenizer import Tokenizer, train_bpe
 
-    probs = addition_problems(n, seed, digits=3)
+    probs = addition_problems(n * turns, seed, digits=3)
     text = work / "text.txt"
     text.write_text("".join(f"{q} The answer is {a}.\n" for q, a in addition_problems(2000, seed + 1, 3)))
     vocab, merges = train_bpe(text, 512, ["<|endoftext|>"])
@@ -119,43 +161,58 @@ def prepare(work: Path, size: str, n: int, seq: int, seed: int) -> dict[str, int
     mdir = work / "model"
     save_pretrained(model, mdir)
     save_hf_tokenizer(tok, mdir)  # tokenizer.json (HF), tokenizer_config.json (chat template), kiln_tokenizer.json
-    sft = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {a}."}]}
-           for q, a in probs]
-    dpo = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": f"The answer is {a}."}],
-            "rejected": [{"role": "assistant", "content": f"The answer is {int(a) + 7}."}]} for q, a in probs]
+    convs = [[m for q, a in probs[i * turns : (i + 1) * turns] for m in _qa(q, a)] for i in range(n)]
+    sft = [{"messages": c} for c in convs]
+    dpo = []
+    for c in convs:
+        a = c[-1]["content"].removeprefix("The answer is ").removesuffix(".")
+        dpo.append({"prompt": c[:-1], "chosen": [c[-1]],
+                    "rejected": [{"role": "assistant", "content": f"The answer is {int(a) + 7}."}]})
     (work / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
     (work / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dpo))
     tpl = ChatTemplate.from_tokenizer(tok)
-    return {"sft_tokens": sum(len(tpl.render(r["messages"], add_generation_prompt=False)) for r in sft),
-            "pairs": len(dpo)}
+    lengths = [len(tpl.render(c, add_generation_prompt=False)) for c in convs]
+    if max(lengths) > seq + 1:
+        raise ValueError(f"a conversation of {max(lengths)} tokens does not fit rows of {seq}; lower --turns")
+    return {"sft_tokens": sum(lengths), "pairs": len(dpo)}
 
 
-def _child(stage: str, side: str, spec: dict, counts: dict) -> AlignRow:
-    unit = {"sft": "tokens", "dpo": "pairs", "grpo": "samples"}[stage]
-    row = AlignRow(stage, "Kiln" if side == "kiln" else "trl", unit)
+def _child(stage: str, side: str, spec: dict, counts: dict, timeout: float | None = None) -> AlignRow:
+    row = AlignRow(stage, "Kiln" if side == "kiln" else "trl", UNITS[stage])
     cmd = [sys.executable, "-m", "kiln.bench.align", json.dumps({**spec, "stage": stage, "side": side})]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired:
+        row.error = f"stopped after {timeout:g} s (--timeout)"
+        return row
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{\"result\"")]
     if proc.returncode or not lines:
         row.error = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
         return row
     res = json.loads(lines[-1])["result"]
     row.seconds, row.peak_mib = res["seconds"], res["peak_mib"]
+    row.steps, row.timed_steps, row.steady_seconds = res["steps"], res["timed_steps"], res["steady_seconds"]
     row.count = {"sft": counts["sft_tokens"], "dpo": counts["pairs"],
                  "grpo": spec["prompts"] * spec["group"] * spec["rollouts"]}[stage]
-    row.rate = row.count / row.seconds
+    if row.timed_steps <= 0 or not row.steady_seconds:
+        row.error = f"{row.steps} steps: none after the {spec['warmup']} warm-up steps; give it more data"
+        return row
+    row.rate = row.count * row.timed_steps / row.steps / row.steady_seconds
     return row
 
 
 def _table(rows: list[AlignRow]) -> str:
-    lines = ["| stage | impl | rate | unit/s | s | peak MiB | vs trl |", "|---|---|---:|---|---:|---:|---:|"]
+    lines = ["| stage | impl | rate | unit/s | steps (timed) | timed s | wall s | peak MiB | vs trl |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     ref = {r.stage: r.rate for r in rows if r.impl == "trl" and r.rate}
     for r in rows:
         if r.error:
-            lines.append(f"| {r.stage} | {r.impl} | - | {r.unit} | - | - | error: {r.error} |")
+            lines.append(f"| {r.stage} | {r.impl} | - | {r.unit} | - | - | - | - | error: {r.error} |")
             continue
         vs = f"{r.rate / ref[r.stage]:.2f}x" if r.stage in ref and r.impl == "Kiln" else ""
-        lines.append(f"| {r.stage} | {r.impl} | {r.rate:,.1f} | {r.unit} | {r.seconds:.1f} | {r.peak_mib:,.0f} | {vs} |")
+        lines.append(f"| {r.stage} | {r.impl} | {r.rate:,.1f} | {r.unit} | {r.steps} ({r.timed_steps}) | "
+                     f"{r.steady_seconds:.2f} | {r.seconds:.1f} | {r.peak_mib:,.0f} | {vs} |")
     return "\n".join(lines)
 
 
@@ -170,93 +227,145 @@ def _peak_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+class StepClock:
+    """Times the steps after ``warmup``: the clock reads at the end of step ``warmup`` and at the end
+    of the last step, each after draining the GPU. A ``kiln.train.Hook`` for Kiln's stages
+    (``extra_hooks``); ``mark`` is what trl's callback calls."""
+
+    def __init__(self, warmup: int, cuda: bool) -> None:
+        self.warmup, self.cuda = warmup, cuda
+        self.marks: list[tuple[int, float]] = []  # (steps done, perf_counter)
+
+    def due(self, step: int, last: bool) -> bool:  # the runtime's Hook protocol
+        return step == self.warmup or last
+
+    def fn(self, step: int) -> None:
+        self.mark(step)
+
+    def mark(self, step: int) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.marks.append((step, time.perf_counter()))
+
+    def result(self) -> dict[str, float]:
+        """steps (of the run), timed_steps and steady_seconds (0 when the run had no step after warm-up)."""
+        last = self.marks[-1] if self.marks else (0, 0.0)
+        start = next((m for m in self.marks if m[0] == self.warmup), None)
+        if start is None or last[0] <= self.warmup:
+            return {"steps": last[0], "timed_steps": 0, "steady_seconds": 0.0}
+        return {"steps": last[0], "timed_steps": last[0] - start[0], "steady_seconds": last[1] - start[1]}
+
+
 def run_child(spec: dict[str, Any]) -> dict[str, float]:
-    """Run one stage on one side; its wall time and peak memory."""
+    """Run one stage on one side; its wall time, timed steps and peak memory."""
     import torch
 
     torch.manual_seed(spec["seed"])
+    if spec["device"].startswith("cuda"):  # TF32 for fp32 matmuls outside autocast on both sides, as Kiln's
+        torch.set_float32_matmul_precision("high")  # stages set it (load_policy): trl's generation runs fp32 weights
     work, out = Path(spec["work"]), Path(spec["work"]) / f"{spec['stage']}-{spec['side']}"
     fn = {("sft", "kiln"): _kiln_sft, ("dpo", "kiln"): _kiln_dpo, ("grpo", "kiln"): _kiln_grpo,
           ("sft", "trl"): _trl_sft, ("dpo", "trl"): _trl_dpo, ("grpo", "trl"): _trl_grpo}[(spec["stage"], spec["side"])]
+    clock = StepClock(spec["warmup"], spec["device"].startswith("cuda"))
     t = time.perf_counter()
-    fn(spec, work, out)
+    fn(spec, work, out, clock)
     if spec["device"].startswith("cuda"):
         torch.cuda.synchronize()
-    return {"seconds": time.perf_counter() - t, "peak_mib": _peak_mib(spec["device"])}
+    return {"seconds": time.perf_counter() - t, "peak_mib": _peak_mib(spec["device"]), **clock.result()}
 
 
 def _train(spec: dict, base: Any, **kw: Any) -> Any:
     from dataclasses import replace
 
-    return replace(base, device=spec["device"], seed=spec["seed"], save_every=0, log_every=50, **kw)
+    return replace(base, device=spec["device"], seed=spec["seed"], save_every=0, log_every=50, betas=(0.9, 0.95),
+                   weight_decay=0.0, grad_clip=1.0, **kw)
 
 
-def _kiln_sft(spec: dict, work: Path, out: Path) -> None:
+def _kiln_sft(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
     from kiln.align.sft import SFTConfig, run_sft
 
     base = SFTConfig()
     cfg = SFTConfig(data=(str(work / "sft.jsonl"),), seq_len=spec["seq"], heldout_frac=0.0, eval_every=0,
-                    sample_every=0, train=_train(spec, base.train, batch_size=spec["batch"]))
-    run_sft(cfg, work / "model", out, resume=False)
+                    sample_every=0, train=_train(spec, base.train, batch_size=spec["batch"], lr=1e-4, warmup_steps=5))
+    run_sft(cfg, work / "model", out, resume=False, extra_hooks=[clock])
 
 
-def _kiln_dpo(spec: dict, work: Path, out: Path) -> None:
+def _kiln_dpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
     from kiln.align.dpo import DPOConfig, run_dpo
 
     base = DPOConfig()
     cfg = DPOConfig(data=(str(work / "dpo.jsonl"),), seq_len=spec["seq"], heldout_frac=0.0, eval_every=0,
-                    train=_train(spec, base.train, batch_size=spec["batch"]))
-    run_dpo(cfg, work / "model", out, resume=False)
+                    train=_train(spec, base.train, batch_size=spec["batch"], lr=5e-6, warmup_steps=5))
+    run_dpo(cfg, work / "model", out, resume=False, extra_hooks=[clock])
 
 
-def _kiln_grpo(spec: dict, work: Path, out: Path) -> None:
+def _kiln_grpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
     from kiln.align.grpo import GRPOConfig, run_grpo
 
     base = GRPOConfig()
     n = spec["prompts"] * spec["group"]
     cfg = GRPOConfig(task="addition", digits=3, group_size=spec["group"], prompts_per_rollout=spec["prompts"],
-                     rollouts=spec["rollouts"], max_new_tokens=spec["max_new_tokens"], eval_every=0,
-                     train=_train(spec, base.train, batch_size=n))
-    run_grpo(cfg, work / "model", out, resume=False)
+                     rollouts=spec["rollouts"], max_new_tokens=spec["max_new_tokens"], eval_every=0, temperature=1.0,
+                     kl_coef=0.0, loss_type="grpo_clip", normalize_by_std=True,
+                     train=_train(spec, base.train, batch_size=n, lr=2e-5, warmup_steps=0))
+    run_grpo(cfg, work / "model", out, resume=False, extra_hooks=[clock])
 
 
 def _trl_common(spec: dict, out: Path) -> dict:
+    """TrainingArguments both trainers share, set to Kiln's (see the module docstring)."""
     cuda = spec["device"].startswith("cuda")
     return {"output_dir": str(out), "report_to": [], "save_strategy": "no", "use_cpu": not cuda, "bf16": cuda,
             "logging_steps": 50, "seed": spec["seed"], "lr_scheduler_type": "cosine", "weight_decay": 0.0,
+            "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_epsilon": 1e-8, "max_grad_norm": 1.0,
+            "optim": "adamw_torch_fused" if cuda else "adamw_torch", "gradient_checkpointing": False,
             "dataloader_num_workers": 0, "disable_tqdm": True}
+
+
+def _trl_callbacks(clock: StepClock) -> list:
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == clock.warmup or state.global_step == state.max_steps:
+                clock.mark(state.global_step)
+
+    return [Clock()]
 
 
 def _trl_model(work: Path, spec: dict) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype="float32", attn_implementation="sdpa")
     return model.to(spec["device"]), AutoTokenizer.from_pretrained(work / "model")
 
 
-def _trl_sft(spec: dict, work: Path, out: Path) -> None:
+def _trl_sft(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
 
     model, tok = _trl_model(work, spec)
     ds = load_dataset("json", data_files=str(work / "sft.jsonl"), split="train")
     args = SFTConfig(**_trl_common(spec, out), per_device_train_batch_size=spec["batch"], num_train_epochs=1,
-                     learning_rate=1e-4, packing=True, max_length=spec["seq"], assistant_only_loss=True)
-    SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok).train()
+                     learning_rate=1e-4, warmup_steps=5, packing=True, max_length=spec["seq"],
+                     assistant_only_loss=True)
+    SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=_trl_callbacks(clock)).train()
 
 
-def _trl_dpo(spec: dict, work: Path, out: Path) -> None:
+def _trl_dpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
     from datasets import load_dataset
     from trl import DPOConfig, DPOTrainer
 
     model, tok = _trl_model(work, spec)
     ds = load_dataset("json", data_files=str(work / "dpo.jsonl"), split="train")
     args = DPOConfig(**_trl_common(spec, out), per_device_train_batch_size=spec["batch"], num_train_epochs=1,
-                     learning_rate=5e-6, beta=0.1, precompute_ref_log_probs=True, max_length=spec["seq"])
-    DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok).train()
+                     learning_rate=5e-6, warmup_steps=5, beta=0.1, loss_type=["sigmoid"],
+                     precompute_ref_log_probs=True, max_length=spec["seq"])
+    DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=_trl_callbacks(clock)).train()
 
 
-def _trl_grpo(spec: dict, work: Path, out: Path) -> None:
+def _trl_grpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -273,8 +382,10 @@ def _trl_grpo(spec: dict, work: Path, out: Path) -> None:
 
     args = GRPOConfig(**_trl_common(spec, out), per_device_train_batch_size=n, num_generations=spec["group"],
                       max_completion_length=spec["max_new_tokens"], max_steps=spec["rollouts"], learning_rate=2e-5,
-                      beta=0.0, temperature=1.0, loss_type="grpo")
-    GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok).train()
+                      warmup_steps=0, beta=0.0, temperature=1.0, top_p=1.0, top_k=0, loss_type="grpo",
+                      scale_rewards="group", num_iterations=1, epsilon=0.2, use_vllm=False)
+    GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
+                callbacks=_trl_callbacks(clock)).train()
 
 
 if __name__ == "__main__":  # a child process of `kiln bench align`

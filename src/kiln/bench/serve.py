@@ -79,12 +79,27 @@ def bench_model(shape: str, device: Any, dtype: Any, model_dir: str | None, seed
 
 
 def serve_shapes() -> dict:
-    """``kiln bench train``'s shapes plus ``preset_tiny`` (the tiny training preset: vocab 4096,
-    context 128, d_model 128, 4 layers), the CPU default."""
+    """``kiln bench train``'s shapes (gpt2_small is the gpt2_small training preset's model, speedrun the
+    speedrun preset's) plus ``preset_tiny`` (the tiny training preset: vocab 4096, context 128,
+    d_model 128, 4 layers), the CPU default."""
     from kiln.bench.train import shapes
     from kiln.train.config import tiny
 
     return {**shapes(), "preset_tiny": tiny().model}
+
+
+def largest_preset() -> str:
+    """The ``serve_shapes`` name of Kiln's largest training preset (by parameters; today gpt2_small,
+    124M, which is also the GPT-2-small-size model the decode goals name)."""
+    import torch
+
+    from kiln.model import Transformer
+    from kiln.train.config import PRESETS
+
+    names = {"tiny": "preset_tiny"}
+    with torch.device("meta"):  # shapes only: no memory, no initialization
+        sizes = {names.get(n, n): Transformer(f().model).num_params() for n, f in PRESETS.items()}
+    return max(sizes, key=sizes.get)
 
 
 def export_for_references(model: Any, out: Path) -> Path:
@@ -143,6 +158,7 @@ def _free(device: Any) -> None:
     import torch
 
     gc.collect()
+    torch._dynamo.reset()  # each engine compiles its own decode step: stay clear of the recompile limit
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -158,13 +174,13 @@ def _sync(device: Any) -> None:
 
 
 def kiln_decode(model: Any, prompt: list[int], new_tokens: int, repeats: int, speculative: str = "none",
-                draft: Any = None, compile_decode: bool = False) -> tuple[float, str]:
+                draft: Any = None, compile_decode: bool = False, decode_steps: int = 8) -> tuple[float, str]:
     """Best tokens/s of one greedy request over ``repeats`` runs (after a warm-up that captures graphs)."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     cfg = EngineConfig(max_num_seqs=1, max_num_batched_tokens=max(2048, len(prompt) + 8), num_blocks=None,
                        speculative=speculative, num_speculative_tokens=4, enable_prefix_caching=False,
-                       compile_decode=compile_decode)
+                       compile_decode=compile_decode, decode_steps=decode_steps)
     eng = LLMEngine(model, None, cfg, draft_model=draft)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     dev = eng.device
@@ -177,28 +193,37 @@ def kiln_decode(model: Any, prompt: list[int], new_tokens: int, repeats: int, sp
         _sync(dev)
         best = max(best, len(out.token_ids) / (time.perf_counter() - t0))
     s = eng.stats()
-    note = ""
+    notes = []
+    if eng.runner.graph_max:
+        notes.append(("compiled, " if compile_decode else "") + "CUDA graphs"
+                     + (f", {eng.runner.decode_steps} steps per graph" if eng.runner.decode_steps > 1 else ", one step per graph"))
     if speculative != "none" and s["spec_proposed"]:
-        note = f"accepted {s['spec_accepted'] / s['spec_proposed']:.0%} of drafts"
-    return best, note
+        notes.append(f"accepted {s['spec_accepted'] / s['spec_proposed']:.0%} of drafts")
+    return best, "; ".join(notes)
 
 
 def hf_decode(export_dir: Path, prompt: list[int], new_tokens: int, device: Any, repeats: int) -> tuple[float, str]:
-    """transformers' LlamaForCausalLM, static cache, compiled forward on CUDA: best tokens/s."""
+    """transformers' LlamaForCausalLM, static cache; on CUDA ``generate`` compiles its own decoding forward
+    (``CompileConfig``, mode reduce-overhead: CUDA graphs), as transformers 4.48+ and 5.x do for static
+    caches. (Wrapping ``forward`` in torch.compile ourselves broke on 5.x: "CUDAGraphs output overwritten".)"""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     m = AutoModelForCausalLM.from_pretrained(str(export_dir)).to(device=device, dtype=dtype).eval()
     note = "static cache"
-    if device.type == "cuda":
-        m.forward = torch.compile(m.forward, mode="reduce-overhead", fullgraph=True)
-        note += ", torch.compile reduce-overhead"
-    ids = torch.tensor([prompt], device=device)
     kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
           "cache_implementation": "static", "pad_token_id": 0}
+    if device.type == "cuda":
+        try:
+            from transformers import CompileConfig
+
+            kw["compile_config"] = CompileConfig(mode="reduce-overhead")
+        except ImportError:  # older transformers: generate's default compile settings
+            pass
+    ids = torch.tensor([prompt], device=device)
     best = 0.0
-    with torch.inference_mode():
+    with torch.no_grad():
         for i in range(repeats + 2):  # two warm-ups: compilation and graph recording
             _sync(device)
             t0 = time.perf_counter()
@@ -206,6 +231,10 @@ def hf_decode(export_dir: Path, prompt: list[int], new_tokens: int, device: Any,
             _sync(device)
             if i >= 2:
                 best = max(best, (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0))
+    if getattr(m, "_compiled_call", None) is not None:
+        note += ", generate's torch.compile (reduce-overhead)"
+    elif device.type == "cuda":
+        note += ", NOT compiled (generate's auto-compile did not engage)"
     return best, note
 
 
@@ -325,31 +354,94 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
         _free(device)
         print(f"  {impl}: {row.tok_s or 0:.1f} tok/s {row.note} {row.error}", flush=True)
 
-    r = args.repeats
-    add("kiln bf16" if dtype == torch.bfloat16 else "kiln fp32",
-        lambda: kiln_decode(model, prompt, new_tokens, r), model, model)
-    if "compile" in args.rows and device.type == "cuda":
-        add("kiln bf16 compiled", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=True), model)
+    r, cuda = args.repeats, device.type == "cuda"
+    name = "kiln bf16" if dtype == torch.bfloat16 else "kiln fp32"
+    # The default path: compiled decode step, CUDA graphs, multi-step decode (on CUDA).
+    add(name, lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=cuda), model, model)
+    if "single-step" in args.rows and cuda:  # the previous default: one decode step per host round trip
+        add(f"{name} single-step", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=True,
+                                                       decode_steps=1), model)
+    if "eager" in args.rows and cuda:
+        add(f"{name} not compiled", lambda: kiln_decode(model, prompt, new_tokens, r), model)
     for mode in ("int8", "int4"):
         if mode in args.rows:
             qm = quantize_model(copy.deepcopy(model), mode)
-            add(f"kiln {mode}", lambda qm=qm: kiln_decode(qm, prompt, new_tokens, r), qm, qm)
+            add(f"kiln {mode}", lambda qm=qm: kiln_decode(qm, prompt, new_tokens, r, compile_decode=cuda), qm, qm)
             del qm
     if "ngram" in args.rows:
-        add("kiln spec ngram", lambda: kiln_decode(model, prompt, new_tokens, r, "ngram"), model)
+        add("kiln spec ngram", lambda: kiln_decode(model, prompt, new_tokens, r, "ngram", compile_decode=cuda), model)
     if "draft" in args.rows:
         draft = bench_model("", device, dtype, args.draft_model) if args.draft_model else build_draft(model, device, dtype)
-        add("kiln spec draft", lambda: kiln_decode(model, prompt, new_tokens, r, "draft", draft), model)
+        add("kiln spec draft", lambda: kiln_decode(model, prompt, new_tokens, r, "draft", draft, compile_decode=cuda),
+            model)
     export = None
     if {"gpt-fast", "gpt-fast-int8", "gpt-fast-int4", "transformers"} & set(args.rows):
         export = export_for_references(model, work / f"export_{shape}")
-    if "transformers" in args.rows:
+    for mode, ref in (("bf16", "gpt-fast"), ("int8", "gpt-fast-int8"), ("int4", "gpt-fast-int4")):
+        if ref in args.rows and args.gpt_fast:
+            add(ref, lambda mode=mode: gpt_fast_decode(Path(args.gpt_fast), export, work, mode, plen,
+                                                       new_tokens, device), model)
+    if "transformers" in args.rows:  # last: a failed CUDA-graph run cannot disturb the rows before it
         add("transformers", lambda: hf_decode(export, prompt, new_tokens, device, r), model)
-    for mode, name in (("bf16", "gpt-fast"), ("int8", "gpt-fast-int8"), ("int4", "gpt-fast-int4")):
-        if name in args.rows and args.gpt_fast:
-            add(name, lambda mode=mode: gpt_fast_decode(Path(args.gpt_fast), export, work, mode, plen,
-                                                        new_tokens, device), model)
     return rows
+
+
+# -- host work per decode token (the forward stubbed out) -------------------------------------------------
+
+
+def host_table(args: argparse.Namespace, shape: str, device: Any) -> list[ServeRow]:
+    """What one decode token costs the host in each engine path, with the model's forward replaced by a
+    stub that returns 16 zero logits (the GPU's share removed: the layers, the head, the argmax over the
+    vocabulary; the engine's bookkeeping, copies and graph replays kept): the general step (per-step
+    Python packing, ``run``), the lean step (one copy in, argmax in the graph, one copy out) and
+    multi-step decode. Graph paths are emulated on the CPU (their in-graph ops then run eagerly)."""
+    import torch
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = bench_model(shape, device, dtype, None)
+    d = model.config.d_model
+    zeros = torch.zeros(8, 16, device=device)
+
+    class _Head(torch.nn.Module):
+        def forward(self, h: Any) -> Any:
+            return zeros[: h.shape[0]].to(h.dtype)
+
+    model.hidden_states = lambda idx, pos, cache: torch.zeros(1, idx.shape[1], d, device=device, dtype=dtype)
+    true_head, model.lm_head = model.lm_head, _Head()
+    plen = max(1, min(args.prompt_len, model.config.context_length // 2))
+    n = min(args.new_tokens, model.config.context_length - plen)
+    rows = []
+    try:
+        for label, graphs, steps in (("general step", False, 1), ("lean step", True, 1), ("multi-step", True, 8)):
+            rows.append(_host_row(model, shape, label, graphs, steps, plen, n, args.repeats, zeros))
+            print(f"  host {label}: {rows[-1].note}", flush=True)
+    finally:
+        model.lm_head = true_head
+        del model.hidden_states
+    return rows
+
+
+def _host_row(model: Any, shape: str, label: str, graphs: bool, steps: int, plen: int, n: int, repeats: int,
+              zeros: Any) -> ServeRow:
+    """One path of ``host_table``: best tokens/s of one greedy request, the forward stubbed."""
+    from kiln.generate import EngineConfig, LLMEngine, SamplingParams
+
+    eng = LLMEngine(model, None, EngineConfig(max_num_seqs=1, enable_prefix_caching=False, cuda_graphs=graphs,
+                                              decode_steps=steps))
+    if graphs and not eng.runner.graph_max:
+        eng.runner.graph_max = 1  # the CPU: the graph body runs eagerly over the same static buffers
+    eng.runner._decode = lambda ids, pos: zeros[: ids.shape[0]]  # graph paths: logits (b, V) of zeros
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    eng.generate([[1] * plen], params)  # warm-up (captures)
+    best = 0.0
+    for _ in range(repeats):
+        _sync(eng.device)
+        t0 = time.perf_counter()
+        out = eng.generate([[1] * plen], params)[0]
+        _sync(eng.device)
+        best = max(best, len(out.token_ids) / (time.perf_counter() - t0))
+    note = f"{1e6 / best:.0f} us/token" + (f", {steps} steps per graph" if steps > 1 else "")
+    return ServeRow("host", shape, label, tok_s=best, note=note)
 
 
 def build_draft(model: Any, device: Any, dtype: Any) -> Any:
@@ -508,12 +600,17 @@ def format_tables(rows: list[ServeRow]) -> str:
     dec = [r for r in rows if r.table == "decode"]
     if dec:
         out += ["| shape | impl | tok/s | vs kiln | bound | held-out loss | note |", "|---|---|---|---|---|---|---|"]
-        base = {r.shape: r.tok_s for r in dec if r.impl.startswith("kiln") and r.impl.split()[1] in ("bf16", "fp32")}
+        base = {r.shape: r.tok_s for r in dec if r.impl in ("kiln bf16", "kiln fp32")}
         for r in dec:
             rel = f"{r.tok_s / base[r.shape]:.2f}x" if r.tok_s and base.get(r.shape) else ""
             note = r.note + (f" ERROR {r.error[:160]}" if r.error else "")
             out.append(f"| {r.shape} | {r.impl} | {_f(r.tok_s)} | {rel} | {_f(r.bound and 100 * r.bound, '.0f')}"
                        f"{'%' if r.bound else ''} | {_f(r.loss, '.4f')} | {note} |")
+    host = [r for r in rows if r.table == "host"]
+    if host:
+        out += ["", "| shape | engine path, forward stubbed | host tok/s | host us/token |", "|---|---|---|---|"]
+        for r in host:
+            out.append(f"| {r.shape} | {r.impl} | {_f(r.tok_s, '.0f')} | {_f(r.tok_s and 1e6 / r.tok_s, '.0f')} |")
     thr = [r for r in rows if r.table == "throughput"]
     if thr:
         out += ["", "| shape | impl | concurrency | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | note |",
@@ -525,7 +622,7 @@ def format_tables(rows: list[ServeRow]) -> str:
     return "\n".join(out)
 
 
-ROWS = ("compile", "int8", "int4", "ngram", "draft", "transformers", "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
+ROWS = ("single-step", "eager", "int8", "int4", "ngram", "draft", "transformers", "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -533,6 +630,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     args.rows = tuple(args.rows.split(",")) if args.rows else ()
+    if "compile" in args.rows:  # the old name: the compiled single-step row is now "single-step"
+        args.rows = tuple("single-step" if r == "compile" else r for r in args.rows)
     bad = [r for r in args.rows if r not in ROWS]
     if bad:
         print(f"unknown row {bad[0]!r}; use some of {ROWS}", file=sys.stderr)
@@ -541,7 +640,8 @@ def run(args: argparse.Namespace) -> int:
     if args.gpt_fast and not Path(args.gpt_fast).is_dir():
         print(f"--gpt-fast {args.gpt_fast} is not a folder; the gpt-fast rows are skipped", file=sys.stderr)
         args.gpt_fast = None
-    shapes = args.shapes.split(",") if args.shapes else [("gpt2_small" if device.type == "cuda" else "preset_tiny")]
+    default = list(dict.fromkeys(["gpt2_small", largest_preset()])) if device.type == "cuda" else ["preset_tiny"]
+    shapes = args.shapes.split(",") if args.shapes else default
     rows: list[ServeRow] = []
     with tempfile.TemporaryDirectory(prefix="kiln_bench_serve_") as tmp:
         work = Path(tmp)
@@ -550,6 +650,8 @@ def run(args: argparse.Namespace) -> int:
                 rows += latency_table(args, shape, device, work)
             if "throughput" in args.parts:
                 rows += throughput_table(args, shape, device, work)
+            if "host" in args.parts:
+                rows += host_table(args, shape, device)
     blurb = (f"Batch-1 greedy decode of {args.new_tokens} tokens after a {args.prompt_len}-token prompt (best of "
              f"{args.repeats}); throughput: {args.requests} requests, AlpacaEval prompt lengths, {args.max_tokens} "
              "output tokens each. Weights: " + (args.model or "random init (speed does not depend on values)") + ".")
@@ -564,8 +666,10 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--shapes", default="", help="comma list of model shapes (gpt2_small, speedrun, 350m, tiny, "
-                   "preset_tiny); default gpt2_small on CUDA, preset_tiny on the CPU")
-    p.add_argument("--parts", default="latency,throughput", help="latency and/or throughput")
+                   "preset_tiny); default on CUDA gpt2_small and Kiln's largest preset (today the same), "
+                   "preset_tiny on the CPU")
+    p.add_argument("--parts", default="latency,throughput", help="latency, throughput and/or host (the engine's "
+                   "host work per decode token, the forward stubbed out)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"optional rows, some of {','.join(ROWS)}")
     p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
     p.add_argument("--draft-model", default=None, help="a trained draft model directory for the draft row")

@@ -142,7 +142,7 @@ class BlockManager:
             assert block.ref_count >= 0, f"block {bid} released twice"
             if block.ref_count == 0:
                 self.free[bid] = None
-        seq.block_table = []
-        seq.block_hashes = []
+        seq.block_table = []  # a new list, never the old one cleared: tables only grow in place, and
+        seq.block_hashes = []  # ModelRunner tells a row's sequence by its table's identity
         seq.num_computed = 0
         seq.draft_computed = 0

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from kiln.generate.block_manager import BlockManager
 from kiln.generate.model_runner import MAX_ROW_TOKENS, ModelRunner, StepItem
-from kiln.generate.sampling import SamplingParams, filter_logits, sample_next
+from kiln.generate.sampling import SamplingParams, filter_logits, sample_rows
 from kiln.generate.scheduler import Scheduler
 from kiln.generate.sequence import Sequence, Status
 from kiln.generate.speculative import make_proposer
@@ -56,8 +56,14 @@ class EngineConfig:
     cuda_graphs: bool = True
     """On CUDA, replay a captured graph for decode steps of up to ``max_num_seqs`` sequences."""
     compile_decode: bool = False
-    """Also ``torch.compile`` the captured decode step (fusing the elementwise work between matmuls;
-    one compilation per captured batch size, so best with a small ``max_num_seqs``)."""
+    """Also ``torch.compile`` the captured decode step (fusing the elementwise work between matmuls, and
+    at one row the matmuls with it; coordinate-descent tuning, as gpt-fast: slower to compile; one
+    compilation per captured batch size, so best with a small ``max_num_seqs``)."""
+    decode_steps: int = 8
+    """Multi-step decode (as vLLM's multi-step scheduling): when every running sequence decodes
+    greedily (no log-probabilities) and nothing waits, one CUDA graph runs this many decode steps,
+    each feeding its argmax to the next, and the host checks stops afterwards (tokens past a stop are
+    dropped). Greedy output is token for token the single-step one. 1: single-step. CUDA graphs only."""
     gpu_memory_fraction: float = 0.5
     """With ``num_blocks=None`` on CUDA: at most this fraction of the free GPU memory for the cache."""
     eos_token_id: int | None = None
@@ -81,6 +87,8 @@ class EngineConfig:
     prompts; 'slide' re-encodes its most recent 3/4 and goes on (old ``kiln generate`` behaviour)."""
 
     def __post_init__(self) -> None:
+        if self.decode_steps < 1:
+            raise ValueError(f"decode_steps={self.decode_steps} must be >= 1 (1 = single-step decode)")
         if self.block_size < 1 or self.max_num_seqs < 1:
             raise ValueError(f"block_size={self.block_size} and max_num_seqs={self.max_num_seqs} must be >= 1")
         if self.speculative not in ("none", "ngram", "draft"):
@@ -144,7 +152,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, self._lookahead)
         rows = config.max_num_seqs * (1 + config.num_speculative_tokens if config.speculative != "none" else 1)
         graphs = rows if config.cuda_graphs else 0
-        self.runner = ModelRunner(model, num_blocks, config.block_size, graphs, config.compile_decode)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, graphs, config.compile_decode,
+                                  config.decode_steps if config.speculative == "none" else 1, self.vocab_limit)
         self.max_seq_tokens = min(mc.context_length, num_blocks * config.block_size)
         self.proposer = make_proposer(config, model, draft_model, num_blocks, self.vocab_limit)
         if config.num_speculative_tokens + 1 > MAX_ROW_TOKENS and config.speculative != "none":
@@ -228,6 +237,9 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; outputs for the requests that produced a token (or finished)."""
+        fast = self._decode_step()
+        if fast is not None:
+            return fast
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.waiting and not self.scheduler.running and self.blocks.num_free == self.blocks.num_blocks:
@@ -268,19 +280,78 @@ class LLMEngine:
             outputs.append(self._output(seq))
         return outputs
 
+    # -- the lean decode step (CUDA graphs): one copy in, greedy ids computed in the graph, one copy out --
+
+    def _decode_step(self) -> list[RequestOutput] | None:
+        """A step where every running sequence decodes and nothing waits, through ``ModelRunner.decode``:
+        ``decode_steps`` tokens per sequence when all of them are greedy, else one. None when the step
+        is not such a step (prefill, waiting requests, speculation, no graphs): ``step`` then runs the
+        general path."""
+        sched, runner = self.scheduler, self.runner
+        if self.proposer is not None or not runner.graph_max or sched.waiting or len(sched.running) > runner.graph_max:
+            return None
+        k = self._steps_for(sched.running)
+        seqs = sched.schedule_decode(k)
+        if seqs is None:
+            return None
+        ids, logits = runner.decode(seqs, k)
+        sampled = {}
+        if any(seq.params.temperature > 0 for seq in seqs):  # only with k == 1: sampled per request, as ever
+            sampled = self._sample([StepItem(seq, seq.num_computed, seq.token_ids[-1:]) for seq in seqs],
+                                   logits[:, :self.vocab_limit])
+        outputs = []
+        for i, seq in enumerate(seqs):
+            c, p = seq.num_computed, seq.params
+            for j, tok in enumerate(ids[i]):
+                seq.num_computed = c + j + 1  # the token before ``tok`` is now in the cache
+                if p.temperature > 0:
+                    tok = sampled[i]
+                if p.logprobs is not None:
+                    seq.logprobs.append(_logprobs(logits[i, :self.vocab_limit], tok, p.logprobs))
+                self._append(seq, tok)
+                if seq.finished or not seq.block_table:  # stopped (later tokens are dropped) or slid
+                    break
+            if not seq.finished:
+                self.blocks.publish_full_blocks(seq)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _steps_for(self, running: list[Sequence]) -> int:
+        """Decode steps this round: ``decode_steps`` when every sequence is greedy without log-probs,
+        has room in the context for them, and one of them wants more than one token; else 1."""
+        K = self.runner.decode_steps
+        if K == 1:
+            return 1
+        more = False
+        for seq in running:
+            p = seq.params
+            if p.temperature > 0 or p.logprobs is not None or seq.num_window_tokens + K - 1 > self.max_seq_tokens:
+                return 1
+            more = more or p.max_tokens - len(seq.token_ids) + seq.num_prompt_tokens > 1
+        return K if more else 1
+
     def _sample(self, items: list[StepItem], logits: Tensor) -> dict[int, int]:
         """Sampled token per logits row of the items that sample this step (temperature > 0): each
         row draws with its request's own generator; one host sync for all of them."""
-        rows, draws = [], []
+        groups: dict[tuple, tuple[list[int], list[torch.Generator]]] = {}  # rows by their sampling settings
         row = 0
         for it in items:
             seq, p = it.seq, it.seq.params
             done = it.start + len(it.tokens) == seq.num_window_tokens  # the window's end: a token is due
             if it.n_logits == 1 and done and p.temperature > 0 and p.max_tokens > 0:
+                rows, gens = groups.setdefault((p.temperature, p.top_k, p.top_p), ([], []))
                 rows.append(row)
-                draws.append(sample_next(logits[row], p.temperature, p.top_k, p.top_p, seq.generator))
+                gens.append(seq.generator)
             row += it.n_logits
-        return dict(zip(rows, torch.stack(draws).tolist())) if draws else {}
+        if not groups:
+            return {}
+        all_rows, draws = [], []
+        for (temp, top_k, top_p), (rows, gens) in groups.items():  # one batched draw per setting
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))  # a decode step: a slice, no copy
+            idx = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=logits.device)
+            draws.append(sample_rows(logits[idx], temp, top_k, top_p, gens))
+            all_rows += rows
+        return dict(zip(all_rows, torch.cat(draws).tolist()))
 
     # -- speculative decoding (greedy: exactly plain greedy decoding's output; sampled: the same distribution) --
 

@@ -8,11 +8,16 @@ hidden state of each sequence goes through ``lm_head``.
 On CUDA, a decode step (one token per sequence) replays a CUDA graph captured for the smallest
 captured batch size that holds it (padded rows write to the cache's scratch block), so the step costs
 one launch instead of a few per layer (as nano-vllm and gpt-fast do; PyTorch's ``torch.cuda.graph``).
+The engine's pure decode steps go through ``decode``: one host->device copy of the step's inputs, the
+greedy ids computed in the graph, one device->host copy of B ids; with ``decode_steps`` K > 1 a second
+set of graphs runs K greedy steps per replay (multi-step decode, as vLLM's multi-step scheduling), so
+the host's per-step work is paid once per K tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,10 +51,13 @@ class ModelRunner:
     """Owns the paged cache of ``model`` and runs packed steps through it."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, cuda_graph_max_batch: int = 0,
-                 compile_decode: bool = False) -> None:
+                 compile_decode: bool = False, decode_steps: int = 1, vocab_limit: int | None = None) -> None:
         """``cuda_graph_max_batch``: the most decode rows (tokens) replayed from CUDA graphs; 0: none.
         ``compile_decode``: run the captured decode forward through ``torch.compile`` (fuses the norms,
-        RoPE and SwiGLU between the matmuls; the paged attention stays eager), as gpt-fast does."""
+        RoPE and SwiGLU between the matmuls, and at one row the matmuls too; the paged attention stays
+        eager), as gpt-fast does.
+        ``decode_steps``: also capture graphs that run this many greedy decode steps in a row
+        (multi-step decode, ``decode(seqs, steps)``). ``vocab_limit``: greedy ids are taken below it."""
         cfg = model.config
         p = next(model.parameters())
         self.model = model
@@ -58,10 +66,20 @@ class ModelRunner:
         self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim,
                                   device=self.device, dtype=self.dtype)
         self.max_blocks_per_seq = -(-cfg.context_length // block_size)
+        self.max_pos = cfg.context_length - 1
         self.graph_max = cuda_graph_max_batch if self.device.type == "cuda" else 0
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self._decode = torch.compile(self._decode_core, dynamic=False) if compile_decode else self._decode_core
-        self._static: dict[str, Tensor] = {}
+        self.decode_steps = max(1, decode_steps)
+        self.vocab_limit = cfg.vocab_size if vocab_limit is None else vocab_limit
+        self.graphs: dict[int, _Graph] = {}  # batch rows -> one-step graph
+        self.multi_graphs: dict[int, _Graph] = {}  # batch rows -> ``decode_steps``-step graph
+        # coordinate_descent_tuning, as gpt-fast sets it: Inductor then also rewrites a one-row matmul
+        # as a multiply-and-sum that it fuses with the norms, activations and dequantization around it
+        # (torch/_inductor/decomposition.py, mm), instead of one cuBLAS call per projection.
+        self._decode = (torch.compile(self._decode_core, dynamic=False, options={"coordinate_descent_tuning": True})
+                        if compile_decode else self._decode_core)
+        self._s: dict[str, Tensor] = {}
+        self._metas: dict[int, PagedMetadata] = {}
+        self._uploaded: Any = None  # a CUDA event after the last host->device copy of the pinned rows
 
     def prepare(self, items: list[StepItem]) -> tuple[list[int], list[int], PagedMetadata]:
         """Token ids (N,), positions (N,) and the attention metadata of one step (lists on the host).
@@ -108,9 +126,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, items: list[StepItem]) -> Tensor:
         """Logits (sum of n_logits, vocab_size) fp32: the last ``n_logits`` positions of each item, in order."""
+        if (self.graph_max and sum(len(it.tokens) for it in items) <= self.graph_max
+                and all(len(it.tokens) == it.n_logits <= MAX_ROW_TOKENS for it in items)):
+            return self._replay(items)  # per-token rows through a captured graph
         ids, pos, meta = self.prepare(items)
-        if meta.decode and all(it.n_logits == len(it.tokens) for it in items) and len(ids) <= self.graph_max:
-            return self._replay(ids, pos, meta)
         dev = self.device
         self.cache.meta = meta
         rows: list[int] = []
@@ -127,79 +146,192 @@ class ModelRunner:
                 self.model.train()
 
     # -- CUDA graphs for decode ------------------------------------------------------------------------
+    #
+    # The graphs read one int64 device buffer, filled each step by ONE host->device copy from a pinned
+    # host buffer of the same layout: [ids (G) | positions (G) | slots (G) | lengths (G) | tables (G, MB)].
+    # Padded rows (past the step's B) stay in the scratch state (slot in the scratch block, length 1,
+    # table all scratch) and are rewritten only when a row stops being used; a row's block table is
+    # written only where it grew since the last step (a list identity check: tables only grow in place).
+    # Inside the graph, the lengths and tables are cast to the int32 the attention kernel reads, the
+    # forward runs, and the greedy ids are taken (argmax below ``vocab_limit``), so a greedy step brings
+    # back B ids, not B x V logits. A multi-step graph runs ``decode_steps`` forwards in a row, each
+    # feeding its argmax to the next and advancing positions, slots and lengths on the device.
 
     def capture(self) -> None:
-        """Capture one decode graph per row count in ``graph_batch_sizes`` (largest first, one memory pool)."""
+        """Capture the decode graphs for every row count in ``graph_batch_sizes`` (largest first, one
+        memory pool): one step each, and ``decode_steps`` steps each when that is > 1."""
         if not self.graph_max or self.graphs:
             return
-        G, dev = self.graph_max, self.device
-        self._static = {
-            "ids": torch.zeros(G, dtype=torch.long, device=dev),
-            "pos": torch.zeros(G, dtype=torch.long, device=dev),
-            "slots": torch.full((G,), self.cache.scratch_block * self.block_size, dtype=torch.long, device=dev),
-            "tables": torch.full((G, self.max_blocks_per_seq), self.cache.scratch_block, dtype=torch.int32, device=dev),
-            "lens": torch.ones(G, dtype=torch.int32, device=dev),
-        }
+        self._alloc_static()
+        dev = self.device
         pool = None
         with torch.inference_mode():
-            for b in reversed(graph_batch_sizes(G)):
-                meta = self._static_meta(b, [1] * b)
-                if dev.type != "cuda":  # emulation for tests: the same static buffers, run eagerly
-                    self.graphs[b] = (None, None)
-                    continue
-                stream = torch.cuda.Stream(device=dev)
-                stream.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(stream):
-                    self._static_forward(b, meta)  # warm-up outside the graph (Triton compiles, cuBLAS picks)
-                torch.cuda.current_stream(dev).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self._static_forward(b, meta)
-                pool = graph.pool() if pool is None else pool
-                self.graphs[b] = (graph, out)
+            for b in reversed(graph_batch_sizes(self.graph_max)):
+                for steps in sorted({1, self.decode_steps}):
+                    table = self.graphs if steps == 1 else self.multi_graphs
+                    if dev.type != "cuda":  # emulation for tests: the same static buffers, run eagerly
+                        table[b] = _Graph(None, None, None)
+                        continue
+                    if steps == 1:  # warm-up outside the graph (Triton compiles, cuBLAS picks, torch.compile)
+                        stream = torch.cuda.Stream(device=dev)
+                        stream.wait_stream(torch.cuda.current_stream(dev))
+                        with torch.cuda.stream(stream):
+                            self._graph_body(b, 1)
+                        torch.cuda.current_stream(dev).wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits, ids = self._graph_body(b, steps)
+                    pool = graph.pool() if pool is None else pool
+                    table[b] = _Graph(graph, logits if steps == 1 else None, ids)  # K steps: ids only
+                    del logits
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
 
-    def _static_meta(self, b: int, lens: list[int]) -> PagedMetadata:
-        """Metadata over the first ``b`` rows of the static buffers (``lens``: host copy, for the
-        PyTorch attention path; the CUDA kernel reads the device lengths)."""
-        s, dev = self._static, self.device
-        return PagedMetadata(s["slots"][:b], s["tables"][:b], s["lens"][:b],
-                             torch.arange(b + 1, dtype=torch.int32, device=dev), [1] * b, lens)
+    def _alloc_static(self) -> None:
+        """The pinned host buffer, its device twin (both in the padded state) and the int32 views."""
+        G, MB = self.graph_max, self.max_blocks_per_seq
+        pin = self.device.type == "cuda"
+        self._host = torch.zeros(4 * G + G * MB, dtype=torch.long, pin_memory=pin)
+        self._np = self._host.numpy()
+        self._row_tables = [None] * G
+        self._row_lens = [0] * G
+        self._rows_used = G
+        self._pad_rows(0)
+        self._inp = self._host.to(self.device)
+        inp = self._inp
+        self._s = {"ids": inp[:G], "pos": inp[G:2 * G], "slots": inp[2 * G:3 * G], "lens64": inp[3 * G:4 * G],
+                   "tables64": inp[4 * G:].view(G, MB),
+                   "lens": torch.ones(G, dtype=torch.int32, device=self.device),
+                   "tables": torch.full((G, MB), self.cache.scratch_block, dtype=torch.int32, device=self.device)}
 
-    def _static_forward(self, b: int, meta: PagedMetadata) -> Tensor:
-        """The decode forward over static buffers: logits (b, V) fp32."""
-        s = self._static
-        self.cache.meta = meta
-        return self._decode(s["ids"][:b], s["pos"][:b])
+    def _pad_rows(self, start: int) -> None:
+        """Rows ``start..`` (up to the last used one) of the host buffer back to the scratch state."""
+        G, MB, a, np_ = self.graph_max, self.max_blocks_per_seq, self._rows_used, self._np
+        if start >= a:
+            return
+        np_[start:a] = 0
+        np_[G + start:G + a] = 0
+        np_[2 * G + start:2 * G + a] = self.cache.scratch_block * self.block_size
+        np_[3 * G + start:3 * G + a] = 1
+        np_[4 * G + start * MB:4 * G + a * MB] = self.cache.scratch_block
+        for r in range(start, a):
+            self._row_tables[r], self._row_lens[r] = None, 0
+        self._rows_used = start
+
+    def _write_rows(self, rows: list[tuple[int, int, list[int]]]) -> None:
+        """Host buffer rows 0..B-1 from (token id, position, block table) each; rows past B padded."""
+        G, MB, bs, np_ = self.graph_max, self.max_blocks_per_seq, self.block_size, self._np
+        if self._uploaded is not None:  # the last step's copy out of the pinned buffer has finished
+            self._uploaded.synchronize()  # (callers sync on the results anyway: this costs nothing)
+        for i, (tok, p, table) in enumerate(rows):
+            np_[i], np_[G + i], np_[3 * G + i] = tok, p, p + 1
+            np_[2 * G + i] = table[p // bs] * bs + p % bs
+            base, n = 4 * G + i * MB, len(table)
+            if self._row_tables[i] is not table:  # another sequence (or a new table) in this row
+                np_[base:base + n] = table
+                np_[base + n:base + max(n, self._row_lens[i])] = self.cache.scratch_block
+            elif self._row_lens[i] < n:  # the same table, grown: only the new block ids
+                np_[base + self._row_lens[i]:base + n] = table[self._row_lens[i]:]
+            self._row_tables[i], self._row_lens[i] = table, n
+        self._rows_used = max(self._rows_used, len(rows))
+        self._pad_rows(len(rows))
+
+    def _upload(self, b: int) -> None:
+        """One host->device copy: every row's ids/positions/slots/lengths and the first b tables."""
+        n = 4 * self.graph_max + b * self.max_blocks_per_seq
+        self._inp[:n].copy_(self._host[:n], non_blocking=True)
+        if self.device.type == "cuda":
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
+
+    def _meta(self, b: int) -> PagedMetadata:
+        """Metadata over the first ``b`` static rows. On CUDA one object per b (torch.compile guards on
+        it; the kernel reads the device lengths); emulated on the CPU, a fresh one with the host copy of
+        the lengths (the PyTorch attention path sizes its gather by them)."""
+        s, dev = self._s, self.device
+        if dev.type == "cuda" and b in self._metas:
+            return self._metas[b]
+        lens = s["lens"][:b].tolist() if dev.type != "cuda" else [1] * b
+        meta = PagedMetadata(s["slots"][:b], s["tables"][:b], s["lens"][:b],
+                             torch.arange(b + 1, dtype=torch.int32, device=dev), [1] * b, lens)
+        if dev.type == "cuda":
+            self._metas[b] = meta
+        return meta
+
+    def _graph_body(self, b: int, steps: int) -> tuple[Tensor, Tensor]:
+        """What a graph holds: cast the inputs, then ``steps`` forwards, each fed the previous argmax.
+        Returns the last step's logits (b, V) fp32 and the greedy ids (b, steps) int64."""
+        s = self._s
+        s["lens"][:b].copy_(s["lens64"][:b])
+        s["tables"][:b].copy_(s["tables64"][:b])
+        out = torch.empty(b, steps, dtype=torch.long, device=self.device)
+        for j in range(steps):
+            self.cache.meta = self._meta(b)
+            logits = self._decode(s["ids"][:b], s["pos"][:b])
+            nxt = logits[:, :self.vocab_limit].argmax(dim=-1)
+            out[:, j] = nxt
+            if j + 1 < steps:
+                self._advance(b, nxt)
+        return logits, out
+
+    def _advance(self, b: int, nxt: Tensor) -> None:
+        """On the device: the next step's ids, positions (clamped inside the context: rows past their
+        last real token compute throw-away tokens), lengths and slots."""
+        s, bs = self._s, self.block_size
+        s["ids"][:b].copy_(nxt)
+        pos = s["pos"][:b]
+        pos.add_(1).clamp_(max=self.max_pos)
+        s["lens"][:b].copy_(pos + 1)
+        block = s["tables64"][:b].gather(1, (pos // bs)[:, None])[:, 0]
+        s["slots"][:b].copy_(block * bs + pos % bs)
 
     def _decode_core(self, ids: Tensor, pos: Tensor) -> Tensor:
         """ids, pos (b,) -> logits (b, V) fp32, one token per row (the cache's ``meta`` is set)."""
         h = self.model.hidden_states(ids[None], pos, self.cache)
         return self.model.lm_head(h[0]).float()
 
-    def _replay(self, ids: list[int], pos: list[int], meta: PagedMetadata) -> Tensor:
-        """Run a decode step of len(ids) rows through the smallest captured graph that holds it."""
+    def _launch(self, b: int, steps: int) -> tuple[Tensor, Tensor]:
+        g = (self.graphs if steps == 1 else self.multi_graphs)[b]
+        if g.graph is None:  # emulated on the CPU (tests)
+            return self._graph_body(b, steps)
+        g.graph.replay()
+        return g.logits, g.ids
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence], steps: int = 1) -> tuple[list[list[int]], Tensor | None]:
+        """A decode step of every sequence in ``seqs`` (each has exactly one uncomputed token, and
+        blocks for ``steps`` more tokens) through a captured graph. Returns the greedy ids, B lists of
+        ``steps`` (one device->host copy), and for ``steps == 1`` the logits (B, V) fp32 on the device
+        (for sampling and log-probabilities; None after a multi-step CUDA graph)."""
         if not self.graphs:
             self.capture()
-        B = len(ids)
+        if steps not in (1, self.decode_steps):
+            raise ValueError(f"steps={steps}: this runner captured 1 and {self.decode_steps}")
+        B = len(seqs)
         b = min(g for g in self.graphs if g >= B)
-        s = self._static
-        s["ids"][:B].copy_(torch.tensor(ids), non_blocking=True)
-        s["pos"][:B].copy_(torch.tensor(pos), non_blocking=True)
-        s["slots"][:B].copy_(meta.slot_mapping)
-        s["slots"][B:b].fill_(self.cache.scratch_block * self.block_size)  # padded rows: the scratch block
-        s["lens"][:B].copy_(meta.context_lens)
-        s["lens"][B:b].fill_(1)
-        w = meta.block_tables.shape[1]
-        s["tables"][:B, :w].copy_(meta.block_tables)
-        s["tables"][:B, w:].fill_(self.cache.scratch_block)
-        s["tables"][B:b].fill_(self.cache.scratch_block)
-        graph, out = self.graphs[b]
-        if graph is None:  # emulated on the CPU (tests)
-            return self._static_forward(b, self._static_meta(b, s["lens"][:b].tolist()))[:B]
-        graph.replay()
-        return out[:B]
+        self._write_rows([(seq.token_ids[-1], seq.num_computed, seq.block_table) for seq in seqs])
+        self._upload(b)
+        logits, ids = self._launch(b, steps)
+        return ids[:B].tolist(), None if logits is None else logits[:B]
+
+    def _replay(self, items: list[StepItem]) -> Tensor:
+        """Run per-token rows (decode, or speculative verification) through the one-step graph that
+        holds them: logits (rows, V) fp32."""
+        if not self.graphs:
+            self.capture()
+        rows = [(tok, it.start + j, it.seq.block_table) for it in items for j, tok in enumerate(it.tokens)]
+        b = min(g for g in self.graphs if g >= len(rows))
+        self._write_rows(rows)
+        self._upload(b)
+        return self._launch(b, 1)[0][:len(rows)]
+
+
+class _Graph(NamedTuple):
+    """A captured decode graph and its output buffers (all None when emulated on the CPU)."""
+
+    graph: Any
+    logits: Any
+    ids: Any
 
 
 def _cumsum(xs: list[int]) -> list[int]:

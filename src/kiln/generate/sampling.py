@@ -62,6 +62,29 @@ def sample_next(
     return ids.reshape(probs.shape[:-1])
 
 
+def sample_rows(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generators: list[torch.Generator]) -> Tensor:
+    """One token per row of ``logits`` (N, V), row i drawn with ``generators[i]``: long (N,).
+
+    The rows' distributions are filtered and normalized in one batched pass; each generator draws
+    one uniform number (the only per-row work), and row i's token is the first whose cumulative
+    probability exceeds it (inverse-CDF sampling: token k with probability p_k). A row's token
+    depends on its logits and its generator only, never on the other rows, so a seeded request
+    samples the same alone or in any batch. The engine draws a decode step's rows this way: one
+    ``sample_next`` per row cost ~6 kernel launches per sequence per token, most of a 128-sequence
+    GRPO rollout's decode step (docs/LOG.md, 2026-12-07).
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if temperature == 0:
+        raise ValueError("sample_rows is for sampled rows (temperature > 0); greedy rows take argmax")
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)  # (N, V)
+    cdf = torch.cumsum(probs, dim=-1)  # (N, V)
+    u = torch.cat([torch.rand(1, device=logits.device, generator=g) for g in generators])  # (N,)
+    ids = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)  # first cdf > u
+    return ids.clamp(max=logits.shape[-1] - 1)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded by the engine (``kiln.generate.LLMEngine``)."""

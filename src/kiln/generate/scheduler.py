@@ -98,6 +98,23 @@ class Scheduler:
             budget -= n
         return batch
 
+    def schedule_decode(self, num_tokens: int) -> list[Sequence] | None:
+        """Every running sequence decodes, with blocks for ``num_tokens`` more tokens each (a lean or
+        multi-step decode step), or None when that does not fit: something waits, a sequence is still
+        prefilling, or the free blocks fall short (``schedule`` then preempts as usual)."""
+        if self.waiting or not self.running:
+            return None
+        need = 0
+        for seq in self.running:
+            if seq.num_uncomputed != 1:
+                return None
+            need += self.blocks.blocks_for(seq.num_computed + num_tokens) - len(seq.block_table)
+        if need > self.blocks.num_free:
+            return None
+        for seq in self.running:
+            self.blocks.grow(seq, num_tokens)
+        return list(self.running)
+
     def _preempt(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks and requeue it at the front (it is recomputed when readmitted)."""
         self.running.remove(seq)

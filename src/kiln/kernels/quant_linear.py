@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels._backend import HAVE_TRITON, unsupported_reason, warn_fallback
+from kiln.kernels._backend import HAVE_TRITON, compiling, unsupported_reason, warn_fallback
 
 if HAVE_TRITON:
     import triton
@@ -117,13 +117,72 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def gemv_block_n(n_out: int, rows: int, min_programs: int = 256) -> int:
+    """Output channels per GEMV program: 16, halved (down to 4) while the launch would have fewer
+    than ``min_programs`` programs. At batch 1 a 768 x 768 matrix in blocks of 16 is 48 programs,
+    too few to keep an H100's 132 SMs streaming; in blocks of 4 it is 192."""
+    bn = 16
+    while bn > 4 and -(-n_out // bn) * rows < min_programs:
+        bn //= 2
+    return bn
+
+
+def _int8_gemv(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The int8 launch: x2 (M, K) contiguous rows -> (M, N) in x2's dtype."""
+    (M, K), N = x2.shape, q.shape[0]
+    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    BLOCK_N, BLOCK_K = gemv_block_n(N, M), 256
+    _int8_gemv_kernel[(triton.cdiv(N, BLOCK_N), M)](x2, q, scale, y, N, K, x2.stride(0), q.stride(0), y.stride(0),
+                                                    BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return y
+
+
+def _int4_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The int4 launch: x2 (M, K) contiguous rows -> (M, N) in x2's dtype."""
+    (M, K), N = x2.shape, packed.shape[0]
+    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    BLOCK_N, BLOCK_K = gemv_block_n(N, M), 256
+    _int4_gemv_kernel[(triton.cdiv(N, BLOCK_N), M)](
+        x2, packed, scale, low, y, N, K, x2.stride(0), packed.stride(0), scale.stride(0), y.stride(0),
+        GROUP=K // scale.shape[1], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return y
+
+
+# Custom ops make the launches opaque to torch.compile (as kiln.kernels.rmsnorm's): the engine's
+# compiled decode step calls them as black boxes, with no graph break between the fused elementwise
+# work around them. Defining them registers two names under "kiln::"; nothing else happens at import.
+@torch.library.custom_op("kiln::int8_gemv", mutates_args=())
+def _int8_gemv_op(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _int8_gemv(x2, q, scale)
+
+
+@_int8_gemv_op.register_fake
+def _(x2, q, scale):
+    return x2.new_empty((x2.shape[0], q.shape[0]))
+
+
+@torch.library.custom_op("kiln::int4_gemv", mutates_args=())
+def _int4_gemv_op(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    return _int4_gemv(x2, packed, scale, low)
+
+
+@_int4_gemv_op.register_fake
+def _(x2, packed, scale, low):
+    return x2.new_empty((x2.shape[0], packed.shape[0]))
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
     """y = x @ (q * scale)^T: x (..., K) -> (..., N) in x's dtype. The Triton GEMV for up to
     ``GEMV_MAX_ROWS`` rows on CUDA; otherwise dequantize and matmul (the CPU's fast path).
-    ``use_kernel=True`` runs the kernel on the CPU too (interpreted, for tests)."""
+    ``use_kernel=True`` runs the kernel on the CPU too (interpreted, for tests).
+
+    Under torch.compile: one row is written as dequantize-then-matmul in torch ops, which Inductor
+    (with ``coordinate_descent_tuning``, as the engine's compiled decode sets it) turns into one fused
+    reduction reading the int8 weights, together with the norm or activation before it (gpt-fast's
+    ``WeightOnlyInt8Linear`` relies on the same); 2-8 rows call the kernel as the custom op
+    ``kiln::int8_gemv``, opaque to the compiler (no graph break)."""
     x2 = _rows(x)
-    M, K = x2.shape
-    N = q.shape[0]
+    M = x2.shape[0]
     if use_kernel is None:
         use_kernel = x.is_cuda and M <= GEMV_MAX_ROWS
     if not use_kernel:
@@ -132,19 +191,17 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, use_kerne
     if reason is not None:
         warn_fallback("int8_linear", reason)
         return int8_linear_ref(x, q, scale)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    BLOCK_N, BLOCK_K = 16, 256
-    _int8_gemv_kernel[(triton.cdiv(N, BLOCK_N), M)](x2, q, scale, y, N, K, x2.stride(0), q.stride(0), y.stride(0),
-                                                    BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    return y.reshape(*x.shape[:-1], N)
+    if compiling() and M == 1:  # Inductor fuses the dequantization into its one-row matmul (see below)
+        return int8_linear_ref(x, q, scale)
+    y = (_int8_gemv_op if compiling() else _int8_gemv)(x2, q, scale)
+    return y.reshape(*x.shape[:-1], q.shape[0])
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
                 use_kernel: bool | None = None) -> torch.Tensor:
     """y = x @ dequant(packed, scale, low)^T: x (..., K) -> (..., N); see ``int8_linear``."""
     x2 = _rows(x)
-    M, K = x2.shape
-    N = packed.shape[0]
+    M = x2.shape[0]
     if use_kernel is None:
         use_kernel = x.is_cuda and M <= GEMV_MAX_ROWS
     if not use_kernel:
@@ -153,9 +210,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low:
     if reason is not None:
         warn_fallback("int4_linear", reason)
         return int4_linear_ref(x, packed, scale, low)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    BLOCK_N, BLOCK_K = 16, 256
-    _int4_gemv_kernel[(triton.cdiv(N, BLOCK_N), M)](
-        x2, packed, scale, low, y, N, K, x2.stride(0), packed.stride(0), scale.stride(0), y.stride(0),
-        GROUP=K // scale.shape[1], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    return y.reshape(*x.shape[:-1], N)
+    if compiling() and M == 1:
+        return int4_linear_ref(x, packed, scale, low)
+    y = (_int4_gemv_op if compiling() else _int4_gemv)(x2, packed, scale, low)
+    return y.reshape(*x.shape[:-1], packed.shape[0])

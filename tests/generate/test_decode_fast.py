@@ -1,0 +1,207 @@
+"""The lean decode step and multi-step decode (``ModelRunner.decode``), through the CUDA-graph path
+emulated on the CPU (the same static buffers and graph body, run eagerly): greedy output token for
+token equal to single-step decoding and to the general path, with stops and max_tokens hitting inside
+a multi-step block and requests joining mid-run; sampled requests unchanged; quantized models too."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kiln.generate import EngineConfig, LLMEngine, SamplingParams
+from kiln.model import ModelConfig, Transformer, quantize_model
+
+CFG = ModelConfig(vocab_size=257, context_length=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+EOT = 256
+
+
+class ByteTokenizer:
+    eot_id = EOT
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(bytes([i]) if i < 256 else b"<|endoftext|>" for i in ids).decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(CFG).eval()
+
+
+def _engine(model, graphs: bool, decode_steps: int = 8, **kw) -> LLMEngine:
+    eng = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, max_num_seqs=6, decode_steps=decode_steps, **kw))
+    if graphs:
+        eng.runner.graph_max = 8  # what a CUDA engine gets; on the CPU the graph body runs eagerly
+    return eng
+
+
+def _spy(eng: LLMEngine) -> list[int]:
+    """Record the ``steps`` of every ``ModelRunner.decode`` call."""
+    calls: list[int] = []
+    inner = eng.runner.decode
+
+    def decode(seqs, steps=1):
+        calls.append(steps)
+        return inner(seqs, steps)
+
+    eng.runner.decode = decode
+    return calls
+
+
+def _run(eng: LLMEngine, arrivals: dict[int, list[tuple[list[int], SamplingParams]]], check_rows: bool = False):
+    """Add ``arrivals[step]`` before each step; returns per request (tokens, text, finish, streamed text)."""
+    final, streamed, step = {}, {}, 0
+    while step <= max(arrivals) or eng.has_unfinished():
+        for prompt, params in arrivals.get(step, []):
+            eng.add_request(prompt, params, f"r{len(streamed)}")
+            streamed[f"r{len(streamed)}"] = ""
+        for out in eng.step():
+            streamed[out.request_id] += out.new_text
+            if out.finished:
+                final[out.request_id] = out
+        if check_rows and eng.runner._s:
+            _check_host_rows(eng)
+        step += 1
+    return {r: (o.token_ids, o.text, o.finish_reason, streamed[r]) for r, o in final.items()}
+
+
+def _check_host_rows(eng: LLMEngine) -> None:
+    """The pinned rows hold the running sequences' block tables; rows past them the scratch state."""
+    r = eng.runner
+    G, MB, scratch, np_ = r.graph_max, r.max_blocks_per_seq, r.cache.scratch_block, r._np
+    tables = np_[4 * G:].reshape(G, MB)
+    for i in range(r._rows_used, G):
+        assert np_[2 * G + i] == scratch * r.block_size and np_[3 * G + i] == 1 and (tables[i] == scratch).all()
+    for i in range(r._rows_used):
+        t = r._row_tables[i]
+        assert list(tables[i, :len(t)]) == t and (tables[i, len(t):] == scratch).all()
+
+
+def test_multi_step_greedy_equals_single_step_with_stops_and_joins(model):
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 17, 3, 30, 9, 12, 41)]
+    base = {i: o for i, o in enumerate(_engine(model, False).generate(prompts, SamplingParams(max_tokens=20, temperature=0)))}
+    greedy = dict(temperature=0)
+    params = [
+        SamplingParams(max_tokens=13, **greedy),  # max_tokens inside the second 8-step block
+        SamplingParams(max_tokens=20, stop=(base[1].text[9:11],), **greedy),  # a stop string mid-block
+        SamplingParams(max_tokens=20, stop_token_ids=(base[2].token_ids[5],), **greedy),
+        SamplingParams(max_tokens=3, **greedy),
+        SamplingParams(max_tokens=20, **greedy),
+        SamplingParams(max_tokens=1, **greedy),
+        SamplingParams(max_tokens=30, **greedy),  # 41 + 30 > context 64: finishes at the context's end
+    ]
+    arrivals = {0: [(prompts[0], params[0]), (prompts[1], params[1])], 2: [(prompts[2], params[2])],
+                5: [(prompts[3], params[3]), (prompts[4], params[4])], 9: [(prompts[5], params[5]), (prompts[6], params[6])]}
+    multi = _engine(model, True)
+    calls = _spy(multi)
+    got = _run(multi, arrivals, check_rows=True)
+    single = _engine(model, True, decode_steps=1)
+    single_calls = _spy(single)
+    want = _run(single, arrivals)
+    general = _run(_engine(model, False), arrivals)
+    assert got == want == general
+    assert 8 in calls and 1 in calls and set(single_calls) == {1}  # both paths really ran
+    assert got["r1"][2] == "stop" and got["r2"][2] == "stop" and got["r0"][2] == "length" and len(got["r0"][0]) == 13
+    assert got["r6"][2] == "length" and len(got["r6"][0]) == 64 - 41 + 1
+    s = multi.stats()
+    assert s["free_blocks"] == s["num_blocks"] and s["running"] == 0
+
+
+def test_multi_step_under_preemption_and_prefix_sharing(model):
+    """A pool too small for everyone: multi-step rounds fall back to the general step when blocks run
+    short (it preempts), and the output still equals the general path's, every block freed."""
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(0, 256, (12,), generator=g).tolist()
+    prompts = [(shared if i % 2 else []) + torch.randint(0, 256, (3 + 5 * i,), generator=g).tolist() for i in range(6)]
+    params = SamplingParams(max_tokens=18, temperature=0, ignore_eos=True)
+    eng = _engine(model, True, num_blocks=22)
+    calls = _spy(eng)
+    got = [o.token_ids for o in eng.generate(prompts, params)]
+    want = [o.token_ids for o in _engine(model, False, num_blocks=22).generate(prompts, params)]
+    s = eng.stats()
+    assert got == want and 8 in calls
+    assert s["preemptions"] > 0 and s["prefix_cache_hits"] > 0 and s["free_blocks"] == s["num_blocks"]
+
+
+def test_lean_step_samples_and_logprobs_like_the_general_path(model):
+    """Sampled (seeded) and log-prob requests mixed with greedy ones go through the one-step graph
+    (sampling outside it) and give the general path's tokens."""
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42] * 6]
+    params = [SamplingParams(max_tokens=9, temperature=0.8, top_k=40, seed=3),
+              SamplingParams(max_tokens=12, temperature=0),
+              SamplingParams(max_tokens=7, temperature=0, logprobs=2)]
+    eng = _engine(model, True)
+    calls = _spy(eng)
+    got = eng.generate(prompts, params)
+    want = _engine(model, False).generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert got[2].logprobs[3].keys() == want[2].logprobs[3].keys()
+    assert all(abs(got[2].logprobs[3][t] - want[2].logprobs[3][t]) < 1e-5 for t in got[2].logprobs[3])
+    assert 1 in calls and 8 in calls  # one-step while the sampled request runs, then multi-step
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_multi_step_equals_its_eager_self(model, mode):
+    qm = quantize_model(copy.deepcopy(model), mode)
+    prompts = [[3, 1, 4, 1, 5], list(range(100, 120))]
+    with torch.no_grad():
+        eager = []
+        for p in prompts:
+            ids = torch.tensor([p])
+            for _ in range(11):
+                ids = torch.cat([ids, qm(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+            eager.append(ids[0, len(p):].tolist())
+    eng = _engine(qm, True, decode_steps=4)
+    calls = _spy(eng)
+    outs = eng.generate(prompts, SamplingParams(max_tokens=11, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == eager and 4 in calls
+
+
+def test_compiled_multi_step_traces_once_and_equals_eager(model, monkeypatch):
+    """``compile_decode`` over the multi-step graph body (torch.compile's tracing, with the aot_eager
+    backend: no C++ compiler needed): the same tokens as eager, and no recompilation once each batch
+    size has been traced, however many steps and sequences follow."""
+    real_compile, traced = torch.compile, []
+
+    def backend(gm, inputs):
+        traced.append(gm)
+        return gm
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=backend, dynamic=kw.get("dynamic")))
+    torch._dynamo.reset()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    eng = _engine(model, True, decode_steps=4, compile_decode=True)
+    eng.runner.graph_max = 2
+    first = [o.token_ids for o in eng.generate(prompts, params)]  # the 2-row graphs
+    later = [[9, 9], [4, 5, 6, 7, 8]]
+    plist = [params, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]  # then the 1-row graphs
+    again = [o.token_ids for o in eng.generate(later, plist)]
+    n_traced = len(traced)  # each size traced once (emulated graphs trace at first use, not at capture)
+    assert [o.token_ids for o in eng.generate(later, plist)] == again and len(traced) == n_traced > 0
+    torch._dynamo.reset()
+    general = _engine(model, False)
+    assert first == [o.token_ids for o in general.generate(prompts, params)]
+    assert again == [o.token_ids for o in general.generate(later, plist)]
+
+
+def test_multi_step_with_sliding_context_equals_the_general_path(model):
+    """``context_overflow='slide'`` (the one-call helpers'): near the context's end the rounds drop to
+    one step, the slide re-encodes, and multi-step resumes; tokens equal the general path's."""
+    prompts = [[1] * 50, [2, 3] * 10, [7]]
+    params = SamplingParams(max_tokens=70, temperature=0, ignore_eos=True)
+    outs = []
+    for graphs in (False, True):
+        eng = LLMEngine(model, None, EngineConfig(block_size=4, max_num_seqs=3, context_overflow="slide"))
+        if graphs:
+            eng.runner.graph_max = 4
+            calls = _spy(eng)
+        outs.append([o.token_ids for o in eng.generate(prompts, params)])
+    assert outs[0] == outs[1] and all(len(t) == 70 for t in outs[1]) and {1, 8} <= set(calls)
