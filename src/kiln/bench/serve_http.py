@@ -58,6 +58,7 @@ class HttpRow:
     vs_direct: float | None = None
     note: str = ""
     error: str = ""
+    tokens: int = 0  # output tokens counted (from usage for the HTTP rows)
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Timings:
     def row(self, impl: str, c: int, n: int) -> HttpRow:
         return HttpRow(impl, c, n, self.tokens / self.seconds if self.seconds else None,
                        pct(self.ttft, 0.5), pct(self.ttft, 0.99), pct(self.itl, 0.5), pct(self.itl, 0.99),
-                       note=f"{self.errors} failed requests" if self.errors else "")
+                       note=f"{self.errors} failed requests" if self.errors else "", tokens=self.tokens)
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -241,7 +242,11 @@ async def _one(client: Any, url: str, body: dict, t: Timings) -> None:
 
 
 async def _client(url: str, bodies: list[dict], c: int) -> Timings:
+    import logging
+
     import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
 
     t = Timings()
     queue = list(reversed(bodies))
@@ -267,8 +272,10 @@ def run_http(url: str, model: str, requests: list[tuple[list, list[int]]], c: in
              procs: int, ignore_eos: bool = True) -> Timings:
     """Stream every request through ``url``/v1/chat/completions with ``c`` in flight, split over
     ``procs`` client processes. ``ignore_eos`` is an extension (vLLM's, Kiln's) that `transformers
-    serve` refuses: without it a reply may end early, and tokens are counted from ``usage``."""
-    extra = {"ignore_eos": True} if ignore_eos else {}
+    serve` refuses; it takes a ``generation_config`` JSON field instead, where ``eos_token_id: -1``
+    means no end-of-sequence id (``ignore_eos=False`` sends that). Tokens are counted from ``usage``."""
+    extra = ({"ignore_eos": True} if ignore_eos
+             else {"generation_config": json.dumps({"eos_token_id": -1, "do_sample": False})})
     bodies = [{"model": model, "messages": m, "max_tokens": max_tokens, "temperature": 0.0, **extra,
                "stream": True, "stream_options": {"include_usage": True}} for m, _ in requests]
     k = max(1, min(procs, c))
@@ -413,7 +420,7 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
                 rows.append(_safe(impl, c, n, lambda: run_http(server.url, name, reqs[:n], c, args.max_tokens,
                                                                args.client_procs, kiln)))
                 if not kiln:
-                    rows[-1].note = ("no ignore_eos (refused): replies may stop early; TTFT/ITL per text event"
+                    rows[-1].note = ("eos_token_id -1 via its generation_config field; TTFT/ITL per text event"
                                      + (f"; {rows[-1].note}" if rows[-1].note else ""))
         finally:
             server.stop()
