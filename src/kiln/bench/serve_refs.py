@@ -54,9 +54,11 @@ class _StepClock:
         pass
 
 
-def hf_generate_run(model: Any, prompts: list[list[int]], c: int, max_tokens: int) -> Timings:
+def hf_generate_run(model: Any, prompts: list[list[int]], c: int, max_tokens: int,
+                    outputs: list | None = None) -> Timings:
     """``generate`` on batches of ``c`` prompts (in order, left-padded), greedy, exactly ``max_tokens``
-    new tokens each (``min_new_tokens``); see the module docstring for what TTFT/ITL mean here."""
+    new tokens each (``min_new_tokens``); see the module docstring for what TTFT/ITL mean here.
+    ``outputs``: a list that receives each prompt's new ids, in order (for checks)."""
     import torch
 
     dev = model.device
@@ -78,6 +80,8 @@ def hf_generate_run(model: Any, prompts: list[list[int]], c: int, max_tokens: in
                                  streamer=clock)
             new = out.shape[1] - L
             t.tokens += new * len(batch)
+            if outputs is not None:
+                outputs += out[:, L:].tolist()
             steps = clock.times[1:]  # the first put is the prompt
             if steps:
                 t.ttft += [steps[0] - start] * len(batch)
@@ -109,21 +113,24 @@ def hf_cb_manager(model: Any, max_tokens: int, max_requests: int) -> Any:
     return manager
 
 
-def hf_cb_run(manager: Any, prompts: list[list[int]], c: int, max_tokens: int, timeout_s: float = 600.0) -> Timings:
-    """Closed loop over ``manager``: keep ``c`` requests in flight until every prompt is done."""
-    pending = list(reversed(prompts))
+def hf_cb_run(manager: Any, prompts: list[list[int]], c: int, max_tokens: int, timeout_s: float = 600.0,
+              outputs: dict | None = None) -> Timings:
+    """Closed loop over ``manager``: keep ``c`` requests in flight until every prompt is done.
+    ``outputs``: a dict that receives {prompt index: new ids} (for checks)."""
+    pending = list(reversed(list(enumerate(prompts))))
+    index: dict[str, int] = {}
     start: dict[str, float] = {}
     t = Timings()
     t0 = time.perf_counter()
     deadline = t0 + timeout_s
     while pending or start:
         while pending and len(start) < c:
+            i, p = pending.pop()
             sent = time.perf_counter()
-            rid = manager.add_request(pending.pop(), max_new_tokens=max_tokens, record_timestamps=True,
-                                      eos_token_id=-1)
+            rid = manager.add_request(p, max_new_tokens=max_tokens, record_timestamps=True, eos_token_id=-1)
             if rid is None:
                 raise RuntimeError("transformers' continuous batching manager refused a request (stopped?)")
-            start[rid] = sent
+            start[rid], index[rid] = sent, i
         r = manager.get_result(timeout=1.0)
         if r is None:
             if time.perf_counter() > deadline or not manager.is_running():
@@ -137,6 +144,8 @@ def hf_cb_run(manager: Any, prompts: list[list[int]], c: int, max_tokens: int, t
             t.errors += 1
             continue
         t.tokens += len(r.generated_tokens)
+        if outputs is not None:
+            outputs[index[r.request_id]] = list(r.generated_tokens)
         ts = r.timestamps or []
         if ts:
             t.ttft.append(ts[0] - sent)
