@@ -43,3 +43,20 @@ def test_http_client_counts_tokens_and_gaps(server):
     t: Timings = run_http(server.url, "kiln-chat-tiny", reqs, c=2, max_tokens=5, procs=1)
     assert t.errors == 0 and t.tokens == 20  # ignore_eos: exactly max_tokens each
     assert len(t.ttft) == 4 and len(t.itl) == 16 and t.seconds > 0
+
+
+def test_process_cpu_counts_this_process():
+    import os
+    import time
+
+    from kiln.bench.serve_http import HttpRow, format_table, process_cpu_s
+
+    a = process_cpu_s(os.getpid())
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.1:
+        pass
+    b = process_cpu_s(os.getpid())
+    assert a is not None and b - a >= 0.05
+    assert process_cpu_s(2**22 + 7) is None  # no such process
+    table = format_table([HttpRow("kiln http", 4, 8, 100.0, server_cpu_us=123.4)])
+    assert "| kiln http | 4 | 8 | 100.0 |" in table and "| 123 |" in table

@@ -621,8 +621,10 @@ def _tables(rows: list[Any]) -> str:
     parts = [format_tables([r for r in rows if isinstance(r, ServeRow)])]
     http = [r for r in rows if isinstance(r, HttpRow)]
     if http:
-        parts.append("HTTP vs direct (`vs direct`: output tok/s over the direct engine's at the same c):\n\n"
-                     + format_table(http))
+        parts.append("HTTP vs direct (chat requests, AlpacaEval text through the chat template; `vs direct`: output "
+                     "tok/s over the direct engine's at the same c; `server CPU us/token`: CPU time of the server "
+                     "process, all threads, per output token, and for `kiln direct` of the process driving the "
+                     "engine):\n\n" + format_table(http))
     roll = [r for r in rows if isinstance(r, RolloutRow)]
     if roll:
         parts.append("GSM8K generation and GRPO rollouts, before (padded batches) and after the engine:\n\n"

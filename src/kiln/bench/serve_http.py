@@ -59,6 +59,7 @@ class HttpRow:
     note: str = ""
     error: str = ""
     tokens: int = 0  # output tokens counted (from usage for the HTTP rows)
+    server_cpu_us: float | None = None  # the server process's CPU time (all threads) per output token
 
 
 @dataclass
@@ -344,6 +345,16 @@ class Server:
                 self.proc.wait()
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far, all threads (Linux /proc; None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _thread_env(args: argparse.Namespace) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
 
@@ -398,8 +409,11 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
     run_direct(loaded.engine, warm, 4, 4)  # warm-up: kernels, CUDA graphs
     for c in args.concurrency:
         n = _count(args, c, len(reqs))
+        cpu0 = time.process_time()
         rows.append(_safe("kiln direct", c, n, lambda: run_direct(loaded.engine, [i for _, i in reqs[:n]], c,
                                                                     args.max_tokens)))
+        if rows[-1].tokens:  # this process's CPU per token: the engine's own share of the server's column
+            rows[-1].server_cpu_us = (time.process_time() - cpu0) / rows[-1].tokens * 1e6
     del loaded
     _free(device)
     servers = [("kiln http", lambda: kiln_server(args, kiln_dir, device), kiln_dir.name)]
@@ -417,8 +431,12 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
             run_http(server.url, name, reqs[:4], 4, 4, 1, kiln)  # warm-up
             for c in args.concurrency:
                 n = _count(args, c, len(reqs))
+                cpu0 = process_cpu_s(server.proc.pid)
                 rows.append(_safe(impl, c, n, lambda: run_http(server.url, name, reqs[:n], c, args.max_tokens,
                                                                args.client_procs, kiln)))
+                cpu = process_cpu_s(server.proc.pid)
+                if cpu is not None and cpu0 is not None and rows[-1].tokens:
+                    rows[-1].server_cpu_us = (cpu - cpu0) / rows[-1].tokens * 1e6
                 if not kiln:
                     rows[-1].note = ("eos_token_id -1 via its generation_config field; TTFT/ITL per text event"
                                      + (f"; {rows[-1].note}" if rows[-1].note else ""))
@@ -447,12 +465,12 @@ def _f(x: float | None, fmt: str = ".1f") -> str:
 
 def format_table(rows: list[HttpRow]) -> str:
     out = ["| impl | concurrency | requests | output tok/s | vs direct | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
-           "ITL p99 ms | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "ITL p99 ms | server CPU us/token | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.concurrency, r.impl != "kiln direct", r.impl)):
         note = r.note + (f" ERROR {r.error}" if r.error else "")
         out.append(f"| {r.impl} | {r.concurrency} | {r.requests} | {_f(r.tok_s)} | {_f(r.vs_direct, '.2f')} | "
                    f"{_f(r.ttft_p50_ms)} | {_f(r.ttft_p99_ms)} | {_f(r.itl_p50_ms, '.2f')} | "
-                   f"{_f(r.itl_p99_ms, '.2f')} | {note} |")
+                   f"{_f(r.itl_p99_ms, '.2f')} | {_f(r.server_cpu_us, '.0f')} | {note} |")
     return "\n".join(out)
 
 
@@ -476,7 +494,9 @@ def run(args: argparse.Namespace) -> int:
              f"greedy output tokens each, kept c in flight (min({args.requests}, max(16, 8c)) requests per c); "
              f"shape {args.shape}, random weights, tokenizer {args.tokenizer or 'byte-level'} + chat tokens; "
              f"{args.client_procs} client processes for the HTTP rows; torch threads {args.threads or 'default'}. "
-             "'vs direct': output tok/s over the direct engine's at the same c.")
+             "'vs direct': output tok/s over the direct engine's at the same c. 'server CPU us/token': CPU time "
+             "(all threads) of the server process per output token; for 'kiln direct', of the bench process "
+             "driving the engine: the difference is what HTTP costs per token.")
     report("serve-http", device, blurb, format_table(rows), rows, args.out)
     return 0 if not any(r.error for r in rows if r.impl.startswith("kiln")) else 1
 
