@@ -1,9 +1,9 @@
 """`kiln bench serve`: Kiln's engine beside gpt-fast and transformers on the same weights, same run.
 
-Two tables, each on one model shape (random-init weights unless ``--model`` names a trained one; the
-speed of a decode step does not depend on the values):
+Four tables (``--parts``), each on one model shape (random-init weights unless ``--model`` names a
+trained one; the speed of a step does not depend on the values):
 
-1. **Batch-1 decode** (``--parts latency``): tokens/s generating ``--new-tokens`` greedy tokens after a
+1. **Batch-1 decode** (``latency``): tokens/s generating ``--new-tokens`` greedy tokens after a
    ``--prompt-len`` prompt, one request. Rows: Kiln's engine (bf16 on CUDA, CUDA graphs for the decode
    step), its int8 and int4 weight-only models, speculative decoding (prompt lookup; a draft model),
    gpt-fast's ``generate.py`` (``--gpt-fast DIR``, run in a subprocess on the same weights exported
@@ -12,14 +12,25 @@ speed of a decode step does not depend on the values):
    CUDA). ``bound`` = the share of the memory-bandwidth limit reached: bytes read per token (weights
    + the average KV cache) over a device copy bandwidth measured in the same run. ``loss``: held-out
    loss of the row's weights on ``--heldout`` text (only meaningful with a trained ``--model``).
-2. **Throughput** (``--parts throughput``): ``--requests`` requests whose prompt lengths follow the
-   AlpacaEval instructions (``--prompts``, ~4 UTF-8 bytes per token; synthetic ids, as the weights are
-   random), ``--max-tokens`` each, kept ``c`` in flight for c in ``--concurrency`` (the first
-   min(``--requests``, max(16, 8c)) requests, so c=1 stays short): output tokens/s,
-   time to first token and inter-token latency (p50/p99) of Kiln's engine, vs ``transformers`` batched
-   ``generate`` (static batches of c, left-padded; no per-token latencies).
+2. **Throughput** (``throughput``): requests whose prompt lengths follow the AlpacaEval instructions
+   (``--prompts``, ~4 UTF-8 bytes per token; synthetic ids, as the weights are random),
+   ``--max-tokens`` greedy tokens each (no early stop), kept ``c`` in flight for c in
+   ``--concurrency``: the first min(``--requests``, max(16, 8c)) requests at each c (so c=1 stays
+   short; the note says how many ran). Output tokens/s, time to first token and inter-token latency
+   (p50/p99) of Kiln's engine (one engine for every c, CUDA graphs captured before the clock), vs
+   ``transformers`` batched ``generate`` (row ``transformers``: static batches of c, left-padded) and
+   ``transformers``' own continuous batching (row ``transformers-cb``: its
+   ``ContinuousBatchingManager``, the engine of ``transformers serve --continuous-batching``, driven
+   in-process); see ``kiln.bench.serve_refs``.
+3. **HTTP vs direct** (``http``): ``kiln bench serve-http``'s table on the first shape: chat requests
+   through ``kiln serve`` vs the same engine called directly (and, row ``transformers-serve``,
+   ``transformers serve --continuous-batching``); see ``kiln.bench.serve_http``.
+4. **Rollouts** (``rollouts``): GSM8K generation and GRPO rollouts before (the pre-engine padded batch
+   decoder) and after the engine; see ``kiln.bench.rollouts``.
 
-Every reference row runs in a ``try``: a failure is a row with its error, not a crash.
+Every reference row runs in a ``try``: a failure is a row with its error, not a crash. Rows not
+started within ``--budget-s`` are listed as skipped; each part's rows are written to
+``bench_serve.partial.json`` as it ends.
 """
 
 from __future__ import annotations
@@ -667,17 +678,28 @@ def run(args: argparse.Namespace) -> int:
     args.shapes_list = args.shapes.split(",") if args.shapes else [("gpt2_small" if device.type == "cuda"
                                                                     else "preset_tiny")]
     rows: list[Any] = []
+
+    def keep(new: list[Any]) -> None:  # each part's rows are on disk as soon as it ends (a killed run keeps them)
+        rows.extend(new)
+        if args.out:
+            from dataclasses import asdict
+
+            from kiln.artifacts import write_json_atomic
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(args.out) / "bench_serve.partial.json", [asdict(r) for r in rows])
+
     with tempfile.TemporaryDirectory(prefix="kiln_bench_serve_") as tmp:
         work = Path(tmp)
         for shape in args.shapes_list:
             if "latency" in args.parts:
-                rows += latency_table(args, shape, device, work)
+                keep(latency_table(args, shape, device, work))
             if "throughput" in args.parts:
-                rows += throughput_table(args, shape, device, work)
+                keep(throughput_table(args, shape, device, work))
             if "rollouts" in args.parts:
-                rows += rollouts_table(args, shape, device)
+                keep(rollouts_table(args, shape, device))
         if "http" in args.parts:
-            rows += http_table(args, device, work)
+            keep(http_table(args, device, work))
     blurb = (f"Batch-1 greedy decode of {args.new_tokens} tokens after a {args.prompt_len}-token prompt (best of "
              f"{args.repeats}); throughput: at each concurrency c, min({args.requests}, max(16, 8c)) requests "
              f"(AlpacaEval prompt lengths), {args.max_tokens} greedy output tokens each, c kept in flight; "
