@@ -58,3 +58,14 @@ def test_transformers_references_match_kiln_greedy_on_the_exported_weights(tmp_p
         manager.stop(block=True, timeout=30)
     assert [cb[i] for i in range(5)] == want
     assert t.tokens == 30 and t.errors == 0 and len(t.ttft) == 5 and len(t.itl) == 25
+
+
+def test_rows_past_the_budget_are_listed_as_skipped(tmp_path):
+    args = ["bench", "serve", "--device", "cpu", "--parts", "throughput,rollouts", "--shapes", "tiny",
+            "--requests", "4", "--concurrency", "1,2", "--max-tokens", "2", "--budget-s", "1e-9",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "bench_serve.json").read_text())
+    assert len(rows) == 3 * 2 + 2 and all("skipped" in r["note"] and r["tok_s"] is None for r in rows)
+    assert json.loads((tmp_path / "bench_serve.partial.json").read_text()) == rows
+    assert main(["bench", "serve", "--parts", "nope"]) == 2

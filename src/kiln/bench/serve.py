@@ -469,6 +469,10 @@ def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Pa
     """Kiln's engine, then transformers' batched generate and its continuous batching, at each c."""
     import torch
 
+    impls = ["kiln engine"] + [i for r, i in (("transformers", "transformers generate"),
+                                             ("transformers-cb", "transformers cb")) if r in args.rows]
+    if over_budget(args):
+        return [_skipped("throughput", shape, i, c) for i in impls for c in args.concurrency]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = bench_model(shape, device, dtype, args.model)
     ctx = model.config.context_length
@@ -529,10 +533,10 @@ def hf_throughput_rows(export_dir: Path, args: argparse.Namespace, device: Any, 
         for c in cs:
             add("transformers generate", c, lambda p, c: _throughput_row(
                 hf_generate_run(hf, p, c, M), "", "", c, len(p), "static batches, left padding"))
-    if "transformers cb" in impls and not over_budget(args):
+    if "transformers cb" in impls:
         manager = None
         try:
-            manager = hf_cb_manager(hf, M, max(cs))
+            manager = None if over_budget(args) else hf_cb_manager(hf, M, max(cs))
             for c in cs:
                 add("transformers cb", c, lambda p, c: _throughput_row(
                     hf_cb_run(manager, p, c, M), "", "", c, len(p), "ContinuousBatchingManager"))
@@ -607,6 +611,7 @@ def rollouts_table(args: argparse.Namespace, shape: str, device: Any) -> list[An
     from kiln.model import build_model
 
     if over_budget(args):
+        print(f"  {shape} rollouts: skipped (over --budget-s)", flush=True)
         return [RolloutRow("rollouts", t, "all", note="skipped: over --budget-s") for t in ("gsm8k", "grpo")]
     tok = chat_tokenizer(args.tokenizer)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
