@@ -32,7 +32,12 @@ def test_transformers_references_match_kiln_greedy_on_the_exported_weights(tmp_p
     batching, on the weights Kiln exports, produce Kiln's greedy tokens; every token is counted."""
     import torch
 
-    from kiln.bench.serve import bench_model, export_for_references, synthetic_prompts, throughput_engine
+    from kiln.bench.serve import (
+        bench_model,
+        export_for_references,
+        synthetic_prompts,
+        throughput_engine,
+    )
     from kiln.bench.serve_http import run_direct
     from kiln.bench.serve_refs import hf_cb_manager, hf_cb_run, hf_generate_run, load_hf
     from kiln.generate import SamplingParams

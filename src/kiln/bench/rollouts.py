@@ -157,7 +157,7 @@ def rollout_rows(model: Any, tokenizer: Any, args: Any) -> list[RolloutRow]:
     k = min(len(evalp), args.sequential_prompts)
     one = one_shot_engine(model, vocab, None, 1, tokenizer)
     add("gsm8k", "one at a time", lambda: engine_greedy(one, evalp[:k]), f"first {k} prompts")
-    del eng, one
+    eng = one = None  # free their KV pools before the next engine
 
     add("grpo", f"before: padded batches of {B}", lambda: padded_generate(model, grpop, M, 1.0, B, seed=1),
         f"{len(grpop) // args.group} prompts x {args.group} samples, temperature 1")
@@ -165,7 +165,7 @@ def rollout_rows(model: Any, tokenizer: Any, args: Any) -> list[RolloutRow]:
     roll.generate(grpop[:2], 2, 1.0, 0, ())  # warm-up outside the clock: CUDA graphs, as GRPO's first call
     add("grpo", f"after: RolloutEngine, {B} running", lambda: roll.generate(grpop, M, 1.0, 0, ()),
         "kiln grpo's engine" + (" (CUDA graphs)" if dev.type == "cuda" else ""))
-    del roll
+    roll = None
     for task in ("gsm8k", "grpo"):
         base = next((r.tok_s for r in rows if r.task == task and r.impl.startswith("before") and r.tok_s), None)
         for r in rows:

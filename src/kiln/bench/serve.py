@@ -498,7 +498,7 @@ def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Pa
     engine = throughput_engine(model, max(cs))
     for c in cs:
         add("kiln engine", c, lambda p, c: kiln_throughput(model, p, c, M, engine))
-    del engine
+    engine = None  # its KV pool goes before the references load
     _free(device)
     if {"transformers", "transformers-cb"} & set(args.rows):
         hf_throughput_rows(export_for_references(model, work / f"export_{shape}"), args, device, add)
@@ -546,7 +546,7 @@ def hf_throughput_rows(export_dir: Path, args: argparse.Namespace, device: Any, 
         finally:
             if manager is not None:
                 manager.stop(block=True, timeout=30)
-    del hf
+    hf = None
     _free(device)
 
 

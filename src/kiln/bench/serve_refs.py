@@ -18,6 +18,7 @@ imported lazily: it is a bench dependency, never a Kiln runtime one.
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def hf_generate_run(model: Any, prompts: list[list[int]], c: int, max_tokens: in
             steps = clock.times[1:]  # the first put is the prompt
             if steps:
                 t.ttft += [steps[0] - start] * len(batch)
-                t.itl += [b - a for a, b in zip(steps, steps[1:]) for _ in batch]
+                t.itl += [b - a for a, b in pairwise(steps) for _ in batch]
     _sync(dev)
     t.seconds = time.perf_counter() - t0
     return t
@@ -149,6 +150,6 @@ def hf_cb_run(manager: Any, prompts: list[list[int]], c: int, max_tokens: int, t
         ts = r.timestamps or []
         if ts:
             t.ttft.append(ts[0] - sent)
-            t.itl += [b - a for a, b in zip(ts, ts[1:])]
+            t.itl += [b - a for a, b in pairwise(ts)]
     t.seconds = time.perf_counter() - t0
     return t
