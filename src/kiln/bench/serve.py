@@ -15,7 +15,7 @@ trained one; the speed of a step does not depend on the values):
 2. **Throughput** (``throughput``): requests whose prompt lengths follow the AlpacaEval instructions
    (``--prompts``, ~4 UTF-8 bytes per token; synthetic ids, as the weights are random),
    ``--max-tokens`` greedy tokens each (no early stop), kept ``c`` in flight for c in
-   ``--concurrency``: the first min(``--requests``, max(16, 8c)) requests at each c (so c=1 stays
+   ``--concurrency``: the first min(``--requests``, max(``--min-requests``, 8c)) requests at each c (so c=1 stays
    short; the note says how many ran). Output tokens/s, time to first token and inter-token latency
    (p50/p99) of Kiln's engine (one engine for every c, CUDA graphs captured before the clock), vs
    ``transformers`` batched ``generate`` (row ``transformers``: static batches of c, left-padded) and
@@ -418,10 +418,10 @@ def _pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, math.ceil(q * len(xs)) - 1)] * 1e3
 
 
-def _count(c: int, total: int) -> int:
-    """Requests run at concurrency ``c``: enough to keep c in flight for a while (8c, at least 16), so
-    c = 1 stays short; at most ``total`` (``--requests``)."""
-    return min(total, max(16, 8 * c))
+def _count(c: int, total: int, least: int = 16) -> int:
+    """Requests run at concurrency ``c``: enough to keep c in flight for a while (8c, at least
+    ``least``: ``--min-requests``), so c = 1 stays short; at most ``total`` (``--requests``)."""
+    return min(total, max(least, 8 * c))
 
 
 def _throughput_row(t: Any, impl: str, shape: str, c: int, n: int, note: str = "") -> ServeRow:
@@ -482,7 +482,7 @@ def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Pa
     rows: list[ServeRow] = []
 
     def add(impl: str, c: int, fn: Any) -> None:
-        n = _count(c, len(prompts))
+        n = _count(c, len(prompts), args.min_requests)
         if over_budget(args):
             rows.append(_skipped("throughput", shape, impl, c))
             return
@@ -559,6 +559,7 @@ def http_table(args: argparse.Namespace, device: Any, work: Path) -> list[Any]:
     ns = argparse.Namespace(shape=args.shapes_list[0], tokenizer=args.tokenizer or "", prompts=args.prompts,
                             requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
                             engine=dict(args.engine_overrides), client_procs=args.client_procs, threads=args.threads,
+                            min_requests=args.min_requests,
                             transformers="transformers-serve" in args.rows)
     if over_budget(args):
         from kiln.bench.serve_http import HttpRow
@@ -701,12 +702,13 @@ def run(args: argparse.Namespace) -> int:
                 keep(latency_table(args, shape, device, work))
             if "throughput" in args.parts:
                 keep(throughput_table(args, shape, device, work))
+        if "http" in args.parts:  # before the rollouts: its goal (>= 0.9 of direct) matters more under a budget
+            keep(http_table(args, device, work))
+        for shape in args.shapes_list:
             if "rollouts" in args.parts:
                 keep(rollouts_table(args, shape, device))
-        if "http" in args.parts:
-            keep(http_table(args, device, work))
     blurb = (f"Batch-1 greedy decode of {args.new_tokens} tokens after a {args.prompt_len}-token prompt (best of "
-             f"{args.repeats}); throughput: at each concurrency c, min({args.requests}, max(16, 8c)) requests "
+             f"{args.repeats}); throughput: at each concurrency c, min({args.requests}, max({args.min_requests}, 8c)) requests "
              f"(AlpacaEval prompt lengths), {args.max_tokens} greedy output tokens each, c kept in flight; "
              f"rollouts: {args.gsm8k_prompts} GSM8K prompts ({args.gsm8k_shots}-shot) and GRPO groups of "
              f"{args.group}, {args.max_tokens} tokens each. Weights: "
@@ -736,7 +738,9 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=256, help="batch-1 generated tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed batch-1 runs per row (best kept)")
     p.add_argument("--prompts", default=DEFAULT_PROMPTS, help="AlpacaEval jsonl for the prompt lengths")
-    p.add_argument("--requests", type=int, default=1000, help="throughput requests per concurrency")
+    p.add_argument("--requests", type=int, default=1000, help="most throughput requests per concurrency")
+    p.add_argument("--min-requests", type=int, default=16, help="fewest requests per concurrency (c runs "
+                   "min(--requests, max(this, 8c)))")
     p.add_argument("--concurrency", default="1,16,64,256", help="comma list of requests kept in flight")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per throughput request")
     p.add_argument("--heldout", default=None, help="held-out text file for the loss column (with --tokenizer)")

@@ -383,7 +383,7 @@ def transformers_server(args: argparse.Namespace, hf_dir: Path, device: Any) -> 
 
 
 def _count(args: argparse.Namespace, c: int, total: int) -> int:
-    return min(total, max(16, 8 * c))  # enough requests to keep c in flight; c=1 stays short
+    return min(total, max(getattr(args, "min_requests", 16), 8 * c))  # keep c in flight; c=1 stays short
 
 
 def _safe(impl: str, c: int, n: int, fn: Any) -> HttpRow:
