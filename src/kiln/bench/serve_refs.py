@@ -27,7 +27,11 @@ from kiln.bench.serve_http import Timings
 
 def load_hf(export_dir: Path, device: Any) -> Any:
     """The exported model as ``LlamaForCausalLM`` (bf16 on CUDA, fp32 on the CPU, SDPA attention)."""
+    import os
+
     import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder; never reach for the Hub
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -102,7 +106,14 @@ def hf_cb_manager(model: Any, max_tokens: int, max_requests: int) -> Any:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    cb = {"max_requests_per_batch": max_requests}
+    cb: dict[str, Any] = {"max_requests_per_batch": max_requests}
+    # Stay on SDPA: otherwise the manager may switch to a flash-attention kernel that the `kernels`
+    # package would fetch from the Hub (offline here; and every row should use SDPA). Newer versions
+    # have a switch for that; older ones (5.17) keep an implementation already marked paged.
+    if "auto_switch_to_flash" in ContinuousBatchingConfig.__dataclass_fields__:
+        cb["auto_switch_to_flash"] = False
+    else:
+        model.set_attn_implementation("paged|sdpa")
     if model.device.type != "cuda":
         cb["num_blocks"] = max_requests * -(-model.config.max_position_embeddings // 256) + 2  # 256-token blocks
     manager = model.init_continuous_batching(generation_config=gen,
