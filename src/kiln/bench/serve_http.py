@@ -60,6 +60,7 @@ class HttpRow:
     error: str = ""
     tokens: int = 0  # output tokens counted (from usage for the HTTP rows)
     server_cpu_us: float | None = None  # the server process's CPU time (all threads) per output token
+    engine_thread_cpu_us: float | None = None  # of that, the engine thread's ('kiln-engine')
 
 
 @dataclass
@@ -345,12 +346,20 @@ class Server:
                 self.proc.wait()
 
 
-def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` so far, all threads (Linux /proc; None elsewhere)."""
+def process_cpu_s(pid: int, thread: str | None = None) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far, all threads, or only its threads whose OS
+    name is ``thread`` (e.g. the server's 'kiln-engine'); Linux /proc, None elsewhere."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if thread is None:
+            paths = [Path(f"/proc/{pid}/stat")]
+        else:
+            paths = [t / "stat" for t in Path(f"/proc/{pid}/task").iterdir()
+                     if (t / "comm").read_text().strip() == thread]
+        total = 0
+        for path in paths:
+            fields = path.read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
 
@@ -412,8 +421,9 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
         cpu0 = time.process_time()
         rows.append(_safe("kiln direct", c, n, lambda: run_direct(loaded.engine, [i for _, i in reqs[:n]], c,
                                                                     args.max_tokens)))
-        if rows[-1].tokens:  # this process's CPU per token: the engine's own share of the server's column
+        if rows[-1].tokens:  # this process's CPU per token: all of it is driving the engine
             rows[-1].server_cpu_us = (time.process_time() - cpu0) / rows[-1].tokens * 1e6
+            rows[-1].engine_thread_cpu_us = rows[-1].server_cpu_us
     del loaded
     _free(device)
     servers = [("kiln http", lambda: kiln_server(args, kiln_dir, device), kiln_dir.name)]
@@ -431,12 +441,14 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
             run_http(server.url, name, reqs[:4], 4, 4, 1, kiln)  # warm-up
             for c in args.concurrency:
                 n = _count(args, c, len(reqs))
-                cpu0 = process_cpu_s(server.proc.pid)
+                cpu0, eng0 = process_cpu_s(server.proc.pid), process_cpu_s(server.proc.pid, "kiln-engine")
                 rows.append(_safe(impl, c, n, lambda: run_http(server.url, name, reqs[:n], c, args.max_tokens,
                                                                args.client_procs, kiln)))
-                cpu = process_cpu_s(server.proc.pid)
+                cpu, eng = process_cpu_s(server.proc.pid), process_cpu_s(server.proc.pid, "kiln-engine")
                 if cpu is not None and cpu0 is not None and rows[-1].tokens:
                     rows[-1].server_cpu_us = (cpu - cpu0) / rows[-1].tokens * 1e6
+                    if kiln and eng is not None and eng0 is not None:
+                        rows[-1].engine_thread_cpu_us = (eng - eng0) / rows[-1].tokens * 1e6
                 if not kiln:
                     rows[-1].note = ("eos_token_id -1 via its generation_config field; TTFT/ITL per text event"
                                      + (f"; {rows[-1].note}" if rows[-1].note else ""))
@@ -465,12 +477,14 @@ def _f(x: float | None, fmt: str = ".1f") -> str:
 
 def format_table(rows: list[HttpRow]) -> str:
     out = ["| impl | concurrency | requests | output tok/s | vs direct | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
-           "ITL p99 ms | server CPU us/token | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "ITL p99 ms | server CPU us/token | engine thread us/token | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.concurrency, r.impl != "kiln direct", r.impl)):
         note = r.note + (f" ERROR {r.error}" if r.error else "")
         out.append(f"| {r.impl} | {r.concurrency} | {r.requests} | {_f(r.tok_s)} | {_f(r.vs_direct, '.2f')} | "
                    f"{_f(r.ttft_p50_ms)} | {_f(r.ttft_p99_ms)} | {_f(r.itl_p50_ms, '.2f')} | "
-                   f"{_f(r.itl_p99_ms, '.2f')} | {_f(r.server_cpu_us, '.0f')} | {note} |")
+                   f"{_f(r.itl_p99_ms, '.2f')} | {_f(r.server_cpu_us, '.0f')} | {_f(r.engine_thread_cpu_us, '.0f')} | "
+                   f"{note} |")
     return "\n".join(out)
 
 
