@@ -104,12 +104,14 @@ def gsm8k_prompts(path: str, n: int, shots: int, tokenizer: Any, room: int, chat
 
 
 def _timed(device: Any, fn: Any) -> tuple[Any, float]:
-    from kiln.bench.serve import _sync
+    """``fn()`` and its wall seconds, the device synchronised before and after."""
+    import torch
 
-    _sync(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _d: None)
+    sync(device)
     t0 = time.perf_counter()
     res = fn()
-    _sync(device)
+    sync(device)
     return res, time.perf_counter() - t0
 
 
@@ -176,7 +178,7 @@ def rollout_rows(model: Any, tokenizer: Any, args: Any) -> list[RolloutRow]:
 
 
 def format_rollouts(rows: list[RolloutRow]) -> str:
-    from kiln.bench.serve import _f
+    from kiln.bench.serve_http import _f
 
     out = ["| task | impl | sequences | output tokens | s | output tok/s | vs before | note |",
            "|---|---|---|---|---|---|---|---|"]

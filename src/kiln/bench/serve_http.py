@@ -111,7 +111,7 @@ def build_model_dirs(args: argparse.Namespace, device: Any, work: Path) -> tuple
     import torch
 
     from kiln.align.chat import save_hf_tokenizer
-    from kiln.bench.serve import export_for_references, serve_shapes
+    from kiln.bench.serve_models import export_for_references, serve_shapes
     from kiln.model import build_model, save_pretrained
 
     tok = chat_tokenizer(args.tokenizer)
