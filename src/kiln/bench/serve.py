@@ -668,16 +668,17 @@ def run(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="kiln_bench_serve_") as tmp:
         work = Path(tmp)
+        # The short rollouts part first and HTTP last: under --budget-s, the part that starts late is
+        # the one a skip would cost least (http runs whole once started).
         for shape in args.shapes_list:
             if "latency" in args.parts:
                 keep(latency_table(args, shape, device, work))
-            if "throughput" in args.parts:
-                keep(throughput_table(args, shape, device, work))
-        if "http" in args.parts:  # before the rollouts: its goal (>= 0.9 of direct) matters more under a budget
-            keep(http_table(args, device, work))
-        for shape in args.shapes_list:
             if "rollouts" in args.parts:
                 keep(rollouts_table(args, shape, device))
+            if "throughput" in args.parts:
+                keep(throughput_table(args, shape, device, work))
+        if "http" in args.parts:
+            keep(http_table(args, device, work))
     blurb = (f"Batch-1 greedy decode of {args.new_tokens} tokens after a {args.prompt_len}-token prompt (best of "
              f"{args.repeats}); throughput: at each concurrency c, min({args.requests}, max({args.min_requests}, 8c)) requests "
              f"(AlpacaEval prompt lengths), {args.max_tokens} greedy output tokens each, c kept in flight; "
