@@ -38,3 +38,52 @@ def test_bench_serve_host_part_and_largest_preset(tmp_path):
     assert [r["impl"] for r in rows] == ["general step", "lean step", "multi-step"]
     assert all(r["table"] == "host" and r["tok_s"] > 0 for r in rows)
     assert "| tiny | multi-step |" in (tmp_path / "bench_serve.md").read_text()
+
+
+def test_transformers_references_match_kiln_greedy_on_the_exported_weights(tmp_path):
+    """The throughput table compares like with like: transformers' batched generate and its continuous
+    batching, on the weights Kiln exports, produce Kiln's greedy tokens; every token is counted."""
+    import torch
+
+    from kiln.bench.serve import (
+        bench_model,
+        export_for_references,
+        synthetic_prompts,
+        throughput_engine,
+    )
+    from kiln.bench.serve_http import run_direct
+    from kiln.bench.serve_refs import hf_cb_manager, hf_cb_run, hf_generate_run, load_hf
+    from kiln.generate import SamplingParams
+
+    cpu = torch.device("cpu")
+    model = bench_model("tiny", cpu, torch.float32, None)
+    prompts = synthetic_prompts([5, 11, 3, 8, 2], model.config.vocab_size)
+    engine = throughput_engine(model, 3)
+    want = [list(o.token_ids) for o in engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0,
+                                                                                ignore_eos=True))]
+    direct = run_direct(engine, prompts, 3, 6)
+    assert direct.tokens == 30 and len(direct.ttft) == 5 and len(direct.itl) == 25
+    hf = load_hf(export_for_references(model, tmp_path / "hf"), cpu)
+    got: list = []
+    t = hf_generate_run(hf, prompts, 2, 6, outputs=got)  # batches of 2, 2, 1: left padding in the first two
+    assert got == want
+    assert t.tokens == 30 and len(t.ttft) == 5 and len(t.itl) == 25 and all(x > 0 for x in t.itl)
+    manager = hf_cb_manager(hf, 6, 3)
+    try:
+        cb: dict = {}
+        t = hf_cb_run(manager, prompts, 3, 6, outputs=cb)
+    finally:
+        manager.stop(block=True, timeout=30)
+    assert [cb[i] for i in range(5)] == want
+    assert t.tokens == 30 and t.errors == 0 and len(t.ttft) == 5 and len(t.itl) == 25
+
+
+def test_rows_past_the_budget_are_listed_as_skipped(tmp_path):
+    args = ["bench", "serve", "--device", "cpu", "--parts", "throughput,rollouts", "--shapes", "tiny",
+            "--requests", "4", "--concurrency", "1,2", "--max-tokens", "2", "--budget-s", "1e-9",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "bench_serve.json").read_text())
+    assert len(rows) == 3 * 2 + 2 and all("skipped" in r["note"] and r["tok_s"] is None for r in rows)
+    assert json.loads((tmp_path / "bench_serve.partial.json").read_text()) == rows
+    assert main(["bench", "serve", "--parts", "nope"]) == 2

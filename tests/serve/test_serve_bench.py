@@ -43,3 +43,58 @@ def test_http_client_counts_tokens_and_gaps(server):
     t: Timings = run_http(server.url, "kiln-chat-tiny", reqs, c=2, max_tokens=5, procs=1)
     assert t.errors == 0 and t.tokens == 20  # ignore_eos: exactly max_tokens each
     assert len(t.ttft) == 4 and len(t.itl) == 16 and t.seconds > 0
+
+
+def test_process_cpu_counts_this_process():
+    import os
+    import time
+
+    from kiln.bench.serve_http import HttpRow, format_table, process_cpu_s
+
+    a = process_cpu_s(os.getpid())
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.1:
+        pass
+    b = process_cpu_s(os.getpid())
+    assert a is not None and b - a >= 0.05
+    assert process_cpu_s(2**22 + 7) is None  # no such process
+    table = format_table([HttpRow("kiln http", 4, 8, 100.0, server_cpu_us=123.4, engine_thread_cpu_us=45.6)])
+    assert "| kiln http | 4 | 8 | 100.0 |" in table and "| 123 | 46 |" in table
+
+
+def test_thread_cpu_counts_the_named_thread_only():
+    import os
+    import threading
+    import time
+
+    from kiln.bench.serve_http import process_cpu_s
+    from kiln.serve.worker import _name_os_thread
+
+    def spin() -> None:
+        _name_os_thread("kiln-test-spin")
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.2:
+            pass
+
+    before = process_cpu_s(os.getpid(), "kiln-test-spin")
+    t = threading.Thread(target=spin)
+    t.start()
+    t.join()  # a finished thread leaves /proc/PID/task: measure one that is still alive instead
+    assert before == 0.0
+
+    done = threading.Event()
+
+    def spin_then_wait() -> None:
+        spin()
+        done.wait(10)
+
+    t = threading.Thread(target=spin_then_wait)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while (process_cpu_s(os.getpid(), "kiln-test-spin") or 0) < 0.15 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert 0.15 <= process_cpu_s(os.getpid(), "kiln-test-spin") < 1.0  # its 0.2 s, not the process's
+    finally:
+        done.set()
+        t.join()

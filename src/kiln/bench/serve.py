@@ -1,9 +1,9 @@
 """`kiln bench serve`: Kiln's engine beside gpt-fast and transformers on the same weights, same run.
 
-Two tables, each on one model shape (random-init weights unless ``--model`` names a trained one; the
-speed of a decode step does not depend on the values):
+Four tables (``--parts``), each on one model shape (random-init weights unless ``--model`` names a
+trained one; the speed of a step does not depend on the values):
 
-1. **Batch-1 decode** (``--parts latency``): tokens/s generating ``--new-tokens`` greedy tokens after a
+1. **Batch-1 decode** (``latency``): tokens/s generating ``--new-tokens`` greedy tokens after a
    ``--prompt-len`` prompt, one request. Rows: Kiln's engine (bf16 on CUDA, CUDA graphs for the decode
    step), its int8 and int4 weight-only models, speculative decoding (prompt lookup; a draft model),
    gpt-fast's ``generate.py`` (``--gpt-fast DIR``, run in a subprocess on the same weights exported
@@ -12,14 +12,25 @@ speed of a decode step does not depend on the values):
    CUDA). ``bound`` = the share of the memory-bandwidth limit reached: bytes read per token (weights
    + the average KV cache) over a device copy bandwidth measured in the same run. ``loss``: held-out
    loss of the row's weights on ``--heldout`` text (only meaningful with a trained ``--model``).
-2. **Throughput** (``--parts throughput``): ``--requests`` requests whose prompt lengths follow the
-   AlpacaEval instructions (``--prompts``, ~4 UTF-8 bytes per token; synthetic ids, as the weights are
-   random), ``--max-tokens`` each, kept ``c`` in flight for c in ``--concurrency`` (the first
-   min(``--requests``, max(16, 8c)) requests, so c=1 stays short): output tokens/s,
-   time to first token and inter-token latency (p50/p99) of Kiln's engine, vs ``transformers`` batched
-   ``generate`` (static batches of c, left-padded; no per-token latencies).
+2. **Throughput** (``throughput``): requests whose prompt lengths follow the AlpacaEval instructions
+   (``--prompts``, ~4 UTF-8 bytes per token; synthetic ids, as the weights are random),
+   ``--max-tokens`` greedy tokens each (no early stop), kept ``c`` in flight for c in
+   ``--concurrency``: the first min(``--requests``, max(``--min-requests``, 8c)) requests at each c (so c=1 stays
+   short; the note says how many ran). Output tokens/s, time to first token and inter-token latency
+   (p50/p99) of Kiln's engine (one engine for every c, CUDA graphs captured before the clock), vs
+   ``transformers`` batched ``generate`` (row ``transformers``: static batches of c, left-padded) and
+   ``transformers``' own continuous batching (row ``transformers-cb``: its
+   ``ContinuousBatchingManager``, the engine of ``transformers serve --continuous-batching``, driven
+   in-process); see ``kiln.bench.serve_refs``.
+3. **HTTP vs direct** (``http``): ``kiln bench serve-http``'s table on the first shape: chat requests
+   through ``kiln serve`` vs the same engine called directly (and, row ``transformers-serve``,
+   ``transformers serve --continuous-batching``); see ``kiln.bench.serve_http``.
+4. **Rollouts** (``rollouts``): GSM8K generation and GRPO rollouts before (the pre-engine padded batch
+   decoder) and after the engine; see ``kiln.bench.rollouts``.
 
-Every reference row runs in a ``try``: a failure is a row with its error, not a crash.
+Every reference row runs in a ``try``: a failure is a row with its error, not a crash. Rows not
+started within ``--budget-s`` are listed as skipped; each part's rows are written to
+``bench_serve.partial.json`` as it ends.
 """
 
 from __future__ import annotations
@@ -36,6 +47,8 @@ import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from kiln.bench.serve_models import export_for_references, serve_shapes
 
 DEFAULT_PROMPTS = "../shared/data/align/alpaca_eval/alpaca_eval.jsonl"
 
@@ -78,16 +91,6 @@ def bench_model(shape: str, device: Any, dtype: Any, model_dir: str | None, seed
                        device=device, dtype=dtype).eval()
 
 
-def serve_shapes() -> dict:
-    """``kiln bench train``'s shapes (gpt2_small is the gpt2_small training preset's model, speedrun the
-    speedrun preset's) plus ``preset_tiny`` (the tiny training preset: vocab 4096, context 128,
-    d_model 128, 4 layers), the CPU default."""
-    from kiln.bench.train import shapes
-    from kiln.train.config import tiny
-
-    return {**shapes(), "preset_tiny": tiny().model}
-
-
 def largest_preset() -> str:
     """The ``serve_shapes`` name of Kiln's largest training preset (by parameters; today gpt2_small,
     124M, which is also the GPT-2-small-size model the decode goals name)."""
@@ -100,28 +103,6 @@ def largest_preset() -> str:
     with torch.device("meta"):  # shapes only: no memory, no initialization
         sizes = {names.get(n, n): Transformer(f().model).num_params() for n, f in PRESETS.items()}
     return max(sizes, key=sizes.get)
-
-
-def export_for_references(model: Any, out: Path) -> Path:
-    """The model in Hugging Face Llama layout (bf16, head untied, with a safetensors index so gpt-fast's
-    converter reads it): what transformers and gpt-fast load."""
-    import torch
-    from safetensors.torch import save_file
-
-    from kiln.model.hf import hf_config_dict, to_hf_state_dict
-
-    out.mkdir(parents=True, exist_ok=True)
-    sd = to_hf_state_dict(model, torch.bfloat16)
-    sd.setdefault("lm_head.weight", model.lm_head.weight.detach().to("cpu", torch.bfloat16).contiguous().clone())
-    if sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr():
-        sd["lm_head.weight"] = sd["lm_head.weight"].clone()
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = hf_config_dict(model.config, torch.bfloat16)
-    cfg.pop("kiln")
-    cfg["tie_word_embeddings"] = False
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(sd, "model.safetensors")}))
-    return out
 
 
 def copy_bandwidth(device: Any, nbytes: int = 1 << 30) -> float:
@@ -499,93 +480,155 @@ def _pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, math.ceil(q * len(xs)) - 1)] * 1e3
 
 
-def kiln_throughput(model: Any, prompts: list[list[int]], concurrency: int, max_tokens: int) -> ServeRow:
-    """Keep ``concurrency`` requests in the engine until all are done; latencies per request."""
+def _count(c: int, total: int, least: int = 16) -> int:
+    """Requests run at concurrency ``c``: enough to keep c in flight for a while (8c, at least
+    ``least``: ``--min-requests``), so c = 1 stays short; at most ``total`` (``--requests``)."""
+    return min(total, max(least, 8 * c))
+
+
+def _throughput_row(t: Any, impl: str, shape: str, c: int, n: int, note: str = "") -> ServeRow:
+    """A throughput row from ``serve_http.Timings``."""
+    notes = [f"{n} requests"] + ([note] if note else []) + ([f"{t.errors} failed"] if t.errors else [])
+    return ServeRow("throughput", shape, impl, c, t.tokens / t.seconds if t.seconds else None, None,
+                    _pct(t.ttft, 0.5), _pct(t.ttft, 0.99), _pct(t.itl, 0.5), _pct(t.itl, 0.99), note=", ".join(notes))
+
+
+def throughput_engine(model: Any, max_concurrency: int) -> Any:
+    """One engine for every concurrency (CUDA graphs captured once, by a warm-up that runs here)."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
-    dev = next(model.parameters()).device
-    eng = LLMEngine(model, None, EngineConfig(max_num_seqs=concurrency, max_num_batched_tokens=max(2048, concurrency)))
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    eng.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0))  # warm-up (graphs)
-    pending = list(reversed(prompts))
-    start: dict[str, float] = {}
-    last: dict[str, float] = {}
-    ttft: list[float] = []
-    itl: list[float] = []
-    n_out = 0
-    t0 = time.perf_counter()
-    while pending or eng.has_unfinished():
-        while pending and len(eng.scheduler.running) + len(eng.scheduler.waiting) < concurrency:
-            rid = eng.add_request(pending.pop(), params)
-            start[rid] = time.perf_counter()
-        outs = eng.step()
-        now = time.perf_counter()
-        for o in outs:
-            n_out += len(o.new_token_ids)
-            if o.request_id not in last:
-                ttft.append(now - start[o.request_id])
-            else:
-                itl.append((now - last[o.request_id]) / max(1, len(o.new_token_ids)))
-            last[o.request_id] = now
-    _sync(dev)
-    dt = time.perf_counter() - t0
-    return ServeRow("throughput", "", "kiln engine", concurrency, n_out / dt, None, _pct(ttft, 0.5), _pct(ttft, 0.99),
-                    _pct(itl, 0.5), _pct(itl, 0.99), note=f"{eng.stats()['preemptions']} preemptions")
+    eng = LLMEngine(model, None, EngineConfig(max_num_seqs=max_concurrency,
+                                              max_num_batched_tokens=max(2048, max_concurrency)))
+    eng.generate([[1, 2, 3]] * min(4, max_concurrency), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    return eng
 
 
-def hf_throughput(export_dir: Path, prompts: list[list[int]], concurrency: int, max_tokens: int, device: Any) -> ServeRow:
-    """transformers batched generate: batches of ``concurrency`` prompts, left-padded, greedy."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def kiln_throughput(model: Any, prompts: list[list[int]], concurrency: int, max_tokens: int,
+                    engine: Any = None) -> ServeRow:
+    """Keep ``concurrency`` requests in the engine (``engine``, or a new one) until all are done;
+    TTFT from ``add_request`` to the first token, ITL between a request's tokens."""
+    from kiln.bench.serve_http import run_direct
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    m = AutoModelForCausalLM.from_pretrained(str(export_dir)).to(device=device, dtype=dtype).eval()
-    n_out = 0
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for s in range(0, len(prompts), concurrency):
-            batch = prompts[s:s + concurrency]
-            L = max(map(len, batch))
-            ids = torch.zeros(len(batch), L, dtype=torch.long)
-            mask = torch.zeros(len(batch), L, dtype=torch.long)
-            for i, p in enumerate(batch):
-                ids[i, L - len(p):] = torch.tensor(p)
-                mask[i, L - len(p):] = 1
-            out = m.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_tokens,
-                             min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-            n_out += (out.shape[1] - L) * len(batch)
-    _sync(device)
-    return ServeRow("throughput", "", "transformers generate", concurrency, n_out / (time.perf_counter() - t0),
-                    note="static batches, left padding")
+    eng = engine if engine is not None else throughput_engine(model, concurrency)
+    before = eng.stats()["preemptions"]
+    t = run_direct(eng, prompts, concurrency, max_tokens)
+    _sync(next(model.parameters()).device)
+    return _throughput_row(t, "kiln engine", "", concurrency, len(prompts),
+                           f"{eng.stats()['preemptions'] - before} preemptions")
+
+
+def over_budget(args: argparse.Namespace) -> bool:
+    """True once ``--budget-s`` seconds have passed since the command started (0: never)."""
+    return bool(getattr(args, "budget_s", 0)) and time.monotonic() > args.started + args.budget_s
+
+
+def _skipped(table: str, shape: str, impl: str, c: int) -> ServeRow:
+    print(f"  {shape} c={c} {impl}: skipped (over --budget-s)", flush=True)
+    return ServeRow(table, shape, impl, c, note="skipped: over --budget-s")
 
 
 def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Path) -> list[ServeRow]:
+    """Kiln's engine, then transformers' batched generate and its continuous batching, at each c."""
     import torch
 
+    impls = ["kiln engine"] + [i for r, i in (("transformers", "transformers generate"),
+                                             ("transformers-cb", "transformers cb")) if r in args.rows]
+    if over_budget(args):
+        return [_skipped("throughput", shape, i, c) for i in impls for c in args.concurrency]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = bench_model(shape, device, dtype, args.model)
     ctx = model.config.context_length
     lens = [min(n, ctx - args.max_tokens) for n in prompt_lengths(args.prompts, args.requests)]
     prompts = synthetic_prompts(lens, model.config.vocab_size)
-    export = export_for_references(model, work / f"export_{shape}") if "transformers" in args.rows else None
-    rows = []
-    for c in args.concurrency:
-        n = min(len(prompts), max(16, 8 * c))  # enough requests to keep c in flight; c=1 stays short
-        for impl in ("kiln", "transformers"):
-            if impl == "transformers" and impl not in args.rows:
-                continue
-            try:
-                row = (kiln_throughput(model, prompts[:n], c, args.max_tokens) if impl == "kiln"
-                       else hf_throughput(export, prompts[:n], c, args.max_tokens, device))
-                row.note = f"{n} requests" + (f", {row.note}" if row.note else "")
-            except Exception as e:  # noqa: BLE001 - a failed row is reported, not fatal
-                row = ServeRow("throughput", "", impl, c, error=f"{type(e).__name__}: {e}")
-                traceback.print_exc()
-            row.shape = shape
-            rows.append(row)
-            _free(device)
-            print(f"  {shape} c={c} {row.impl}: {row.tok_s or 0:.1f} tok/s {row.error}", flush=True)
+    M, cs = args.max_tokens, args.concurrency
+    rows: list[ServeRow] = []
+
+    def add(impl: str, c: int, fn: Any) -> None:
+        n = _count(c, len(prompts), args.min_requests)
+        if over_budget(args):
+            rows.append(_skipped("throughput", shape, impl, c))
+            return
+        try:
+            row = fn(prompts[:n], c)
+        except Exception as e:  # noqa: BLE001 - a failed row is reported, not fatal
+            traceback.print_exc()
+            row = ServeRow("throughput", shape, impl, c, note=f"{n} requests", error=f"{type(e).__name__}: {e}")
+        row.shape, row.impl = shape, impl
+        rows.append(row)
+        print(f"  {shape} c={c} {impl}: {row.tok_s or 0:.1f} tok/s {row.error}", flush=True)
+
+    engine = throughput_engine(model, max(cs))
+    for c in cs:
+        add("kiln engine", c, lambda p, c: kiln_throughput(model, p, c, M, engine))
+    engine = None  # its KV pool goes before the references load
+    _free(device)
+    if {"transformers", "transformers-cb"} & set(args.rows):
+        hf_throughput_rows(export_for_references(model, work / f"export_{shape}"), args, device, add)
     return rows
+
+
+def _raise(e: Exception) -> Any:
+    def fn(*_: Any) -> Any:
+        raise e
+
+    return fn
+
+
+def hf_throughput_rows(export_dir: Path, args: argparse.Namespace, device: Any, add: Any) -> None:
+    """The transformers rows, each through ``add(impl, c, fn(prompts, c) -> ServeRow)``; the model is
+    loaded once, the continuous-batching manager started once (its CUDA graphs captured once)."""
+    from kiln.bench.serve_refs import hf_cb_manager, hf_cb_run, hf_generate_run, load_hf
+
+    M, cs = args.max_tokens, args.concurrency
+    impls = [i for r, i in (("transformers", "transformers generate"), ("transformers-cb", "transformers cb"))
+             if r in args.rows]
+    try:
+        hf = load_hf(export_dir, device)
+    except Exception as e:  # noqa: BLE001 - every transformers row then carries the error
+        traceback.print_exc()
+        for impl in impls:
+            for c in cs:
+                add(impl, c, _raise(e))
+        return
+    if "transformers generate" in impls:
+        hf_generate_run(hf, [[1, 2, 3]] * 2, 2, 2)  # warm-up: kernels
+        for c in cs:
+            add("transformers generate", c, lambda p, c: _throughput_row(
+                hf_generate_run(hf, p, c, M), "", "", c, len(p), "static batches, left padding"))
+    if "transformers cb" in impls:
+        manager = None
+        try:
+            manager = None if over_budget(args) else hf_cb_manager(hf, M, max(cs))
+            for c in cs:
+                add("transformers cb", c, lambda p, c: _throughput_row(
+                    hf_cb_run(manager, p, c, M), "", "", c, len(p), "ContinuousBatchingManager"))
+        except Exception as e:  # noqa: BLE001 - the manager did not start
+            traceback.print_exc()
+            add("transformers cb", cs[0], _raise(e))
+        finally:
+            if manager is not None:
+                manager.stop(block=True, timeout=30)
+    hf = None
+    _free(device)
+
+
+def http_table(args: argparse.Namespace, device: Any, work: Path) -> list[Any]:
+    """``kiln bench serve-http``'s rows (``serve_http.measure``): the direct engine, ``kiln serve`` over
+    HTTP and (row ``transformers-serve``) ``transformers serve --continuous-batching``, on the first
+    of ``--shapes``, with this command's prompts, tokenizer, concurrencies and token count."""
+    from kiln.bench.serve_http import measure
+
+    ns = argparse.Namespace(shape=args.shapes_list[0], tokenizer=args.tokenizer or "", prompts=args.prompts,
+                            requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
+                            engine=dict(args.engine_overrides), client_procs=args.client_procs, threads=args.threads,
+                            min_requests=args.min_requests,
+                            transformers="transformers-serve" in args.rows)
+    if over_budget(args):
+        from kiln.bench.serve_http import HttpRow
+
+        return [HttpRow("kiln http", c, note="skipped: over --budget-s") for c in args.concurrency]
+    (work / "http").mkdir(exist_ok=True)
+    return measure(ns, device, work / "http")
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -622,40 +665,128 @@ def format_tables(rows: list[ServeRow]) -> str:
     return "\n".join(out)
 
 
-ROWS = ("single-step", "eager", "int8", "int4", "ngram", "draft", "transformers", "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
+ROWS = ("single-step", "eager", "int8", "int4", "ngram", "draft", "transformers", "transformers-cb", "transformers-serve",
+        "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
+PARTS = ("latency", "throughput", "http", "rollouts", "host")
+
+
+def rollouts_table(args: argparse.Namespace, shape: str, device: Any) -> list[Any]:
+    """The rollouts part on ``shape`` (vocabulary widened to the tokenizer's if it is larger)."""
+    import torch
+
+    from kiln.bench.rollouts import RolloutRow, rollout_rows
+    from kiln.bench.serve_http import chat_tokenizer
+    from kiln.model import build_model
+
+    if over_budget(args):
+        print(f"  {shape} rollouts: skipped (over --budget-s)", flush=True)
+        return [RolloutRow("rollouts", t, "all", note="skipped: over --budget-s") for t in ("gsm8k", "grpo")]
+    tok = chat_tokenizer(args.tokenizer)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.model:
+        model = bench_model(shape, device, dtype, args.model)
+    else:
+        cfg = serve_shapes()[shape]
+        cfg = replace(cfg, vocab_size=max(cfg.vocab_size, tok.vocab_size),
+                      attention_impl="sdpa" if device.type == "cuda" else "kiln")
+        torch.manual_seed(0)
+        model = build_model(cfg, device=device, dtype=dtype).eval()
+    try:
+        return rollout_rows(model, tok, args)
+    finally:
+        del model
+        _free(device)
+
+
+def _tables(rows: list[Any]) -> str:
+    from kiln.bench.rollouts import RolloutRow, format_rollouts
+    from kiln.bench.serve_http import HttpRow, format_table
+
+    parts = [format_tables([r for r in rows if isinstance(r, ServeRow)])]
+    http = [r for r in rows if isinstance(r, HttpRow)]
+    if http:
+        parts.append("HTTP vs direct (chat requests, AlpacaEval text through the chat template; `vs direct`: output "
+                     "tok/s over the direct engine's at the same c; `server CPU us/token`: CPU time of the server "
+                     "process, all threads, per output token, and for `kiln direct` of the process driving the "
+                     "engine):\n\n" + format_table(http))
+    roll = [r for r in rows if isinstance(r, RolloutRow)]
+    if roll:
+        parts.append("GSM8K generation and GRPO rollouts, before (padded batches) and after the engine:\n\n"
+                     + format_rollouts(roll))
+    return "\n\n".join(p for p in parts if p)
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """Normalise the comma lists in ``args``; an error message, or None."""
+    from kiln.serve.server import parse_overrides
+
+    args.rows = tuple(args.rows.split(",")) if args.rows else ()
+    if "compile" in args.rows:  # the old name: the compiled single-step row is now "single-step"
+        args.rows = tuple("single-step" if r == "compile" else r for r in args.rows)
+    args.parts = tuple(p for p in args.parts.split(",") if p)
+    bad = [r for r in args.rows if r not in ROWS] + [p for p in args.parts if p not in PARTS]
+    if bad:
+        return f"unknown row or part {bad[0]!r}; rows: {','.join(ROWS)}; parts: {','.join(PARTS)}"
+    args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
+    if not args.concurrency or min(args.concurrency) < 1:
+        return f"--concurrency {args.concurrency}: give positive integers, e.g. 1,16,64,256"
+    args.engine_overrides = parse_overrides(args.engine)
+    if args.gpt_fast and not Path(args.gpt_fast).is_dir():
+        print(f"--gpt-fast {args.gpt_fast} is not a folder; the gpt-fast rows are skipped", file=sys.stderr)
+        args.gpt_fast = None
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     from kiln.bench.report import pick_device, report
 
+    args.started = time.monotonic()
     device = pick_device(args.device)
-    args.rows = tuple(args.rows.split(",")) if args.rows else ()
-    if "compile" in args.rows:  # the old name: the compiled single-step row is now "single-step"
-        args.rows = tuple("single-step" if r == "compile" else r for r in args.rows)
-    bad = [r for r in args.rows if r not in ROWS]
-    if bad:
-        print(f"unknown row {bad[0]!r}; use some of {ROWS}", file=sys.stderr)
+    err = _check_args(args)
+    if err:
+        print(err, file=sys.stderr)
         return 2
-    args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
-    if args.gpt_fast and not Path(args.gpt_fast).is_dir():
-        print(f"--gpt-fast {args.gpt_fast} is not a folder; the gpt-fast rows are skipped", file=sys.stderr)
-        args.gpt_fast = None
+    if args.threads:  # the same intra-op thread count in-process and in the servers (OMP_NUM_THREADS)
+        import torch
+
+        torch.set_num_threads(args.threads)
     default = list(dict.fromkeys(["gpt2_small", largest_preset()])) if device.type == "cuda" else ["preset_tiny"]
-    shapes = args.shapes.split(",") if args.shapes else default
-    rows: list[ServeRow] = []
+    args.shapes_list = args.shapes.split(",") if args.shapes else default
+    rows: list[Any] = []
+
+    def keep(new: list[Any]) -> None:  # each part's rows are on disk as soon as it ends (a killed run keeps them)
+        rows.extend(new)
+        if args.out:
+            from dataclasses import asdict
+
+            from kiln.artifacts import write_json_atomic
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(args.out) / "bench_serve.partial.json", [asdict(r) for r in rows])
+
     with tempfile.TemporaryDirectory(prefix="kiln_bench_serve_") as tmp:
         work = Path(tmp)
-        for shape in shapes:
+        # The short rollouts part first and HTTP last: under --budget-s, the part that starts late is
+        # the one a skip would cost least (http runs whole once started).
+        for shape in args.shapes_list:
             if "latency" in args.parts:
-                rows += latency_table(args, shape, device, work)
+                keep(latency_table(args, shape, device, work))
+            if "rollouts" in args.parts:
+                keep(rollouts_table(args, shape, device))
             if "throughput" in args.parts:
-                rows += throughput_table(args, shape, device, work)
+                keep(throughput_table(args, shape, device, work))
             if "host" in args.parts:
-                rows += host_table(args, shape, device)
+                keep(host_table(args, shape, device))
+        if "http" in args.parts:
+            keep(http_table(args, device, work))
     blurb = (f"Batch-1 greedy decode of {args.new_tokens} tokens after a {args.prompt_len}-token prompt (best of "
-             f"{args.repeats}); throughput: {args.requests} requests, AlpacaEval prompt lengths, {args.max_tokens} "
-             "output tokens each. Weights: " + (args.model or "random init (speed does not depend on values)") + ".")
-    report("serve", device, blurb, format_tables(rows), rows, args.out)
+             f"{args.repeats}); throughput: at each concurrency c, min({args.requests}, max({args.min_requests}, 8c)) requests "
+             f"(AlpacaEval prompt lengths), {args.max_tokens} greedy output tokens each, c kept in flight; "
+             f"rollouts: {args.gsm8k_prompts} GSM8K prompts ({args.gsm8k_shots}-shot) and GRPO groups of "
+             f"{args.group}, {args.max_tokens} tokens each. Weights: "
+             + (args.model or "random init (speed does not depend on values)") + "; wall "
+             f"{time.monotonic() - args.started:.0f} s.")
+    report("serve", device, blurb, _tables(rows), rows, args.out)
     return 0 if not any(r.error for r in rows if r.impl.startswith("kiln")) else 1
 
 
@@ -668,8 +799,10 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shapes", default="", help="comma list of model shapes (gpt2_small, speedrun, 350m, tiny, "
                    "preset_tiny); default on CUDA gpt2_small and Kiln's largest preset (today the same), "
                    "preset_tiny on the CPU")
-    p.add_argument("--parts", default="latency,throughput", help="latency, throughput and/or host (the engine's "
-                   "host work per decode token, the forward stubbed out)")
+    p.add_argument("--parts", default="latency,throughput", help=f"some of {','.join(PARTS)}: batch-1 decode; "
+                   "engine throughput vs transformers; the HTTP server vs the engine (kiln bench serve-http's "
+                   "table); GSM8K generation and GRPO rollouts before/after the engine; the engine's host work "
+                   "per decode token (the forward stubbed out)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"optional rows, some of {','.join(ROWS)}")
     p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
     p.add_argument("--draft-model", default=None, help="a trained draft model directory for the draft row")
@@ -679,12 +812,29 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=256, help="batch-1 generated tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed batch-1 runs per row (best kept)")
     p.add_argument("--prompts", default=DEFAULT_PROMPTS, help="AlpacaEval jsonl for the prompt lengths")
-    p.add_argument("--requests", type=int, default=1000, help="throughput requests per concurrency")
+    p.add_argument("--requests", type=int, default=1000, help="most throughput requests per concurrency")
+    p.add_argument("--min-requests", type=int, default=16, help="fewest requests per concurrency (c runs "
+                   "min(--requests, max(this, 8c)))")
     p.add_argument("--concurrency", default="1,16,64,256", help="comma list of requests kept in flight")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per throughput request")
     p.add_argument("--heldout", default=None, help="held-out text file for the loss column (with --tokenizer)")
-    p.add_argument("--tokenizer", default=None, help="the model's Kiln tokenizer, for --heldout")
+    p.add_argument("--tokenizer", default=None, help="the model's Kiln tokenizer (for --heldout); for the http and "
+                   "rollouts parts also a folder with GPT-2's vocab.json + merges.txt (default: byte-level)")
     p.add_argument("--heldout-chars", type=int, default=200_000, help="characters of --heldout used")
+    p.add_argument("--gsm8k", default="../shared/data/eval/gsm8k/test.jsonl", help="GSM8K jsonl for rollouts")
+    p.add_argument("--gsm8k-prompts", type=int, default=64, help="rollouts: GSM8K prompts (GRPO: this many "
+                   "sequences, in groups of --group)")
+    p.add_argument("--gsm8k-shots", type=int, default=4, help="rollouts: few-shot examples (the file's first items)")
+    p.add_argument("--group", type=int, default=8, help="rollouts: GRPO samples per prompt")
+    p.add_argument("--rollout-batch", type=int, default=64, help="rollouts: batch size before, running sequences after")
+    p.add_argument("--sequential-prompts", type=int, default=8, help="rollouts: prompts of the one-at-a-time row")
+    p.add_argument("--engine", action="append", default=[], metavar="NAME=VALUE",
+                   help="http part: EngineConfig override for both Kiln rows (repeatable)")
+    p.add_argument("--client-procs", type=int, default=4, help="http part: HTTP client processes")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default; the servers "
+                   "get OMP_NUM_THREADS)")
+    p.add_argument("--budget-s", type=float, default=0, help="rows not started this many seconds after the start "
+                   "are skipped (listed as such); 0: no limit")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--out", default=None, help="directory for bench_serve.md and bench_serve.json")
     p.set_defaults(func=run)

@@ -58,6 +58,9 @@ class HttpRow:
     vs_direct: float | None = None
     note: str = ""
     error: str = ""
+    tokens: int = 0  # output tokens counted (from usage for the HTTP rows)
+    server_cpu_us: float | None = None  # the server process's CPU time (all threads) per output token
+    engine_thread_cpu_us: float | None = None  # of that, the engine thread's ('kiln-engine')
 
 
 @dataclass
@@ -73,7 +76,7 @@ class Timings:
     def row(self, impl: str, c: int, n: int) -> HttpRow:
         return HttpRow(impl, c, n, self.tokens / self.seconds if self.seconds else None,
                        pct(self.ttft, 0.5), pct(self.ttft, 0.99), pct(self.itl, 0.5), pct(self.itl, 0.99),
-                       note=f"{self.errors} failed requests" if self.errors else "")
+                       note=f"{self.errors} failed requests" if self.errors else "", tokens=self.tokens)
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -108,7 +111,7 @@ def build_model_dirs(args: argparse.Namespace, device: Any, work: Path) -> tuple
     import torch
 
     from kiln.align.chat import save_hf_tokenizer
-    from kiln.bench.serve import export_for_references, serve_shapes
+    from kiln.bench.serve_models import export_for_references, serve_shapes
     from kiln.model import build_model, save_pretrained
 
     tok = chat_tokenizer(args.tokenizer)
@@ -241,7 +244,11 @@ async def _one(client: Any, url: str, body: dict, t: Timings) -> None:
 
 
 async def _client(url: str, bodies: list[dict], c: int) -> Timings:
+    import logging
+
     import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
 
     t = Timings()
     queue = list(reversed(bodies))
@@ -267,8 +274,10 @@ def run_http(url: str, model: str, requests: list[tuple[list, list[int]]], c: in
              procs: int, ignore_eos: bool = True) -> Timings:
     """Stream every request through ``url``/v1/chat/completions with ``c`` in flight, split over
     ``procs`` client processes. ``ignore_eos`` is an extension (vLLM's, Kiln's) that `transformers
-    serve` refuses: without it a reply may end early, and tokens are counted from ``usage``."""
-    extra = {"ignore_eos": True} if ignore_eos else {}
+    serve` refuses; it takes a ``generation_config`` JSON field instead, where ``eos_token_id: -1``
+    means no end-of-sequence id (``ignore_eos=False`` sends that). Tokens are counted from ``usage``."""
+    extra = ({"ignore_eos": True} if ignore_eos
+             else {"generation_config": json.dumps({"eos_token_id": -1, "do_sample": False})})
     bodies = [{"model": model, "messages": m, "max_tokens": max_tokens, "temperature": 0.0, **extra,
                "stream": True, "stream_options": {"include_usage": True}} for m, _ in requests]
     k = max(1, min(procs, c))
@@ -337,6 +346,24 @@ class Server:
                 self.proc.wait()
 
 
+def process_cpu_s(pid: int, thread: str | None = None) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far, all threads, or only its threads whose OS
+    name is ``thread`` (e.g. the server's 'kiln-engine'); Linux /proc, None elsewhere."""
+    try:
+        if thread is None:
+            paths = [Path(f"/proc/{pid}/stat")]
+        else:
+            paths = [t / "stat" for t in Path(f"/proc/{pid}/task").iterdir()
+                     if (t / "comm").read_text().strip() == thread]
+        total = 0
+        for path in paths:
+            fields = path.read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _thread_env(args: argparse.Namespace) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
 
@@ -365,7 +392,7 @@ def transformers_server(args: argparse.Namespace, hf_dir: Path, device: Any) -> 
 
 
 def _count(args: argparse.Namespace, c: int, total: int) -> int:
-    return min(total, max(16, 8 * c))  # enough requests to keep c in flight; c=1 stays short
+    return min(total, max(getattr(args, "min_requests", 16), 8 * c))  # keep c in flight; c=1 stays short
 
 
 def _safe(impl: str, c: int, n: int, fn: Any) -> HttpRow:
@@ -391,8 +418,12 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
     run_direct(loaded.engine, warm, 4, 4)  # warm-up: kernels, CUDA graphs
     for c in args.concurrency:
         n = _count(args, c, len(reqs))
+        cpu0 = time.process_time()
         rows.append(_safe("kiln direct", c, n, lambda: run_direct(loaded.engine, [i for _, i in reqs[:n]], c,
                                                                     args.max_tokens)))
+        if rows[-1].tokens:  # this process's CPU per token: all of it is driving the engine
+            rows[-1].server_cpu_us = (time.process_time() - cpu0) / rows[-1].tokens * 1e6
+            rows[-1].engine_thread_cpu_us = rows[-1].server_cpu_us
     del loaded
     _free(device)
     servers = [("kiln http", lambda: kiln_server(args, kiln_dir, device), kiln_dir.name)]
@@ -410,10 +441,16 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
             run_http(server.url, name, reqs[:4], 4, 4, 1, kiln)  # warm-up
             for c in args.concurrency:
                 n = _count(args, c, len(reqs))
+                cpu0, eng0 = process_cpu_s(server.proc.pid), process_cpu_s(server.proc.pid, "kiln-engine")
                 rows.append(_safe(impl, c, n, lambda: run_http(server.url, name, reqs[:n], c, args.max_tokens,
                                                                args.client_procs, kiln)))
+                cpu, eng = process_cpu_s(server.proc.pid), process_cpu_s(server.proc.pid, "kiln-engine")
+                if cpu is not None and cpu0 is not None and rows[-1].tokens:
+                    rows[-1].server_cpu_us = (cpu - cpu0) / rows[-1].tokens * 1e6
+                    if kiln and eng is not None and eng0 is not None:
+                        rows[-1].engine_thread_cpu_us = (eng - eng0) / rows[-1].tokens * 1e6
                 if not kiln:
-                    rows[-1].note = ("no ignore_eos (refused): replies may stop early; TTFT/ITL per text event"
+                    rows[-1].note = ("eos_token_id -1 via its generation_config field; TTFT/ITL per text event"
                                      + (f"; {rows[-1].note}" if rows[-1].note else ""))
         finally:
             server.stop()
@@ -440,12 +477,14 @@ def _f(x: float | None, fmt: str = ".1f") -> str:
 
 def format_table(rows: list[HttpRow]) -> str:
     out = ["| impl | concurrency | requests | output tok/s | vs direct | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
-           "ITL p99 ms | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "ITL p99 ms | server CPU us/token | engine thread us/token | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.concurrency, r.impl != "kiln direct", r.impl)):
         note = r.note + (f" ERROR {r.error}" if r.error else "")
         out.append(f"| {r.impl} | {r.concurrency} | {r.requests} | {_f(r.tok_s)} | {_f(r.vs_direct, '.2f')} | "
                    f"{_f(r.ttft_p50_ms)} | {_f(r.ttft_p99_ms)} | {_f(r.itl_p50_ms, '.2f')} | "
-                   f"{_f(r.itl_p99_ms, '.2f')} | {note} |")
+                   f"{_f(r.itl_p99_ms, '.2f')} | {_f(r.server_cpu_us, '.0f')} | {_f(r.engine_thread_cpu_us, '.0f')} | "
+                   f"{note} |")
     return "\n".join(out)
 
 
@@ -469,7 +508,9 @@ def run(args: argparse.Namespace) -> int:
              f"greedy output tokens each, kept c in flight (min({args.requests}, max(16, 8c)) requests per c); "
              f"shape {args.shape}, random weights, tokenizer {args.tokenizer or 'byte-level'} + chat tokens; "
              f"{args.client_procs} client processes for the HTTP rows; torch threads {args.threads or 'default'}. "
-             "'vs direct': output tok/s over the direct engine's at the same c.")
+             "'vs direct': output tok/s over the direct engine's at the same c. 'server CPU us/token': CPU time "
+             "(all threads) of the server process per output token; for 'kiln direct', of the bench process "
+             "driving the engine: the difference is what HTTP costs per token.")
     report("serve-http", device, blurb, format_table(rows), rows, args.out)
     return 0 if not any(r.error for r in rows if r.impl.startswith("kiln")) else 1
 

@@ -303,9 +303,7 @@ async def _stream(state: ServerState, batch: Batch, plan: _Plan, chunk: Callable
         yield "".join(_sse(first(i)) for i in range(len(plan.params)))
     try:
         while batch.open:
-            items = [await batch.get()]
-            while not batch.queue.empty():
-                items.append(batch.queue.get_nowait())
+            items = await batch.take_all()
             parts = []
             for i, item in items:
                 if isinstance(item, End):

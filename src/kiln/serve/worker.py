@@ -2,7 +2,7 @@
 through queues.
 
 The event loop calls ``submit`` (never the engine): it puts a command in a thread-safe inbox and
-gets back a ``Batch`` whose ``asyncio.Queue`` the thread fills with ``loop.call_soon_threadsafe``.
+gets back a ``Batch`` whose ``Mailbox`` the thread fills with ``loop.call_soon_threadsafe``.
 The thread drains the inbox between engine steps (adds, aborts), runs ``engine.step()`` while any
 request is unfinished, routes each ``RequestOutput`` to its batch, and aborts requests past their
 deadline. Nothing but this thread touches the engine, so the engine needs no locks; ``stats()``
@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,13 +47,63 @@ class End:
     message: str = ""
 
 
+class Mailbox:
+    """The items of one ``Batch``, for one consumer on one event loop (what ``asyncio.Queue`` does,
+    less its per-item cost: a put wakes the consumer only if it is waiting, and ``take_all`` hands
+    over everything queued in one go, so a consumer that fell behind catches up in one wake-up)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        """Append ``item`` (call on the consumer's event loop)."""
+        self._items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def get_nowait(self) -> Any:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.popleft()
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def _wait(self) -> None:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def get(self) -> Any:
+        """The oldest item, waiting for one."""
+        await self._wait()
+        return self._items.popleft()
+
+    async def take_all(self) -> list:
+        """Every queued item (at least one, waiting for it), oldest first."""
+        await self._wait()
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
 @dataclass
 class Batch:
-    """The sequences of one HTTP request (``n`` choices, or several prompts); one queue of
+    """The sequences of one HTTP request (``n`` choices, or several prompts); one mailbox of
     ``(index, RequestOutput | End)`` items filled by the engine thread, in step order."""
 
     request_ids: list[str]
-    queue: asyncio.Queue
+    queue: Mailbox
     loop: asyncio.AbstractEventLoop
     deadline: float
     open: set[int] = field(default_factory=set)
@@ -60,6 +111,10 @@ class Batch:
     async def get(self) -> tuple[int, Any]:
         """The next item; callers stop once every index has finished or ended."""
         return await self.queue.get()
+
+    async def take_all(self) -> list[tuple[int, Any]]:
+        """Every item queued so far (at least one)."""
+        return await self.queue.take_all()
 
 
 @dataclass
@@ -121,7 +176,7 @@ class EngineWorker:
             self._counters["submitted"] += len(prompts)
         n = next(self._ids)
         rids = [f"req-{n}-{i}" for i in range(len(prompts))]
-        batch = Batch(rids, asyncio.Queue(), loop, time.monotonic() + self.request_timeout_s,
+        batch = Batch(rids, Mailbox(), loop, time.monotonic() + self.request_timeout_s,
                       open=set(range(len(prompts))))
         self._inbox.put(("add", batch, prompts))
         return batch
@@ -157,6 +212,7 @@ class EngineWorker:
 
     # ---- engine-thread side ----------------------------------------------------------------
     def _run(self) -> None:
+        _name_os_thread("kiln-engine")
         last_deadline_check = 0.0
         while True:
             busy = bool(self._seqs) or self.engine.has_unfinished()
@@ -263,6 +319,17 @@ class EngineWorker:
                 pass
 
 
-def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+def _put_all(items: list[tuple[Mailbox, Any]]) -> None:
     for q, item in items:
         q.put_nowait(item)
+
+
+def _name_os_thread(name: str) -> None:
+    """Give the calling thread an OS-level name (Linux ``prctl(PR_SET_NAME)``, 15 bytes), so ``top -H``
+    and ``/proc/PID/task/*/comm`` show it (``kiln bench serve-http`` reads its CPU time there)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # 15 = PR_SET_NAME
+    except (OSError, AttributeError):  # not Linux: the name is cosmetic
+        pass
