@@ -251,9 +251,13 @@ class _Tok:
     def bos_id(self): return 1
     def eos_id(self): return 2
 generate.get_tokenizer = lambda *a, **k: _Tok()
+profile_trace = sys.argv[9] if len(sys.argv) > 9 else ""  # kiln bench serve --parts profile
+num_samples = 2 if profile_trace else 5
+_profile_call = num_samples + (1 if compile_ == "1" else 0)  # the last call: after the compile warm-up
+#PROFILE_PATCH#
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
-    generate.main(prompt=int(prompt_len), num_samples=5, max_new_tokens=int(new_tokens), batch_size=1, top_k=1,
+    generate.main(prompt=int(prompt_len), num_samples=num_samples, max_new_tokens=int(new_tokens), batch_size=1, top_k=1,
                   temperature=1.0, checkpoint_path=ck, compile=compile_ == "1", device=device)
 text = buf.getvalue()
 m = re.findall(r"Average tokens/sec: ([0-9.]+)", text)
@@ -262,15 +266,21 @@ print(json.dumps({"tok_s": float(m[-1]) if m else None, "tail": text[-800:]}))
 
 
 def gpt_fast_decode(ref: Path, export_dir: Path, work: Path, mode: str, prompt_len: int, new_tokens: int,
-                    device: Any) -> tuple[float, str]:
-    """gpt-fast's generate.main (5 samples; its own average tok/s) in a subprocess, on the exported weights."""
+                    device: Any, profile_trace: Path | None = None) -> tuple[float, str]:
+    """gpt-fast's generate.main (5 samples; its own average tok/s) in a subprocess, on the exported weights.
+    With ``profile_trace``: 2 samples, the last one's ``decode_n_tokens`` under torch.profiler, its Chrome
+    trace written there (``kiln.bench.decode_profile``)."""
     if not (ref / "generate.py").is_file():
         raise FileNotFoundError(f"--gpt-fast {ref} has no generate.py (see /work/shared/refs/README.md)")
     driver = work / "gpt_fast_driver.py"
-    driver.write_text(GPT_FAST_DRIVER)
+    patch = ""
+    if profile_trace is not None:
+        from kiln.bench.decode_profile import GPT_FAST_PROFILE_PATCH as patch
+    driver.write_text(GPT_FAST_DRIVER.replace("#PROFILE_PATCH#", patch))
     compile_ = "1" if device.type == "cuda" else "0"
+    extra = [str(Path(profile_trace).resolve())] if profile_trace is not None else []
     proc = subprocess.run([sys.executable, str(driver), str(ref.resolve()), str(export_dir), str(work), mode,
-                           str(prompt_len), str(new_tokens), compile_, device.type],
+                           str(prompt_len), str(new_tokens), compile_, device.type, *extra],
                           check=False, capture_output=True, text=True, timeout=1800, cwd=str(work))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -667,7 +677,7 @@ def format_tables(rows: list[ServeRow]) -> str:
 
 ROWS = ("single-step", "eager", "int8", "int4", "ngram", "draft", "transformers", "transformers-cb", "transformers-serve",
         "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
-PARTS = ("latency", "throughput", "http", "rollouts", "host")
+PARTS = ("latency", "throughput", "http", "rollouts", "host", "profile")
 
 
 def rollouts_table(args: argparse.Namespace, shape: str, device: Any) -> list[Any]:
@@ -702,7 +712,13 @@ def _tables(rows: list[Any]) -> str:
     from kiln.bench.rollouts import RolloutRow, format_rollouts
     from kiln.bench.serve_http import HttpRow, format_table
 
+    from kiln.bench.decode_profile import ProfileTable, format_profiles
+
     parts = [format_tables([r for r in rows if isinstance(r, ServeRow)])]
+    prof = [r for r in rows if isinstance(r, ProfileTable)]
+    if prof:
+        parts.append("Where a batch-1 decode token's time goes (torch.profiler; GPU kernels on CUDA, CPU op self "
+                     "times on the CPU; per token of the profiled window):\n\n" + format_profiles(prof))
     http = [r for r in rows if isinstance(r, HttpRow)]
     if http:
         parts.append("HTTP vs direct (chat requests, AlpacaEval text through the chat template; `vs direct`: output "
@@ -777,6 +793,10 @@ def run(args: argparse.Namespace) -> int:
                 keep(throughput_table(args, shape, device, work))
             if "host" in args.parts:
                 keep(host_table(args, shape, device))
+            if "profile" in args.parts:
+                from kiln.bench.decode_profile import profile_part
+
+                keep(profile_part(args, shape, device, work))
         if "http" in args.parts:
             keep(http_table(args, device, work))
     blurb = (f"Batch-1 greedy decode of {args.new_tokens} tokens after a {args.prompt_len}-token prompt (best of "
@@ -802,7 +822,8 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--parts", default="latency,throughput", help=f"some of {','.join(PARTS)}: batch-1 decode; "
                    "engine throughput vs transformers; the HTTP server vs the engine (kiln bench serve-http's "
                    "table); GSM8K generation and GRPO rollouts before/after the engine; the engine's host work "
-                   "per decode token (the forward stubbed out)")
+                   "per decode token (the forward stubbed out); where a decode token's GPU time goes, kernel by kernel, "
+                   "Kiln beside gpt-fast (torch.profiler)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"optional rows, some of {','.join(ROWS)}")
     p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
     p.add_argument("--draft-model", default=None, help="a trained draft model directory for the draft row")
@@ -835,8 +856,13 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    "get OMP_NUM_THREADS)")
     p.add_argument("--budget-s", type=float, default=0, help="rows not started this many seconds after the start "
                    "are skipped (listed as such); 0: no limit")
+    p.add_argument("--profile-tokens", type=int, default=64, help="profile part: decode tokens recorded per table")
+    p.add_argument("--profile-no-init", action="store_true", help="profile part: skip torch's "
+                   "_init_for_cuda_graphs() before capture (if the graph table comes back empty on a stack where "
+                   "that empty profiler session turns tracing off)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    p.add_argument("--out", default=None, help="directory for bench_serve.md and bench_serve.json")
+    p.add_argument("--out", default=None, help="directory for bench_serve.md and bench_serve.json (profile part: "
+                   "also profile/, the Chrome traces and decode_profile_<shape>.md/.json)")
     p.set_defaults(func=run)
 
 
