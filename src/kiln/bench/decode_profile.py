@@ -36,9 +36,10 @@ import contextlib
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 CATEGORIES = ("matmul/GEMV", "attention", "norm/rope/elementwise", "lm_head", "sampling/argmax", "copies", "other")
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -82,7 +83,7 @@ class ProfileTable:
 def short_name(name: str, width: int = 64) -> str:
     """A kernel name without ``void``, template arguments and parameter lists, at most ``width`` chars."""
     n = name.strip()
-    n = n[5:] if n.startswith("void ") else n
+    n = n.removeprefix("void ")
     for cut in ("(", "<"):
         i = n.find(cut)
         if i > 0:
@@ -141,39 +142,47 @@ def _cpu_self_times(events: list[dict]) -> tuple[dict[str, list[float]], dict[st
     for evs in by_tid.values():
         evs.sort(key=lambda e: (float(e["ts"]), -float(e.get("dur", 0.0))))
         stack: list[list[Any]] = []  # [event, end, child time, label]
-
-        def close(item: list[Any]) -> None:
-            ev, _, child, label = item
-            if ev.get("cat") == "cpu_op":
-                times[label].append(max(0.0, float(ev.get("dur", 0.0)) - child))
-            if stack:
-                stack[-1][2] += float(ev.get("dur", 0.0))
-
         for e in evs:
             ts, end = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))
             while stack and stack[-1][1] <= ts:
-                close(stack.pop())
+                _close(stack, times)
             outer = next((s[3] for s in stack if s[3].startswith("kiln::")), None)
             label = outer or e["name"]
             if outer is None and (e.get("cat") == "cpu_op" or label.startswith("kiln::")):
                 calls[label] += 1
             stack.append([e, end, 0.0, label])
         while stack:
-            close(stack.pop())
+            _close(stack, times)
     return times, calls
 
 
-def table_from_trace(trace: Path, tokens: int, impl: str, shape: str, top: int = 25) -> ProfileTable:
-    """``trace`` (a torch.profiler Chrome trace) summed per kernel (GPU activity if any, else CPU op
-    self times) over ``tokens`` decode tokens: the top ``top`` rows and every category's total."""
+def _close(stack: list[list[Any]], times: dict[str, list[float]]) -> None:
+    """Pop the innermost open event: its self time (duration less its children's) to its label; its
+    duration to its parent's child time."""
+    ev, _, child, label = stack.pop()
+    if ev.get("cat") == "cpu_op":
+        times[label].append(max(0.0, float(ev.get("dur", 0.0)) - child))
+    if stack:
+        stack[-1][2] += float(ev.get("dur", 0.0))
+
+
+def table_from_trace(trace: Path, tokens: int, impl: str, shape: str, top: int = 25, gpu: bool = False) -> ProfileTable:
+    """``trace`` (a torch.profiler Chrome trace) summed per kernel (GPU activity; without ``gpu``, CPU op
+    self times when the trace has none) over ``tokens`` decode tokens: the top ``top`` rows and every
+    category's total."""
     events = json.loads(Path(trace).read_text())
     events = events.get("traceEvents", []) if isinstance(events, dict) else events
     times = _gpu_activity(events)
     calls = {k: len(v) for k, v in times.items()}
     kind = "GPU kernels"
+    t = ProfileTable(impl, shape, tokens=tokens, trace=str(trace))
+    if gpu and not times:
+        launches = sum(1 for e in events if e.get("name") in ("cudaGraphLaunch", "cuGraphLaunch"))
+        t.error = (f"no GPU kernels in the trace ({len(events)} events, {launches} graph launches): CUPTI traced "
+                   "nothing on the GPU; rerun with --profile-no-init (see kiln.bench.decode_profile)")
+        return t
     if not times:
         (times, calls), kind = _cpu_self_times(events), "CPU ops (self time)"
-    t = ProfileTable(impl, shape, tokens=tokens, trace=str(trace))
     total = sum(sum(v) for v in times.values())
     if not times or total <= 0 or tokens <= 0:
         t.error = f"no kernels or ops in the trace ({len(events)} events)"
@@ -188,6 +197,9 @@ def table_from_trace(trace: Path, tokens: int, impl: str, shape: str, top: int =
         cpt = n / tokens
         rows.append(KernelRow(name, categorize(name, cpt), cpt, us / tokens, us / total))
     rows.sort(key=lambda r: -r.us_per_token)
+    heads = [r for r in rows if r.category == "lm_head" and not r.name.startswith("kiln::")]
+    for r in heads[1:]:  # once-per-token matmuls: the largest is the head (V x d), the rest (e.g. layer 0's
+        r.category = "matmul/GEMV"  # projection fused with the embedding) are layers'
     t.busy_us_per_token = total / tokens
     cats: dict[str, float] = {c: 0.0 for c in CATEGORIES}
     for r in rows:
@@ -241,15 +253,16 @@ def _profiler(device: Any) -> Any:
 
 def _decode_window(eng: Any, rid: str, tokens: int, device: Any) -> tuple[int, float]:
     """Step the engine until request ``rid`` has ``tokens`` more tokens; (tokens decoded, wall s)."""
-    from kiln.bench.serve import _sync
+    import torch
 
     seq = eng._seqs[rid]
     start = len(seq.token_ids) - seq.num_prompt_tokens
-    _sync(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     while len(seq.token_ids) - seq.num_prompt_tokens - start < tokens and not seq.finished:
         eng.step()
-    _sync(device)
+    sync()
     return len(seq.token_ids) - seq.num_prompt_tokens - start, time.perf_counter() - t0
 
 
@@ -287,7 +300,7 @@ def kiln_profiles(model: Any, prompt: list[int], tokens: int, warm: int, device:
                 n, wall = _decode_window(eng, rid, tokens, device)
             trace = out / f"{stem}.json"
             prof.export_chrome_trace(str(trace))
-            t = table_from_trace(trace, n, impl, shape)
+            t = table_from_trace(trace, n, impl, shape, gpu=cuda)
             t.wall_us_per_token = 1e6 * wall / max(n, 1)
             if cuda:
                 k = eng.runner.decode_steps
@@ -304,7 +317,7 @@ def kiln_profiles(model: Any, prompt: list[int], tokens: int, warm: int, device:
 GPT_FAST_PROFILE_PATCH = r'''
 # kiln bench serve --parts profile: gpt-fast's last decode_n_tokens call under torch.profiler.
 import torch, time
-if device == "cuda":
+if device == "cuda" and profile_init == "1":
     torch.profiler._utils._init_for_cuda_graphs()  # before gpt-fast captures its graphs
 _orig_decode_n = generate.decode_n_tokens
 _calls = [0]
@@ -327,19 +340,13 @@ generate.decode_n_tokens = _profiled_decode_n
 '''
 
 
-def gpt_fast_profile(ref: Path, export_dir: Path, work: Path, tokens: int, prompt_len: int, device: Any,
-                     out: Path, shape: str) -> ProfileTable:
-    """gpt-fast's ``decode_n_tokens`` (``tokens`` + 1 new tokens, compiled on CUDA) under the profiler, in
-    the bench's gpt-fast subprocess; its trace read as Kiln's is."""
-    from kiln.bench.serve import gpt_fast_decode
-
-    trace = out / "gpt_fast.json"
-    trace.unlink(missing_ok=True)
-    gpt_fast_decode(ref, export_dir, work, "bf16", prompt_len, tokens + 1, device, profile_trace=trace)
+def gpt_fast_table(trace: Path, shape: str, cuda: bool) -> ProfileTable:
+    """The table of the trace the gpt-fast driver wrote (with ``GPT_FAST_PROFILE_PATCH``; its token count
+    and wall time beside it in ``<trace>.meta``)."""
     meta = json.loads(Path(str(trace) + ".meta").read_text())
-    t = table_from_trace(trace, int(meta["tokens"]), "gpt-fast", shape)
+    t = table_from_trace(trace, int(meta["tokens"]), "gpt-fast", shape, gpu=cuda)
     t.wall_us_per_token = 1e6 * meta["wall_s"] / max(int(meta["tokens"]), 1)
-    t.note += "; decode_one_token, compile (reduce-overhead)" if device.type == "cuda" else "; eager"
+    t.note += "; decode_one_token, compile (reduce-overhead)" if cuda else "; eager"
     return t
 
 
@@ -372,50 +379,3 @@ def format_profiles(tables: list[ProfileTable]) -> str:
             if c == "total" or any(vals):
                 out.append(f"| {shape} | {c} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
     return "\n".join(out)
-
-
-def profile_part(args: Any, shape: str, device: Any, work: Path) -> list[ProfileTable]:
-    """The profile part on one shape: Kiln's tables, then gpt-fast's (with ``--gpt-fast``). Writes the
-    traces and ``decode_profile_<shape>.md`` / ``.json`` under ``--out`` (else the work folder)."""
-    import traceback
-    from dataclasses import asdict
-
-    import torch
-
-    from kiln.artifacts import write_json_atomic, write_text_atomic
-    from kiln.bench.serve import _free, bench_model, export_for_references
-
-    out = Path(args.out) / "profile" if args.out else work / "profile"
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = bench_model(shape, device, dtype, args.model)
-    ctx = model.config.context_length
-    plen = max(1, min(args.prompt_len, ctx // 4))
-    w = 2 if device.type == "cuda" else 1  # windows: graphs, no graph
-    warm = max(1, min(16, (ctx - plen) // 8))
-    tokens = max(1, min(args.profile_tokens, (ctx - plen - 9 - w * warm) // w))
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, min(model.config.vocab_size, 1024), (plen,), generator=g).tolist()
-    tables: list[ProfileTable] = []
-    try:
-        tables += kiln_profiles(model, prompt, tokens, warm, device, out, shape, not args.profile_no_init)
-    except Exception as e:  # noqa: BLE001 - reported as the table's error
-        traceback.print_exc()
-        tables.append(ProfileTable("kiln", shape, error=f"{type(e).__name__}: {e}"))
-    _free(device)
-    if args.gpt_fast:
-        try:
-            export = export_for_references(model, work / f"export_{shape}")
-            tables.append(gpt_fast_profile(Path(args.gpt_fast), export, work, tokens, plen, device, out, shape))
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            tables.append(ProfileTable("gpt-fast", shape, error=f"{type(e).__name__}: {e}"))
-    else:
-        tables.append(ProfileTable("gpt-fast", shape, error="skipped: no --gpt-fast DIR"))
-    del model
-    _free(device)
-    text = format_profiles(tables)
-    print(text, flush=True)
-    write_text_atomic(out / f"decode_profile_{shape}.md", text + "\n")
-    write_json_atomic(out / f"decode_profile_{shape}.json", [asdict(t) for t in tables])
-    return tables

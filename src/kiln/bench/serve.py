@@ -251,7 +251,7 @@ class _Tok:
     def bos_id(self): return 1
     def eos_id(self): return 2
 generate.get_tokenizer = lambda *a, **k: _Tok()
-profile_trace = sys.argv[9] if len(sys.argv) > 9 else ""  # kiln bench serve --parts profile
+profile_trace, profile_init = (sys.argv[9:11] if len(sys.argv) > 10 else ("", "0"))  # --parts profile
 num_samples = 2 if profile_trace else 5
 _profile_call = num_samples + (1 if compile_ == "1" else 0)  # the last call: after the compile warm-up
 #PROFILE_PATCH#
@@ -266,7 +266,7 @@ print(json.dumps({"tok_s": float(m[-1]) if m else None, "tail": text[-800:]}))
 
 
 def gpt_fast_decode(ref: Path, export_dir: Path, work: Path, mode: str, prompt_len: int, new_tokens: int,
-                    device: Any, profile_trace: Path | None = None) -> tuple[float, str]:
+                    device: Any, profile_trace: Path | None = None, profile_init: bool = True) -> tuple[float, str]:
     """gpt-fast's generate.main (5 samples; its own average tok/s) in a subprocess, on the exported weights.
     With ``profile_trace``: 2 samples, the last one's ``decode_n_tokens`` under torch.profiler, its Chrome
     trace written there (``kiln.bench.decode_profile``)."""
@@ -278,7 +278,7 @@ def gpt_fast_decode(ref: Path, export_dir: Path, work: Path, mode: str, prompt_l
         from kiln.bench.decode_profile import GPT_FAST_PROFILE_PATCH as patch
     driver.write_text(GPT_FAST_DRIVER.replace("#PROFILE_PATCH#", patch))
     compile_ = "1" if device.type == "cuda" else "0"
-    extra = [str(Path(profile_trace).resolve())] if profile_trace is not None else []
+    extra = [str(Path(profile_trace).resolve()), "1" if profile_init else "0"] if profile_trace is not None else []
     proc = subprocess.run([sys.executable, str(driver), str(ref.resolve()), str(export_dir), str(work), mode,
                            str(prompt_len), str(new_tokens), compile_, device.type, *extra],
                           check=False, capture_output=True, text=True, timeout=1800, cwd=str(work))
@@ -433,6 +433,64 @@ def _host_row(model: Any, shape: str, label: str, graphs: bool, steps: int, plen
         best = max(best, len(out.token_ids) / (time.perf_counter() - t0))
     note = f"{1e6 / best:.0f} us/token" + (f", {steps} steps per graph" if steps > 1 else "")
     return ServeRow("host", shape, label, tok_s=best, note=note)
+
+
+# -- where a decode token's GPU time goes (torch.profiler) ------------------------------------------------
+
+
+def profile_part(args: argparse.Namespace, shape: str, device: Any, work: Path) -> list[Any]:
+    """The profile part on one shape (``kiln.bench.decode_profile``): Kiln's tables, then gpt-fast's (with
+    ``--gpt-fast``). Writes the Chrome traces and ``decode_profile_<shape>.md`` / ``.json`` under
+    ``--out``/profile (else the work folder)."""
+    from dataclasses import asdict
+
+    import torch
+
+    from kiln.artifacts import write_json_atomic, write_text_atomic
+    from kiln.bench.decode_profile import (
+        ProfileTable,
+        format_profiles,
+        gpt_fast_table,
+        kiln_profiles,
+    )
+
+    out = Path(args.out) / "profile" if args.out else work / "profile"
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = bench_model(shape, device, dtype, args.model)
+    ctx = model.config.context_length
+    plen = max(1, min(args.prompt_len, ctx // 4))
+    w = 2 if device.type == "cuda" else 1  # windows: graph replays, the same step without the graph
+    warm = max(1, min(16, (ctx - plen) // 8))
+    tokens = max(1, min(args.profile_tokens, (ctx - plen - 9 - w * warm) // w))
+    prompt = torch.randint(0, min(model.config.vocab_size, 1024), (plen,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    tables: list[Any] = []
+    try:
+        tables += kiln_profiles(model, prompt, tokens, warm, device, out, shape, not args.profile_no_init)
+    except Exception as e:  # noqa: BLE001 - reported as the table's error
+        traceback.print_exc()
+        tables.append(ProfileTable("kiln", shape, error=f"{type(e).__name__}: {e}"))
+    _free(device)
+    if args.gpt_fast:
+        try:
+            export = export_for_references(model, work / f"export_{shape}")
+            trace = out / "gpt_fast.json"
+            gpt_fast_decode(Path(args.gpt_fast), export, work, "bf16", plen, tokens + 1, device, profile_trace=trace,
+                            profile_init=not args.profile_no_init)
+            tables.append(gpt_fast_table(trace, shape, device.type == "cuda"))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            tables.append(ProfileTable("gpt-fast", shape, error=f"{type(e).__name__}: {e}"))
+    else:
+        tables.append(ProfileTable("gpt-fast", shape, error="skipped: no --gpt-fast DIR"))
+    del model
+    _free(device)
+    text = format_profiles(tables)
+    print(text, flush=True)
+    write_text_atomic(out / f"decode_profile_{shape}.md", text + "\n")
+    write_json_atomic(out / f"decode_profile_{shape}.json", [asdict(t) for t in tables])
+    return tables
 
 
 def build_draft(model: Any, device: Any, dtype: Any) -> Any:
@@ -709,10 +767,9 @@ def rollouts_table(args: argparse.Namespace, shape: str, device: Any) -> list[An
 
 
 def _tables(rows: list[Any]) -> str:
+    from kiln.bench.decode_profile import ProfileTable, format_profiles
     from kiln.bench.rollouts import RolloutRow, format_rollouts
     from kiln.bench.serve_http import HttpRow, format_table
-
-    from kiln.bench.decode_profile import ProfileTable, format_profiles
 
     parts = [format_tables([r for r in rows if isinstance(r, ServeRow)])]
     prof = [r for r in rows if isinstance(r, ProfileTable)]
@@ -794,8 +851,6 @@ def run(args: argparse.Namespace) -> int:
             if "host" in args.parts:
                 keep(host_table(args, shape, device))
             if "profile" in args.parts:
-                from kiln.bench.decode_profile import profile_part
-
                 keep(profile_part(args, shape, device, work))
         if "http" in args.parts:
             keep(http_table(args, device, work))
@@ -803,7 +858,7 @@ def run(args: argparse.Namespace) -> int:
              f"{args.repeats}); throughput: at each concurrency c, min({args.requests}, max({args.min_requests}, 8c)) requests "
              f"(AlpacaEval prompt lengths), {args.max_tokens} greedy output tokens each, c kept in flight; "
              f"rollouts: {args.gsm8k_prompts} GSM8K prompts ({args.gsm8k_shots}-shot) and GRPO groups of "
-             f"{args.group}, {args.max_tokens} tokens each. Weights: "
+             f"{args.group}, {args.max_tokens} tokens each; profile: {args.profile_tokens} decode tokens per table. Weights: "
              + (args.model or "random init (speed does not depend on values)") + "; wall "
              f"{time.monotonic() - args.started:.0f} s.")
     report("serve", device, blurb, _tables(rows), rows, args.out)
