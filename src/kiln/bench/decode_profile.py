@@ -91,32 +91,46 @@ def short_name(name: str, width: int = 64) -> str:
     return n if len(n) <= width else n[:width - 1] + "~"
 
 
+VIEW_OPS = ("aten::view", "aten::as_strided", "aten::t", "aten::transpose", "aten::reshape", "aten::slice",
+            "aten::empty", "aten::expand", "aten::select", "aten::unsqueeze", "aten::detach", "aten::alias",
+            "aten::_unsafe_view", "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg")
+MATMUL_KEYS = ("gemm", "gemv", "nvjet", "cutlass", "cublas", "matmul", "aten::mm", "aten::addmm", "_mm", "mm_",
+               "addmm", "linear", "int8", "int4", "quant", "xmma", "splitk")
+COPY_KEYS = ("memcpy", "memset", "copy", "fill", "index_put", "index_copy", "index_select", "scatter", "gather",
+             "aten::cat", "catarray", "clone", "aten::to", "_to_copy")
+
+
 def categorize(name: str, calls_per_token: float) -> str:
-    """The category of a kernel or op by its name; a matmul (or a softmax) run about once per token
-    rather than once per layer is the LM head (the sampling softmax)."""
+    """The category of a kernel or op by its name. A batched matmul (``bmm``) is attention: a decode
+    step's projections are plain matmuls. A matmul (softmax) run about once per token rather than once
+    per layer is the LM head (the sampling softmax). Inductor's fused kernels (``triton_*``) name the
+    ops they fuse, ``_to_copy`` casts included: they count as copies only if nothing else is fused."""
     n = name.lower()
     once = calls_per_token < 1.5
     if n.startswith("kiln::lm_head"):
         return "lm_head"
-    if n.startswith("kiln::paged_attention") or any(k in n for k in ("paged_decode", "paged_reduce", "flash", "fmha",
-                                                                      "attention", "sdpa", "attn")):
+    if n.startswith("kiln::paged_attention") or "bmm" in n or any(
+            k in n for k in ("paged_decode", "paged_reduce", "flash", "fmha", "attention", "sdpa", "attn")):
         return "attention"
+    if any(k in n for k in MATMUL_KEYS):
+        return "lm_head" if once else "matmul/GEMV"
     if any(k in n for k in ("argmax", "topk", "sort", "multinomial", "exponential", "philox", "sample")):
         return "sampling/argmax"
     if "softmax" in n:
         return "sampling/argmax" if once else "attention"
-    if any(k in n for k in ("memcpy", "memset", "copy", "fill", "index_put", "index_copy", "index_select", "scatter",
-                            "gather", "aten::cat", "catarray", "clone", "aten::to", "_to_copy")):
-        return "copies"
-    if n in ("aten::view", "aten::as_strided", "aten::t", "aten::transpose", "aten::reshape", "aten::slice",
-             "aten::empty", "aten::expand", "aten::select", "aten::unsqueeze", "aten::detach", "aten::alias",
-             "aten::_unsafe_view", "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg"):
+    if n in VIEW_OPS:
         return "other"  # views and allocations: no kernel on the GPU
-    if any(k in n for k in ("gemm", "gemv", "nvjet", "cutlass", "cublas", "matmul", "aten::mm", "aten::addmm",
-                            "aten::bmm", "_mm", "mm_", "linear", "int8", "int4", "quant", "sm90_xmma", "splitk")):
-        return "lm_head" if once else "matmul/GEMV"
-    if any(k in n for k in ("triton", "elementwise", "vectorized", "reduce", "norm", "rope", "rotary", "silu", "mul",
-                            "add", "aten::")):
+    if n.startswith("triton_"):
+        fused = n.split("fused", 1)[-1]
+        rest = fused
+        for k in ("_to_copy", "index_put", "copy", "clone", "cat", "scatter", "gather", "index", "select", "slice",
+                  "view", "unsqueeze", "squeeze", "expand", "_"):
+            rest = rest.replace(k, "")
+        return "copies" if not rest.strip("0123456789") else "norm/rope/elementwise"
+    if any(k in n for k in COPY_KEYS):
+        return "copies"
+    if any(k in n for k in ("elementwise", "vectorized", "reduce", "norm", "rope", "rotary", "silu", "mul", "add",
+                            "aten::")):
         return "norm/rope/elementwise"
     return "other"
 
