@@ -76,6 +76,11 @@ class ProfileTable:
     note: str = ""
     error: str = ""
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ProfileTable:
+        """Back from ``dataclasses.asdict`` (the part's JSON)."""
+        return cls(**{**d, "rows": [KernelRow(**r) for r in d.get("rows", [])]})
+
 
 # -- reading a Chrome trace -----------------------------------------------------------------------------
 
@@ -291,6 +296,8 @@ def kiln_profiles(model: Any, prompt: list[int], tokens: int, warm: int, device:
 
     cuda = device.type == "cuda"
     if cuda and init_for_graphs:
+        import torch.profiler._utils
+
         torch.profiler._utils._init_for_cuda_graphs()  # before capture: CUPTI then sees the graphs' kernels
     cfg = EngineConfig(max_num_seqs=1, max_num_batched_tokens=max(2048, len(prompt) + 8), num_blocks=None,
                        enable_prefix_caching=False, compile_decode=cuda)
