@@ -8,20 +8,23 @@ trace is written and read back, and every GPU activity in it (kernels, memcpy, m
 name and divided by the tokens decoded in the window: calls per token, microseconds per token, share
 of the GPU time of a step. Two Kiln tables on CUDA:
 
-- ``kiln graphs``: the CUDA graph replays themselves. CUPTI traces the kernels inside a replayed graph
-  only if the profiler was initialised before the graph was captured, so
-  ``torch.profiler._utils._init_for_cuda_graphs()`` (an empty profiler session; the workaround the
-  torch.compile profiling docs give) runs before the engine is built. On some stacks that empty
-  session is reported to leave activity collection off for the process (``--profile-no-init`` skips
-  it); kineto also warns that kernel times inside graphs can be off (pytorch/kineto#1165). Hence:
+- ``kiln graphs``: the CUDA graph replays themselves. Whether CUPTI traces the kernels inside a
+  replayed graph has depended on when the profiler first started: torch's workaround for graphs
+  captured before the first profiler use is ``torch.profiler._utils._init_for_cuda_graphs()`` (an
+  empty session before capture; ``--profile-init``), while on CUDA 13 stacks that early session is
+  reported to turn kernel tracing off for the process (lightseekorg/tokenspeed#1348: zero kernel
+  events with it, all of them without). The default is no early session (the device runs torch
+  2.11+cu130); a table that comes back without GPU kernels is measured again in a fresh process
+  with the other setting (``bench.serve._profile_again``), so one GPU call answers either way.
+  Kineto also notes that kernel times inside graphs can be off (pytorch/kineto#1165). Hence:
 - ``kiln no graph``: the same compiled decode step over the same static buffers, launched kernel by
   kernel without the graph (``ModelRunner._graph_body``, as the CPU emulation runs it). The kernels
   are the graph's; only the launch gaps differ, so this is the fallback when the first table is
   empty, and the check of it otherwise.
 
 gpt-fast (``--gpt-fast DIR``): its own ``generate.main`` in the bench's subprocess driver, with
-``decode_n_tokens`` wrapped so that its last call (``--new-tokens`` - 1 tokens, after the compile
-warm-up) runs under the profiler; the parent reads that trace the same way.
+``decode_n_tokens`` wrapped so that its last call (after the compile
+warm-up: ``--profile-tokens`` tokens) runs under the profiler; the parent reads that trace the same way.
 
 On the CPU (tests, no CUDA) the profiler records CPU ops; a row is an op's self time, and the ops
 inside Kiln's paged attention (a ``kiln::paged_attention`` range) and LM head (``kiln::lm_head``)
@@ -198,7 +201,7 @@ def table_from_trace(trace: Path, tokens: int, impl: str, shape: str, top: int =
     if gpu and not times:
         launches = sum(1 for e in events if e.get("name") in ("cudaGraphLaunch", "cuGraphLaunch"))
         t.error = (f"no GPU kernels in the trace ({len(events)} events, {launches} graph launches): CUPTI traced "
-                   "nothing on the GPU; rerun with --profile-no-init (see kiln.bench.decode_profile)")
+                   "nothing on the GPU; run with --profile-init flipped (see kiln.bench.decode_profile)")
         return t
     if not times:
         (times, calls), kind = _cpu_self_times(events), "CPU ops (self time)"
@@ -286,7 +289,7 @@ def _decode_window(eng: Any, rid: str, tokens: int, device: Any) -> tuple[int, f
 
 
 def kiln_profiles(model: Any, prompt: list[int], tokens: int, warm: int, device: Any, out: Path, shape: str,
-                  init_for_graphs: bool = True) -> list[ProfileTable]:
+                  init_for_graphs: bool = False) -> list[ProfileTable]:
     """Kiln's default decode path under the profiler: graph replays, then (CUDA) the same compiled step
     launched without the graph. Traces ``out/kiln_*.json``."""
     import torch

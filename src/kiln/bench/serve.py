@@ -266,7 +266,7 @@ print(json.dumps({"tok_s": float(m[-1]) if m else None, "tail": text[-800:]}))
 
 
 def gpt_fast_decode(ref: Path, export_dir: Path, work: Path, mode: str, prompt_len: int, new_tokens: int,
-                    device: Any, profile_trace: Path | None = None, profile_init: bool = True) -> tuple[float, str]:
+                    device: Any, profile_trace: Path | None = None, profile_init: bool = False) -> tuple[float, str]:
     """gpt-fast's generate.main (5 samples; its own average tok/s) in a subprocess, on the exported weights.
     With ``profile_trace``: 2 samples, the last one's ``decode_n_tokens`` under torch.profiler, its Chrome
     trace written there (``kiln.bench.decode_profile``)."""
@@ -467,7 +467,7 @@ def profile_part(args: argparse.Namespace, shape: str, device: Any, work: Path) 
                            generator=torch.Generator().manual_seed(0)).tolist()
     tables: list[Any] = []
     try:
-        tables += kiln_profiles(model, prompt, tokens, warm, device, out, shape, not args.profile_no_init)
+        tables += kiln_profiles(model, prompt, tokens, warm, device, out, shape, args.profile_init)
     except Exception as e:  # noqa: BLE001 - reported as the table's error
         traceback.print_exc()
         tables.append(ProfileTable("kiln", shape, error=f"{type(e).__name__}: {e}"))
@@ -477,7 +477,7 @@ def profile_part(args: argparse.Namespace, shape: str, device: Any, work: Path) 
             export = export_for_references(model, work / f"export_{shape}")
             trace = out / "gpt_fast.json"
             gpt_fast_decode(Path(args.gpt_fast), export, work, "bf16", plen, tokens + 1, device, profile_trace=trace,
-                            profile_init=not args.profile_no_init)
+                            profile_init=args.profile_init)
             tables.append(gpt_fast_table(trace, shape, device.type == "cuda"))
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
@@ -486,8 +486,8 @@ def profile_part(args: argparse.Namespace, shape: str, device: Any, work: Path) 
         tables.append(ProfileTable("gpt-fast", shape, error="skipped: no --gpt-fast DIR"))
     del model
     _free(device)
-    if any("no GPU kernels" in t.error for t in tables) and not args.profile_no_init:
-        tables = _profile_without_init(args, shape, out, tables)
+    if any("no GPU kernels" in t.error for t in tables) and not getattr(args, "profile_rerun", False):
+        tables = _profile_again(args, shape, out, tables)
     text = format_profiles(tables)
     print(text, flush=True)
     write_text_atomic(out / f"decode_profile_{shape}.md", text + "\n")
@@ -495,18 +495,20 @@ def profile_part(args: argparse.Namespace, shape: str, device: Any, work: Path) 
     return tables
 
 
-def _profile_without_init(args: argparse.Namespace, shape: str, out: Path, tables: list[Any]) -> list[Any]:
+def _profile_again(args: argparse.Namespace, shape: str, out: Path, tables: list[Any]) -> list[Any]:
     """The tables that came back without GPU kernels, measured again in a fresh process with
-    ``--profile-no-init`` (where torch's empty profiler session before capture left CUPTI tracing off)."""
+    ``--profile-init`` flipped (CUPTI's tracing of graph replays depends on when the profiler first
+    started: before capture on older stacks, and on some CUDA 13 stacks an early empty session turns it off)."""
     from kiln.bench.decode_profile import ProfileTable
 
-    redo = out / "no_init"
-    cmd = [sys.executable, "-m", "kiln.bench.serve", "--parts", "profile", "--profile-no-init", "--shapes", shape,
+    flip = not args.profile_init
+    redo = out / ("init" if flip else "no_init")
+    cmd = [sys.executable, "-m", "kiln.bench.serve", "--parts", "profile", "--profile-rerun", "--shapes", shape,
            "--device", args.device, "--prompt-len", str(args.prompt_len), "--profile-tokens", str(args.profile_tokens),
-           "--out", str(redo)] + (["--model", args.model] if args.model else [])
+           "--out", str(redo)] + (["--model", args.model] if args.model else []) + (["--profile-init"] if flip else [])
     if args.gpt_fast and any(t.impl == "gpt-fast" and "no GPU kernels" in t.error for t in tables):
         cmd += ["--gpt-fast", args.gpt_fast]
-    print(f"  profile: no GPU kernels traced; again in a fresh process without _init_for_cuda_graphs: {cmd}", flush=True)
+    print(f"  profile: no GPU kernels traced; again in a fresh process: {' '.join(cmd)}", flush=True)
     try:
         subprocess.run(cmd, check=False, timeout=900)
         again = {t["impl"]: ProfileTable.from_dict(t) for t in
@@ -518,7 +520,8 @@ def _profile_without_init(args: argparse.Namespace, shape: str, out: Path, table
     for t in tables:
         new = again.get(t.impl)
         if "no GPU kernels" in t.error and new is not None and not new.error:
-            new.note += "; measured in a fresh process without _init_for_cuda_graphs (--profile-no-init)"
+            new.note += (f"; measured in a fresh process {'with' if flip else 'without'} _init_for_cuda_graphs "
+                         f"before capture ({redo.name}/)")
             t = new
         fixed.append(t)
     return fixed
@@ -943,9 +946,12 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-s", type=float, default=0, help="rows not started this many seconds after the start "
                    "are skipped (listed as such); 0: no limit")
     p.add_argument("--profile-tokens", type=int, default=64, help="profile part: decode tokens recorded per table")
-    p.add_argument("--profile-no-init", action="store_true", help="profile part: skip torch's "
-                   "_init_for_cuda_graphs() before capture (if the graph table comes back empty on a stack where "
-                   "that empty profiler session turns tracing off)")
+    p.add_argument("--profile-init", action="store_true", help="profile part: run torch's "
+                   "_init_for_cuda_graphs() (an empty profiler session) before the graphs are captured, the "
+                   "workaround torch's docs give for graphs captured before the first profiler use; off by "
+                   "default (on CUDA 13 stacks that session is reported to turn kernel tracing off); a table "
+                   "with no GPU kernels is measured again in a fresh process with the other setting")
+    p.add_argument("--profile-rerun", action="store_true", help=argparse.SUPPRESS)  # the rerun itself: no third try
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--out", default=None, help="directory for bench_serve.md and bench_serve.json (profile part: "
                    "also profile/, the Chrome traces and decode_profile_<shape>.md/.json)")
