@@ -251,9 +251,13 @@ class _Tok:
     def bos_id(self): return 1
     def eos_id(self): return 2
 generate.get_tokenizer = lambda *a, **k: _Tok()
+profile_trace, profile_init = (sys.argv[9:11] if len(sys.argv) > 10 else ("", "0"))  # --parts profile
+num_samples = 2 if profile_trace else 5
+_profile_call = num_samples + (1 if compile_ == "1" else 0)  # the last call: after the compile warm-up
+#PROFILE_PATCH#
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
-    generate.main(prompt=int(prompt_len), num_samples=5, max_new_tokens=int(new_tokens), batch_size=1, top_k=1,
+    generate.main(prompt=int(prompt_len), num_samples=num_samples, max_new_tokens=int(new_tokens), batch_size=1, top_k=1,
                   temperature=1.0, checkpoint_path=ck, compile=compile_ == "1", device=device)
 text = buf.getvalue()
 m = re.findall(r"Average tokens/sec: ([0-9.]+)", text)
@@ -262,15 +266,21 @@ print(json.dumps({"tok_s": float(m[-1]) if m else None, "tail": text[-800:]}))
 
 
 def gpt_fast_decode(ref: Path, export_dir: Path, work: Path, mode: str, prompt_len: int, new_tokens: int,
-                    device: Any) -> tuple[float, str]:
-    """gpt-fast's generate.main (5 samples; its own average tok/s) in a subprocess, on the exported weights."""
+                    device: Any, profile_trace: Path | None = None, profile_init: bool = False) -> tuple[float, str]:
+    """gpt-fast's generate.main (5 samples; its own average tok/s) in a subprocess, on the exported weights.
+    With ``profile_trace``: 2 samples, the last one's ``decode_n_tokens`` under torch.profiler, its Chrome
+    trace written there (``kiln.bench.decode_profile``)."""
     if not (ref / "generate.py").is_file():
         raise FileNotFoundError(f"--gpt-fast {ref} has no generate.py (see /work/shared/refs/README.md)")
     driver = work / "gpt_fast_driver.py"
-    driver.write_text(GPT_FAST_DRIVER)
+    patch = ""
+    if profile_trace is not None:
+        from kiln.bench.decode_profile import GPT_FAST_PROFILE_PATCH as patch
+    driver.write_text(GPT_FAST_DRIVER.replace("#PROFILE_PATCH#", patch))
     compile_ = "1" if device.type == "cuda" else "0"
+    extra = [str(Path(profile_trace).resolve()), "1" if profile_init else "0"] if profile_trace is not None else []
     proc = subprocess.run([sys.executable, str(driver), str(ref.resolve()), str(export_dir), str(work), mode,
-                           str(prompt_len), str(new_tokens), compile_, device.type],
+                           str(prompt_len), str(new_tokens), compile_, device.type, *extra],
                           check=False, capture_output=True, text=True, timeout=1800, cwd=str(work))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -423,6 +433,98 @@ def _host_row(model: Any, shape: str, label: str, graphs: bool, steps: int, plen
         best = max(best, len(out.token_ids) / (time.perf_counter() - t0))
     note = f"{1e6 / best:.0f} us/token" + (f", {steps} steps per graph" if steps > 1 else "")
     return ServeRow("host", shape, label, tok_s=best, note=note)
+
+
+# -- where a decode token's GPU time goes (torch.profiler) ------------------------------------------------
+
+
+def profile_part(args: argparse.Namespace, shape: str, device: Any, work: Path) -> list[Any]:
+    """The profile part on one shape (``kiln.bench.decode_profile``): Kiln's tables, then gpt-fast's (with
+    ``--gpt-fast``). Writes the Chrome traces and ``decode_profile_<shape>.md`` / ``.json`` under
+    ``--out``/profile (else the work folder)."""
+    from dataclasses import asdict
+
+    import torch
+
+    from kiln.artifacts import write_json_atomic, write_text_atomic
+    from kiln.bench.decode_profile import (
+        ProfileTable,
+        format_profiles,
+        gpt_fast_table,
+        kiln_profiles,
+    )
+
+    out = Path(args.out) / "profile" if args.out else work / "profile"
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = bench_model(shape, device, dtype, args.model)
+    ctx = model.config.context_length
+    plen = max(1, min(args.prompt_len, ctx // 4))
+    w = 2 if device.type == "cuda" else 1  # windows: graph replays, the same step without the graph
+    warm = max(1, min(16, (ctx - plen) // 8))
+    tokens = max(1, min(args.profile_tokens, (ctx - plen - 9 - w * warm) // w))
+    prompt = torch.randint(0, min(model.config.vocab_size, 1024), (plen,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    tables: list[Any] = []
+    try:
+        tables += kiln_profiles(model, prompt, tokens, warm, device, out, shape, args.profile_init)
+    except Exception as e:  # noqa: BLE001 - reported as the table's error
+        traceback.print_exc()
+        tables.append(ProfileTable("kiln", shape, error=f"{type(e).__name__}: {e}"))
+    _free(device)
+    if args.gpt_fast:
+        try:
+            export = export_for_references(model, work / f"export_{shape}")
+            trace = out / "gpt_fast.json"
+            gpt_fast_decode(Path(args.gpt_fast), export, work, "bf16", plen, tokens + 1, device, profile_trace=trace,
+                            profile_init=args.profile_init)
+            tables.append(gpt_fast_table(trace, shape, device.type == "cuda"))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            tables.append(ProfileTable("gpt-fast", shape, error=f"{type(e).__name__}: {e}"))
+    else:
+        tables.append(ProfileTable("gpt-fast", shape, error="skipped: no --gpt-fast DIR"))
+    del model
+    _free(device)
+    if any("no GPU kernels" in t.error for t in tables) and not getattr(args, "profile_rerun", False):
+        tables = _profile_again(args, shape, out, tables)
+    text = format_profiles(tables)
+    print(text, flush=True)
+    write_text_atomic(out / f"decode_profile_{shape}.md", text + "\n")
+    write_json_atomic(out / f"decode_profile_{shape}.json", [asdict(t) for t in tables])
+    return tables
+
+
+def _profile_again(args: argparse.Namespace, shape: str, out: Path, tables: list[Any]) -> list[Any]:
+    """The tables that came back without GPU kernels, measured again in a fresh process with
+    ``--profile-init`` flipped (CUPTI's tracing of graph replays depends on when the profiler first
+    started: before capture on older stacks, and on some CUDA 13 stacks an early empty session turns it off)."""
+    from kiln.bench.decode_profile import ProfileTable
+
+    flip = not args.profile_init
+    redo = out / ("init" if flip else "no_init")
+    cmd = [sys.executable, "-m", "kiln.bench.serve", "--parts", "profile", "--profile-rerun", "--shapes", shape,
+           "--device", args.device, "--prompt-len", str(args.prompt_len), "--profile-tokens", str(args.profile_tokens),
+           "--out", str(redo)] + (["--model", args.model] if args.model else []) + (["--profile-init"] if flip else [])
+    if args.gpt_fast and any(t.impl == "gpt-fast" and "no GPU kernels" in t.error for t in tables):
+        cmd += ["--gpt-fast", args.gpt_fast]
+    print(f"  profile: no GPU kernels traced; again in a fresh process: {' '.join(cmd)}", flush=True)
+    try:
+        subprocess.run(cmd, check=False, timeout=900)
+        again = {t["impl"]: ProfileTable.from_dict(t) for t in
+                 json.loads((redo / "profile" / f"decode_profile_{shape}.json").read_text())}
+    except Exception as e:  # noqa: BLE001 - the first tables stand, errors and all
+        print(f"  profile rerun failed: {type(e).__name__}: {e}", flush=True)
+        return tables
+    fixed = []
+    for t in tables:
+        new = again.get(t.impl)
+        if "no GPU kernels" in t.error and new is not None and not new.error:
+            new.note += (f"; measured in a fresh process {'with' if flip else 'without'} _init_for_cuda_graphs "
+                         f"before capture ({redo.name}/)")
+            t = new
+        fixed.append(t)
+    return fixed
 
 
 def build_draft(model: Any, device: Any, dtype: Any) -> Any:
@@ -667,7 +769,7 @@ def format_tables(rows: list[ServeRow]) -> str:
 
 ROWS = ("single-step", "eager", "int8", "int4", "ngram", "draft", "transformers", "transformers-cb", "transformers-serve",
         "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
-PARTS = ("latency", "throughput", "http", "rollouts", "host")
+PARTS = ("latency", "throughput", "http", "rollouts", "host", "profile")
 
 
 def rollouts_table(args: argparse.Namespace, shape: str, device: Any) -> list[Any]:
@@ -699,10 +801,15 @@ def rollouts_table(args: argparse.Namespace, shape: str, device: Any) -> list[An
 
 
 def _tables(rows: list[Any]) -> str:
+    from kiln.bench.decode_profile import ProfileTable, format_profiles
     from kiln.bench.rollouts import RolloutRow, format_rollouts
     from kiln.bench.serve_http import HttpRow, format_table
 
     parts = [format_tables([r for r in rows if isinstance(r, ServeRow)])]
+    prof = [r for r in rows if isinstance(r, ProfileTable)]
+    if prof:
+        parts.append("Where a batch-1 decode token's time goes (torch.profiler; GPU kernels on CUDA, CPU op self "
+                     "times on the CPU; per token of the profiled window):\n\n" + format_profiles(prof))
     http = [r for r in rows if isinstance(r, HttpRow)]
     if http:
         parts.append("HTTP vs direct (chat requests, AlpacaEval text through the chat template; `vs direct`: output "
@@ -777,13 +884,15 @@ def run(args: argparse.Namespace) -> int:
                 keep(throughput_table(args, shape, device, work))
             if "host" in args.parts:
                 keep(host_table(args, shape, device))
+            if "profile" in args.parts:
+                keep(profile_part(args, shape, device, work))
         if "http" in args.parts:
             keep(http_table(args, device, work))
     blurb = (f"Batch-1 greedy decode of {args.new_tokens} tokens after a {args.prompt_len}-token prompt (best of "
              f"{args.repeats}); throughput: at each concurrency c, min({args.requests}, max({args.min_requests}, 8c)) requests "
              f"(AlpacaEval prompt lengths), {args.max_tokens} greedy output tokens each, c kept in flight; "
              f"rollouts: {args.gsm8k_prompts} GSM8K prompts ({args.gsm8k_shots}-shot) and GRPO groups of "
-             f"{args.group}, {args.max_tokens} tokens each. Weights: "
+             f"{args.group}, {args.max_tokens} tokens each; profile: {args.profile_tokens} decode tokens per table. Weights: "
              + (args.model or "random init (speed does not depend on values)") + "; wall "
              f"{time.monotonic() - args.started:.0f} s.")
     report("serve", device, blurb, _tables(rows), rows, args.out)
@@ -802,7 +911,8 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--parts", default="latency,throughput", help=f"some of {','.join(PARTS)}: batch-1 decode; "
                    "engine throughput vs transformers; the HTTP server vs the engine (kiln bench serve-http's "
                    "table); GSM8K generation and GRPO rollouts before/after the engine; the engine's host work "
-                   "per decode token (the forward stubbed out)")
+                   "per decode token (the forward stubbed out); where a decode token's GPU time goes, kernel by kernel, "
+                   "Kiln beside gpt-fast (torch.profiler)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"optional rows, some of {','.join(ROWS)}")
     p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
     p.add_argument("--draft-model", default=None, help="a trained draft model directory for the draft row")
@@ -835,8 +945,16 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    "get OMP_NUM_THREADS)")
     p.add_argument("--budget-s", type=float, default=0, help="rows not started this many seconds after the start "
                    "are skipped (listed as such); 0: no limit")
+    p.add_argument("--profile-tokens", type=int, default=64, help="profile part: decode tokens recorded per table")
+    p.add_argument("--profile-init", action="store_true", help="profile part: run torch's "
+                   "_init_for_cuda_graphs() (an empty profiler session) before the graphs are captured, the "
+                   "workaround torch's docs give for graphs captured before the first profiler use; off by "
+                   "default (on CUDA 13 stacks that session is reported to turn kernel tracing off); a table "
+                   "with no GPU kernels is measured again in a fresh process with the other setting")
+    p.add_argument("--profile-rerun", action="store_true", help=argparse.SUPPRESS)  # the rerun itself: no third try
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    p.add_argument("--out", default=None, help="directory for bench_serve.md and bench_serve.json")
+    p.add_argument("--out", default=None, help="directory for bench_serve.md and bench_serve.json (profile part: "
+                   "also profile/, the Chrome traces and decode_profile_<shape>.md/.json)")
     p.set_defaults(func=run)
 
 

@@ -1,0 +1,62 @@
+"""`kiln bench serve --parts profile` on the CPU at toy scale: the table of Kiln's decode names the
+attention op and sums to 100%; the trace reader sums GPU kernels per token and sorts them into categories."""
+
+from __future__ import annotations
+
+import json
+
+from kiln.bench.decode_profile import categorize, short_name, table_from_trace
+from kiln.cli.main import main
+
+
+def test_profile_part_runs_on_cpu_and_names_attention(tmp_path):
+    args = ["bench", "serve", "--device", "cpu", "--shapes", "tiny", "--parts", "profile", "--profile-tokens", "6",
+            "--prompt-len", "4", "--threads", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    tables = json.loads((tmp_path / "profile" / "decode_profile_tiny.json").read_text())
+    kiln = next(t for t in tables if t["impl"] == "kiln")
+    assert not kiln["error"] and kiln["tokens"] == 6 and (tmp_path / "profile" / "kiln_cpu.json").is_file()
+    assert abs(sum(r["share"] for r in kiln["rows"]) - 1.0) < 1e-6  # the "others" row keeps it whole
+    assert abs(sum(r["us_per_token"] for r in kiln["rows"]) - kiln["busy_us_per_token"]) < 1e-3 * kiln["busy_us_per_token"]
+    rows = {r["name"]: r for r in kiln["rows"]}
+    attn = rows["kiln::paged_attention"]  # one range per layer per token (tiny: 2 layers)
+    assert attn["category"] == "attention" and attn["calls_per_token"] == 2.0
+    assert rows["kiln::lm_head"]["calls_per_token"] == 1.0
+    assert next(t for t in tables if t["impl"] == "gpt-fast")["error"].startswith("skipped")
+    md = (tmp_path / "bench_serve.md").read_text()
+    assert "| 1 | `" in md and "| tiny | attention |" in md and "| tiny | total |" in md
+
+
+def test_gpu_trace_is_summed_per_kernel_and_token(tmp_path):
+    """A hand-made trace of 2 tokens x 2 layers: per-token times, calls, the LM head found as the largest
+    once-per-token matmul, copies and the attention kernel named; CPU ops ignored when kernels exist."""
+    ev = []
+    for tok in range(2):
+        for layer in range(2):
+            ev.append({"ph": "X", "cat": "kernel", "name": "nvjet_tst_64x8_64x16_4x1_v_bz_TNT", "dur": 3.0})
+            ev.append({"ph": "X", "cat": "kernel", "name": "_paged_decode_kernel", "dur": 2.0})
+            ev.append({"ph": "X", "cat": "kernel", "name": "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0",
+                       "dur": 1.0})
+        ev.append({"ph": "X", "cat": "kernel", "name": "void gemv2T_kernel_val<int, 128>(float*)", "dur": 10.0})
+        ev.append({"ph": "X", "cat": "kernel", "name": "triton_red_fused_embedding_mm_1", "dur": 1.0})
+        ev.append({"ph": "X", "cat": "kernel", "name": "triton_red_fused_argmax_2", "dur": 1.0})
+        ev.append({"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pinned)", "dur": 1.0})
+        ev.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": tok, "dur": 500.0})
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": ev}))
+    t = table_from_trace(path, 2, "x", "s", gpu=True)
+    assert t.busy_us_per_token == 2 * (3 + 2 + 1) + 10 + 1 + 1 + 1
+    rows = {r.name: r for r in t.rows}
+    assert rows["gemv2T_kernel_val"].category == "lm_head" and rows["gemv2T_kernel_val"].us_per_token == 10
+    assert rows["triton_red_fused_embedding_mm_1"].category == "matmul/GEMV"  # once per token, but smaller
+    assert rows["nvjet_tst_64x8_64x16_4x1_v_bz_TNT"].calls_per_token == 2
+    assert rows["_paged_decode_kernel"].category == "attention"
+    assert t.categories == {"matmul/GEMV": 7.0, "attention": 4.0, "norm/rope/elementwise": 2.0, "lm_head": 10.0,
+                            "sampling/argmax": 1.0, "copies": 1.0}
+    empty = tmp_path / "e.json"
+    empty.write_text(json.dumps({"traceEvents": [{"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch"}]}))
+    assert "1 graph launches" in table_from_trace(empty, 2, "x", "s", gpu=True).error
+    assert short_name("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int)") == \
+        "at::native::vectorized_elementwise_kernel"
+    assert categorize("triton_per_fused__softmax_3", 1.0) == "sampling/argmax"
+    assert categorize("triton_per_fused__softmax_3", 12.0) == "attention"
