@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kiln.bench.align import StepClock, prepare, run_child
+from kiln.bench.align import PHASES, StepClock, prepare, run_child
 from kiln.bench.align_learning import PLANS, learning_table, split_hh, window_mean
 
 
@@ -43,6 +43,8 @@ def test_prepare_multi_turn_data_and_a_kiln_row(tmp_path):
             "rollouts": 2, "max_new_tokens": 4, "warmup": 1, "stage": "sft", "side": "kiln"}
     res = run_child(spec)
     assert res["steps"] >= 2 and res["timed_steps"] == res["steps"] - 1
+    assert res["epoch_steps"] == res["steps"]  # one epoch, read from the stage's log at step 0
+    assert [n for n, _ in res["phases"]] == list(PHASES["kiln"][:3])  # warm-up 1: the first step is all of it
     assert 0 < res["steady_seconds"] < res["seconds"]
     (tmp_path / "long").mkdir()
     with pytest.raises(ValueError, match="lower --turns"):

@@ -212,7 +212,8 @@ def _child(stage: str, side: str, spec: dict, counts: dict, timeout: float | Non
            json.dumps({**spec, "stage": stage, "side": side, "progress": str(progress), "t0": time.time()})]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1",  # datasets' cache in the run's
+                                                 "HF_DATASETS_CACHE": spec["work"] + "/hf_datasets"})  # temp dir
     row.count = {"sft": counts["sft_tokens"], "dpo": counts["pairs"],
                  "grpo": spec["prompts"] * spec["group"] * spec["rollouts"]}[stage]
     try:
