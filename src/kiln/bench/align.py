@@ -22,9 +22,12 @@ Triton kernel, trl's ``adamw_torch_fused``) with betas (0.9, 0.95), no weight de
 SDPA attention, a log line every 50 steps. The rate is **after warm-up**: each side's clock starts
 when step ``--warmup`` has finished (the GPU drained) and stops when the last step has, so
 start-up, tokenization, the DPO reference pass, CUDA-graph capture and the first steps' allocator
-and kernel warm-up are outside it on both sides; "wall s" is the whole stage from loading the
-model to trained weights. Each side runs in its own process, so "peak MiB" is that process's
-peak: CUDA's max allocated on a GPU (``torch.cuda.max_memory_allocated``), the resident set on the CPU.
+and kernel warm-up are outside it on both sides (a second table says where that time went); "wall
+s" is the row's process from launch to exit, imports included. ``--max-steps`` gives SFT and DPO
+the same number of steps on both sides; a row stopped by ``--timeout`` reports its rate over the
+steps it finished (``StepClock`` writes its progress to a file after its reads). Each side runs
+in its own process, so "peak MiB" is that process's peak: CUDA's max allocated on a GPU
+(``torch.cuda.max_memory_allocated``), the resident set on the CPU.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class AlignRow:
     count: int = 0
     """Units in the whole run (SFT: conversation tokens of one epoch; DPO: pairs; GRPO: samples)."""
     seconds: float | None = None
-    """Wall time of the stage, loading the model to trained weights."""
+    """Wall time of the row: its process's launch to its exit (imports included), or to its stop."""
     steps: int = 0
     """Optimizer steps of the run."""
     timed_steps: int = 0
@@ -147,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
              f"({counts['sft_tokens']:,} SFT tokens), batch {args.batch}, rows of {seq} tokens; GRPO {args.prompts} "
              f"prompts x {args.group} samples, {args.rollouts} rollouts, {args.max_new_tokens} new tokens. Rates over "
              f"the steps after the first {args.warmup} (each side's clock starts with the GPU drained after step "
-             f"{args.warmup}); wall s: load to trained weights. "
+             f"{args.warmup}); wall s: the row's process from launch to exit (or stop). "
              + (f"SFT and DPO: {args.max_steps} steps on both sides. " if args.max_steps else "SFT and DPO: one epoch. ")
              + "Start-up (imports, model load, tokenization and packing, DPO's reference pass, the first steps) is "
              "outside every rate, on both sides; the second table says where it went. A row stopped by --timeout "
@@ -223,6 +226,7 @@ def _child(stage: str, side: str, spec: dict, counts: dict, timeout: float | Non
         proc.communicate()
         row.seconds = time.perf_counter() - t
         return _partial_row(row, progress, spec, f"stopped after {timeout:g} s (--timeout)")
+    row.seconds = time.perf_counter() - t  # launch to exit, imports included (as a stopped row's)
     lines = [x for x in out.splitlines() if x.startswith("{\"result\"")]
     if proc.returncode or not lines:
         row.error = (err.strip().splitlines() or ["failed"])[-1][:200]
@@ -232,7 +236,7 @@ def _child(stage: str, side: str, spec: dict, counts: dict, timeout: float | Non
 
 def _fill(row: AlignRow, res: dict, spec: dict) -> AlignRow:
     """The row's steps, clock and rate from a child's result (or progress) record."""
-    row.seconds = res.get("seconds", row.seconds)
+    row.seconds = row.seconds or res.get("seconds")
     row.peak_mib = res.get("peak_mib")
     row.steps, row.timed_steps, row.steady_seconds = res["steps"], res["timed_steps"], res["steady_seconds"]
     row.epoch_steps, row.phases = res.get("epoch_steps") or 0, res.get("phases", [])
