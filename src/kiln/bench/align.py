@@ -315,17 +315,17 @@ def _peak_mib(device: str) -> float:
 class StepClock:
     """Times the steps after ``warmup`` and writes its progress as it goes.
 
-    The clock reads at the end of step ``warmup`` and of the last step, and about once a second in
-    between (``progress_every`` s), each time after draining the GPU; a read that is not due costs
+    The clock reads at the end of step ``warmup`` and of the last step, and every couple of seconds in
+    between (every ``progress_every`` s), each time after draining the GPU; a read that is not due costs
     nothing, so Kiln's runtime keeps its one queued step ahead between reads. Every read also writes
     ``progress`` (a JSON file, atomically: a temporary file then a rename) with the steps done, the
     timed steps and seconds so far, the start-up phases and the peak memory, so a row stopped by
     ``--timeout`` still reports what it measured. A ``kiln.train.Hook`` for Kiln's stages
-    (``extra_hooks``); ``mark`` is what trl's callback calls after every step, ``phase`` marks the
+    (``extra_hooks``); ``step_end`` is what trl's callback calls after every step, ``phase`` marks the
     end of a start-up phase (imports, model load, dataset preparation, ...)."""
 
     def __init__(self, warmup: int, cuda: bool, progress: Path | None = None, t0: float | None = None,
-                 progress_every: float = 1.0) -> None:
+                 progress_every: float = 2.0) -> None:
         self.warmup, self.cuda, self.progress, self.progress_every = warmup, cuda, progress, progress_every
         self.t0 = time.time() if t0 is None else t0  # the parent's launch time (wall clock, seconds)
         self.marks: list[tuple[int, float]] = []  # (steps done, perf_counter)
