@@ -135,3 +135,17 @@ def test_a_row_stopped_before_its_first_step_says_where_it_was(tmp_path):
     assert row.rate is None and row.error == "stopped after 1.5 s (--timeout); 0 timed step(s), too few for a rate"
     assert row.phases[-1][0] == "trainer init: load, tokenize, pack (DPO: reference pass) (unfinished)"
     assert "(unfinished)" in _phase_table([row])
+
+
+def test_a_row_that_crashes_mid_run_keeps_its_timed_steps(tmp_path):
+    from kiln.bench.align import _child, _table
+
+    crash = STUB.replace("    clock.step_end(step, False)", "    clock.step_end(step, False)\n"
+                         "    if step == 12:\n        raise RuntimeError('CUDA out of memory')")
+    (tmp_path / "stub.py").write_text(crash)
+    spec = {"work": str(tmp_path), "device": "cpu", "warmup": 2, "prompts": 1, "group": 1, "rollouts": 1}
+    row = _child("sft", "kiln", spec, {"sft_tokens": 5000, "pairs": 0}, timeout=30.0,
+                 program=[sys.executable, str(tmp_path / "stub.py")])
+    assert row.rate is not None and row.timed_steps >= 3 and not row.error
+    assert row.partial.startswith("failed after") and row.partial.endswith("RuntimeError: CUDA out of memory")
+    assert "partial: failed after" in _table([row])

@@ -229,8 +229,11 @@ def _child(stage: str, side: str, spec: dict, counts: dict, timeout: float | Non
     row.seconds = time.perf_counter() - t  # launch to exit, imports included (as a stopped row's)
     lines = [x for x in out.splitlines() if x.startswith("{\"result\"")]
     if proc.returncode or not lines:
-        row.error = (err.strip().splitlines() or ["failed"])[-1][:200]
-        return _partial_row(row, progress, spec, "") if progress.exists() else row
+        why = (err.strip().splitlines() or ["failed"])[-1][:200]
+        if not progress.exists():
+            row.error = why
+            return row
+        return _partial_row(row, progress, spec, f"failed after {row.seconds:.0f} s: {why}")
     return _fill(row, json.loads(lines[-1])["result"], spec)
 
 
