@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 
 import pytest
 
-from kiln.bench.align import StepClock, prepare, run_child
+from kiln.bench.align import PHASES, StepClock, prepare, run_child
 from kiln.bench.align_learning import PLANS, learning_table, split_hh, window_mean
 
 
-def test_step_clock_times_the_steps_after_warmup():
-    c = StepClock(warmup=2, cuda=False)
-    assert [s for s in range(6) if c.due(s, last=(s == 5))] == [2, 5]
+def test_step_clock_times_the_steps_after_warmup(tmp_path):
+    c = StepClock(warmup=2, cuda=False, progress=tmp_path / "p.json", progress_every=3600.0)
+    read = [s for s in range(6) if c.due(s, last=(s == 5)) and c.fn(s) is None]
+    assert read == [0, 1, 2, 5]  # start-up marks, the warm-up's end, the last step: nothing in between
+    on_disk = json.loads((tmp_path / "p.json").read_text())
+    assert on_disk["steps"] == 5 and on_disk["timed_steps"] == 3 and on_disk["peak_mib"] > 0
+    assert [n for n, _ in on_disk["phases"]][1:] == ["first step", "warm-up steps"]
     c.marks = [(2, 10.0), (5, 16.0)]
-    assert c.result() == {"steps": 5, "timed_steps": 3, "steady_seconds": 6.0}
+    res = c.result()
+    assert (res["steps"], res["timed_steps"], res["steady_seconds"]) == (5, 3, 6.0)
     short = StepClock(warmup=4, cuda=False)
     short.marks = [(3, 1.0)]  # a run shorter than the warm-up: nothing timed, said so by the caller
     assert short.result()["timed_steps"] == 0
@@ -37,6 +43,8 @@ def test_prepare_multi_turn_data_and_a_kiln_row(tmp_path):
             "rollouts": 2, "max_new_tokens": 4, "warmup": 1, "stage": "sft", "side": "kiln"}
     res = run_child(spec)
     assert res["steps"] >= 2 and res["timed_steps"] == res["steps"] - 1
+    assert res["epoch_steps"] == res["steps"]  # one epoch, read from the stage's log at step 0
+    assert [n for n, _ in res["phases"]] == list(PHASES["kiln"][:3])  # warm-up 1: the first step is all of it
     assert 0 < res["steady_seconds"] < res["seconds"]
     (tmp_path / "long").mkdir()
     with pytest.raises(ValueError, match="lower --turns"):
@@ -75,3 +83,69 @@ def test_learning_table_and_window_mean():
     assert "| 3.200 | 0.900 | 4.0 |" in t and "| 0.500 | 0.560 | 2.0 |" in t
     assert "Kiln 0.500, trl 0.300" in t and "Kiln 4, trl 1" in t
     assert "GSM8K (4 questions, greedy)" in t
+
+
+STUB = """import json, sys, time
+from pathlib import Path
+from kiln.bench.align import StepClock
+spec = json.loads(sys.argv[-1])
+clock = StepClock(spec["warmup"], False, Path(spec["progress"]), spec["t0"], progress_every=0.0)
+clock.phase("imports")
+clock.phase("model load")
+clock.phase("trainer init: load, tokenize, pack (DPO: reference pass)")
+clock.phase("train() set-up (accelerate, optimizer, dataloader)")
+clock.epoch_steps = 10
+step = 0
+while True:  # a trainer slower than the timeout: killed by the parent mid-epoch
+    time.sleep(0.02)
+    step += 1
+    clock.step_end(step, False)
+"""
+
+
+def test_a_row_stopped_by_the_timeout_reports_its_partial_rate(tmp_path):
+    from kiln.bench.align import AlignRow, _child, _table
+
+    (tmp_path / "stub.py").write_text(STUB)
+    spec = {"work": str(tmp_path), "device": "cpu", "warmup": 2, "prompts": 1, "group": 1, "rollouts": 1}
+    row = _child("sft", "trl", spec, {"sft_tokens": 5000, "pairs": 0}, timeout=2.0,
+                 program=[sys.executable, str(tmp_path / "stub.py")])
+    assert row.partial == "stopped after 2 s (--timeout)" and not row.error
+    assert row.epoch_steps == 10 and row.timed_steps >= 3 and row.steps == row.timed_steps + 2
+    assert row.rate == pytest.approx(500 * row.timed_steps / row.steady_seconds)  # 5000 tokens / 10 steps
+    names = [n for n, _ in row.phases]
+    assert names[:4] == ["imports", "model load", "trainer init: load, tokenize, pack (DPO: reference pass)",
+                         "train() set-up (accelerate, optimizer, dataloader)"]
+    assert names[4:6] == ["first step", "warm-up steps"] and row.seconds >= 2.0
+    kiln = AlignRow("sft", "Kiln", "tokens", count=5000, seconds=3.0, steps=10, timed_steps=8,
+                    steady_seconds=1.0, rate=2 * row.rate, peak_mib=100.0)
+    table = _table([kiln, row])
+    assert "| 2.00x |" in table  # vs trl from trl's partial rate
+    assert f"| {row.rate:,.1f} | tokens | {row.steps} ({row.timed_steps}) |" in table
+    assert "partial: stopped after 2 s (--timeout) |" in table
+
+
+def test_a_row_stopped_before_its_first_step_says_where_it_was(tmp_path):
+    from kiln.bench.align import _child, _phase_table
+
+    (tmp_path / "stub.py").write_text(STUB.replace('clock.phase("trainer init', 'time.sleep(60)\nclock.phase("x'))
+    spec = {"work": str(tmp_path), "device": "cpu", "warmup": 2, "prompts": 1, "group": 1, "rollouts": 1}
+    row = _child("dpo", "trl", spec, {"sft_tokens": 0, "pairs": 64}, timeout=1.5,
+                 program=[sys.executable, str(tmp_path / "stub.py")])
+    assert row.rate is None and row.error == "stopped after 1.5 s (--timeout); 0 timed step(s), too few for a rate"
+    assert row.phases[-1][0] == "trainer init: load, tokenize, pack (DPO: reference pass) (unfinished)"
+    assert "(unfinished)" in _phase_table([row])
+
+
+def test_a_row_that_crashes_mid_run_keeps_its_timed_steps(tmp_path):
+    from kiln.bench.align import _child, _table
+
+    crash = STUB.replace("    clock.step_end(step, False)", "    clock.step_end(step, False)\n"
+                         "    if step == 12:\n        raise RuntimeError('CUDA out of memory')")
+    (tmp_path / "stub.py").write_text(crash)
+    spec = {"work": str(tmp_path), "device": "cpu", "warmup": 2, "prompts": 1, "group": 1, "rollouts": 1}
+    row = _child("sft", "kiln", spec, {"sft_tokens": 5000, "pairs": 0}, timeout=30.0,
+                 program=[sys.executable, str(tmp_path / "stub.py")])
+    assert row.rate is not None and row.timed_steps >= 3 and not row.error
+    assert row.partial.startswith("failed after") and row.partial.endswith("RuntimeError: CUDA out of memory")
+    assert "partial: failed after" in _table([row])

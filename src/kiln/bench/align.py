@@ -3,7 +3,7 @@
 Both sides train the same exported model (built here: a random-init Llama of ``--size``, saved in
 Hugging Face layout with a chat tokenizer, so no network is needed) on the same generated data
 (the seeded addition task as ``--turns``-turn conversations, preference pairs whose prompt is the
-conversation so far, and GRPO prompts) with the same settings, one epoch (SFT, DPO) or
+conversation so far, and GRPO prompts) with the same settings, one epoch or ``--max-steps`` steps (SFT, DPO) or
 ``--rollouts`` rollout batches (GRPO), checkpoints off:
 
 - SFT: packed rows of ``--seq-len`` tokens, ``--batch`` rows a step, loss on assistant tokens
@@ -22,9 +22,12 @@ Triton kernel, trl's ``adamw_torch_fused``) with betas (0.9, 0.95), no weight de
 SDPA attention, a log line every 50 steps. The rate is **after warm-up**: each side's clock starts
 when step ``--warmup`` has finished (the GPU drained) and stops when the last step has, so
 start-up, tokenization, the DPO reference pass, CUDA-graph capture and the first steps' allocator
-and kernel warm-up are outside it on both sides; "wall s" is the whole stage from loading the
-model to trained weights. Each side runs in its own process, so "peak MiB" is that process's
-peak: CUDA's max allocated on a GPU (``torch.cuda.max_memory_allocated``), the resident set on the CPU.
+and kernel warm-up are outside it on both sides (a second table says where that time went); "wall
+s" is the row's process from launch to exit, imports included. ``--max-steps`` gives SFT and DPO
+the same number of steps on both sides; a row stopped by ``--timeout`` reports its rate over the
+steps it finished (``StepClock`` writes its progress to a file after its reads). Each side runs
+in its own process, so "peak MiB" is that process's peak: CUDA's max allocated on a GPU
+(``torch.cuda.max_memory_allocated``), the resident set on the CPU.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +64,7 @@ class AlignRow:
     count: int = 0
     """Units in the whole run (SFT: conversation tokens of one epoch; DPO: pairs; GRPO: samples)."""
     seconds: float | None = None
-    """Wall time of the stage, loading the model to trained weights."""
+    """Wall time of the row: its process's launch to its exit (imports included), or to its stop."""
     steps: int = 0
     """Optimizer steps of the run."""
     timed_steps: int = 0
@@ -71,6 +75,22 @@ class AlignRow:
     """Units per second over the timed steps: count x timed_steps / steps / steady_seconds."""
     peak_mib: float | None = None
     error: str = ""
+    partial: str = ""
+    """Set when ``--timeout`` stopped the row: its rate is over the steps it finished ("stopped after N s")."""
+    epoch_steps: int = 0
+    """Steps of one pass over the data on this side (the rate's units per step: count / epoch_steps)."""
+    phases: list = field(default_factory=list)
+    """Start-up before the timed steps: [phase, seconds] in order (imports, model load, data, first step...)."""
+
+
+PHASES = {  # start-up phases in order, as each side's child marks their ends
+    "kiln": ("imports", "set-up: model load, tokenize, pack (DPO: reference pass; GRPO: engine)", "first step",
+             "warm-up steps"),
+    "trl": ("imports", "model load", "trainer init: load, tokenize, pack (DPO: reference pass)",
+            "train() set-up (accelerate, optimizer, dataloader)", "first step", "warm-up steps"),
+}
+MIN_PARTIAL_STEPS = 3
+"""Timed steps a row stopped by ``--timeout`` needs before its partial rate is shown and compared."""
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -88,6 +108,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group", type=int, default=8, help="GRPO samples per prompt")
     p.add_argument("--rollouts", type=int, default=4, help="GRPO rollout batches")
     p.add_argument("--max-new-tokens", type=int, default=32, help="GRPO reply length limit")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="SFT and DPO optimizer steps per row, the same on both sides (0: one epoch); GRPO: --rollouts")
     p.add_argument("--warmup", type=int, default=2, help="steps (GRPO: rollout batches) before each side's clock starts")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, data and sampling")
     p.add_argument("--timeout", type=float, default=0, help="seconds per row before it is stopped (0: none)")
@@ -115,20 +137,25 @@ def run(args: argparse.Namespace) -> int:
         counts = prepare(work, args.size, args.conversations, seq, args.seed, args.turns)
         spec_base = {"work": str(work), "device": str(device), "batch": args.batch, "seq": seq, "seed": args.seed,
                      "prompts": args.prompts, "group": args.group, "rollouts": args.rollouts,
-                     "max_new_tokens": args.max_new_tokens, "warmup": args.warmup}
+                     "max_new_tokens": args.max_new_tokens, "warmup": args.warmup,
+                     "max_steps": args.max_steps}
         rows = []
         for stage in args.stages:
             for side in args.sides:
                 rows.append(_child(stage, side, spec_base, counts, args.timeout or None))
                 print(_table(rows[-1:]).splitlines()[-1], flush=True)
-    table = _table(rows)
+    table = _table(rows) + "\n\n" + _phase_table(rows)
     blurb = (f"Model `{args.size}` {SIZES[args.size]} (d_model, layers, heads, context), random init, exported to "
              f"Hugging Face layout; {args.conversations} conversations / pairs of {args.turns} turn(s) "
              f"({counts['sft_tokens']:,} SFT tokens), batch {args.batch}, rows of {seq} tokens; GRPO {args.prompts} "
              f"prompts x {args.group} samples, {args.rollouts} rollouts, {args.max_new_tokens} new tokens. Rates over "
              f"the steps after the first {args.warmup} (each side's clock starts with the GPU drained after step "
-             f"{args.warmup}); wall s: load to trained weights. Same data, settings and device per stage; one process "
-             "per row.")
+             f"{args.warmup}); wall s: the row's process from launch to exit (or stop). "
+             + (f"SFT and DPO: {args.max_steps} steps on both sides. " if args.max_steps else "SFT and DPO: one epoch. ")
+             + "Start-up (imports, model load, tokenization and packing, DPO's reference pass, the first steps) is "
+             "outside every rate, on both sides; the second table says where it went. A row stopped by --timeout "
+             f"reports its rate over the steps it finished (partial; compared when it has >= {MIN_PARTIAL_STEPS} "
+             "timed steps). Same data, settings and device per stage; one process per row.")
     report("align", device, blurb, table, rows, args.out)
     return 0
 
@@ -177,28 +204,72 @@ def prepare(work: Path, size: str, n: int, seq: int, seed: int, turns: int = 1) 
     return {"sft_tokens": sum(lengths), "pairs": len(dpo)}
 
 
-def _child(stage: str, side: str, spec: dict, counts: dict, timeout: float | None = None) -> AlignRow:
+def _child(stage: str, side: str, spec: dict, counts: dict, timeout: float | None = None,
+           program: list[str] | None = None) -> AlignRow:
+    """Run one row in its own process (``program``: this module's child, or a test's stand-in, given the spec
+    as its last argument); a row stopped by ``timeout`` reports what its progress file holds."""
     row = AlignRow(stage, "Kiln" if side == "kiln" else "trl", UNITS[stage])
-    cmd = [sys.executable, "-m", "kiln.bench.align", json.dumps({**spec, "stage": stage, "side": side})]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    except subprocess.TimeoutExpired:
-        row.error = f"stopped after {timeout:g} s (--timeout)"
-        return row
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("{\"result\"")]
-    if proc.returncode or not lines:
-        row.error = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
-        return row
-    res = json.loads(lines[-1])["result"]
-    row.seconds, row.peak_mib = res["seconds"], res["peak_mib"]
-    row.steps, row.timed_steps, row.steady_seconds = res["steps"], res["timed_steps"], res["steady_seconds"]
+    progress = Path(spec["work"]) / f"progress-{stage}-{side}.json"
+    progress.unlink(missing_ok=True)
+    cmd = [*(program or [sys.executable, "-m", "kiln.bench.align"]),
+           json.dumps({**spec, "stage": stage, "side": side, "progress": str(progress), "t0": time.time()})]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1",  # datasets' cache in the run's
+                                                 "HF_DATASETS_CACHE": spec["work"] + "/hf_datasets"})  # temp dir
     row.count = {"sft": counts["sft_tokens"], "dpo": counts["pairs"],
                  "grpo": spec["prompts"] * spec["group"] * spec["rollouts"]}[stage]
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # this row's own child only
+        proc.communicate()
+        row.seconds = time.perf_counter() - t
+        return _partial_row(row, progress, spec, f"stopped after {timeout:g} s (--timeout)")
+    row.seconds = time.perf_counter() - t  # launch to exit, imports included (as a stopped row's)
+    lines = [x for x in out.splitlines() if x.startswith("{\"result\"")]
+    if proc.returncode or not lines:
+        why = (err.strip().splitlines() or ["failed"])[-1][:200]
+        if not progress.exists():
+            row.error = why
+            return row
+        return _partial_row(row, progress, spec, f"failed after {row.seconds:.0f} s: {why}")
+    return _fill(row, json.loads(lines[-1])["result"], spec)
+
+
+def _fill(row: AlignRow, res: dict, spec: dict) -> AlignRow:
+    """The row's steps, clock and rate from a child's result (or progress) record."""
+    row.seconds = row.seconds or res.get("seconds")
+    row.peak_mib = res.get("peak_mib")
+    row.steps, row.timed_steps, row.steady_seconds = res["steps"], res["timed_steps"], res["steady_seconds"]
+    row.epoch_steps, row.phases = res.get("epoch_steps") or 0, res.get("phases", [])
     if row.timed_steps <= 0 or not row.steady_seconds:
-        row.error = f"{row.steps} steps: none after the {spec['warmup']} warm-up steps; give it more data"
+        if not row.partial:
+            row.error = f"{row.steps} steps: none after the {spec['warmup']} warm-up steps; give it more data"
         return row
-    row.rate = row.count * row.timed_steps / row.steps / row.steady_seconds
+    per_step = row.count / (row.epoch_steps or row.steps)  # units of one step on this side
+    row.rate = per_step * row.timed_steps / row.steady_seconds
+    return row
+
+
+def _partial_row(row: AlignRow, progress: Path, spec: dict, why: str) -> AlignRow:
+    """A row that did not finish: the steps it timed before it stopped, from its progress file."""
+    row.partial = why
+    try:
+        res = json.loads(progress.read_text())
+    except (OSError, ValueError):
+        res = None
+    if res is None:
+        row.error = row.error or f"{why}; no step reached"
+        return row
+    _fill(row, res, spec)
+    names = PHASES["kiln" if row.impl == "Kiln" else "trl"]
+    done = sum(sec for _, sec in row.phases)
+    if row.seconds and len(row.phases) < len(names) and row.seconds > done:  # the phase it was stopped in
+        row.phases.append([f"{names[len(row.phases)]} (unfinished)", row.seconds - done])
+    if row.rate is None or row.timed_steps < MIN_PARTIAL_STEPS:
+        row.rate = None
+        row.error = row.error or f"{why}; {row.timed_steps} timed step(s), too few for a rate"
     return row
 
 
@@ -207,12 +278,29 @@ def _table(rows: list[AlignRow]) -> str:
              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     ref = {r.stage: r.rate for r in rows if r.impl == "trl" and r.rate}
     for r in rows:
-        if r.error:
-            lines.append(f"| {r.stage} | {r.impl} | - | {r.unit} | - | - | - | - | error: {r.error} |")
+        if r.rate is None:
+            lines.append(f"| {r.stage} | {r.impl} | - | {r.unit} | {r.steps or '-'} | - | "
+                         f"{_f(r.seconds, '.1f')} | {_f(r.peak_mib, ',.0f')} | error: {r.error} |")
             continue
         vs = f"{r.rate / ref[r.stage]:.2f}x" if r.stage in ref and r.impl == "Kiln" else ""
+        if r.partial:
+            vs = "; ".join(x for x in (vs, f"partial: {r.partial}") if x)
         lines.append(f"| {r.stage} | {r.impl} | {r.rate:,.1f} | {r.unit} | {r.steps} ({r.timed_steps}) | "
-                     f"{r.steady_seconds:.2f} | {r.seconds:.1f} | {r.peak_mib:,.0f} | {vs} |")
+                     f"{r.steady_seconds:.2f} | {_f(r.seconds, '.1f')} | {_f(r.peak_mib, ',.0f')} | {vs} |")
+    return "\n".join(lines)
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _phase_table(rows: list[AlignRow]) -> str:
+    """Where each row's time went before its clock started (seconds per start-up phase)."""
+    lines = ["| stage | impl | start-up before the timed steps (s) |", "|---|---|---|"]
+    for r in rows:
+        total = sum(s for _, s in r.phases)
+        parts = ", ".join(f"{n} {s:.1f}" for n, s in r.phases) or "-"
+        lines.append(f"| {r.stage} | {r.impl} | {parts}" + (f" (total {total:.1f})" if r.phases else "") + " |")
     return "\n".join(lines)
 
 
@@ -220,42 +308,97 @@ def _table(rows: list[AlignRow]) -> str:
 def _peak_mib(device: str) -> float:
     import resource
 
-    import torch
-
     if device.startswith("cuda"):
+        import torch
+
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class StepClock:
-    """Times the steps after ``warmup``: the clock reads at the end of step ``warmup`` and at the end
-    of the last step, each after draining the GPU. A ``kiln.train.Hook`` for Kiln's stages
-    (``extra_hooks``); ``mark`` is what trl's callback calls."""
+    """Times the steps after ``warmup`` and writes its progress as it goes.
 
-    def __init__(self, warmup: int, cuda: bool) -> None:
-        self.warmup, self.cuda = warmup, cuda
+    The clock reads at the end of step ``warmup`` and of the last step, and every couple of seconds in
+    between (every ``progress_every`` s), each time after draining the GPU; a read that is not due costs
+    nothing, so Kiln's runtime keeps its one queued step ahead between reads. Every read also writes
+    ``progress`` (a JSON file, atomically: a temporary file then a rename) with the steps done, the
+    timed steps and seconds so far, the start-up phases and the peak memory, so a row stopped by
+    ``--timeout`` still reports what it measured. A ``kiln.train.Hook`` for Kiln's stages
+    (``extra_hooks``); ``step_end`` is what trl's callback calls after every step, ``phase`` marks the
+    end of a start-up phase (imports, model load, dataset preparation, ...)."""
+
+    def __init__(self, warmup: int, cuda: bool, progress: Path | None = None, t0: float | None = None,
+                 progress_every: float = 2.0) -> None:
+        self.warmup, self.cuda, self.progress, self.progress_every = warmup, cuda, progress, progress_every
+        self.t0 = time.time() if t0 is None else t0  # the parent's launch time (wall clock, seconds)
         self.marks: list[tuple[int, float]] = []  # (steps done, perf_counter)
+        self.phases: list[tuple[str, float]] = []  # (phase, wall seconds since t0 when it ended)
+        self.epoch_steps = 0  # steps of one pass over the data (0: unknown, taken as the run's steps)
+        self._last_read = -1e30
+        self._due: tuple[int, bool] | None = None
+        self.at_step0: Callable[[], int] | None = None  # Kiln: reads epoch_steps once the stage has set up
 
-    def due(self, step: int, last: bool) -> bool:  # the runtime's Hook protocol
-        return step == self.warmup or last
+    def due(self, step: int, last: bool) -> bool:  # the runtime's Hook protocol (asked twice per boundary)
+        if self._due is None or self._due[0] != step or last:
+            now = time.perf_counter()
+            read = step in (0, 1, self.warmup) or last or (step > self.warmup and now - self._last_read >= self.progress_every)
+            self._due = (step, read)
+        return self._due[1]
 
     def fn(self, step: int) -> None:
         self.mark(step)
 
+    def step_end(self, step: int, last: bool) -> None:
+        """trl's callback: after every optimizer step; reads the clock when it is due."""
+        if self.due(step, last):
+            self.mark(step)
+
+    def phase(self, name: str) -> None:
+        """The start-up phase ``name`` ended now (its length: from the previous phase's end or launch)."""
+        self.phases.append((name, time.time() - self.t0))
+        self.write()
+
     def mark(self, step: int) -> None:
-        import torch
-
         if self.cuda:
-            torch.cuda.synchronize()
-        self.marks.append((step, time.perf_counter()))
+            import torch
 
-    def result(self) -> dict[str, float]:
-        """steps (of the run), timed_steps and steady_seconds (0 when the run had no step after warm-up)."""
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self._last_read = now
+        if not self.marks or self.marks[-1][0] != step:
+            self.marks.append((step, now))
+        if step == 0:
+            if self.at_step0 is not None:
+                self.epoch_steps = self.at_step0() or self.epoch_steps
+            self.phase(PHASES["kiln"][1])
+        elif step == 1:
+            self.phase("first step")
+        elif step == self.warmup:
+            self.phase("warm-up steps")
+        else:
+            self.write()
+
+    def result(self) -> dict[str, Any]:
+        """steps (done), timed_steps and steady_seconds (0 when no step after warm-up), epoch_steps,
+        and the start-up phases as [name, seconds] (each phase's own length)."""
         last = self.marks[-1] if self.marks else (0, 0.0)
         start = next((m for m in self.marks if m[0] == self.warmup), None)
-        if start is None or last[0] <= self.warmup:
-            return {"steps": last[0], "timed_steps": 0, "steady_seconds": 0.0}
-        return {"steps": last[0], "timed_steps": last[0] - start[0], "steady_seconds": last[1] - start[1]}
+        res: dict[str, Any] = {"steps": last[0], "timed_steps": 0, "steady_seconds": 0.0}
+        if start is not None and last[0] > self.warmup:
+            res.update(timed_steps=last[0] - start[0], steady_seconds=last[1] - start[1])
+        ends = [0.0, *(t for _, t in self.phases)]
+        res["phases"] = [[n, round(b - a, 3)] for (n, _), a, b in zip(self.phases, ends, ends[1:])]
+        res["epoch_steps"] = self.epoch_steps
+        return res
+
+    def write(self) -> None:
+        """The progress file, atomically (a reader never sees half of it)."""
+        if self.progress is None:
+            return
+        res = {**self.result(), "peak_mib": _peak_mib("cuda" if self.cuda else "cpu")}
+        tmp = self.progress.with_name(self.progress.name + ".tmp")
+        tmp.write_text(json.dumps(res))
+        os.replace(tmp, self.progress)
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, float]:
@@ -268,12 +411,28 @@ def run_child(spec: dict[str, Any]) -> dict[str, float]:
     work, out = Path(spec["work"]), Path(spec["work"]) / f"{spec['stage']}-{spec['side']}"
     fn = {("sft", "kiln"): _kiln_sft, ("dpo", "kiln"): _kiln_dpo, ("grpo", "kiln"): _kiln_grpo,
           ("sft", "trl"): _trl_sft, ("dpo", "trl"): _trl_dpo, ("grpo", "trl"): _trl_grpo}[(spec["stage"], spec["side"])]
-    clock = StepClock(spec["warmup"], spec["device"].startswith("cuda"))
+    progress = Path(spec["progress"]) if spec.get("progress") else None
+    clock = StepClock(spec["warmup"], spec["device"].startswith("cuda"), progress, spec.get("t0"))
+    if spec["stage"] == "grpo":  # one optimizer step per rollout batch on both sides
+        clock.epoch_steps = spec["rollouts"]
     t = time.perf_counter()
     fn(spec, work, out, clock)
     if spec["device"].startswith("cuda"):
         torch.cuda.synchronize()
     return {"seconds": time.perf_counter() - t, "peak_mib": _peak_mib(spec["device"]), **clock.result()}
+
+
+def _kiln_epoch_steps(out: Path, batch: int) -> int:
+    """Steps of one pass on Kiln's side, from the stage's first log line (``sft: N training conversations
+    in R rows`` / ``dpo: N training pairs``); 0 when it cannot be read."""
+    import re
+
+    try:
+        text = (out / "train.log").read_text()
+    except OSError:
+        return 0
+    m = re.search(r"training conversations in (\d+) rows", text) or re.search(r"dpo: (\d+) training pairs", text)
+    return -(-int(m.group(1)) // batch) if m else 0
 
 
 def _train(spec: dict, base: Any, **kw: Any) -> Any:
@@ -288,7 +447,10 @@ def _kiln_sft(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
 
     base = SFTConfig()
     cfg = SFTConfig(data=(str(work / "sft.jsonl"),), seq_len=spec["seq"], heldout_frac=0.0, eval_every=0,
-                    sample_every=0, train=_train(spec, base.train, batch_size=spec["batch"], lr=1e-4, warmup_steps=5))
+                    sample_every=0, max_steps=spec.get("max_steps", 0),
+                    train=_train(spec, base.train, batch_size=spec["batch"], lr=1e-4, warmup_steps=5))
+    clock.phase("imports")
+    clock.at_step0 = lambda: _kiln_epoch_steps(out, spec["batch"])
     run_sft(cfg, work / "model", out, resume=False, extra_hooks=[clock])
 
 
@@ -297,7 +459,10 @@ def _kiln_dpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
 
     base = DPOConfig()
     cfg = DPOConfig(data=(str(work / "dpo.jsonl"),), seq_len=spec["seq"], heldout_frac=0.0, eval_every=0,
+                    max_steps=spec.get("max_steps", 0),
                     train=_train(spec, base.train, batch_size=spec["batch"], lr=5e-6, warmup_steps=5))
+    clock.phase("imports")
+    clock.at_step0 = lambda: _kiln_epoch_steps(out, spec["batch"])
     run_dpo(cfg, work / "model", out, resume=False, extra_hooks=[clock])
 
 
@@ -310,6 +475,7 @@ def _kiln_grpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
                      rollouts=spec["rollouts"], max_new_tokens=spec["max_new_tokens"], eval_every=0, temperature=1.0,
                      kl_coef=0.0, loss_type="grpo_clip", normalize_by_std=True,
                      train=_train(spec, base.train, batch_size=n, lr=2e-5, warmup_steps=0))
+    clock.phase("imports")
     run_grpo(cfg, work / "model", out, resume=False, extra_hooks=[clock])
 
 
@@ -327,9 +493,14 @@ def _trl_callbacks(clock: StepClock) -> list:
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            loader = kw.get("train_dataloader")
+            if not clock.epoch_steps and loader is not None:
+                clock.epoch_steps = -(-len(loader) // args.gradient_accumulation_steps)
+            clock.phase(PHASES["trl"][3])
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.global_step == clock.warmup or state.global_step == state.max_steps:
-                clock.mark(state.global_step)
+            clock.step_end(state.global_step, state.global_step == state.max_steps)
 
     return [Clock()]
 
@@ -345,24 +516,32 @@ def _trl_sft(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
 
+    clock.phase("imports")
     model, tok = _trl_model(work, spec)
+    clock.phase(PHASES["trl"][1])
     ds = load_dataset("json", data_files=str(work / "sft.jsonl"), split="train")
     args = SFTConfig(**_trl_common(spec, out), per_device_train_batch_size=spec["batch"], num_train_epochs=1,
-                     learning_rate=1e-4, warmup_steps=5, packing=True, max_length=spec["seq"],
+                     max_steps=spec.get("max_steps") or -1, learning_rate=1e-4, warmup_steps=5, packing=True, max_length=spec["seq"],
                      assistant_only_loss=True)
-    SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=_trl_callbacks(clock)).train()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=_trl_callbacks(clock))
+    clock.phase(PHASES["trl"][2])
+    trainer.train()
 
 
 def _trl_dpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
     from datasets import load_dataset
     from trl import DPOConfig, DPOTrainer
 
+    clock.phase("imports")
     model, tok = _trl_model(work, spec)
+    clock.phase(PHASES["trl"][1])
     ds = load_dataset("json", data_files=str(work / "dpo.jsonl"), split="train")
     args = DPOConfig(**_trl_common(spec, out), per_device_train_batch_size=spec["batch"], num_train_epochs=1,
-                     learning_rate=5e-6, warmup_steps=5, beta=0.1, loss_type=["sigmoid"],
+                     max_steps=spec.get("max_steps") or -1, learning_rate=5e-6, warmup_steps=5, beta=0.1, loss_type=["sigmoid"],
                      precompute_ref_log_probs=True, max_length=spec["seq"])
-    DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=_trl_callbacks(clock)).train()
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=_trl_callbacks(clock))
+    clock.phase(PHASES["trl"][2])
+    trainer.train()
 
 
 def _trl_grpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
@@ -371,7 +550,9 @@ def _trl_grpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
 
     from kiln.align.rewards import addition_problems, addition_reward
 
+    clock.phase("imports")
     model, tok = _trl_model(work, spec)
+    clock.phase(PHASES["trl"][1])
     n = spec["prompts"] * spec["group"]
     probs = addition_problems(spec["prompts"] * spec["rollouts"], spec["seed"], 3)
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": q}], "answer": a} for q, a in probs])
@@ -384,8 +565,10 @@ def _trl_grpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
                       max_completion_length=spec["max_new_tokens"], max_steps=spec["rollouts"], learning_rate=2e-5,
                       warmup_steps=0, beta=0.0, temperature=1.0, top_p=1.0, top_k=0, loss_type="grpo",
                       scale_rewards="group", num_iterations=1, epsilon=0.2, use_vllm=False)
-    GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
-                callbacks=_trl_callbacks(clock)).train()
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=_trl_callbacks(clock))
+    clock.phase(PHASES["trl"][2])
+    trainer.train()
 
 
 if __name__ == "__main__":  # a child process of `kiln bench align`
