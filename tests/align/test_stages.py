@@ -179,3 +179,15 @@ def test_demo_chat_stage(tmp_path, base_dir):
     h = s["heldout"]  # fresh one-digit sums scored greedily, printed under the exchange
     assert h["questions"] == 20 and 0 <= h["correct"] <= 20 and h["accuracy"] == h["correct"] / 20
     assert f"{h['correct']}/20 right" in format_exchange(exchange, h)
+
+
+def test_seeded_holdout_is_a_seeded_disjoint_split_in_order():
+    from kiln.align.stage import seeded_holdout
+
+    items = list(range(100))
+    train, held = seeded_holdout(items, 0.1, 7, seed=3)
+    assert len(held) == 7 and len(train) == 93  # min(int(100 * 0.1), 7)
+    assert sorted(train + held) == items and held == sorted(held) and train == sorted(train)
+    assert seeded_holdout(items, 0.1, 7, seed=3) == (train, held)
+    assert seeded_holdout(items, 0.1, 7, seed=4)[1] != held
+    assert seeded_holdout(items, 0.001, 7, seed=3) == (items, [])

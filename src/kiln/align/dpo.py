@@ -243,10 +243,9 @@ def split_pairs(pairs: list[PreferencePair], cfg: DPOConfig) -> tuple[list[Prefe
     """(train, held-out): ``cfg.heldout`` files, else a seeded ``heldout_frac`` of ``pairs``."""
     if cfg.heldout:
         return pairs, read_preferences(cfg.heldout)[: cfg.max_heldout]
-    n = min(int(len(pairs) * cfg.heldout_frac), cfg.max_heldout)
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    held = set(torch.randperm(len(pairs), generator=g)[:n].tolist())
-    return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
+    from kiln.align.stage import seeded_holdout
+
+    return seeded_holdout(pairs, cfg.heldout_frac, cfg.max_heldout, cfg.train.seed)
 
 
 def run_dpo(cfg: DPOConfig, model_dir: str | os.PathLike, out_dir: str | os.PathLike,

@@ -157,13 +157,9 @@ def split_heldout(convs: list[Conversation], cfg: SFTConfig) -> tuple[list[Conve
     """(train, held-out): a seeded ``heldout_frac`` of ``convs`` unless ``cfg.heldout`` files are given."""
     if cfg.heldout:
         return convs, read_conversations(cfg.heldout)[: cfg.max_heldout]
-    n = min(int(len(convs) * cfg.heldout_frac), cfg.max_heldout)
-    if n == 0:
-        return convs, []
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    perm = torch.randperm(len(convs), generator=g).tolist()
-    held = set(perm[:n])
-    return [c for i, c in enumerate(convs) if i not in held], [convs[i] for i in sorted(held)]
+    from kiln.align.stage import seeded_holdout
+
+    return seeded_holdout(convs, cfg.heldout_frac, cfg.max_heldout, cfg.train.seed)
 
 
 def run_sft(cfg: SFTConfig, model_dir: str | os.PathLike, out_dir: str | os.PathLike,

@@ -89,6 +89,16 @@ class EpochBatches:
         self._items = self._epoch_items(self.epoch)
 
 
+def seeded_holdout(items: list, frac: float, max_n: int, seed: int) -> tuple[list, list]:
+    """(train, held-out) of ``items``: ``min(int(len * frac), max_n)`` of them drawn with ``seed`` (the same
+    split on any machine), held-out in their original order, the rest kept in theirs."""
+    n = min(int(len(items) * frac), max_n)
+    if n <= 0:
+        return list(items), []
+    held = set(torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:n].tolist())
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
 def find_tokenizer_file(model_dir: str | os.PathLike) -> Path:
     """Kiln's tokenizer file in a model folder (``kiln_tokenizer.json`` or ``tokenizer.json``)."""
     d = Path(model_dir)
