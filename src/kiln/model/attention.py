@@ -320,9 +320,31 @@ class MultiHeadSelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.o_proj(out)
 
-    @torch.compiler.disable  # the engine may compile the decode step: the cache write and kernel stay eager
     def _paged(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
-        """q (1, H, N, D), k/v (1, Hkv, N, D) of a packed engine step -> attention output (N, H, D)."""
+        """q (1, H, N, D), k/v (1, Hkv, N, D) of a packed engine step -> attention output (N, H, D).
+
+        A decode step on CUDA stays traceable: under the engine's ``torch.compile`` the cache write is
+        fused into the kernel that produces k and v, and the Triton kernel is one opaque custom op
+        (``kiln::paged_decode``). Every other step runs eagerly (``_paged_eager``)."""
+        meta = cache.meta
+        if meta is not None and meta.decode and q.is_cuda:
+            return self._paged_decode(q, k, v, cache)
+        return self._paged_eager(q, k, v, cache)
+
+    def _paged_decode(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
+        """A decode step (one new token per row) through ``kiln::paged_decode``: traceable, no graph break."""
+        from kiln.kernels.paged_attention import paged_decode_op  # lazy: Triton is optional
+
+        i, meta = self.layer_idx, cache.meta
+        cache.write(i, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, Hkv, D) into the pool
+        k_pool = cache.k[i]
+        q_rows = q[0].transpose(0, 1).to(k_pool.dtype).contiguous()  # (N, H, D); autocast q over a wider pool
+        out = paged_decode_op(q_rows, k_pool, cache.v[i], meta.block_tables, meta.context_lens)
+        return out.to(q.dtype)
+
+    @torch.compiler.disable  # prefill chunks and CPU steps: the cache write and attention stay eager
+    def _paged_eager(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
+        """``_paged``'s general path (any mix of prefill chunks and decodes, any device)."""
         i = self.layer_idx
         cache.write(i, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, Hkv, D) into the pool
         fused = self.attention_impl in ("sdpa", "triton")
