@@ -333,13 +333,14 @@ class MultiHeadSelfAttention(nn.Module):
 
     def _paged_decode(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
         """A decode step (one new token per row) through ``kiln::paged_decode``: traceable, no graph break."""
-        from kiln.kernels.paged_attention import paged_decode_op  # lazy: Triton is optional
+        from kiln.kernels.paged_attention import paged_decode_attention, paged_decode_op  # lazy: Triton is optional
 
         i, meta = self.layer_idx, cache.meta
         cache.write(i, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, Hkv, D) into the pool
         k_pool = cache.k[i]
         q_rows = q[0].transpose(0, 1).to(k_pool.dtype).contiguous()  # (N, H, D); autocast q over a wider pool
-        out = paged_decode_op(q_rows, k_pool, cache.v[i], meta.block_tables, meta.context_lens)
+        fn = paged_decode_op if torch.compiler.is_compiling() else paged_decode_attention  # eager: no dispatcher
+        out = fn(q_rows, k_pool, cache.v[i], meta.block_tables, meta.context_lens)
         return out.to(q.dtype)
 
     @torch.compiler.disable  # prefill chunks and CPU steps: the cache write and attention stay eager
