@@ -11,6 +11,7 @@ accuracy), handed to ``kiln.train.fit``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -70,6 +71,9 @@ class DPOConfig:
     """Add the chat tokens to a tokenizer that lacks them."""
     eval_every: int = 50
     """Steps between held-out preference evaluations (also first and last); 0: never."""
+    fused_kernels: bool = True
+    """On CUDA, Kiln's Triton RMSNorm and RoPE in the policy and reference (``kiln.align.stage.fused_kernels``):
+    ~35 fewer launches per layer for a host-bound step; the same loss (tested against the PyTorch formulas)."""
     train: TrainConfig = field(default_factory=dpo_train_defaults)
     """Runtime settings (``train.lr``, ``train.batch_size`` in pairs, ``train.device``...)."""
 
@@ -256,9 +260,8 @@ def run_dpo(cfg: DPOConfig, model_dir: str | os.PathLike, out_dir: str | os.Path
     ``extra_hooks``: ``kiln.train.Hook``-like objects run after the stage's own (a bench's timer, a
     learning curve's probe); a hook's ``due(step, last)`` says when it runs.
     """
-    from kiln.align.stage import build_state, export_chat_model, load_policy, pick_device, train_config
+    from kiln.align.stage import fused_kernels, load_policy, pick_device
     from kiln.distributed import SingleProcess
-    from kiln.train import RunDir, fit
 
     dist = dist or SingleProcess()
     torch.manual_seed(cfg.train.seed)
@@ -270,6 +273,19 @@ def run_dpo(cfg: DPOConfig, model_dir: str | os.PathLike, out_dir: str | os.Path
     enc = [e for e in (encode_preference(p, tpl, seq_len + 1, report) for p in train_p) if e is not None]
     enc = require_usable(enc, "training pairs", cfg.data, report)  # before the reference scores anything
     held = [e for e in (encode_preference(p, tpl, seq_len + 1, report) for p in held_p) if e is not None]
+    with fused_kernels(model, cfg.fused_kernels):  # the reference pass and the steps run the same kernels
+        return _train_dpo(cfg, model, tok, model_dir, tokenizer, out_dir, report, enc, held, resume, dist, stop,
+                          extra_hooks)
+
+
+def _train_dpo(cfg: DPOConfig, model: Any, tok: Any, model_dir: Any, tokenizer: Any, out_dir: Any, report: ReadReport,
+               enc: list[Encoded], held: list[Encoded], resume: bool, dist: Any, stop: Any,
+               extra_hooks: Sequence[Any]) -> Path:
+    """``run_dpo`` after the pairs are encoded: the reference pass, then the runtime's steps."""
+    from kiln.align.stage import build_state, export_chat_model, train_config
+    from kiln.train import RunDir, fit
+
+    device = next(model.parameters()).device
     mb, pad = cfg.train.micro_batch_size or cfg.train.batch_size, tok.eot_id or 0
     ref_train, ref_held = _reference(cfg, model, model_dir, tokenizer, Path(out_dir), enc, held, mb, pad)
     batches = DPOBatches(enc, ref_train, mb, cfg.train.seed, pad, device)
@@ -301,7 +317,7 @@ def _reference(cfg: DPOConfig, model: Any, model_dir: Any, tokenizer: Any, out: 
     With no ``cfg.reference`` the reference is the starting policy, whose weights ``model`` holds
     now (before any step): it is scored in place, and no second copy is loaded.
     """
-    from kiln.align.stage import load_policy
+    from kiln.align.stage import fused_kernels, load_policy
 
     ref_model = model
     if cfg.reference:
@@ -312,11 +328,12 @@ def _reference(cfg: DPOConfig, model: Any, model_dir: Any, tokenizer: Any, out: 
         key.update(t.flatten()[:1024].numpy().tobytes())  # training step moves the sums
         key.update(f"{tuple(t.shape)}:{t.sum().item()!r}".encode())
     key.update((pairs_hash(enc) + pairs_hash(held)).encode())
-    key.update(f"{cfg.train.dtype}:{next(ref_model.parameters()).device.type}".encode())  # the precision scored in
+    key.update(f"{cfg.train.dtype}:{next(ref_model.parameters()).device.type}:{cfg.fused_kernels}".encode())  # how it was scored
     from kiln.train.loop import autocast_for
 
-    def compute() -> Tensor:  # under the training step's autocast: at step 0 the policy's log-probs equal these
-        with autocast_for(cfg.train.dtype, next(ref_model.parameters()).device):
+    def compute() -> Tensor:  # under the training step's autocast and kernels: at step 0 the policy's log-probs equal these
+        kernels = fused_kernels(ref_model, cfg.fused_kernels) if ref_model is not model else contextlib.nullcontext()
+        with autocast_for(cfg.train.dtype, next(ref_model.parameters()).device), kernels:
             return compute_reference_logps(ref_model, enc + held, mb, pad)
 
     logps = cached_reference_logps(out / "reference" / "ref_logps.safetensors", key.hexdigest()[:24], compute)

@@ -7,6 +7,7 @@ loss function and hooks; the loop, checkpoints, resume, logging and the schedule
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -145,6 +146,23 @@ def load_policy(
                             attention_impl="sdpa" if device.type == "cuda" else None)
     tok, model = prepare_chat_model(tok, model)
     return model, tok, ChatTemplate.from_tokenizer(tok)
+
+
+def fused_kernels(model: torch.nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """On CUDA, within the block: Kiln's Triton RMSNorm and RoPE in every layer of ``model``
+    (``kiln.model.attention.kernels_swapped``), each launched in its one fixed shape (no autotuning:
+    ``kiln.kernels.untuned_mode``). A small model's eager step on a GPU is bound by the host's launches,
+    and the two fusions take ~35 of ~160 launches per layer; same math, fp32 statistics. Elsewhere
+    (or ``enabled`` False) nothing changes: the CPU keeps the PyTorch formulas."""
+    if not enabled or next(model.parameters()).device.type != "cuda":
+        return contextlib.nullcontext()
+    from kiln.kernels import untuned_mode
+    from kiln.model.attention import kernels_swapped
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(kernels_swapped(model, norm="triton", rope="triton"))
+    stack.enter_context(untuned_mode())
+    return stack
 
 
 def train_config(base: Any, model: torch.nn.Module, **overrides: Any) -> Any:

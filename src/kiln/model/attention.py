@@ -45,6 +45,29 @@ def attention_swapped(model: nn.Module, impl: Any) -> Iterator[None]:
             a.attention_impl = s
 
 
+@contextmanager
+def kernels_swapped(model: nn.Module, norm: str | None = None, rope: str | None = None) -> Iterator[None]:
+    """Within the block, every RMSNorm of ``model`` (a Kiln ``Transformer``) runs ``norm`` (a
+    ``NORM_IMPLS`` name) and its rotary embedding ``rope`` ("kiln" or "triton": ``kiln.kernels.rope``
+    for calls without a KV cache); None leaves that kind alone. The saved config is untouched (an
+    export writes the model's own settings), and the kernels are put back on exit, also after an error.
+    """
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)] if norm is not None else []
+    ropes = [m for m in model.modules() if isinstance(m, RotaryEmbedding)] if rope is not None else []
+    saved = [m.impl for m in norms], [m.impl for m in ropes]
+    try:
+        for m in norms:
+            m.impl = norm
+        for m in ropes:
+            m.impl = rope
+        yield
+    finally:
+        for m, s in zip(norms, saved[0]):
+            m.impl = s
+        for m, s in zip(ropes, saved[1]):
+            m.impl = s
+
+
 def causal_mask(t_q: int, t_k: int, q_offset: int = 0, device: torch.device | str | None = None) -> Tensor:
     """Bool (t_q, t_k) mask, True where query i (at slot q_offset + i) may attend to key j <= q_offset + i."""
     q_pos = torch.arange(q_offset, q_offset + t_q, device=device)
@@ -304,9 +327,16 @@ class MultiHeadSelfAttention(nn.Module):
         k = self.k_proj(x).view(B, T, Hkv, D)  # (B, T, Hkv, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        fused_rope = self.rope is not None and kv_cache is None and self.rope.impl == "triton"
+        if fused_rope:  # one launch for q and k each way (kiln.kernels.rope) instead of ~19 forward
+            from kiln.kernels.rope import rope_qk
+
+            if token_positions is None:
+                token_positions = torch.arange(T, device=x.device)  # (T,)
+            q, k = rope_qk(q, k, self.rope.cos, self.rope.sin, token_positions)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        if self.rope is not None:
+        if self.rope is not None and not fused_rope:
             if token_positions is None:
                 token_positions = torch.arange(offset, offset + T, device=x.device)  # (T,)
             q = self.rope(q, token_positions)

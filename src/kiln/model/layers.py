@@ -304,6 +304,7 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
         self.d_k = d_k
         self.max_seq_len = max_seq_len
+        self.impl = "kiln"  # "triton": training-shaped attention calls rotate q and k in one fused launch
         self.register_buffer("cos", torch.empty(max_seq_len, d_k, device=device), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, d_k, device=device), persistent=False)
         self.reset_parameters()
