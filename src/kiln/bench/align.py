@@ -46,7 +46,6 @@ from typing import Any
 
 SIZES = {  # d_model, n_layers, n_heads, context
     "tiny": (64, 2, 4, 128),
-    "host": (16, 8, 2, 512),  # small's depth and context at width 16: the CPU stand-in for a host-bound GPU step
     "small": (512, 8, 8, 512),
     "gpt2": (768, 12, 12, 1024),  # GPT-2 small's shape (the vocabulary is the bench's own, ~580 ids)
 }
