@@ -166,6 +166,7 @@ class DPOBatches(EpochBatches):
         self.store = ExampleStore([(p + c, [0] * len(p) + [1] * len(c)) for p, c, _ in pairs]
                                   + [(p + r, [0] * len(p) + [1] * len(r)) for p, _, r in pairs])
         self.lengths = torch.tensor([[len(c), len(r)] for _, c, r in pairs], dtype=torch.float32)  # (N, 2)
+        self.tokens = [0, 0]  # (real, computed) token positions of the batches drawn: padding's share of the work
         self._start()
         self.metrics = DPOMetrics()  # rewards of the batches drawn since the last log line (checkpointed)
 
@@ -176,7 +177,10 @@ class DPOBatches(EpochBatches):
         """``collate_pairs`` of the pairs at ``idx`` with their reference log-probs and reply lengths."""
         N = len(self.pairs)
         rows = [[i] for i in idx] + [[N + i] for i in idx]
-        T = -(-(int(self.store.lens[[r[0] for r in rows]].max()) - 1) // 8) * 8
+        lens = self.store.lens[[r[0] for r in rows]]  # (2m,) prompt + reply tokens of each row
+        T = -(-(int(lens.max()) - 1) // 8) * 8
+        self.tokens[0] += int(lens.sum()) - len(rows)  # a row of n tokens has n - 1 inputs with a label
+        self.tokens[1] += len(rows) * T
         ids, labels, mask = self.store.rows(rows, T, self.pad_id)[:3]
         return to_device((ids, labels, mask, self.ref[idx], self.lengths[idx]), self.device)
 
@@ -301,11 +305,12 @@ def _train_dpo(cfg: DPOConfig, model: Any, tok: Any, model_dir: Any, tokenizer: 
         run.log.info(f"dpo: {len(enc)} training pairs, {len(held)} held out, {steps} steps, beta {cfg.beta}, "
                      f"{cfg.loss_type}\n" + report.summary())
         metrics, evals = batches.metrics, []
-        hooks = [*_hooks(cfg, tcfg, model, held_src, metrics, run.log, evals), *extra_hooks]
+        hooks = [*_hooks(cfg, tcfg, model, held_src, metrics, run.log, evals, batches.tokens), *extra_hooks]
         if fit(tcfg, state, batches, dpo_loss_fn(model_step, cfg, metrics), run, model_step=model_step,
                hooks=hooks, stop=stop):
             export_chat_model(run.path, model, tok)
             run.finish({"steps": steps, "pairs": len(enc), "read": report.to_dict(),
+                        "tokens": {"real": batches.tokens[0], "computed": batches.tokens[1]},
                         "first_eval": evals[0] if evals else None, "last_eval": evals[-1] if evals else None})
     return run.path
 
@@ -341,15 +346,19 @@ def _reference(cfg: DPOConfig, model: Any, model_dir: Any, tokenizer: Any, out: 
 
 
 def _hooks(cfg: DPOConfig, tcfg: TrainConfig, model: Any, held_src: DPOBatches | None, metrics: DPOMetrics,
-           runlog: Any, evals: list) -> list:
+           runlog: Any, evals: list, tokens: list[int]) -> list:
+    """Reward logging (with ``tokens``: the training batches' [real, computed] token positions so far) and
+    the held-out evaluation."""
     from kiln.train import Hook
 
     def log_rewards(step: int) -> None:
         r = metrics.pop()
         if r is not None:
-            runlog.metrics({"step": step, **r})
+            real, computed = tokens
+            runlog.metrics({"step": step, **r, "tokens_real": real, "tokens_computed": computed})
             runlog.info(f"step {step} | rewards chosen {r['rewards_chosen']:.3f} rejected {r['rewards_rejected']:.3f} "
-                        f"| margin {r['reward_margin']:.3f} | accuracy {r['reward_accuracy']:.2f}")
+                        f"| margin {r['reward_margin']:.3f} | accuracy {r['reward_accuracy']:.2f} "
+                        f"| tokens real {real} computed {computed}")
 
     def evaluate(step: int) -> dict | None:
         if held_src is None:
