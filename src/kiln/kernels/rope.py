@@ -42,59 +42,69 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: t
 
 if HAVE_TRITON:
 
+    @triton.jit
+    def _rotate_rows(X, Y, b, t, c, s, n_heads, half, sxb, sxt, sxh,
+                     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        # Every head of token (b, t) of one tensor: (n_heads, D), rotated by the angles (c, s) of its
+        # position, into Y: that token's (n_heads, D) block of a contiguous output.
+        j = tl.arange(0, BLOCK_HALF)
+        h = tl.arange(0, BLOCK_H)
+        m = (h[:, None] < n_heads) & (j[None, :] < half)
+        xo = X + b * sxb + t * sxt + h[:, None] * sxh + j[None, :]
+        yo = Y + h[:, None] * (2 * half) + j[None, :]
+        x1 = tl.load(xo, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(xo + half, mask=m, other=0.0).to(tl.float32)
+        tl.store(yo, (x1 * c[None, :] - x2 * s[None, :]).to(Y.dtype.element_ty), mask=m)
+        tl.store(yo + half, (x2 * c[None, :] + x1 * s[None, :]).to(Y.dtype.element_ty), mask=m)
+
     @triton.jit(do_not_specialize=["T"])  # one binary whatever the batch's length
     def _rope_kernel(
-        X, Y, COS, SIN, POS, n_heads, T, half,
-        sxb, sxt, sxh, syb, syt, syh, spb, s_tab, sign,
-        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        Q, K, QO, KO, COS, SIN, POS, H, HK, T, half,
+        sqb, sqt, sqh, skb, skt, skh, spb, s_tab, sign,
+        BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):
-        # One program rotates every head of one token (b, t): (H, D) elements, the table row read once.
+        # One program rotates every query and key head of one token (b, t); the table row is read once.
         row = tl.program_id(0)
         b = row // T
         t = row - b * T
         pos = tl.load(POS + b * spb + t)
         j = tl.arange(0, BLOCK_HALF)
-        h = tl.arange(0, BLOCK_H)
         jm = j < half
         c = tl.load(COS + pos * s_tab + j, mask=jm, other=0.0).to(tl.float32)
         s = tl.load(SIN + pos * s_tab + j, mask=jm, other=0.0).to(tl.float32) * sign
-        m = (h[:, None] < n_heads) & jm[None, :]
-        xo = X + b * sxb + t * sxt + h[:, None] * sxh + j[None, :]
-        yo = Y + b * syb + t * syt + h[:, None] * syh + j[None, :]
-        x1 = tl.load(xo, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(xo + half, mask=m, other=0.0).to(tl.float32)
-        y1 = x1 * c[None, :] - x2 * s[None, :]
-        y2 = x2 * c[None, :] + x1 * s[None, :]
-        tl.store(yo, y1.to(Y.dtype.element_ty), mask=m)
-        tl.store(yo + half, y2.to(Y.dtype.element_ty), mask=m)
+        _rotate_rows(Q, QO + row.to(tl.int64) * H * 2 * half, b, t, c, s, H, half, sqb, sqt, sqh, BLOCK_H, BLOCK_HALF)
+        _rotate_rows(K, KO + row.to(tl.int64) * HK * 2 * half, b, t, c, s, HK, half, skb, skt, skh, BLOCK_HK, BLOCK_HALF)
 
 
-def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, sign: float) -> torch.Tensor:
-    """x (B, T, H, D) with unit stride over D -> rotated copy (B, T, H, D) contiguous."""
-    B, T, H, D = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = torch.empty(B, T, H, D, device=x.device, dtype=x.dtype)
+def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+            sign: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, T, H, D), k (B, T, Hkv, D), each with unit stride over D -> rotated copies, contiguous;
+    ``sign`` -1 rotates back (the backward)."""
+    B, T, H, D = q.shape
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
     if pos.stride(-1) != 1:
         pos = pos.contiguous()
+    qo, ko = torch.empty(q.shape, device=q.device, dtype=q.dtype), torch.empty(k.shape, device=k.device, dtype=k.dtype)
     spb = pos.stride(0) if pos.ndim == 2 else 0  # (T,) positions: the same row for every batch entry
-    _rope_kernel[(B * T,)](x, y, cos, sin, pos, H, T, D // 2, x.stride(0), x.stride(1), x.stride(2),
-                           y.stride(0), y.stride(1), y.stride(2), spb, cos.stride(0), sign,
-                           BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(D // 2),
-                           num_warps=4 if H * D >= 2048 else 2)
-    return y
+    Hk = k.shape[2]
+    _rope_kernel[(B * T,)](q, k, qo, ko, cos, sin, pos, H, Hk, T, D // 2, q.stride(0), q.stride(1), q.stride(2),
+                           k.stride(0), k.stride(1), k.stride(2), spb, cos.stride(0), sign,
+                           BLOCK_H=triton.next_power_of_2(H), BLOCK_HK=triton.next_power_of_2(Hk),
+                           BLOCK_HALF=triton.next_power_of_2(D // 2), num_warps=4 if H * D >= 2048 else 2)
+    return qo, ko
 
 
 class _RopeQK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, pos):  # type: ignore[override]
         ctx.save_for_backward(cos, sin, pos)
-        return _launch(q, cos, sin, pos, 1.0), _launch(k, cos, sin, pos, 1.0)
+        return _launch(q, k, cos, sin, pos, 1.0)
 
     @staticmethod
     def backward(ctx, dq, dk):  # type: ignore[override]
         cos, sin, pos = ctx.saved_tensors
-        return _launch(dq, cos, sin, pos, -1.0), _launch(dk, cos, sin, pos, -1.0), None, None, None
+        return (*_launch(dq, dk, cos, sin, pos, -1.0), None, None, None)
 
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
