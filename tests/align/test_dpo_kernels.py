@@ -67,3 +67,21 @@ def test_the_check_catches_a_rope_kernel_slightly_off(setup):
     finally:
         rope.sin.copy_(saved)
     assert _worst(off, plain) > RTOL
+
+
+def test_kernel_check_passes_the_kernels_and_catches_a_wrong_one(monkeypatch):
+    """``fused_kernels`` runs this check first on the GPU: a kernel that fails to build or agree is left off."""
+    import sys
+
+    from kiln.align.stage import kernels_fail
+
+    if unsupported_reason(torch.zeros(1)) is not None:
+        pytest.skip("the Triton kernels cannot run here (CPU without TRITON_INTERPRET=1)")
+    cpu = torch.device("cpu")
+    assert kernels_fail(cpu) is None
+    rope = sys.modules["kiln.kernels.rope"]
+    launch = rope._launch
+    monkeypatch.setattr(rope, "_launch", lambda q, k, c, s, p, sign: launch(q, k, c, s * 1.1, p, sign))
+    assert "differs" in kernels_fail(cpu)
+    monkeypatch.setattr(rope, "_launch", lambda *a: 1 / 0)
+    assert kernels_fail(cpu).startswith("ZeroDivisionError")
