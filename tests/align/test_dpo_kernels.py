@@ -1,4 +1,5 @@
-"""DPO with the fused kernels (Kiln's Triton RMSNorm and RoPE, what ``kiln dpo`` runs on CUDA) gives the
+"""DPO with the fused kernels (Kiln's Triton RMSNorm and RoPE, q/k/v and gate/up as one GEMM each: what
+``kiln dpo`` runs on CUDA) gives the
 loss and gradients of the PyTorch formulas within 1e-5 relative on a tiny model (GQA, 2 layers), and the
 check is tight enough to catch a kernel 0.1% off. Under TRITON_INTERPRET=1 the kernels run on the CPU."""
 
@@ -50,10 +51,11 @@ def setup():
 
 def test_fused_kernels_give_the_same_dpo_loss_and_gradients(setup):
     model, batch, plain = setup
-    with kernels_swapped(model, norm="triton", rope="triton"), untuned_mode():
+    with kernels_swapped(model, norm="triton", rope="triton", fused_proj=True), untuned_mode():
         fused = _loss_and_grads(model, batch)
     assert _worst(fused, plain) <= RTOL
     assert model.rope.impl == "kiln" and model.norm.impl == "kiln"  # put back on exit
+    assert not model.layers[0].self_attn.fused_proj and not model.layers[0].mlp.fused_proj
 
 
 def test_the_check_catches_a_rope_kernel_slightly_off(setup):

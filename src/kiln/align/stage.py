@@ -166,7 +166,7 @@ def fused_kernels(model: torch.nn.Module, enabled: bool = True) -> contextlib.Ab
         return contextlib.nullcontext()
 
     stack = contextlib.ExitStack()
-    stack.enter_context(kernels_swapped(model, norm="triton", rope="triton"))
+    stack.enter_context(kernels_swapped(model, norm="triton", rope="triton", fused_proj=True))
     stack.enter_context(untuned_mode())
     return stack
 

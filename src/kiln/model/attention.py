@@ -46,26 +46,28 @@ def attention_swapped(model: nn.Module, impl: Any) -> Iterator[None]:
 
 
 @contextmanager
-def kernels_swapped(model: nn.Module, norm: str | None = None, rope: str | None = None) -> Iterator[None]:
+def kernels_swapped(model: nn.Module, norm: str | None = None, rope: str | None = None,
+                    fused_proj: bool | None = None) -> Iterator[None]:
     """Within the block, every RMSNorm of ``model`` (a Kiln ``Transformer``) runs ``norm`` (a
-    ``NORM_IMPLS`` name) and its rotary embedding ``rope`` ("kiln" or "triton": ``kiln.kernels.rope``
-    for calls without a KV cache); None leaves that kind alone. The saved config is untouched (an
-    export writes the model's own settings), and the kernels are put back on exit, also after an error.
+    ``NORM_IMPLS`` name), its rotary embedding ``rope`` ("kiln" or "triton": ``kiln.kernels.rope``), and
+    with ``fused_proj`` each layer's q/k/v and gate/up projections run as one GEMM each (weights
+    concatenated per call); the last two only in calls without a KV cache. None leaves that kind alone.
+    The saved config is untouched (an export writes the model's own settings), and everything is put
+    back on exit, also after an error.
     """
-    norms = [m for m in model.modules() if isinstance(m, RMSNorm)] if norm is not None else []
-    ropes = [m for m in model.modules() if isinstance(m, RotaryEmbedding)] if rope is not None else []
-    saved = [m.impl for m in norms], [m.impl for m in ropes]
+    from kiln.model.layers import SwiGLU
+
+    kinds = [(RMSNorm, "impl", norm), (RotaryEmbedding, "impl", rope),
+             (MultiHeadSelfAttention, "fused_proj", fused_proj), (SwiGLU, "fused_proj", fused_proj)]
+    swaps = [(m, attr, value, getattr(m, attr)) for cls, attr, value in kinds if value is not None
+             for m in model.modules() if isinstance(m, cls)]
     try:
-        for m in norms:
-            m.impl = norm
-        for m in ropes:
-            m.impl = rope
+        for m, attr, value, _ in swaps:
+            setattr(m, attr, value)
         yield
     finally:
-        for m, s in zip(norms, saved[0]):
-            m.impl = s
-        for m, s in zip(ropes, saved[1]):
-            m.impl = s
+        for m, attr, _, saved in swaps:
+            setattr(m, attr, saved)
 
 
 def causal_mask(t_q: int, t_k: int, q_offset: int = 0, device: torch.device | str | None = None) -> Tensor:
@@ -302,6 +304,7 @@ class MultiHeadSelfAttention(nn.Module):
         self.k_proj = Linear(d_model, num_kv_heads * D, **kw)
         self.v_proj = Linear(d_model, num_kv_heads * D, **kw)
         self.o_proj = Linear(num_heads * D, d_model, **kw)
+        self.fused_proj = False  # True: training-shaped calls run q, k, v as one GEMM (kernels_swapped)
         self.q_norm = RMSNorm(D, norm_eps, device=device, dtype=dtype) if qk_norm else None
         self.k_norm = RMSNorm(D, norm_eps, device=device, dtype=dtype) if qk_norm else None
 
@@ -323,8 +326,15 @@ class MultiHeadSelfAttention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         paged = isinstance(kv_cache, PagedKVCache)
         offset = kv_cache.length if isinstance(kv_cache, KVCache) else 0
-        q = self.q_proj(x).view(B, T, H, D)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, Hkv, D)  # (B, T, Hkv, D)
+        if self.fused_proj and kv_cache is None and self.q_proj.impl == "kiln":
+            # one GEMM for q, k and v (and one for their input gradient): fewer launches, the same products
+            w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))  # ((H + 2 Hkv) D, d_model)
+            q, k, v = torch.matmul(x, w.t()).split((H * D, Hkv * D, Hkv * D), dim=-1)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        else:
+            q = self.q_proj(x).view(B, T, H, D)  # (B, T, H, D)
+            k = self.k_proj(x).view(B, T, Hkv, D)  # (B, T, Hkv, D)
+            v = self.v_proj(x).view(B, T, Hkv, D)  # (B, T, Hkv, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         fused_rope = self.rope is not None and kv_cache is None and self.rope.impl == "triton"
@@ -334,8 +344,7 @@ class MultiHeadSelfAttention(nn.Module):
             if token_positions is None:
                 token_positions = torch.arange(T, device=x.device)  # (T,)
             q, k = rope_qk(q, k, self.rope.cos, self.rope.sin, token_positions)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D) x 2
         if self.rope is not None and not fused_rope:
             if token_positions is None:
                 token_positions = torch.arange(offset, offset + T, device=x.device)  # (T,)

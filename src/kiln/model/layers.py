@@ -209,9 +209,14 @@ class SwiGLU(nn.Module):
         self.gate_proj = Linear(d_model, d_ff, device=device, dtype=dtype, impl=impl)
         self.up_proj = Linear(d_model, d_ff, device=device, dtype=dtype, impl=impl)
         self.down_proj = Linear(d_ff, d_model, device=device, dtype=dtype, impl=impl)
+        self.fused_proj = False  # True: gate and up as one GEMM (fewer launches in a host-bound step)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., d_model) -> (..., d_model)."""
+        if self.fused_proj and self.gate_proj.impl == "kiln":
+            w = torch.cat((self.gate_proj.weight, self.up_proj.weight))  # (2 d_ff, d_model)
+            gate, up = matmul_linear(x, w).chunk(2, dim=-1)
+            return self.down_proj(silu(gate) * up)
         return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
