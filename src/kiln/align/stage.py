@@ -159,7 +159,8 @@ def fused_kernels(model: torch.nn.Module, enabled: bool = True) -> contextlib.Ab
     from kiln.kernels import untuned_mode
     from kiln.model.attention import kernels_swapped
 
-    if (why := kernels_fail(next(model.parameters()).device)) is not None:
+    c = model.config
+    if (why := kernels_fail(next(model.parameters()).device, c.n_heads, c.n_kv_heads, c.head_dim, c.d_model)):
         import warnings
 
         warnings.warn(f"fused kernels off: {why}; training runs the PyTorch formulas", stacklevel=2)
@@ -171,26 +172,33 @@ def fused_kernels(model: torch.nn.Module, enabled: bool = True) -> contextlib.Ab
     return stack
 
 
-def kernels_fail(device: torch.device) -> str | None:
+def kernels_fail(device: torch.device, heads: int = 3, kv_heads: int = 1, head_dim: int = 8,
+                 width: int = 8) -> str | None:
     """None when Kiln's RoPE and RMSNorm kernels compile and match their references (values and gradients,
-    2e-2 relative in bf16) on ``device``, else why not. One small check before a run relies on them, so a
-    kernel that fails to build or to agree on a new machine costs speed, never the run or its numbers."""
+    2e-2 relative; bf16 RoPE on CUDA, as under autocast) on ``device``, else why not. One small check
+    before a run relies on them, so a kernel that fails to build or to agree on a new machine costs speed,
+    never the run or its numbers. With a model's ``heads``, ``kv_heads``, ``head_dim`` and ``width``
+    (d_model) the binaries it compiles are the ones the run then uses."""
     from kiln.kernels import rmsnorm, rmsnorm_ref, rope_qk, rope_ref, untuned_mode
 
     try:
         g = torch.Generator(device=device).manual_seed(0)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter runs fp32 only
-        x = torch.randn(2, 5, 3, 8, device=device, generator=g, dtype=dtype, requires_grad=True)
-        half = torch.randn(16, 4, device=device, generator=g)
-        table = torch.cat((half, half), dim=1)  # RoPE's layout: the D/2 frequencies repeated twice
-        pos = torch.arange(5, device=device)
+        q = torch.randn(2, 5, heads, head_dim, device=device, generator=g, dtype=dtype, requires_grad=True)
+        k = torch.randn(2, 5, kv_heads, head_dim, device=device, generator=g, dtype=dtype, requires_grad=True)
+        half = torch.randn(16, head_dim // 2, device=device, generator=g)
+        cos, sin = torch.cat((half, half), dim=1), torch.cat((half, half), dim=1).flip(0)  # RoPE's layout
+        x = torch.randn(2, 5, width, device=device, generator=g, requires_grad=True)  # the fp32 residual stream
+        w = torch.randn(width, device=device, generator=g)
+        pos = torch.arange(2, 7, device=device)
         with untuned_mode():
-            q, _ = rope_qk(x, x[:, :, :1], table, table.flip(0), pos)
-            y = rmsnorm(x.float(), table[0], 1e-5)
-            q.float().sum().backward()
-        pairs = [(q, rope_ref(x, table, table.flip(0), pos)), (y, rmsnorm_ref(x.float(), table[0], 1e-5)),
-                 (x.grad, torch.autograd.grad(rope_ref(x, table, table.flip(0), pos).float().sum(), x)[0])]
-        for got, want in pairs:
+            yq, yk = rope_qk(q, k, cos, sin, pos)
+            y = rmsnorm(x, w, 1e-5)
+            (yq.float().sum() + yk.float().sum() + (y * y).sum()).backward()
+        rq, rk = rope_ref(q, cos, sin, pos), rope_ref(k, cos, sin, pos)
+        ry = rmsnorm_ref(x, w, 1e-5)
+        grads = torch.autograd.grad(rq.float().sum() + rk.float().sum() + (ry * ry).sum(), (q, k, x))
+        for got, want in [(yq, rq), (yk, rk), (y, ry), *zip((q.grad, k.grad, x.grad), grads)]:
             got, want = got.detach().float(), want.detach().float()
             err = float((got - want).norm() / want.norm().clamp_min(1e-30))
             if not err <= 2e-2:
