@@ -27,7 +27,9 @@ s" is the row's process from launch to exit, imports included. ``--max-steps`` g
 the same number of steps on both sides; a row stopped by ``--timeout`` reports its rate over the
 steps it finished (``StepClock`` writes its progress to a file after its reads). Each side runs
 in its own process, so "peak MiB" is that process's peak: CUDA's max allocated on a GPU
-(``torch.cuda.max_memory_allocated``), the resident set on the CPU.
+(``torch.cuda.max_memory_allocated``), the resident set on the CPU. "tokens computed / real" (DPO):
+the token positions a side's model ran over those with a label, and the positions per step (Kiln:
+counted by its batch source; trl: by a counting wrapper around its collator).
 """
 
 from __future__ import annotations

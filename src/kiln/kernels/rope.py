@@ -50,7 +50,7 @@ if HAVE_TRITON:
         j = tl.arange(0, BLOCK_HALF)
         h = tl.arange(0, BLOCK_H)
         m = (h[:, None] < n_heads) & (j[None, :] < half)
-        xo = X + b * sxb + t * sxt + h[:, None] * sxh + j[None, :]
+        xo = X + b.to(tl.int64) * sxb + t.to(tl.int64) * sxt + h[:, None] * sxh + j[None, :]
         yo = Y + h[:, None] * (2 * half) + j[None, :]
         x1 = tl.load(xo, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(xo + half, mask=m, other=0.0).to(tl.float32)
