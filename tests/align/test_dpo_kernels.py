@@ -87,3 +87,8 @@ def test_kernel_check_passes_the_kernels_and_catches_a_wrong_one(monkeypatch):
     assert "differs" in kernels_fail(cpu)
     monkeypatch.setattr(rope, "_launch", lambda *a: 1 / 0)
     assert kernels_fail(cpu).startswith("ZeroDivisionError")
+    monkeypatch.setattr(rope, "_launch", launch)
+    adamw = sys.modules["kiln.kernels.adamw"]
+    multi = adamw._multi_update
+    monkeypatch.setattr(adamw, "_multi_update", lambda p, g, m, v, s, lr, *a: multi(p, g, m, v, s, lr * 1.01, *a))
+    assert "differs" in kernels_fail(cpu)  # a learning rate 1% off in the one-launch AdamW
