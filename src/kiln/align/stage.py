@@ -153,7 +153,7 @@ def fused_kernels(model: torch.nn.Module, enabled: bool = True) -> contextlib.Ab
     gate/up as one GEMM each (``kiln.model.attention.kernels_swapped``), each kernel launched in its one
     fixed shape (no autotuning: ``kiln.kernels.untuned_mode``), and AdamW's update as one launch for all
     tensors (``kiln.kernels.adamw.multi_tensor_mode``). A small model's eager step on a GPU is bound by
-    the host's launches: 1,197 -> 493 per forward + backward at d512, 8 layers, plus 75 -> 1 for AdamW;
+    the host's launches: 1,197 -> 459 per forward + backward at d512, 8 layers, plus 75 -> 1 for AdamW;
     the same math. The kernels are checked on the device first (``kernels_fail``); a failure leaves
     everything off with a warning. Elsewhere (or ``enabled`` False) nothing changes: the CPU keeps the
     PyTorch formulas."""

@@ -57,7 +57,10 @@ def kernels_swapped(model: nn.Module, norm: str | None = None, rope: str | None 
     """
     from kiln.model.layers import SwiGLU
 
-    kinds = [(RMSNorm, "impl", norm), (RotaryEmbedding, "impl", rope),
+    # with one GEMM per norm output, a Triton norm can write autocast's dtype itself (one cast fewer
+    # each way, the same values; several consumers would sum their gradients in bf16 instead)
+    autocast_out = True if fused_proj and norm == "triton" else None
+    kinds = [(RMSNorm, "impl", norm), (RMSNorm, "autocast_out", autocast_out), (RotaryEmbedding, "impl", rope),
              (MultiHeadSelfAttention, "fused_proj", fused_proj), (SwiGLU, "fused_proj", fused_proj)]
     swaps = [(m, attr, value, getattr(m, attr)) for cls, attr, value in kinds if value is not None
              for m in model.modules() if isinstance(m, cls)]

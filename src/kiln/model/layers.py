@@ -172,13 +172,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.impl = impl
         self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+        # True (set by kernels_swapped for a norm whose output feeds one matmul): under autocast the
+        # "triton" kernel writes autocast's dtype itself, the values the matmul's cast would make
+        self.autocast_out = False
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.weight.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (..., d_model) -> same shape and dtype."""
+        """x: (..., d_model) -> same shape and dtype (autocast's dtype with ``autocast_out``)."""
+        if self.autocast_out and self.impl == "triton" and torch.is_autocast_enabled(x.device.type):
+            from kiln.kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps, out_dtype=torch.get_autocast_dtype(x.device.type))
         return NORM_IMPLS[self.impl](x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
