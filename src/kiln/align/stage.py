@@ -198,11 +198,11 @@ def kernels_fail(device: torch.device, heads: int = 3, kv_heads: int = 1, head_d
         pos = torch.arange(2, 7, device=device)
         with untuned_mode():
             yq, yk = rope_qk(q, k, cos, sin, pos)
-            y = rmsnorm(x, w, 1e-5)
-            (yq.float().sum() + yk.float().sum() + (y * y).sum()).backward()
+            y = rmsnorm(x, w, 1e-5, out_dtype=dtype)  # as under autocast: the norm writes bf16 on CUDA
+            (yq.float().sum() + yk.float().sum() + (y.float() ** 2).sum()).backward()
         rq, rk = rope_ref(q, cos, sin, pos), rope_ref(k, cos, sin, pos)
-        ry = rmsnorm_ref(x, w, 1e-5)
-        grads = torch.autograd.grad(rq.float().sum() + rk.float().sum() + (ry * ry).sum(), (q, k, x))
+        ry = rmsnorm_ref(x, w, 1e-5).to(dtype)
+        grads = torch.autograd.grad(rq.float().sum() + rk.float().sum() + (ry.float() ** 2).sum(), (q, k, x))
         pairs = [(yq, rq, 2e-2), (yk, rk, 2e-2), (y, ry, 2e-2), *((a, b, 2e-2) for a, b in zip((q.grad, k.grad, x.grad), grads)),
                  *((a, b, 1e-4) for a, b in _adamw_pairs(device, g))]
         for got, want, tol in pairs:
