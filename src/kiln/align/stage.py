@@ -189,13 +189,13 @@ def kernels_fail(device: torch.device, heads: int = 3, kv_heads: int = 1, head_d
     try:
         g = torch.Generator(device=device).manual_seed(0)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter runs fp32 only
-        q = torch.randn(2, 5, heads, head_dim, device=device, generator=g, dtype=dtype, requires_grad=True)
-        k = torch.randn(2, 5, kv_heads, head_dim, device=device, generator=g, dtype=dtype, requires_grad=True)
+        q = torch.randn(2, 8, heads, head_dim, device=device, generator=g, dtype=dtype, requires_grad=True)
+        k = torch.randn(2, 8, kv_heads, head_dim, device=device, generator=g, dtype=dtype, requires_grad=True)
         half = torch.randn(16, head_dim // 2, device=device, generator=g)
         cos, sin = torch.cat((half, half), dim=1), torch.cat((half, half), dim=1).flip(0)  # RoPE's layout
-        x = torch.randn(2, 5, width, device=device, generator=g, requires_grad=True)  # the fp32 residual stream
+        x = torch.randn(2, 8, width, device=device, generator=g, requires_grad=True)  # fp32, as the residual; 16 rows
         w = torch.randn(width, device=device, generator=g)
-        pos = torch.arange(2, 7, device=device)
+        pos = torch.arange(2, 10, device=device)
         with untuned_mode():
             yq, yk = rope_qk(q, k, cos, sin, pos)
             y = rmsnorm(x, w, 1e-5, out_dtype=dtype)  # as under autocast: the norm writes bf16 on CUDA
