@@ -89,7 +89,7 @@ if HAVE_TRITON:
 BLOCK = 2048
 _MULTI = {"on": False}
 _TILES: dict = {}  # (device, numels) -> (tile -> tensor, tile -> first element, numels) device tables
-_PTRS: dict = {}  # device -> (the last pointer list, its device table): reused while no address changes
+_PTRS: dict = {}  # (device, numels) -> (the last pointer list, its device table): reused while no address changes
 
 
 @contextlib.contextmanager
@@ -121,9 +121,9 @@ def _multi_update(params, grads, avgs, avg_sqs, steps, lr, okf, beta1, beta2, ep
         _TILES[key] = (_to_device(tile_t, device), _to_device(tile_s, device), _to_device(list(numels), device))
     tile_t, tile_s, n_t = _TILES[key]
     ptrs = [t.data_ptr() for group in zip(params, grads, avgs, avg_sqs, steps) for t in group]
-    last = _PTRS.get(device)
+    last = _PTRS.get(key)  # per group (by its shapes): a model's two groups do not evict each other
     if last is None or last[0] != ptrs:  # gradients usually come back at the same addresses
-        last = _PTRS[device] = (ptrs, _to_device(ptrs, device))
+        last = _PTRS[key] = (ptrs, _to_device(ptrs, device))
     _adamw_multi_kernel[(tile_t.numel(),)](last[1], n_t, tile_t, tile_s, lr, okf, beta1, beta2, eps, weight_decay,
                                             BLOCK=BLOCK, num_warps=8)
 
