@@ -72,8 +72,9 @@ class DPOConfig:
     eval_every: int = 50
     """Steps between held-out preference evaluations (also first and last); 0: never."""
     fused_kernels: bool = True
-    """On CUDA, Kiln's Triton RMSNorm and RoPE in the policy and reference (``kiln.align.stage.fused_kernels``):
-    ~35 fewer launches per layer for a host-bound step; the same loss (tested against the PyTorch formulas)."""
+    """On CUDA, the policy and reference run Kiln's Triton RMSNorm and RoPE, one-GEMM q/k/v and gate/up, and
+    AdamW in one launch (``kiln.align.stage.fused_kernels``): 1,197 -> 459 launches per forward + backward
+    of a small model's host-bound step; the same loss (tested against the PyTorch formulas)."""
     train: TrainConfig = field(default_factory=dpo_train_defaults)
     """Runtime settings (``train.lr``, ``train.batch_size`` in pairs, ``train.device``...)."""
 

@@ -51,7 +51,8 @@ def kernels_swapped(model: nn.Module, norm: str | None = None, rope: str | None 
     """Within the block, every RMSNorm of ``model`` (a Kiln ``Transformer``) runs ``norm`` (a
     ``NORM_IMPLS`` name), its rotary embedding ``rope`` ("kiln" or "triton": ``kiln.kernels.rope``), and
     with ``fused_proj`` each layer's q/k/v and gate/up projections run as one GEMM each (weights
-    concatenated per call); the last two only in calls without a KV cache. None leaves that kind alone.
+    concatenated per call; a Triton norm then writes autocast's dtype for its one GEMM). The fused RoPE
+    and q/k/v apply to calls without a KV cache. None leaves that kind alone.
     The saved config is untouched (an export writes the model's own settings), and everything is put
     back on exit, also after an error.
     """
