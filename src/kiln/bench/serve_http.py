@@ -415,9 +415,22 @@ class Server:
                 self.proc.wait()
 
 
-def process_cpu_s(pid: int, thread: str | None = None) -> float | None:
+def child_pids(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (Linux /proc; [] elsewhere): e.g. ``kiln serve --engine-process``'s engine."""
+    out = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for c in (task / "children").read_text().split():
+                out += [int(c), *child_pids(int(c))]
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def process_cpu_s(pid: int, thread: str | None = None, children: bool = False) -> float | None:
     """User + system CPU seconds of process ``pid`` so far, all threads, or only its threads whose OS
-    name is ``thread`` (e.g. the server's 'kiln-engine'); Linux /proc, None elsewhere."""
+    name is ``thread`` (e.g. the server's 'kiln-engine'); ``children``: its live descendants' too
+    (all their threads); Linux /proc, None elsewhere."""
     try:
         if thread is None:
             paths = [Path(f"/proc/{pid}/stat")]
@@ -428,7 +441,8 @@ def process_cpu_s(pid: int, thread: str | None = None) -> float | None:
         for path in paths:
             fields = path.read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+        kids = sum(process_cpu_s(c) or 0.0 for c in child_pids(pid)) if children else 0.0
+        return total / os.sysconf("SC_CLK_TCK") + kids
     except (OSError, ValueError, IndexError):
         return None
 
@@ -437,11 +451,13 @@ def _thread_env(args: argparse.Namespace) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
 
 
-def kiln_server(args: argparse.Namespace, model_dir: Path, device: Any) -> Server:
+def kiln_server(args: argparse.Namespace, model_dir: Path, device: Any, engine_process: bool = False) -> Server:
     port = _free_port()
     cmd = [sys.executable, "-m", "kiln.cli.main", "serve", str(model_dir), "--port", str(port),
            "--device", str(device), "--max-pending", str(4 * max(args.concurrency) + 64),
            "--request-timeout", "3600", "--log-level", "warning"]
+    if engine_process:
+        cmd.append("--engine-process")
     for k, v in engine_overrides(args).items():
         cmd += ["--engine", f"{k}={v}"]
     return Server(cmd, port, env=_thread_env(args))
@@ -495,7 +511,10 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
             rows[-1].engine_thread_cpu_us = rows[-1].server_cpu_us
     del loaded
     _free(device)
-    servers = [("kiln http", lambda: kiln_server(args, kiln_dir, device), kiln_dir.name)]
+    servers = []
+    for mode in engine_modes(args):  # the engine as a thread of the server, or in its own process
+        impl = "kiln http" if mode == "thread" else "kiln http, engine process"
+        servers.append((impl, lambda ep=mode == "process": kiln_server(args, kiln_dir, device, ep), kiln_dir.name))
     if hf_dir is not None:
         servers.append(("transformers serve", lambda: transformers_server(args, hf_dir, device), str(hf_dir)))
     for impl, start, name in servers:
@@ -522,15 +541,30 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
     return rows
 
 
+def engine_modes(args: argparse.Namespace) -> list[str]:
+    """``--server-engine``'s comma list: 'thread' (the default server), 'process' (--engine-process)."""
+    modes = [m for m in str(getattr(args, "server_engine", "thread")).split(",") if m]
+    bad = [m for m in modes if m not in ("thread", "process")]
+    if bad or not modes:
+        raise ValueError(f"--server-engine {bad or modes}: give thread, process or thread,process")
+    return modes
+
+
 def http_row(args: argparse.Namespace, impl: str, server: Server, name: str, reqs: list, c: int,
              kiln: bool = True) -> HttpRow:
-    """One HTTP row at concurrency ``c``, with the server process's CPU per output token (all threads,
-    and its 'kiln-engine' thread's) and the client processes'."""
+    """One HTTP row at concurrency ``c``, with the server's CPU per output token (all threads of the
+    server process and of its children, i.e. an engine process) and its engine's (the 'kiln-engine'
+    thread, or with ``--engine-process`` the engine process), and the client processes'."""
     n = _count(args, c, len(reqs))
     pid = server.proc.pid
-    cpu0, eng0 = process_cpu_s(pid), process_cpu_s(pid, "kiln-engine")
+
+    def engine_cpu() -> float | None:
+        kids = child_pids(pid)
+        return sum(process_cpu_s(k) or 0.0 for k in kids) if "engine process" in impl else process_cpu_s(pid, "kiln-engine")
+
+    cpu0, eng0 = process_cpu_s(pid, children=True), engine_cpu()
     row = _safe(impl, c, n, lambda: run_http(server.url, name, reqs[:n], c, args.max_tokens, args.client_procs, kiln))
-    cpu, eng = process_cpu_s(pid), process_cpu_s(pid, "kiln-engine")
+    cpu, eng = process_cpu_s(pid, children=True), engine_cpu()
     if cpu is not None and cpu0 is not None and row.tokens:
         row.server_cpu_us = (cpu - cpu0) / row.tokens * 1e6
         if kiln and eng is not None and eng0 is not None:
@@ -639,6 +673,8 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--transformers", action="store_true", help="add transformers serve (continuous batching)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for every row (0: torch's "
                    "default). On a busy CPU, 1: a spinning second thread can slow small matmuls 10-30x")
+    p.add_argument("--server-engine", default="thread,process", help="the Kiln server's engine: 'thread' (in the "
+                   "server process), 'process' (kiln serve --engine-process) or both, one row set each")
     p.add_argument("--stub-engine", type=int, default=0, metavar="K", help="instead of a model: Kiln's server over "
                    "a stub engine giving each running request K tokens a step (what the server costs per token)")
     p.add_argument("--stub-step-ms", type=float, default=20.0, help="--stub-engine: milliseconds per step (GIL released)")

@@ -242,6 +242,8 @@ class EngineWorker:
         self._inbox.put(("stop", None, None))
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if hasattr(self.engine, "shutdown"):  # an engine in its own process (EngineClient)
+            self.engine.shutdown()
 
     # ---- engine-thread side ----------------------------------------------------------------
     def _run(self) -> None:
@@ -305,6 +307,9 @@ class EngineWorker:
             return
         self._step_time_s = time.perf_counter() - t0
         self._counters["steps"] += 1
+        for rid, why in self.engine.pop_refused() if hasattr(self.engine, "pop_refused") else ():
+            log.warning("engine refused %s: %s", rid, why)  # an engine in another process refuses late
+            self._end(rid, End("error", why), abort=False)
         for out in outs:
             seq = self._seqs.get(out.request_id)
             if seq is None:  # aborted between the step and now
