@@ -29,6 +29,7 @@ import logging
 import multiprocessing as mp
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,10 @@ def _slim(out: Any) -> tuple:
             out.num_prompt_tokens, out.num_generated_tokens)
 
 
-def engine_main(spec: Any, conn: Any) -> None:
-    """The child: load ``spec`` (a ``ModelSpec``), say ready, then step while any request is
-    unfinished and read commands between steps; exits on 'stop' or when the server's end closes."""
-    from kiln.serve.server import load
+def engine_main(spec: Any, load: Callable[[Any], Any], conn: Any) -> None:
+    """The child: ``load(spec)`` (``kiln.serve.server.load`` of a ``ModelSpec``: a ``Loaded``), say
+    ready, then step while any request is unfinished and read commands between steps; exits on
+    'stop' or when the server's end closes."""
     from kiln.serve.worker import _name_os_thread
 
     _name_os_thread("kiln-engine-core")
@@ -56,8 +57,11 @@ def engine_main(spec: Any, conn: Any) -> None:
                          "device": str(loaded.device), "name": loaded.name}, engine.stats()))
     try:
         while True:
-            if conn.poll(0 if engine.has_unfinished() else None) and _commands(engine, conn):
-                return
+            if conn.poll(0 if engine.has_unfinished() else None):
+                if _commands(engine, conn):
+                    return
+                if not engine.has_unfinished():  # idle after aborts: send the freed counts anyway
+                    conn.send(("out", [], engine.stats()))
             if engine.has_unfinished():
                 _step(engine, conn)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the server is gone: nothing to answer
@@ -98,10 +102,12 @@ class EngineClient:
     """``LLMEngine``'s interface over a pipe to ``engine_main`` in a spawned process (see the module
     docstring). Used from one thread (``EngineWorker``'s)."""
 
-    def __init__(self, spec: Any, start_timeout_s: float = 900.0) -> None:
+    def __init__(self, spec: Any, load: Callable[[Any], Any], start_timeout_s: float = 900.0) -> None:
+        """Start the engine process: it runs ``load(spec)`` (a module-level function, e.g.
+        ``kiln.serve.server.load``); waits until it is ready or raises RuntimeError with its error."""
         ctx = mp.get_context("spawn")  # a fresh interpreter: no CUDA state or locks inherited
         self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=engine_main, args=(spec, child), name="kiln-engine-core", daemon=True)
+        self.proc = ctx.Process(target=engine_main, args=(spec, load, child), name="kiln-engine-core", daemon=True)
         self.proc.start()
         child.close()
         deadline = time.monotonic() + start_timeout_s
@@ -116,7 +122,8 @@ class EngineClient:
             raise RuntimeError(f"the engine process could not load {spec.model_dir}: {info}")
         self.info: dict = info
         self._stats: dict = stats
-        self._live: set[str] = set()
+        self._live: set[str] = set()  # added, not yet finished, aborted or refused
+        self._ready: list[Any] = []  # outputs read from the pipe, not yet returned by step()
         self._refused: list[tuple[str, str]] = []
 
     def add_request(self, prompt_ids: list[int], params: Any, request_id: str) -> str:
@@ -130,9 +137,15 @@ class EngineClient:
             self._conn.send(("abort", request_id))
 
     def has_unfinished(self) -> bool:
-        return bool(self._live)
+        return bool(self._live or self._ready or self._refused)
 
     def stats(self) -> dict:
+        """The engine's counters as of its last message (read now, without waiting; a dead process
+        is reported by the next ``step``)."""
+        try:
+            self._read(0.0)
+        except RuntimeError:
+            pass
         return self._stats
 
     def pop_refused(self) -> list[tuple[str, str]]:
@@ -143,14 +156,19 @@ class EngineClient:
     def step(self, wait_s: float = 0.05) -> list[Any]:
         """Every output the engine process sent since the last call, waiting up to ``wait_s`` for one
         (the pipe wait releases the GIL). Raises RuntimeError when a step failed or the process died."""
+        self._read(wait_s)
+        outs, self._ready = self._ready, []
+        return outs
+
+    def _read(self, wait_s: float) -> None:
+        """Move every message waiting in the pipe into ``_ready`` / ``_refused`` / ``_stats``."""
         from kiln.generate import RequestOutput
 
-        outs: list[Any] = []
         if not self._conn.poll(wait_s):
             if not self.proc.is_alive():
                 self._live.clear()
                 raise RuntimeError(f"the engine process died (exit code {self.proc.exitcode})")
-            return outs
+            return
         while True:
             try:
                 kind, payload, self._stats = self._conn.recv()
@@ -160,7 +178,7 @@ class EngineClient:
             if kind == "out":
                 for rid, new, text, lps, done, reason, n_prompt, n_gen in payload:
                     if rid in self._live:
-                        outs.append(RequestOutput(rid, [], [], new, "", text, lps, done, reason, n_prompt, n_gen))
+                        self._ready.append(RequestOutput(rid, [], [], new, "", text, lps, done, reason, n_prompt, n_gen))
                         if done:
                             self._live.discard(rid)
             elif kind == "refused":
@@ -170,7 +188,7 @@ class EngineClient:
                 self._live.clear()
                 raise RuntimeError(payload)
             if not self._conn.poll(0):
-                return outs
+                return
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop the engine process (politely, then by force)."""

@@ -82,7 +82,7 @@ def start_engine_process(spec: ModelSpec) -> Loaded:
 
     if spec.tokenizer and not Path(spec.tokenizer).exists():
         raise FileNotFoundError(f"--tokenizer {spec.tokenizer} does not exist; pass a tokenizer file or folder")
-    client = EngineClient(spec)
+    client = EngineClient(spec, load)
     model_dir = Path(spec.model_dir)
     if not (model_dir / "config.json").is_file() and (model_dir / "model" / "config.json").is_file():
         model_dir = model_dir / "model"
