@@ -9,6 +9,7 @@ in OpenAI's format with its status code (400 bad request, 401 bad key, 404 unkno
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -573,6 +574,11 @@ def build_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.worker.start()
+        # Everything loaded so far (torch, the model, FastAPI's tables) lives as long as the server:
+        # move it out of the cyclic collector's sight (as vLLM does), so the collections that
+        # per-request garbage triggers scan the young objects, not the whole heap.
+        gc.collect()
+        gc.freeze()
         yield
         # uvicorn has already waited up to --shutdown-grace for open requests; cancel what is left.
         await asyncio.to_thread(state.worker.drain, 1.0)

@@ -25,6 +25,7 @@ counts), so a step's message does not grow with the sequences' length.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import time
@@ -53,6 +54,8 @@ def engine_main(spec: Any, load: Callable[[Any], Any], conn: Any) -> None:
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}", None))
         return
     engine = loaded.engine
+    gc.collect()  # the model and torch live as long as the process: keep them out of the collector's scans
+    gc.freeze()
     conn.send(("ready", {"context_length": loaded.context_length, "vocab_size": loaded.vocab_size,
                          "device": str(loaded.device), "name": loaded.name}, engine.stats()))
     try:
