@@ -28,9 +28,11 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing as mp
+import os
 import time
 import traceback
 from collections.abc import Callable
+from multiprocessing.connection import wait
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,11 @@ class EngineClient:
             raise RuntimeError(f"the engine process could not load {spec.model_dir}: {info}")
         self.info: dict = info
         self._stats: dict = stats
+        # submit/abort write a byte here (wake), so a step() waiting on the pipe returns at once and
+        # the worker forwards the command before the engine's next step, not after it.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._live: set[str] = set()  # added, not yet finished, aborted or refused
         self._ready: list[Any] = []  # outputs read from the pipe, not yet returned by step()
         self._refused: list[tuple[str, str]] = []
@@ -138,6 +145,15 @@ class EngineClient:
         if request_id in self._live:
             self._live.discard(request_id)
             self._conn.send(("abort", request_id))
+
+    def wake(self) -> None:
+        """End a ``step()`` that is waiting (any thread): a command is queued for the engine."""
+        if self._wake_w is None:
+            return
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # full: a wake-up is pending anyway; closed: shutting down
+            pass
 
     def has_unfinished(self) -> bool:
         return bool(self._live or self._ready or self._refused)
@@ -167,7 +183,16 @@ class EngineClient:
         """Move every message waiting in the pipe into ``_ready`` / ``_refused`` / ``_stats``."""
         from kiln.generate import RequestOutput
 
-        if not self._conn.poll(wait_s):
+        if wait_s:
+            ready = wait([self._conn, self._wake_r], timeout=wait_s)
+        else:
+            ready = [self._conn] if self._conn.poll(0) else []
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        if self._conn not in ready:
             if not self.proc.is_alive():
                 self._live.clear()
                 raise RuntimeError(f"the engine process died (exit code {self.proc.exitcode})")
@@ -203,3 +228,10 @@ class EngineClient:
         if self.proc.is_alive():
             self.proc.terminate()
             self.proc.join(5)
+        for fd in (getattr(self, "_wake_r", None), getattr(self, "_wake_w", None)):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = None

@@ -212,11 +212,20 @@ class EngineWorker:
         batch = Batch(rids, Mailbox(), loop, time.monotonic() + self.request_timeout_s,
                       open=set(range(len(prompts))))
         self._inbox.put(("add", batch, (prompts, stream)))
+        self._wake()
         return batch
 
     def abort(self, batch: Batch) -> None:
         """Cancel every unfinished sequence of ``batch`` (client gone): their blocks are freed at once."""
         self._inbox.put(("abort", batch, None))
+        self._wake()
+
+    def _wake(self) -> None:
+        """An engine in another process (``EngineClient``) may be waiting on its pipe in ``step``:
+        end the wait so the command goes down before its next step."""
+        wake = getattr(self.engine, "wake", None)
+        if wake is not None:
+            wake()
 
     def stats(self) -> dict:
         """The engine's last ``stats()`` and the worker's counters (a snapshot; safe from any thread)."""
