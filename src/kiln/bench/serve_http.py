@@ -512,8 +512,7 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
     del loaded
     _free(device)
     servers = []
-    for mode in engine_modes(args):  # the engine as a thread of the server, or in its own process
-        impl = "kiln http" if mode == "thread" else "kiln http, engine process"
+    for mode, impl in engine_modes(args):  # the engine as a thread of the server, or in its own process
         servers.append((impl, lambda ep=mode == "process": kiln_server(args, kiln_dir, device, ep), kiln_dir.name))
     if hf_dir is not None:
         servers.append(("transformers serve", lambda: transformers_server(args, hf_dir, device), str(hf_dir)))
@@ -541,13 +540,14 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
     return rows
 
 
-def engine_modes(args: argparse.Namespace) -> list[str]:
-    """``--server-engine``'s comma list: 'thread' (the default server), 'process' (--engine-process)."""
+def engine_modes(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``--server-engine``'s comma list as ``(mode, row name)``: 'thread' (the default server),
+    'process' (``kiln serve --engine-process``)."""
     modes = [m for m in str(getattr(args, "server_engine", "thread")).split(",") if m]
     bad = [m for m in modes if m not in ("thread", "process")]
     if bad or not modes:
         raise ValueError(f"--server-engine {bad or modes}: give thread, process or thread,process")
-    return modes
+    return [(m, "kiln http" if m == "thread" else "kiln http, engine process") for m in modes]
 
 
 def http_row(args: argparse.Namespace, impl: str, server: Server, name: str, reqs: list, c: int,
@@ -579,22 +579,26 @@ def measure_stub(args: argparse.Namespace) -> list[HttpRow]:
     tok = chat_tokenizer(None)
     reqs = chat_requests(args.prompts, args.requests, tok, 4096, args.max_tokens)
     seqs = max(args.concurrency)
-    port = _free_port()
-    server = Server([sys.executable, "-m", "kiln.bench.serve_stub", "--port", str(port), "--step-ms",
-                     str(args.stub_step_ms), "--tokens-per-step", str(args.stub_engine), "--max-num-seqs",
-                     str(seqs), "--max-pending", str(4 * seqs + 64)], port)
-    impl = f"kiln http, stub engine {args.stub_engine} tok/step"
     rows = []
-    try:
-        run_http(server.url, "stub", reqs[:4], 4, 4, 1)  # warm-up
-        for c in args.concurrency:
-            row = http_row(args, impl, server, "stub", reqs, c)
-            pace = c * args.stub_engine / (args.stub_step_ms / 1e3)  # tokens/s with a free server
-            row.vs_direct = row.tok_s / pace if row.tok_s else None
-            row.note = (f"stub pace {pace:,.0f} tok/s" + (f"; {row.note}" if row.note else ""))
-            rows.append(row)
-    finally:
-        server.stop()
+    for mode, name in engine_modes(args):
+        port = _free_port()
+        cmd = [sys.executable, "-m", "kiln.bench.serve_stub", "--port", str(port), "--step-ms", str(args.stub_step_ms),
+               "--tokens-per-step", str(args.stub_engine), "--max-num-seqs", str(seqs), "--max-pending",
+               str(4 * seqs + 64), "--host-us", str(args.stub_host_us)]
+        server = Server(cmd + (["--engine-process"] if mode == "process" else []), port)
+        impl = f"{name}, stub {args.stub_engine} tok/step"
+        try:
+            run_http(server.url, "stub", reqs[:4], 4, 4, 1)  # warm-up
+            for c in args.concurrency:
+                row = http_row(args, impl, server, "stub", reqs, c)
+                # tokens/s with a free server: the sleep plus the GIL-holding host work, per step
+                step_s = args.stub_step_ms / 1e3 + args.stub_host_us * min(c, seqs) / 1e6
+                pace = c * args.stub_engine / step_s
+                row.vs_direct = row.tok_s / pace if row.tok_s else None
+                row.note = (f"stub pace {pace:,.0f} tok/s" + (f"; {row.note}" if row.note else ""))
+                rows.append(row)
+        finally:
+            server.stop()
     return rows
 
 
@@ -678,6 +682,8 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stub-engine", type=int, default=0, metavar="K", help="instead of a model: Kiln's server over "
                    "a stub engine giving each running request K tokens a step (what the server costs per token)")
     p.add_argument("--stub-step-ms", type=float, default=20.0, help="--stub-engine: milliseconds per step (GIL released)")
+    p.add_argument("--stub-host-us", type=float, default=0.0, help="--stub-engine: Python work per running request "
+                   "per step, holding the GIL (a real engine's host side; what the event loop competes with)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--out", default=None, help="directory for bench_serve-http.md and .json")
     p.set_defaults(func=run)

@@ -26,6 +26,9 @@ class StubEngine:
     step_ms: float = 20.0
     tokens_per_step: int = 8
     max_num_seqs: int = 256
+    host_us_per_seq: float = 0.0
+    """Python work per running request per step, holding the GIL (a real engine's host side:
+    scheduling, stop checks, outputs), before the GIL-free wait."""
     live: dict = field(default_factory=dict)
     finished: int = 0
 
@@ -47,6 +50,9 @@ class StubEngine:
     def step(self) -> list:
         from kiln.generate import RequestOutput
 
+        busy_until = time.perf_counter() + self.host_us_per_seq * min(len(self.live), self.max_num_seqs) / 1e6
+        while time.perf_counter() < busy_until:  # pure Python: holds the GIL, as the engine's host code does
+            pass
         time.sleep(self.step_ms / 1e3)
         outs = []
         for rid in list(self.live)[: self.max_num_seqs]:
@@ -62,6 +68,27 @@ class StubEngine:
                 del self.live[rid]
                 self.finished += 1
         return outs
+
+
+@dataclass(frozen=True)
+class StubSpec:
+    """What ``load_stub`` builds (``model_dir`` only names it in messages)."""
+
+    step_ms: float = 20.0
+    tokens_per_step: int = 8
+    max_num_seqs: int = 256
+    host_us_per_seq: float = 0.0
+    model_dir: str = "stub"
+
+
+def load_stub(spec: StubSpec) -> Any:
+    """A ``Loaded`` over a ``StubEngine`` (the loader ``kiln serve --engine-process`` runs in its child)."""
+    from kiln.bench.serve_http import chat_tokenizer
+    from kiln.serve.server import Loaded
+
+    tok = chat_tokenizer(None)
+    engine = StubEngine(spec.step_ms, spec.tokens_per_step, spec.max_num_seqs, spec.host_us_per_seq)
+    return Loaded(engine, tok, None, "stub", "cpu", 1 << 16, tok.vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,10 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens-per-step", type=int, default=8, help="tokens per running request per step")
     p.add_argument("--max-num-seqs", type=int, default=256, help="requests advanced per step")
     p.add_argument("--max-pending", type=int, default=1088)
+    p.add_argument("--host-us", type=float, default=0.0, help="Python work per running request per step (GIL held)")
+    p.add_argument("--engine-process", action="store_true", help="the stub in its own process, as kiln serve's")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    spec = StubSpec(args.step_ms, args.tokens_per_step, args.max_num_seqs, args.host_us)
+    if args.engine_process:
+        from kiln.serve.engine_process import EngineClient
+
+        engine: Any = EngineClient(spec, load_stub)
+    else:
+        engine = load_stub(spec).engine
     tok = chat_tokenizer(None)
-    engine = StubEngine(args.step_ms, args.tokens_per_step, args.max_num_seqs)
     cfg = ServeConfig(port=args.port, model_name="stub", max_pending=args.max_pending, request_timeout_s=3600)
     state = ServerState(EngineWorker(engine, cfg.max_pending, cfg.request_timeout_s), tok, cfg, "stub", 1 << 16,
                         tok.vocab_size)
