@@ -275,7 +275,10 @@ class _EventStream(StreamingResponse):
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+                last = chunk.endswith(_DONE)  # the stream's end: one write with the body's terminator
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": not last})
+                if last:
+                    return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watcher.cancel()
@@ -286,6 +289,7 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+_DONE = "data: [DONE]\n\n"
 _SLOT = "\u0000kiln-text\u0000"
 _USAGE_SLOT = "\u0000kiln-usage\u0000"
 
@@ -341,7 +345,10 @@ async def _stream(state: ServerState, batch: Batch, plan: _Plan, chunk: Callable
     wake-up, carrying every token the engine gave it since the last one (a multi-step engine step
     gives several; a loop that fell behind merges several steps), never one event per token; a
     sequence whose new tokens complete no character (a partial UTF-8 byte) waits for the next.
-    Everything queued is written in one send, so a lagging client or loop costs one send."""
+    Everything queued is written in one send, so a lagging client or loop costs one send; the
+    role-only first events go with the first text, and the last text, the usage chunk and
+    ``[DONE]`` go together (each send is a syscall: a 128-token reply at 8 tokens a step takes 17
+    writes, headers included, instead of 21)."""
     counts = [0] * len(plan.params)
     prompt_tokens = sum(len(p) for p in plan.prompts)
 
@@ -350,14 +357,14 @@ async def _stream(state: ServerState, batch: Batch, plan: _Plan, chunk: Callable
         return usage(prompt_tokens, done)
 
     writer = _EventWriter(chunk, usage_of if continuous_usage else None)
-    if first is not None:
-        yield "".join(_sse(first(i)) for i in range(len(plan.params)))
+    parts = [] if first is None else [_sse(first(i)) for i in range(len(plan.params))]
+    fresh = False  # parts holds a text event (not only the role-only first events)
     try:
         while batch.open:
             outs, end = _coalesce(await batch.take_all())
-            parts = []
             for i, out in outs:
                 counts[i] = out.num_generated_tokens
+                n = len(parts)
                 if out.finished:
                     batch.open.discard(i)
                     finish = "length" if out.finish_reason == "length" else "stop"
@@ -368,16 +375,19 @@ async def _stream(state: ServerState, batch: Batch, plan: _Plan, chunk: Callable
                         parts.append(writer.event(i, out.new_text, _new_logprobs(out, plan.logprobs), None))
                 elif out.new_text:
                     parts.append(writer.text_event(i, out.new_text))
+                fresh = fresh or len(parts) > n
             if end is not None:
                 state.worker.abort(batch)
                 parts.append(_sse(_end_error(end).body()))
                 yield "".join(parts)
                 return
-            if parts:
+            if fresh and batch.open:  # the last events wait for the tail: one write
                 yield "".join(parts)
+                parts, fresh = [], False
         if include_usage:
-            yield _sse({**chunk(0, "", [], None), "choices": [], "usage": usage_of(0)})
-        yield "data: [DONE]\n\n"
+            parts.append(_sse({**chunk(0, "", [], None), "choices": [], "usage": usage_of(0)}))
+        parts.append(_DONE)
+        yield "".join(parts)
     finally:
         if batch.open:
             state.worker.abort(batch)
