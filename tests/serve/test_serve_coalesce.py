@@ -13,13 +13,13 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-import torch  # noqa: E402
+import torch
 
-from kiln.generate import EngineConfig, LLMEngine, RequestOutput, SamplingParams  # noqa: E402
-from kiln.model import ModelConfig, Transformer  # noqa: E402
-from kiln.serve.config import ServeConfig  # noqa: E402
-from kiln.serve.worker import EngineWorker, Mailbox, merge_outputs  # noqa: E402
-from kiln.tokenizer import Tokenizer  # noqa: E402
+from kiln.generate import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from kiln.model import ModelConfig, Transformer
+from kiln.serve.config import ServeConfig
+from kiln.serve.worker import EngineWorker, Mailbox, merge_outputs
+from kiln.tokenizer import Tokenizer
 
 PROMPT = [72, 105, 33, 32, 200, 150]  # token ids: bytes, one of them a lone UTF-8 continuation byte
 
