@@ -726,7 +726,7 @@ def http_table(args: argparse.Namespace, device: Any, work: Path) -> list[Any]:
     ns = argparse.Namespace(shape=args.shapes_list[0], tokenizer=args.tokenizer or "", prompts=args.prompts,
                             requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
                             engine=dict(args.engine_overrides), client_procs=args.client_procs, threads=args.threads,
-                            min_requests=args.min_requests,
+                            min_requests=args.min_requests, server_engine=args.server_engine,
                             transformers="transformers-serve" in args.rows)
     if over_budget(args):
         from kiln.bench.serve_http import HttpRow
@@ -944,6 +944,8 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", action="append", default=[], metavar="NAME=VALUE",
                    help="http part: EngineConfig override for both Kiln rows (repeatable)")
     p.add_argument("--client-procs", type=int, default=4, help="http part: HTTP client processes")
+    p.add_argument("--server-engine", default="thread,process", help="http part: the Kiln server's engine, "
+                   "'thread' (in the server process), 'process' (kiln serve --engine-process) or both")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default; the servers "
                    "get OMP_NUM_THREADS)")
     p.add_argument("--budget-s", type=float, default=0, help="rows not started this many seconds after the start "

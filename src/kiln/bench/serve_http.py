@@ -61,6 +61,7 @@ class HttpRow:
     tokens: int = 0  # output tokens counted (from usage for the HTTP rows)
     server_cpu_us: float | None = None  # the server process's CPU time (all threads) per output token
     engine_thread_cpu_us: float | None = None  # of that, the engine thread's ('kiln-engine')
+    client_cpu_us: float | None = None  # the HTTP client processes' CPU time per output token
 
 
 @dataclass
@@ -72,11 +73,14 @@ class Timings:
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
     errors: int = 0
+    client_cpu_s: float | None = None  # CPU seconds of the HTTP client processes (None: no client)
 
     def row(self, impl: str, c: int, n: int) -> HttpRow:
+        client = self.client_cpu_s / self.tokens * 1e6 if self.client_cpu_s is not None and self.tokens else None
         return HttpRow(impl, c, n, self.tokens / self.seconds if self.seconds else None,
                        pct(self.ttft, 0.5), pct(self.ttft, 0.99), pct(self.itl, 0.5), pct(self.itl, 0.99),
-                       note=f"{self.errors} failed requests" if self.errors else "", tokens=self.tokens)
+                       note=f"{self.errors} failed requests" if self.errors else "", tokens=self.tokens,
+                       client_cpu_us=client)
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -210,63 +214,123 @@ def run_direct(engine: Any, prompts: list[list[int]], c: int, max_tokens: int) -
 # -- HTTP client (runs in --client-procs processes) ---------------------------------------------------------
 
 
-async def _one(client: Any, url: str, body: dict, t: Timings) -> None:
+class _Conn:
+    """One keep-alive HTTP/1.1 connection, spoken by hand over asyncio streams: a streamed request
+    costs the client a few JSON parses, not a general-purpose client's layers (httpx spent ~200 us of
+    CPU per token here, more than the server it measured)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.keep = True  # the last response left the connection open
+
+    async def post(self, path: str, body: bytes) -> tuple[int, Any]:
+        """Send ``body``; returns (status, an async iterator over the response body's pieces)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json"
+                          f"\r\nAccept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        status = int((await self.reader.readline()).split()[1])
+        headers = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b"\n", b""):
+            k, _, v = line.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip().lower()
+        self.keep = headers.get("connection") != "close"
+        return status, self._body(headers)
+
+    async def _body(self, headers: dict) -> Any:
+        r = self.reader
+        if headers.get("transfer-encoding") == "chunked":
+            while True:
+                size = int((await r.readline()).split(b";")[0], 16)
+                if size == 0:
+                    await r.readline()
+                    break
+                yield (await r.readexactly(size + 2))[:-2]
+        else:
+            yield await r.readexactly(int(headers.get("content-length", 0)))
+        if not self.keep:
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def _one(conn: _Conn, path: str, body: dict, t: Timings) -> None:
+    """One streamed request. Tokens come from ``usage``: with ``continuous_usage_stats`` (vLLM's and
+    Kiln's extension) every chunk carries the running ``completion_tokens``, so a chunk of several
+    tokens (Kiln sends one per request per engine step) counts them all and its gap is spread over
+    them (ITL per token, as the direct rows measure it: one entry per chunk); a server that sends
+    usage only at the end (or none) counts one token per text chunk for the gaps."""
     t0 = time.perf_counter()
     prev = None
-    events = 0
+    seen = 0  # completion tokens accounted for so far
     usage_tokens = None
+    buf = b""
     try:
-        async with client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                await r.aread()
-                t.errors += 1
-                return
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+        status, pieces = await conn.post(path, json.dumps(body).encode())
+        if status != 200:
+            async for _ in pieces:
+                pass
+            t.errors += 1
+            return
+        async for piece in pieces:
+            buf += piece
+            *events, buf = buf.split(b"\n\n")
+            for ev in events:
+                if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
                     continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"].get("completion_tokens")
+                chunk = json.loads(ev[6:])
+                usage = chunk.get("usage")
+                if usage:
+                    usage_tokens = usage.get("completion_tokens")
                 choices = chunk.get("choices") or []
                 if not choices or "role" in (choices[0].get("delta") or {}) and not choices[0]["delta"].get("content"):
                     continue  # the role-only first event and the usage event carry no token
                 now = time.perf_counter()
+                k = max(1, usage_tokens - seen) if usage and usage_tokens is not None else 1
+                seen += k
                 if prev is None:
                     t.ttft.append(now - t0)
                 else:
-                    t.itl.append(now - prev)
+                    t.itl.append((now - prev) / k)
                 prev = now
-                events += 1
     except Exception:  # noqa: BLE001 - a failed request is counted, the run goes on
+        conn.close()
         t.errors += 1
         return
-    t.tokens += usage_tokens if usage_tokens is not None else events
+    t.tokens += usage_tokens if usage_tokens is not None else seen
 
 
 async def _client(url: str, bodies: list[dict], c: int) -> Timings:
-    import logging
+    """``c`` workers, each over its own keep-alive connection, until ``bodies`` are all answered."""
+    from urllib.parse import urlsplit
 
-    import httpx
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
-
+    u = urlsplit(url)
     t = Timings()
     queue = list(reversed(bodies))
-    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        async def worker() -> None:
-            while queue:
-                await _one(client, url, queue.pop(), t)
 
-        await asyncio.gather(*(worker() for _ in range(c)))
+    async def worker() -> None:
+        conn = _Conn(u.hostname, u.port)
+        try:
+            while queue:
+                await _one(conn, u.path, queue.pop(), t)
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(worker() for _ in range(c)))
     return t
 
 
 def _client_proc(args: tuple) -> tuple[float, float, Timings]:
     url, bodies, c, start_at = args
     time.sleep(max(0.0, start_at - time.time()))  # every client process starts together
-    start = time.time()
+    start, cpu0 = time.time(), time.process_time()
     t = asyncio.run(_client(url, bodies, c))
+    t.client_cpu_s = time.process_time() - cpu0
     return start, time.time(), t
 
 
@@ -275,11 +339,15 @@ def run_http(url: str, model: str, requests: list[tuple[list, list[int]]], c: in
     """Stream every request through ``url``/v1/chat/completions with ``c`` in flight, split over
     ``procs`` client processes. ``ignore_eos`` is an extension (vLLM's, Kiln's) that `transformers
     serve` refuses; it takes a ``generation_config`` JSON field instead, where ``eos_token_id: -1``
-    means no end-of-sequence id (``ignore_eos=False`` sends that). Tokens are counted from ``usage``."""
-    extra = ({"ignore_eos": True} if ignore_eos
-             else {"generation_config": json.dumps({"eos_token_id": -1, "do_sample": False})})
-    bodies = [{"model": model, "messages": m, "max_tokens": max_tokens, "temperature": 0.0, **extra,
-               "stream": True, "stream_options": {"include_usage": True}} for m, _ in requests]
+    means no end-of-sequence id (``ignore_eos=False`` sends that). Tokens are counted from ``usage``
+    (``continuous_usage_stats``: in every chunk, so chunks of several tokens count right)."""
+    if ignore_eos:  # Kiln: also the running usage in every chunk
+        extra = {"ignore_eos": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    else:
+        extra = {"generation_config": json.dumps({"eos_token_id": -1, "do_sample": False}),
+                 "stream_options": {"include_usage": True}}
+    bodies = [{"model": model, "messages": m, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+               **extra} for m, _ in requests]
     k = max(1, min(procs, c))
     shares = [(c // k) + (1 if i < c % k else 0) for i in range(k)]
     slices = [bodies[i::k] for i in range(k)]
@@ -290,8 +358,9 @@ def run_http(url: str, model: str, requests: list[tuple[list, list[int]]], c: in
     else:
         with mp.get_context("spawn").Pool(len(jobs)) as pool:
             results = pool.map(_client_proc, jobs)
-    t = Timings()
+    t = Timings(client_cpu_s=0.0)
     for _, _, r in results:
+        t.client_cpu_s += r.client_cpu_s or 0.0
         t.tokens += r.tokens
         t.ttft += r.ttft
         t.itl += r.itl
@@ -346,9 +415,22 @@ class Server:
                 self.proc.wait()
 
 
-def process_cpu_s(pid: int, thread: str | None = None) -> float | None:
+def child_pids(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (Linux /proc; [] elsewhere): e.g. ``kiln serve --engine-process``'s engine."""
+    out = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for c in (task / "children").read_text().split():
+                out += [int(c), *child_pids(int(c))]
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def process_cpu_s(pid: int, thread: str | None = None, children: bool = False) -> float | None:
     """User + system CPU seconds of process ``pid`` so far, all threads, or only its threads whose OS
-    name is ``thread`` (e.g. the server's 'kiln-engine'); Linux /proc, None elsewhere."""
+    name is ``thread`` (e.g. the server's 'kiln-engine'); ``children``: its live descendants' too
+    (all their threads); Linux /proc, None elsewhere."""
     try:
         if thread is None:
             paths = [Path(f"/proc/{pid}/stat")]
@@ -359,7 +441,8 @@ def process_cpu_s(pid: int, thread: str | None = None) -> float | None:
         for path in paths:
             fields = path.read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+        kids = sum(process_cpu_s(c) or 0.0 for c in child_pids(pid)) if children else 0.0
+        return total / os.sysconf("SC_CLK_TCK") + kids
     except (OSError, ValueError, IndexError):
         return None
 
@@ -368,11 +451,13 @@ def _thread_env(args: argparse.Namespace) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
 
 
-def kiln_server(args: argparse.Namespace, model_dir: Path, device: Any) -> Server:
+def kiln_server(args: argparse.Namespace, model_dir: Path, device: Any, engine_process: bool = False) -> Server:
     port = _free_port()
     cmd = [sys.executable, "-m", "kiln.cli.main", "serve", str(model_dir), "--port", str(port),
            "--device", str(device), "--max-pending", str(4 * max(args.concurrency) + 64),
            "--request-timeout", "3600", "--log-level", "warning"]
+    if engine_process:
+        cmd.append("--engine-process")
     for k, v in engine_overrides(args).items():
         cmd += ["--engine", f"{k}={v}"]
     return Server(cmd, port, env=_thread_env(args))
@@ -426,7 +511,9 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
             rows[-1].engine_thread_cpu_us = rows[-1].server_cpu_us
     del loaded
     _free(device)
-    servers = [("kiln http", lambda: kiln_server(args, kiln_dir, device), kiln_dir.name)]
+    servers = []
+    for mode, impl in engine_modes(args):  # the engine as a thread of the server, or in its own process
+        servers.append((impl, lambda ep=mode == "process": kiln_server(args, kiln_dir, device, ep), kiln_dir.name))
     if hf_dir is not None:
         servers.append(("transformers serve", lambda: transformers_server(args, hf_dir, device), str(hf_dir)))
     for impl, start, name in servers:
@@ -440,15 +527,7 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
             kiln = impl.startswith("kiln")
             run_http(server.url, name, reqs[:4], 4, 4, 1, kiln)  # warm-up
             for c in args.concurrency:
-                n = _count(args, c, len(reqs))
-                cpu0, eng0 = process_cpu_s(server.proc.pid), process_cpu_s(server.proc.pid, "kiln-engine")
-                rows.append(_safe(impl, c, n, lambda: run_http(server.url, name, reqs[:n], c, args.max_tokens,
-                                                               args.client_procs, kiln)))
-                cpu, eng = process_cpu_s(server.proc.pid), process_cpu_s(server.proc.pid, "kiln-engine")
-                if cpu is not None and cpu0 is not None and rows[-1].tokens:
-                    rows[-1].server_cpu_us = (cpu - cpu0) / rows[-1].tokens * 1e6
-                    if kiln and eng is not None and eng0 is not None:
-                        rows[-1].engine_thread_cpu_us = (eng - eng0) / rows[-1].tokens * 1e6
+                rows.append(http_row(args, impl, server, name, reqs, c, kiln))
                 if not kiln:
                     rows[-1].note = ("eos_token_id -1 via its generation_config field; TTFT/ITL per text event"
                                      + (f"; {rows[-1].note}" if rows[-1].note else ""))
@@ -458,6 +537,68 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
     for r in rows:
         if r.tok_s and direct.get(r.concurrency):
             r.vs_direct = r.tok_s / direct[r.concurrency]
+    return rows
+
+
+def engine_modes(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``--server-engine``'s comma list as ``(mode, row name)``: 'thread' (the default server),
+    'process' (``kiln serve --engine-process``)."""
+    modes = [m for m in str(getattr(args, "server_engine", "thread")).split(",") if m]
+    bad = [m for m in modes if m not in ("thread", "process")]
+    if bad or not modes:
+        raise ValueError(f"--server-engine {bad or modes}: give thread, process or thread,process")
+    return [(m, "kiln http" if m == "thread" else "kiln http, engine process") for m in modes]
+
+
+def http_row(args: argparse.Namespace, impl: str, server: Server, name: str, reqs: list, c: int,
+             kiln: bool = True) -> HttpRow:
+    """One HTTP row at concurrency ``c``, with the server's CPU per output token (all threads of the
+    server process and of its children, i.e. an engine process) and its engine's (the 'kiln-engine'
+    thread, or with ``--engine-process`` the engine process), and the client processes'."""
+    n = _count(args, c, len(reqs))
+    pid = server.proc.pid
+
+    def engine_cpu() -> float | None:
+        kids = child_pids(pid)
+        return sum(process_cpu_s(k) or 0.0 for k in kids) if "engine process" in impl else process_cpu_s(pid, "kiln-engine")
+
+    cpu0, eng0 = process_cpu_s(pid, children=True), engine_cpu()
+    row = _safe(impl, c, n, lambda: run_http(server.url, name, reqs[:n], c, args.max_tokens, args.client_procs, kiln))
+    cpu, eng = process_cpu_s(pid, children=True), engine_cpu()
+    if cpu is not None and cpu0 is not None and row.tokens:
+        row.server_cpu_us = (cpu - cpu0) / row.tokens * 1e6
+        if kiln and eng is not None and eng0 is not None:
+            row.engine_thread_cpu_us = (eng - eng0) / row.tokens * 1e6
+    return row
+
+
+def measure_stub(args: argparse.Namespace) -> list[HttpRow]:
+    """``--stub-engine K``: Kiln's server over ``serve_stub.StubEngine`` (K tokens per request per
+    step, ``--stub-step-ms`` per step, GIL released); ``vs direct`` is over the stub's own rate
+    (c x K tokens a step), so it says how much of the engine's pace the HTTP path keeps."""
+    tok = chat_tokenizer(None)
+    reqs = chat_requests(args.prompts, args.requests, tok, 4096, args.max_tokens)
+    seqs = max(args.concurrency)
+    rows = []
+    for mode, name in engine_modes(args):
+        port = _free_port()
+        cmd = [sys.executable, "-m", "kiln.bench.serve_stub", "--port", str(port), "--step-ms", str(args.stub_step_ms),
+               "--tokens-per-step", str(args.stub_engine), "--max-num-seqs", str(seqs), "--max-pending",
+               str(4 * seqs + 64), "--host-us", str(args.stub_host_us)]
+        server = Server(cmd + (["--engine-process"] if mode == "process" else []), port)
+        impl = f"{name}, stub {args.stub_engine} tok/step"
+        try:
+            run_http(server.url, "stub", reqs[:4], 4, 4, 1)  # warm-up
+            for c in args.concurrency:
+                row = http_row(args, impl, server, "stub", reqs, c)
+                # tokens/s with a free server: the sleep plus the GIL-holding host work, per step
+                step_s = args.stub_step_ms / 1e3 + args.stub_host_us * min(c, seqs) / 1e6
+                pace = c * args.stub_engine / step_s
+                row.vs_direct = row.tok_s / pace if row.tok_s else None
+                row.note = (f"stub pace {pace:,.0f} tok/s" + (f"; {row.note}" if row.note else ""))
+                rows.append(row)
+        finally:
+            server.stop()
     return rows
 
 
@@ -477,14 +618,14 @@ def _f(x: float | None, fmt: str = ".1f") -> str:
 
 def format_table(rows: list[HttpRow]) -> str:
     out = ["| impl | concurrency | requests | output tok/s | vs direct | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
-           "ITL p99 ms | server CPU us/token | engine thread us/token | note |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "ITL p99 ms | server CPU us/token | engine thread us/token | client CPU us/token | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.concurrency, r.impl != "kiln direct", r.impl)):
         note = r.note + (f" ERROR {r.error}" if r.error else "")
         out.append(f"| {r.impl} | {r.concurrency} | {r.requests} | {_f(r.tok_s)} | {_f(r.vs_direct, '.2f')} | "
                    f"{_f(r.ttft_p50_ms)} | {_f(r.ttft_p99_ms)} | {_f(r.itl_p50_ms, '.2f')} | "
                    f"{_f(r.itl_p99_ms, '.2f')} | {_f(r.server_cpu_us, '.0f')} | {_f(r.engine_thread_cpu_us, '.0f')} | "
-                   f"{note} |")
+                   f"{_f(r.client_cpu_us, '.0f')} | {note} |")
     return "\n".join(out)
 
 
@@ -502,8 +643,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--concurrency {args.concurrency}: give positive integers, e.g. 1,16,64,256")
     args.engine = parse_overrides(args.engine)
     args.shape = args.shape or ("gpt2_small" if device.type == "cuda" else "preset_tiny")
-    with tempfile.TemporaryDirectory(prefix="kiln_bench_serve_http_") as tmp:
-        rows = measure(args, device, Path(tmp))
+    if args.stub_engine:
+        rows = measure_stub(args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="kiln_bench_serve_http_") as tmp:
+            rows = measure(args, device, Path(tmp))
     blurb = (f"Chat requests (AlpacaEval instructions through the chat template, cut to fit), {args.max_tokens} "
              f"greedy output tokens each, kept c in flight (min({args.requests}, max(16, 8c)) requests per c); "
              f"shape {args.shape}, random weights, tokenizer {args.tokenizer or 'byte-level'} + chat tokens; "
@@ -533,6 +677,13 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--transformers", action="store_true", help="add transformers serve (continuous batching)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for every row (0: torch's "
                    "default). On a busy CPU, 1: a spinning second thread can slow small matmuls 10-30x")
+    p.add_argument("--server-engine", default="thread,process", help="the Kiln server's engine: 'thread' (in the "
+                   "server process), 'process' (kiln serve --engine-process) or both, one row set each")
+    p.add_argument("--stub-engine", type=int, default=0, metavar="K", help="instead of a model: Kiln's server over "
+                   "a stub engine giving each running request K tokens a step (what the server costs per token)")
+    p.add_argument("--stub-step-ms", type=float, default=20.0, help="--stub-engine: milliseconds per step (GIL released)")
+    p.add_argument("--stub-host-us", type=float, default=0.0, help="--stub-engine: Python work per running request "
+                   "per step, holding the GIL (a real engine's host side; what the event loop competes with)")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--out", default=None, help="directory for bench_serve-http.md and .json")
     p.set_defaults(func=run)

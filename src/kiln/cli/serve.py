@@ -36,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             flag = "--request-timeout"
         elif f.name == "shutdown_grace_s":
             flag = "--shutdown-grace"
+        if str(f.type) == "bool":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=doc.get(f.name, ""))
+            continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
         p.add_argument(flag, dest=f.name, type=kind, default=f.default, help=doc.get(f.name, ""))
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -79,10 +83,10 @@ def _spec(args: argparse.Namespace):
 
 def run_serve(args: argparse.Namespace) -> int:
     from kiln.serve.config import ServeConfig
-    from kiln.serve.server import load, make_state, serve
+    from kiln.serve.server import load, make_state, serve, start_engine_process
 
     cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
-    loaded = load(_spec(args))
+    loaded = start_engine_process(_spec(args)) if cfg.engine_process else load(_spec(args))
     state = make_state(loaded, cfg)
     print(f"kiln serve: {state.model_name} on {loaded.device} at http://{cfg.host}:{cfg.port}/ "
           f"(chat page at /, OpenAI API at /v1; {state.renderer.kind} chat format)", flush=True)
@@ -96,5 +100,5 @@ def run_chat(args: argparse.Namespace) -> int:
 
     loaded = load(_spec(args))
     settings = ChatSettings(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    chat_loop(loaded.engine, loaded.tokenizer, loaded.model.config.context_length, settings)
+    chat_loop(loaded.engine, loaded.tokenizer, loaded.context_length, settings)
     return 0

@@ -34,6 +34,9 @@ class ServeConfig:
     """Largest n (choices per request)."""
     max_stop: int = 8
     """Most stop strings per request."""
+    engine_process: bool = False
+    """Run the engine in its own process (vLLM V1's engine-core layout): the HTTP side and the engine
+    stop sharing one GIL; the model is loaded in the child."""
 
     def __post_init__(self) -> None:
         if not _is_loopback(self.host) and not self.api_key:

@@ -30,6 +30,9 @@ class APIError(Exception):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """Extension (vLLM's): every chunk carries the running usage, so a client counts the tokens of a
+    chunk that holds several (Kiln sends one chunk per sequence per engine step)."""
 
 
 class _Sampling(BaseModel):

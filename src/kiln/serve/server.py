@@ -36,8 +36,11 @@ class Loaded:
     engine: Any
     tokenizer: Any
     model: Any
+    """The model (None when the engine runs in another process)."""
     name: str
     device: str
+    context_length: int = 0
+    vocab_size: int = 0
 
 
 def load(spec: ModelSpec) -> Loaded:
@@ -68,7 +71,24 @@ def load(spec: ModelSpec) -> Loaded:
     model = load_pretrained(model_dir, device=device, dtype=dtype).eval()
     engine = LLMEngine(model, tokenizer=tokenizer, config=engine_config(EngineConfig, spec.engine))
     name = Path(spec.model_dir).resolve().name
-    return Loaded(engine, tokenizer, model, name, device)
+    return Loaded(engine, tokenizer, model, name, device, model.config.context_length, model.config.vocab_size)
+
+
+def start_engine_process(spec: ModelSpec) -> Loaded:
+    """The engine in a child process (``EngineClient``: it loads ``spec`` there); this process loads
+    only the tokenizer. ``Loaded.engine`` is the client, ``Loaded.model`` None."""
+    from kiln.serve.engine_process import EngineClient
+    from kiln.tokenizer import load_tokenizer
+
+    if spec.tokenizer and not Path(spec.tokenizer).exists():
+        raise FileNotFoundError(f"--tokenizer {spec.tokenizer} does not exist; pass a tokenizer file or folder")
+    client = EngineClient(spec, load)
+    model_dir = Path(spec.model_dir)
+    if not (model_dir / "config.json").is_file() and (model_dir / "model" / "config.json").is_file():
+        model_dir = model_dir / "model"
+    info = client.info
+    return Loaded(client, load_tokenizer(spec.tokenizer or model_dir), None, info["name"], info["device"],
+                  info["context_length"], info["vocab_size"])
 
 
 def engine_config(cls: type, overrides: dict[str, Any]) -> Any:
@@ -120,10 +140,10 @@ def make_state(loaded: Loaded, cfg: ServeConfig) -> Any:
     from kiln.serve.app import ServerState
     from kiln.serve.worker import EngineWorker
 
-    mc = loaded.model.config
     worker = EngineWorker(loaded.engine, max_pending=cfg.max_pending, request_timeout_s=cfg.request_timeout_s)
-    vocab = min(mc.vocab_size, getattr(loaded.tokenizer, "vocab_size", mc.vocab_size) or mc.vocab_size)
-    return ServerState(worker, loaded.tokenizer, cfg, cfg.model_name or loaded.name, mc.context_length, vocab)
+    v = loaded.vocab_size
+    vocab = min(v, getattr(loaded.tokenizer, "vocab_size", v) or v)
+    return ServerState(worker, loaded.tokenizer, cfg, cfg.model_name or loaded.name, loaded.context_length, vocab)
 
 
 def serve(state: Any, cfg: ServeConfig, log_level: str = "info") -> None:

@@ -13,11 +13,18 @@ returns a snapshot the thread refreshes after every step.
     submit(prompts) ---inbox--->      engine.add_request(...)
     abort(batch)    ---inbox--->      engine.abort(rid): its blocks are freed at once
     await batch.get() <--call_soon_threadsafe-- RequestOutput of each engine.step()
+
+What crosses is one item per sequence per engine step, never one per token: a multi-step decode
+(``EngineConfig.decode_steps``) already puts several tokens in one ``RequestOutput``, and a
+non-streaming batch (``submit(..., stream=False)``) gets only its final output, every step's tokens,
+text and log-probs merged into it in the engine thread (``merge_outputs``): the event loop wakes once
+per such request, not once per step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -121,6 +128,31 @@ class Batch:
 class _Seq:
     batch: Batch
     index: int
+    stream: bool = True
+    held: list = field(default_factory=list)  # non-streaming: earlier outputs' new parts (engine thread only)
+
+
+def merge_outputs(outs: list[Any]) -> Any:
+    """One ``RequestOutput`` covering consecutive outputs of one request: the last one's state with
+    every one's new tokens, new text and log-probs in order (what a consumer that read them all has
+    seen). One pass: linear in the tokens."""
+    last = outs[-1]
+    if len(outs) == 1:
+        return last
+    lps = None
+    if last.logprobs is not None:
+        lps = [e for o in outs for e in (o.logprobs or ())]
+    return dataclasses.replace(last, new_token_ids=[t for o in outs for t in o.new_token_ids],
+                               new_text="".join(o.new_text for o in outs), logprobs=lps)
+
+
+@dataclass
+class _Part:
+    """What a held output adds (its new tokens, text and log-probs), without its O(length) state."""
+
+    new_token_ids: list
+    new_text: str
+    logprobs: list | None
 
 
 class EngineWorker:
@@ -157,8 +189,9 @@ class EngineWorker:
             self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
             self._thread.start()
 
-    def submit(self, prompts: list[tuple[list[int], Any]]) -> Batch:
+    def submit(self, prompts: list[tuple[list[int], Any]], stream: bool = True) -> Batch:
         """Queue ``[(prompt_ids, SamplingParams), ...]`` as one batch; call from the event loop.
+        ``stream=False``: each sequence's mailbox gets one item, its final output with every step merged.
 
         Raises QueueFull when admitting them would pass ``max_pending``, ShuttingDown when draining.
         """
@@ -178,12 +211,21 @@ class EngineWorker:
         rids = [f"req-{n}-{i}" for i in range(len(prompts))]
         batch = Batch(rids, Mailbox(), loop, time.monotonic() + self.request_timeout_s,
                       open=set(range(len(prompts))))
-        self._inbox.put(("add", batch, prompts))
+        self._inbox.put(("add", batch, (prompts, stream)))
+        self._wake()
         return batch
 
     def abort(self, batch: Batch) -> None:
         """Cancel every unfinished sequence of ``batch`` (client gone): their blocks are freed at once."""
         self._inbox.put(("abort", batch, None))
+        self._wake()
+
+    def _wake(self) -> None:
+        """An engine in another process (``EngineClient``) may be waiting on its pipe in ``step``:
+        end the wait so the command goes down before its next step."""
+        wake = getattr(self.engine, "wake", None)
+        if wake is not None:
+            wake()
 
     def stats(self) -> dict:
         """The engine's last ``stats()`` and the worker's counters (a snapshot; safe from any thread)."""
@@ -209,6 +251,8 @@ class EngineWorker:
         self._inbox.put(("stop", None, None))
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if hasattr(self.engine, "shutdown"):  # an engine in its own process (EngineClient)
+            self.engine.shutdown()
 
     # ---- engine-thread side ----------------------------------------------------------------
     def _run(self) -> None:
@@ -251,9 +295,10 @@ class EngineWorker:
             except queue.Empty:
                 return False
 
-    def _add(self, batch: Batch, prompts: list[tuple[list[int], Any]]) -> None:
+    def _add(self, batch: Batch, payload: tuple[list[tuple[list[int], Any]], bool]) -> None:
+        prompts, stream = payload
         for i, (rid, (ids, params)) in enumerate(zip(batch.request_ids, prompts)):
-            self._seqs[rid] = _Seq(batch, i)
+            self._seqs[rid] = _Seq(batch, i, stream)
             try:
                 self.engine.add_request(ids, params, request_id=rid)
             except Exception as e:  # a request the engine refuses ends alone; the thread goes on
@@ -271,10 +316,18 @@ class EngineWorker:
             return
         self._step_time_s = time.perf_counter() - t0
         self._counters["steps"] += 1
+        for rid, why in self.engine.pop_refused() if hasattr(self.engine, "pop_refused") else ():
+            log.warning("engine refused %s: %s", rid, why)  # an engine in another process refuses late
+            self._end(rid, End("error", why), abort=False)
         for out in outs:
             seq = self._seqs.get(out.request_id)
             if seq is None:  # aborted between the step and now
                 continue
+            if not seq.stream:  # hold until it finishes: one item in all
+                if not out.finished:
+                    seq.held.append(_Part(out.new_token_ids, out.new_text, out.logprobs))
+                    continue
+                out = merge_outputs([*seq.held, out])
             self._deliver(seq, out)
             if out.finished:
                 del self._seqs[out.request_id]
