@@ -61,7 +61,7 @@ class GRPOConfig:
     max_new_tokens: int = 16
     """Longest reply, in tokens."""
     temperature: float = 1.0
-    """Sampling temperature of the rollouts."""
+    """Sampling temperature of the rollouts; the loss takes its log-probs at the same temperature."""
     loss_type: str = "grpo_clip"
     """grpo_clip (clipped surrogate), reinforce_with_baseline, or no_baseline (raw rewards)."""
     cliprange: float = 0.2
@@ -91,6 +91,12 @@ class GRPOConfig:
         if self.loss_type not in ("grpo_clip", "reinforce_with_baseline", "no_baseline"):
             raise ValueError(f"GRPOConfig.loss_type={self.loss_type!r}; use grpo_clip, reinforce_with_baseline "
                              "or no_baseline")
+
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature of the distribution the rollouts were drawn from, which every log-prob of
+        the loss (policy, old, reference) is taken under: ``softmax(logits / T)``; 1 for greedy rollouts."""
+        return self.temperature if self.temperature > 0 else 1.0
 
     @property
     def on_policy(self) -> bool:
@@ -208,8 +214,9 @@ class RolloutSource:
         # (detached, in the loss), so the extra forward over every sample is skipped (as trl does).
         zeros = torch.zeros(ids.shape, device=dev)
         with autocast_for(cfg.train.dtype, dev):  # the step's own precision: the first ratio is exactly 1
-            old = zeros if cfg.on_policy else _log_probs(self.model, ids, labels, self.micro_batch)
-            ref = _log_probs(self.ref_model, ids, labels, self.micro_batch) if self.ref_model is not None else zeros
+            T = cfg.sampling_temperature
+            old = zeros if cfg.on_policy else _log_probs(self.model, ids, labels, self.micro_batch, T)
+            ref = _log_probs(self.ref_model, ids, labels, self.micro_batch, T) if self.ref_model is not None else zeros
         out = []
         for e in range(cfg.rollout_epochs):
             order = torch.randperm(len(prompts), generator=g).to(dev)
@@ -261,9 +268,9 @@ def _rows(prompts: list[list[int]], replies: list[list[int]], pad_id: int) -> tu
 
 
 @torch.no_grad()
-def _log_probs(model: Any, ids: Tensor, labels: Tensor, micro_batch: int) -> Tensor:
-    """Per-token log-probs (N, L), in micro-batches as the training step sees them."""
-    return torch.cat([token_log_probs(model(ids[s : s + micro_batch]), labels[s : s + micro_batch])
+def _log_probs(model: Any, ids: Tensor, labels: Tensor, micro_batch: int, temperature: float) -> Tensor:
+    """Per-token log-probs (N, L) at ``temperature``, in micro-batches as the training step sees them."""
+    return torch.cat([token_log_probs(model(ids[s : s + micro_batch]), labels[s : s + micro_batch], temperature)
                       for s in range(0, len(ids), micro_batch)])
 
 
@@ -272,7 +279,11 @@ def grpo_loss_fn(model_step: Any, cfg: GRPOConfig) -> Any:
 
     def loss_fn(ids: Tensor, labels: Tensor, mask: Tensor, adv: Tensor, raw: Tensor, old: Tensor,
                 ref: Tensor) -> Tensor:
-        lp = token_log_probs(model_step(ids), labels)  # (m, L)
+        # log pi_T, the distribution the engine sampled at cfg.temperature (as trl's GRPOTrainer): the
+        # gradient of log softmax(z) instead, with samples of softmax(z / T), has a term A (p_T - p_1)
+        # that a group baseline does not cancel after a shared prefix: it sharpens what follows a
+        # rewarded prefix and flattens what follows an unrewarded one (docs/LOG.md, issue 18).
+        lp = token_log_probs(model_step(ids), labels, cfg.sampling_temperature)  # (m, L)
         if cfg.on_policy:
             old = lp.detach()
         loss, _ = grpo_loss(lp, mask, cfg.loss_type, raw_rewards=raw, advantages=adv, old_log_probs=old,

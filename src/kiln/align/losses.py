@@ -75,13 +75,17 @@ def compute_entropy(logits: Tensor) -> Tensor:
     return lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
-def token_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
+def token_log_probs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """log p(label): logits (B, T, V), labels (B, T) long -> (B, T) float32.
 
     ``logit[label] - logsumexp(logits)``: one gather and one reduction, no (B, T, V) log-softmax kept.
-    Labels < 0 (ignore index) get 0.
+    Labels < 0 (ignore index) get 0. ``temperature``: the log-probs of ``softmax(logits / temperature)``,
+    the distribution a sampler at that temperature drew from (GRPO's policy gradient needs exactly
+    those; the division is done in fp32, after the upcast).
     """
     logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     safe = labels.clamp(min=0)
     picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T)
     out = picked - torch.logsumexp(logits, dim=-1)
