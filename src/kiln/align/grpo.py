@@ -215,8 +215,9 @@ class RolloutSource:
         zeros = torch.zeros(ids.shape, device=dev)
         with autocast_for(cfg.train.dtype, dev):  # the step's own precision: the first ratio is exactly 1
             T = cfg.sampling_temperature
-            old = zeros if cfg.on_policy else _log_probs(self.model, ids, labels, self.micro_batch, T)
-            ref = _log_probs(self.ref_model, ids, labels, self.micro_batch, T) if self.ref_model is not None else zeros
+            V = self.vocab_limit
+            old = zeros if cfg.on_policy else _log_probs(self.model, ids, labels, self.micro_batch, T, V)
+            ref = _log_probs(self.ref_model, ids, labels, self.micro_batch, T, V) if self.ref_model is not None else zeros
         out = []
         for e in range(cfg.rollout_epochs):
             order = torch.randperm(len(prompts), generator=g).to(dev)
@@ -268,22 +269,27 @@ def _rows(prompts: list[list[int]], replies: list[list[int]], pad_id: int) -> tu
 
 
 @torch.no_grad()
-def _log_probs(model: Any, ids: Tensor, labels: Tensor, micro_batch: int, temperature: float) -> Tensor:
-    """Per-token log-probs (N, L) at ``temperature``, in micro-batches as the training step sees them."""
-    return torch.cat([token_log_probs(model(ids[s : s + micro_batch]), labels[s : s + micro_batch], temperature)
-                      for s in range(0, len(ids), micro_batch)])
+def _log_probs(model: Any, ids: Tensor, labels: Tensor, micro_batch: int, temperature: float,
+               vocab_limit: int | None = None) -> Tensor:
+    """Per-token log-probs (N, L) of the sampler's distribution (``temperature``, ids below
+    ``vocab_limit``), in micro-batches as the training step sees them."""
+    return torch.cat([token_log_probs(model(ids[s : s + micro_batch]), labels[s : s + micro_batch], temperature,
+                                      vocab_limit) for s in range(0, len(ids), micro_batch)])
 
 
-def grpo_loss_fn(model_step: Any, cfg: GRPOConfig) -> Any:
-    """``loss_fn(*batch)``: ``kiln.align.losses.grpo_loss`` of the micro-batch."""
+def grpo_loss_fn(model_step: Any, cfg: GRPOConfig, vocab_limit: int | None = None) -> Any:
+    """``loss_fn(*batch)``: ``kiln.align.losses.grpo_loss`` of the micro-batch, its log-probs those of
+    the distribution the rollouts were sampled from (``cfg.temperature``; ids below ``vocab_limit``,
+    the tokenizer's size, as the engine samples: a padded vocabulary's rows are never drawn)."""
 
     def loss_fn(ids: Tensor, labels: Tensor, mask: Tensor, adv: Tensor, raw: Tensor, old: Tensor,
                 ref: Tensor) -> Tensor:
-        # log pi_T, the distribution the engine sampled at cfg.temperature (as trl's GRPOTrainer): the
+        # log pi_T over the ids the engine samples (as trl's GRPOTrainer takes the temperature): the
         # gradient of log softmax(z) instead, with samples of softmax(z / T), has a term A (p_T - p_1)
         # that a group baseline does not cancel after a shared prefix: it sharpens what follows a
-        # rewarded prefix and flattens what follows an unrewarded one (docs/LOG.md, issue 18).
-        lp = token_log_probs(model_step(ids), labels, cfg.sampling_temperature)  # (m, L)
+        # rewarded prefix and flattens what follows an unrewarded one; the padded vocabulary's rows
+        # in the softmax likewise soaked up mass no sample ever shows (docs/LOG.md, issue 18).
+        lp = token_log_probs(model_step(ids), labels, cfg.sampling_temperature, vocab_limit)  # (m, L)
         if cfg.on_policy:
             old = lp.detach()
         loss, _ = grpo_loss(lp, mask, cfg.loss_type, raw_rewards=raw, advantages=adv, old_log_probs=old,
@@ -346,7 +352,8 @@ def run_grpo(cfg: GRPOConfig, model_dir: str | os.PathLike, out_dir: str | os.Pa
                      f"rollout, {cfg.steps_per_rollout} steps each, {steps} steps, {cfg.loss_type}")
         evals: list[dict] = []
         hooks = [*_hooks(cfg, tcfg, model, tpl, held, source, run.log, evals, tok.vocab_size), *extra_hooks]
-        if fit(tcfg, state, source, grpo_loss_fn(model_step, cfg), run, model_step=model_step, hooks=hooks, stop=stop):
+        if fit(tcfg, state, source, grpo_loss_fn(model_step, cfg, tok.vocab_size), run, model_step=model_step,
+               hooks=hooks, stop=stop):
             export_chat_model(run.path, model, tok)
             run.finish({"steps": steps, "rollouts": source.rollout, "first_eval": evals[0] if evals else None,
                         "last_eval": evals[-1] if evals else None, "rollout_rewards": [s["reward_mean"] for s in source.stats]})
