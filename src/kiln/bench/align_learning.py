@@ -113,6 +113,8 @@ def run_learning(args: argparse.Namespace, device: Any) -> int:
     from kiln.bench.report import report
 
     plan = PLANS["tiny" if args.size == "tiny" else "small"]
+    if getattr(args, "grpo_seconds", 0):
+        plan = replace(plan, grpo_seconds=args.grpo_seconds)
     hh = find_hh_rlhf(args.hh_rlhf)
     gsm = Path(args.gsm8k) if args.gsm8k else None
     with tempfile.TemporaryDirectory(prefix="kiln-bench-align-learn-") as tmp:
