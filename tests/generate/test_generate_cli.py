@@ -83,3 +83,5 @@ def test_generate_speculative_ngram_prints_the_same_greedy_text(run_dir, capsys)
     plain = capsys.readouterr().out
     assert main(["generate", *base, "--speculative", "ngram"]) == 0
     assert capsys.readouterr().out == plain
+    assert main(["generate", *base, "--compile"]) == 0  # CUDA graphs + compiled step (the CPU: plain steps)
+    assert capsys.readouterr().out == plain

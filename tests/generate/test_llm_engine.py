@@ -199,7 +199,9 @@ def test_ngram_proposer_finds_the_latest_match():
     prop = NgramProposer(ngram_max=3)
     assert prop.propose_one([1, 2, 3, 9, 1, 2, 3, 8, 5, 1, 2, 3], 2) == [8, 5]
     assert prop.propose_one([4, 5, 6, 7], 3) == []
-    assert prop.propose_one([1, 2, 1], 3) == [2, 1]
+    assert prop.propose_one([1, 2, 1], 3) == [2, 1, 2]  # the copy overlaps its output: period 2
+    assert prop.propose_one([7, 7, 7], 4) == [7, 7, 7, 7]
+    assert prop.propose_one([5, 1, 2, 3, 1, 2], 5) == [3, 1, 2, 3, 1]  # period 3 after the match [1, 2]
 
 
 @pytest.mark.parametrize("speculative", ["none", "ngram"])

@@ -101,3 +101,43 @@ def test_mixed_step_split_equals_reference(dev):
     torch.testing.assert_close(_paged_mixed_cuda(q, k_pool, v_pool, meta, True).double(), want, atol=1e-5, rtol=1e-5)
     ref = paged_attention_ref(q, k_pool, v_pool, bt, meta.context_lens, starts)
     torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_traced_decode_compiles_whole_and_equals_eager(backend):
+    """The engine's compiled decode step: the cache write plus ``kiln::paged_decode`` trace as one
+    graph (fullgraph: no break at attention) and give the eager path's output and pool contents.
+    Needs the Triton interpreter (the op runs the kernel) and, for inductor, a C++ compiler."""
+    from kiln.kernels._backend import unsupported_reason
+    from kiln.model import PagedKVCache
+    from kiln.model.attention import MultiHeadSelfAttention
+
+    if unsupported_reason(torch.zeros(1)) is not None:
+        pytest.skip("the Triton kernel does not run here (set TRITON_INTERPRET=1)")
+    bs, H, Hkv, D = 4, 4, 2, 8
+    lens = [1, 6, 9]  # after this step: a first token, a block boundary crossed, a longer row
+    attn = MultiHeadSelfAttention(H * D, H, num_kv_heads=Hkv, layer_idx=1)
+    caches = []
+    for _ in range(2):
+        c = PagedKVCache(2, 8, bs, Hkv, D)
+        for pool in c.k + c.v:
+            pool.copy_(torch.randn(pool.shape, generator=torch.Generator().manual_seed(4)))
+        caches.append(c)
+    bt = torch.tensor([[5, 8, 8], [0, 3, 8], [7, 1, 2]], dtype=torch.int32)
+    slots = torch.tensor([int(bt[b, (L - 1) // bs]) * bs + (L - 1) % bs for b, L in enumerate(lens)])
+    for c in caches:
+        c.meta = PagedMetadata(slots, bt, torch.tensor(lens, dtype=torch.int32), torch.arange(4, dtype=torch.int32),
+                               [1] * 3, lens)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, n, 3, D, generator=g) for n in (H, Hkv, Hkv))
+    want = attn._paged_eager(q, k, v, caches[0])
+    step = torch.compile(attn._paged_decode, fullgraph=True, backend=backend)
+    try:
+        got = step(q, k, v, caches[1])
+    except Exception as e:  # inductor without a working C++ toolchain
+        if backend == "inductor" and "compil" in str(e).lower() and "C++" in str(e):
+            pytest.skip(f"inductor cannot build on this machine: {e}")
+        raise
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # the compiled write landed in the real pool

@@ -72,3 +72,22 @@ def test_rmsnorm_falls_back_on_huge_width():
 def test_rmsnorm_rejects_wrong_weight():
     with pytest.raises(ValueError, match="weight"):
         rmsnorm(torch.randn(2, 8), torch.randn(7))
+
+
+def test_rmsnorm_out_dtype_equals_a_cast_after(dev):
+    """``out_dtype`` (autocast's dtype, written by the kernel): the values and gradients of the fp32 norm
+    followed by a cast, the kernel's dx still in x's dtype."""
+    half = torch.bfloat16 if dev.type == "cuda" else torch.float16  # numpy (the interpreter) has no bf16
+    torch.manual_seed(2)
+    x = (torch.randn(6, 5, 48, device=dev) * 2).requires_grad_()
+    w = (1 + 0.1 * torch.randn(48, device=dev)).requires_grad_()
+    dy = torch.randn(6, 5, 48, device=dev).to(half)
+    y = rmsnorm(x, w, 1e-5, out_dtype=half)
+    y.backward(dy)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y2 = rmsnorm(x2, w2, 1e-5).to(half)
+    y2.backward(dy)
+    assert y.dtype == half and x.grad.dtype == torch.float32
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    assert_rel_close(x.grad, x2.grad, 1e-6, "dx")
+    assert_rel_close(w.grad, w2.grad, 1e-6, "dw")

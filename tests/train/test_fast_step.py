@@ -27,15 +27,22 @@ def _pair(fused_b: bool):
     return ps, qs, AdamW(groups(ps), lr=1e-2, betas=(0.9, 0.95)), AdamW(groups(qs), lr=1e-2, betas=(0.9, 0.95), fused=fused_b)
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [False, True, "multi"])
 def test_guarded_adamw_matches_plain_and_skips_exactly(fused):
+    """``"multi"``: the fused kernel in ``multi_tensor_mode`` (one launch for every tensor of a group)."""
+    import contextlib
+
+    from kiln.kernels.adamw import multi_tensor_mode
+
+    mode = multi_tensor_mode() if fused == "multi" else contextlib.nullcontext()
+    fused = bool(fused)
     if fused:
         from kiln.kernels._backend import HAVE_TRITON, TRITON_INTERPRET
 
         if not (HAVE_TRITON and TRITON_INTERPRET):
             pytest.skip("the Triton AdamW kernel runs on the CPU only with TRITON_INTERPRET=1 (as `make test` sets)")
     ps, qs, plain, guarded = _pair(fused)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), mode:
         warnings.simplefilter("error")  # no fallback warning: the kernel itself ran
         for _ in range(4):
             grads = [torch.randn_like(p) for p in ps]
@@ -120,3 +127,30 @@ def test_trainer_with_muon_and_a_time_budget(tokens_dir, tmp_path, make_config):
     # not by the step count, and every counted step was a whole step
     assert stats["seconds"] >= 1.0 and 1 <= stats["steps"] < stats["max_steps"] == 100_000
     assert stats["tokens_seen"] == stats["steps"] * 8 * 16
+
+
+def test_multi_tensor_adamw_equals_the_per_tensor_kernel_bitwise():
+    """One launch over a table of addresses does per element exactly what one launch per tensor does;
+    and a moved gradient (a new address) is picked up, not the stale table's."""
+    from kiln.kernels._backend import HAVE_TRITON, TRITON_INTERPRET
+    from kiln.kernels.adamw import multi_tensor_mode
+
+    if not (HAVE_TRITON and TRITON_INTERPRET):
+        pytest.skip("the Triton AdamW kernel runs on the CPU only with TRITON_INTERPRET=1 (as `make test` sets)")
+    _, _, a, b = _pair(True)
+    ps = [p for g in a.param_groups for p in g["params"]]
+    qs = [p for g in b.param_groups for p in g["params"]]
+    with torch.no_grad():
+        for p, q in zip(ps, qs):
+            p.copy_(q)
+    for step in range(3):
+        for p, q in zip(ps, qs):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()  # fresh tensors: new addresses every step
+        a.fused = True
+        a.step(ok=torch.tensor(True))
+        with multi_tensor_mode():
+            b.step(ok=torch.tensor(True))
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        assert all(torch.equal(a.state[p][k], b.state[q][k]) for k in ("exp_avg", "exp_avg_sq", "step"))

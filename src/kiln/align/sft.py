@@ -65,6 +65,9 @@ class SFTConfig:
     """User messages the samples answer."""
     sample_tokens: int = 48
     """Most tokens per sample reply."""
+    fused_kernels: bool = True
+    """On CUDA, Kiln's Triton RMSNorm and RoPE, one-GEMM q/k/v and gate/up, and AdamW in one launch while
+    training (``kiln.align.stage.fused_kernels``; as ``kiln dpo``): fewer launches, the same loss (tested)."""
     train: TrainConfig = field(default_factory=sft_train_defaults)
     """Runtime settings (``train.lr``, ``train.batch_size`` in rows, ``train.device``...)."""
 
@@ -171,13 +174,14 @@ def run_sft(cfg: SFTConfig, model_dir: str | os.PathLike, out_dir: str | os.Path
     the same config and inputs is reused. ``extra_hooks``: ``kiln.train.Hook``-like objects run after the stage's own (a bench's timer, a
     learning curve's probe); a hook's ``due(step, last)`` says when it runs.
     """
-    from kiln.align.stage import build_state, export_chat_model, load_policy, pick_device, train_config
+    from kiln.align.stage import build_state, export_chat_model, fused_kernels, load_policy, pick_device, train_config
     from kiln.distributed import SingleProcess
     from kiln.train import RunDir, fit
 
     dist = dist or SingleProcess()
     torch.manual_seed(cfg.train.seed)
     model, tok, tpl = load_policy(model_dir, tokenizer, cfg.add_chat_tokens, pick_device(cfg.train.device))
+    kernels = fused_kernels(model, cfg.fused_kernels)
     report = ReadReport()
     train_c, held_c = split_heldout(read_conversations(cfg.data, report), cfg)
     seq_len = cfg.seq_len or model.config.context_length
@@ -192,7 +196,7 @@ def run_sft(cfg: SFTConfig, model_dir: str | os.PathLike, out_dir: str | os.Path
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches.rows_per_epoch / cfg.train.batch_size))
     tcfg = train_config(cfg.train, model, max_steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps))
     inputs = [model_dir, *[d for d in cfg.data if not str(d).startswith("hf:")]]
-    with RunDir(out_dir, "sft", replace(cfg, train=tcfg), inputs, resume=resume, dist=dist) as run:
+    with RunDir(out_dir, "sft", replace(cfg, train=tcfg), inputs, resume=resume, dist=dist) as run, kernels:
         if run.reused:
             return run.path
         state, model_step = build_state(tcfg, model, batches, dist)
@@ -226,8 +230,13 @@ def _hooks(cfg: SFTConfig, model: Any, tpl: Any, held_src: SFTBatches | None, ru
         return r
 
     def sample(step: int) -> None:
-        for p in cfg.sample_prompts:
-            reply = chat_reply(model, tpl, [{"role": "user", "content": p}], cfg.sample_tokens)
-            runlog.info(f"step {step} | sample | user: {p!r} -> assistant: {reply!r}")
+        from kiln.model.attention import kernels_swapped
+
+        # the engine decodes with the model's own kernels (its compiled step traces them), not the
+        # training step's fused ones (``fused_kernels``)
+        with kernels_swapped(model, norm=model.config.norm_impl, rope="kiln", fused_proj=False):
+            for p in cfg.sample_prompts:
+                reply = chat_reply(model, tpl, [{"role": "user", "content": p}], cfg.sample_tokens)
+                runlog.info(f"step {step} | sample | user: {p!r} -> assistant: {reply!r}")
 
     return [Hook(cfg.eval_every, evaluate), Hook(cfg.sample_every, sample)]

@@ -7,6 +7,7 @@ loss function and hooks; the loop, checkpoints, resume, logging and the schedule
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -145,6 +146,93 @@ def load_policy(
                             attention_impl="sdpa" if device.type == "cuda" else None)
     tok, model = prepare_chat_model(tok, model)
     return model, tok, ChatTemplate.from_tokenizer(tok)
+
+
+def fused_kernels(model: torch.nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """On CUDA, within the block: Kiln's Triton RMSNorm and RoPE in every layer of ``model`` and q/k/v and
+    gate/up as one GEMM each (``kiln.model.attention.kernels_swapped``), each kernel launched in its one
+    fixed shape (no autotuning: ``kiln.kernels.untuned_mode``), and AdamW's update as one launch for all
+    tensors (``kiln.kernels.adamw.multi_tensor_mode``). A small model's eager step on a GPU is bound by
+    the host's launches: 1,197 -> 459 per forward + backward at d512, 8 layers, plus 75 -> 1 for AdamW;
+    the same math. The kernels are checked on the device first (``kernels_fail``); a failure leaves
+    everything off with a warning. Elsewhere (or ``enabled`` False) nothing changes: the CPU keeps the
+    PyTorch formulas."""
+    if not enabled or next(model.parameters()).device.type != "cuda":
+        return contextlib.nullcontext()
+    from kiln.kernels import untuned_mode
+    from kiln.kernels.adamw import multi_tensor_mode
+    from kiln.model.attention import kernels_swapped
+
+    c = model.config
+    if (why := kernels_fail(next(model.parameters()).device, c.n_heads, c.n_kv_heads, c.head_dim, c.d_model)):
+        import warnings
+
+        warnings.warn(f"fused kernels off: {why}; training runs the PyTorch formulas", stacklevel=2)
+        return contextlib.nullcontext()
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(kernels_swapped(model, norm="triton", rope="triton", fused_proj=True))
+    stack.enter_context(untuned_mode())
+    stack.enter_context(multi_tensor_mode())
+    return stack
+
+
+def kernels_fail(device: torch.device, heads: int = 3, kv_heads: int = 1, head_dim: int = 8,
+                 width: int = 8) -> str | None:
+    """None when Kiln's RoPE and RMSNorm kernels compile and match their references (values and gradients,
+    2e-2 relative; bf16 RoPE on CUDA, as under autocast) on ``device``, else why not. One small check
+    before a run relies on them, so a kernel that fails to build or to agree on a new machine costs speed,
+    never the run or its numbers. With a model's ``heads``, ``kv_heads``, ``head_dim`` and ``width``
+    (d_model) the binaries it compiles are the ones the run then uses."""
+    from kiln.kernels import rmsnorm, rmsnorm_ref, rope_qk, rope_ref, untuned_mode
+
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter runs fp32 only
+        q = torch.randn(2, 8, heads, head_dim, device=device, generator=g, dtype=dtype, requires_grad=True)
+        k = torch.randn(2, 8, kv_heads, head_dim, device=device, generator=g, dtype=dtype, requires_grad=True)
+        half = torch.randn(16, head_dim // 2, device=device, generator=g)
+        cos, sin = torch.cat((half, half), dim=1), torch.cat((half, half), dim=1).flip(0)  # RoPE's layout
+        x = torch.randn(2, 8, width, device=device, generator=g, requires_grad=True)  # fp32, as the residual; 16 rows
+        w = torch.randn(width, device=device, generator=g)
+        pos = torch.arange(2, 10, device=device)
+        with untuned_mode():
+            yq, yk = rope_qk(q, k, cos, sin, pos)
+            y = rmsnorm(x, w, 1e-5, out_dtype=dtype)  # as under autocast: the norm writes bf16 on CUDA
+            (yq.float().sum() + yk.float().sum() + (y.float() ** 2).sum()).backward()
+        rq, rk = rope_ref(q, cos, sin, pos), rope_ref(k, cos, sin, pos)
+        ry = rmsnorm_ref(x, w, 1e-5).to(dtype)
+        grads = torch.autograd.grad(rq.float().sum() + rk.float().sum() + (ry.float() ** 2).sum(), (q, k, x))
+        pairs = [(yq, rq, 2e-2), (yk, rk, 2e-2), (y, ry, 2e-2), *((a, b, 2e-2) for a, b in zip((q.grad, k.grad, x.grad), grads)),
+                 *((a, b, 1e-4) for a, b in _adamw_pairs(device, g))]
+        for got, want, tol in pairs:
+            got, want = got.detach().float(), want.detach().float()
+            err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+            if not err <= tol:
+                return f"a kernel differs from its reference by {err:.2e} relative (> {tol:g})"
+    except Exception as e:  # noqa: BLE001 -- any failure to build or run: the formulas still do
+        return f"{type(e).__name__}: {e}"[:300]
+    return None
+
+
+def _adamw_pairs(device: torch.device, g: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(kernel, reference) results of one guarded AdamW step in ``multi_tensor_mode`` (one launch over
+    three tensors, one of them longer than a tile) on ``device``: the parameters' updates and both moments."""
+    from kiln.kernels.adamw import adamw_fused_update_, adamw_update_ref, multi_tensor_mode
+
+    shapes = [(5000,), (7, 3), (1,)]
+    ps = [torch.randn(s, device=device, generator=g) for s in shapes]
+    gs = [torch.randn(s, device=device, generator=g) for s in shapes]
+    lr, ok = torch.full((), 1e-2, device=device), torch.ones((), dtype=torch.bool, device=device)
+    runs = []
+    for fused in (True, False):
+        state = [[p.clone() for p in ps], [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+                 [torch.zeros((), device=device) for _ in ps]]
+        with multi_tensor_mode():
+            (adamw_fused_update_ if fused else adamw_update_ref)(state[0], gs, state[1], state[2], state[3], lr, ok,
+                                                                 0.9, 0.95, 1e-8, 0.1)
+        runs.append([a - p for a, p in zip(state[0], ps)] + state[1] + state[2])
+    return list(zip(*runs))
 
 
 def train_config(base: Any, model: torch.nn.Module, **overrides: Any) -> Any:

@@ -27,7 +27,9 @@ s" is the row's process from launch to exit, imports included. ``--max-steps`` g
 the same number of steps on both sides; a row stopped by ``--timeout`` reports its rate over the
 steps it finished (``StepClock`` writes its progress to a file after its reads). Each side runs
 in its own process, so "peak MiB" is that process's peak: CUDA's max allocated on a GPU
-(``torch.cuda.max_memory_allocated``), the resident set on the CPU.
+(``torch.cuda.max_memory_allocated``), the resident set on the CPU. "tokens computed / real" (DPO):
+the token positions a side's model ran over those with a label, and the positions per step (Kiln:
+counted by its batch source; trl: by a counting wrapper around its collator).
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ class AlignRow:
     """Steps of one pass over the data on this side (the rate's units per step: count / epoch_steps)."""
     phases: list = field(default_factory=list)
     """Start-up before the timed steps: [phase, seconds] in order (imports, model load, data, first step...)."""
+    tokens: list = field(default_factory=list)
+    """DPO: [real, computed(, batches)] token positions of the batches this side drew (real: inputs with a label;
+    computed: rows x padded length, what the model runs)."""
 
 
 PHASES = {  # start-up phases in order, as each side's child marks their ends
@@ -245,6 +250,7 @@ def _fill(row: AlignRow, res: dict, spec: dict) -> AlignRow:
     row.peak_mib = res.get("peak_mib")
     row.steps, row.timed_steps, row.steady_seconds = res["steps"], res["timed_steps"], res["steady_seconds"]
     row.epoch_steps, row.phases = res.get("epoch_steps") or 0, res.get("phases", [])
+    row.tokens = res.get("tokens") or []
     if row.timed_steps <= 0 or not row.steady_seconds:
         if not row.partial:
             row.error = f"{row.steps} steps: none after the {spec['warmup']} warm-up steps; give it more data"
@@ -276,20 +282,30 @@ def _partial_row(row: AlignRow, progress: Path, spec: dict, why: str) -> AlignRo
 
 
 def _table(rows: list[AlignRow]) -> str:
-    lines = ["| stage | impl | rate | unit/s | steps (timed) | timed s | wall s | peak MiB | vs trl |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| stage | impl | rate | unit/s | steps (timed) | timed s | wall s | peak MiB | tokens computed / real | vs trl |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     ref = {r.stage: r.rate for r in rows if r.impl == "trl" and r.rate}
     for r in rows:
         if r.rate is None:
             lines.append(f"| {r.stage} | {r.impl} | - | {r.unit} | {r.steps or '-'} | - | "
-                         f"{_f(r.seconds, '.1f')} | {_f(r.peak_mib, ',.0f')} | error: {r.error} |")
+                         f"{_f(r.seconds, '.1f')} | {_f(r.peak_mib, ',.0f')} | {_tokens(r)} | error: {r.error} |")
             continue
         vs = f"{r.rate / ref[r.stage]:.2f}x" if r.stage in ref and r.impl == "Kiln" else ""
         if r.partial:
             vs = "; ".join(x for x in (vs, f"partial: {r.partial}") if x)
         lines.append(f"| {r.stage} | {r.impl} | {r.rate:,.1f} | {r.unit} | {r.steps} ({r.timed_steps}) | "
-                     f"{r.steady_seconds:.2f} | {_f(r.seconds, '.1f')} | {_f(r.peak_mib, ',.0f')} | {vs} |")
+                     f"{r.steady_seconds:.2f} | {_f(r.seconds, '.1f')} | {_f(r.peak_mib, ',.0f')} | {_tokens(r)} | {vs} |")
     return "\n".join(lines)
+
+
+def _tokens(r: AlignRow) -> str:
+    """"computed / real = ratio (computed per step)": the padding's share of a side's work, or "-"."""
+    if len(r.tokens) < 2 or not r.tokens[0]:
+        return "-"
+    real, computed = r.tokens[:2]
+    batches = r.tokens[2] if len(r.tokens) > 2 else r.steps  # trl's loader may build a batch ahead
+    per_step = f" ({computed / batches:,.0f}/step)" if batches else ""
+    return f"{computed / real:.3f}{per_step}"
 
 
 def _f(x: float | None, fmt: str) -> str:
@@ -339,6 +355,7 @@ class StepClock:
         self._last_read = -1e30
         self._due: tuple[int, bool] | None = None
         self.at_step0: Callable[[], int] | None = None  # Kiln: reads epoch_steps once the stage has set up
+        self.tokens: list[int] = []  # DPO: [real, computed] token positions drawn so far (trl: counted live)
 
     def due(self, step: int, last: bool) -> bool:  # the runtime's Hook protocol (asked twice per boundary)
         if self._due is None or self._due[0] != step or last:
@@ -391,6 +408,8 @@ class StepClock:
         ends = [0.0, *(t for _, t in self.phases)]
         res["phases"] = [[n, round(b - a, 3)] for (n, _), a, b in zip(self.phases, ends, ends[1:])]
         res["epoch_steps"] = self.epoch_steps
+        if self.tokens:
+            res["tokens"] = list(self.tokens)
         return res
 
     def write(self) -> None:
@@ -466,6 +485,18 @@ def _kiln_dpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
     clock.phase("imports")
     clock.at_step0 = lambda: _kiln_epoch_steps(out, spec["batch"])
     run_dpo(cfg, work / "model", out, resume=False, extra_hooks=[clock])
+    clock.tokens = _kiln_dpo_tokens(out)
+
+
+def _kiln_dpo_tokens(out: Path) -> list[int]:
+    """[real, computed] token positions of Kiln's DPO batches, from the run's last reward log line."""
+    import re
+
+    try:
+        found = re.findall(r"tokens real (\d+) computed (\d+)", (out / "train.log").read_text())
+    except OSError:
+        return []
+    return [int(x) for x in found[-1]] if found else []
 
 
 def _kiln_grpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
@@ -542,8 +573,26 @@ def _trl_dpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:
                      max_steps=spec.get("max_steps") or -1, learning_rate=5e-6, warmup_steps=5, beta=0.1, loss_type=["sigmoid"],
                      precompute_ref_log_probs=True, max_length=spec["seq"])
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=_trl_callbacks(clock))
+    trainer.data_collator = _counting_collator(trainer.data_collator, clock)
     clock.phase(PHASES["trl"][2])
     trainer.train()
+
+
+def _counting_collator(collate: Callable[[list], dict], clock: StepClock) -> Callable[[list], dict]:
+    """trl's collator, counting into ``clock.tokens`` the real (attention mask) and computed (rows x padded
+    length) token positions of every batch it builds: chosen and rejected rows, padded to the longest."""
+    clock.tokens = [0, 0, 0]
+
+    def counted(features: list) -> dict:
+        batch = collate(features)
+        ids, attn = batch["input_ids"], batch.get("attention_mask")
+        real = int(attn.sum()) if attn is not None else ids.numel()
+        clock.tokens[0] += real - ids.shape[0]  # as Kiln counts: a row of n tokens has n - 1 labelled inputs
+        clock.tokens[1] += ids.numel()
+        clock.tokens[2] += 1
+        return batch
+
+    return counted
 
 
 def _trl_grpo(spec: dict, work: Path, out: Path, clock: StepClock) -> None:

@@ -421,7 +421,8 @@ def _host_row(model: Any, shape: str, label: str, graphs: bool, steps: int, plen
                                               decode_steps=steps))
     if graphs and not eng.runner.graph_max:
         eng.runner.graph_max = 1  # the CPU: the graph body runs eagerly over the same static buffers
-    eng.runner._decode = lambda ids, pos: zeros[: ids.shape[0]]  # graph paths: logits (b, V) of zeros
+    zero_ids = zeros[:, 0].long()  # (rows,) greedy ids of zero logits
+    eng.runner._decode = lambda ids, pos: (zeros[: ids.shape[0]], zero_ids[: ids.shape[0]])  # graph paths
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     eng.generate([[1] * plen], params)  # warm-up (captures)
     best = 0.0
@@ -657,7 +658,9 @@ def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Pa
             row = ServeRow("throughput", shape, impl, c, note=f"{n} requests", error=f"{type(e).__name__}: {e}")
         row.shape, row.impl = shape, impl
         rows.append(row)
-        print(f"  {shape} c={c} {impl}: {row.tok_s or 0:.1f} tok/s {row.error}", flush=True)
+        lat = (f" (ttft p50 {row.ttft_p50_ms:.1f} ms, itl p50 {row.itl_p50_ms:.2f} ms)"
+               if row.ttft_p50_ms is not None and row.itl_p50_ms is not None else "")
+        print(f"  {shape} c={c} {impl}: {row.tok_s or 0:.1f} tok/s{lat} {row.error}", flush=True)
 
     engine = throughput_engine(model, max(cs))
     for c in cs:

@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="attention kernel (default: the one the model was saved with)")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                    help="weight-only quantization of the loaded model (kiln.model.quantize; int4: groups of 128)")
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA: capture CUDA graphs and torch.compile the decode step (gpt-fast's mode: about a "
+                        "minute of compilation, then the fastest batch-1 decode; greedy runs 8 tokens per graph)")
     p.add_argument("--speculative", default="none", choices=["none", "ngram"],
                    help="prompt-lookup speculative decoding for --prompt with --temperature 0 (same text, "
                    "fewer forward passes when the output repeats the context)")
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     n_chars = 0
     for piece in stream(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        stop_at_eot=not args.keep_eot, speculative=args.speculative):
+                        stop_at_eot=not args.keep_eot, speculative=args.speculative, compile=args.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
         n_chars += len(piece)

@@ -18,17 +18,19 @@ from kiln.model import Transformer
 
 
 def one_shot_engine(model: Transformer, vocab_limit: int | None, eot_id: int | None, max_num_seqs: int = 1,
-                    tokenizer: Any = None, speculative: str = "none") -> Any:
+                    tokenizer: Any = None, speculative: str = "none", compile: bool = False) -> Any:
     """An ``LLMEngine`` for a one-call helper: a pool sized for ``max_num_seqs`` full contexts, no CUDA
     graphs (a fresh engine per call would recapture them), and the sliding context window.
-    ``speculative``: 'none' or 'ngram' (prompt lookup, greedy requests only)."""
+    ``speculative``: 'none' or 'ngram' (prompt lookup, greedy requests only). ``compile`` (CUDA):
+    capture CUDA graphs and ``torch.compile`` the decode step (gpt-fast's mode: about a minute of
+    compilation per engine, then the fastest decode; worth it for long or many generations)."""
     if next(model.parameters()).device.type == "cpu":
         # On the CPU the decode step gathers every running sequence's blocks per layer; past ~16
         # sequences of a few hundred tokens that stops fitting in cache and a step slows more than the
         # batch grows (32 GSM8K prompts: 16.2 s with 8 running, 15.5 s with 16, 23.4 s with 32).
         max_num_seqs = min(max_num_seqs, 16)
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_num_seqs),
-                       cuda_graphs=False, eos_token_id=eot_id, vocab_limit=vocab_limit,
+                       cuda_graphs=compile, compile_decode=compile, eos_token_id=eot_id, vocab_limit=vocab_limit,
                        context_overflow="slide", enable_prefix_caching=max_num_seqs > 1, speculative=speculative)
     return LLMEngine(model, tokenizer, cfg)
 
@@ -44,6 +46,7 @@ def generate_tokens(
     eot_id: int | None = None,
     vocab_limit: int | None = None,
     speculative: str = "none",
+    compile: bool = False,
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` sampled token ids after ``prompt_ids``; stop before ``eot_id``.
 
@@ -54,6 +57,7 @@ def generate_tokens(
     vocabulary size) keeps sampling away from the padding rows of a model whose vocabulary was
     rounded up for speed (e.g. 50257 -> 50304). ``speculative="ngram"``: prompt-lookup speculative
     decoding when greedy (same tokens, fewer forward passes when the output repeats the context).
+    ``compile``: CUDA graphs and a compiled decode step (see ``one_shot_engine``).
     """
 
     check_sampling_args(temperature, top_k, top_p)
@@ -61,7 +65,7 @@ def generate_tokens(
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, ignore_eos=eot_id is None)
-    engine = one_shot_engine(model, vocab_limit, eot_id, speculative=speculative)
+    engine = one_shot_engine(model, vocab_limit, eot_id, speculative=speculative, compile=compile)
     engine.add_request(list(prompt_ids), params)  # checks the prompt now, not at the first token
     return _engine_tokens(engine, eot_id)
 
@@ -87,6 +91,7 @@ def stream(
     seed: int | None = None,
     stop_at_eot: bool = True,
     speculative: str = "none",
+    compile: bool = False,
 ) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text pieces, as they decode (prompt not included).
 
@@ -97,7 +102,7 @@ def stream(
     eot = getattr(tokenizer, "eot_id", None)
     tokens = generate_tokens(
         model, prompt_ids(tokenizer, prompt), max_new_tokens, temperature, top_k, top_p, seed,
-        eot if stop_at_eot else None, vocab_limit=limit, speculative=speculative,
+        eot if stop_at_eot else None, vocab_limit=limit, speculative=speculative, compile=compile,
     )
     return _text_pieces(tokens, TextStreamer(tokenizer))
 

@@ -77,6 +77,9 @@ class ModelRunner:
         # (torch/_inductor/decomposition.py, mm), instead of one cuBLAS call per projection.
         self._decode = (torch.compile(self._decode_core, dynamic=False, options={"coordinate_descent_tuning": True})
                         if compile_decode else self._decode_core)
+        # the multi-step graph's between-steps bookkeeping (ids, positions, lengths, slots: ~10 small
+        # kernels eagerly) as one fused kernel when compiled
+        self._advance_fn = torch.compile(self._advance, dynamic=False) if compile_decode else self._advance
         self._s: dict[str, Tensor] = {}
         self._metas: dict[int, PagedMetadata] = {}
         self._uploaded: Any = None  # a CUDA event after the last host->device copy of the pinned rows
@@ -165,7 +168,10 @@ class ModelRunner:
         self._alloc_static()
         dev = self.device
         pool = None
-        with torch.inference_mode():
+        # one compilation per (batch size, steps): lift dynamo's recompile limit (8) for the capture, or
+        # the sizes past the eighth would silently run uncompiled inside their graphs
+        limit = torch._dynamo.config.patch(recompile_limit=4 * len(graph_batch_sizes(self.graph_max)) + 8)
+        with torch.inference_mode(), limit:
             for b in reversed(graph_batch_sizes(self.graph_max)):
                 for steps in sorted({1, self.decode_steps}):
                     table = self.graphs if steps == 1 else self.multi_graphs
@@ -267,11 +273,10 @@ class ModelRunner:
         out = torch.empty(b, steps, dtype=torch.long, device=self.device)
         for j in range(steps):
             self.cache.meta = self._meta(b)
-            logits = self._decode(s["ids"][:b], s["pos"][:b])
-            nxt = logits[:, :self.vocab_limit].argmax(dim=-1)
+            logits, nxt = self._decode(s["ids"][:b], s["pos"][:b])
             out[:, j] = nxt
             if j + 1 < steps:
-                self._advance(b, nxt)
+                self._advance_fn(b, nxt)
         return logits, out
 
     def _advance(self, b: int, nxt: Tensor) -> None:
@@ -285,10 +290,12 @@ class ModelRunner:
         block = s["tables64"][:b].gather(1, (pos // bs)[:, None])[:, 0]
         s["slots"][:b].copy_(block * bs + pos % bs)
 
-    def _decode_core(self, ids: Tensor, pos: Tensor) -> Tensor:
-        """ids, pos (b,) -> logits (b, V) fp32, one token per row (the cache's ``meta`` is set)."""
+    def _decode_core(self, ids: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """ids, pos (b,) -> logits (b, V) fp32 and their greedy ids (b,) below ``vocab_limit``, one token
+        per row (the cache's ``meta`` is set). Compiled, the argmax fuses into the head's kernel."""
         h = self.model.hidden_states(ids[None], pos, self.cache)
-        return self.model.lm_head(h[0]).float()
+        logits = self.model.lm_head(h[0]).float()
+        return logits, logits[:, :self.vocab_limit].argmax(dim=-1)
 
     def _launch(self, b: int, steps: int) -> tuple[Tensor, Tensor]:
         g = (self.graphs if steps == 1 else self.multi_graphs)[b]

@@ -30,13 +30,18 @@ class NgramProposer:
         self.ngram_min = ngram_min
 
     def propose_one(self, tokens: list[int], k: int) -> list[int]:
-        """Up to ``k`` tokens following the most recent earlier occurrence of the longest matching tail."""
+        """``k`` tokens following the most recent earlier occurrence of the longest matching tail. The
+        copy may overlap its own output (as LZ77's): when the match sits d tokens before the tail, the
+        text is taken to repeat with period d, so a loop or a repeated line yields k drafts, not d."""
         L = len(tokens)
         for n in range(min(self.ngram_max, L - 1), self.ngram_min - 1, -1):
             tail = tokens[L - n:]
             for start in range(L - n - 1, -1, -1):  # most recent match first, never the tail itself
                 if tokens[start:start + n] == tail:
-                    return tokens[start + n:start + n + k]
+                    out = tokens[start + n:start + n + k]
+                    while len(out) < k:  # past the end: continue from the drafts themselves
+                        out.append(out[start + n + len(out) - L])
+                    return out
         return []
 
     def propose(self, want: list[tuple[Sequence, int]]) -> dict[str, list[int]]:

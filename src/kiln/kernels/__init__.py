@@ -3,6 +3,7 @@
 - :func:`rmsnorm` (``rmsnorm.py``): fused RMSNorm, fp32 statistics.
 - :func:`flash_attention` (``attention.py``): FlashAttention-2 style causal attention, GQA.
 - :func:`linear_cross_entropy` (``linear_cross_entropy.py``): LM head + cross-entropy in chunks.
+- :func:`rope_qk` (``rope.py``): rotary embedding of q and k, one launch each way.
 - :func:`fp8_linear` (``fp8.py``): a linear layer with float8 GEMMs (cuBLASLt, not Triton).
 
 Optimizer passes, no autograd, imported by ``kiln.train``'s optimizers when ``fused=True``:
@@ -21,6 +22,7 @@ from kiln.kernels._backend import (
     KernelFallbackWarning,
     deterministic_mode,
     unsupported_reason,
+    untuned_mode,
 )
 from kiln.kernels.attention import attention_ref, flash_attention
 from kiln.kernels.fp8 import fp8_linear, fp8_linear_ref
@@ -29,6 +31,7 @@ from kiln.kernels.linear_cross_entropy import (
     linear_cross_entropy_ref,
 )
 from kiln.kernels.rmsnorm import rmsnorm, rmsnorm_ref
+from kiln.kernels.rope import rope_qk, rope_ref
 
 __all__ = [
     "HAVE_TRITON",
@@ -42,5 +45,8 @@ __all__ = [
     "linear_cross_entropy_ref",
     "rmsnorm",
     "rmsnorm_ref",
+    "rope_qk",
+    "rope_ref",
     "unsupported_reason",
+    "untuned_mode",
 ]

@@ -94,16 +94,33 @@ def warn_fallback(kernel: str, reason: str) -> None:
     )
 
 
-_DETERMINISTIC = {"on": False}
+_DETERMINISTIC = {"on": False, "untuned": False}
 CUBLAS_WORKSPACE = ":4096:8"
 """cuBLAS's workspace setting for reproducible GEMMs (cuBLAS docs, "Results reproducibility"):
 8 buffers of 4 MiB, so GEMMs never split their reductions by the workspace at hand."""
 
 
 def deterministic() -> bool:
-    """True inside ``deterministic_mode()``: Kiln's kernels then launch one fixed configuration
-    instead of autotuning (a tuner's pick can differ between runs, and with it the order of a sum)."""
-    return _DETERMINISTIC["on"]
+    """True inside ``deterministic_mode()`` or ``untuned_mode()``: Kiln's kernels then launch one fixed
+    configuration instead of autotuning (a tuner's pick can differ between runs, and with it the order
+    of a sum)."""
+    return _DETERMINISTIC["on"] or _DETERMINISTIC["untuned"]
+
+
+@contextlib.contextmanager
+def untuned_mode() -> Iterator[None]:
+    """Within the block, Kiln's kernels launch their one fixed configuration instead of autotuning.
+
+    For short runs of small shapes: the RMSNorm tuner compiles and times 27 configurations on its
+    first call (tens of seconds on a cold machine) to save microseconds per call, and a small model's
+    step is bound by the host's launches anyway. Nothing else changes (unlike ``deterministic_mode``).
+    """
+    saved = _DETERMINISTIC["untuned"]
+    _DETERMINISTIC["untuned"] = True
+    try:
+        yield
+    finally:
+        _DETERMINISTIC["untuned"] = saved
 
 
 @contextlib.contextmanager

@@ -15,6 +15,9 @@ value back to the host, and a learning-rate change needs no recompilation. The e
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from kiln.kernels._backend import HAVE_TRITON, unsupported_reason, warn_fallback
@@ -48,7 +51,81 @@ if HAVE_TRITON:
         tl.store(V + offs, v.to(V.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _adamw_multi_kernel(PTRS, NUMEL, TILE_T, TILE_S, LR, OK, beta1, beta2, eps, weight_decay,
+                            BLOCK: tl.constexpr):
+        # One program updates BLOCK elements of one tensor: tile -> (tensor, first element) from the two
+        # tables; the tensor's p, g, m, v and step addresses from its row of PTRS (int64, 5 per tensor).
+        pid = tl.program_id(0)
+        ti = tl.load(TILE_T + pid).to(tl.int64)
+        row = PTRS + ti * 5
+        P = tl.load(row).to(tl.pointer_type(tl.float32))
+        G = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+        M = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        V = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        STEP = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+        offs = tl.load(TILE_S + pid) + tl.arange(0, BLOCK)
+        mask = offs < tl.load(NUMEL + ti)
+        okf = tl.load(OK).to(tl.float32)
+        lr = tl.load(LR).to(tl.float32) * okf
+        t = tl.maximum(tl.load(STEP), 1.0)
+        bias1 = 1.0 - tl.exp2(t * tl.log2(beta1))
+        bias2 = 1.0 - tl.exp2(t * tl.log2(beta2))
+        p = tl.load(P + offs, mask=mask, other=0.0)
+        g = tl.load(G + offs, mask=mask, other=0.0)
+        m = tl.load(M + offs, mask=mask, other=0.0)
+        v = tl.load(V + offs, mask=mask, other=0.0)
+        g = tl.where(okf > 0.5, g, 0.0)
+        p = p * (1.0 - lr * weight_decay)
+        m = m + (1.0 - beta1) * okf * (g - m)
+        v = v + (1.0 - beta2) * okf * (g * g - v)
+        denom = tl.sqrt(v / bias2) + eps
+        p = p - (lr / bias1) * m / denom
+        tl.store(P + offs, p, mask=mask)
+        tl.store(M + offs, m, mask=mask)
+        tl.store(V + offs, v, mask=mask)
+
+
 BLOCK = 2048
+_MULTI = {"on": False}
+_TILES: dict = {}  # (device, numels) -> (tile -> tensor, tile -> first element, numels) device tables
+_PTRS: dict = {}  # (device, numels) -> (the last pointer list, its device table): reused while no address changes
+
+
+@contextlib.contextmanager
+def multi_tensor_mode() -> Iterator[None]:
+    """Within the block, ``adamw_fused_update_`` updates every fp32 tensor of a group in ONE launch
+    (a table of addresses) instead of one launch per tensor: a small model's step is bound by the
+    host's launches (75 AdamW launches a step at d512, 8 layers). Same arithmetic per element."""
+    saved = _MULTI["on"]
+    _MULTI["on"] = True
+    try:
+        yield
+    finally:
+        _MULTI["on"] = saved
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def _multi_update(params, grads, avgs, avg_sqs, steps, lr, okf, beta1, beta2, eps, weight_decay) -> None:
+    """One launch over every tensor (all fp32, contiguous, on one device)."""
+    device = params[0].device
+    numels = tuple(p.numel() for p in params)
+    key = (device, numels)
+    if key not in _TILES:
+        tile_t = [i for i, n in enumerate(numels) for _ in range(0, n, BLOCK)]
+        tile_s = [s for n in numels for s in range(0, n, BLOCK)]
+        _TILES[key] = (_to_device(tile_t, device), _to_device(tile_s, device), _to_device(list(numels), device))
+    tile_t, tile_s, n_t = _TILES[key]
+    ptrs = [t.data_ptr() for group in zip(params, grads, avgs, avg_sqs, steps) for t in group]
+    last = _PTRS.get(key)  # per group (by its shapes): a model's two groups do not evict each other
+    if last is None or last[0] != ptrs:  # gradients usually come back at the same addresses
+        last = _PTRS[key] = (ptrs, _to_device(ptrs, device))
+    _adamw_multi_kernel[(tile_t.numel(),)](last[1], n_t, tile_t, tile_s, lr, okf, beta1, beta2, eps, weight_decay,
+                                            BLOCK=BLOCK, num_warps=8)
 
 
 def adamw_update_ref(
@@ -101,6 +178,9 @@ def adamw_fused_update_(
         return
     okf = ok.to(torch.float32)
     torch._foreach_add_(steps, okf)
+    if _MULTI["on"] and all(t.dtype == torch.float32 for ts in (params, grads, avgs, avg_sqs, steps) for t in ts):
+        _multi_update(params, grads, avgs, avg_sqs, steps, lr, okf, beta1, beta2, eps, weight_decay)
+        return
     for p, g, m, v, s in zip(params, grads, avgs, avg_sqs, steps):
         n = p.numel()
         _adamw_kernel[(triton.cdiv(n, BLOCK),)](p, g, m, v, s, lr, okf, n, beta1, beta2, eps, weight_decay,

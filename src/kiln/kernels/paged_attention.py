@@ -212,3 +212,24 @@ def paged_decode_attention(
         _paged_reduce_kernel[(B, Hkv)](out, pm, pl, pacc, splits, out.stride(0), out.stride(1), G=G, D=D,
                                        BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BLOCK_S=triton.next_power_of_2(splits))
     return out
+
+
+@torch.library.custom_op("kiln::paged_decode", mutates_args=())
+def _paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor) -> torch.Tensor:
+    return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens)
+
+
+@_paged_decode_op.register_fake
+def _(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+      context_lens: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor) -> torch.Tensor:
+    """``paged_decode_attention`` as the custom op ``kiln::paged_decode`` (same arguments, default
+    split), opaque to ``torch.compile``: a compiled decode step keeps the Triton kernel whole and
+    fuses everything around it (the cache write included) instead of breaking the graph at each
+    layer's attention."""
+    return _paged_decode_op(q, k_pool, v_pool, block_tables, context_lens)

@@ -73,6 +73,28 @@ def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
     return x @ dequantize_int4(packed, scale, low, x.dtype).t()
 
 
+def int8_linear_row(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The one-row form ``torch.compile`` fuses into a single reduction that reads the int8 bytes:
+    (x @ q^T) * scale, the scale applied once per output (gpt-fast's ``WeightOnlyInt8Linear``; int8
+    values are exact in bf16). x (..., K) -> (..., N) in x's dtype."""
+    return ((x @ q.to(x.dtype).t()) * scale).to(x.dtype)
+
+
+def int4_linear_row(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The one-row form ``torch.compile`` fuses into one kernel reading the packed bytes: per group g,
+    sum_k (q_k s + z) x_k = s * sum_k q_k x_k + z * sum_k x_k, with the low and high nibbles of each
+    byte multiplied by the even and odd inputs. No (N, K) dequantized weight is ever built (the
+    reference's ``dequantize_int4`` is: compiled, it materializes N x K floats every step).
+    x (1, K) -> (1, N) in x's dtype; packed (N, K/2) uint8, scale and low (N, G) fp32."""
+    N, G = scale.shape
+    half = packed.shape[1] // G  # bytes per group
+    p = packed.view(N, G, half)
+    xg = x.float().reshape(G, half, 2)  # (G, half, even/odd)
+    t = ((p & 0xF).float() * xg[..., 0] + (p >> 4).float() * xg[..., 1]).sum(-1)  # (N, G)
+    y = (t * scale + low * xg.sum((-1, -2))).sum(-1)  # (N,)
+    return y.reshape(*x.shape[:-1], N).to(x.dtype)
+
+
 if HAVE_TRITON:
 
     @triton.jit
@@ -192,7 +214,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, use_kerne
         warn_fallback("int8_linear", reason)
         return int8_linear_ref(x, q, scale)
     if compiling() and M == 1:  # Inductor fuses the dequantization into its one-row matmul (see below)
-        return int8_linear_ref(x, q, scale)
+        return int8_linear_row(x, q, scale)
     y = (_int8_gemv_op if compiling() else _int8_gemv)(x2, q, scale)
     return y.reshape(*x.shape[:-1], q.shape[0])
 
@@ -210,7 +232,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low:
     if reason is not None:
         warn_fallback("int4_linear", reason)
         return int4_linear_ref(x, packed, scale, low)
-    if compiling() and M == 1:
-        return int4_linear_ref(x, packed, scale, low)
+    if compiling() and M == 1:  # one fused reduction over the packed bytes (``int4_linear_row``)
+        return int4_linear_row(x, packed, scale, low)
     y = (_int4_gemv_op if compiling() else _int4_gemv)(x2, packed, scale, low)
     return y.reshape(*x.shape[:-1], packed.shape[0])

@@ -127,10 +127,12 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few programs exercise the persistent loop
 
 
-def rmsnorm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward. x2d (N, D) with unit column stride -> (y (N, D) in x's dtype, rstd (N,) fp32)."""
+def rmsnorm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float,
+                    out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward. x2d (N, D) with unit column stride -> (y (N, D) in ``out_dtype`` (default x's),
+    rstd (N,) fp32)."""
     n, d = x2d.shape
-    y = torch.empty_like(x2d)
+    y = torch.empty_like(x2d, dtype=out_dtype or x2d.dtype)
     rstd = torch.empty(n, device=x2d.device, dtype=torch.float32)
     args = (x2d, weight, y, rstd, n, d, x2d.stride(0), y.stride(0), eps)
     if TRITON_INTERPRET:
@@ -208,12 +210,17 @@ def _(dy2d, x2d, weight, rstd):
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float,  # type: ignore[override]
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
         if x2d.stride(-1) != 1:
             x2d = x2d.contiguous()
-        y, rstd = (_rmsnorm_fwd_op if compiling() else rmsnorm_forward)(x2d, weight, eps)
+        if compiling():
+            y, rstd = _rmsnorm_fwd_op(x2d, weight, eps)
+            y = y if out_dtype is None else y.to(out_dtype)
+        else:
+            y, rstd = rmsnorm_forward(x2d, weight, eps, out_dtype)
         ctx.save_for_backward(x2d, weight, rstd)
         return y.view(shape)
 
@@ -224,14 +231,17 @@ class _RMSNormFunction(torch.autograd.Function):
         if dy2d.stride(-1) != 1:
             dy2d = dy2d.contiguous()
         dx, dw = (_rmsnorm_bwd_op if compiling() else rmsnorm_backward)(dy2d, x2d, weight, rstd)
-        return dx.view(dy.shape), dw, None
+        return dx.view(dy.shape), dw, None, None
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Fused RMSNorm with autograd. x (..., D), weight (D,) -> (..., D) in x's dtype.
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fused RMSNorm with autograd. x (..., D), weight (D,) -> (..., D) in ``out_dtype`` (default x's).
 
-    Runs the Triton kernels on CUDA (or CPU under TRITON_INTERPRET=1) for fp32/fp16/bf16 x with
-    D <= 32768; anything else warns once and runs :func:`rmsnorm_ref`.
+    ``out_dtype`` (e.g. autocast's bf16 for a norm that feeds only a matmul): the result rounded once
+    in the kernel, the values a separate cast would give, one launch fewer each way; dx stays in x's
+    dtype. Runs the Triton kernels on CUDA (or CPU under TRITON_INTERPRET=1) for fp32/fp16/bf16 x
+    with D <= 32768; anything else warns once and runs :func:`rmsnorm_ref`.
     """
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rmsnorm: weight {tuple(weight.shape)} must be ({x.shape[-1]},) for x {tuple(x.shape)}")
@@ -245,5 +255,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.T
             reason = "empty input"
     if reason is not None:
         warn_fallback("rmsnorm", reason)
-        return rmsnorm_ref(x, weight, eps)
-    return _RMSNormFunction.apply(x, weight.contiguous(), float(eps))
+        y = rmsnorm_ref(x, weight, eps)
+        return y if out_dtype is None else y.to(out_dtype)
+    return _RMSNormFunction.apply(x, weight.contiguous(), float(eps), out_dtype)

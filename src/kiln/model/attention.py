@@ -45,6 +45,35 @@ def attention_swapped(model: nn.Module, impl: Any) -> Iterator[None]:
             a.attention_impl = s
 
 
+@contextmanager
+def kernels_swapped(model: nn.Module, norm: str | None = None, rope: str | None = None,
+                    fused_proj: bool | None = None) -> Iterator[None]:
+    """Within the block, every RMSNorm of ``model`` (a Kiln ``Transformer``) runs ``norm`` (a
+    ``NORM_IMPLS`` name), its rotary embedding ``rope`` ("kiln" or "triton": ``kiln.kernels.rope``), and
+    with ``fused_proj`` each layer's q/k/v and gate/up projections run as one GEMM each (weights
+    concatenated per call; a Triton norm then writes autocast's dtype for its one GEMM). The fused RoPE
+    and q/k/v apply to calls without a KV cache. None leaves that kind alone.
+    The saved config is untouched (an export writes the model's own settings), and everything is put
+    back on exit, also after an error.
+    """
+    from kiln.model.layers import SwiGLU
+
+    # with one GEMM per norm output, a Triton norm can write autocast's dtype itself (one cast fewer
+    # each way, the same values; several consumers would sum their gradients in bf16 instead)
+    autocast_out = True if fused_proj and norm == "triton" else None
+    kinds = [(RMSNorm, "impl", norm), (RMSNorm, "autocast_out", autocast_out), (RotaryEmbedding, "impl", rope),
+             (MultiHeadSelfAttention, "fused_proj", fused_proj), (SwiGLU, "fused_proj", fused_proj)]
+    swaps = [(m, attr, value, getattr(m, attr)) for cls, attr, value in kinds if value is not None
+             for m in model.modules() if isinstance(m, cls)]
+    try:
+        for m, attr, value, _ in swaps:
+            setattr(m, attr, value)
+        yield
+    finally:
+        for m, attr, _, saved in swaps:
+            setattr(m, attr, saved)
+
+
 def causal_mask(t_q: int, t_k: int, q_offset: int = 0, device: torch.device | str | None = None) -> Tensor:
     """Bool (t_q, t_k) mask, True where query i (at slot q_offset + i) may attend to key j <= q_offset + i."""
     q_pos = torch.arange(q_offset, q_offset + t_q, device=device)
@@ -287,6 +316,7 @@ class MultiHeadSelfAttention(nn.Module):
         self.k_proj = Linear(d_model, num_kv_heads * D, **kw)
         self.v_proj = Linear(d_model, num_kv_heads * D, **kw)
         self.o_proj = Linear(num_heads * D, d_model, **kw)
+        self.fused_proj = False  # True: training-shaped calls run q, k, v as one GEMM (kernels_swapped)
         self.q_norm = RMSNorm(D, norm_eps, device=device, dtype=dtype) if qk_norm else None
         self.k_norm = RMSNorm(D, norm_eps, device=device, dtype=dtype) if qk_norm else None
 
@@ -308,13 +338,26 @@ class MultiHeadSelfAttention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         paged = isinstance(kv_cache, PagedKVCache)
         offset = kv_cache.length if isinstance(kv_cache, KVCache) else 0
-        q = self.q_proj(x).view(B, T, H, D)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, Hkv, D)  # (B, T, Hkv, D)
+        if self.fused_proj and kv_cache is None and self.q_proj.impl == "kiln":
+            # one GEMM for q, k and v (and one for their input gradient): fewer launches, the same products
+            w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))  # ((H + 2 Hkv) D, d_model)
+            q, k, v = torch.matmul(x, w.t()).split((H * D, Hkv * D, Hkv * D), dim=-1)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        else:
+            q = self.q_proj(x).view(B, T, H, D)  # (B, T, H, D)
+            k = self.k_proj(x).view(B, T, Hkv, D)  # (B, T, Hkv, D)
+            v = self.v_proj(x).view(B, T, Hkv, D)  # (B, T, Hkv, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        if self.rope is not None:
+        fused_rope = self.rope is not None and kv_cache is None and self.rope.impl == "triton"
+        if fused_rope:  # one launch for q and k each way (kiln.kernels.rope) instead of ~19 forward
+            from kiln.kernels.rope import rope_qk
+
+            if token_positions is None:
+                token_positions = torch.arange(T, device=x.device)  # (T,)
+            q, k = rope_qk(q, k, self.rope.cos, self.rope.sin, token_positions)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D) x 2
+        if self.rope is not None and not fused_rope:
             if token_positions is None:
                 token_positions = torch.arange(offset, offset + T, device=x.device)  # (T,)
             q = self.rope(q, token_positions)
@@ -328,9 +371,32 @@ class MultiHeadSelfAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.o_proj(out)
 
-    @torch.compiler.disable  # the engine may compile the decode step: the cache write and kernel stay eager
     def _paged(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
-        """q (1, H, N, D), k/v (1, Hkv, N, D) of a packed engine step -> attention output (N, H, D)."""
+        """q (1, H, N, D), k/v (1, Hkv, N, D) of a packed engine step -> attention output (N, H, D).
+
+        A decode step on CUDA stays traceable: under the engine's ``torch.compile`` the cache write is
+        fused into the kernel that produces k and v, and the Triton kernel is one opaque custom op
+        (``kiln::paged_decode``). Every other step runs eagerly (``_paged_eager``)."""
+        meta = cache.meta
+        if meta is not None and meta.decode and q.is_cuda:
+            return self._paged_decode(q, k, v, cache)
+        return self._paged_eager(q, k, v, cache)
+
+    def _paged_decode(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
+        """A decode step (one new token per row) through ``kiln::paged_decode``: traceable, no graph break."""
+        from kiln.kernels.paged_attention import paged_decode_attention, paged_decode_op  # lazy: Triton is optional
+
+        i, meta = self.layer_idx, cache.meta
+        cache.write(i, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, Hkv, D) into the pool
+        k_pool = cache.k[i]
+        q_rows = q[0].transpose(0, 1).to(k_pool.dtype).contiguous()  # (N, H, D); autocast q over a wider pool
+        fn = paged_decode_op if torch.compiler.is_compiling() else paged_decode_attention  # eager: no dispatcher
+        out = fn(q_rows, k_pool, cache.v[i], meta.block_tables, meta.context_lens)
+        return out.to(q.dtype)
+
+    @torch.compiler.disable  # prefill chunks and CPU steps: the cache write and attention stay eager
+    def _paged_eager(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
+        """``_paged``'s general path (any mix of prefill chunks and decodes, any device)."""
         i = self.layer_idx
         cache.write(i, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, Hkv, D) into the pool
         fused = self.attention_impl in ("sdpa", "triton")

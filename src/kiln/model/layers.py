@@ -172,13 +172,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.impl = impl
         self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+        # True (set by kernels_swapped for a norm whose output feeds one matmul): under autocast the
+        # "triton" kernel writes autocast's dtype itself, the values the matmul's cast would make
+        self.autocast_out = False
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.weight.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (..., d_model) -> same shape and dtype."""
+        """x: (..., d_model) -> same shape and dtype (autocast's dtype with ``autocast_out``)."""
+        if self.autocast_out and self.impl == "triton" and torch.is_autocast_enabled(x.device.type):
+            from kiln.kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps, out_dtype=torch.get_autocast_dtype(x.device.type))
         return NORM_IMPLS[self.impl](x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
@@ -209,9 +216,14 @@ class SwiGLU(nn.Module):
         self.gate_proj = Linear(d_model, d_ff, device=device, dtype=dtype, impl=impl)
         self.up_proj = Linear(d_model, d_ff, device=device, dtype=dtype, impl=impl)
         self.down_proj = Linear(d_ff, d_model, device=device, dtype=dtype, impl=impl)
+        self.fused_proj = False  # True: gate and up as one GEMM (fewer launches in a host-bound step)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., d_model) -> (..., d_model)."""
+        if self.fused_proj and self.gate_proj.impl == "kiln":
+            w = torch.cat((self.gate_proj.weight, self.up_proj.weight))  # (2 d_ff, d_model)
+            gate, up = matmul_linear(x, w).chunk(2, dim=-1)
+            return self.down_proj(silu(gate) * up)
         return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -304,6 +316,7 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
         self.d_k = d_k
         self.max_seq_len = max_seq_len
+        self.impl = "kiln"  # "triton": training-shaped attention calls rotate q and k in one fused launch
         self.register_buffer("cos", torch.empty(max_seq_len, d_k, device=device), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, d_k, device=device), persistent=False)
         self.reset_parameters()
