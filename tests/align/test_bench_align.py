@@ -76,12 +76,14 @@ def test_learning_table_and_window_mean():
            "dpo": {"pairs": 100, "steps": 7, "heldout_pairs": 16, "likelihood_accuracy_before": 0.5,
                    "likelihood_accuracy_after": 0.56, "reward_accuracy_after": 0.6, "gpu_s": 2.0},
            "grpo_kiln": {"rollouts": 5, "train_seconds": 12.0, "heldout_reward_before": 0.2,
-                         "heldout_reward_after": 0.4, "gpu_s": 13.0, "curve": curve},
+                         "heldout_reward_after": 0.4, "gpu_s": 13.0, "curve": curve,
+                         "reply_tokens": [[1.0, 9.0], [9.0, 2.5]]},
            "grpo_trl": {"rollouts": 2, "train_seconds": 11.0, "heldout_reward_after": 0.25, "curve": [[9.0, 0.3]]},
            "gsm8k": {"before": 0.0, "after_grpo": 0.0, "questions": 4}}
     t = learning_table(res)
     assert "| 3.200 | 0.900 | 4.0 |" in t and "| 0.500 | 0.560 | 2.0 |" in t
     assert "Kiln 0.500, trl 0.300" in t and "Kiln 4, trl 1" in t
+    assert "tokens per reply there (stop token included): Kiln 2.500, trl -." in t  # trl's row had none
     assert "GSM8K (4 questions, greedy)" in t
 
 

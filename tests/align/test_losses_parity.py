@@ -165,3 +165,59 @@ def test_grpo_loss_matches_trl(pair, tmp_path, kl_coef, kl_iw):
     torch.testing.assert_close(ours, ref_loss.detach().to(ours.dtype), rtol=RTOL, atol=0)
     ref_loss.backward()
     _check_grads(km, hf)
+
+
+@pytest.mark.parametrize("temperature,epochs", [(0.7, 1), (0.7, 2), (1.0, 1)])
+def test_grpo_stage_loss_matches_trl_at_the_sampling_temperature(pair, tmp_path, temperature, epochs):
+    """The GRPO stage's own loss function (``grpo_loss_fn``, as ``kiln grpo`` and ``kiln bench align
+    --learning`` train with it) against trl's GRPOTrainer at the bench's sampling temperature 0.7:
+    both must take log-probs of ``softmax(logits / T)``, the distribution the rollouts were drawn
+    from. Before issue 18's fix Kiln took them at T=1 and only the T=1 case (the trl default the
+    test above uses) agreed; its gradient then carried a term the group baseline does not cancel.
+    ``epochs=2``: the off-policy path (old log-probs taken by ``_log_probs``, which must use the same T)."""
+    from dataclasses import replace
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from kiln.align.grpo import GRPOConfig as KilnGRPO, _log_probs, grpo_loss_fn
+
+    km, hf, d = pair
+    V = km.config.vocab_size
+    g = torch.Generator().manual_seed(5)
+    B, P, C = 4, 5, 7
+    prompt = torch.randint(0, V, (B, P), generator=g)
+    completion = torch.randint(0, V, (B, C), generator=g)
+    cmask = torch.ones(B, C, dtype=torch.long)
+    cmask[0, 4:] = 0
+    cmask[2, 1:] = 0
+    adv = torch.tensor([1.5, -0.5, 0.25, -1.25])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = GRPOTrainer(model=hf, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                         args=_args(GRPOConfig, tmp_path, per_device_train_batch_size=4, num_generations=4,
+                                    max_completion_length=8, beta=0.0, loss_type="grpo", epsilon=0.2,
+                                    temperature=temperature),
+                         train_dataset=Dataset.from_dict({"prompt": ["a b"] * 4}),
+                         processing_class=AutoTokenizer.from_pretrained(d))
+    tr.current_gradient_accumulation_steps = 1
+    full = torch.cat([prompt, completion], 1)
+    ids, labels = full[:, :-1], full[:, 1:]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, P - 1 :] = cmask.bool()
+    base = KilnGRPO()
+    cfg = replace(base, temperature=temperature, group_size=4, prompts_per_rollout=1, rollout_epochs=epochs,
+                  train=replace(base.train, batch_size=4))
+    assert cfg.on_policy == (epochs == 1)
+    # Off-policy, the old log-probs of unchanged weights must give ratio 1 exactly as trl's on-policy
+    # path does (its old = the policy's own, detached): only if they are taken at the loss's temperature.
+    old = _log_probs(km, ids, labels, B, cfg.sampling_temperature) if epochs > 1 else torch.zeros(labels.shape)
+    inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
+              "completion_mask": cmask, "advantages": adv}
+    ref_loss = tr._compute_loss(hf, inputs)
+    ours = grpo_loss_fn(km, cfg)(ids, labels, mask, adv, adv, old, torch.zeros(labels.shape))
+    torch.testing.assert_close(ours, ref_loss.detach().to(ours.dtype), rtol=RTOL, atol=1e-7)
+    ours.backward()
+    ref_loss.backward()
+    _check_grads(km, hf)

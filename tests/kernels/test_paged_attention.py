@@ -67,12 +67,14 @@ def test_decode_kernel_bf16_on_gpu(dev):
     torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("decode", [True, False])
-def test_model_paths_equal_reference(decode):
-    """The CPU paths the model takes (batched decode; per-sequence prefill chunks) in fp32."""
+@pytest.mark.parametrize("case", ["decode", "chunks", "skewed", "long context"])
+def test_model_paths_equal_reference(case):
+    """The CPU paths the model takes in fp32: batched decode; prefill chunks of like length in one
+    padded call (``paged_prefill_batched``); a long chunk beside one-token rows, or one long context
+    beside short ones, sequence by sequence (padding every row to it would cost more than the loop)."""
     bs, H, Hkv, D = 4, 4, 2, 8
-    lens = [3, 9, 4, 13]
-    q_lens = [1] * 4 if decode else [3, 2, 4, 1]  # a whole prompt, two chunks, a decode token
+    lens = {"skewed": [45, 9, 4, 13], "long context": [3, 900, 4, 13]}.get(case, [3, 9, 4, 13])
+    q_lens = {"decode": [1] * 4, "chunks": [3, 2, 4, 1], "skewed": [40, 1, 1, 1], "long context": [3, 2, 4, 1]}[case]
     k_pool, v_pool, bt = _pool(lens, bs, Hkv, D, torch.float32, "cpu", seed=2)
     q = torch.randn(sum(q_lens), H, D)
     starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)

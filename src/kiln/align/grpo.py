@@ -61,7 +61,7 @@ class GRPOConfig:
     max_new_tokens: int = 16
     """Longest reply, in tokens."""
     temperature: float = 1.0
-    """Sampling temperature of the rollouts."""
+    """Sampling temperature of the rollouts; the loss takes its log-probs at the same temperature."""
     loss_type: str = "grpo_clip"
     """grpo_clip (clipped surrogate), reinforce_with_baseline, or no_baseline (raw rewards)."""
     cliprange: float = 0.2
@@ -91,6 +91,12 @@ class GRPOConfig:
         if self.loss_type not in ("grpo_clip", "reinforce_with_baseline", "no_baseline"):
             raise ValueError(f"GRPOConfig.loss_type={self.loss_type!r}; use grpo_clip, reinforce_with_baseline "
                              "or no_baseline")
+
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature of the distribution the rollouts were drawn from, which every log-prob of
+        the loss (policy, old, reference) is taken under: ``softmax(logits / T)``; 1 for greedy rollouts."""
+        return self.temperature if self.temperature > 0 else 1.0
 
     @property
     def on_policy(self) -> bool:
@@ -208,8 +214,10 @@ class RolloutSource:
         # (detached, in the loss), so the extra forward over every sample is skipped (as trl does).
         zeros = torch.zeros(ids.shape, device=dev)
         with autocast_for(cfg.train.dtype, dev):  # the step's own precision: the first ratio is exactly 1
-            old = zeros if cfg.on_policy else _log_probs(self.model, ids, labels, self.micro_batch)
-            ref = _log_probs(self.ref_model, ids, labels, self.micro_batch) if self.ref_model is not None else zeros
+            T = cfg.sampling_temperature
+            V = self.vocab_limit
+            old = zeros if cfg.on_policy else _log_probs(self.model, ids, labels, self.micro_batch, T, V)
+            ref = _log_probs(self.ref_model, ids, labels, self.micro_batch, T, V) if self.ref_model is not None else zeros
         out = []
         for e in range(cfg.rollout_epochs):
             order = torch.randperm(len(prompts), generator=g).to(dev)
@@ -261,18 +269,27 @@ def _rows(prompts: list[list[int]], replies: list[list[int]], pad_id: int) -> tu
 
 
 @torch.no_grad()
-def _log_probs(model: Any, ids: Tensor, labels: Tensor, micro_batch: int) -> Tensor:
-    """Per-token log-probs (N, L), in micro-batches as the training step sees them."""
-    return torch.cat([token_log_probs(model(ids[s : s + micro_batch]), labels[s : s + micro_batch])
-                      for s in range(0, len(ids), micro_batch)])
+def _log_probs(model: Any, ids: Tensor, labels: Tensor, micro_batch: int, temperature: float,
+               vocab_limit: int | None = None) -> Tensor:
+    """Per-token log-probs (N, L) of the sampler's distribution (``temperature``, ids below
+    ``vocab_limit``), in micro-batches as the training step sees them."""
+    return torch.cat([token_log_probs(model(ids[s : s + micro_batch]), labels[s : s + micro_batch], temperature,
+                                      vocab_limit) for s in range(0, len(ids), micro_batch)])
 
 
-def grpo_loss_fn(model_step: Any, cfg: GRPOConfig) -> Any:
-    """``loss_fn(*batch)``: ``kiln.align.losses.grpo_loss`` of the micro-batch."""
+def grpo_loss_fn(model_step: Any, cfg: GRPOConfig, vocab_limit: int | None = None) -> Any:
+    """``loss_fn(*batch)``: ``kiln.align.losses.grpo_loss`` of the micro-batch, its log-probs those of
+    the distribution the rollouts were sampled from (``cfg.temperature``; ids below ``vocab_limit``,
+    the tokenizer's size, as the engine samples: a padded vocabulary's rows are never drawn)."""
 
     def loss_fn(ids: Tensor, labels: Tensor, mask: Tensor, adv: Tensor, raw: Tensor, old: Tensor,
                 ref: Tensor) -> Tensor:
-        lp = token_log_probs(model_step(ids), labels)  # (m, L)
+        # log pi_T over the ids the engine samples (as trl's GRPOTrainer takes the temperature): the
+        # gradient of log softmax(z) instead, with samples of softmax(z / T), has a term A (p_T - p_1)
+        # that a group baseline does not cancel after a shared prefix: it sharpens what follows a
+        # rewarded prefix and flattens what follows an unrewarded one; the padded vocabulary's rows
+        # in the softmax likewise soaked up mass no sample ever shows (docs/LOG.md, issue 18).
+        lp = token_log_probs(model_step(ids), labels, cfg.sampling_temperature, vocab_limit)  # (m, L)
         if cfg.on_policy:
             old = lp.detach()
         loss, _ = grpo_loss(lp, mask, cfg.loss_type, raw_rewards=raw, advantages=adv, old_log_probs=old,
@@ -335,7 +352,8 @@ def run_grpo(cfg: GRPOConfig, model_dir: str | os.PathLike, out_dir: str | os.Pa
                      f"rollout, {cfg.steps_per_rollout} steps each, {steps} steps, {cfg.loss_type}")
         evals: list[dict] = []
         hooks = [*_hooks(cfg, tcfg, model, tpl, held, source, run.log, evals, tok.vocab_size), *extra_hooks]
-        if fit(tcfg, state, source, grpo_loss_fn(model_step, cfg), run, model_step=model_step, hooks=hooks, stop=stop):
+        if fit(tcfg, state, source, grpo_loss_fn(model_step, cfg, tok.vocab_size), run, model_step=model_step,
+               hooks=hooks, stop=stop):
             export_chat_model(run.path, model, tok)
             run.finish({"steps": steps, "rollouts": source.rollout, "first_eval": evals[0] if evals else None,
                         "last_eval": evals[-1] if evals else None, "rollout_rewards": [s["reward_mean"] for s in source.stats]})

@@ -75,14 +75,23 @@ def compute_entropy(logits: Tensor) -> Tensor:
     return lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
-def token_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
+def token_log_probs(logits: Tensor, labels: Tensor, temperature: float = 1.0, vocab_limit: int | None = None) -> Tensor:
     """log p(label): logits (B, T, V), labels (B, T) long -> (B, T) float32.
 
     ``logit[label] - logsumexp(logits)``: one gather and one reduction, no (B, T, V) log-softmax kept.
-    Labels < 0 (ignore index) get 0.
+    Labels < 0 (ignore index) get 0. ``temperature`` and ``vocab_limit``: the log-probs of
+    ``softmax(logits[..., :vocab_limit] / temperature)``, the distribution a sampler at that
+    temperature that never draws ids at or above ``vocab_limit`` (the rows of a padded vocabulary,
+    ``kiln.generate``'s ``vocab_limit``) drew from; GRPO's policy gradient needs exactly those. The
+    division is done in fp32, after the upcast. Labels at or above ``vocab_limit`` (no sampler
+    drew them) read the last kept id: mask them out.
     """
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits[..., :vocab_limit]
     logits = logits.float()
-    safe = labels.clamp(min=0)
+    if temperature != 1.0:
+        logits = logits / temperature
+    safe = labels.clamp(min=0, max=logits.shape[-1] - 1)
     picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T)
     out = picked - torch.logsumexp(logits, dim=-1)
     return out.masked_fill(labels < 0, 0.0)

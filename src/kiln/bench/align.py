@@ -124,6 +124,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hh-rlhf", default="", help="--learning: hh-rlhf harmless-base test.jsonl.gz (default: "
                    "../shared/data/align/hh-rlhf/... or .devcarry/hh-rlhf/...)")
     p.add_argument("--gsm8k", default="", help="--learning: GSM8K test.jsonl for the accuracy before/after (optional)")
+    p.add_argument("--grpo-seconds", type=float, default=0,
+                   help="--learning: seconds of GRPO training per side (0: the plan's, 30 for small)")
     p.add_argument("--out", default=None, help="write bench_align.md/.json here")
     p.set_defaults(func=run)
 

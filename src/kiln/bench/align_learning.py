@@ -113,6 +113,8 @@ def run_learning(args: argparse.Namespace, device: Any) -> int:
     from kiln.bench.report import report
 
     plan = PLANS["tiny" if args.size == "tiny" else "small"]
+    if getattr(args, "grpo_seconds", 0):
+        plan = replace(plan, grpo_seconds=args.grpo_seconds)
     hh = find_hh_rlhf(args.hh_rlhf)
     gsm = Path(args.gsm8k) if args.gsm8k else None
     with tempfile.TemporaryDirectory(prefix="kiln-bench-align-learn-") as tmp:
@@ -294,11 +296,12 @@ def grpo_kiln(plan: LearnPlan, model: Path, out: Path, device: str, seed: int, c
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     step_time = {r["step"]: r["time"] for r in rows if "time" in r and "loss" in r}
     # rollout k is sampled inside step k (0-based) and done when step k + 1 is logged
-    curve = [[step_time[r["rollout"] + 1], r["reward_mean"]] for r in rows
-             if "reward_mean" in r and r["rollout"] + 1 in step_time]
+    done = [r for r in rows if "reward_mean" in r and r["rollout"] + 1 in step_time]
+    curve = [[step_time[r["rollout"] + 1], r["reward_mean"]] for r in done]
+    lengths = [[step_time[r["rollout"] + 1], r["reply_tokens"]] for r in done]  # stop token included
     return run / "model", {"heldout_reward_before": before["heldout_reward"], "heldout_reward_after": after["heldout_reward"],
                            "rollouts": len(curve), "train_seconds": curve[-1][0] if curve else 0.0,
-                           "gpu_s": round(gpu_s, 2), "curve": curve}
+                           "gpu_s": round(gpu_s, 2), "curve": curve, "reply_tokens": lengths}
 
 
 def grpo_trl(plan: LearnPlan, model: Path, out: Path, device: str, seed: int) -> dict:
@@ -340,6 +343,7 @@ def _trl_grpo_child(spec: dict) -> None:
                 for c, a in zip(completions, answer)]
 
     curve: list[list[float]] = []
+    lengths: list[list[float]] = []  # [seconds, mean completion tokens (EOS included, as Kiln counts)]
 
     class Budget(TrainerCallback):
         t0 = 0.0
@@ -352,6 +356,8 @@ def _trl_grpo_child(spec: dict) -> None:
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if logs and "reward" in logs:
                 curve.append([time.perf_counter() - Budget.t0, float(logs["reward"])])
+                if "completions/mean_length" in logs:
+                    lengths.append([curve[-1][0], float(logs["completions/mean_length"])])
                 if curve[-1][0] >= plan.grpo_seconds:
                     control.should_training_stop = True
 
@@ -372,7 +378,7 @@ def _trl_grpo_child(spec: dict) -> None:
     for f in Path(spec["model"]).glob("*token*.json"):  # Kiln's tokenizer files, so Kiln scores the result
         shutil.copy(f, out / "model" / f.name)
     (out / "curve.json").write_text(json.dumps({"rollouts": len(curve), "train_seconds": curve[-1][0] if curve else 0.0,
-                                                "curve": curve}))
+                                                "curve": curve, "reply_tokens": lengths}))
 
 
 def gsm8k_accuracy(model: Path, path: Path, plan: LearnPlan, device: str) -> float:
@@ -412,9 +418,11 @@ def learning_table(res: dict[str, Any]) -> str:
     budget = res["plan"]["grpo_seconds"]
     kw, tw = window_mean(k["curve"], budget), window_mean(t.get("curve", []), budget)
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    kl, tl = window_mean(k.get("reply_tokens", []), budget), window_mean(t.get("reply_tokens", []), budget)
     lines += ["", f"GRPO mean rollout reward over seconds {0.8 * budget:.0f}-{budget:.0f} of training: Kiln {fmt(kw)}, "
               f"trl {fmt(tw)}; rollouts in the budget: Kiln {sum(1 for x, _ in k['curve'] if x <= budget)}, "
-              f"trl {sum(1 for x, _ in t.get('curve', []) if x <= budget)}."]
+              f"trl {sum(1 for x, _ in t.get('curve', []) if x <= budget)}; tokens per reply there (stop token "
+              f"included): Kiln {fmt(kl)}, trl {fmt(tl)}."]
     return "\n".join(lines)
 
 

@@ -141,7 +141,9 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
     elsewhere gathers every sequence's blocks into one padded batch and masks past each length; a step
     with prefill chunks gathers sequence by sequence and calls the causal kernel with the chunk's
     offset (``kiln_attention``, or torch's SDPA when ``fused``); on CUDA, with several sequences, it
-    pads them into one batch instead (``paged_prefill_batched``: one call per layer, no Python loop).
+    pads them into one batch instead (``paged_prefill_batched``: one call per layer, no Python loop),
+    and so does the CPU when padding the chunks and contexts to the longest costs at most about as
+    much as the step's own tokens and contexts.
     """
     if meta.decode and q.is_cuda:
         from kiln.kernels.paged_attention import paged_decode_attention  # lazy: Triton is optional
@@ -153,6 +155,12 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
         return _paged_decode_torch(q, k_pool, v_pool, meta)
     if q.is_cuda and len(meta.query_lens) > 1:  # many sequences: one padded, masked call per layer
         return _paged_mixed_cuda(q, k_pool, v_pool, meta, fused)
+    B, ctx = len(meta.query_lens), meta.context_lens_list
+    if B > 1 and B * max(meta.query_lens) <= 2 * q.shape[0] + 64 and B * max(ctx) <= 2 * sum(ctx) + 1024:
+        # On the CPU too, when padding costs little (chunks and contexts of like length: a GRPO
+        # rollout's 64 prompt tails): one call per layer instead of B gathers and B kernel calls
+        # (issue 18: the loop was ~40% of a CPU rollout's generation time on the bench's small plan).
+        return paged_prefill_batched(q, k_pool, v_pool, meta, fused)
     from kiln.kernels.paged_attention import gather_blocks
 
     out = torch.empty_like(q)
