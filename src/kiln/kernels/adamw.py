@@ -27,6 +27,19 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _adamw_math(p, g, m, v, okf, lr, t, beta1, beta2, eps, weight_decay):
+        # The update of the module docstring on fp32 values: (p, m, v) after one guarded step.
+        bias1 = 1.0 - tl.exp2(t * tl.log2(beta1))
+        bias2 = 1.0 - tl.exp2(t * tl.log2(beta2))
+        g = tl.where(okf > 0.5, g, 0.0)
+        p = p * (1.0 - lr * weight_decay)
+        m = m + (1.0 - beta1) * okf * (g - m)
+        v = v + (1.0 - beta2) * okf * (g * g - v)
+        denom = tl.sqrt(v / bias2) + eps
+        p = p - (lr / bias1) * m / denom
+        return p, m, v
+
+    @triton.jit
     def _adamw_kernel(P, G, M, V, STEP, LR, OK, n, beta1, beta2, eps, weight_decay, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -34,18 +47,11 @@ if HAVE_TRITON:
         okf = tl.load(OK).to(tl.float32)
         lr = tl.load(LR).to(tl.float32) * okf
         t = tl.maximum(tl.load(STEP).to(tl.float32), 1.0)
-        bias1 = 1.0 - tl.exp2(t * tl.log2(beta1))
-        bias2 = 1.0 - tl.exp2(t * tl.log2(beta2))
         p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(M + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(okf > 0.5, g, 0.0)
-        p = p * (1.0 - lr * weight_decay)
-        m = m + (1.0 - beta1) * okf * (g - m)
-        v = v + (1.0 - beta2) * okf * (g * g - v)
-        denom = tl.sqrt(v / bias2) + eps
-        p = p - (lr / bias1) * m / denom
+        p, m, v = _adamw_math(p, g, m, v, okf, lr, t, beta1, beta2, eps, weight_decay)
         tl.store(P + offs, p.to(P.dtype.element_ty), mask=mask)
         tl.store(M + offs, m.to(M.dtype.element_ty), mask=mask)
         tl.store(V + offs, v.to(V.dtype.element_ty), mask=mask)
@@ -69,18 +75,11 @@ if HAVE_TRITON:
         okf = tl.load(OK).to(tl.float32)
         lr = tl.load(LR).to(tl.float32) * okf
         t = tl.maximum(tl.load(STEP), 1.0)
-        bias1 = 1.0 - tl.exp2(t * tl.log2(beta1))
-        bias2 = 1.0 - tl.exp2(t * tl.log2(beta2))
         p = tl.load(P + offs, mask=mask, other=0.0)
         g = tl.load(G + offs, mask=mask, other=0.0)
         m = tl.load(M + offs, mask=mask, other=0.0)
         v = tl.load(V + offs, mask=mask, other=0.0)
-        g = tl.where(okf > 0.5, g, 0.0)
-        p = p * (1.0 - lr * weight_decay)
-        m = m + (1.0 - beta1) * okf * (g - m)
-        v = v + (1.0 - beta2) * okf * (g * g - v)
-        denom = tl.sqrt(v / bias2) + eps
-        p = p - (lr / bias1) * m / denom
+        p, m, v = _adamw_math(p, g, m, v, okf, lr, t, beta1, beta2, eps, weight_decay)
         tl.store(P + offs, p, mask=mask)
         tl.store(M + offs, m, mask=mask)
         tl.store(V + offs, v, mask=mask)
