@@ -6,7 +6,8 @@ addition conversations to a modest greedy accuracy (``kiln.align.sft.run_sft``),
 ``kiln.align.grpo.run_grpo`` with ``grpo_addition_cpu()`` (one digit) or ``grpo_addition2_cpu()``
 (two digits), plus ``--set`` overrides, and prints the held-out greedy accuracy and the mean rollout
 reward before and after, the evaluation curve, and the CPU seconds of each stage. The held-out
-prompts are the stage's own (seed ``train.seed + 10**6``).
+prompts are the stage's own (seed ``train.seed + 10**6``). ``--sft-more N``: the baseline, N more SFT
+steps from the same SFT model (lr 3e-4 constant, the run's seed) scored on the same held-out prompts.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def run(out: Path, digits: int = 1, sft_steps: int | None = None, overrides: tup
 
     from kiln.align.grpo import grpo_addition2_cpu, grpo_addition_cpu, run_grpo
     from kiln.align.rewards import addition_conversations
-    from kiln.align.sft import SFTConfig, run_sft
-    from kiln.align.stage import NO_SPIKE_GUARD, apply_stage_overrides
+    from kiln.align.sft import run_sft
+    from kiln.align.stage import apply_stage_overrides
 
     torch.set_num_threads(1)
     steps = sft_steps or SFT_STEPS.get(digits, 1000)
@@ -66,11 +67,7 @@ def run(out: Path, digits: int = 1, sft_steps: int | None = None, overrides: tup
     data = out / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in addition_conversations(max(4000, 20 * steps), 1, digits)))
     t = _cpu_s()
-    # The spike guard off: a packed addition batch's loss jumps as the model learns a digit place,
-    # and the guard read those jumps as divergence (a 1,500-step two-digit SFT rolled back).
-    sft = SFTConfig(data=(str(data),), max_steps=steps, add_chat_tokens=True, eval_every=0, sample_every=0,
-                    train=replace(SFTConfig().train, lr=3e-3, min_lr=3e-4, warmup_steps=5 if digits == 1 else 10,
-                                  batch_size=16, save_every=10**6, log_every=50, device="cpu", **NO_SPIKE_GUARD))
+    sft = _sft_config(data, steps, lr=3e-3, min_lr=3e-4, warmup_steps=5 if digits == 1 else 10)
     sft_dir = run_sft(sft, base, out / "sft")  # reused by the next seed's call (same config, same data)
     sft_s, t = _cpu_s() - t, _cpu_s()
     preset = grpo_addition_cpu() if digits == 1 else replace(grpo_addition2_cpu(), digits=digits)
@@ -85,6 +82,45 @@ def run(out: Path, digits: int = 1, sft_steps: int | None = None, overrides: tup
             "rollout_reward_first_quarter": round(sum(rr[:k]) / k, 4),
             "rollout_reward_last_quarter": round(sum(rr[-k:]) / k, 4), "heldout_prompts": cfg.eval_prompts,
             "curve": eval_curve(run_dir / "metrics.jsonl")}
+
+
+def _sft_config(data: Path, steps: int, lr: float, min_lr: float, warmup_steps: int, seed: int | None = None) -> Any:
+    """The learning check's SFT settings: 16 packed rows a step, no evaluation, spike guard off."""
+    from kiln.align.sft import SFTConfig
+    from kiln.align.stage import NO_SPIKE_GUARD
+
+    # The spike guard off: a packed addition batch's loss jumps as the model learns a digit place,
+    # and the guard read those jumps as divergence (a 1,500-step two-digit SFT rolled back).
+    train = replace(SFTConfig().train, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, batch_size=16,
+                    save_every=10**6, log_every=50, device="cpu", **NO_SPIKE_GUARD)
+    if seed is not None:
+        train = replace(train, seed=seed)
+    return SFTConfig(data=(str(data),), max_steps=steps, add_chat_tokens=True, eval_every=0, sample_every=0,
+                     train=train)
+
+
+def sft_more(out: Path, steps: int, seed: int, digits: int = 2, eval_prompts: int = 128,
+             lr: float = 3e-4) -> dict[str, Any]:
+    """The per-CPU-second baseline for GRPO: ``steps`` more SFT steps from ``run``'s SFT model in
+    ``out`` (same data, lr constant, data order from ``seed``), then greedy accuracy on the held-out
+    prompts a GRPO run with ``train.seed=seed`` evaluates (seed ``seed + 10**6``)."""
+    import torch
+
+    from kiln.align.grpo import GRPOConfig, evaluate_reward, load_problems
+    from kiln.align.sft import run_sft
+    from kiln.align.stage import load_policy
+
+    torch.set_num_threads(1)
+    t = _cpu_s()
+    cfg = _sft_config(out / "sft.jsonl", steps, lr=lr, min_lr=lr, warmup_steps=min(10, steps), seed=seed)
+    run_dir = run_sft(cfg, out / "sft" / "model", out / f"sft_more{steps}_seed{seed}", resume=False)
+    sft_s = _cpu_s() - t
+    g = GRPOConfig(digits=digits, eval_prompts=eval_prompts)
+    held = load_problems(g, eval_prompts, seed + 10**6)
+    model, tok, tpl = load_policy(run_dir / "model", None, True, torch.device("cpu"))
+    r = evaluate_reward(model.eval(), tpl, held, g.reward_fn(), g.max_new_tokens, vocab_limit=tok.vocab_size)
+    return {"seed": seed, "sft_more_steps": steps, "sft_more_cpu_s": round(sft_s, 1),
+            "heldout_accuracy_after_sft_more": r["heldout_accuracy"]}
 
 
 def eval_curve(metrics: Path) -> list[dict[str, float]]:
@@ -125,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sft-steps", type=int, default=None, help="default: 60 for one digit, 1000 for two")
     p.add_argument("--seeds", type=int, nargs="*", default=None,
                    help="GRPO seeds (train.seed) to run from the one SFT model; writes OUT/curves.png")
+    p.add_argument("--sft-more", type=int, default=0, metavar="N",
+                   help="per seed, also N more SFT steps from the same SFT model (the baseline)")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
     a = p.parse_args(argv)
     if a.seeds is None:
@@ -133,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     curves = {}
     for seed in a.seeds:
         r = run(a.out, a.digits, a.sft_steps, (*a.overrides, f"train.seed={seed}"))
+        (a.out / f"result_seed{seed}.json").write_text(json.dumps(r, indent=1) + "\n")
+        if a.sft_more:
+            r.update(sft_more(a.out, a.sft_more, seed, a.digits, r["heldout_prompts"]))
         (a.out / f"result_seed{seed}.json").write_text(json.dumps(r, indent=1) + "\n")
         print(json.dumps({"seed": seed, **{k: v for k, v in r.items() if k != "curve"}}), flush=True)
         curves[f"seed {seed}"] = r["curve"]
