@@ -131,8 +131,10 @@ def eval_curve(metrics: Path) -> list[dict[str, float]]:
              "reward": r["heldout_reward"]} for r in rows if "heldout_accuracy" in r]
 
 
-def plot_curves(curves: dict[str, list[dict[str, float]]], out_png: Path, title: str = "") -> Path:
-    """Held-out greedy accuracy against GRPO steps and against wall seconds, one line per run."""
+def plot_curves(curves: dict[str, list[dict[str, float]]], out_png: Path, title: str = "",
+                baselines: dict[str, float] | None = None) -> Path:
+    """Held-out greedy accuracy against GRPO steps and against wall seconds, one line per run;
+    ``baselines``: label -> accuracy, drawn as dashed horizontal lines (the more-SFT baseline)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -142,12 +144,15 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], out_png: Path, title:
     for label, curve in curves.items():
         for ax, x in zip(axes, ("step", "seconds")):
             ax.plot([c[x] for c in curve], [c["accuracy"] for c in curve], "o-", ms=3, label=label)
+    for i, (label, acc) in enumerate((baselines or {}).items()):
+        for ax in axes:
+            ax.axhline(acc, ls="--", lw=1, color=f"C{i}", label=label)
     axes[0].set_xlabel("GRPO step (one rollout batch each)")
     axes[1].set_xlabel("wall seconds")
     axes[0].set_ylabel("held-out greedy accuracy")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.savefig(out_png)
@@ -168,16 +173,18 @@ def main(argv: list[str] | None = None) -> None:
     if a.seeds is None:
         print(json.dumps(run(a.out, a.digits, a.sft_steps, tuple(a.overrides)), indent=1))
         return
-    curves = {}
+    curves, baselines = {}, {}
     for seed in a.seeds:
         r = run(a.out, a.digits, a.sft_steps, (*a.overrides, f"train.seed={seed}"))
         (a.out / f"result_seed{seed}.json").write_text(json.dumps(r, indent=1) + "\n")
         if a.sft_more:
             r.update(sft_more(a.out, a.sft_more, seed, a.digits, r["heldout_prompts"]))
+            baselines[f"seed {seed}: {a.sft_more} more SFT steps"] = r["heldout_accuracy_after_sft_more"]
         (a.out / f"result_seed{seed}.json").write_text(json.dumps(r, indent=1) + "\n")
         print(json.dumps({"seed": seed, **{k: v for k, v in r.items() if k != "curve"}}), flush=True)
         curves[f"seed {seed}"] = r["curve"]
-    plot_curves(curves, a.out / "curves.png", f"GRPO on {a.digits}-digit sums (python -m kiln.align.learning)")
+    plot_curves(curves, a.out / "curves.png", f"GRPO on {a.digits}-digit sums (python -m kiln.align.learning)",
+                baselines)
 
 
 if __name__ == "__main__":
