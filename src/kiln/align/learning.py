@@ -138,7 +138,7 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], out_png: Path, title:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 3.2), dpi=80, layout="constrained")
+    fig = Figure(figsize=(9.5, 3.2), dpi=80, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
     for label, curve in curves.items():
@@ -152,7 +152,7 @@ def plot_curves(curves: dict[str, list[dict[str, float]]], out_png: Path, title:
     axes[0].set_ylabel("held-out greedy accuracy")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right")
+    fig.legend(*axes[1].get_legend_handles_labels(), fontsize=7, loc="outside right center")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.savefig(out_png)
