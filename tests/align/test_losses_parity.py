@@ -124,6 +124,19 @@ def test_conservative_dpo_formula():
     torch.testing.assert_close(plain, L.dpo_loss(d, z, z, z, beta=0.5)[0])
 
 
+def _rollout_batch(V: int, seed: int, cuts: dict[int, int]):
+    """A GRPO batch of 4 prompts of 5 ids and completions of 7, completion row r masked from cuts[r]:
+    (generator, B, C, prompt, completion, completion mask); the generator goes on for the caller."""
+    g = torch.Generator().manual_seed(seed)
+    B, P, C = 4, 5, 7
+    prompt = torch.randint(0, V, (B, P), generator=g)
+    completion = torch.randint(0, V, (B, C), generator=g)
+    cmask = torch.ones(B, C, dtype=torch.long)
+    for r, c in cuts.items():
+        cmask[r, c:] = 0
+    return g, B, C, prompt, completion, cmask
+
+
 @pytest.mark.parametrize("kl_coef,kl_iw", [(0.0, False), (0.05, False), (0.05, True)])
 def test_grpo_loss_matches_trl(pair, tmp_path, kl_coef, kl_iw):
     from datasets import Dataset
@@ -132,13 +145,8 @@ def test_grpo_loss_matches_trl(pair, tmp_path, kl_coef, kl_iw):
 
     km, hf, d = pair
     V = km.config.vocab_size
-    g = torch.Generator().manual_seed(3)
-    B, P, C = 4, 5, 7
-    prompt = torch.randint(0, V, (B, P), generator=g)
-    completion = torch.randint(0, V, (B, C), generator=g)
-    cmask = torch.ones(B, C, dtype=torch.long)
-    cmask[1, 5:] = 0
-    cmask[3, 2:] = 0
+    g, B, C, prompt, completion, cmask = _rollout_batch(V, 3, {1: 5, 3: 2})
+    P = prompt.shape[1]
     adv = torch.tensor([1.2, -0.4, 0.3, -1.1])
     old = -torch.rand(B, C, generator=g) * 3 - 2.0  # far enough from the policy that clipping acts
     refl = -torch.rand(B, C, generator=g) * 3 - 2.0
@@ -185,13 +193,8 @@ def test_grpo_stage_loss_matches_trl_at_the_sampling_temperature(pair, tmp_path,
 
     km, hf, d = pair
     V = km.config.vocab_size
-    g = torch.Generator().manual_seed(5)
-    B, P, C = 4, 5, 7
-    prompt = torch.randint(0, V, (B, P), generator=g)
-    completion = torch.randint(0, V, (B, C), generator=g)
-    cmask = torch.ones(B, C, dtype=torch.long)
-    cmask[0, 4:] = 0
-    cmask[2, 1:] = 0
+    g, B, C, prompt, completion, cmask = _rollout_batch(V, 5, {0: 4, 2: 1})
+    P = prompt.shape[1]
     adv = torch.tensor([1.5, -0.5, 0.25, -1.25])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
