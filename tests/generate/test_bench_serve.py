@@ -87,3 +87,22 @@ def test_rows_past_the_budget_are_listed_as_skipped(tmp_path):
     assert len(rows) == 3 * 2 + 2 and all("skipped" in r["note"] and r["tok_s"] is None for r in rows)
     assert json.loads((tmp_path / "bench_serve.partial.json").read_text()) == rows
     assert main(["bench", "serve", "--parts", "nope"]) == 2
+
+
+def test_http_part_fails_at_once_when_the_server_stack_does_not_import(monkeypatch, tmp_path, capsys):
+    """``--parts http`` checks fastapi/uvicorn before any row: a broken install is one clear error
+    naming the module and the fix, not a traceback per row minutes later."""
+    import sys
+
+    import pytest
+
+    from kiln.bench.serve_http import check_server_stack
+
+    check_server_stack()  # this environment has them
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # importing it now raises ImportError
+    with pytest.raises(RuntimeError, match=r"importing fastapi failed.*pip install 'kiln\[serve\]'"):
+        check_server_stack()
+    rc = main(["bench", "serve", "--device", "cpu", "--shapes", "preset_tiny", "--parts", "latency,http",
+               "--out", str(tmp_path)])
+    assert rc != 0 and "importing fastapi failed" in capsys.readouterr().err
+    assert not (tmp_path / "bench_serve.partial.json").exists()  # nothing ran before the check

@@ -862,6 +862,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     default = list(dict.fromkeys(["gpt2_small", largest_preset()])) if device.type == "cuda" else ["preset_tiny"]
     args.shapes_list = args.shapes.split(",") if args.shapes else default
+    if "http" in args.parts:
+        from kiln.bench.serve_http import check_server_stack
+
+        check_server_stack()  # a missing package fails now, not after the other parts
     rows: list[Any] = []
 
     def keep(new: list[Any]) -> None:  # each part's rows are on disk as soon as it ends (a killed run keeps them)

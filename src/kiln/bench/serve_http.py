@@ -180,6 +180,20 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, str]:
     return {"max_num_seqs": str(c), "max_num_batched_tokens": str(max(2048, c)), **args.engine}
 
 
+def check_server_stack() -> None:
+    """Raise at once, before any row runs, when ``kiln serve``'s packages do not import here: the
+    server subprocess would otherwise fail row by row, minutes into a run (as on a GPU machine whose
+    wheels were installed without their dependencies: fastapi 0.165 imports ``opentelemetry``)."""
+    import importlib
+
+    for mod in ("fastapi", "uvicorn"):
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise RuntimeError(f"the HTTP rows need the server's packages, and importing {mod} failed: {e}. "
+                               "Install them with their dependencies: pip install 'kiln[serve]'") from e
+
+
 def run_direct(engine: Any, prompts: list[list[int]], c: int, max_tokens: int) -> Timings:
     """Closed loop: keep ``c`` requests in the engine until every prompt is done."""
     from kiln.generate import SamplingParams
