@@ -192,6 +192,37 @@ def test_compiled_multi_step_traces_once_and_equals_eager(model, monkeypatch):
     assert again == [o.token_ids for o in general.generate(later, plist)]
 
 
+
+def test_compiled_step_traces_every_captured_size_past_the_recompile_limit(model, monkeypatch):
+    """An engine with more than eight captured batch sizes (dynamo's default recompile limit) still
+    compiles its step at every size, none silently left eager."""
+    from kiln.generate.model_runner import graph_batch_sizes
+
+    real_compile, traced = torch.compile, []
+
+    def backend(gm, inputs):
+        traced.append(gm)
+        return gm
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=backend, dynamic=kw.get("dynamic")))
+    torch._dynamo.reset()
+    eng = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, max_num_seqs=80, decode_steps=1,
+                                                         compile_decode=True))
+    runner = eng.runner
+    runner.graph_max = 80
+    sizes = graph_batch_sizes(80)
+    assert len(sizes) > 8
+    runner.capture()
+    counts = []
+    with torch.inference_mode():
+        for b in sizes:  # padded rows only (the scratch state): a valid step at every size
+            runner._launch(b, 1)
+            counts.append(len(traced))
+    per_size = counts[0]  # graphs one size traces (on the CPU the eager attention splits the step)
+    assert per_size > 0 and counts == [per_size * (i + 1) for i in range(len(sizes))]  # the ninth too
+    torch._dynamo.reset()
+
+
 def test_multi_step_with_sliding_context_equals_the_general_path(model):
     """``context_overflow='slide'`` (the one-call helpers'): near the context's end the rounds drop to
     one step, the slide re-encodes, and multi-step resumes; tokens equal the general path's."""

@@ -168,10 +168,7 @@ class ModelRunner:
         self._alloc_static()
         dev = self.device
         pool = None
-        # one compilation per (batch size, steps): lift dynamo's recompile limit (8) for the capture, or
-        # the sizes past the eighth would silently run uncompiled inside their graphs
-        limit = torch._dynamo.config.patch(recompile_limit=4 * len(graph_batch_sizes(self.graph_max)) + 8)
-        with torch.inference_mode(), limit:
+        with torch.inference_mode(), self._compile_limit():
             for b in reversed(graph_batch_sizes(self.graph_max)):
                 for steps in sorted({1, self.decode_steps}):
                     table = self.graphs if steps == 1 else self.multi_graphs
@@ -297,10 +294,17 @@ class ModelRunner:
         logits = self.model.lm_head(h[0]).float()
         return logits, logits[:, :self.vocab_limit].argmax(dim=-1)
 
+    def _compile_limit(self) -> Any:
+        """Where the compiled step is traced (the capture; emulated graphs' first use): one compilation
+        per batch size, so dynamo's recompile limit (8) is lifted, or the sizes past the eighth would
+        silently run uncompiled inside their graphs."""
+        return torch._dynamo.config.patch(recompile_limit=4 * len(graph_batch_sizes(self.graph_max)) + 8)
+
     def _launch(self, b: int, steps: int) -> tuple[Tensor, Tensor]:
         g = (self.graphs if steps == 1 else self.multi_graphs)[b]
-        if g.graph is None:  # emulated on the CPU (tests)
-            return self._graph_body(b, steps)
+        if g.graph is None:  # emulated on the CPU (tests): traced here, at first use
+            with self._compile_limit():
+                return self._graph_body(b, steps)
         g.graph.replay()
         return g.logits, g.ids
 
