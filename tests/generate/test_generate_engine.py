@@ -156,3 +156,16 @@ def test_bad_input_fails_at_the_call_not_at_the_first_token():
         stream(m, tok, "x", top_p=2.0)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         generate_tokens(m, [999], 3)
+
+
+def test_one_shot_engine_compile_turns_on_graphs_and_the_compiled_step():
+    """``compile=True`` (``kiln generate --compile``) asks for CUDA graphs and the compiled decode step;
+    the default one-shot engine has neither (a fresh engine per call would recapture them)."""
+    from kiln.generate.engine import one_shot_engine
+
+    m = _model()
+    fast, plain = one_shot_engine(m, None, None, compile=True), one_shot_engine(m, None, None)
+    assert fast.config.cuda_graphs and fast.config.compile_decode
+    assert not plain.config.cuda_graphs and not plain.config.compile_decode
+    assert fast.runner._decode != fast.runner._decode_core  # the step is wrapped by torch.compile
+    assert plain.runner._decode == plain.runner._decode_core
