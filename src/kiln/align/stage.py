@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import difflib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,8 @@ def load_policy(
     return model, tok, ChatTemplate.from_tokenizer(tok)
 
 
-def fused_kernels(model: torch.nn.Module, enabled: bool = True) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def fused_kernels(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
     """On CUDA, within the block: Kiln's Triton RMSNorm and RoPE in every layer of ``model`` and q/k/v and
     gate/up as one GEMM each (``kiln.model.attention.kernels_swapped``), each kernel launched in its one
     fixed shape (no autotuning: ``kiln.kernels.untuned_mode``), and AdamW's update as one launch for all
@@ -158,7 +159,8 @@ def fused_kernels(model: torch.nn.Module, enabled: bool = True) -> contextlib.Ab
     everything off with a warning. Elsewhere (or ``enabled`` False) nothing changes: the CPU keeps the
     PyTorch formulas."""
     if not enabled or next(model.parameters()).device.type != "cuda":
-        return contextlib.nullcontext()
+        yield
+        return
     from kiln.kernels import untuned_mode
     from kiln.kernels.adamw import multi_tensor_mode
     from kiln.model.attention import kernels_swapped
@@ -167,14 +169,11 @@ def fused_kernels(model: torch.nn.Module, enabled: bool = True) -> contextlib.Ab
     if (why := kernels_fail(next(model.parameters()).device, c.n_heads, c.n_kv_heads, c.head_dim, c.d_model)):
         import warnings
 
-        warnings.warn(f"fused kernels off: {why}; training runs the PyTorch formulas", stacklevel=2)
-        return contextlib.nullcontext()
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(kernels_swapped(model, norm="triton", rope="triton", fused_proj=True))
-    stack.enter_context(untuned_mode())
-    stack.enter_context(multi_tensor_mode())
-    return stack
+        warnings.warn(f"fused kernels off: {why}; training runs the PyTorch formulas", stacklevel=3)
+        yield
+        return
+    with kernels_swapped(model, norm="triton", rope="triton", fused_proj=True), untuned_mode(), multi_tensor_mode():
+        yield
 
 
 def kernels_fail(device: torch.device, heads: int = 3, kv_heads: int = 1, head_dim: int = 8,
