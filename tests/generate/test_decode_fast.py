@@ -164,10 +164,9 @@ def test_quantized_model_multi_step_equals_its_eager_self(model, mode):
     assert [o.token_ids for o in outs] == eager and 4 in calls
 
 
-def test_compiled_multi_step_traces_once_and_equals_eager(model, monkeypatch):
-    """``compile_decode`` over the multi-step graph body (torch.compile's tracing, with the aot_eager
-    backend: no C++ compiler needed): the same tokens as eager, and no recompilation once each batch
-    size has been traced, however many steps and sequences follow."""
+def _trace_compiles(monkeypatch) -> list:
+    """Make ``torch.compile`` trace through a recording backend (no C++ compiler needed): the list
+    fills with one graph per trace."""
     real_compile, traced = torch.compile, []
 
     def backend(gm, inputs):
@@ -176,6 +175,14 @@ def test_compiled_multi_step_traces_once_and_equals_eager(model, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=backend, dynamic=kw.get("dynamic")))
     torch._dynamo.reset()
+    return traced
+
+
+def test_compiled_multi_step_traces_once_and_equals_eager(model, monkeypatch):
+    """``compile_decode`` over the multi-step graph body (torch.compile's tracing, with the aot_eager
+    backend: no C++ compiler needed): the same tokens as eager, and no recompilation once each batch
+    size has been traced, however many steps and sequences follow."""
+    traced = _trace_compiles(monkeypatch)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
     eng = _engine(model, True, decode_steps=4, compile_decode=True)
@@ -198,14 +205,7 @@ def test_compiled_step_traces_every_captured_size_past_the_recompile_limit(model
     compiles its step at every size, none silently left eager."""
     from kiln.generate.model_runner import graph_batch_sizes
 
-    real_compile, traced = torch.compile, []
-
-    def backend(gm, inputs):
-        traced.append(gm)
-        return gm
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=backend, dynamic=kw.get("dynamic")))
-    torch._dynamo.reset()
+    traced = _trace_compiles(monkeypatch)
     eng = LLMEngine(model, ByteTokenizer(), EngineConfig(block_size=4, max_num_seqs=80, decode_steps=1,
                                                          compile_decode=True))
     runner = eng.runner
