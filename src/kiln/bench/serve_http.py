@@ -119,8 +119,7 @@ def build_model_dirs(args: argparse.Namespace, device: Any, work: Path) -> tuple
     transformers row, the same weights and template in Hugging Face layout."""
     import torch
 
-    from kiln.align.chat import save_hf_tokenizer
-    from kiln.bench.serve_models import export_for_references, serve_shapes
+    from kiln.bench.serve_models import serve_shapes
     from kiln.model import build_model, save_pretrained
 
     tok = chat_tokenizer(args.tokenizer)
@@ -137,15 +136,24 @@ def build_model_dirs(args: argparse.Namespace, device: Any, work: Path) -> tuple
     text_only_head(model, tok)
     kiln_dir = save_pretrained(model, work / "kiln-bench-model")
     tok.save(kiln_dir / "tokenizer.json")
-    hf_dir = None
-    if args.transformers:
-        hf_dir = export_for_references(model, work / "hf-bench-model")
-        save_hf_tokenizer(tok, hf_dir)
-        cfg = json.loads((hf_dir / "config.json").read_text())
-        cfg.update(eos_token_id=tok.special_tokens["<|end|>"], pad_token_id=tok.eot_id)
-        (hf_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    hf_dir = export_hf_dir(model, tok, work / "hf-bench-model") if args.transformers else None
     del model
     return kiln_dir, hf_dir, tok
+
+
+def export_hf_dir(model: Any, tok: Any, out: Path) -> Path:
+    """``model`` in Hugging Face Llama layout (``export_for_references``: bf16, head untied) with the
+    chat tokenizer files (``tokenizer.json``, ``tokenizer_config.json`` carrying the chat template)
+    and ``<|end|>`` as its end-of-sequence id: a folder ``transformers serve`` loads offline."""
+    from kiln.align.chat import save_hf_tokenizer
+    from kiln.bench.serve_models import export_for_references
+
+    hf_dir = export_for_references(model, out)
+    save_hf_tokenizer(tok, hf_dir)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(eos_token_id=tok.special_tokens["<|end|>"], pad_token_id=tok.eot_id)
+    (hf_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    return hf_dir
 
 
 def text_only_head(model: Any, tok: Any) -> int:
@@ -555,11 +563,15 @@ TRANSFORMERS_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", 
                             "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
-def transformers_serve_cmd(hf_dir: Path, port: int, device: Any) -> list[str]:
+def transformers_serve_cmd(hf_dir: Path, port: int, device: Any, max_requests: int) -> list[str]:
     """``transformers serve`` (5.x's typer CLI: the model folder is the positional ``force_model``,
     loaded at start-up and never unloaded) on 127.0.0.1 with continuous batching, run as
-    ``python -m transformers.cli.transformers`` so no console script on PATH is needed. Raises with
-    the missing module when its serving packages (fastapi, uvicorn, pydantic, openai) do not import."""
+    ``python -m transformers.cli.transformers`` so no console script on PATH is needed. Its KV cache
+    takes its default share of free memory on a GPU (as Kiln's engine sizes its pool); on the CPU
+    that default zeroes a share of the RAM (20 s here for a 4-layer model), so it gets
+    ``max_requests`` full contexts of 256-token blocks (as the in-process ``transformers cb`` row).
+    Raises with the missing module when its serving packages (fastapi, uvicorn, pydantic, openai)
+    do not import."""
     import importlib
 
     from transformers.utils.import_utils import is_serve_available
@@ -573,14 +585,18 @@ def transformers_serve_cmd(hf_dir: Path, port: int, device: Any) -> list[str]:
                 missing.append(f"{mod} ({e})")
         raise RuntimeError(f"transformers serve cannot run here: {', '.join(missing) or 'its serving packages'} "
                            "did not import; pip install 'transformers[serving]'")
-    return [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir), "--continuous-batching",
-            "--host", "127.0.0.1", "--port", str(port), "--device", device.type,
-            "--dtype", "bfloat16" if device.type == "cuda" else "float32", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir), "--continuous-batching",
+           "--host", "127.0.0.1", "--port", str(port), "--device", device.type,
+           "--dtype", "bfloat16" if device.type == "cuda" else "float32", "--log-level", "warning"]
+    if device.type != "cuda":
+        context = json.loads((Path(hf_dir) / "config.json").read_text())["max_position_embeddings"]
+        cmd += ["--cb-num-blocks", str(max_requests * -(-context // 256) + 2)]
+    return cmd
 
 
 def transformers_server(args: argparse.Namespace, hf_dir: Path, device: Any) -> Server:
     port = _free_port()
-    return Server(transformers_serve_cmd(hf_dir, port, device), port, env={**TRANSFORMERS_OFFLINE_ENV,
+    return Server(transformers_serve_cmd(hf_dir, port, device, max(args.concurrency)), port, env={**TRANSFORMERS_OFFLINE_ENV,
                                                                           **_thread_env(args)},
                   wait_s=getattr(args, "server_wait_s", 600.0))
 
