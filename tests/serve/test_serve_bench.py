@@ -172,7 +172,7 @@ def test_transformers_serve_row_streams_tokens_through_the_same_client(tmp_path)
     hf = export_hf_dir(model, tok, tmp_path / "hf")
     reqs = chat_requests("/nonexistent.jsonl", 6, tok, context=64, max_tokens=4)
     args = argparse.Namespace(concurrency=[2], max_tokens=4, client_procs=1, threads=1, min_requests=6, http_row_s=0.0,
-                              server_wait_s=120.0)
+                              server_wait_s=120.0, engine={})
     servers, kids = [], []
 
     def start():

@@ -563,13 +563,14 @@ TRANSFORMERS_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", 
                             "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
-def transformers_serve_cmd(hf_dir: Path, port: int, device: Any, max_requests: int) -> list[str]:
+def transformers_serve_cmd(hf_dir: Path, port: int, device: Any, max_requests: int, max_batch_tokens: int) -> list[str]:
     """``transformers serve`` (5.x's typer CLI: the model folder is the positional ``force_model``,
     loaded at start-up and never unloaded) on 127.0.0.1 with continuous batching, run as
     ``python -m transformers.cli.transformers`` so no console script on PATH is needed. Its KV cache
-    takes its default share of free memory on a GPU (as Kiln's engine sizes its pool); on the CPU
-    that default zeroes a share of the RAM (20 s here for a 4-layer model), so it gets
-    ``max_requests`` full contexts of 256-token blocks (as the in-process ``transformers cb`` row).
+    and batch sizes take its defaults on a GPU (a share of free memory, as Kiln's engine sizes its
+    pool); on the CPU those defaults, sized from the RAM, cost 20 s (5.25) to 40 s (5.17) of zeroing
+    static tensors, so it gets ``max_requests`` full contexts of 256-token blocks (as the in-process
+    ``transformers cb`` row) and Kiln's engine's ``max_batch_tokens`` tokens per step.
     Raises with the missing module when its serving packages (fastapi, uvicorn, pydantic, openai)
     do not import."""
     import importlib
@@ -590,13 +591,15 @@ def transformers_serve_cmd(hf_dir: Path, port: int, device: Any, max_requests: i
            "--dtype", "bfloat16" if device.type == "cuda" else "float32", "--log-level", "warning"]
     if device.type != "cuda":
         context = json.loads((Path(hf_dir) / "config.json").read_text())["max_position_embeddings"]
-        cmd += ["--cb-num-blocks", str(max_requests * -(-context // 256) + 2)]
+        cmd += ["--cb-num-blocks", str(max_requests * -(-context // 256) + 2),
+                "--cb-max-batch-tokens", str(max_batch_tokens)]
     return cmd
 
 
 def transformers_server(args: argparse.Namespace, hf_dir: Path, device: Any) -> Server:
     port = _free_port()
-    return Server(transformers_serve_cmd(hf_dir, port, device, max(args.concurrency)), port, env={**TRANSFORMERS_OFFLINE_ENV,
+    batch = int(engine_overrides(args)["max_num_batched_tokens"])
+    return Server(transformers_serve_cmd(hf_dir, port, device, max(args.concurrency), batch), port, env={**TRANSFORMERS_OFFLINE_ENV,
                                                                           **_thread_env(args)},
                   wait_s=getattr(args, "server_wait_s", 600.0))
 
@@ -657,15 +660,16 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
 
 
 def server_rows(args: argparse.Namespace, impl: str, start: Any, name: str, reqs: list) -> list[HttpRow]:
-    """One server's rows: ``start()`` it, warm it up (min(max c, 64) requests of 4 tokens, so batch
-    shapes up to that are built before the clock), one row per concurrency, stop it. Any failure
+    """One server's rows: ``start()`` it, warm it up (max c requests of 4 tokens at once: batch shapes
+    and lazily built state, e.g. transformers 5.17's batch processor, before the clock), one row per
+    concurrency, stop it. Any failure
     (start-up, warm-up, a hung server) becomes rows with its error; the server is stopped in any case."""
     kiln = impl.startswith("kiln")
     rows: list[HttpRow] = []
     server = None
     try:
         server = start()
-        w = max(4, min(max(args.concurrency), 64))
+        w = min(max(4, max(args.concurrency)), len(reqs))
         warm = run_http(server.url, name, reqs[:w], w, 4, 1, kiln, row_s=getattr(args, "http_row_s", 0.0))
         if warm.errors or not warm.tokens:
             raise RuntimeError(f"warm-up: {warm.errors} of {w} requests failed, {warm.tokens} tokens; server log: "
