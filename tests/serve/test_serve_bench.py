@@ -111,6 +111,22 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def test_transformers_serve_without_its_packages_is_an_error_row_naming_the_module(tmp_path, monkeypatch):
+    """As on a GPU machine whose carried openai lacked its httpx2 wheel: no server is started."""
+    import argparse
+    import sys
+
+    import torch
+
+    from kiln.bench.serve_http import server_rows, transformers_server
+
+    monkeypatch.setitem(sys.modules, "openai", None)  # importing it raises ImportError
+    args = argparse.Namespace(concurrency=[1, 4], max_tokens=4, client_procs=1, threads=0, min_requests=4, engine={})
+    rows = server_rows(args, "transformers serve", lambda: transformers_server(args, tmp_path, torch.device("cpu")),
+                       "m", [])
+    assert len(rows) == 2 and all("cannot run here: importing openai" in r.error for r in rows)
+
+
 def test_a_server_that_fails_to_start_is_an_error_row_and_leaves_no_process(tmp_path):
     """Two failures: a server that exits at once (after starting a child of its own) and one that never
     answers /health. Each becomes one error row per concurrency; nothing it started survives."""
@@ -181,7 +197,7 @@ def test_transformers_serve_row_streams_tokens_through_the_same_client(tmp_path)
         return servers[-1]
 
     rows = server_rows(args, "transformers serve", start, str(hf), reqs)
-    if rows[0].error and "did not import" in rows[0].error:
+    if rows[0].error and "cannot run here" in rows[0].error:
         pytest.skip(rows[0].error)
     (row,) = rows
     assert row.error == "" and row.requests == 6 and row.tokens == 6 * 4  # eos_token_id -1: every token comes

@@ -508,7 +508,23 @@ class Server:
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)  # the group outlives its leader while members live
         except (ProcessLookupError, PermissionError, AttributeError):
-            pass
+            return
+        deadline = time.monotonic() + 10
+        while group_members(self.proc.pid) and time.monotonic() < deadline:  # SIGKILL lands asynchronously
+            time.sleep(0.05)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid`` (Linux /proc; [] elsewhere)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
 
 
 def child_pids(pid: int) -> list[int]:
@@ -571,21 +587,19 @@ def transformers_serve_cmd(hf_dir: Path, port: int, device: Any, max_requests: i
     pool); on the CPU those defaults, sized from the RAM, cost 20 s (5.25) to 40 s (5.17) of zeroing
     static tensors, so it gets ``max_requests`` full contexts of 256-token blocks (as the in-process
     ``transformers cb`` row) and Kiln's engine's ``max_batch_tokens`` tokens per step.
-    Raises with the missing module when its serving packages (fastapi, uvicorn, pydantic, openai)
-    do not import."""
+    Raises naming the module when one of its serving packages (fastapi, uvicorn, pydantic, openai)
+    does not import, before a server is started."""
     import importlib
 
-    from transformers.utils.import_utils import is_serve_available
-
-    if not is_serve_available():
-        missing = []
-        for mod in ("fastapi", "uvicorn", "pydantic", "openai", "typer"):
-            try:
-                importlib.import_module(mod)
-            except ImportError as e:
-                missing.append(f"{mod} ({e})")
-        raise RuntimeError(f"transformers serve cannot run here: {', '.join(missing) or 'its serving packages'} "
-                           "did not import; pip install 'transformers[serving]'")
+    missing = []
+    for mod in ("fastapi", "uvicorn", "pydantic", "openai", "typer"):  # what its serve command imports
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:  # e.g. openai 3.x without its httpx2 wheel: "No module named 'httpx2'"
+            missing.append(f"{mod} ({e})")
+    if missing:
+        raise RuntimeError(f"transformers serve cannot run here: importing {', '.join(missing)} failed; "
+                           "pip install 'transformers[serving]' (with dependencies)")
     cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir), "--continuous-batching",
            "--host", "127.0.0.1", "--port", str(port), "--device", device.type,
            "--dtype", "bfloat16" if device.type == "cuda" else "float32", "--log-level", "warning"]
