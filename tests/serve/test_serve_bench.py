@@ -99,3 +99,109 @@ def test_thread_cpu_counts_the_named_thread_only():
     finally:
         done.set()
         t.join()
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (absent, or a zombie waiting for its new parent to reap it)."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_transformers_serve_without_its_packages_is_an_error_row_naming_the_module(tmp_path, monkeypatch):
+    """As on a GPU machine whose carried openai lacked its httpx2 wheel: no server is started."""
+    import argparse
+    import sys
+
+    import torch
+
+    from kiln.bench.serve_http import server_rows, transformers_server
+
+    monkeypatch.setitem(sys.modules, "openai", None)  # importing it raises ImportError
+    args = argparse.Namespace(concurrency=[1, 4], max_tokens=4, client_procs=1, threads=0, min_requests=4, engine={})
+    rows = server_rows(args, "transformers serve", lambda: transformers_server(args, tmp_path, torch.device("cpu")),
+                       "m", [])
+    assert len(rows) == 2 and all("cannot run here: importing openai" in r.error for r in rows)
+
+
+def test_a_server_that_fails_to_start_is_an_error_row_and_leaves_no_process(tmp_path):
+    """Two failures: a server that exits at once (after starting a child of its own) and one that never
+    answers /health. Each becomes one error row per concurrency; nothing it started survives."""
+    import argparse
+    import re
+    import sys
+    import time
+
+    from kiln.bench.serve_http import Server, _free_port, server_rows
+
+    spawn = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             "print('child', p.pid, flush=True); time.sleep({}); sys.exit(3)")
+    args = argparse.Namespace(concurrency=[1, 4], max_tokens=4, client_procs=1, threads=0, min_requests=4)
+    pids = []
+
+    def start(hold_s: float, wait_s: float):
+        def go() -> Server:
+            port = _free_port()
+            try:
+                return Server([sys.executable, "-c", spawn.format(hold_s)], port, wait_s=wait_s)
+            except RuntimeError as e:
+                pids.extend(int(p) for p in re.findall(r"child (\d+)", str(e)))
+                raise
+        return go
+
+    for hold_s, wait_s, words in ((0.3, 30.0, "exited with 3"), (60.0, 1.5, "did not answer /health")):
+        t0 = time.monotonic()
+        rows = server_rows(args, "transformers serve", start(hold_s, wait_s), "m", [])
+        assert [r.concurrency for r in rows] == [1, 4] and all(words in r.error and not r.tok_s for r in rows)
+        assert time.monotonic() - t0 < 20
+    assert len(pids) == 2  # each server's own child, read from the log in the error
+    deadline = time.monotonic() + 5
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(p) for p in pids)
+
+
+def test_transformers_serve_row_streams_tokens_through_the_same_client(tmp_path):
+    """`transformers serve --continuous-batching` on a tiny exported Kiln model (byte-level tokenizer +
+    the chat template), driven by the bench's client: every request streams max_tokens tokens, one
+    text event each (the head's special and non-UTF-8 rows are zeroed), and the server is gone after."""
+    import argparse
+
+    import torch
+
+    pytest.importorskip("transformers")
+    from transformers.utils.import_utils import is_serve_available
+
+    if not is_serve_available():
+        pytest.skip("transformers serve needs fastapi, uvicorn, pydantic and openai ('transformers[serving]')")
+    from kiln.bench.serve_http import child_pids, export_hf_dir, server_rows, text_only_head, transformers_server
+    from kiln.model import ModelConfig, Transformer
+
+    tok = chat_tokenizer(None)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, context_length=64, d_model=32, n_layers=1, n_heads=2,
+                                    d_ff=64)).eval()
+    assert text_only_head(model, tok) == tok.vocab_size - 128  # 128 ASCII bytes left; 128 high bytes, 5 specials
+    hf = export_hf_dir(model, tok, tmp_path / "hf")
+    reqs = chat_requests("/nonexistent.jsonl", 6, tok, context=64, max_tokens=4)
+    args = argparse.Namespace(concurrency=[2], max_tokens=4, client_procs=1, threads=1, min_requests=6, http_row_s=0.0,
+                              server_wait_s=120.0, engine={})
+    servers, kids = [], []
+
+    def start():
+        servers.append(transformers_server(args, hf, torch.device("cpu")))
+        kids.extend(child_pids(servers[-1].proc.pid))  # 5.25 loads the model in a process of its own
+        return servers[-1]
+
+    rows = server_rows(args, "transformers serve", start, str(hf), reqs)
+    if rows[0].error and "cannot run here" in rows[0].error:
+        pytest.skip(rows[0].error)
+    (row,) = rows
+    assert row.error == "" and row.requests == 6 and row.tokens == 6 * 4  # eos_token_id -1: every token comes
+    # a text event per token, or a few when its event loop lags (5.25 joins queued texts): ITL is per event
+    assert 12 <= row.events <= 24 and "tokens per event" in row.note
+    assert row.ttft_p50_ms > 0 and row.itl_p50_ms is not None and row.tok_s > 0
+    assert servers[0].proc.poll() is not None and all(_gone(k) for k in kids)

@@ -728,7 +728,7 @@ def http_table(args: argparse.Namespace, device: Any, work: Path) -> list[Any]:
                             requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
                             engine=dict(args.engine_overrides), client_procs=args.client_procs, threads=args.threads,
                             min_requests=args.min_requests, server_engine=args.server_engine,
-                            transformers="transformers-serve" in args.rows)
+                            transformers="transformers-serve" in args.rows, http_row_s=args.http_row_s)
     if over_budget(args):
         from kiln.bench.serve_http import HttpRow
 
@@ -949,6 +949,8 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", action="append", default=[], metavar="NAME=VALUE",
                    help="http part: EngineConfig override for both Kiln rows (repeatable)")
     p.add_argument("--client-procs", type=int, default=4, help="http part: HTTP client processes")
+    p.add_argument("--http-row-s", type=float, default=0.0, help="http part: a row sends no request after this "
+                   "many seconds (its rate is over the requests that ran; the note says how many); 0: no limit")
     p.add_argument("--server-engine", default="thread,process", help="http part: the Kiln server's engine, "
                    "'thread' (in the server process), 'process' (kiln serve --engine-process) or both")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default; the servers "

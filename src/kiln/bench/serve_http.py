@@ -26,7 +26,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -62,6 +61,8 @@ class HttpRow:
     server_cpu_us: float | None = None  # the server process's CPU time (all threads) per output token
     engine_thread_cpu_us: float | None = None  # of that, the engine thread's ('kiln-engine')
     client_cpu_us: float | None = None  # the HTTP client processes' CPU time per output token
+    vs_tserve: float | None = None  # a Kiln HTTP row's tok/s over transformers serve's at the same c
+    events: int = 0  # streamed events that carried tokens
 
 
 @dataclass
@@ -74,13 +75,17 @@ class Timings:
     itl: list[float] = field(default_factory=list)
     errors: int = 0
     client_cpu_s: float | None = None  # CPU seconds of the HTTP client processes (None: no client)
+    events: int = 0  # streamed events that carried tokens (HTTP rows)
+    cut: int = 0  # requests not sent: the row's --http-row-s time ran out
 
     def row(self, impl: str, c: int, n: int) -> HttpRow:
         client = self.client_cpu_s / self.tokens * 1e6 if self.client_cpu_s is not None and self.tokens else None
-        return HttpRow(impl, c, n, self.tokens / self.seconds if self.seconds else None,
+        notes = [f"{self.errors} failed requests"] * bool(self.errors)
+        if self.cut:
+            notes.append(f"cut by --http-row-s: {n - self.cut} of {n} requests sent")
+        return HttpRow(impl, c, n - self.cut, self.tokens / self.seconds if self.seconds else None,
                        pct(self.ttft, 0.5), pct(self.ttft, 0.99), pct(self.itl, 0.5), pct(self.itl, 0.99),
-                       note=f"{self.errors} failed requests" if self.errors else "", tokens=self.tokens,
-                       client_cpu_us=client)
+                       note="; ".join(notes), tokens=self.tokens, client_cpu_us=client)
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -114,8 +119,7 @@ def build_model_dirs(args: argparse.Namespace, device: Any, work: Path) -> tuple
     transformers row, the same weights and template in Hugging Face layout."""
     import torch
 
-    from kiln.align.chat import save_hf_tokenizer
-    from kiln.bench.serve_models import export_for_references, serve_shapes
+    from kiln.bench.serve_models import serve_shapes
     from kiln.model import build_model, save_pretrained
 
     tok = chat_tokenizer(args.tokenizer)
@@ -129,17 +133,52 @@ def build_model_dirs(args: argparse.Namespace, device: Any, work: Path) -> tuple
                   attention_impl="sdpa" if device.type == "cuda" else "kiln")
     torch.manual_seed(0)
     model = build_model(cfg, device=device, dtype=dtype).eval()
+    text_only_head(model, tok)
     kiln_dir = save_pretrained(model, work / "kiln-bench-model")
     tok.save(kiln_dir / "tokenizer.json")
-    hf_dir = None
-    if args.transformers:
-        hf_dir = export_for_references(model, work / "hf-bench-model")
-        save_hf_tokenizer(tok, hf_dir)
-        cfg = json.loads((hf_dir / "config.json").read_text())
-        cfg.update(eos_token_id=tok.special_tokens["<|end|>"], pad_token_id=tok.eot_id)
-        (hf_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    hf_dir = export_hf_dir(model, tok, work / "hf-bench-model") if args.transformers else None
     del model
     return kiln_dir, hf_dir, tok
+
+
+def export_hf_dir(model: Any, tok: Any, out: Path) -> Path:
+    """``model`` in Hugging Face Llama layout (``export_for_references``: bf16, head untied) with the
+    chat tokenizer files (``tokenizer.json``, ``tokenizer_config.json`` carrying the chat template)
+    and ``<|end|>`` as its end-of-sequence id: a folder ``transformers serve`` loads offline."""
+    from kiln.align.chat import save_hf_tokenizer
+    from kiln.bench.serve_models import export_for_references
+
+    hf_dir = export_for_references(model, out)
+    save_hf_tokenizer(tok, hf_dir)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(eos_token_id=tok.special_tokens["<|end|>"], pad_token_id=tok.eot_id)
+    (hf_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    return hf_dir
+
+
+def text_only_head(model: Any, tok: Any) -> int:
+    """Zero the output head's rows (lm_head.weight: (vocab, d_model)) of the ids that decode to no text
+    alone: special tokens and byte pieces that are not whole UTF-8 characters. Returns how many.
+
+    Why: a random model's greedy reply repeats one id, here the chat template's ``<|assistant|>``;
+    ``transformers serve`` streams text with special tokens skipped, so it sent no event to time
+    (only the final usage). With those logits at 0 and ~all others random, the argmax is a text
+    token, every server streams an event per token, and the speed of a step is unchanged."""
+    import torch
+
+    specials = set(tok.special_tokens.values())
+    bad = []
+    for i in range(model.lm_head.weight.shape[0]):
+        b = tok.vocab.get(i)
+        try:
+            ok = i not in specials and b is not None and bool(b.decode("utf-8"))
+        except UnicodeDecodeError:
+            ok = False
+        if not ok:
+            bad.append(i)
+    with torch.no_grad():
+        model.lm_head.weight[torch.tensor(bad, dtype=torch.long, device=model.lm_head.weight.device)] = 0
+    return len(bad)
 
 
 def chat_requests(path: str, n: int, tok: Any, context: int, max_tokens: int) -> list[tuple[list, list[int]]]:
@@ -273,12 +312,13 @@ class _Conn:
         self.reader = self.writer = None
 
 
-async def _one(conn: _Conn, path: str, body: dict, t: Timings) -> None:
-    """One streamed request. Tokens come from ``usage``: with ``continuous_usage_stats`` (vLLM's and
-    Kiln's extension) every chunk carries the running ``completion_tokens``, so a chunk of several
-    tokens (Kiln sends one per request per engine step) counts them all and its gap is spread over
-    them (ITL per token, as the direct rows measure it: one entry per chunk); a server that sends
-    usage only at the end (or none) counts one token per text chunk for the gaps."""
+async def _one(conn: _Conn, path: str, body: dict, t: Timings, continuous: bool = True) -> None:
+    """One streamed request. ``continuous``: the server puts the running ``completion_tokens`` in every
+    chunk (``continuous_usage_stats``, vLLM's and Kiln's extension), so a chunk of several tokens (Kiln
+    sends one per request per engine step) counts them all and its gap is spread over them (ITL per
+    token, as the direct rows measure it: one entry per chunk). Otherwise (``transformers serve``:
+    usage only at the end) each event with text is one token event for the gaps, and the tokens
+    come from the final usage; ``t.events`` counts the token events either way."""
     t0 = time.perf_counter()
     prev = None
     seen = 0  # completion tokens accounted for so far
@@ -298,15 +338,21 @@ async def _one(conn: _Conn, path: str, body: dict, t: Timings) -> None:
                 if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
                     continue
                 chunk = json.loads(ev[6:])
+                if "error" in chunk and not chunk.get("choices"):
+                    raise RuntimeError(f"error event: {chunk['error']}")
                 usage = chunk.get("usage")
                 if usage:
                     usage_tokens = usage.get("completion_tokens")
                 choices = chunk.get("choices") or []
-                if not choices or "role" in (choices[0].get("delta") or {}) and not choices[0]["delta"].get("content"):
+                delta = (choices[0].get("delta") or {}) if choices else {}
+                if not choices or "role" in delta and not delta.get("content"):
                     continue  # the role-only first event and the usage event carry no token
+                if not continuous and not delta.get("content"):
+                    continue  # the finish event (transformers 5.17 puts its usage there)
                 now = time.perf_counter()
-                k = max(1, usage_tokens - seen) if usage and usage_tokens is not None else 1
+                k = max(1, usage_tokens - seen) if continuous and usage and usage_tokens is not None else 1
                 seen += k
+                t.events += 1
                 if prev is None:
                     t.ttft.append(now - t0)
                 else:
@@ -319,42 +365,60 @@ async def _one(conn: _Conn, path: str, body: dict, t: Timings) -> None:
     t.tokens += usage_tokens if usage_tokens is not None else seen
 
 
-async def _client(url: str, bodies: list[dict], c: int) -> Timings:
-    """``c`` workers, each over its own keep-alive connection, until ``bodies`` are all answered."""
+async def _client(url: str, bodies: list[dict], c: int, continuous: bool = True, stop_at: float = math.inf,
+                  hard_at: float = math.inf) -> Timings:
+    """``c`` workers, each over its own keep-alive connection, until ``bodies`` are all answered, or
+    until ``stop_at`` (time.time()): no request starts after it, those in flight finish (counted in
+    ``cut``: the requests never sent); at ``hard_at`` the ones still in flight are abandoned as errors
+    (a server that stopped answering ends the row, not the bench)."""
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
     t = Timings()
     queue = list(reversed(bodies))
+    busy = [0]
 
     async def worker() -> None:
         conn = _Conn(u.hostname, u.port)
         try:
-            while queue:
-                await _one(conn, u.path, queue.pop(), t)
+            while queue and time.time() < stop_at:
+                busy[0] += 1
+                try:
+                    await _one(conn, u.path, queue.pop(), t, continuous)
+                finally:
+                    busy[0] -= 1
         finally:
             conn.close()
 
-    await asyncio.gather(*(worker() for _ in range(c)))
+    try:
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(c))),
+                               None if hard_at == math.inf else max(0.0, hard_at - time.time()))
+    except asyncio.TimeoutError:
+        t.errors += busy[0]
+    t.cut = len(queue)
     return t
 
 
 def _client_proc(args: tuple) -> tuple[float, float, Timings]:
-    url, bodies, c, start_at = args
+    url, bodies, c, start_at, continuous, row_s = args
     time.sleep(max(0.0, start_at - time.time()))  # every client process starts together
     start, cpu0 = time.time(), time.process_time()
-    t = asyncio.run(_client(url, bodies, c))
+    stop_at, hard_at = (start + row_s, start + 2 * row_s + 60) if row_s else (math.inf, math.inf)
+    t = asyncio.run(_client(url, bodies, c, continuous, stop_at, hard_at))
     t.client_cpu_s = time.process_time() - cpu0
     return start, time.time(), t
 
 
 def run_http(url: str, model: str, requests: list[tuple[list, list[int]]], c: int, max_tokens: int,
-             procs: int, ignore_eos: bool = True) -> Timings:
+             procs: int, ignore_eos: bool = True, row_s: float = 0.0) -> Timings:
     """Stream every request through ``url``/v1/chat/completions with ``c`` in flight, split over
     ``procs`` client processes. ``ignore_eos`` is an extension (vLLM's, Kiln's) that `transformers
     serve` refuses; it takes a ``generation_config`` JSON field instead, where ``eos_token_id: -1``
-    means no end-of-sequence id (``ignore_eos=False`` sends that). Tokens are counted from ``usage``
-    (``continuous_usage_stats``: in every chunk, so chunks of several tokens count right)."""
+    means no end-of-sequence id (``ignore_eos=False`` sends that, and reads tokens per text event:
+    that server sends its usage only at the end). Tokens are counted from ``usage``
+    (``continuous_usage_stats``: in every chunk, so chunks of several tokens count right).
+    ``row_s`` > 0: no request starts after that many seconds (the row's rate is over what ran;
+    ``cut`` says how many were not sent), and requests still open at 2 x ``row_s`` + 60 s are errors."""
     if ignore_eos:  # Kiln: also the running usage in every chunk
         extra = {"ignore_eos": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     else:
@@ -366,7 +430,7 @@ def run_http(url: str, model: str, requests: list[tuple[list, list[int]]], c: in
     shares = [(c // k) + (1 if i < c % k else 0) for i in range(k)]
     slices = [bodies[i::k] for i in range(k)]
     start_at = time.time() + (5.0 if k > 1 else 0.0)  # time for the spawned processes to import
-    jobs = [(url + "/v1/chat/completions", s, sh, start_at) for s, sh in zip(slices, shares) if s]
+    jobs = [(url + "/v1/chat/completions", s, sh, start_at, ignore_eos, row_s) for s, sh in zip(slices, shares) if s]
     if len(jobs) == 1:
         results = [_client_proc(jobs[0])]
     else:
@@ -379,6 +443,8 @@ def run_http(url: str, model: str, requests: list[tuple[list, list[int]]], c: in
         t.ttft += r.ttft
         t.itl += r.itl
         t.errors += r.errors
+        t.events += r.events
+        t.cut += r.cut
     t.seconds = max(e for _, e, _ in results) - min(s for s, _, _ in results)
     return t
 
@@ -393,40 +459,72 @@ def _free_port() -> int:
 
 
 class Server:
-    """A server subprocess, ready once GET /health answers 200."""
+    """A server subprocess, ready once GET /health answers 200. It leads its own process group, so
+    ``stop`` also ends whatever it started (an engine process, compile workers): no orphans, also
+    when it fails to start or the bench is interrupted while it starts."""
 
     def __init__(self, cmd: list[str], port: int, env: dict | None = None, wait_s: float = 600.0) -> None:
         import httpx
 
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                     start_new_session=True)
         deadline = time.monotonic() + wait_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited with {self.proc.returncode}: {self.output()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{cmd[0]} did not answer /health in {wait_s:.0f} s: {self.output()[-2000:]}")
-            time.sleep(0.5)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{' '.join(cmd[:4])} exited with {self.proc.returncode}: "
+                                       f"{self.output()[-2000:]}")
+                try:
+                    if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{' '.join(cmd[:4])} did not answer /health in {wait_s:.0f} s: "
+                                       f"{self.output()[-2000:]}")
+                time.sleep(0.5)
+        except BaseException:
+            self.stop()
+            raise
 
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """SIGTERM to the server (its graceful shutdown), SIGKILL after ``timeout_s``; then SIGKILL to
+        anything left in its process group."""
+        import signal
+
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=60)
+                self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group outlives its leader while members live
+        except (ProcessLookupError, PermissionError, AttributeError):
+            return
+        deadline = time.monotonic() + 10
+        while group_members(self.proc.pid) and time.monotonic() < deadline:  # SIGKILL lands asynchronously
+            time.sleep(0.05)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid`` (Linux /proc; [] elsewhere)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
 
 
 def child_pids(pid: int) -> list[int]:
@@ -477,14 +575,47 @@ def kiln_server(args: argparse.Namespace, model_dir: Path, device: Any, engine_p
     return Server(cmd, port, env=_thread_env(args))
 
 
+TRANSFORMERS_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                            "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def transformers_serve_cmd(hf_dir: Path, port: int, device: Any, max_requests: int, max_batch_tokens: int) -> list[str]:
+    """``transformers serve`` (5.x's typer CLI: the model folder is the positional ``force_model``,
+    loaded at start-up and never unloaded) on 127.0.0.1 with continuous batching, run as
+    ``python -m transformers.cli.transformers`` so no console script on PATH is needed. Its KV cache
+    and batch sizes take its defaults on a GPU (a share of free memory, as Kiln's engine sizes its
+    pool); on the CPU those defaults, sized from the RAM, cost 20 s (5.25) to 40 s (5.17) of zeroing
+    static tensors, so it gets ``max_requests`` full contexts of 256-token blocks (as the in-process
+    ``transformers cb`` row) and Kiln's engine's ``max_batch_tokens`` tokens per step.
+    Raises naming the module when one of its serving packages (fastapi, uvicorn, pydantic, openai)
+    does not import, before a server is started."""
+    import importlib
+
+    missing = []
+    for mod in ("fastapi", "uvicorn", "pydantic", "openai", "typer"):  # what its serve command imports
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:  # e.g. openai 3.x without its httpx2 wheel: "No module named 'httpx2'"
+            missing.append(f"{mod} ({e})")
+    if missing:
+        raise RuntimeError(f"transformers serve cannot run here: importing {', '.join(missing)} failed; "
+                           "pip install 'transformers[serving]' (with dependencies)")
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(hf_dir), "--continuous-batching",
+           "--host", "127.0.0.1", "--port", str(port), "--device", device.type,
+           "--dtype", "bfloat16" if device.type == "cuda" else "float32", "--log-level", "warning"]
+    if device.type != "cuda":
+        context = json.loads((Path(hf_dir) / "config.json").read_text())["max_position_embeddings"]
+        cmd += ["--cb-num-blocks", str(max_requests * -(-context // 256) + 2),
+                "--cb-max-batch-tokens", str(max_batch_tokens)]
+    return cmd
+
+
 def transformers_server(args: argparse.Namespace, hf_dir: Path, device: Any) -> Server:
-    exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
     port = _free_port()
-    cmd = [exe, "serve", str(hf_dir), "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
-           "--device", str(device), "--dtype", "bfloat16" if device.type == "cuda" else "float32",
-           "--log-level", "warning"]
-    return Server(cmd, port, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                                  **_thread_env(args)})
+    batch = int(engine_overrides(args)["max_num_batched_tokens"])
+    return Server(transformers_serve_cmd(hf_dir, port, device, max(args.concurrency), batch), port, env={**TRANSFORMERS_OFFLINE_ENV,
+                                                                          **_thread_env(args)},
+                  wait_s=getattr(args, "server_wait_s", 600.0))
 
 
 # -- the table ----------------------------------------------------------------------------------------------
@@ -531,26 +662,47 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
     if hf_dir is not None:
         servers.append(("transformers serve", lambda: transformers_server(args, hf_dir, device), str(hf_dir)))
     for impl, start, name in servers:
-        try:
-            server = start()
-        except Exception as e:  # noqa: BLE001
-            rows += [HttpRow(impl, c, error=f"{type(e).__name__}: {str(e)[:300]}") for c in args.concurrency]
-            print(f"  {impl} did not start: {e}", flush=True)
-            continue
-        try:
-            kiln = impl.startswith("kiln")
-            run_http(server.url, name, reqs[:4], 4, 4, 1, kiln)  # warm-up
-            for c in args.concurrency:
-                rows.append(http_row(args, impl, server, name, reqs, c, kiln))
-                if not kiln:
-                    rows[-1].note = ("eos_token_id -1 via its generation_config field; TTFT/ITL per text event"
-                                     + (f"; {rows[-1].note}" if rows[-1].note else ""))
-        finally:
-            server.stop()
+        rows += server_rows(args, impl, start, name, reqs)
     direct = {r.concurrency: r.tok_s for r in rows if r.impl == "kiln direct"}
+    tserve = {r.concurrency: r.tok_s for r in rows if r.impl == "transformers serve"}
     for r in rows:
         if r.tok_s and direct.get(r.concurrency):
             r.vs_direct = r.tok_s / direct[r.concurrency]
+        if r.tok_s and tserve.get(r.concurrency) and r.impl.startswith("kiln http"):
+            r.vs_tserve = r.tok_s / tserve[r.concurrency]
+    return rows
+
+
+def server_rows(args: argparse.Namespace, impl: str, start: Any, name: str, reqs: list) -> list[HttpRow]:
+    """One server's rows: ``start()`` it, warm it up (max c requests of 4 tokens at once: batch shapes
+    and lazily built state, e.g. transformers 5.17's batch processor, before the clock), one row per
+    concurrency, stop it. Any failure
+    (start-up, warm-up, a hung server) becomes rows with its error; the server is stopped in any case."""
+    kiln = impl.startswith("kiln")
+    rows: list[HttpRow] = []
+    server = None
+    try:
+        server = start()
+        w = min(max(4, max(args.concurrency)), len(reqs))
+        warm = run_http(server.url, name, reqs[:w], w, 4, 1, kiln, row_s=getattr(args, "http_row_s", 0.0))
+        if warm.errors or not warm.tokens:
+            raise RuntimeError(f"warm-up: {warm.errors} of {w} requests failed, {warm.tokens} tokens; server log: "
+                               f"{server.output()[-1500:]}")
+        for c in args.concurrency:
+            rows.append(http_row(args, impl, server, name, reqs, c, kiln))
+            if not kiln and rows[-1].tokens:
+                ev = rows[-1].events
+                rows[-1].note = (f"eos_token_id -1 via its generation_config field; TTFT/ITL per text event "
+                                 f"({rows[-1].tokens / ev if ev else 0:.2f} tokens per event)"
+                                 + (f"; {rows[-1].note}" if rows[-1].note else ""))
+    except Exception as e:  # noqa: BLE001 - a server that fails is reported, not fatal
+        traceback.print_exc()
+        done = {r.concurrency for r in rows}
+        rows += [HttpRow(impl, c, error=f"{type(e).__name__}: {str(e)[:300]}") for c in args.concurrency if c not in done]
+        print(f"  {impl} failed: {str(e)[:300]}", flush=True)
+    finally:
+        if server is not None:
+            server.stop()
     return rows
 
 
@@ -577,7 +729,15 @@ def http_row(args: argparse.Namespace, impl: str, server: Server, name: str, req
         return sum(process_cpu_s(k) or 0.0 for k in kids) if "engine process" in impl else process_cpu_s(pid, "kiln-engine")
 
     cpu0, eng0 = process_cpu_s(pid, children=True), engine_cpu()
-    row = _safe(impl, c, n, lambda: run_http(server.url, name, reqs[:n], c, args.max_tokens, args.client_procs, kiln))
+    row_s = getattr(args, "http_row_s", 0.0)
+    timings: list[Timings] = []
+
+    def run() -> Timings:
+        timings.append(run_http(server.url, name, reqs[:n], c, args.max_tokens, args.client_procs, kiln, row_s))
+        return timings[-1]
+
+    row = _safe(impl, c, n, run)
+    row.events = timings[-1].events if timings else 0
     cpu, eng = process_cpu_s(pid, children=True), engine_cpu()
     if cpu is not None and cpu0 is not None and row.tokens:
         row.server_cpu_us = (cpu - cpu0) / row.tokens * 1e6
@@ -631,12 +791,15 @@ def _f(x: float | None, fmt: str = ".1f") -> str:
 
 
 def format_table(rows: list[HttpRow]) -> str:
-    out = ["| impl | concurrency | requests | output tok/s | vs direct | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
+    tserve = any(r.impl == "transformers serve" for r in rows)
+    out = ["| impl | concurrency | requests | output tok/s | vs direct | " + "vs transformers serve | " * tserve
+           + "TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
            "ITL p99 ms | server CPU us/token | engine thread us/token | client CPU us/token | note |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|" + "---|" * tserve + "---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.concurrency, r.impl != "kiln direct", r.impl)):
         note = r.note + (f" ERROR {r.error}" if r.error else "")
         out.append(f"| {r.impl} | {r.concurrency} | {r.requests} | {_f(r.tok_s)} | {_f(r.vs_direct, '.2f')} | "
+                   + (f"{_f(r.vs_tserve, '.2f')} | " if tserve else "") +
                    f"{_f(r.ttft_p50_ms)} | {_f(r.ttft_p99_ms)} | {_f(r.itl_p50_ms, '.2f')} | "
                    f"{_f(r.itl_p99_ms, '.2f')} | {_f(r.server_cpu_us, '.0f')} | {_f(r.engine_thread_cpu_us, '.0f')} | "
                    f"{_f(r.client_cpu_us, '.0f')} | {note} |")
@@ -689,6 +852,8 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    help="EngineConfig override for both Kiln rows (repeatable)")
     p.add_argument("--client-procs", type=int, default=4, help="HTTP client processes")
     p.add_argument("--transformers", action="store_true", help="add transformers serve (continuous batching)")
+    p.add_argument("--http-row-s", type=float, default=0.0, help="an HTTP row sends no request after this many "
+                   "seconds (its rate is over the requests that ran; the note says how many); 0: no limit")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for every row (0: torch's "
                    "default). On a busy CPU, 1: a spinning second thread can slow small matmuls 10-30x")
     p.add_argument("--server-engine", default="thread,process", help="the Kiln server's engine: 'thread' (in the "
