@@ -155,15 +155,17 @@ def _sync(device: Any) -> None:
 
 
 def kiln_decode(model: Any, prompt: list[int], new_tokens: int, repeats: int, speculative: str = "none",
-                draft: Any = None, compile_decode: bool = False, decode_steps: int = 8) -> tuple[float, str]:
-    """Best tokens/s of one greedy request over ``repeats`` runs (after a warm-up that captures graphs)."""
+                draft: Any = None, compile_decode: bool = False, decode_steps: int = 8, temperature: float = 0.0,
+                top_p: float | None = None) -> tuple[float, str]:
+    """Best tokens/s of one request over ``repeats`` runs (after a warm-up that captures graphs): greedy,
+    or sampled at ``temperature`` (and ``top_p``), seeded (each run draws the same tokens)."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     cfg = EngineConfig(max_num_seqs=1, max_num_batched_tokens=max(2048, len(prompt) + 8), num_blocks=None,
                        speculative=speculative, num_speculative_tokens=4, enable_prefix_caching=False,
                        compile_decode=compile_decode, decode_steps=decode_steps)
     eng = LLMEngine(model, None, cfg, draft_model=draft)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=0, ignore_eos=True)
     dev = eng.device
     eng.generate([prompt], params)  # warm-up: Triton compilation, CUDA graph capture
     best = 0.0
@@ -354,6 +356,14 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
                                                        decode_steps=1), model)
     if "eager" in args.rows and cuda:
         add(f"{name} not compiled", lambda: kiln_decode(model, prompt, new_tokens, r), model)
+    if "sampled" in args.rows:  # sampled decode: the sampler inside the same graphs
+        T, P = args.temperature, args.top_p
+        add(f"{name} sampled T={T:g}", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=cuda,
+                                                           temperature=T), model)
+        add(f"{name} sampled T={T:g} top-p {P:g}", lambda: kiln_decode(
+            model, prompt, new_tokens, r, compile_decode=cuda, temperature=T, top_p=P), model)
+        add(f"{name} sampled T={T:g} single-step", lambda: kiln_decode(
+            model, prompt, new_tokens, r, compile_decode=cuda, decode_steps=1, temperature=T), model)
     for mode in ("int8", "int4"):
         if mode in args.rows:
             qm = quantize_model(copy.deepcopy(model), mode)
@@ -607,14 +617,15 @@ def throughput_engine(model: Any, max_concurrency: int) -> Any:
 
 
 def kiln_throughput(model: Any, prompts: list[list[int]], concurrency: int, max_tokens: int,
-                    engine: Any = None) -> ServeRow:
+                    engine: Any = None, temperature: float = 0.0, top_p: float | None = None) -> ServeRow:
     """Keep ``concurrency`` requests in the engine (``engine``, or a new one) until all are done;
-    TTFT from ``add_request`` to the first token, ITL between a request's tokens."""
+    TTFT from ``add_request`` to the first token, ITL between a request's tokens. Greedy, or sampled
+    at ``temperature`` / ``top_p`` (request i seeded i)."""
     from kiln.bench.serve_http import run_direct
 
     eng = engine if engine is not None else throughput_engine(model, concurrency)
     before = eng.stats()["preemptions"]
-    t = run_direct(eng, prompts, concurrency, max_tokens)
+    t = run_direct(eng, prompts, concurrency, max_tokens, temperature, top_p)
     _sync(next(model.parameters()).device)
     return _throughput_row(t, "kiln engine", "", concurrency, len(prompts),
                            f"{eng.stats()['preemptions'] - before} preemptions")
@@ -634,7 +645,8 @@ def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Pa
     """Kiln's engine, then transformers' batched generate and its continuous batching, at each c."""
     import torch
 
-    impls = ["kiln engine"] + [i for r, i in (("transformers", "transformers generate"),
+    T = args.temperature
+    impls = ["kiln engine"] + ([f"kiln engine T={T:g}"] if "sampled" in args.rows else []) + [i for r, i in (("transformers", "transformers generate"),
                                              ("transformers-cb", "transformers cb")) if r in args.rows]
     if over_budget(args):
         return [_skipped("throughput", shape, i, c) for i in impls for c in args.concurrency]
@@ -665,6 +677,8 @@ def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Pa
     engine = throughput_engine(model, max(cs))
     for c in cs:
         add("kiln engine", c, lambda p, c: kiln_throughput(model, p, c, M, engine))
+        if "sampled" in args.rows:  # the same requests sampled (GRPO's rollouts sample at T 0.7)
+            add(f"kiln engine T={T:g}", c, lambda p, c: kiln_throughput(model, p, c, M, engine, T))
     engine = None  # its KV pool goes before the references load
     _free(device)
     if {"transformers", "transformers-cb"} & set(args.rows):
@@ -770,7 +784,7 @@ def format_tables(rows: list[ServeRow]) -> str:
     return "\n".join(out)
 
 
-ROWS = ("single-step", "eager", "int8", "int4", "ngram", "draft", "transformers", "transformers-cb", "transformers-serve",
+ROWS = ("single-step", "eager", "sampled", "int8", "int4", "ngram", "draft", "transformers", "transformers-cb", "transformers-serve",
         "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
 PARTS = ("latency", "throughput", "http", "rollouts", "host", "profile")
 
@@ -920,12 +934,17 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    "table); GSM8K generation and GRPO rollouts before/after the engine; the engine's host work "
                    "per decode token (the forward stubbed out); where a decode token's GPU time goes, kernel by kernel, "
                    "Kiln beside gpt-fast (torch.profiler)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"optional rows, some of {','.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(r for r in ROWS if r != "sampled"),
+                   help=f"optional rows, some of {','.join(ROWS)} ('sampled': Kiln's engine sampling at "
+                   "--temperature, batch 1 and throughput; not in the default)")
     p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
     p.add_argument("--draft-model", default=None, help="a trained draft model directory for the draft row")
     p.add_argument("--gpt-fast", default=None, metavar="DIR", help="gpt-fast's source folder "
                    "(e.g. ../shared/refs/gpt-fast); without it the gpt-fast rows are skipped")
     p.add_argument("--prompt-len", type=int, default=128, help="batch-1 prompt tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="row 'sampled': the sampled rows' temperature "
+                   "(latency and throughput parts)")
+    p.add_argument("--top-p", type=float, default=0.95, help="row 'sampled': the latency part's top-p row")
     p.add_argument("--new-tokens", type=int, default=256, help="batch-1 generated tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed batch-1 runs per row (best kept)")
     p.add_argument("--prompts", default=DEFAULT_PROMPTS, help="AlpacaEval jsonl for the prompt lengths")
