@@ -77,9 +77,11 @@ def test_a_rows_draw_ignores_the_batch_and_the_variant():
                                pos[i:i + 1])) for i in range(7)]
     assert batch.tolist() == alone
     assert batch[0] == logits[0].argmax() and batch[4] == logits[4].argmax()  # greedy; top-k 1 is greedy
-    plain = [0, 1, 6]  # rows without filters: the sort-free variant gives them the same tokens
-    i = torch.tensor(plain)
+    i = torch.tensor([0, 1, 6])  # rows without filters: the variant without thresholds
     assert sample_tokens(logits[i], temp[i], top_k[i], top_p[i], seed[i], pos[i], filtered=False).tolist() == \
+        batch[i].tolist()
+    i = torch.tensor([0, 1, 2, 4, 5, 6])  # rows with top-k <= 64 (or no filter): 64 candidates, not a sort
+    assert sample_tokens(logits[i], temp[i], top_k[i], top_p[i], seed[i], pos[i], candidates=64).tolist() == \
         batch[i].tolist()
     allowed = torch.isfinite(filter_logits(logits[5] / 0.5 * 0.5, 5, 0.5))
     assert allowed[batch[5]]
@@ -95,7 +97,9 @@ def test_host_rows_and_modes():
     greedy = row_sampling(SamplingParams(temperature=0, top_k=3), 0, 0)
     plain = row_sampling(SamplingParams(temperature=1.0), 0, 0)
     assert sampling_mode([greedy]) == "greedy" and sampling_mode([greedy, plain]) == "sample"
-    assert sampling_mode([plain, r]) == "filter"
+    assert sampling_mode([plain, r]) == "sort"  # top-p without top-k: the nucleus may be anywhere
+    top = [row_sampling(SamplingParams(temperature=1.0, top_k=k, top_p=0.9), 0, 0) for k in (50, 64, 500, 1025)]
+    assert [sampling_mode([plain, greedy, t]) for t in top] == ["top64", "top64", "top1024", "sort"]
     logits = torch.randn(3, 20)
     assert torch.equal(draw_tokens(logits, [greedy] * 3), logits.argmax(-1))
 
@@ -131,16 +135,16 @@ def test_seeded_request_same_alone_batched_single_and_multi_step(model):
     crowd = [SamplingParams(max_tokens=9, temperature=0),
              SEEDED,
              SamplingParams(max_tokens=11, temperature=1.2, seed=5),
-             SamplingParams(max_tokens=6, temperature=0.5, top_k=3, seed=6),
-             SamplingParams(max_tokens=12, temperature=0.8, seed=8)]
+             SamplingParams(max_tokens=20, temperature=0.5, top_k=3, seed=6, ignore_eos=True),
+             SamplingParams(max_tokens=26, temperature=0.8, seed=8, ignore_eos=True)]
     got = {}
     for name, graphs, k in (("general", False, 4), ("graph1", True, 1), ("graph4", True, 4)):
         eng, calls = _engine(model, graphs, k)
         alone = eng.generate([PROMPT], SEEDED)[0].token_ids
         batched = eng.generate(crowd_prompts, crowd)
         got[name] = (alone, [o.token_ids for o in batched])
-        if name == "graph4":
-            assert 4 in calls  # sampled requests ran four steps per graph
+        if name == "graph4":  # sampled requests ran four steps per graph, in each variant
+            assert {(4, "sort"), (4, "top64"), (4, "sample")} <= {key[1:] for key in eng.runner.sampled_graphs}
         if name == "graph1":
             assert calls and set(calls) == {1}
     assert got["general"] == got["graph1"] == got["graph4"]

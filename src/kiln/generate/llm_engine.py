@@ -67,10 +67,11 @@ class EngineConfig:
     token (argmax, or the sampler's draw inside the graph) to the next, and the host checks stops
     afterwards (tokens past a stop are dropped). Output is token for token the single-step one,
     greedy and sampled alike. 1: single-step. CUDA graphs only."""
-    compile_sampler: bool = True
-    """On CUDA, ``torch.compile`` the sampler inside the sampled decode graphs (the hash, Gumbel noise
-    and argmax over the vocabulary fuse into a few kernels; one compilation per variant, dynamic in
-    the batch). Same tokens either way, up to float rounding of the noise's logarithms."""
+    compile_sampler: bool = False
+    """On CUDA, ``torch.compile`` the sampler inside the sampled decode graphs (its softmax, cumulative
+    sum and count fuse into fewer kernels; one compilation per variant, dynamic in the batch). Off,
+    the sampler runs as ~10 eager kernels inside the graph. Same tokens either way, up to the
+    rounding of the softmax."""
     gpu_memory_fraction: float = 0.5
     """With ``num_blocks=None`` on CUDA: at most this fraction of the free GPU memory for the cache."""
     eos_token_id: int | None = None

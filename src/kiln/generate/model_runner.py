@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kiln.generate.sampling import RowSampling, row_sampling, sample_tokens, sampling_mode
+from kiln.generate.sampling import RowSampling, mode_args, row_sampling, sample_tokens, sampling_mode
 from kiln.generate.sequence import Sequence
 from kiln.model import PagedKVCache, PagedMetadata, Transformer
 
@@ -63,8 +63,8 @@ class ModelRunner:
         eager), as gpt-fast does.
         ``decode_steps``: also capture graphs that run this many greedy decode steps in a row
         (multi-step decode, ``decode(seqs, steps)``). ``vocab_limit``: greedy ids are taken below it.
-        ``compile_sampler``: on CUDA, ``torch.compile`` the sampler of the sampled graphs (its hash,
-        noise and argmax fuse into a few kernels; dynamic batch: one compilation per variant)."""
+        ``compile_sampler``: on CUDA, ``torch.compile`` the sampler of the sampled graphs (fewer
+        kernels; dynamic batch: one compilation per variant)."""
         cfg = model.config
         p = next(model.parameters())
         self.model = model
@@ -79,7 +79,7 @@ class ModelRunner:
         self.vocab_limit = cfg.vocab_size if vocab_limit is None else vocab_limit
         self.graphs: dict[int, _Graph] = {}  # batch rows -> one-step graph
         self.multi_graphs: dict[int, _Graph] = {}  # batch rows -> ``decode_steps``-step graph
-        self.sampled_graphs: dict[tuple[int, int, str], _Graph] = {}  # (rows, steps, 'sample'|'filter')
+        self.sampled_graphs: dict[tuple[int, int, str], _Graph] = {}  # (rows, steps, ``sampling_mode``)
         self._pool: Any = None  # the graphs' shared memory pool
         # coordinate_descent_tuning, as gpt-fast sets it: Inductor then also rewrites a one-row matmul
         # as a multiply-and-sum that it fuses with the norms, activations and dequantization around it
@@ -170,8 +170,8 @@ class ModelRunner:
     # forward runs, and the greedy ids are taken (argmax below ``vocab_limit``), so a greedy step brings
     # back B ids, not B x V logits. A multi-step graph runs ``decode_steps`` forwards in a row, each
     # feeding its argmax to the next and advancing positions, slots and lengths on the device.
-    # A sampled graph ('sample': temperature only; 'filter': some row has top-k or top-p, a sort per
-    # row) reads a second buffer, [temperature (G, f64 bits) | top_k (G) | top_p (G, f64 bits) |
+    # A sampled graph ('sample': temperature only; 'top64', 'top1024': top-k thresholds from that many
+    # candidates; 'sort': a sort per row, for top-p without top-k; see ``sampling_mode``) reads a second buffer, [temperature (G, f64 bits) | top_k (G) | top_p (G, f64 bits) |
     # seed (G) | position (G)], and feeds the sampler's token to the next step instead of the argmax;
     # step j of a graph draws at position + j. Padded rows are greedy (temperature 0).
 
@@ -189,8 +189,8 @@ class ModelRunner:
                 torch.cuda.synchronize(self.device)
 
     def _capture_one(self, b: int, steps: int, mode: str) -> _Graph:
-        """One graph of ``b`` rows running ``steps`` decode steps, ``mode`` 'greedy', 'sample' or
-        'filter' (emulated on the CPU: an empty entry, the body runs eagerly at launch)."""
+        """One graph of ``b`` rows running ``steps`` decode steps, ``mode`` 'greedy' or a sampled one
+        (``sampling_mode``; emulated on the CPU: an empty entry, the body runs eagerly at launch)."""
         dev = self.device
         if dev.type != "cuda":  # emulation for tests: the same static buffers, run eagerly
             return _Graph(None, None, None)
@@ -295,7 +295,7 @@ class ModelRunner:
 
     def _graph_body(self, b: int, steps: int, mode: str = "greedy") -> tuple[Tensor, Tensor]:
         """What a graph holds: cast the inputs, then ``steps`` forwards, each fed the previous token
-        (the argmax; with ``mode`` 'sample' or 'filter', the sampler's draw at the row's position + j).
+        (the argmax; with a sampled ``mode``, the sampler's draw at the row's position + j).
         Returns the last step's logits (b, V) fp32 and the ids (b, steps) int64."""
         s = self._s
         s["lens"][:b].copy_(s["lens64"][:b])
@@ -308,7 +308,7 @@ class ModelRunner:
             logits, nxt = self._decode(s["ids"][:b], s["pos"][:b])
             if mode != "greedy":
                 nxt = self._sample_fn(logits[:, :self.vocab_limit], temp, s["top_k"][:b], top_p, s["seed"][:b],
-                                      s["draw_pos"][:b] + j, filtered=mode == "filter")
+                                      s["draw_pos"][:b] + j, *mode_args(mode))
             out[:, j] = nxt
             if j + 1 < steps:
                 self._advance_fn(b, nxt)

@@ -3,7 +3,7 @@ and ``SamplingParams``, one request's decoding settings for the engine.
 
 The engine draws with ``sample_tokens``: every row of a batch has its own temperature, top-k, top-p
 (device tensors, so the draw runs inside a CUDA graph, and over several decode steps per graph) and
-its own random numbers, a stateless hash of (request seed, token position, vocabulary id). A
+its own random number, a stateless hash of (request seed, token position). A
 request's tokens then depend only on its seed and its logits: not on the batch around it, not on
 CUDA graphs or eager, not on how many steps a graph runs. ``sample_next`` / ``sample_rows`` (a
 ``torch.Generator`` per call) are the older one-call helpers.
@@ -117,35 +117,37 @@ def row_keys(seed: Tensor, position: Tensor) -> Tensor:
     return _mix32(k ^ (position & _M32))
 
 
-def gumbel_noise(keys: Tensor, V: int) -> Tensor:
-    """Standard Gumbel noise (B, V) fp32 from row keys (B,): element (b, i) is a pure function of
-    (keys[b], i). Two rounds of ``_mix32`` over (key xor i), 23 bits of it as a uniform v in (0, 1)
-    (exact in fp32: v is never 0 or 1), then -log(-log1p(-v)): finite, at most ~16.6 (the top tail
-    is cut at probability 2^-24 per element, far below what any test or use can see)."""
-    idx = torch.arange(V, device=keys.device)  # (V,)
-    k = keys[:, None]  # (B, 1)
-    x = _mix32(_mix32(k ^ idx) ^ _mix32(k ^ 0x3C6EF372))  # (B, V)
-    v = ((x >> 9).float() + 0.5) * (1.0 / (1 << 23))  # (B, V) uniform in (0, 1)
-    return -torch.log(-torch.log1p(-v))
+def uniform(keys: Tensor) -> Tensor:
+    """A uniform number in (0, 1), float64 (B,), per row key (B,): 52 bits from two 32-bit hashes of
+    the key, (m + 0.5) / 2^52 (exact: never 0 or 1)."""
+    a, b = keys >> 6, _mix32(keys ^ 0x3C6EF372) >> 6  # 26 bits each
+    return ((a << 26) + b).double().add(0.5).mul(2.0 ** -52)
 
 
-def filter_thresholds(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+def filter_thresholds(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                      candidates: int | None = None) -> Tensor:
     """Per row, the smallest raw logit kept by top-k then top-p (``filter_logits``'s sets, the
     Hugging Face order), as a threshold: token i is kept iff logits[b, i] >= thr[b]. logits (B, V)
     fp32; temperature, top_p (B,) fp32; top_k (B,) int64 (0: none). Rows without a filter: -inf.
 
-    Costs one sort of each row (B, V): the nucleus can hold any number of tokens, so no bounded
-    candidate set is exact for top-p without top-k. Top-k is taken on the raw logits (dividing by
-    the temperature keeps the order but can round two logits to one value), top-p on the tempered
-    softmax of the top-k survivors.
+    ``candidates`` None sorts each row (B, V): the nucleus of top-p without top-k can hold any number
+    of tokens. ``candidates`` C: only the C largest logits (``torch.topk``, sorted), exactly the
+    sort's first C values, so the same thresholds when every filtering row has top-k <= C (the
+    nucleus lies inside the top-k; ``sampling_mode`` checks). Top-k is taken on the raw logits
+    (dividing by the temperature keeps the order but can round two logits to one value), top-p on
+    the tempered softmax of the top-k survivors, in float64 (its sum then rounds the same over C
+    or V columns, for all practical purposes).
     """
     B, V = logits.shape
-    vals = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
-    rank = torch.arange(V, device=logits.device)  # (V,)
+    if candidates is None or candidates >= V:
+        vals = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
+    else:
+        vals = torch.topk(logits, candidates, dim=-1).values  # (B, C), sorted descending
+    rank = torch.arange(vals.shape[1], device=logits.device)  # (C,)
     k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # (B,)
-    in_k = rank[None, :] < k[:, None]  # (B, V)
+    in_k = rank[None, :] < k[:, None]  # (B, C)
     t = torch.where(temperature > 0, temperature, 1.0)[:, None]  # (B, 1)
-    probs = torch.softmax((vals / t).masked_fill(~in_k, float("-inf")), dim=-1)  # (B, V)
+    probs = torch.softmax((vals / t).double().masked_fill(~in_k, float("-inf")), dim=-1)  # (B, C)
     before = torch.cumsum(probs, dim=-1) - probs  # probability of the better tokens
     keep = in_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))  # the best token: before == 0
     n = keep.sum(-1).clamp(min=1)  # (B,) tokens kept
@@ -155,25 +157,32 @@ def filter_thresholds(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p:
 
 
 def sample_tokens(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor,
-                  position: Tensor, filtered: bool = True) -> Tensor:
+                  position: Tensor, filtered: bool = True, candidates: int | None = None) -> Tensor:
     """One token per row of ``logits`` (B, V) fp32: long (B,). Graph-safe (no host sync, no generator).
 
-    Row b is greedy (argmax) when temperature[b] == 0; otherwise the Gumbel-max draw (Gumbel 1954;
-    the exponential race) over the tokens that top-k[b] (0: none) and top-p[b] (1: none) keep:
-    argmax_i logits/T + g_i, with g from ``gumbel_noise(row_keys(seed, position))``. That picks i with
-    probability softmax(logits/T) restricted to the kept set, and the noise belongs to the vocabulary
-    id, not to a rank or a batch slot, so a row's token does not depend on the other rows, on which
-    code path computed the thresholds, or on the batch size. ``position``: the index of the drawn
-    token in its request (int64 (B,)); ``seed`` int64 (B,). ``filtered=False`` skips the
-    thresholds (a sort per row): only when no sampled row has top-k or top-p (``sampling_mode``).
+    Row b is greedy (argmax) when temperature[b] == 0; otherwise it is drawn from softmax(logits / T)
+    restricted to what top-k[b] (0: none) and top-p[b] (1: none) keep, by inverse-CDF sampling in
+    vocabulary order: the first token whose cumulative probability exceeds u * total, with u =
+    ``uniform(row_keys(seed, position))``. The cumulative sum is float64 (in fp32 the increments of
+    the ~1e-8-probability tail vanish against a sum near 1, and those tokens would never be drawn).
+    Vocabulary order and a per-row u make a row's token independent of the other rows, of the code
+    path that ran it and of the batch size. ``position``: the index of the drawn token in its request
+    (int64 (B,)); ``seed`` int64 (B,). ``filtered=False`` skips the thresholds (a sort per row): only
+    when no sampled row has top-k or top-p; ``candidates``: see ``filter_thresholds``. The variant
+    ``sampling_mode`` picks gives every row the tokens the full sort would.
     """
+    V = logits.shape[-1]
     greedy = logits.argmax(dim=-1)  # (B,)
     t = torch.where(temperature > 0, temperature, 1.0)[:, None]  # (B, 1)
-    scores = logits / t + gumbel_noise(row_keys(seed, position), logits.shape[-1])  # (B, V)
+    scaled = logits / t  # (B, V)
     if filtered:
-        thr = filter_thresholds(logits, temperature, top_k, top_p)  # (B,)
-        scores = scores.masked_fill(logits < thr[:, None], float("-inf"))
-    return torch.where(temperature > 0, scores.argmax(dim=-1), greedy)
+        thr = filter_thresholds(logits, temperature, top_k, top_p, candidates)  # (B,)
+        scaled = scaled.masked_fill(logits < thr[:, None], float("-inf"))
+    cdf = torch.softmax(scaled, dim=-1).double().cumsum(dim=-1)  # (B, V) non-decreasing
+    target = uniform(row_keys(seed, position)) * cdf[:, -1]  # (B,) in [0, total)
+    idx = (cdf <= target[:, None]).sum(dim=-1)  # (B,) the first token whose cdf exceeds the target
+    idx = torch.where(idx < V, idx, greedy)  # u * total rounded up to total: p ~ 2^-53, never seen
+    return torch.where(temperature > 0, idx, greedy)
 
 
 RowSampling = tuple[float, int, float, int, int]
@@ -188,14 +197,33 @@ def row_sampling(params: "SamplingParams", seed: int, position: int) -> RowSampl
             seed, int(position))
 
 
+CANDIDATES = (64, 1024)
+"""Candidate-set sizes of the top-k variants (``sampling_mode``): few, each one more set of graphs."""
+
+
 def sampling_mode(rows: list[RowSampling]) -> str:
-    """'greedy' (no row samples: plain argmax), 'sample' (no sampled row filters: no sort) or
-    'filter' (some sampled row has top-k or top-p): the variant of ``sample_tokens`` a batch needs.
-    Every variant gives each row the same token; the cheaper ones skip work no row needs."""
+    """The variant of ``sample_tokens`` a batch needs: 'greedy' (no row samples: plain argmax),
+    'sample' (no sampled row filters: no thresholds), 'top64' / 'top1024' (every filtering row has a
+    top-k within that many: ``torch.topk`` of that many candidates instead of a sort) or 'sort' (some
+    row has top-p without top-k, or a larger top-k). Every variant gives each row the same token;
+    the cheaper ones skip work no row needs."""
     sampled = [r for r in rows if r[0] > 0]
     if not sampled:
         return "greedy"
-    return "filter" if any(r[1] > 0 or r[2] < 1.0 for r in sampled) else "sample"
+    filtering = [r for r in sampled if r[1] > 0 or r[2] < 1.0]
+    if not filtering:
+        return "sample"
+    if all(r[1] > 0 for r in filtering):
+        kmax = max(r[1] for r in filtering)
+        for c in CANDIDATES:
+            if kmax <= c:
+                return f"top{c}"
+    return "sort"
+
+
+def mode_args(mode: str) -> tuple[bool, int | None]:
+    """``sample_tokens``' (filtered, candidates) for a sampled ``mode`` of ``sampling_mode``."""
+    return mode != "sample", int(mode[3:]) if mode.startswith("top") else None
 
 
 def draw_tokens(logits: Tensor, rows: list[RowSampling]) -> Tensor:
@@ -210,7 +238,7 @@ def draw_tokens(logits: Tensor, rows: list[RowSampling]) -> Tensor:
                          torch.tensor(top_k, dtype=torch.long, device=dev),
                          torch.tensor(top_p, dtype=torch.float32, device=dev),
                          torch.tensor(seed, dtype=torch.long, device=dev),
-                         torch.tensor(pos, dtype=torch.long, device=dev), filtered=mode == "filter")
+                         torch.tensor(pos, dtype=torch.long, device=dev), *mode_args(mode))
 
 
 @dataclass(frozen=True)
