@@ -163,6 +163,9 @@ def test_top_k_one_is_greedy_and_unseeded_requests_differ(model):
     top1 = eng.generate(prompts, SamplingParams(max_tokens=10, temperature=1.5, top_k=1, ignore_eos=True))
     greedy = eng.generate(prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in top1] == [o.token_ids for o in greedy] and 4 in calls
+    eng.runner.capture(("sample",))  # up front, as a server or a benchmark may: every size, 1 and 4 steps
+    assert {(b, k) for b, k, m in eng.runner.sampled_graphs if m == "sample"} == {(b, k) for b in (1, 2, 4, 8)
+                                                                                  for k in (1, 4)}
     free = eng.generate([PROMPT, PROMPT], SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True))
     assert free[0].token_ids != free[1].token_ids  # each unseeded request drew its own seed
 

@@ -175,16 +175,24 @@ class ModelRunner:
     # seed (G) | position (G)], and feeds the sampler's token to the next step instead of the argmax;
     # step j of a graph draws at position + j. Padded rows are greedy (temperature 0).
 
-    def capture(self) -> None:
+    def capture(self, modes: tuple[str, ...] = ("greedy",)) -> None:
         """Capture the decode graphs for every row count in ``graph_batch_sizes`` (largest first, one
-        memory pool): one step each, and ``decode_steps`` steps each when that is > 1."""
-        if not self.graph_max or self.graphs:
+        memory pool): one step each, and ``decode_steps`` steps each when that is > 1; greedy, and the
+        sampled variants in ``modes`` (``sampling_mode``'s names; otherwise captured at first use).
+        Graphs already captured are kept."""
+        if not self.graph_max:
             return
-        self._alloc_static()
+        if not self._s:
+            self._alloc_static()
         with torch.inference_mode(), self._compile_limit():
             for b in reversed(graph_batch_sizes(self.graph_max)):
                 for steps in sorted({1, self.decode_steps}):
-                    (self.graphs if steps == 1 else self.multi_graphs)[b] = self._capture_one(b, steps, "greedy")
+                    for mode in ("greedy", *modes):
+                        table = (self.graphs if steps == 1 else self.multi_graphs) if mode == "greedy" else None
+                        if table is not None and b not in table:
+                            table[b] = self._capture_one(b, steps, mode)
+                        elif table is None and (b, steps, mode) not in self.sampled_graphs:
+                            self.sampled_graphs[b, steps, mode] = self._capture_one(b, steps, mode)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
 
