@@ -362,8 +362,9 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
                                                            temperature=T), model)
         add(f"{name} sampled T={T:g} top-p {P:g}", lambda: kiln_decode(
             model, prompt, new_tokens, r, compile_decode=cuda, temperature=T, top_p=P), model)
-        add(f"{name} sampled T={T:g} single-step", lambda: kiln_decode(
-            model, prompt, new_tokens, r, compile_decode=cuda, decode_steps=1, temperature=T), model)
+        if cuda:  # multi-step's share (on the CPU there are no graphs: the same path)
+            add(f"{name} sampled T={T:g} single-step", lambda: kiln_decode(
+                model, prompt, new_tokens, r, compile_decode=cuda, decode_steps=1, temperature=T), model)
     for mode in ("int8", "int4"):
         if mode in args.rows:
             qm = quantize_model(copy.deepcopy(model), mode)
@@ -916,7 +917,9 @@ def run(args: argparse.Namespace) -> int:
              f"{args.repeats}); throughput: at each concurrency c, min({args.requests}, max({args.min_requests}, 8c)) requests "
              f"(AlpacaEval prompt lengths), {args.max_tokens} greedy output tokens each, c kept in flight; "
              f"rollouts: {args.gsm8k_prompts} GSM8K prompts ({args.gsm8k_shots}-shot) and GRPO groups of "
-             f"{args.group}, {args.max_tokens} tokens each; profile: {args.profile_tokens} decode tokens per table. Weights: "
+             f"{args.group}, {args.max_tokens} tokens each; profile: {args.profile_tokens} decode tokens per table. "
+             + (f"Rows 'sampled' / 'T=': seeded requests sampled at temperature {args.temperature:g} (top-p "
+                f"{args.top_p:g} where named) instead of greedy. " if "sampled" in args.rows else "") + "Weights: "
              + (args.model or "random init (speed does not depend on values)") + "; wall "
              f"{time.monotonic() - args.started:.0f} s.")
     report("serve", device, blurb, _tables(rows), rows, args.out)
