@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from kiln.generate import EngineConfig, LLMEngine, SamplingParams, filter_logits
-from kiln.generate.sampling import draw_tokens, row_keys, row_sampling, sample_tokens, sampling_mode
+from kiln.generate.sampling import (
+    draw_tokens,
+    row_keys,
+    row_sampling,
+    sample_tokens,
+    sampling_mode,
+)
 from kiln.model import ModelConfig, Transformer
 
 # chi-square critical values at p = 1e-4 (scipy.stats.chi2.isf(1e-4, df)): a correct sampler fails

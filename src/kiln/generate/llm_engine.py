@@ -26,7 +26,12 @@ from torch import Tensor
 
 from kiln.generate.block_manager import BlockManager
 from kiln.generate.model_runner import MAX_ROW_TOKENS, ModelRunner, StepItem
-from kiln.generate.sampling import RowSampling, SamplingParams, draw_tokens, row_sampling
+from kiln.generate.sampling import (
+    RowSampling,
+    SamplingParams,
+    draw_tokens,
+    row_sampling,
+)
 from kiln.generate.scheduler import Scheduler
 from kiln.generate.sequence import Sequence, Status
 from kiln.generate.speculative import make_proposer

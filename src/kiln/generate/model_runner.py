@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kiln.generate.sampling import RowSampling, mode_args, row_sampling, sample_tokens, sampling_mode
+from kiln.generate.sampling import (
+    RowSampling,
+    mode_args,
+    row_sampling,
+    sample_tokens,
+    sampling_mode,
+)
 from kiln.generate.sequence import Sequence
 from kiln.model import PagedKVCache, PagedMetadata, Transformer
 
@@ -171,9 +177,10 @@ class ModelRunner:
     # back B ids, not B x V logits. A multi-step graph runs ``decode_steps`` forwards in a row, each
     # feeding its argmax to the next and advancing positions, slots and lengths on the device.
     # A sampled graph ('sample': temperature only; 'top64', 'top1024': top-k thresholds from that many
-    # candidates; 'sort': a sort per row, for top-p without top-k; see ``sampling_mode``) reads a second buffer, [temperature (G, f64 bits) | top_k (G) | top_p (G, f64 bits) |
-    # seed (G) | position (G)], and feeds the sampler's token to the next step instead of the argmax;
-    # step j of a graph draws at position + j. Padded rows are greedy (temperature 0).
+    # candidates; 'sort': a sort per row, for top-p without top-k; see ``sampling_mode``) also reads
+    # a second buffer, [temperature (G, f64 bits) | top_k (G) | top_p (G, f64 bits) | seed (G) |
+    # position (G)], filled by a second copy, and feeds the sampler's token to the next step instead
+    # of the argmax; step j of a graph draws at position + j. Padded rows are greedy (temperature 0).
 
     def capture(self, modes: tuple[str, ...] = ("greedy",)) -> None:
         """Capture the decode graphs for every row count in ``graph_batch_sizes`` (largest first, one
@@ -367,7 +374,7 @@ class ModelRunner:
         sampled ones (temperature > 0) the sampler's draw at their seed and the position of the token
         (``len(token_ids)``, + j at step j). Returns the ids, B lists of ``steps`` (one device->host
         copy), and for ``steps == 1`` the logits (B, V) fp32 on the device (for log-probabilities;
-        None after a multi-step CUDA graph).""" 
+        None after a multi-step CUDA graph)."""
         if not self.graphs:
             self.capture()
         if steps not in (1, self.decode_steps):

@@ -138,7 +138,7 @@ def filter_thresholds(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p:
     the tempered softmax of the top-k survivors, in float64 (its sum then rounds the same over C
     or V columns, for all practical purposes).
     """
-    B, V = logits.shape
+    V = logits.shape[-1]
     if candidates is None or candidates >= V:
         vals = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
     else:
@@ -189,7 +189,7 @@ RowSampling = tuple[float, int, float, int, int]
 """One row's (temperature, top_k (0: none), top_p (1.0: none), seed (int64), position)."""
 
 
-def row_sampling(params: "SamplingParams", seed: int, position: int) -> RowSampling:
+def row_sampling(params: SamplingParams, seed: int, position: int) -> RowSampling:
     """The sampler's per-row values for a request with ``params`` and ``seed`` drawing the token at
     ``position`` (its index in the request's tokens, prompt included)."""
     seed = (int(seed) + (1 << 63)) % (1 << 64) - (1 << 63)  # any Python int -> its int64 bits
