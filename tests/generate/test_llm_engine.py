@@ -288,3 +288,24 @@ def test_speculative_sampling_keeps_the_distribution():
 
     plain, spec = second_tokens(False), second_tokens(True)
     assert 0.5 * (plain - spec).abs().sum() < 0.1, (plain, spec)
+
+
+def test_warmup_leaves_no_trace(model):
+    """``warmup`` runs many throwaway requests (graphs emulated on the CPU); afterwards every block is
+    free, no prefix is cached, the counters read as before, and outputs equal a fresh engine's."""
+    cfg = EngineConfig(block_size=4, num_blocks=40, max_num_seqs=4, max_num_batched_tokens=32, decode_steps=4)
+    eng = LLMEngine(model, ByteTokenizer(), cfg)
+    eng.runner.graph_max = 4  # emulated CUDA graphs: the multi-step path runs too
+    eng.runner.capture()
+    before = eng.stats()
+    assert eng.warmup() > 0
+    assert eng.stats() == before
+    assert not eng.blocks.hash_to_block  # the warm-up's prefixes are forgotten
+    prompts = _prompts(6)
+    params = SamplingParams(max_tokens=9, temperature=0)
+    got = [o.token_ids for o in eng.generate(prompts, params)]
+    assert got == [uncached_greedy(model, p, 9) for p in prompts]
+    assert [o.request_id for o in eng.generate([[1, 2]], params)] == ["6"]  # request ids carry on as before
+    eng.add_request([1, 2, 3], params)
+    with pytest.raises(RuntimeError, match="idle engine"):
+        eng.warmup()

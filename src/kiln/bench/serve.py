@@ -614,6 +614,7 @@ def throughput_engine(model: Any, max_concurrency: int, sampled: bool = False) -
 
     eng = LLMEngine(model, None, EngineConfig(max_num_seqs=max_concurrency,
                                               max_num_batched_tokens=max(2048, max_concurrency)))
+    eng.warmup()  # every prefill length class and decode path compiled before the first timed row
     eng.generate([[1, 2, 3]] * min(4, max_concurrency), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     if sampled:
         eng.runner.capture(("sample",))

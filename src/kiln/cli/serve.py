@@ -17,6 +17,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="weight dtype; auto: bf16 on cuda, as stored on cpu")
     p.add_argument("--engine", action="append", default=[], metavar="NAME=VALUE",
                    help="override an EngineConfig field (repeatable), e.g. --engine num_blocks=512")
+    p.add_argument("--warmup", default="auto", choices=["auto", "on", "off"],
+                   help="run throwaway requests at load so the first request does not pay kernel "
+                        "compilation; auto: on CUDA only")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,7 +81,8 @@ def _attribute_docs(cls: type) -> dict[str, str]:
 def _spec(args: argparse.Namespace):
     from kiln.serve.server import ModelSpec, parse_overrides
 
-    return ModelSpec(args.model_dir, args.tokenizer, args.device, args.dtype, parse_overrides(args.engine))
+    return ModelSpec(args.model_dir, args.tokenizer, args.device, args.dtype, parse_overrides(args.engine),
+                     args.warmup)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -481,6 +481,40 @@ class LLMEngine:
                 bar.close()
         return [final[r] for r in rids]
 
+    def warmup(self, lengths: list[int] | None = None) -> float:
+        """Run throwaway requests through every path a first user request would compile, so it is not
+        the one that pays: prefills of several lengths (Triton specializes its kernels on integer
+        arguments divisible by 16, and ``torch.compile`` on shapes), alone and packed together, greedy
+        multi-step and sampled decode. Afterwards the prefix cache and the counters are as before.
+        ``lengths``: prompt lengths (default: 1 to ~1k tokens, capped by the context and step budget).
+        Returns the seconds it took (a server prints it; a benchmark keeps it out of its timing)."""
+        import random
+        import time
+
+        if self.has_unfinished():
+            raise RuntimeError("warmup() runs on an idle engine: call it before adding requests")
+        t0 = time.perf_counter()
+        cap = min(self.max_seq_tokens - 2 * self.runner.decode_steps - 2, self.config.max_num_batched_tokens)
+        lengths = lengths or [n for n in (1, 2, 7, 16, 17, 33, 100, 128, 129, 256, 513, 1024) if n <= cap] or [1]
+        rng = random.Random(0)
+        prompts = [[rng.randrange(self.vocab_limit) for _ in range(n)] for n in lengths]  # (n,) each
+        greedy = SamplingParams(max_tokens=2 * self.runner.decode_steps + 1, temperature=0, ignore_eos=True)
+        sampled = SamplingParams(max_tokens=3, temperature=1.0, top_k=50, top_p=0.9, seed=0, ignore_eos=True)
+        saved = (self.num_finished, self.scheduler.num_preemptions, self.blocks.prefix_hits,
+                 self.blocks.prefix_queries, dict(self.spec_counts), self._ids)
+        self._ids = (f"warmup-{i}" for i in itertools.count())
+        try:
+            for p in prompts:  # one at a time: batch-1 prefill and decode at every length
+                self.generate([p], greedy)
+            self.generate(prompts, [greedy] * (len(prompts) - 1) + [sampled])  # packed, mixed settings
+        finally:
+            (self.num_finished, self.scheduler.num_preemptions, self.blocks.prefix_hits,
+             self.blocks.prefix_queries, self.spec_counts, self._ids) = saved
+            self.reset_prefix_cache()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
     def stats(self) -> dict[str, Any]:
         """Cache and queue counters: free/used blocks, waiting/running, preemptions, prefix-cache hits."""
         b = self.blocks

@@ -27,6 +27,9 @@ class ModelSpec:
     """auto (bf16 on cuda, as stored on cpu), fp32, bf16 or fp16."""
     engine: dict[str, Any] = field(default_factory=dict)
     """EngineConfig fields to override, e.g. {"num_blocks": 512} (``--engine num_blocks=512``)."""
+    warmup: str = "auto"
+    """Run throwaway requests through the engine at load (``LLMEngine.warmup``) so the first user
+    request does not pay kernel compilation: 'on', 'off', or 'auto' (on for CUDA)."""
 
 
 @dataclass
@@ -70,6 +73,10 @@ def load(spec: ModelSpec) -> Loaded:
     tokenizer = load_tokenizer(spec.tokenizer or model_dir)  # Kiln's format or Hugging Face's
     model = load_pretrained(model_dir, device=device, dtype=dtype).eval()
     engine = LLMEngine(model, tokenizer=tokenizer, config=engine_config(EngineConfig, spec.engine))
+    if spec.warmup not in ("auto", "on", "off"):
+        raise ValueError(f"--warmup {spec.warmup!r}: choose auto, on or off")
+    if spec.warmup == "on" or (spec.warmup == "auto" and torch.device(device).type == "cuda"):
+        log.info("engine warm-up: %.1f s", engine.warmup())
     name = Path(spec.model_dir).resolve().name
     return Loaded(engine, tokenizer, model, name, device, model.config.context_length, model.config.vocab_size)
 
