@@ -607,17 +607,15 @@ def _throughput_row(t: Any, impl: str, shape: str, c: int, n: int, note: str = "
                     _pct(t.ttft, 0.5), _pct(t.ttft, 0.99), _pct(t.itl, 0.5), _pct(t.itl, 0.99), note=", ".join(notes))
 
 
-def throughput_engine(model: Any, max_concurrency: int, sampled: bool = False) -> Any:
-    """One engine for every concurrency (CUDA graphs captured once, by a warm-up that runs here;
-    ``sampled``: the temperature-only sampled graphs too, else captured at first use in a timed row)."""
+def throughput_engine(model: Any, max_concurrency: int) -> Any:
+    """One engine for every concurrency (CUDA graphs captured once, by a warm-up that runs here: the
+    temperature-only sampled graphs of the sampled rows too)."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     eng = LLMEngine(model, None, EngineConfig(max_num_seqs=max_concurrency,
                                               max_num_batched_tokens=max(2048, max_concurrency)))
     eng.warmup()  # every prefill length class and decode path compiled before the first timed row
     eng.generate([[1, 2, 3]] * min(4, max_concurrency), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    if sampled:
-        eng.runner.capture(("sample",))
     return eng
 
 
@@ -679,7 +677,7 @@ def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Pa
                if row.ttft_p50_ms is not None and row.itl_p50_ms is not None else "")
         print(f"  {shape} c={c} {impl}: {row.tok_s or 0:.1f} tok/s{lat} {row.error}", flush=True)
 
-    engine = throughput_engine(model, max(cs), "sampled" in args.rows)
+    engine = throughput_engine(model, max(cs))
     for c in cs:
         add("kiln engine", c, lambda p, c: kiln_throughput(model, p, c, M, engine))
         if "sampled" in args.rows:  # the same requests sampled (GRPO's rollouts sample at T 0.7)

@@ -485,7 +485,8 @@ class LLMEngine:
         """Run throwaway requests through every path a first user request would compile, so it is not
         the one that pays: prefills of several lengths (Triton specializes its kernels on integer
         arguments divisible by 16, and ``torch.compile`` on shapes), alone and packed together, greedy
-        multi-step and sampled decode. Afterwards the prefix cache and the counters are as before.
+        multi-step and sampled decode, and the temperature-only sampled graphs (the other sampled
+        variants are captured when first used). Afterwards the prefix cache and the counters are as before.
         ``lengths``: prompt lengths (default: 1 to ~1k tokens, capped by the context and step budget).
         Returns the seconds it took (a server prints it; a benchmark keeps it out of its timing)."""
         import random
@@ -511,6 +512,7 @@ class LLMEngine:
             (self.num_finished, self.scheduler.num_preemptions, self.blocks.prefix_hits,
              self.blocks.prefix_queries, self.spec_counts, self._ids) = saved
             self.reset_prefix_cache()
+        self.runner.capture(("sample",))  # temperature-only sampling (OpenAI's default) at every size
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
