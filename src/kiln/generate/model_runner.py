@@ -28,9 +28,11 @@ from torch import Tensor
 from kiln.generate.sampling import (
     RowSampling,
     mode_args,
+    row_keys,
     row_sampling,
-    sample_tokens,
+    sample_with_uniform,
     sampling_mode,
+    uniform,
 )
 from kiln.generate.sequence import Sequence
 from kiln.model import PagedKVCache, PagedMetadata, Transformer
@@ -95,8 +97,8 @@ class ModelRunner:
         # the multi-step graph's between-steps bookkeeping (ids, positions, lengths, slots: ~10 small
         # kernels eagerly) as one fused kernel when compiled
         self._advance_fn = torch.compile(self._advance, dynamic=False) if compile_decode else self._advance
-        self._sample_fn = (torch.compile(sample_tokens, dynamic=True)
-                           if compile_sampler and self.device.type == "cuda" else sample_tokens)
+        self._sample_fn = (torch.compile(sample_with_uniform, dynamic=True)
+                           if compile_sampler and self.device.type == "cuda" else sample_with_uniform)
         self._s: dict[str, Tensor] = {}
         self._metas: dict[int, PagedMetadata] = {}
         self._uploaded: Any = None  # a CUDA event after the last host->device copy of the pinned rows
@@ -316,14 +318,16 @@ class ModelRunner:
         s["lens"][:b].copy_(s["lens64"][:b])
         s["tables"][:b].copy_(s["tables64"][:b])
         out = torch.empty(b, steps, dtype=torch.long, device=self.device)
-        if mode != "greedy":
+        if mode != "greedy":  # the settings cast and every step's random number hashed once per graph
             temp, top_p = s["temp64"][:b].float(), s["top_p64"][:b].float()  # (b,) fp32
+            draw_pos = s["draw_pos"][:b, None] + torch.arange(steps, device=self.device)  # (b, steps)
+            u = uniform(row_keys(s["seed"][:b, None], draw_pos))  # (b, steps) float64
         for j in range(steps):
             self.cache.meta = self._meta(b)
             logits, nxt = self._decode(s["ids"][:b], s["pos"][:b])
             if mode != "greedy":
-                nxt = self._sample_fn(logits[:, :self.vocab_limit], temp, s["top_k"][:b], top_p, s["seed"][:b],
-                                      s["draw_pos"][:b] + j, *mode_args(mode))
+                nxt = self._sample_fn(logits[:, :self.vocab_limit], temp, s["top_k"][:b], top_p, u[:, j],
+                                      *mode_args(mode))
             out[:, j] = nxt
             if j + 1 < steps:
                 self._advance_fn(b, nxt)

@@ -171,6 +171,15 @@ def sample_tokens(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
     when no sampled row has top-k or top-p; ``candidates``: see ``filter_thresholds``. The variant
     ``sampling_mode`` picks gives every row the tokens the full sort would.
     """
+    u = uniform(row_keys(seed, position))  # (B,) float64
+    return sample_with_uniform(logits, temperature, top_k, top_p, u, filtered, candidates)
+
+
+def sample_with_uniform(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor,
+                        filtered: bool = True, candidates: int | None = None) -> Tensor:
+    """``sample_tokens`` with each row's uniform number u (B,) float64 given (``uniform(row_keys(seed,
+    position))``): a K-step graph hashes the numbers of all its steps at once, ~40 tiny integer
+    kernels per graph instead of per step."""
     V = logits.shape[-1]
     greedy = logits.argmax(dim=-1)  # (B,)
     t = torch.where(temperature > 0, temperature, 1.0)[:, None]  # (B, 1)
@@ -178,8 +187,8 @@ def sample_tokens(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
     if filtered:
         thr = filter_thresholds(logits, temperature, top_k, top_p, candidates)  # (B,)
         scaled = scaled.masked_fill(logits < thr[:, None], float("-inf"))
-    cdf = torch.softmax(scaled, dim=-1).double().cumsum(dim=-1)  # (B, V) non-decreasing
-    target = uniform(row_keys(seed, position)) * cdf[:, -1]  # (B,) in [0, total)
+    cdf = torch.cumsum(torch.softmax(scaled, dim=-1), dim=-1, dtype=torch.float64)  # (B, V) non-decreasing
+    target = u * cdf[:, -1]  # (B,) in [0, total)
     idx = (cdf <= target[:, None]).sum(dim=-1)  # (B,) the first token whose cdf exceeds the target
     idx = torch.where(idx < V, idx, greedy)  # u * total rounded up to total: p ~ 2^-53, never seen
     return torch.where(temperature > 0, idx, greedy)
