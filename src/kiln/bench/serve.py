@@ -396,7 +396,9 @@ def host_table(args: argparse.Namespace, shape: str, device: Any) -> list[ServeR
     stub that returns 16 zero logits (the GPU's share removed: the layers, the head, the argmax over the
     vocabulary; the engine's bookkeeping, copies and graph replays kept): the general step (per-step
     Python packing, ``run``), the lean step (one copy in, argmax in the graph, one copy out) and
-    multi-step decode. Graph paths are emulated on the CPU (their in-graph ops then run eagerly)."""
+    multi-step decode; with row 'sampled', the two graph paths sampling at ``--temperature`` too (the
+    sampler's ops over the 16 logits then count as host work on the CPU, as graph replays on CUDA).
+    Graph paths are emulated on the CPU (their in-graph ops then run eagerly)."""
     import torch
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -414,8 +416,12 @@ def host_table(args: argparse.Namespace, shape: str, device: Any) -> list[ServeR
     n = min(args.new_tokens, model.config.context_length - plen)
     rows = []
     try:
-        for label, graphs, steps in (("general step", False, 1), ("lean step", True, 1), ("multi-step", True, 8)):
-            rows.append(_host_row(model, shape, label, graphs, steps, plen, n, args.repeats, zeros))
+        paths = [("general step", False, 1, 0.0), ("lean step", True, 1, 0.0), ("multi-step", True, 8, 0.0)]
+        if "sampled" in args.rows:
+            T = args.temperature
+            paths += [(f"lean step T={T:g}", True, 1, T), (f"multi-step T={T:g}", True, 8, T)]
+        for label, graphs, steps, temp in paths:
+            rows.append(_host_row(model, shape, label, graphs, steps, plen, n, args.repeats, zeros, temp))
             print(f"  host {label}: {rows[-1].note}", flush=True)
     finally:
         model.lm_head = true_head
@@ -424,8 +430,9 @@ def host_table(args: argparse.Namespace, shape: str, device: Any) -> list[ServeR
 
 
 def _host_row(model: Any, shape: str, label: str, graphs: bool, steps: int, plen: int, n: int, repeats: int,
-              zeros: Any) -> ServeRow:
-    """One path of ``host_table``: best tokens/s of one greedy request, the forward stubbed."""
+              zeros: Any, temperature: float = 0.0) -> ServeRow:
+    """One path of ``host_table``: best tokens/s of one request (greedy, or sampled at ``temperature``,
+    seeded), the forward stubbed."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     eng = LLMEngine(model, None, EngineConfig(max_num_seqs=1, enable_prefix_caching=False, cuda_graphs=graphs,
@@ -434,7 +441,7 @@ def _host_row(model: Any, shape: str, label: str, graphs: bool, steps: int, plen
         eng.runner.graph_max = 1  # the CPU: the graph body runs eagerly over the same static buffers
     zero_ids = zeros[:, 0].long()  # (rows,) greedy ids of zero logits
     eng.runner._decode = lambda ids, pos: (zeros[: ids.shape[0]], zero_ids[: ids.shape[0]])  # graph paths
-    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=n, temperature=temperature, seed=0, ignore_eos=True)
     eng.generate([[1] * plen], params)  # warm-up (captures)
     best = 0.0
     for _ in range(repeats):
