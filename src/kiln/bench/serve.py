@@ -155,15 +155,17 @@ def _sync(device: Any) -> None:
 
 
 def kiln_decode(model: Any, prompt: list[int], new_tokens: int, repeats: int, speculative: str = "none",
-                draft: Any = None, compile_decode: bool = False, decode_steps: int = 8) -> tuple[float, str]:
-    """Best tokens/s of one greedy request over ``repeats`` runs (after a warm-up that captures graphs)."""
+                draft: Any = None, compile_decode: bool = False, decode_steps: int = 8, temperature: float = 0.0,
+                top_p: float | None = None) -> tuple[float, str]:
+    """Best tokens/s of one request over ``repeats`` runs (after a warm-up that captures graphs): greedy,
+    or sampled at ``temperature`` (and ``top_p``), seeded (each run draws the same tokens)."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     cfg = EngineConfig(max_num_seqs=1, max_num_batched_tokens=max(2048, len(prompt) + 8), num_blocks=None,
                        speculative=speculative, num_speculative_tokens=4, enable_prefix_caching=False,
                        compile_decode=compile_decode, decode_steps=decode_steps)
     eng = LLMEngine(model, None, cfg, draft_model=draft)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=0, ignore_eos=True)
     dev = eng.device
     eng.generate([prompt], params)  # warm-up: Triton compilation, CUDA graph capture
     best = 0.0
@@ -354,6 +356,15 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
                                                        decode_steps=1), model)
     if "eager" in args.rows and cuda:
         add(f"{name} not compiled", lambda: kiln_decode(model, prompt, new_tokens, r), model)
+    if "sampled" in args.rows:  # sampled decode: the sampler inside the same graphs
+        T, P = args.temperature, args.top_p
+        add(f"{name} sampled T={T:g}", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=cuda,
+                                                           temperature=T), model)
+        add(f"{name} sampled T={T:g} top-p {P:g}", lambda: kiln_decode(
+            model, prompt, new_tokens, r, compile_decode=cuda, temperature=T, top_p=P), model)
+        if cuda:  # multi-step's share (on the CPU there are no graphs: the same path)
+            add(f"{name} sampled T={T:g} single-step", lambda: kiln_decode(
+                model, prompt, new_tokens, r, compile_decode=cuda, decode_steps=1, temperature=T), model)
     for mode in ("int8", "int4"):
         if mode in args.rows:
             qm = quantize_model(copy.deepcopy(model), mode)
@@ -385,7 +396,9 @@ def host_table(args: argparse.Namespace, shape: str, device: Any) -> list[ServeR
     stub that returns 16 zero logits (the GPU's share removed: the layers, the head, the argmax over the
     vocabulary; the engine's bookkeeping, copies and graph replays kept): the general step (per-step
     Python packing, ``run``), the lean step (one copy in, argmax in the graph, one copy out) and
-    multi-step decode. Graph paths are emulated on the CPU (their in-graph ops then run eagerly)."""
+    multi-step decode; with row 'sampled', the two graph paths sampling at ``--temperature`` too (the
+    sampler's ops over the 16 logits then count as host work on the CPU, as graph replays on CUDA).
+    Graph paths are emulated on the CPU (their in-graph ops then run eagerly)."""
     import torch
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -403,8 +416,12 @@ def host_table(args: argparse.Namespace, shape: str, device: Any) -> list[ServeR
     n = min(args.new_tokens, model.config.context_length - plen)
     rows = []
     try:
-        for label, graphs, steps in (("general step", False, 1), ("lean step", True, 1), ("multi-step", True, 8)):
-            rows.append(_host_row(model, shape, label, graphs, steps, plen, n, args.repeats, zeros))
+        paths = [("general step", False, 1, 0.0), ("lean step", True, 1, 0.0), ("multi-step", True, 8, 0.0)]
+        if "sampled" in args.rows:
+            T = args.temperature
+            paths += [(f"lean step T={T:g}", True, 1, T), (f"multi-step T={T:g}", True, 8, T)]
+        for label, graphs, steps, temp in paths:
+            rows.append(_host_row(model, shape, label, graphs, steps, plen, n, args.repeats, zeros, temp))
             print(f"  host {label}: {rows[-1].note}", flush=True)
     finally:
         model.lm_head = true_head
@@ -413,8 +430,9 @@ def host_table(args: argparse.Namespace, shape: str, device: Any) -> list[ServeR
 
 
 def _host_row(model: Any, shape: str, label: str, graphs: bool, steps: int, plen: int, n: int, repeats: int,
-              zeros: Any) -> ServeRow:
-    """One path of ``host_table``: best tokens/s of one greedy request, the forward stubbed."""
+              zeros: Any, temperature: float = 0.0) -> ServeRow:
+    """One path of ``host_table``: best tokens/s of one request (greedy, or sampled at ``temperature``,
+    seeded), the forward stubbed."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     eng = LLMEngine(model, None, EngineConfig(max_num_seqs=1, enable_prefix_caching=False, cuda_graphs=graphs,
@@ -423,7 +441,7 @@ def _host_row(model: Any, shape: str, label: str, graphs: bool, steps: int, plen
         eng.runner.graph_max = 1  # the CPU: the graph body runs eagerly over the same static buffers
     zero_ids = zeros[:, 0].long()  # (rows,) greedy ids of zero logits
     eng.runner._decode = lambda ids, pos: (zeros[: ids.shape[0]], zero_ids[: ids.shape[0]])  # graph paths
-    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=n, temperature=temperature, seed=0, ignore_eos=True)
     eng.generate([[1] * plen], params)  # warm-up (captures)
     best = 0.0
     for _ in range(repeats):
@@ -597,7 +615,8 @@ def _throughput_row(t: Any, impl: str, shape: str, c: int, n: int, note: str = "
 
 
 def throughput_engine(model: Any, max_concurrency: int) -> Any:
-    """One engine for every concurrency (CUDA graphs captured once, by a warm-up that runs here)."""
+    """One engine for every concurrency (CUDA graphs captured once, by a warm-up that runs here: the
+    temperature-only sampled graphs of the sampled rows too)."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     eng = LLMEngine(model, None, EngineConfig(max_num_seqs=max_concurrency,
@@ -608,14 +627,15 @@ def throughput_engine(model: Any, max_concurrency: int) -> Any:
 
 
 def kiln_throughput(model: Any, prompts: list[list[int]], concurrency: int, max_tokens: int,
-                    engine: Any = None) -> ServeRow:
+                    engine: Any = None, temperature: float = 0.0, top_p: float | None = None) -> ServeRow:
     """Keep ``concurrency`` requests in the engine (``engine``, or a new one) until all are done;
-    TTFT from ``add_request`` to the first token, ITL between a request's tokens."""
+    TTFT from ``add_request`` to the first token, ITL between a request's tokens. Greedy, or sampled
+    at ``temperature`` / ``top_p`` (request i seeded i)."""
     from kiln.bench.serve_http import run_direct
 
     eng = engine if engine is not None else throughput_engine(model, concurrency)
     before = eng.stats()["preemptions"]
-    t = run_direct(eng, prompts, concurrency, max_tokens)
+    t = run_direct(eng, prompts, concurrency, max_tokens, temperature, top_p)
     _sync(next(model.parameters()).device)
     return _throughput_row(t, "kiln engine", "", concurrency, len(prompts),
                            f"{eng.stats()['preemptions'] - before} preemptions")
@@ -635,7 +655,8 @@ def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Pa
     """Kiln's engine, then transformers' batched generate and its continuous batching, at each c."""
     import torch
 
-    impls = ["kiln engine"] + [i for r, i in (("transformers", "transformers generate"),
+    T = args.temperature
+    impls = ["kiln engine"] + ([f"kiln engine T={T:g}"] if "sampled" in args.rows else []) + [i for r, i in (("transformers", "transformers generate"),
                                              ("transformers-cb", "transformers cb")) if r in args.rows]
     if over_budget(args):
         return [_skipped("throughput", shape, i, c) for i in impls for c in args.concurrency]
@@ -666,6 +687,8 @@ def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Pa
     engine = throughput_engine(model, max(cs))
     for c in cs:
         add("kiln engine", c, lambda p, c: kiln_throughput(model, p, c, M, engine))
+        if "sampled" in args.rows:  # the same requests sampled (GRPO's rollouts sample at T 0.7)
+            add(f"kiln engine T={T:g}", c, lambda p, c: kiln_throughput(model, p, c, M, engine, T))
     engine = None  # its KV pool goes before the references load
     _free(device)
     if {"transformers", "transformers-cb"} & set(args.rows):
@@ -771,7 +794,7 @@ def format_tables(rows: list[ServeRow]) -> str:
     return "\n".join(out)
 
 
-ROWS = ("single-step", "eager", "int8", "int4", "ngram", "draft", "transformers", "transformers-cb", "transformers-serve",
+ROWS = ("single-step", "eager", "sampled", "int8", "int4", "ngram", "draft", "transformers", "transformers-cb", "transformers-serve",
         "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
 PARTS = ("latency", "throughput", "http", "rollouts", "host", "profile")
 
@@ -900,7 +923,9 @@ def run(args: argparse.Namespace) -> int:
              f"{args.repeats}); throughput: at each concurrency c, min({args.requests}, max({args.min_requests}, 8c)) requests "
              f"(AlpacaEval prompt lengths), {args.max_tokens} greedy output tokens each, c kept in flight; "
              f"rollouts: {args.gsm8k_prompts} GSM8K prompts ({args.gsm8k_shots}-shot) and GRPO groups of "
-             f"{args.group}, {args.max_tokens} tokens each; profile: {args.profile_tokens} decode tokens per table. Weights: "
+             f"{args.group}, {args.max_tokens} tokens each; profile: {args.profile_tokens} decode tokens per table. "
+             + (f"Rows 'sampled' / 'T=': seeded requests sampled at temperature {args.temperature:g} (top-p "
+                f"{args.top_p:g} where named) instead of greedy. " if "sampled" in args.rows else "") + "Weights: "
              + (args.model or "random init (speed does not depend on values)") + "; wall "
              f"{time.monotonic() - args.started:.0f} s.")
     report("serve", device, blurb, _tables(rows), rows, args.out)
@@ -921,12 +946,17 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    "table); GSM8K generation and GRPO rollouts before/after the engine; the engine's host work "
                    "per decode token (the forward stubbed out); where a decode token's GPU time goes, kernel by kernel, "
                    "Kiln beside gpt-fast (torch.profiler)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"optional rows, some of {','.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(r for r in ROWS if r != "sampled"),
+                   help=f"optional rows, some of {','.join(ROWS)} ('sampled': Kiln's engine sampling at "
+                   "--temperature, batch 1 and throughput; not in the default)")
     p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
     p.add_argument("--draft-model", default=None, help="a trained draft model directory for the draft row")
     p.add_argument("--gpt-fast", default=None, metavar="DIR", help="gpt-fast's source folder "
                    "(e.g. ../shared/refs/gpt-fast); without it the gpt-fast rows are skipped")
     p.add_argument("--prompt-len", type=int, default=128, help="batch-1 prompt tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="row 'sampled': the sampled rows' temperature "
+                   "(latency and throughput parts)")
+    p.add_argument("--top-p", type=float, default=0.95, help="row 'sampled': the latency part's top-p row")
     p.add_argument("--new-tokens", type=int, default=256, help="batch-1 generated tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed batch-1 runs per row (best kept)")
     p.add_argument("--prompts", default=DEFAULT_PROMPTS, help="AlpacaEval jsonl for the prompt lengths")

@@ -233,11 +233,13 @@ def check_server_stack() -> None:
                                "Install them with their dependencies: pip install 'kiln[serve]'") from e
 
 
-def run_direct(engine: Any, prompts: list[list[int]], c: int, max_tokens: int) -> Timings:
-    """Closed loop: keep ``c`` requests in the engine until every prompt is done."""
+def run_direct(engine: Any, prompts: list[list[int]], c: int, max_tokens: int, temperature: float = 0.0,
+               top_p: float | None = None) -> Timings:
+    """Closed loop: keep ``c`` requests in the engine until every prompt is done (greedy, or sampled
+    at ``temperature`` / ``top_p``, request i seeded i)."""
     from kiln.generate import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, ignore_eos=True)
     pending = list(reversed(prompts))
     start: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -245,7 +247,8 @@ def run_direct(engine: Any, prompts: list[list[int]], c: int, max_tokens: int) -
     t0 = time.perf_counter()
     while pending or start:
         while pending and len(start) < c:
-            start[engine.add_request(pending.pop(), params)] = time.perf_counter()
+            p = params if temperature == 0 else replace(params, seed=len(prompts) - len(pending))
+            start[engine.add_request(pending.pop(), p)] = time.perf_counter()
         outs = engine.step()
         now = time.perf_counter()
         for o in outs:

@@ -9,13 +9,15 @@
 A step asks the ``Scheduler`` which sequences run and how many tokens each (continuous batching,
 chunked prefill, preemption by recompute), the ``ModelRunner`` runs them as one packed forward over the
 ``PagedKVCache`` whose blocks the ``BlockManager`` hands out (prefix sharing), then every sequence whose
-window is fully computed samples its next token with its own generator and checks its stop conditions.
+window is fully computed draws its next token (``sampling.sample_tokens``: a hash of the request's seed
+and the token's position, so the same on every path) and checks its stop conditions.
 The engine is single-threaded; a server wraps it in its own thread. See docs/engine.md.
 """
 
 from __future__ import annotations
 
 import itertools
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,12 @@ from torch import Tensor
 
 from kiln.generate.block_manager import BlockManager
 from kiln.generate.model_runner import MAX_ROW_TOKENS, ModelRunner, StepItem
-from kiln.generate.sampling import SamplingParams, filter_logits, sample_rows
+from kiln.generate.sampling import (
+    RowSampling,
+    SamplingParams,
+    draw_tokens,
+    row_sampling,
+)
 from kiln.generate.scheduler import Scheduler
 from kiln.generate.sequence import Sequence, Status
 from kiln.generate.speculative import make_proposer
@@ -60,10 +67,16 @@ class EngineConfig:
     at one row the matmuls with it; coordinate-descent tuning, as gpt-fast: slower to compile; one
     compilation per captured batch size, so best with a small ``max_num_seqs``)."""
     decode_steps: int = 8
-    """Multi-step decode (as vLLM's multi-step scheduling): when every running sequence decodes
-    greedily (no log-probabilities) and nothing waits, one CUDA graph runs this many decode steps,
-    each feeding its argmax to the next, and the host checks stops afterwards (tokens past a stop are
-    dropped). Greedy output is token for token the single-step one. 1: single-step. CUDA graphs only."""
+    """Multi-step decode (as vLLM's multi-step scheduling): when no running sequence wants
+    log-probabilities and nothing waits, one CUDA graph runs this many decode steps, each feeding its
+    token (argmax, or the sampler's draw inside the graph) to the next, and the host checks stops
+    afterwards (tokens past a stop are dropped). Output is token for token the single-step one,
+    greedy and sampled alike. 1: single-step. CUDA graphs only."""
+    compile_sampler: bool = False
+    """On CUDA, ``torch.compile`` the sampler inside the sampled decode graphs (its softmax, cumulative
+    sum and count fuse into fewer kernels; one compilation per variant, dynamic in the batch). Off,
+    the sampler runs as ~10 eager kernels inside the graph. Same tokens either way, up to the
+    rounding of the softmax."""
     gpu_memory_fraction: float = 0.5
     """With ``num_blocks=None`` on CUDA: at most this fraction of the free GPU memory for the cache."""
     eos_token_id: int | None = None
@@ -76,8 +89,9 @@ class EngineConfig:
     earlier occurrence of the last few tokens) or 'draft' (a small Kiln model, ``LLMEngine(draft_model=)``).
     The output is exactly plain greedy decoding's; sampled requests speculate only with ``speculative_sampling``."""
     speculative_sampling: bool = False
-    """Also speculate for sampled requests (temperature > 0), by rejection sampling: the tokens follow
-    the model's distribution, but a seed draws different tokens than without speculation."""
+    """Also speculate for sampled requests (temperature > 0): a draft is kept when it equals the
+    sampler's draw at its position (a deterministic proposal is accepted with probability p(draft),
+    as rejection sampling does), so a seed draws the same tokens as without speculation."""
     num_speculative_tokens: int = 4
     """Draft tokens verified per step and sequence."""
     ngram_max: int = 3
@@ -153,7 +167,8 @@ class LLMEngine:
         rows = config.max_num_seqs * (1 + config.num_speculative_tokens if config.speculative != "none" else 1)
         graphs = rows if config.cuda_graphs else 0
         self.runner = ModelRunner(model, num_blocks, config.block_size, graphs, config.compile_decode,
-                                  config.decode_steps if config.speculative == "none" else 1, self.vocab_limit)
+                                  config.decode_steps if config.speculative == "none" else 1, self.vocab_limit,
+                                  config.compile_sampler)
         self.max_seq_tokens = min(mc.context_length, num_blocks * config.block_size)
         self.proposer = make_proposer(config, model, draft_model, num_blocks, self.vocab_limit)
         if config.num_speculative_tokens + 1 > MAX_ROW_TOKENS and config.speculative != "none":
@@ -193,15 +208,11 @@ class LLMEngine:
                              "the tokenizer does not match this model")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine to have a tokenizer; use stop_token_ids instead")
-        gen = torch.Generator(device=self.device)
-        if params.seed is not None:
-            gen.manual_seed(params.seed)
-        else:
-            gen.seed()
+        seed = params.seed if params.seed is not None else secrets.randbits(64)  # unseeded: a random one
         streamer = None
         if self.tokenizer is not None:
             streamer = TextStreamer(self.tokenizer)
-        seq = Sequence(rid, prompt, params, gen, streamer)
+        seq = Sequence(rid, prompt, params, seed, streamer)
         if self.config.context_overflow == "slide":
             seq.window_start = max(0, len(prompt) - self.max_seq_tokens)
         elif len(prompt) > self.max_seq_tokens:
@@ -253,15 +264,14 @@ class LLMEngine:
             c, d = seq.num_computed, drafts.get(seq.request_id, [])
             items.append(StepItem(seq, c, seq.window[c:c + n - len(d)] + d if d else seq.window[c:c + n], 1 + len(d)))
         logits = self.runner.run(items)[:, :self.vocab_limit]  # (rows, V) fp32: one row per wanted position
-        greedy = logits.argmax(dim=-1).tolist()
-        sampled = self._sample(items, logits)
+        drawn = self._draw(items, logits)  # (rows,) the token each row's position gets
         outputs = []
         row = 0
         for it, (seq, n) in zip(items, batch):
             rows = range(row, row + it.n_logits)
             row += it.n_logits
             if it.n_logits > 1:  # speculative: keep the drafts the model agrees with, then its own token
-                self._accept(seq, it.tokens[1:], [greedy[r] for r in rows], logits[rows.start:rows.stop])
+                self._accept(seq, it.tokens[1:], [drawn[r] for r in rows], logits[rows.start:rows.stop])
                 outputs.append(self._output(seq))
                 continue
             seq.num_computed += len(it.tokens)  # n, or 1 when speculation found no draft
@@ -273,20 +283,20 @@ class LLMEngine:
                 self._finish(seq, "length")
                 outputs.append(self._output(seq))
                 continue
-            tok = greedy[i] if p.temperature == 0 else sampled[i]
+            tok = drawn[i]
             if p.logprobs is not None:
                 seq.logprobs.append(_logprobs(logits[i], tok, p.logprobs))
             self._append(seq, tok)
             outputs.append(self._output(seq))
         return outputs
 
-    # -- the lean decode step (CUDA graphs): one copy in, greedy ids computed in the graph, one copy out --
+    # -- the lean decode step (CUDA graphs): one copy in, tokens computed in the graph, one copy out --
 
     def _decode_step(self) -> list[RequestOutput] | None:
         """A step where every running sequence decodes and nothing waits, through ``ModelRunner.decode``:
-        ``decode_steps`` tokens per sequence when all of them are greedy, else one. None when the step
-        is not such a step (prefill, waiting requests, speculation, no graphs): ``step`` then runs the
-        general path."""
+        ``decode_steps`` tokens per sequence unless one wants log-probabilities, else one; greedy and
+        sampled rows alike are drawn inside the graph. None when the step is not such a step (prefill,
+        waiting requests, speculation, no graphs): ``step`` then runs the general path."""
         sched, runner = self.scheduler, self.runner
         if self.proposer is not None or not runner.graph_max or sched.waiting or len(sched.running) > runner.graph_max:
             return None
@@ -294,18 +304,12 @@ class LLMEngine:
         seqs = sched.schedule_decode(k)
         if seqs is None:
             return None
-        ids, logits = runner.decode(seqs, k)
-        sampled = {}
-        if any(seq.params.temperature > 0 for seq in seqs):  # only with k == 1: sampled per request, as ever
-            sampled = self._sample([StepItem(seq, seq.num_computed, seq.token_ids[-1:]) for seq in seqs],
-                                   logits[:, :self.vocab_limit])
+        ids, logits = runner.decode(seqs, k)  # sampled rows are drawn in the graph too
         outputs = []
         for i, seq in enumerate(seqs):
             c, p = seq.num_computed, seq.params
             for j, tok in enumerate(ids[i]):
                 seq.num_computed = c + j + 1  # the token before ``tok`` is now in the cache
-                if p.temperature > 0:
-                    tok = sampled[i]
                 if p.logprobs is not None:
                     seq.logprobs.append(_logprobs(logits[i, :self.vocab_limit], tok, p.logprobs))
                 self._append(seq, tok)
@@ -317,41 +321,32 @@ class LLMEngine:
         return outputs
 
     def _steps_for(self, running: list[Sequence]) -> int:
-        """Decode steps this round: ``decode_steps`` when every sequence is greedy without log-probs,
-        has room in the context for them, and one of them wants more than one token; else 1."""
+        """Decode steps this round: ``decode_steps`` when no sequence wants log-probs (they need each
+        step's logits on the host), every one has room in the context for them, and one of them wants
+        more than one token; else 1. Sampled sequences draw inside the graph, as greedy ones do."""
         K = self.runner.decode_steps
         if K == 1:
             return 1
         more = False
         for seq in running:
             p = seq.params
-            if p.temperature > 0 or p.logprobs is not None or seq.num_window_tokens + K - 1 > self.max_seq_tokens:
+            if p.logprobs is not None or seq.num_window_tokens + K - 1 > self.max_seq_tokens:
                 return 1
             more = more or p.max_tokens - len(seq.token_ids) + seq.num_prompt_tokens > 1
         return K if more else 1
 
-    def _sample(self, items: list[StepItem], logits: Tensor) -> dict[int, int]:
-        """Sampled token per logits row of the items that sample this step (temperature > 0): each
-        row draws with its request's own generator; one host sync for all of them."""
-        groups: dict[tuple, tuple[list[int], list[torch.Generator]]] = {}  # rows by their sampling settings
-        row = 0
+    def _draw(self, items: list[StepItem], logits: Tensor) -> list[int]:
+        """The token each logits row (N, V) gives its position: the argmax for greedy requests, the
+        sampler's draw at (seed, position) for sampled ones; one batched call, one host sync. Row j of
+        an item's last ``n_logits`` predicts window index ``start + len(tokens) - n_logits + j + 1``."""
+        if all(it.seq.params.temperature == 0 for it in items):
+            return logits.argmax(dim=-1).tolist()
+        rows: list[RowSampling] = []
         for it in items:
-            seq, p = it.seq, it.seq.params
-            done = it.start + len(it.tokens) == seq.num_window_tokens  # the window's end: a token is due
-            if it.n_logits == 1 and done and p.temperature > 0 and p.max_tokens > 0:
-                rows, gens = groups.setdefault((p.temperature, p.top_k, p.top_p), ([], []))
-                rows.append(row)
-                gens.append(seq.generator)
-            row += it.n_logits
-        if not groups:
-            return {}
-        all_rows, draws = [], []
-        for (temp, top_k, top_p), (rows, gens) in groups.items():  # one batched draw per setting
-            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))  # a decode step: a slice, no copy
-            idx = slice(rows[0], rows[0] + len(rows)) if contiguous else torch.tensor(rows, device=logits.device)
-            draws.append(sample_rows(logits[idx], temp, top_k, top_p, gens))
-            all_rows += rows
-        return dict(zip(all_rows, torch.cat(draws).tolist()))
+            seq = it.seq
+            first = seq.window_start + it.start + len(it.tokens) - it.n_logits + 1  # index in token_ids
+            rows += [row_sampling(seq.params, seq.seed, first + j) for j in range(it.n_logits)]
+        return draw_tokens(logits, rows).tolist()
 
     # -- speculative decoding (greedy: exactly plain greedy decoding's output; sampled: the same distribution) --
 
@@ -374,16 +369,16 @@ class LLMEngine:
         """Verify ``draft`` (Leviathan et al., arXiv:2211.17192; Chen et al., arXiv:2302.01318): row i
         of ``logits`` is the model's distribution after the last real token and ``draft[:i]``. Greedy:
         drafts are kept while they equal the model's argmax ``target[i]``, then one more token of the
-        model's own, so the output is exactly greedy decoding's. Sampled: draft i is kept with
-        probability p_i(draft i) (the drafts are deterministic proposals), else the token is drawn from
-        p_i without it; when every draft is kept, one more is drawn from the last row. Either way each
-        token follows the model's sampling distribution. Rejected drafts' keys/values stay in the
-        blocks past ``num_computed`` and are overwritten later."""
+        model's own, so the output is exactly greedy decoding's. Sampled: ``target[i]`` is the
+        sampler's draw from row i at its position, the token plain decoding would draw there, so the
+        drafts are kept while they equal it: draft i is kept with probability p_i(draft i), as
+        rejection sampling keeps a deterministic proposal, and the output is plain sampling's. Rejected
+        drafts' keys/values stay in the blocks past ``num_computed`` and are overwritten later."""
         c = seq.num_computed
         self.spec_counts["proposed"] += len(draft)
         for i in range(len(draft) + 1):
             d = draft[i] if i < len(draft) else None
-            tok = target[i] if seq.params.temperature == 0 else self._verify_sampled(seq, logits[i], d)
+            tok = target[i]
             if seq.params.logprobs is not None:
                 seq.logprobs.append(_logprobs(logits[i], tok, seq.params.logprobs))
             self._append(seq, tok)
@@ -395,18 +390,6 @@ class LLMEngine:
             self.spec_counts["accepted"] += 1
         seq.draft_computed = min(seq.draft_computed, seq.num_computed)
         self.blocks.publish_full_blocks(seq)
-
-    def _verify_sampled(self, seq: Sequence, logits: Tensor, draft: int | None) -> int:
-        """One step of speculative sampling with a deterministic proposal ``draft`` (None: no draft)."""
-        p = seq.params
-        probs = torch.softmax(filter_logits(logits.float() / p.temperature, p.top_k, p.top_p), dim=-1)  # (V,)
-        if draft is not None:
-            u = torch.rand((), device=probs.device, generator=seq.generator)
-            if bool(u < probs[draft]):
-                return draft
-            probs = probs.clone()
-            probs[draft] = 0.0  # the residual max(0, p - q) for a one-hot q
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=seq.generator))
 
     def _append(self, seq: Sequence, tok: int) -> None:
         """Add a sampled token to ``seq`` and finish or slide it when a limit is reached."""
@@ -502,7 +485,8 @@ class LLMEngine:
         """Run throwaway requests through every path a first user request would compile, so it is not
         the one that pays: prefills of several lengths (Triton specializes its kernels on integer
         arguments divisible by 16, and ``torch.compile`` on shapes), alone and packed together, greedy
-        multi-step and sampled decode. Afterwards the prefix cache and the counters are as before.
+        multi-step and sampled decode, and the temperature-only sampled graphs (the other sampled
+        variants are captured when first used). Afterwards the prefix cache and the counters are as before.
         ``lengths``: prompt lengths (default: 1 to ~1k tokens, capped by the context and step budget).
         Returns the seconds it took (a server prints it; a benchmark keeps it out of its timing)."""
         import random
@@ -528,6 +512,7 @@ class LLMEngine:
             (self.num_finished, self.scheduler.num_preemptions, self.blocks.prefix_hits,
              self.blocks.prefix_queries, self.spec_counts, self._ids) = saved
             self.reset_prefix_cache()
+        self.runner.capture(("sample",))  # temperature-only sampling (OpenAI's default) at every size
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0

@@ -11,7 +11,9 @@ one launch instead of a few per layer (as nano-vllm and gpt-fast do; PyTorch's `
 The engine's pure decode steps go through ``decode``: one host->device copy of the step's inputs, the
 greedy ids computed in the graph, one device->host copy of B ids; with ``decode_steps`` K > 1 a second
 set of graphs runs K greedy steps per replay (multi-step decode, as vLLM's multi-step scheduling), so
-the host's per-step work is paid once per K tokens.
+the host's per-step work is paid once per K tokens. Batches with sampled rows replay graphs that also
+hold the sampler (``sampling.sample_tokens``: per-row temperature, top-k, top-p, seed and position in
+a second static buffer), one step or K steps alike; those graphs are captured at their first use.
 """
 
 from __future__ import annotations
@@ -19,9 +21,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from kiln.generate.sampling import (
+    RowSampling,
+    mode_args,
+    row_keys,
+    row_sampling,
+    sample_with_uniform,
+    sampling_mode,
+    uniform,
+)
 from kiln.generate.sequence import Sequence
 from kiln.model import PagedKVCache, PagedMetadata, Transformer
 
@@ -51,13 +63,16 @@ class ModelRunner:
     """Owns the paged cache of ``model`` and runs packed steps through it."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, cuda_graph_max_batch: int = 0,
-                 compile_decode: bool = False, decode_steps: int = 1, vocab_limit: int | None = None) -> None:
+                 compile_decode: bool = False, decode_steps: int = 1, vocab_limit: int | None = None,
+                 compile_sampler: bool = False) -> None:
         """``cuda_graph_max_batch``: the most decode rows (tokens) replayed from CUDA graphs; 0: none.
         ``compile_decode``: run the captured decode forward through ``torch.compile`` (fuses the norms,
         RoPE and SwiGLU between the matmuls, and at one row the matmuls too; the paged attention stays
         eager), as gpt-fast does.
         ``decode_steps``: also capture graphs that run this many greedy decode steps in a row
-        (multi-step decode, ``decode(seqs, steps)``). ``vocab_limit``: greedy ids are taken below it."""
+        (multi-step decode, ``decode(seqs, steps)``). ``vocab_limit``: greedy ids are taken below it.
+        ``compile_sampler``: on CUDA, ``torch.compile`` the sampler of the sampled graphs (fewer
+        kernels; dynamic batch: one compilation per variant)."""
         cfg = model.config
         p = next(model.parameters())
         self.model = model
@@ -72,6 +87,8 @@ class ModelRunner:
         self.vocab_limit = cfg.vocab_size if vocab_limit is None else vocab_limit
         self.graphs: dict[int, _Graph] = {}  # batch rows -> one-step graph
         self.multi_graphs: dict[int, _Graph] = {}  # batch rows -> ``decode_steps``-step graph
+        self.sampled_graphs: dict[tuple[int, int, str], _Graph] = {}  # (rows, steps, ``sampling_mode``)
+        self._pool: Any = None  # the graphs' shared memory pool
         # coordinate_descent_tuning, as gpt-fast sets it: Inductor then also rewrites a one-row matmul
         # as a multiply-and-sum that it fuses with the norms, activations and dequantization around it
         # (torch/_inductor/decomposition.py, mm), instead of one cuBLAS call per projection.
@@ -80,6 +97,8 @@ class ModelRunner:
         # the multi-step graph's between-steps bookkeeping (ids, positions, lengths, slots: ~10 small
         # kernels eagerly) as one fused kernel when compiled
         self._advance_fn = torch.compile(self._advance, dynamic=False) if compile_decode else self._advance
+        self._sample_fn = (torch.compile(sample_with_uniform, dynamic=True)
+                           if compile_sampler and self.device.type == "cuda" else sample_with_uniform)
         self._s: dict[str, Tensor] = {}
         self._metas: dict[int, PagedMetadata] = {}
         self._uploaded: Any = None  # a CUDA event after the last host->device copy of the pinned rows
@@ -159,36 +178,50 @@ class ModelRunner:
     # forward runs, and the greedy ids are taken (argmax below ``vocab_limit``), so a greedy step brings
     # back B ids, not B x V logits. A multi-step graph runs ``decode_steps`` forwards in a row, each
     # feeding its argmax to the next and advancing positions, slots and lengths on the device.
+    # A sampled graph ('sample': temperature only; 'top64', 'top1024': top-k thresholds from that many
+    # candidates; 'sort': a sort per row, for top-p without top-k; see ``sampling_mode``) also reads
+    # a second buffer, [temperature (G, f64 bits) | top_k (G) | top_p (G, f64 bits) | seed (G) |
+    # position (G)], filled by a second copy, and feeds the sampler's token to the next step instead
+    # of the argmax; step j of a graph draws at position + j. Padded rows are greedy (temperature 0).
 
-    def capture(self) -> None:
+    def capture(self, modes: tuple[str, ...] = ("greedy",)) -> None:
         """Capture the decode graphs for every row count in ``graph_batch_sizes`` (largest first, one
-        memory pool): one step each, and ``decode_steps`` steps each when that is > 1."""
-        if not self.graph_max or self.graphs:
+        memory pool): one step each, and ``decode_steps`` steps each when that is > 1; greedy, and the
+        sampled variants in ``modes`` (``sampling_mode``'s names; otherwise captured at first use).
+        Graphs already captured are kept."""
+        if not self.graph_max:
             return
-        self._alloc_static()
-        dev = self.device
-        pool = None
+        if not self._s:
+            self._alloc_static()
         with torch.inference_mode(), self._compile_limit():
             for b in reversed(graph_batch_sizes(self.graph_max)):
                 for steps in sorted({1, self.decode_steps}):
-                    table = self.graphs if steps == 1 else self.multi_graphs
-                    if dev.type != "cuda":  # emulation for tests: the same static buffers, run eagerly
-                        table[b] = _Graph(None, None, None)
-                        continue
-                    if steps == 1:  # warm-up outside the graph (Triton compiles, cuBLAS picks, torch.compile)
-                        stream = torch.cuda.Stream(device=dev)
-                        stream.wait_stream(torch.cuda.current_stream(dev))
-                        with torch.cuda.stream(stream):
-                            self._graph_body(b, 1)
-                        torch.cuda.current_stream(dev).wait_stream(stream)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        logits, ids = self._graph_body(b, steps)
-                    pool = graph.pool() if pool is None else pool
-                    table[b] = _Graph(graph, logits if steps == 1 else None, ids)  # K steps: ids only
-                    del logits
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+                    for mode in ("greedy", *modes):
+                        table = (self.graphs if steps == 1 else self.multi_graphs) if mode == "greedy" else None
+                        if table is not None and b not in table:
+                            table[b] = self._capture_one(b, steps, mode)
+                        elif table is None and (b, steps, mode) not in self.sampled_graphs:
+                            self.sampled_graphs[b, steps, mode] = self._capture_one(b, steps, mode)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+    def _capture_one(self, b: int, steps: int, mode: str) -> _Graph:
+        """One graph of ``b`` rows running ``steps`` decode steps, ``mode`` 'greedy' or a sampled one
+        (``sampling_mode``; emulated on the CPU: an empty entry, the body runs eagerly at launch)."""
+        dev = self.device
+        if dev.type != "cuda":  # emulation for tests: the same static buffers, run eagerly
+            return _Graph(None, None, None)
+        if steps == 1 or mode != "greedy":  # warm-up outside the graph (Triton compiles, cuBLAS picks,
+            stream = torch.cuda.Stream(device=dev)  # torch.compile); a sampled graph's warm-up runs the
+            stream.wait_stream(torch.cuda.current_stream(dev))  # step it is captured for: the same
+            with torch.cuda.stream(stream):  # keys/values written twice, nothing else changed
+                self._graph_body(b, 1, mode)
+            torch.cuda.current_stream(dev).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits, ids = self._graph_body(b, steps, mode)
+        self._pool = graph.pool() if self._pool is None else self._pool
+        return _Graph(graph, logits if steps == 1 else None, ids)  # K steps: ids only
 
     def _alloc_static(self) -> None:
         """The pinned host buffer, its device twin (both in the padded state) and the int32 views."""
@@ -206,6 +239,12 @@ class ModelRunner:
                    "tables64": inp[4 * G:].view(G, MB),
                    "lens": torch.ones(G, dtype=torch.int32, device=self.device),
                    "tables": torch.full((G, MB), self.cache.scratch_block, dtype=torch.int32, device=self.device)}
+        self._host_sp = torch.zeros(5 * G, dtype=torch.long, pin_memory=pin)  # the sampling rows (see above)
+        self._np_sp = self._host_sp.numpy()
+        self._np_sp.view(np.float64)[2 * G:3 * G] = 1.0  # top_p 1: none
+        sp = self._host_sp.to(self.device)
+        self._s.update(sp=sp, temp64=sp[:G].view(torch.float64), top_k=sp[G:2 * G],
+                       top_p64=sp[2 * G:3 * G].view(torch.float64), seed=sp[3 * G:4 * G], draw_pos=sp[4 * G:])
 
     def _pad_rows(self, start: int) -> None:
         """Rows ``start..`` (up to the last used one) of the host buffer back to the scratch state."""
@@ -239,6 +278,16 @@ class ModelRunner:
         self._rows_used = max(self._rows_used, len(rows))
         self._pad_rows(len(rows))
 
+    def _write_sampling(self, rows: list[RowSampling]) -> None:
+        """Sampling rows 0..B-1 of the host buffer from ``rows``; rows past B greedy; then its upload."""
+        G, B, np_ = self.graph_max, len(rows), self._np_sp
+        f64 = np_.view(np.float64)
+        temp, top_k, top_p, seed, pos = zip(*rows)
+        f64[:B], np_[G:G + B], f64[2 * G:2 * G + B] = temp, top_k, top_p
+        np_[3 * G:3 * G + B], np_[4 * G:4 * G + B] = seed, pos
+        f64[B:G] = 0.0
+        self._s["sp"].copy_(self._host_sp, non_blocking=True)  # the event _upload records covers it
+
     def _upload(self, b: int) -> None:
         """One host->device copy: every row's ids/positions/slots/lengths and the first b tables."""
         n = 4 * self.graph_max + b * self.max_blocks_per_seq
@@ -261,16 +310,24 @@ class ModelRunner:
             self._metas[b] = meta
         return meta
 
-    def _graph_body(self, b: int, steps: int) -> tuple[Tensor, Tensor]:
-        """What a graph holds: cast the inputs, then ``steps`` forwards, each fed the previous argmax.
-        Returns the last step's logits (b, V) fp32 and the greedy ids (b, steps) int64."""
+    def _graph_body(self, b: int, steps: int, mode: str = "greedy") -> tuple[Tensor, Tensor]:
+        """What a graph holds: cast the inputs, then ``steps`` forwards, each fed the previous token
+        (the argmax; with a sampled ``mode``, the sampler's draw at the row's position + j).
+        Returns the last step's logits (b, V) fp32 and the ids (b, steps) int64."""
         s = self._s
         s["lens"][:b].copy_(s["lens64"][:b])
         s["tables"][:b].copy_(s["tables64"][:b])
         out = torch.empty(b, steps, dtype=torch.long, device=self.device)
+        if mode != "greedy":  # the settings cast and every step's random number hashed once per graph
+            temp, top_p = s["temp64"][:b].float(), s["top_p64"][:b].float()  # (b,) fp32
+            draw_pos = s["draw_pos"][:b, None] + torch.arange(steps, device=self.device)  # (b, steps)
+            u = uniform(row_keys(s["seed"][:b, None], draw_pos))  # (b, steps) float64
         for j in range(steps):
             self.cache.meta = self._meta(b)
             logits, nxt = self._decode(s["ids"][:b], s["pos"][:b])
+            if mode != "greedy":
+                nxt = self._sample_fn(logits[:, :self.vocab_limit], temp, s["top_k"][:b], top_p, u[:, j],
+                                      *mode_args(mode))
             out[:, j] = nxt
             if j + 1 < steps:
                 self._advance_fn(b, nxt)
@@ -300,20 +357,28 @@ class ModelRunner:
         silently run uncompiled inside their graphs."""
         return torch._dynamo.config.patch(recompile_limit=4 * len(graph_batch_sizes(self.graph_max)) + 8)
 
-    def _launch(self, b: int, steps: int) -> tuple[Tensor, Tensor]:
-        g = (self.graphs if steps == 1 else self.multi_graphs)[b]
+    def _launch(self, b: int, steps: int, mode: str = "greedy") -> tuple[Tensor, Tensor]:
+        if mode == "greedy":
+            g = (self.graphs if steps == 1 else self.multi_graphs)[b]
+        elif (b, steps, mode) in self.sampled_graphs:
+            g = self.sampled_graphs[b, steps, mode]
+        else:  # a sampled graph is captured at its first use (most runs need few of them)
+            with self._compile_limit():
+                g = self.sampled_graphs[b, steps, mode] = self._capture_one(b, steps, mode)
         if g.graph is None:  # emulated on the CPU (tests): traced here, at first use
             with self._compile_limit():
-                return self._graph_body(b, steps)
+                return self._graph_body(b, steps, mode)
         g.graph.replay()
         return g.logits, g.ids
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], steps: int = 1) -> tuple[list[list[int]], Tensor | None]:
         """A decode step of every sequence in ``seqs`` (each has exactly one uncomputed token, and
-        blocks for ``steps`` more tokens) through a captured graph. Returns the greedy ids, B lists of
-        ``steps`` (one device->host copy), and for ``steps == 1`` the logits (B, V) fp32 on the device
-        (for sampling and log-probabilities; None after a multi-step CUDA graph)."""
+        blocks for ``steps`` more tokens) through a captured graph. Greedy sequences take the argmax,
+        sampled ones (temperature > 0) the sampler's draw at their seed and the position of the token
+        (``len(token_ids)``, + j at step j). Returns the ids, B lists of ``steps`` (one device->host
+        copy), and for ``steps == 1`` the logits (B, V) fp32 on the device (for log-probabilities;
+        None after a multi-step CUDA graph)."""
         if not self.graphs:
             self.capture()
         if steps not in (1, self.decode_steps):
@@ -321,8 +386,14 @@ class ModelRunner:
         B = len(seqs)
         b = min(g for g in self.graphs if g >= B)
         self._write_rows([(seq.token_ids[-1], seq.num_computed, seq.block_table) for seq in seqs])
+        sampling, mode = None, "greedy"
+        if any(seq.params.temperature > 0 for seq in seqs):
+            sampling = [row_sampling(seq.params, seq.seed, len(seq.token_ids)) for seq in seqs]
+            mode = sampling_mode(sampling)
+        if mode != "greedy":
+            self._write_sampling(sampling)
         self._upload(b)
-        logits, ids = self._launch(b, steps)
+        logits, ids = self._launch(b, steps, mode)
         return ids[:B].tolist(), None if logits is None else logits[:B]
 
     def _replay(self, items: list[StepItem]) -> Tensor:

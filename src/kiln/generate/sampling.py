@@ -1,5 +1,13 @@
 """Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus) sampling,
-and ``SamplingParams``, one request's decoding settings for the engine."""
+and ``SamplingParams``, one request's decoding settings for the engine.
+
+The engine draws with ``sample_tokens``: every row of a batch has its own temperature, top-k, top-p
+(device tensors, so the draw runs inside a CUDA graph, and over several decode steps per graph) and
+its own random number, a stateless hash of (request seed, token position). A
+request's tokens then depend only on its seed and its logits: not on the batch around it, not on
+CUDA graphs or eager, not on how many steps a graph runs. ``sample_next`` / ``sample_rows`` (a
+``torch.Generator`` per call) are the older one-call helpers.
+"""
 
 from __future__ import annotations
 
@@ -85,6 +93,163 @@ def sample_rows(logits: Tensor, temperature: float, top_k: int | None, top_p: fl
     return ids.clamp(max=logits.shape[-1] - 1)
 
 
+# -- the engine's sampler: counter-based randomness, per-row settings as tensors -----------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A bijective 32-bit avalanche hash (Wellons' "lowbias32", hash-prospector) of int64 tensors
+    holding values in [0, 2^32). Both multipliers are below 2^31, so every product stays below 2^63:
+    no integer overflow anywhere, and the same bits eager, compiled, on the CPU and on CUDA."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def row_keys(seed: Tensor, position: Tensor) -> Tensor:
+    """One 32-bit key (int64 in [0, 2^32)) per row from its 64-bit seed and token position, (B,) each."""
+    lo, hi = seed & _M32, (seed >> 32) & _M32  # an arithmetic shift then a mask: the high word's bits
+    k = _mix32(hi ^ 0x6A09E667)  # constants: the first words of SHA-256's initial state (any would do)
+    k = _mix32(k ^ lo)
+    return _mix32(k ^ (position & _M32))
+
+
+def uniform(keys: Tensor) -> Tensor:
+    """A uniform number in (0, 1), float64 (B,), per row key (B,): 52 bits from two 32-bit hashes of
+    the key, (m + 0.5) / 2^52 (exact: never 0 or 1)."""
+    a, b = keys >> 6, _mix32(keys ^ 0x3C6EF372) >> 6  # 26 bits each
+    return ((a << 26) + b).double().add(0.5).mul(2.0 ** -52)
+
+
+def filter_thresholds(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                      candidates: int | None = None) -> Tensor:
+    """Per row, the smallest raw logit kept by top-k then top-p (``filter_logits``'s sets, the
+    Hugging Face order), as a threshold: token i is kept iff logits[b, i] >= thr[b]. logits (B, V)
+    fp32; temperature, top_p (B,) fp32; top_k (B,) int64 (0: none). Rows without a filter: -inf.
+
+    ``candidates`` None sorts each row (B, V): the nucleus of top-p without top-k can hold any number
+    of tokens. ``candidates`` C: only the C largest logits (``torch.topk``, sorted), exactly the
+    sort's first C values, so the same thresholds when every filtering row has top-k <= C (the
+    nucleus lies inside the top-k; ``sampling_mode`` checks). Top-k is taken on the raw logits
+    (dividing by the temperature keeps the order but can round two logits to one value), top-p on
+    the tempered softmax of the top-k survivors, in float64 (its sum then rounds the same over C
+    or V columns, for all practical purposes).
+    """
+    V = logits.shape[-1]
+    if candidates is None or candidates >= V:
+        vals = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
+    else:
+        vals = torch.topk(logits, candidates, dim=-1).values  # (B, C), sorted descending
+    rank = torch.arange(vals.shape[1], device=logits.device)  # (C,)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # (B,)
+    in_k = rank[None, :] < k[:, None]  # (B, C)
+    t = torch.where(temperature > 0, temperature, 1.0)[:, None]  # (B, 1)
+    probs = torch.softmax((vals / t).double().masked_fill(~in_k, float("-inf")), dim=-1)  # (B, C)
+    before = torch.cumsum(probs, dim=-1) - probs  # probability of the better tokens
+    keep = in_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))  # the best token: before == 0
+    n = keep.sum(-1).clamp(min=1)  # (B,) tokens kept
+    thr = vals.gather(1, (n - 1)[:, None])[:, 0]  # (B,)
+    filtering = (k < V) | (top_p < 1.0)
+    return torch.where(filtering, thr, float("-inf"))
+
+
+def sample_tokens(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor,
+                  position: Tensor, filtered: bool = True, candidates: int | None = None) -> Tensor:
+    """One token per row of ``logits`` (B, V) fp32: long (B,). Graph-safe (no host sync, no generator).
+
+    Row b is greedy (argmax) when temperature[b] == 0; otherwise it is drawn from softmax(logits / T)
+    restricted to what top-k[b] (0: none) and top-p[b] (1: none) keep, by inverse-CDF sampling in
+    vocabulary order: the first token whose cumulative probability exceeds u * total, with u =
+    ``uniform(row_keys(seed, position))``. The cumulative sum is float64 (in fp32 the increments of
+    the ~1e-8-probability tail vanish against a sum near 1, and those tokens would never be drawn).
+    Vocabulary order and a per-row u make a row's token independent of the other rows, of the code
+    path that ran it and of the batch size. ``position``: the index of the drawn token in its request
+    (int64 (B,)); ``seed`` int64 (B,). ``filtered=False`` skips the thresholds (a sort per row): only
+    when no sampled row has top-k or top-p; ``candidates``: see ``filter_thresholds``. The variant
+    ``sampling_mode`` picks gives every row the tokens the full sort would.
+    """
+    u = uniform(row_keys(seed, position))  # (B,) float64
+    return sample_with_uniform(logits, temperature, top_k, top_p, u, filtered, candidates)
+
+
+def sample_with_uniform(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor,
+                        filtered: bool = True, candidates: int | None = None) -> Tensor:
+    """``sample_tokens`` with each row's uniform number u (B,) float64 given (``uniform(row_keys(seed,
+    position))``): a K-step graph hashes the numbers of all its steps at once, ~40 tiny integer
+    kernels per graph instead of per step."""
+    V = logits.shape[-1]
+    greedy = logits.argmax(dim=-1)  # (B,)
+    t = torch.where(temperature > 0, temperature, 1.0)[:, None]  # (B, 1)
+    scaled = logits / t  # (B, V)
+    if filtered:
+        thr = filter_thresholds(logits, temperature, top_k, top_p, candidates)  # (B,)
+        scaled = scaled.masked_fill(logits < thr[:, None], float("-inf"))
+    cdf = torch.cumsum(torch.softmax(scaled, dim=-1), dim=-1, dtype=torch.float64)  # (B, V) non-decreasing
+    target = u * cdf[:, -1]  # (B,) in [0, total)
+    idx = (cdf <= target[:, None]).sum(dim=-1)  # (B,) the first token whose cdf exceeds the target
+    idx = torch.where(idx < V, idx, greedy)  # u * total rounded up to total: p ~ 2^-53, never seen
+    return torch.where(temperature > 0, idx, greedy)
+
+
+RowSampling = tuple[float, int, float, int, int]
+"""One row's (temperature, top_k (0: none), top_p (1.0: none), seed (int64), position)."""
+
+
+def row_sampling(params: SamplingParams, seed: int, position: int) -> RowSampling:
+    """The sampler's per-row values for a request with ``params`` and ``seed`` drawing the token at
+    ``position`` (its index in the request's tokens, prompt included)."""
+    seed = (int(seed) + (1 << 63)) % (1 << 64) - (1 << 63)  # any Python int -> its int64 bits
+    return (float(params.temperature), params.top_k or 0, 1.0 if params.top_p is None else float(params.top_p),
+            seed, int(position))
+
+
+CANDIDATES = (64, 1024)
+"""Candidate-set sizes of the top-k variants (``sampling_mode``): few, each one more set of graphs."""
+
+
+def sampling_mode(rows: list[RowSampling]) -> str:
+    """The variant of ``sample_tokens`` a batch needs: 'greedy' (no row samples: plain argmax),
+    'sample' (no sampled row filters: no thresholds), 'top64' / 'top1024' (every filtering row has a
+    top-k within that many: ``torch.topk`` of that many candidates instead of a sort) or 'sort' (some
+    row has top-p without top-k, or a larger top-k). Every variant gives each row the same token;
+    the cheaper ones skip work no row needs."""
+    sampled = [r for r in rows if r[0] > 0]
+    if not sampled:
+        return "greedy"
+    filtering = [r for r in sampled if r[1] > 0 or r[2] < 1.0]
+    if not filtering:
+        return "sample"
+    if all(r[1] > 0 for r in filtering):
+        kmax = max(r[1] for r in filtering)
+        for c in CANDIDATES:
+            if kmax <= c:
+                return f"top{c}"
+    return "sort"
+
+
+def mode_args(mode: str) -> tuple[bool, int | None]:
+    """``sample_tokens``' (filtered, candidates) for a sampled ``mode`` of ``sampling_mode``."""
+    return mode != "sample", int(mode[3:]) if mode.startswith("top") else None
+
+
+def draw_tokens(logits: Tensor, rows: list[RowSampling]) -> Tensor:
+    """``sample_tokens`` over ``logits`` (N, V) with row i's settings ``rows[i]``: long (N,) on the
+    logits' device. All-greedy batches are a plain argmax."""
+    mode = sampling_mode(rows)
+    if mode == "greedy":
+        return logits.argmax(dim=-1)
+    dev = logits.device
+    temp, top_k, top_p, seed, pos = zip(*rows)
+    return sample_tokens(logits, torch.tensor(temp, dtype=torch.float32, device=dev),
+                         torch.tensor(top_k, dtype=torch.long, device=dev),
+                         torch.tensor(top_p, dtype=torch.float32, device=dev),
+                         torch.tensor(seed, dtype=torch.long, device=dev),
+                         torch.tensor(pos, dtype=torch.long, device=dev), *mode_args(mode))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded by the engine (``kiln.generate.LLMEngine``)."""
@@ -98,7 +263,8 @@ class SamplingParams:
     top_p: float | None = None
     """Nucleus sampling: the smallest set of tokens holding this probability (None: no filter)."""
     seed: int | None = None
-    """Seeds this request's own torch.Generator: same seed, same tokens, whatever else is batched."""
+    """The request's random numbers are a hash of (seed, token position): same seed and prompt, same
+    tokens, whatever else is batched and however the engine runs (None: a random seed)."""
     stop: tuple[str, ...] = ()
     """Stop strings: the text ends before the first one (needs the engine's tokenizer)."""
     stop_token_ids: tuple[int, ...] = ()

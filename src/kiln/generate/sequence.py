@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-import torch
-
 from kiln.generate.sampling import SamplingParams
 
 
@@ -29,14 +27,14 @@ class Sequence:
     """
 
     def __init__(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, generator: torch.Generator,
-        streamer: Any = None,
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, seed: int, streamer: Any = None,
     ) -> None:
+        """``seed``: the request's sampling seed (``params.seed``, or a random one the engine drew)."""
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_ids)
         self.token_ids = list(prompt_ids)
         self.params = params
-        self.generator = generator
+        self.seed = seed  # token i of the request is drawn from a hash of (seed, i)
         self.status = Status.WAITING
         self.window_start = 0
         self.block_table: list[int] = []
