@@ -1,6 +1,6 @@
 """Coalesced streaming: one SSE chunk per sequence per engine step (a multi-step engine hands out
 several tokens a step), queued steps merged into one chunk, non-streaming requests handed over once,
-and the engine in its own process (``kiln serve --engine-process``)."""
+and the engine in its own process (``kiln serve``'s default; ``--no-engine-process``: a thread)."""
 
 from __future__ import annotations
 
@@ -237,3 +237,23 @@ def test_engine_process_server_answers_like_the_thread_server(chat_model_dir, se
         time.sleep(0.1)
     left = [Path(f"/proc/{k}/cmdline").read_bytes() for k in kids if Path(f"/proc/{k}").exists()]
     assert kids and not left, left  # the engine process is gone too
+
+
+def test_no_engine_process_serves_from_a_thread_with_the_same_reply(chat_model_dir, server_process):
+    """``kiln serve --no-engine-process``: the engine in a thread of the server (no child process; the
+    default is the engine process), and the same greedy reply."""
+    import httpx
+
+    from kiln.bench.serve_http import child_pids
+
+    s = server_process(chat_model_dir, "--no-engine-process")
+    try:
+        kids = [k for k in child_pids(s.proc.pid)
+                if b"resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+        body = {"model": "kiln-chat-tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+                "max_tokens": 60}
+        full = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30).json()
+    finally:
+        s.stop()
+    assert kids == []
+    assert full["choices"][0]["message"]["content"] == "Hello! I am Kiln, a small model."

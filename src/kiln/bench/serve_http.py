@@ -571,8 +571,7 @@ def kiln_server(args: argparse.Namespace, model_dir: Path, device: Any, engine_p
     cmd = [sys.executable, "-m", "kiln.cli.main", "serve", str(model_dir), "--port", str(port),
            "--device", str(device), "--max-pending", str(4 * max(args.concurrency) + 64),
            "--request-timeout", "3600", "--log-level", "warning"]
-    if engine_process:
-        cmd.append("--engine-process")
+    cmd.append("--engine-process" if engine_process else "--no-engine-process")  # the default is the process
     for k, v in engine_overrides(args).items():
         cmd += ["--engine", f"{k}={v}"]
     return Server(cmd, port, env=_thread_env(args))

@@ -34,9 +34,10 @@ class ServeConfig:
     """Largest n (choices per request)."""
     max_stop: int = 8
     """Most stop strings per request."""
-    engine_process: bool = False
+    engine_process: bool = True
     """Run the engine in its own process (vLLM V1's engine-core layout): the HTTP side and the engine
-    stop sharing one GIL; the model is loaded in the child."""
+    stop sharing one GIL; the model is loaded in the child. --no-engine-process: the engine in a
+    thread of the server process (one process; 0.55-0.75x the throughput on 2 CPU cores)."""
 
     def __post_init__(self) -> None:
         if not _is_loopback(self.host) and not self.api_key:
