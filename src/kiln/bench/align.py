@@ -122,7 +122,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="instead of speed: the learning check (SFT, DPO on hh-rlhf, GRPO vs trl's GRPO; "
                         "kiln.bench.align_learning)")
     p.add_argument("--hh-rlhf", default="", help="--learning: hh-rlhf harmless-base test.jsonl.gz (default: "
-                   "../shared/data/align/hh-rlhf/... or .devcarry/hh-rlhf/...)")
+                   "../shared/data/align/hh-rlhf/... or .devcarry/hh-rlhf/...; 'none': no DPO row)")
     p.add_argument("--gsm8k", default="", help="--learning: GSM8K test.jsonl for the accuracy before/after (optional)")
     p.add_argument("--grpo-seconds", type=float, default=0,
                    help="--learning: seconds of GRPO training per side (0: the plan's, 30 for small)")

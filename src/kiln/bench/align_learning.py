@@ -100,7 +100,10 @@ class GpuClock:
 
 
 def find_hh_rlhf(given: str) -> Path | None:
-    """The hh-rlhf harmless-base test file: ``given``, the shared copy, or the device carry."""
+    """The hh-rlhf harmless-base test file: ``given``, the shared copy, or the device carry; None
+    (no DPO row) when none is found or ``given`` is 'none'."""
+    if given == "none":
+        return None
     tail = Path("hh-rlhf") / "harmless-base" / "test.jsonl.gz"
     for p in ([Path(given)] if given else []) + [Path("../shared/data/align") / tail, Path(".devcarry") / tail]:
         if p.is_file():
