@@ -122,7 +122,7 @@ def run_learning(args: argparse.Namespace, device: Any) -> int:
     gsm = Path(args.gsm8k) if args.gsm8k else None
     with tempfile.TemporaryDirectory(prefix="kiln-bench-align-learn-") as tmp:
         out = Path(tmp)
-        res = learning_check(plan, out, str(device), args.seed, hh, gsm)
+        res = learning_check(plan, out, str(device), args.seed, hh, gsm, Path(args.out) if args.out else None)
         if args.out:
             dest = Path(args.out)
             dest.mkdir(parents=True, exist_ok=True)
@@ -137,18 +137,33 @@ def run_learning(args: argparse.Namespace, device: Any) -> int:
 
 
 def learning_check(plan: LearnPlan, out: Path, device: str, seed: int, hh: Path | None,
-                   gsm: Path | None) -> dict[str, Any]:
-    """Run the chain in ``out``; every number of the report, also written to ``out/learning.json``."""
+                   gsm: Path | None, partial: Path | None = None) -> dict[str, Any]:
+    """Run the chain in ``out``; every number of the report, also written to ``out/learning.json``.
+
+    With ``partial``, the numbers so far are written to ``partial/learning.partial.json`` after each
+    stage and the stage is announced on stderr, so a run cut short still leaves what it measured."""
     clock = GpuClock(device.startswith("cuda"))
     base = build_base(out / "base", plan, seed)
     res: dict[str, Any] = {"device": device, "plan": asdict(plan)}
+
+    def done(stage: str) -> None:
+        print(f"[learning] {stage}: {json.dumps(res[stage], default=str)[:400]}", file=sys.stderr, flush=True)
+        if partial is not None:
+            partial.mkdir(parents=True, exist_ok=True)
+            (partial / "learning.partial.json").write_text(json.dumps(res, indent=1))
+
     sft_model, res["sft"] = sft_rounds(plan, base, out, device, seed, clock)
+    done("sft")
     res["dpo"] = dpo_hh(plan, sft_model, hh, out, device, seed, clock) if hh else {"skipped": "no hh-rlhf file"}
+    done("dpo")
     grpo_model, res["grpo_kiln"] = grpo_kiln(plan, sft_model, out, device, seed, clock)
+    done("grpo_kiln")
     res["grpo_trl"] = grpo_trl(plan, sft_model, out, device, seed)
+    done("grpo_trl")
     if gsm is not None:
         res["gsm8k"] = {"before": gsm8k_accuracy(sft_model, gsm, plan, device),
                         "after_grpo": gsm8k_accuracy(grpo_model, gsm, plan, device), "questions": plan.gsm8k_n}
+        done("gsm8k")
     plot_curves(res, out / "grpo_reward_vs_seconds.png")
     (out / "learning.json").write_text(json.dumps(res, indent=1))
     return res
