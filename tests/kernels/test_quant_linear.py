@@ -30,7 +30,10 @@ def test_int8_kernel_equals_reference(dev, M, N, K, block_n, monkeypatch):
     torch.testing.assert_close(int8_linear(x, q, s, use_kernel=True), int8_linear_ref(x, q, s), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("M,N,K,G,block_n", [(1, 40, 64, 32, None), (2, 17, 256, 64, None), (1, 40, 64, 16, 16)])
+@pytest.mark.parametrize("M,N,K,G,block_n", [(1, 40, 64, 32, None), (2, 17, 256, 64, None), (1, 40, 64, 16, 16),
+                                             (1, 24, 1280, 128, None),  # 10 groups: the last tile of 4 partly past the end
+                                             (3, 9, 60, 12, None),  # 6 bytes a group: the per-weight kernel
+                                             (1, 8, 4, 2, 4)])  # one byte a group
 def test_int4_kernel_equals_reference(dev, M, N, K, G, block_n, monkeypatch):
     if block_n:
         monkeypatch.setattr("kiln.kernels.quant_linear.gemv_block_n", lambda n, m: block_n)

@@ -115,7 +115,38 @@ if HAVE_TRITON:
 
     @triton.jit
     def _int4_gemv_kernel(X, P, S, Z, Y, N, K, stride_x, stride_p, stride_s, stride_y,
-                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          HALF: tl.constexpr, GPT: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Each program: BLOCK_N outputs of one row, GPT groups of 2 * HALF inputs per iteration.
+        Per group: s * sum_b (lo_b x_2b + hi_b x_2b+1) + z * sum(x): every packed byte is read once,
+        each group's scale and offset once per output (not per weight)."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.program_id(1)
+        n_ok = n < N
+        b = tl.arange(0, HALF)  # byte within a group
+        t = tl.arange(0, GPT)  # group within the tile
+        n_groups = K // (2 * HALF)
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for g0 in range(0, n_groups, GPT):
+            g = g0 + t
+            g_ok = g < n_groups
+            byte_idx = g[:, None] * HALF + b[None, :]  # (GPT, HALF) bytes; inputs 2 * byte_idx (+1)
+            x_lo = tl.load(X + m * stride_x + 2 * byte_idx, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            x_hi = tl.load(X + m * stride_x + 2 * byte_idx + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            w_ok = n_ok[:, None, None] & g_ok[None, :, None]
+            byte = tl.load(P + n[:, None, None] * stride_p + byte_idx[None, :, :], mask=w_ok, other=0).to(tl.int32)
+            dot = tl.sum((byte & 0xF).to(tl.float32) * x_lo[None, :, :]
+                         + (byte >> 4).to(tl.float32) * x_hi[None, :, :], axis=2)  # (BLOCK_N, GPT)
+            sg_ok = n_ok[:, None] & g_ok[None, :]
+            sc = tl.load(S + n[:, None] * stride_s + g[None, :], mask=sg_ok, other=0.0)
+            lo = tl.load(Z + n[:, None] * stride_s + g[None, :], mask=sg_ok, other=0.0)
+            xsum = tl.sum(x_lo + x_hi, axis=1)  # (GPT,)
+            acc += tl.sum(sc * dot + lo * xsum[None, :], axis=1)
+        tl.store(Y + m * stride_y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _int4_gemv_kernel_any(X, P, S, Z, Y, N, K, stride_x, stride_p, stride_s, stride_y,
+                              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Any even group size (the tiled kernel needs group_size / 2 a power of two): per weight."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.program_id(1)
         n_ok = n < N
@@ -163,10 +194,15 @@ def _int4_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low:
     """The int4 launch: x2 (M, K) contiguous rows -> (M, N) in x2's dtype."""
     (M, K), N = x2.shape, packed.shape[0]
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    BLOCK_N, BLOCK_K = gemv_block_n(N, M), 256
-    _int4_gemv_kernel[(triton.cdiv(N, BLOCK_N), M)](
-        x2, packed, scale, low, y, N, K, x2.stride(0), packed.stride(0), scale.stride(0), y.stride(0),
-        GROUP=K // scale.shape[1], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    BLOCK_N, group = gemv_block_n(N, M), K // scale.shape[1]
+    half = group // 2
+    grid = (triton.cdiv(N, BLOCK_N), M)
+    args = (x2, packed, scale, low, y, N, K, x2.stride(0), packed.stride(0), scale.stride(0), y.stride(0))
+    if half & (half - 1) == 0:  # bytes per group a power of two: the tiled kernel, ~256 bytes a row per tile
+        gpt = min(triton.next_power_of_2(scale.shape[1]), max(1, 256 // half))
+        _int4_gemv_kernel[grid](*args, HALF=half, GPT=gpt, BLOCK_N=BLOCK_N)
+    else:
+        _int4_gemv_kernel_any[grid](*args, GROUP=group, BLOCK_N=BLOCK_N, BLOCK_K=256)
     return y
 
 
