@@ -193,6 +193,24 @@ def test_chat_template_renderer_uses_the_stop_id():
     assert tok.special_tokens["<|end|>"] in p.stop_token_ids
 
 
+def test_ignore_eos_drops_the_templates_ends_but_keeps_the_requests_stop():
+    """vLLM's ``ignore_eos`` runs a reply to max_tokens: the chat template's turn end (an id, or the
+    plain prompt's strings) no longer ends it; a ``stop`` the request gives still does."""
+    from kiln.align.chat import add_chat_tokens
+    from kiln.serve.app import chat_stops
+    from kiln.serve.protocol import ChatCompletionRequest
+
+    msgs = [{"role": "user", "content": "hi"}]
+    end = add_chat_tokens(byte_tokenizer())
+    templ, plain = ChatRenderer(end).render(msgs), ChatRenderer(byte_tokenizer()).render(msgs)
+    req = ChatCompletionRequest(model="m", messages=msgs, stop=["###"])
+    stop, ids = chat_stops(templ, req)
+    assert stop == ["###"] and end.special_tokens["<|end|>"] in ids
+    assert chat_stops(plain, req) == ([*PLAIN_STOP, "###"], ())
+    req = ChatCompletionRequest(model="m", messages=msgs, stop=["###"], ignore_eos=True)
+    assert chat_stops(templ, req) == (["###"], ()) and chat_stops(plain, req) == (["###"], ())
+
+
 def test_kiln_chat_loop_keeps_history_and_streams(tmp_path):
     import torch
 

@@ -93,6 +93,15 @@ def _sampling_params(state: ServerState, req: Any, prompt_len: int, stop: list[s
                           stop_token_ids=tuple(stop_ids), ignore_eos=req.ignore_eos, logprobs=logprobs)
 
 
+def chat_stops(rendered: Any, req: Any) -> tuple[list[str], tuple[int, ...]]:
+    """What ends a chat reply: the template's turn end (ids, or strings for a plain prompt) and the
+    request's ``stop``. ``ignore_eos`` (vLLM's extension) drops the template's ends, as vLLM drops the
+    generation config's end ids: the reply runs to ``max_tokens`` unless a ``stop`` string matches."""
+    if req.ignore_eos:
+        return req.stop_list(), ()
+    return list(rendered.stop) + req.stop_list(), tuple(rendered.stop_token_ids)
+
+
 def _plan(state: ServerState, req: Any, prompts: list[list[int]], stop: list[str], stop_ids: tuple,
           logprobs: int | None, max_tokens: int | None) -> _Plan:
     cfg = state.config
@@ -442,8 +451,8 @@ async def chat_completions(request: Request) -> Response:
     except ValueError as e:
         raise APIError(400, f"messages: {e}", param="messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    plan = _plan(state, req, [rendered.ids], list(rendered.stop) + req.stop_list(), rendered.stop_token_ids,
-                 logprobs, req.max_completion_tokens or req.max_tokens)
+    stop, stop_ids = chat_stops(rendered, req)
+    plan = _plan(state, req, [rendered.ids], stop, stop_ids, logprobs, req.max_completion_tokens or req.max_tokens)
     batch = _submit(state, plan, req.stream)
     rid, created, tt = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), _TokenText(state.tokenizer)
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
