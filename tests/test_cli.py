@@ -130,3 +130,19 @@ def test_bad_config_json_is_one_line_error(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("kiln generate: error:"), err
     assert "config.json is not valid JSON" in err
+
+
+def test_recipe_cpu_preset_keeps_its_stage_settings_and_the_users_win():
+    """`kiln recipe chat --preset cpu --set ...`: the preset's stage overrides stay, the user's come
+    after them (so they win), and recipe fields are set directly."""
+    from kiln.align.grpo import GRPOConfig
+    from kiln.align.recipe import _with
+    from kiln.cli.align import recipe_config
+
+    args = build_parser().parse_args(["recipe", "chat", "--preset", "cpu", "--base", "B", "--set",
+                                      "grpo.train.lr=1e-4", "sft_steps=7"])
+    cfg = recipe_config(args)
+    assert cfg.base == "B" and cfg.sft_steps == 7 and cfg.digits == 1
+    assert "sft.train.lr=2e-3" in cfg.overrides and cfg.overrides[-1] == "grpo.train.lr=1e-4"
+    grpo = _with(GRPOConfig(), "grpo", cfg.overrides)
+    assert grpo.train.lr == 1e-4 and grpo.temperature == 0.7

@@ -108,6 +108,33 @@ def test_encode_long_is_counted(chat_tokenizer):
     assert rep.dropped == {"longer_than_context": 2} and rep.examples[0].startswith("f:3")
 
 
+def test_truncate_cuts_instead_of_dropping(chat_tokenizer):
+    """``truncate``: a long conversation keeps its first tokens (and its loss mask); one cut before any
+    assistant token is still dropped; a long pair keeps the prompt's end and cuts each reply to fit;
+    replies equal once cut are dropped. Each cut is counted, never silent."""
+    from kiln.align.data import Conversation, PreferencePair
+
+    tpl = ChatTemplate.from_tokenizer(chat_tokenizer)
+    rep = ReadReport()
+    conv = Conversation(({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello " * 50}), "f:3")
+    full_ids, full_mask = encode_conversation(conv, tpl, 500, rep)
+    ids, mask = encode_conversation(conv, tpl, 20, rep, truncate=True)
+    assert ids == full_ids[:20] and mask == full_mask[:20] and sum(mask) > 0
+    early = Conversation(({"role": "user", "content": "Hi " * 40}, {"role": "assistant", "content": "ok"}), "f:4")
+    assert encode_conversation(early, tpl, 20, rep, truncate=True) is None
+    long_prompt = ({"role": "user", "content": "question " * 40},)
+    whole = tpl.render(long_prompt, add_generation_prompt=True)
+    prompt, ch, rj = encode_preference(PreferencePair(long_prompt, "yes " * 30, "no " * 30, "g:9"), tpl, 40, rep,
+                                       truncate=True)
+    assert prompt == whole[-20:] and prompt[-1] == chat_tokenizer.special_tokens["<|assistant|>"]
+    assert len(prompt) + max(len(ch), len(rj)) <= 40 and ch != rj
+    same = PreferencePair(({"role": "user", "content": "Hi"},), "same start " * 30 + "A", "same start " * 30 + "B", "g:10")
+    assert encode_preference(same, tpl, 40, rep, truncate=True) is None
+    assert rep.truncated == 2 and rep.dropped == {"longer_than_context": 1, "equal_after_truncation": 1}
+    assert rep.to_dict()["truncated"] == 2 and "truncated 2" in rep.summary()
+    assert any(e.startswith("f:3: truncated") for e in rep.examples)
+
+
 def test_shared_sets(shared_data):
     d = shared_data / "align"
     rep = ReadReport()

@@ -45,6 +45,8 @@ class ReadReport:
     dropped: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     max_examples: int = 20
+    truncated: int = 0
+    """Records cut to fit the context (``truncate=True`` in SFT and DPO) and kept."""
 
     def drop(self, where: str, reason: str, detail: str = "") -> None:
         """Count one unusable record at ``where`` (``file:line``) under ``reason``."""
@@ -52,13 +54,20 @@ class ReadReport:
         if len(self.examples) < self.max_examples:
             self.examples.append(f"{where}: {reason}{' (' + detail + ')' if detail else ''}")
 
+    def truncate(self, where: str, detail: str) -> None:
+        """Count one record cut to fit (it stays kept); the first few go to ``examples`` too."""
+        self.truncated += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(f"{where}: truncated ({detail})")
+
     def to_dict(self) -> dict[str, Any]:
-        return {"kept": self.kept, "dropped": dict(self.dropped), "examples": list(self.examples)}
+        out = {"kept": self.kept, "dropped": dict(self.dropped), "examples": list(self.examples)}
+        return {**out, "truncated": self.truncated} if self.truncated else out
 
     def summary(self) -> str:
         """One line per reason, then the examples (what a stage prints and writes to its manifest)."""
         total = sum(self.dropped.values())
-        lines = [f"kept {self.kept} records, dropped {total}"]
+        lines = [f"kept {self.kept} records, dropped {total}" + (f", truncated {self.truncated}" if self.truncated else "")]
         lines += [f"  {reason}: {n}" for reason, n in self.dropped.most_common()]
         lines += [f"  e.g. {e}" for e in self.examples[:5]]
         return "\n".join(lines)
@@ -285,26 +294,42 @@ def read_preferences(sources: Iterable[str | Path], report: ReadReport | None = 
 
 
 # ------------------------------------------------------------------ tokenization
-def encode_conversation(conv: Conversation, template: Any, max_len: int, report: ReadReport) -> tuple[list[int], list[int]] | None:
-    """(ids, loss mask) of ``conv`` with ``template``; None (counted) when over ``max_len`` tokens."""
+def encode_conversation(conv: Conversation, template: Any, max_len: int, report: ReadReport,
+                        truncate: bool = False) -> tuple[list[int], list[int]] | None:
+    """(ids, loss mask) of ``conv`` with ``template``; over ``max_len`` tokens: None (counted), or with
+    ``truncate`` its first ``max_len`` tokens (trl's SFT default), unless no assistant token is left."""
     ids, mask = template.render_with_mask(conv.messages)
     if len(ids) > max_len:
-        report.drop(conv.where, "longer_than_context", f"{len(ids)} > {max_len} tokens")
-        return None
+        if not truncate or not any(mask[1:max_len]):  # position 0 is never a target
+            report.drop(conv.where, "longer_than_context", f"{len(ids)} > {max_len} tokens"
+                        + (", no assistant token in the first ones" if truncate else ""))
+            return None
+        report.truncate(conv.where, f"{len(ids)} -> {max_len} tokens")
+        ids, mask = ids[:max_len], mask[:max_len]
     return ids, mask
 
 
 def encode_preference(
-    pair: PreferencePair, template: Any, max_len: int, report: ReadReport
+    pair: PreferencePair, template: Any, max_len: int, report: ReadReport, truncate: bool = False
 ) -> tuple[list[int], list[int], list[int]] | None:
-    """(prompt ids ending in ``<|assistant|>``, chosen ids + end, rejected ids + end); None (counted)
-    when prompt + the longer reply is over ``max_len`` tokens."""
+    """(prompt ids ending in ``<|assistant|>``, chosen ids + end, rejected ids + end). When prompt +
+    the longer reply is over ``max_len`` tokens: None (counted), or with ``truncate`` (as trl's DPO
+    does) the prompt keeps its last ``max_len // 2`` tokens at most and each reply is cut to the room
+    left; a pair whose cut replies are equal is dropped (``equal_after_truncation``)."""
     prompt = template.render(pair.prompt, add_generation_prompt=True)
     enc = template.tokenizer.encode_ordinary
     chosen = enc(pair.chosen) + [template.end_id]
     rejected = enc(pair.rejected) + [template.end_id]
     n = len(prompt) + max(len(chosen), len(rejected))
     if n > max_len:
-        report.drop(pair.where, "longer_than_context", f"{n} > {max_len} tokens")
-        return None
+        if not truncate:
+            report.drop(pair.where, "longer_than_context", f"{n} > {max_len} tokens")
+            return None
+        prompt = prompt[max(0, len(prompt) - max_len // 2):]  # keep the end: the turn the replies answer
+        room = max_len - len(prompt)
+        chosen, rejected = chosen[:room], rejected[:room]
+        if chosen == rejected:
+            report.drop(pair.where, "equal_after_truncation", f"{n} > {max_len} tokens")
+            return None
+        report.truncate(pair.where, f"{n} -> {len(prompt) + max(len(chosen), len(rejected))} tokens")
     return prompt, chosen, rejected

@@ -62,7 +62,11 @@ class DPOConfig:
     reference: str = ""
     """Reference model folder; empty: the starting policy (``model_dir``)."""
     seq_len: int = 0
-    """Longest prompt + reply in tokens; 0: the model's context length. Longer pairs are dropped (counted)."""
+    """Longest prompt + reply in tokens; 0: the model's context length. Longer pairs are dropped (counted)
+    unless ``truncate``."""
+    truncate: bool = False
+    """Fit a longer pair instead of dropping it, as trl's DPO does: the prompt keeps its last
+    ``seq_len // 2`` tokens at most, each reply is cut to the room left (counted as ``truncated``)."""
     epochs: float = 1.0
     """Passes over the training pairs (sets the step count unless ``max_steps``)."""
     max_steps: int = 0
@@ -275,9 +279,9 @@ def run_dpo(cfg: DPOConfig, model_dir: str | os.PathLike, out_dir: str | os.Path
     report = ReadReport()
     train_p, held_p = split_pairs(read_preferences(cfg.data, report), cfg)
     seq_len = cfg.seq_len or model.config.context_length
-    enc = [e for e in (encode_preference(p, tpl, seq_len + 1, report) for p in train_p) if e is not None]
+    enc = [e for e in (encode_preference(p, tpl, seq_len + 1, report, cfg.truncate) for p in train_p) if e is not None]
     enc = require_usable(enc, "training pairs", cfg.data, report)  # before the reference scores anything
-    held = [e for e in (encode_preference(p, tpl, seq_len + 1, report) for p in held_p) if e is not None]
+    held = [e for e in (encode_preference(p, tpl, seq_len + 1, report, cfg.truncate) for p in held_p) if e is not None]
     with fused_kernels(model, cfg.fused_kernels):  # the reference pass and the steps run the same kernels
         return _train_dpo(cfg, model, tok, model_dir, tokenizer, out_dir, report, enc, held, resume, dist, stop,
                           extra_hooks)

@@ -6,6 +6,8 @@ hh-rlhf's test pairs held out; the seeded addition task and GSM8K's train split 
 split for the before/after accuracy). The base model is a folder (``--base``), or the recipe first
 runs the demo pipeline (corpus, tokenizer, pretraining with ``preset``) on ``pretrain_data``
 (``kiln recipe chat`` does that step: ``kiln.demo`` sits above ``kiln.align``).
+SFT and DPO cut conversations and pairs longer than ``seq_len`` to fit (``truncate=True``, as trl
+does) rather than drop them: at the CPU preset's 128 tokens, dropping kept 3 of the DPO pairs.
 Every stage is resumable and reused when finished, so a killed recipe continues where it stopped.
 ``report.md`` has a table per stage (its manifest's statistics and time) and each stage's curve.
 """
@@ -36,6 +38,8 @@ class ChatRecipeConfig:
     """Pretraining steps (None: the preset's)."""
     shared: str = "../shared/data"
     """The shared data folder (align/ and eval/gsm8k/ are read from it)."""
+    digits: int = 2
+    """Operand digits of the addition task (its SFT conversations and its GRPO prompts)."""
     sft_steps: int = 200
     dpo_steps: int = 100
     grpo_addition_rollouts: int = 30
@@ -59,8 +63,11 @@ def gpu() -> ChatRecipeConfig:
 
 
 def cpu() -> ChatRecipeConfig:
-    """A laptop CPU, tens of minutes: the demo's tiny model and short stages."""
-    return ChatRecipeConfig(sft_steps=100, dpo_steps=30, grpo_addition_rollouts=10, gsm8k_eval=0, seq_len=128)
+    """A laptop CPU, a few minutes: the demo's tiny model, one-digit sums, SFT at the demo chat stage's
+    lr, GRPO at ``grpo_addition2_cpu``'s lr and temperature (docs/align.md, "The chat recipe")."""
+    return ChatRecipeConfig(digits=1, sft_steps=160, dpo_steps=30, grpo_addition_rollouts=60, gsm8k_eval=0,
+                            seq_len=128, overrides=("sft.train.lr=2e-3", "sft.train.min_lr=2e-4", "grpo.train.lr=3e-5",
+                                                    "grpo.train.min_lr=3e-5", "grpo.temperature=0.7"))
 
 
 PRESETS = {"gpu": gpu, "cpu": cpu}
@@ -88,7 +95,7 @@ def run_chat_recipe(cfg: ChatRecipeConfig) -> Path:
     base = Path(cfg.base)
     add = out / "data" / "addition_chat.jsonl"
     add.parent.mkdir(parents=True, exist_ok=True)
-    add.write_text("".join(json.dumps(r) + "\n" for r in addition_conversations(2000, cfg.seed, 2)))
+    add.write_text("".join(json.dumps(r) + "\n" for r in addition_conversations(2000, cfg.seed, cfg.digits)))
     align = shared / "align"
     runs: dict[str, Path] = {}
     t = {}
@@ -96,7 +103,7 @@ def run_chat_recipe(cfg: ChatRecipeConfig) -> Path:
 
     s = SFTConfig()
     sft = SFTConfig(data=(str(align / "lima" / "lima.json"), str(align / "llamafactory_demo" / "alpaca_en_demo.json"),
-                          str(add)), max_steps=cfg.sft_steps, seq_len=cfg.seq_len, add_chat_tokens=True,
+                          str(add)), max_steps=cfg.sft_steps, seq_len=cfg.seq_len, add_chat_tokens=True, truncate=True,
                     eval_every=max(cfg.sft_steps // 5, 1), train=tr(s))
     t["sft"] = time.perf_counter()
     runs["sft"] = run_sft(_with(sft, "sft", cfg.overrides), base, out / "sft")
@@ -104,14 +111,15 @@ def run_chat_recipe(cfg: ChatRecipeConfig) -> Path:
     d = DPOConfig()
     dpo = DPOConfig(data=(str(align / "llamafactory_demo" / "dpo_en_demo.json"),),
                     heldout=(str(align / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"),), max_steps=cfg.dpo_steps,
-                    seq_len=cfg.seq_len, eval_every=max(cfg.dpo_steps // 5, 1), train=tr(d))
+                    seq_len=cfg.seq_len, truncate=True, eval_every=max(cfg.dpo_steps // 5, 1), train=tr(d))
     t["dpo"] = time.perf_counter()
     runs["dpo"] = run_dpo(_with(dpo, "dpo", cfg.overrides), runs["sft"] / "model", out / "dpo")
     t["dpo"] = time.perf_counter() - t["dpo"]
     g = GRPOConfig()
     policy = runs["dpo"] / "model"
     if cfg.grpo_addition_rollouts:
-        grpo = GRPOConfig(rollouts=cfg.grpo_addition_rollouts, prompts_per_rollout=cfg.batch_size // 2, group_size=8,
+        grpo = GRPOConfig(digits=cfg.digits, rollouts=cfg.grpo_addition_rollouts, prompts_per_rollout=cfg.batch_size // 2,
+                          group_size=8,
                           rollout_epochs=1, eval_every=max(cfg.grpo_addition_rollouts // 5, 1),
                           train=replace(tr(g), batch_size=cfg.batch_size * 4))
         t["grpo_addition"] = time.perf_counter()

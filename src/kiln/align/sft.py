@@ -50,7 +50,11 @@ class SFTConfig:
     pack: bool = True
     """Pack several conversations per row (document-aware mask); False: one per padded row."""
     seq_len: int = 0
-    """Row length in tokens; 0: the model's context length. Longer conversations are dropped (counted)."""
+    """Row length in tokens; 0: the model's context length. Longer conversations are dropped (counted)
+    unless ``truncate``."""
+    truncate: bool = False
+    """Cut a conversation longer than a row to its first tokens (trl's default) instead of dropping
+    it; one whose cut leaves no assistant token is still dropped. Counted as ``truncated``."""
     epochs: float = 1.0
     """Passes over the training conversations (sets the step count unless ``max_steps``)."""
     max_steps: int = 0
@@ -185,8 +189,8 @@ def run_sft(cfg: SFTConfig, model_dir: str | os.PathLike, out_dir: str | os.Path
     report = ReadReport()
     train_c, held_c = split_heldout(read_conversations(cfg.data, report), cfg)
     seq_len = cfg.seq_len or model.config.context_length
-    enc = [encode_conversation(c, tpl, seq_len + 1, report) for c in train_c]
-    held = [e for e in (encode_conversation(c, tpl, seq_len + 1, report) for c in held_c) if e is not None]
+    enc = [encode_conversation(c, tpl, seq_len + 1, report, cfg.truncate) for c in train_c]
+    held = [e for e in (encode_conversation(c, tpl, seq_len + 1, report, cfg.truncate) for c in held_c) if e is not None]
     mb = cfg.train.micro_batch_size or cfg.train.batch_size
     device = next(model.parameters()).device
     pad = tok.eot_id or 0
