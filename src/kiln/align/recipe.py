@@ -40,6 +40,8 @@ class ChatRecipeConfig:
     """The shared data folder (align/ and eval/gsm8k/ are read from it)."""
     digits: int = 2
     """Operand digits of the addition task (its SFT conversations and its GRPO prompts)."""
+    additions: int = 2000
+    """Addition conversations mixed into the SFT data."""
     sft_steps: int = 200
     dpo_steps: int = 100
     grpo_addition_rollouts: int = 30
@@ -65,7 +67,7 @@ def gpu() -> ChatRecipeConfig:
 def cpu() -> ChatRecipeConfig:
     """A laptop CPU, a few minutes: the demo's tiny model, one-digit sums, SFT at the demo chat stage's
     lr, GRPO at ``grpo_addition2_cpu``'s lr and temperature (docs/align.md, "The chat recipe")."""
-    return ChatRecipeConfig(digits=1, sft_steps=160, dpo_steps=30, grpo_addition_rollouts=60, gsm8k_eval=0,
+    return ChatRecipeConfig(digits=1, additions=6000, sft_steps=160, dpo_steps=30, grpo_addition_rollouts=60, gsm8k_eval=0,
                             seq_len=128, overrides=("sft.train.lr=2e-3", "sft.train.min_lr=2e-4", "grpo.train.lr=3e-5",
                                                     "grpo.train.min_lr=3e-5", "grpo.temperature=0.7"))
 
@@ -95,7 +97,7 @@ def run_chat_recipe(cfg: ChatRecipeConfig) -> Path:
     base = Path(cfg.base)
     add = out / "data" / "addition_chat.jsonl"
     add.parent.mkdir(parents=True, exist_ok=True)
-    add.write_text("".join(json.dumps(r) + "\n" for r in addition_conversations(2000, cfg.seed, cfg.digits)))
+    add.write_text("".join(json.dumps(r) + "\n" for r in addition_conversations(cfg.additions, cfg.seed, cfg.digits)))
     align = shared / "align"
     runs: dict[str, Path] = {}
     t = {}
