@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU measurements issue 19 still owes (docs/benchmarks.md says which and why), as sections that
+# fit one 10-minute call on one H100 with no network. Two steps:
+#
+#   bash scripts/gpu_owed.sh prep        # here, with ../shared and PyPI: fills .devcarry/ and .whl/ (~12 MB)
+#   PART="decode q350" bash scripts/gpu_owed.sh     # there (carry .devcarry and .whl); output under $OUT
+#
+# Sections (PART, space-separated; each under its own time limit in seconds, env var in brackets):
+#   decode  batch-1 bf16 decode of the 124M shape, Kiln and gpt-fast in the same run [D=240]
+#   q350    batch-1 int8 / int4 / n-gram speculation and gpt-fast's bf16 and int8 on the 350m shape,
+#           where weights dominate the step (the bandwidth and quantization goals) [Q=300]
+#   http    HTTP vs direct and vs `transformers serve` at concurrency 16 / 64 / 256 [H=300]
+#   sampled sampled decode (T 0.7, top-p 0.95): batch 1 and throughput [S=240]
+#   learn   GRPO learning per GPU-second vs trl's GRPOTrainer, and DPO on hh-rlhf [L=240]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "prep" ]; then
+    set -e
+    mkdir -p .devcarry/gpt2 .devcarry/hh-rlhf/harmless-base
+    for x in /.devcarry/ /.whl/; do grep -qx "$x" .git/info/exclude || echo "$x" >> .git/info/exclude; done
+    rm -rf .devcarry/gpt-fast && cp -r ../shared/refs/gpt-fast .devcarry/gpt-fast
+    cp ../shared/data/align/alpaca_eval/alpaca_eval.jsonl .devcarry/
+    cp ../shared/data/tokenizers/gpt2/vocab.json ../shared/data/tokenizers/gpt2/merges.txt .devcarry/gpt2/
+    cp ../shared/data/align/hh-rlhf/harmless-base/test.jsonl.gz .devcarry/hh-rlhf/harmless-base/
+    head -n 64 ../shared/data/eval/gsm8k/test.jsonl > .devcarry/gsm8k_test64.jsonl
+    # what the GPU image holds (the device tool's KINDS.md lists it); skipped unless named as a root
+    image=${IMAGE_PACKAGES:-.devcarry/image_packages.txt}
+    [ -f "$image" ] || { echo "write the image's package names, one per line, to $image (or set IMAGE_PACKAGES)"; exit 2; }
+    py=${PYTHON:-.venv/bin/python}  # the environment whose versions are shipped (make test builds it)
+    "$py" scripts/offline_wheels.py trl datasets zstandard fastapi uvicorn httptools openai typer rich anyio idna \
+        typing-extensions --skip-file "$image" -d .whl
+    du -sh .devcarry .whl
+    exit 0
+fi
+
+: "${OUT:=runs/gpu_owed}"
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 3
+fi
+export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
+kiln() { python3 -m kiln.cli.main "$@"; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+section() {  # name, seconds, command...: run under a limit, keep the log, say how it ended
+    local name=$1 limit=$2; shift 2
+    echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "=== $name: exit $? $(date -u +%H:%M:%S)"
+    grep -E '^\||tok/s|bound|GRPO mean|^\[learning\]' "$OUT/$name.log" | cut -c1-400 | tail -40
+}
+
+for part in ${PART:-decode}; do
+    case $part in
+    decode) section decode "${D:-240}" kiln bench serve --device cuda --parts latency --shapes gpt2_small \
+                --rows gpt-fast --gpt-fast .devcarry/gpt-fast --new-tokens 256 --prompt-len 128 --repeats 2 \
+                --out "$OUT/decode" ;;
+    q350) section q350 "${Q:-300}" kiln bench serve --device cuda --parts latency --shapes 350m \
+                --rows int8,int4,ngram,gpt-fast,gpt-fast-int8 --gpt-fast .devcarry/gpt-fast --new-tokens 256 \
+                --prompt-len 128 --repeats 2 --out "$OUT/q350" ;;
+    http) section http "${H:-300}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
+                --rows transformers-serve --http-row-s 15 --prompts .devcarry/alpaca_eval.jsonl \
+                --tokenizer .devcarry/gpt2 --requests 1000 --concurrency 16,64,256 --min-requests 8 \
+                --max-tokens 128 --client-procs 4 --server-engine thread,process --out "$OUT/http" ;;
+    sampled) section sampled "${S:-240}" kiln bench serve --device cuda --shapes gpt2_small \
+                --parts latency,throughput --rows sampled --temperature 0.7 --top-p 0.95 --new-tokens 256 \
+                --prompt-len 128 --repeats 2 --prompts .devcarry/alpaca_eval.jsonl --requests 512 \
+                --concurrency 1,16,64,256 --min-requests 8 --max-tokens 128 --budget-s 200 --out "$OUT/sampled" ;;
+    learn) section learn "${L:-240}" kiln bench align --learning --size small --device cuda \
+                --hh-rlhf .devcarry/hh-rlhf/harmless-base/test.jsonl.gz --gsm8k .devcarry/gsm8k_test64.jsonl \
+                --out "$OUT/learning" ;;
+    *) echo "unknown section $part (decode q350 http sampled learn)"; exit 2 ;;
+    esac
+done
