@@ -6,7 +6,8 @@
 #   PART="decode q350" bash scripts/gpu_owed.sh     # there (carry .devcarry and .whl); output under $OUT
 #
 # Sections (PART, space-separated; each under its own time limit in seconds, env var in brackets):
-#   decode  batch-1 bf16 decode of the 124M shape, Kiln and gpt-fast in the same run [D=240]
+#   decode  batch-1 bf16 decode of the 124M shape, Kiln and gpt-fast in the same run; n-gram speculation
+#           and the host's cost per token of each engine path, speculation included [D=240]
 #   q350    batch-1 int8 / int4 / n-gram speculation and gpt-fast's bf16 and int8 on the 350m shape,
 #           where weights dominate the step (the bandwidth and quantization goals) [Q=300]
 #   http    HTTP vs direct and vs `transformers serve` at concurrency 16 / 64 / 256 [H=300]
@@ -54,8 +55,8 @@ section() {  # name, seconds, command...: run under a limit, keep the log, say h
 
 for part in ${PART:-decode}; do
     case $part in
-    decode) section decode "${D:-240}" kiln bench serve --device cuda --parts latency --shapes gpt2_small \
-                --rows gpt-fast --gpt-fast .devcarry/gpt-fast --new-tokens 256 --prompt-len 128 --repeats 2 \
+    decode) section decode "${D:-240}" kiln bench serve --device cuda --parts latency,host --shapes gpt2_small \
+                --rows gpt-fast,ngram --gpt-fast .devcarry/gpt-fast --new-tokens 256 --prompt-len 128 --repeats 2 \
                 --out "$OUT/decode" ;;
     q350) section q350 "${Q:-300}" kiln bench serve --device cuda --parts latency --shapes 350m \
                 --rows int8,int4,ngram,gpt-fast,gpt-fast-int8 --gpt-fast .devcarry/gpt-fast --new-tokens 256 \

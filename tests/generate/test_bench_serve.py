@@ -32,11 +32,13 @@ def test_bench_serve_host_part_and_largest_preset(tmp_path):
 
     assert largest_preset() == "gpt2_small"  # Kiln's largest training preset is the GPT-2-small shape
     args = ["bench", "serve", "--device", "cpu", "--shapes", "tiny", "--parts", "host", "--new-tokens", "20",
-            "--prompt-len", "4", "--repeats", "1", "--out", str(tmp_path)]
+            "--prompt-len", "4", "--repeats", "1", "--rows", "ngram", "--out", str(tmp_path)]
     assert main(args) == 0
     rows = json.loads((tmp_path / "bench_serve.json").read_text())
-    assert [r["impl"] for r in rows] == ["general step", "lean step", "multi-step"]
+    assert [r["impl"] for r in rows] == ["general step", "lean step", "multi-step", "spec ngram k=4"]
     assert all(r["table"] == "host" and r["tok_s"] > 0 for r in rows)
+    accepted, proposed = map(int, rows[-1]["note"].split("accepted ")[1].split(" ")[0].split("/"))
+    assert proposed > 0 and accepted == proposed  # zero logits repeat one token: every draft holds
     assert "| tiny | multi-step |" in (tmp_path / "bench_serve.md").read_text()
 
 

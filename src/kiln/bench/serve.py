@@ -420,8 +420,11 @@ def host_table(args: argparse.Namespace, shape: str, device: Any) -> list[ServeR
         if "sampled" in args.rows:
             T = args.temperature
             paths += [(f"lean step T={T:g}", True, 1, T), (f"multi-step T={T:g}", True, 8, T)]
+        if "ngram" in args.rows:  # zero logits repeat token 0, so every draft is accepted: the host's
+            paths.append(("spec ngram k=4", True, 1, 0.0))  # cost per token at full acceptance
         for label, graphs, steps, temp in paths:
-            rows.append(_host_row(model, shape, label, graphs, steps, plen, n, args.repeats, zeros, temp))
+            rows.append(_host_row(model, shape, label, graphs, steps, plen, n, args.repeats, zeros, temp,
+                                  "ngram" if label.startswith("spec") else "none"))
             print(f"  host {label}: {rows[-1].note}", flush=True)
     finally:
         model.lm_head = true_head
@@ -430,15 +433,16 @@ def host_table(args: argparse.Namespace, shape: str, device: Any) -> list[ServeR
 
 
 def _host_row(model: Any, shape: str, label: str, graphs: bool, steps: int, plen: int, n: int, repeats: int,
-              zeros: Any, temperature: float = 0.0) -> ServeRow:
+              zeros: Any, temperature: float = 0.0, speculative: str = "none") -> ServeRow:
     """One path of ``host_table``: best tokens/s of one request (greedy, or sampled at ``temperature``,
-    seeded), the forward stubbed."""
+    seeded; ``speculative`` 'ngram': 4 drafts a step, verified through the graph of 8 rows), the
+    forward stubbed."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     eng = LLMEngine(model, None, EngineConfig(max_num_seqs=1, enable_prefix_caching=False, cuda_graphs=graphs,
-                                              decode_steps=steps))
-    if graphs and not eng.runner.graph_max:
-        eng.runner.graph_max = 1  # the CPU: the graph body runs eagerly over the same static buffers
+                                              decode_steps=steps, speculative=speculative, num_speculative_tokens=4))
+    if graphs and not eng.runner.graph_max:  # the CPU: the graph body runs eagerly over the same static buffers
+        eng.runner.graph_max = 1 if speculative == "none" else 8
     zero_ids = zeros[:, 0].long()  # (rows,) greedy ids of zero logits
     eng.runner._decode = lambda ids, pos: (zeros[: ids.shape[0]], zero_ids[: ids.shape[0]])  # graph paths
     params = SamplingParams(max_tokens=n, temperature=temperature, seed=0, ignore_eos=True)
@@ -451,6 +455,8 @@ def _host_row(model: Any, shape: str, label: str, graphs: bool, steps: int, plen
         _sync(eng.device)
         best = max(best, len(out.token_ids) / (time.perf_counter() - t0))
     note = f"{1e6 / best:.0f} us/token" + (f", {steps} steps per graph" if steps > 1 else "")
+    if speculative != "none":
+        note += f", accepted {eng.spec_counts['accepted']}/{eng.spec_counts['proposed']} drafts"
     return ServeRow("host", shape, label, tok_s=best, note=note)
 
 
