@@ -136,12 +136,11 @@ def test_recipe_cpu_preset_keeps_its_stage_settings_and_the_users_win():
     """`kiln recipe chat --preset cpu --set ...`: the preset's stage overrides stay, the user's come
     after them (so they win), and recipe fields are set directly."""
     from kiln.align.grpo import GRPOConfig
-    from kiln.align.recipe import _with
-    from kiln.cli.align import recipe_config
+    from kiln.align.recipe import _with, recipe_config
 
     args = build_parser().parse_args(["recipe", "chat", "--preset", "cpu", "--base", "B", "--set",
                                       "grpo.train.lr=1e-4", "sft_steps=7"])
-    cfg = recipe_config(args)
+    cfg = recipe_config(args.preset, args.overrides, base=args.base, out=args.out, shared=args.shared)
     assert cfg.base == "B" and cfg.sft_steps == 7 and cfg.digits == 1
     assert "sft.train.lr=2e-3" in cfg.overrides and cfg.overrides[-1] == "grpo.train.lr=1e-4"
     grpo = _with(GRPOConfig(), "grpo", cfg.overrides)

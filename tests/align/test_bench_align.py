@@ -151,3 +151,23 @@ def test_a_row_that_crashes_mid_run_keeps_its_timed_steps(tmp_path):
     assert row.rate is not None and row.timed_steps >= 3 and not row.error
     assert row.partial.startswith("failed after") and row.partial.endswith("RuntimeError: CUDA out of memory")
     assert "partial: failed after" in _table([row])
+
+
+def test_learning_check_keeps_what_it_measured_when_a_stage_fails(tmp_path, monkeypatch):
+    """Each stage's numbers land in ``learning.partial.json`` as it ends, so a GPU call cut short (or a
+    trl side that breaks) still returns the stages before it."""
+    import kiln.bench.align_learning as al
+
+    monkeypatch.setattr(al, "build_base", lambda out, plan, seed: out)
+    monkeypatch.setattr(al, "sft_rounds", lambda *a: (tmp_path / "sft", {"heldout_loss_after": 0.9}))
+    monkeypatch.setattr(al, "grpo_kiln", lambda *a: (tmp_path / "grpo", {"heldout_reward_after": 0.7}))
+
+    def trl_breaks(*a):
+        raise RuntimeError("cut")
+
+    monkeypatch.setattr(al, "grpo_trl", trl_breaks)
+    with pytest.raises(RuntimeError, match="cut"):
+        al.learning_check(PLANS["tiny"], tmp_path / "work", "cpu", 0, None, None, tmp_path / "out")
+    got = json.loads((tmp_path / "out" / "learning.partial.json").read_text())
+    assert got["sft"] == {"heldout_loss_after": 0.9} and got["grpo_kiln"] == {"heldout_reward_after": 0.7}
+    assert got["dpo"] == {"skipped": "no hh-rlhf file"} and "grpo_trl" not in got

@@ -75,6 +75,19 @@ def cpu() -> ChatRecipeConfig:
 PRESETS = {"gpu": gpu, "cpu": cpu}
 
 
+def recipe_config(preset: str, overrides: list[str] | tuple[str, ...] = (), **fields: Any) -> ChatRecipeConfig:
+    """The preset, then ``fields`` (``base``, ``out``, ``shared``...: empty ones ignored), then
+    ``overrides`` (``KEY=VALUE``): stage keys (``sft.``, ``dpo.``, ``grpo.``) go after the preset's own
+    stage overrides, so the user's win; recipe keys (``sft_steps=500``) set the field."""
+    from kiln.align.stage import apply_stage_overrides
+
+    cfg = PRESETS[preset]()
+    stage = tuple(o for o in overrides if o.split("=", 1)[0].split(".")[0] in ("sft", "dpo", "grpo"))
+    own = [o for o in overrides if o not in stage]
+    cfg = replace(cfg, overrides=cfg.overrides + stage, **{k: v for k, v in fields.items() if v})
+    return apply_stage_overrides(cfg, own) if own else cfg
+
+
 def _with(cfg: Any, prefix: str, overrides: tuple[str, ...]) -> Any:
     from kiln.align.stage import apply_stage_overrides
 

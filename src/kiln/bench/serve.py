@@ -416,15 +416,16 @@ def host_table(args: argparse.Namespace, shape: str, device: Any) -> list[ServeR
     n = min(args.new_tokens, model.config.context_length - plen)
     rows = []
     try:
-        paths = [("general step", False, 1, 0.0), ("lean step", True, 1, 0.0), ("multi-step", True, 8, 0.0)]
+        # (label, graphs, decode steps per graph, temperature, speculative)
+        paths = [("general step", False, 1, 0.0, "none"), ("lean step", True, 1, 0.0, "none"),
+                 ("multi-step", True, 8, 0.0, "none")]
         if "sampled" in args.rows:
             T = args.temperature
-            paths += [(f"lean step T={T:g}", True, 1, T), (f"multi-step T={T:g}", True, 8, T)]
+            paths += [(f"lean step T={T:g}", True, 1, T, "none"), (f"multi-step T={T:g}", True, 8, T, "none")]
         if "ngram" in args.rows:  # zero logits repeat token 0, so every draft is accepted: the host's
-            paths.append(("spec ngram k=4", True, 1, 0.0))  # cost per token at full acceptance
-        for label, graphs, steps, temp in paths:
-            rows.append(_host_row(model, shape, label, graphs, steps, plen, n, args.repeats, zeros, temp,
-                                  "ngram" if label.startswith("spec") else "none"))
+            paths.append(("spec ngram k=4", True, 1, 0.0, "ngram"))  # cost per token at full acceptance
+        for label, graphs, steps, temp, spec in paths:
+            rows.append(_host_row(model, shape, label, graphs, steps, plen, n, args.repeats, zeros, temp, spec))
             print(f"  host {label}: {rows[-1].note}", flush=True)
     finally:
         model.lm_head = true_head

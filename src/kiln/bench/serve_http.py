@@ -615,8 +615,8 @@ def transformers_serve_cmd(hf_dir: Path, port: int, device: Any, max_requests: i
 def transformers_server(args: argparse.Namespace, hf_dir: Path, device: Any) -> Server:
     port = _free_port()
     batch = int(engine_overrides(args)["max_num_batched_tokens"])
-    return Server(transformers_serve_cmd(hf_dir, port, device, max(args.concurrency), batch), port, env={**TRANSFORMERS_OFFLINE_ENV,
-                                                                          **_thread_env(args)},
+    cmd = transformers_serve_cmd(hf_dir, port, device, max(args.concurrency), batch)
+    return Server(cmd, port, env={**TRANSFORMERS_OFFLINE_ENV, **_thread_env(args)},
                   wait_s=getattr(args, "server_wait_s", 600.0))
 
 

@@ -99,25 +99,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def recipe_config(args: argparse.Namespace) -> Any:
-    """The recipe config: the preset, then the flags, then ``--set`` (stage keys such as
-    ``grpo.train.lr=...`` after the preset's own, so the user's win; recipe fields directly)."""
-    from kiln.align.recipe import PRESETS
-    from kiln.align.stage import apply_stage_overrides
-
-    cfg = PRESETS[args.preset]()
-    stage_keys = [o for o in args.overrides if o.split("=", 1)[0].split(".")[0] in ("sft", "dpo", "grpo")]
-    own = [o for o in args.overrides if o not in stage_keys]
-    kw: dict[str, Any] = {k: v for k, v in (("base", args.base), ("out", args.out), ("shared", args.shared)) if v}
-    cfg = dataclasses.replace(cfg, overrides=cfg.overrides + tuple(stage_keys), **kw)  # the preset's first
-    return apply_stage_overrides(cfg, own) if own else cfg
-
-
 def run_recipe(args: argparse.Namespace) -> int:
-    """Build the recipe config (``recipe_config``) and run it, pretraining a base model first if none."""
-    from kiln.align.recipe import run_chat_recipe
+    """Build the recipe config (``kiln.align.recipe.recipe_config``) and run it, pretraining a base
+    model first if none."""
+    from kiln.align.recipe import recipe_config, run_chat_recipe
 
-    cfg = recipe_config(args)
+    cfg = recipe_config(args.preset, args.overrides, base=args.base, out=args.out, shared=args.shared)
     base = cfg.base
     if not base:  # pretrain first with the demo pipeline (corpus, tokenizer, the preset)
         from kiln.demo import DemoConfig, run_demo
