@@ -10,6 +10,8 @@
 #           and the host's cost per token of each engine path, speculation included [D=240]
 #   q350    batch-1 int8 / int4 / n-gram speculation and gpt-fast's bf16 and int8 on the 350m shape,
 #           where weights dominate the step (the bandwidth and quantization goals) [Q=300]
+#   prof    where a decode token's GPU time goes: graphs, no graph, and n-gram speculation's verify
+#           steps (kernel time vs wall per token: the GPU's share and the host's) [P=150]
 #   http    HTTP vs direct and vs `transformers serve` at concurrency 16 / 64 / 256 [H=300]
 #   sampled sampled decode (T 0.7, top-p 0.95): batch 1 and throughput [S=240]
 #   learn   GRPO learning per GPU-second vs trl's GRPOTrainer, and DPO on hh-rlhf [L=240]
@@ -50,7 +52,7 @@ section() {  # name, seconds, command...: run under a limit, keep the log, say h
     echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "=== $name: exit $? $(date -u +%H:%M:%S)"
-    grep -E '^\||tok/s|bound|GRPO mean|^\[learning\]' "$OUT/$name.log" | cut -c1-400 | tail -40
+    grep -E '^\||^\*\*|tok/s|bound|GRPO mean|^\[learning\]' "$OUT/$name.log" | cut -c1-400 | tail -40
 }
 
 for part in ${PART:-decode}; do
@@ -61,6 +63,8 @@ for part in ${PART:-decode}; do
     q350) section q350 "${Q:-300}" kiln bench serve --device cuda --parts latency --shapes 350m \
                 --rows int8,int4,ngram,gpt-fast,gpt-fast-int8 --gpt-fast .devcarry/gpt-fast --new-tokens 256 \
                 --prompt-len 128 --repeats 2 --out "$OUT/q350" ;;
+    prof) section prof "${P:-150}" kiln bench serve --device cuda --parts profile --shapes gpt2_small \
+                --prompt-len 128 --profile-tokens 64 --out "$OUT/prof" ;;
     http) section http "${H:-300}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
                 --rows transformers-serve --http-row-s 15 --prompts .devcarry/alpaca_eval.jsonl \
                 --tokenizer .devcarry/gpt2 --requests 1000 --concurrency 16,64,256 --min-requests 8 \
@@ -72,6 +76,6 @@ for part in ${PART:-decode}; do
     learn) section learn "${L:-240}" kiln bench align --learning --size small --device cuda \
                 --hh-rlhf .devcarry/hh-rlhf/harmless-base/test.jsonl.gz --gsm8k .devcarry/gsm8k_test64.jsonl \
                 --out "$OUT/learning" ;;
-    *) echo "unknown section $part (decode q350 http sampled learn)"; exit 2 ;;
+    *) echo "unknown section $part (decode q350 prof http sampled learn)"; exit 2 ;;
     esac
 done

@@ -22,6 +22,11 @@ def test_profile_part_runs_on_cpu_and_names_attention(tmp_path):
     attn = rows["kiln::paged_attention"]  # one range per layer per token (tiny: 2 layers)
     assert attn["category"] == "attention" and attn["calls_per_token"] == 2.0
     assert rows["kiln::lm_head"]["calls_per_token"] == 1.0
+    spec = next(t for t in tables if t["impl"] == "kiln spec ngram")  # where a verify step's time goes
+    assert not spec["error"] and spec["tokens"] >= 6 and "tokens/step" in spec["note"]
+    assert spec["wall_us_per_token"] > 0 and (tmp_path / "profile" / "kiln_spec_ngram.json").is_file()
+    steps = int(spec["note"].split(" steps, ")[0].split()[-1])
+    assert 1 <= steps < spec["tokens"]  # drafts were accepted: fewer steps than tokens
     assert next(t for t in tables if t["impl"] == "gpt-fast")["error"].startswith("skipped")
     md = (tmp_path / "bench_serve.md").read_text()
     assert "| 1 | `" in md and "| tiny | attention |" in md and "| tiny | total |" in md

@@ -332,7 +332,45 @@ def kiln_profiles(model: Any, prompt: list[int], tokens: int, warm: int, device:
                            else "; the same compiled step, no CUDA graph (launch gaps included in wall)")
             tables.append(t)
     eng.abort(rid)
+    tables.append(_spec_profile(model, prompt, tokens, warm, device, out, shape))
     return tables
+
+
+def _spec_profile(model: Any, prompt: list[int], tokens: int, warm: int, device: Any, out: Path,
+                  shape: str) -> ProfileTable:
+    """n-gram speculation (k=4) under the profiler, per token: where a verify step's time goes, and
+    the host's share (wall minus kernel time). Trace ``out/kiln_spec_ngram.json``."""
+    from kiln.generate import EngineConfig, LLMEngine, SamplingParams
+
+    cuda = device.type == "cuda"
+    cfg = EngineConfig(max_num_seqs=1, max_num_batched_tokens=max(2048, len(prompt) + 8), num_blocks=None,
+                       enable_prefix_caching=False, compile_decode=cuda, speculative="ngram")
+    eng = LLMEngine(model, None, cfg)
+    eng.generate([prompt], SamplingParams(max_tokens=warm + 8, temperature=0, ignore_eos=True))  # compile, capture
+    rid = eng.add_request(prompt, SamplingParams(max_tokens=tokens + warm + 8, temperature=0, ignore_eos=True))
+    _decode_window(eng, rid, warm, device)
+    before = dict(eng.spec_counts)
+    steps = [0]
+    step = eng.step
+
+    def counted() -> Any:
+        steps[0] += 1
+        return step()
+
+    eng.step = counted  # type: ignore[method-assign]
+    ctx = contextlib.nullcontext() if cuda else _cpu_ranges(model)
+    with ctx, _profiler(device) as prof:
+        n, wall = _decode_window(eng, rid, tokens, device)
+    eng.abort(rid)
+    trace = out / "kiln_spec_ngram.json"
+    prof.export_chrome_trace(str(trace))
+    t = table_from_trace(trace, n, "kiln spec ngram", shape, gpu=cuda)
+    t.wall_us_per_token = 1e6 * wall / max(n, 1)
+    proposed = eng.spec_counts["proposed"] - before["proposed"]
+    accepted = eng.spec_counts["accepted"] - before["accepted"]
+    t.note += (f"; n-gram speculation k={cfg.num_speculative_tokens}, one step per graph: {steps[0]} steps, "
+               f"{n / max(steps[0], 1):.2f} tokens/step, {100 * accepted / max(proposed, 1):.0f}% of drafts accepted")
+    return t
 
 
 # -- gpt-fast's decode under the profiler ------------------------------------------------------------------
