@@ -44,13 +44,14 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
 kiln() { python3 -m kiln.cli.main "$@"; }
+export -f kiln  # timeout runs a command, not a function: sections call it through bash -c
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 section() {  # name, seconds, command...: run under a limit, keep the log, say how it ended
     local name=$1 limit=$2; shift 2
     echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout "$limit" bash -c '"$@"' _ "$@" > "$OUT/$name.log" 2>&1
     echo "=== $name: exit $? $(date -u +%H:%M:%S)"
     grep -E '^\||^\*\*|tok/s|bound|GRPO mean|^\[learning\]' "$OUT/$name.log" | cut -c1-400 | tail -40
 }
