@@ -141,3 +141,28 @@ def test_traced_decode_compiles_whole_and_equals_eager(backend):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         torch.testing.assert_close(a, b, atol=0, rtol=0)  # the compiled write landed in the real pool
+
+
+@pytest.mark.parametrize("Hkv,D,dtype", [(2, 8, torch.float32), (3, 24, torch.bfloat16)])
+def test_kv_write_lands_in_the_slots_only(dev, Hkv, D, dtype):
+    """``kv_write`` (one Triton launch for keys and values) puts each new token at its slot, cast to the
+    pool's dtype, from the strided (N, Hkv, D) views attention hands it, and touches nothing else;
+    the custom op mutates the pools it is given."""
+    from kiln.kernels.paged_attention import kv_write, kv_write_op
+
+    g = torch.Generator().manual_seed(7)
+    N, nb, bs = 5, 6, 4
+    k = torch.randn(1, Hkv, N, D, generator=g).to(dev)[0].transpose(0, 1)  # (N, Hkv, D), rows not contiguous
+    v = torch.randn(1, N, Hkv, D, generator=g).to(dev)[0]  # (N, Hkv, D), contiguous
+    slots = torch.tensor([3, 22, 0, 9, 17], device=dev)
+    pools = [torch.randn(nb, bs, Hkv, D, generator=g).to(dev, dtype) for _ in range(2)]
+    want = [p.clone() for p in pools]
+    want[0].view(-1, Hkv, D)[slots] = k.to(dtype)
+    want[1].view(-1, Hkv, D)[slots] = v.to(dtype)
+    kv_write(k, v, *pools, slots)
+    for p, w in zip(pools, want):
+        assert torch.equal(p, w)
+    fresh = [torch.zeros_like(p) for p in pools]
+    kv_write_op(k, v, *fresh, slots)
+    assert torch.equal(fresh[0].view(-1, Hkv, D)[slots], k.to(dtype))
+    assert fresh[1].view(-1, Hkv, D)[[1, 2]].abs().sum() == 0  # slots not written stay as they were

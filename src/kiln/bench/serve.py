@@ -156,15 +156,17 @@ def _sync(device: Any) -> None:
 
 def kiln_decode(model: Any, prompt: list[int], new_tokens: int, repeats: int, speculative: str = "none",
                 draft: Any = None, compile_decode: bool = False, decode_steps: int = 8, temperature: float = 0.0,
-                top_p: float | None = None) -> tuple[float, str]:
+                top_p: float | None = None, write_op: bool = True) -> tuple[float, str]:
     """Best tokens/s of one request over ``repeats`` runs (after a warm-up that captures graphs): greedy,
-    or sampled at ``temperature`` (and ``top_p``), seeded (each run draws the same tokens)."""
+    or sampled at ``temperature`` (and ``top_p``), seeded (each run draws the same tokens).
+    ``write_op`` False: the cache write as ``index_copy_`` (``PagedKVCache.write_op``)."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     cfg = EngineConfig(max_num_seqs=1, max_num_batched_tokens=max(2048, len(prompt) + 8), num_blocks=None,
                        speculative=speculative, num_speculative_tokens=4, enable_prefix_caching=False,
                        compile_decode=compile_decode, decode_steps=decode_steps)
     eng = LLMEngine(model, None, cfg, draft_model=draft)
+    eng.runner.cache.write_op = write_op
     params = SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=0, ignore_eos=True)
     dev = eng.device
     eng.generate([prompt], params)  # warm-up: Triton compilation, CUDA graph capture
@@ -354,6 +356,9 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
     if "single-step" in args.rows and cuda:  # the previous default: one decode step per host round trip
         add(f"{name} single-step", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=True,
                                                        decode_steps=1), model)
+    if "index-copy" in args.rows and cuda:  # the cache write before kiln::kv_write, measured beside it
+        add(f"{name} index_copy_ write", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=True,
+                                                              write_op=False), model)
     if "eager" in args.rows and cuda:
         add(f"{name} not compiled", lambda: kiln_decode(model, prompt, new_tokens, r), model)
     if "sampled" in args.rows:  # sampled decode: the sampler inside the same graphs
@@ -801,7 +806,7 @@ def format_tables(rows: list[ServeRow]) -> str:
     return "\n".join(out)
 
 
-ROWS = ("single-step", "eager", "sampled", "int8", "int4", "ngram", "draft", "transformers", "transformers-cb", "transformers-serve",
+ROWS = ("single-step", "eager", "index-copy", "sampled", "int8", "int4", "ngram", "draft", "transformers", "transformers-cb", "transformers-serve",
         "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
 PARTS = ("latency", "throughput", "http", "rollouts", "host", "profile")
 

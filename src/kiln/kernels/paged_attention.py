@@ -233,3 +233,66 @@ def paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     fuses everything around it (the cache write included) instead of breaking the graph at each
     layer's attention."""
     return _paged_decode_op(q, k_pool, v_pool, block_tables, context_lens)
+
+
+# -- writing a step's keys and values into the pool ---------------------------------------------------------
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _kv_write_kernel(K_NEW, V_NEW, K_POOL, V_POOL, SLOTS, stride_kn, stride_kh, stride_vn, stride_vh,
+                         HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One program per new token: its keys and values (Hkv, D), any strides, to pool row ``SLOTS[n]``
+        (same dtype: the caller casts)."""
+        n = tl.program_id(0)
+        slot = tl.load(SLOTS + n).to(tl.int64)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        ok = (h < HKV) & (d < D)
+        dst = slot * (HKV * D) + h * D + d
+        k = tl.load(K_NEW + n * stride_kn + h * stride_kh + d, mask=ok)
+        tl.store(K_POOL + dst, k, mask=ok)
+        v = tl.load(V_NEW + n * stride_vn + h * stride_vh + d, mask=ok)
+        tl.store(V_POOL + dst, v, mask=ok)
+
+
+def kv_write(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k_new, v_new (N, Hkv, D), last dim contiguous, any dtype -> pool rows ``slots`` (N,) of
+    k_pool, v_pool (NB, bs, Hkv, D), contiguous, cast to the pool's dtype first (under torch.compile
+    the cast fuses into the kernel that produced them). One Triton launch for both; elsewhere two
+    ``index_copy_``."""
+    N, Hkv, D = k_new.shape
+    k_new, v_new = k_new.to(k_pool.dtype), v_new.to(v_pool.dtype)  # torch's rounding (no-op when equal)
+    if unsupported_reason(k_new, k_pool) is not None or k_new.stride(2) != 1 or v_new.stride(2) != 1:
+        k_pool.view(-1, Hkv, D).index_copy_(0, slots, k_new.to(k_pool.dtype))
+        v_pool.view(-1, Hkv, D).index_copy_(0, slots, v_new.to(v_pool.dtype))
+        return
+    assert k_pool.is_contiguous() and v_pool.is_contiguous()
+    _kv_write_kernel[(N,)](k_new, v_new, k_pool, v_pool, slots, k_new.stride(0), k_new.stride(1),
+                           v_new.stride(0), v_new.stride(1), HKV=Hkv, D=D,
+                           BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(D))
+
+
+@torch.library.custom_op("kiln::kv_write", mutates_args=("k_pool", "v_pool"))
+def _kv_write_op(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+    kv_write(k_new, v_new, k_pool, v_pool, slots)
+
+
+@_kv_write_op.register_fake
+def _(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+      slots: torch.Tensor) -> None:
+    return None
+
+
+def kv_write_op(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                slots: torch.Tensor) -> None:
+    """``kv_write`` as the custom op ``kiln::kv_write``, declared to mutate the two pools, as vLLM's
+    cache write is. Inside a compiled decode step, Inductor then updates the pools in place. Written
+    as ``index_copy_`` on a view of the pool, the write compiled (torch 2.11, CUDA) into a fused
+    scatter plus a ``copy_`` of the whole layer's pool back into the input, for keys and for values,
+    every step. That costs 48 launches a token at 24 layers and grows with the pool (H100 profile,
+    docs/benchmarks.md)."""
+    _kv_write_op(k_new, v_new, k_pool, v_pool, slots)

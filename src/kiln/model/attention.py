@@ -383,11 +383,20 @@ class MultiHeadSelfAttention(nn.Module):
         return self._paged_eager(q, k, v, cache)
 
     def _paged_decode(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
-        """A decode step (one new token per row) through ``kiln::paged_decode``: traceable, no graph break."""
-        from kiln.kernels.paged_attention import paged_decode_attention, paged_decode_op  # lazy: Triton is optional
+        """A decode step (one new token per row) through ``kiln::kv_write`` and ``kiln::paged_decode``:
+        traceable, no graph break."""
+        from kiln.kernels.paged_attention import (  # lazy: Triton is optional
+            kv_write_op,
+            paged_decode_attention,
+            paged_decode_op,
+        )
 
         i, meta = self.layer_idx, cache.meta
-        cache.write(i, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, Hkv, D) into the pool
+        k_new, v_new = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (N, Hkv, D)
+        if cache.write_op:  # one launch, and the pools updated in place under torch.compile
+            kv_write_op(k_new, v_new, cache.k[i], cache.v[i], meta.slot_mapping)
+        else:
+            cache.write(i, k_new, v_new)
         k_pool = cache.k[i]
         q_rows = q[0].transpose(0, 1).to(k_pool.dtype).contiguous()  # (N, H, D); autocast q over a wider pool
         fn = paged_decode_op if torch.compiler.is_compiling() else paged_decode_attention  # eager: no dispatcher

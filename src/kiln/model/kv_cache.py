@@ -128,6 +128,9 @@ class PagedKVCache:
         self.block_size = block_size
         self.scratch_block = num_blocks
         self.meta: PagedMetadata | None = None
+        self.write_op = True
+        """CUDA decode steps write keys/values through the custom op ``kiln::kv_write`` (in place under
+        ``torch.compile``); False: ``write``'s ``index_copy_`` (kept to measure one against the other)."""
 
     def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> None:
         """Store k_new, v_new: (N, n_kv_heads, head_dim) at the slots ``meta.slot_mapping`` (N,)."""
