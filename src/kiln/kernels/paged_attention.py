@@ -290,9 +290,8 @@ def _(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: to
 def kv_write_op(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                 slots: torch.Tensor) -> None:
     """``kv_write`` as the custom op ``kiln::kv_write``, declared to mutate the two pools, as vLLM's
-    cache write is. Inside a compiled decode step, Inductor then updates the pools in place. Written
-    as ``index_copy_`` on a view of the pool, the write compiled (torch 2.11, CUDA) into a fused
-    scatter plus a ``copy_`` of the whole layer's pool back into the input, for keys and for values,
-    every step. That costs 48 launches a token at 24 layers and grows with the pool (H100 profile,
-    docs/benchmarks.md)."""
+    cache write is, so a compiled decode step updates the pools in place. Written as ``index_copy_``
+    on a view of the pool, the compiled step (torch 2.11, CUDA) also ran two pool-sized
+    ``copy_`` kernels a layer, 48 launches a token at 24 layers (H100 profile, docs/benchmarks.md);
+    ``PagedKVCache.write_op = False`` brings that write back for comparison."""
     _kv_write_op(k_new, v_new, k_pool, v_pool, slots)
