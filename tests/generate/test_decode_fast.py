@@ -112,6 +112,9 @@ def test_multi_step_greedy_equals_single_step_with_stops_and_joins(model):
     assert got["r6"][2] == "length" and len(got["r6"][0]) == 64 - 41 + 1
     s = multi.stats()
     assert s["free_blocks"] == s["num_blocks"] and s["running"] == 0
+    assert s["lean_steps"] == len(calls)  # each lean step is one graph launch
+    assert 0 < s["lean_steps"] < s["steps"] and s["step_seconds"] > 0  # prefills took the general path
+    assert _engine(model, False).stats()["steps"] == 0
 
 
 def test_multi_step_under_preemption_and_prefix_sharing(model):

@@ -205,3 +205,14 @@ def test_transformers_serve_row_streams_tokens_through_the_same_client(tmp_path)
     assert 12 <= row.events <= 24 and "tokens per event" in row.note
     assert row.ttft_p50_ms > 0 and row.itl_p50_ms is not None and row.tok_s > 0
     assert servers[0].proc.poll() is not None and all(_gone(k) for k in kids)
+
+
+def test_engine_note_reads_two_stats_snapshots():
+    """The HTTP table's engine note: steps, lean share, tokens a step and busy share between two
+    ``LLMEngine.stats()`` snapshots; nothing for an engine without the counters."""
+    from kiln.bench.serve_http import engine_note
+
+    a = {"steps": 10, "lean_steps": 4, "step_seconds": 1.0}
+    b = {"steps": 30, "lean_steps": 19, "step_seconds": 2.5}
+    assert engine_note(a, b, 2.0, 400) == "engine: 20 steps, 75% lean, 20.0 tok/step, busy 75%"
+    assert engine_note({}, b, 2.0, 400) == "" and engine_note(a, a, 2.0, 400) == ""

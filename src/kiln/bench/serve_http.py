@@ -637,6 +637,31 @@ def _safe(impl: str, c: int, n: int, fn: Any) -> HttpRow:
     return row
 
 
+def engine_note(before: dict, after: dict, seconds: float, tokens: int) -> str:
+    """What the engine did during a row, from two ``LLMEngine.stats()`` snapshots: steps, the share on
+    the lean (graph) decode path, output tokens a step, and the share of the row's wall time spent
+    inside ``step`` (the rest: the engine waiting for work, or the driver's own time). "" without
+    the counters (an engine that lacks them)."""
+    if "steps" not in before or "steps" not in after or not seconds:
+        return ""
+    steps = after["steps"] - before["steps"]
+    if steps <= 0:
+        return ""
+    lean = after["lean_steps"] - before["lean_steps"]
+    busy = (after["step_seconds"] - before["step_seconds"]) / seconds
+    return f"engine: {steps} steps, {lean / steps:.0%} lean, {tokens / steps:.1f} tok/step, busy {busy:.0%}"
+
+
+def _health_engine(url: str) -> dict:
+    """The engine's counters from the server's /health ({} when it does not answer)."""
+    import httpx
+
+    try:
+        return dict(httpx.get(url + "/health", timeout=5).json().get("engine", {}))
+    except Exception:  # noqa: BLE001 - a note, not a measurement that may fail the row
+        return {}
+
+
 def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
     """Every row: direct engine at each c, then the Kiln server, then transformers serve."""
     from kiln.serve.server import ModelSpec, load
@@ -650,12 +675,13 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
     run_direct(loaded.engine, warm, 4, 4)  # warm-up: kernels, CUDA graphs
     for c in args.concurrency:
         n = _count(args, c, len(reqs))
-        cpu0 = time.process_time()
+        cpu0, st0, t0 = time.process_time(), loaded.engine.stats(), time.perf_counter()
         rows.append(_safe("kiln direct", c, n, lambda: run_direct(loaded.engine, [i for _, i in reqs[:n]], c,
                                                                     args.max_tokens)))
         if rows[-1].tokens:  # this process's CPU per token: all of it is driving the engine
             rows[-1].server_cpu_us = (time.process_time() - cpu0) / rows[-1].tokens * 1e6
             rows[-1].engine_thread_cpu_us = rows[-1].server_cpu_us
+            _add_note(rows[-1], engine_note(st0, loaded.engine.stats(), time.perf_counter() - t0, rows[-1].tokens))
     del loaded
     _free(device)
     servers = []
@@ -731,6 +757,7 @@ def http_row(args: argparse.Namespace, impl: str, server: Server, name: str, req
         return sum(process_cpu_s(k) or 0.0 for k in kids) if "engine process" in impl else process_cpu_s(pid, "kiln-engine")
 
     cpu0, eng0 = process_cpu_s(pid, children=True), engine_cpu()
+    st0, t0 = (_health_engine(server.url) if kiln else {}), time.perf_counter()
     row_s = getattr(args, "http_row_s", 0.0)
     timings: list[Timings] = []
 
@@ -745,7 +772,14 @@ def http_row(args: argparse.Namespace, impl: str, server: Server, name: str, req
         row.server_cpu_us = (cpu - cpu0) / row.tokens * 1e6
         if kiln and eng is not None and eng0 is not None:
             row.engine_thread_cpu_us = (eng - eng0) / row.tokens * 1e6
+    if kiln and row.tokens:
+        _add_note(row, engine_note(st0, _health_engine(server.url), time.perf_counter() - t0, row.tokens))
     return row
+
+
+def _add_note(row: HttpRow, note: str) -> None:
+    if note:
+        row.note = f"{row.note}; {note}" if row.note else note
 
 
 def measure_stub(args: argparse.Namespace) -> list[HttpRow]:

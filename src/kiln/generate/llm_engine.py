@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +175,9 @@ class LLMEngine:
         if config.num_speculative_tokens + 1 > MAX_ROW_TOKENS and config.speculative != "none":
             raise ValueError(f"num_speculative_tokens must be <= {MAX_ROW_TOKENS - 1}")
         self.spec_counts = {"proposed": 0, "accepted": 0}
+        self.num_steps = 0  # step() calls, of which num_lean_steps took the lean (graph) decode path
+        self.num_lean_steps = 0
+        self.step_seconds = 0.0  # wall time inside step(): with the run's wall time, how busy the engine was
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.num_finished = 0
@@ -248,9 +252,19 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; outputs for the requests that produced a token (or finished)."""
-        fast = self._decode_step()
-        if fast is not None:
-            return fast
+        t0 = time.perf_counter()
+        try:
+            fast = self._decode_step()
+            if fast is not None:
+                self.num_lean_steps += 1
+                return fast
+            return self._general_step()
+        finally:
+            self.num_steps += 1
+            self.step_seconds += time.perf_counter() - t0
+
+    def _general_step(self) -> list[RequestOutput]:
+        """A step through the scheduler: prefill chunks, decodes, speculation, log-probabilities."""
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.waiting and not self.scheduler.running and self.blocks.num_free == self.blocks.num_blocks:
@@ -502,7 +516,8 @@ class LLMEngine:
         greedy = SamplingParams(max_tokens=2 * self.runner.decode_steps + 1, temperature=0, ignore_eos=True)
         sampled = SamplingParams(max_tokens=3, temperature=1.0, top_k=50, top_p=0.9, seed=0, ignore_eos=True)
         saved = (self.num_finished, self.scheduler.num_preemptions, self.blocks.prefix_hits,
-                 self.blocks.prefix_queries, dict(self.spec_counts), self._ids)
+                 self.blocks.prefix_queries, dict(self.spec_counts), self._ids, self.num_steps,
+                 self.num_lean_steps, self.step_seconds)
         self._ids = (f"warmup-{i}" for i in itertools.count())
         try:
             for p in prompts:  # one at a time: batch-1 prefill and decode at every length
@@ -510,7 +525,8 @@ class LLMEngine:
             self.generate(prompts, [greedy] * (len(prompts) - 1) + [sampled])  # packed, mixed settings
         finally:
             (self.num_finished, self.scheduler.num_preemptions, self.blocks.prefix_hits,
-             self.blocks.prefix_queries, self.spec_counts, self._ids) = saved
+             self.blocks.prefix_queries, self.spec_counts, self._ids, self.num_steps,
+             self.num_lean_steps, self.step_seconds) = saved
             self.reset_prefix_cache()
         self.runner.capture(("sample",))  # temperature-only sampling (OpenAI's default) at every size
         if self.device.type == "cuda":
@@ -518,7 +534,8 @@ class LLMEngine:
         return time.perf_counter() - t0
 
     def stats(self) -> dict[str, Any]:
-        """Cache and queue counters: free/used blocks, waiting/running, preemptions, prefix-cache hits."""
+        """Cache and queue counters: free/used blocks, waiting/running, preemptions, prefix-cache hits;
+        steps taken (all, and lean: the graph decode path) and the wall seconds spent inside ``step``."""
         b = self.blocks
         return {
             "num_blocks": b.num_blocks, "free_blocks": b.num_free, "used_blocks": b.num_blocks - b.num_free,
@@ -526,7 +543,8 @@ class LLMEngine:
             "running": len(self.scheduler.running), "preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hits": b.prefix_hits, "prefix_cache_queries": b.prefix_queries,
             "finished": self.num_finished, "spec_proposed": self.spec_counts["proposed"],
-            "spec_accepted": self.spec_counts["accepted"],
+            "spec_accepted": self.spec_counts["accepted"], "steps": self.num_steps,
+            "lean_steps": self.num_lean_steps, "step_seconds": round(self.step_seconds, 6),
         }
 
 
