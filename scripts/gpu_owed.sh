@@ -3,18 +3,22 @@
 # fit one 10-minute call on one H100 with no network. Two steps:
 #
 #   bash scripts/gpu_owed.sh prep        # here, with ../shared and PyPI: fills .devcarry/ and .whl/ (~12 MB)
-#   PART="decode q350" bash scripts/gpu_owed.sh     # there (carry .devcarry and .whl); output under $OUT
+#   PART="kv prof" bash scripts/gpu_owed.sh      # there (carry .devcarry and .whl); output under $OUT
 #
-# Sections (PART, space-separated; each under its own time limit in seconds, env var in brackets):
-#   decode  batch-1 bf16 decode of the 124M shape, Kiln and gpt-fast in the same run; n-gram speculation
-#           and the host's cost per token of each engine path, speculation included [D=240]
-#   q350    batch-1 int8 / int4 / n-gram speculation and gpt-fast's bf16 and int8 on the 350m shape,
-#           where weights dominate the step (the bandwidth and quantization goals) [Q=300]
-#   prof    where a decode token's GPU time goes: graphs, no graph, and n-gram speculation's verify
-#           steps (kernel time vs wall per token: the GPU's share and the host's) [P=150]
-#   http    HTTP vs direct and vs `transformers serve` at concurrency 16 / 64 / 256 [H=300]
+# Sections (PART, space-separated; each under its own time limit in seconds, env var in brackets).
+# A Kiln row costs ~1-1.5 min of compile at 350m, a gpt-fast row ~1.5 min: size calls by rows, not tokens.
+#   kv      batch-1 bf16 decode with the cache write as kiln::kv_write (default) and as index_copy_
+#           (row index-copy), beside gpt-fast, at 350m then 124M [K=420]
+#   q1b     int8 / int4 / n-gram speculation and gpt-fast's bf16 and int8 on the 1b shape (16 x d2048),
+#           where a GEMV is bound by bytes: the quantization goals [Q=540, a call of its own]
+#   prof    where a 350m decode token's GPU time goes, Kiln (graphs, no graph, n-gram verify steps)
+#           beside gpt-fast [P=300]
+#   http    HTTP vs direct and vs `transformers serve` at concurrency 16 / 64 / 256, each Kiln row
+#           noting the engine's steps, lean share and busy share [H=300]
 #   sampled sampled decode (T 0.7, top-p 0.95): batch 1 and throughput [S=240]
 #   learn   GRPO learning per GPU-second vs trl's GRPOTrainer, and DPO on hh-rlhf [L=240]
+# Measured on 2026-12-07 and no longer owed: same-run gpt-fast at 124M and 350m, n-gram speculation,
+# int8/int4 at 350m, HTTP at c=64/256 (docs/benchmarks.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,16 +60,16 @@ section() {  # name, seconds, command...: run under a limit, keep the log, say h
     grep -E '^\||^\*\*|tok/s|bound|GRPO mean|^\[learning\]' "$OUT/$name.log" | cut -c1-400 | tail -40
 }
 
-for part in ${PART:-decode}; do
+for part in ${PART:-kv}; do
     case $part in
-    decode) section decode "${D:-240}" kiln bench serve --device cuda --parts latency,host --shapes gpt2_small \
-                --rows gpt-fast,ngram --gpt-fast .devcarry/gpt-fast --new-tokens 256 --prompt-len 128 --repeats 2 \
-                --out "$OUT/decode" ;;
-    q350) section q350 "${Q:-300}" kiln bench serve --device cuda --parts latency --shapes 350m \
+    kv) section kv "${K:-420}" kiln bench serve --device cuda --parts latency --shapes 350m,gpt2_small \
+                --rows index-copy,gpt-fast --gpt-fast .devcarry/gpt-fast --new-tokens 256 --prompt-len 128 \
+                --repeats 2 --out "$OUT/kv" ;;
+    q1b) section q1b "${Q:-540}" kiln bench serve --device cuda --parts latency --shapes 1b \
                 --rows int8,int4,ngram,gpt-fast,gpt-fast-int8 --gpt-fast .devcarry/gpt-fast --new-tokens 256 \
-                --prompt-len 128 --repeats 2 --out "$OUT/q350" ;;
-    prof) section prof "${P:-150}" kiln bench serve --device cuda --parts profile --shapes gpt2_small \
-                --prompt-len 128 --profile-tokens 64 --out "$OUT/prof" ;;
+                --prompt-len 128 --repeats 2 --out "$OUT/q1b" ;;
+    prof) section prof "${P:-300}" kiln bench serve --device cuda --parts profile --shapes 350m \
+                --gpt-fast .devcarry/gpt-fast --prompt-len 128 --profile-tokens 64 --out "$OUT/prof" ;;
     http) section http "${H:-300}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
                 --rows transformers-serve --http-row-s 15 --prompts .devcarry/alpaca_eval.jsonl \
                 --tokenizer .devcarry/gpt2 --requests 1000 --concurrency 16,64,256 --min-requests 8 \
@@ -77,6 +81,6 @@ for part in ${PART:-decode}; do
     learn) section learn "${L:-240}" kiln bench align --learning --size small --device cuda \
                 --hh-rlhf .devcarry/hh-rlhf/harmless-base/test.jsonl.gz --gsm8k .devcarry/gsm8k_test64.jsonl \
                 --out "$OUT/learning" ;;
-    *) echo "unknown section $part (decode q350 prof http sampled learn)"; exit 2 ;;
+    *) echo "unknown section $part (kv q1b prof http sampled learn)"; exit 2 ;;
     esac
 done

@@ -10,11 +10,16 @@ from typing import Any
 
 def serve_shapes() -> dict:
     """``kiln bench train``'s shapes plus ``preset_tiny`` (the tiny training preset: vocab 4096,
-    context 128, d_model 128, 4 layers), the CPU default."""
+    context 128, d_model 128, 4 layers), the CPU default, and ``1b`` (16 x d2048, ~0.93B parameters):
+    wide enough that a batch-1 GEMV reads 8-23 MB and is bound by bytes, where weight-only
+    quantization can pay (at d1024 it is bound by launch latency: docs/serve.md)."""
     from kiln.bench.train import shapes
+    from kiln.model import ModelConfig
     from kiln.train.config import tiny
 
-    return {**shapes(), "preset_tiny": tiny().model}
+    wide = ModelConfig(vocab_size=50304, context_length=1024, d_model=2048, n_layers=16, n_heads=16, d_ff=5632,
+                       tie_embeddings=True)
+    return {**shapes(), "preset_tiny": tiny().model, "1b": wide}
 
 
 def export_for_references(model: Any, out: Path) -> Path:
