@@ -216,3 +216,41 @@ def test_engine_note_reads_two_stats_snapshots():
     b = {"steps": 30, "lean_steps": 19, "step_seconds": 2.5}
     assert engine_note(a, b, 2.0, 400) == "engine: 20 steps, 75% lean, 20.0 tok/step, busy 75%"
     assert engine_note({}, b, 2.0, 400) == "" and engine_note(a, a, 2.0, 400) == ""
+
+
+def test_paced_engine_is_the_real_engine_on_a_gpus_clock():
+    """``paced_engine``: Kiln's engine with sleeps for its model; every token is 'a', decode runs the
+    lean multi-step path as on CUDA, and the wall time is at least the sleeps it owes."""
+    import time
+
+    from kiln.bench.serve_http import run_direct
+    from kiln.bench.serve_stub import StubSpec, load_stub
+
+    eng = load_stub(StubSpec(tokens_per_step=4, max_num_seqs=4, pace=(2.0, 0.0, 0.0))).engine
+    t0 = time.perf_counter()
+    t = run_direct(eng, [[5, 6, 7]] * 4 + [[9] * 20] * 2, 4, 9)
+    s = eng.stats()
+    assert t.tokens == 6 * 9 and s["finished"] == 6 and s["free_blocks"] == s["num_blocks"]
+    assert 0 < s["lean_steps"] < s["steps"]  # prefills took the general step, decodes the graph path
+    assert time.perf_counter() - t0 >= 2e-3 * s["steps"]  # >= one 2 ms sleep a step (4 per multi-step)
+    from kiln.generate import SamplingParams
+
+    assert eng.generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0].text == "aaaaa"
+
+
+def test_serve_http_over_the_paced_engine(tmp_path):
+    """``kiln bench serve-http --stub-engine K --stub-pace A,B,P``: direct and HTTP rows over the same
+    paced engine, each with its engine note and a ratio to direct."""
+    import json
+
+    from kiln.cli.main import main
+
+    args = ["bench", "serve-http", "--stub-engine", "4", "--stub-pace", "1,0,0", "--concurrency", "2",
+            "--requests", "6", "--max-tokens", "6", "--client-procs", "1", "--server-engine", "thread",
+            "--prompts", str(tmp_path / "absent.jsonl"), "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "bench_serve-http.json").read_text())
+    by = {r["impl"].split(",")[0]: r for r in rows}
+    assert by["kiln direct"]["tokens"] == by["kiln http"]["tokens"] > 0
+    assert "engine:" in by["kiln direct"]["note"] and "engine:" in by["kiln http"]["note"]
+    assert 0 < by["kiln http"]["vs_direct"] < 3

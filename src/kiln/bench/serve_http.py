@@ -787,25 +787,42 @@ def measure_stub(args: argparse.Namespace) -> list[HttpRow]:
     step, ``--stub-step-ms`` per step, GIL released); ``vs direct`` is over the stub's own rate
     (c x K tokens a step), so it says how much of the engine's pace the HTTP path keeps."""
     tok = chat_tokenizer(None)
-    reqs = chat_requests(args.prompts, args.requests, tok, 4096, args.max_tokens)
+    paced = bool(args.stub_pace)
+    reqs = chat_requests(args.prompts, args.requests, tok, 1024 if paced else 4096, args.max_tokens)
     seqs = max(args.concurrency)
     rows = []
+    direct: dict[int, float] = {}
+    if paced:  # the same paced engine driven in-process: the direct rows
+        from kiln.bench.serve_stub import StubSpec, load_stub
+
+        pace = tuple(float(x) for x in args.stub_pace.split(","))
+        eng = load_stub(StubSpec(tokens_per_step=args.stub_engine, max_num_seqs=seqs, pace=pace)).engine
+        run_direct(eng, [i for _, i in reqs[:4]], 4, 4)
+        for c in args.concurrency:
+            n = _count(args, c, len(reqs))
+            st0, t0 = eng.stats(), time.perf_counter()
+            rows.append(_safe(f"kiln direct, paced {args.stub_pace}", c, n,
+                              lambda: run_direct(eng, [i for _, i in reqs[:n]], c, args.max_tokens)))
+            _add_note(rows[-1], engine_note(st0, eng.stats(), time.perf_counter() - t0, rows[-1].tokens))
+            direct[c] = rows[-1].tok_s or 0.0
     for mode, name in engine_modes(args):
         port = _free_port()
         cmd = [sys.executable, "-m", "kiln.bench.serve_stub", "--port", str(port), "--step-ms", str(args.stub_step_ms),
                "--tokens-per-step", str(args.stub_engine), "--max-num-seqs", str(seqs), "--max-pending",
-               str(4 * seqs + 64), "--host-us", str(args.stub_host_us)]
+               str(4 * seqs + 64), "--host-us", str(args.stub_host_us)] + (["--pace", args.stub_pace] if paced else [])
         server = Server(cmd + (["--engine-process"] if mode == "process" else []), port)
-        impl = f"{name}, stub {args.stub_engine} tok/step"
+        impl = f"{name}, " + (f"paced {args.stub_pace}" if paced else f"stub {args.stub_engine} tok/step")
         try:
             run_http(server.url, "stub", reqs[:4], 4, 4, 1)  # warm-up
             for c in args.concurrency:
                 row = http_row(args, impl, server, "stub", reqs, c)
-                # tokens/s with a free server: the sleep plus the GIL-holding host work, per step
-                step_s = args.stub_step_ms / 1e3 + args.stub_host_us * min(c, seqs) / 1e6
-                pace = c * args.stub_engine / step_s
-                row.vs_direct = row.tok_s / pace if row.tok_s else None
-                row.note = (f"stub pace {pace:,.0f} tok/s" + (f"; {row.note}" if row.note else ""))
+                if paced:
+                    row.vs_direct = row.tok_s / direct[c] if row.tok_s and direct.get(c) else None
+                else:  # tokens/s with a free server: the sleep plus the GIL-holding host work, per step
+                    step_s = args.stub_step_ms / 1e3 + args.stub_host_us * min(c, seqs) / 1e6
+                    pace_tok_s = c * args.stub_engine / step_s
+                    row.vs_direct = row.tok_s / pace_tok_s if row.tok_s else None
+                    row.note = (f"stub pace {pace_tok_s:,.0f} tok/s" + (f"; {row.note}" if row.note else ""))
                 rows.append(row)
         finally:
             server.stop()
@@ -899,6 +916,9 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stub-step-ms", type=float, default=20.0, help="--stub-engine: milliseconds per step (GIL released)")
     p.add_argument("--stub-host-us", type=float, default=0.0, help="--stub-engine: Python work per running request "
                    "per step, holding the GIL (a real engine's host side; what the event loop competes with)")
+    p.add_argument("--stub-pace", default="", metavar="A,B,P", help="with --stub-engine K: Kiln's real engine "
+                   "(K decode steps per graph, emulated) with its model's work replaced by sleeps of A ms per step "
+                   "+ B ms per decode row + P ms per prompt token, direct and behind the server")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--out", default=None, help="directory for bench_serve-http.md and .json")
     p.set_defaults(func=run)

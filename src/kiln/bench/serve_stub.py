@@ -72,23 +72,72 @@ class StubEngine:
 
 @dataclass(frozen=True)
 class StubSpec:
-    """What ``load_stub`` builds (``model_dir`` only names it in messages)."""
+    """What ``load_stub`` builds (``model_dir`` only names it in messages). With ``pace`` (A, B, P in
+    ms), Kiln's real engine with its model's work replaced by sleeps (``paced_engine``) instead of a
+    ``StubEngine``; ``tokens_per_step`` is then its decode steps per graph."""
 
     step_ms: float = 20.0
     tokens_per_step: int = 8
     max_num_seqs: int = 256
     host_us_per_seq: float = 0.0
     model_dir: str = "stub"
+    pace: tuple[float, ...] = ()
+
+
+def paced_engine(pace: tuple[float, ...], max_num_seqs: int, decode_steps: int, vocab_size: int) -> Any:
+    """Kiln's real ``LLMEngine`` (scheduler, blocks, prefix cache, lean and multi-step paths as a CUDA
+    engine takes them, streamer, stops) over a 1-layer model whose work is replaced by sleeps with the
+    GIL released, shaped like a GPU's: a decode step of r rows sleeps A + B r ms, a general step A + B r
+    + P ms per prompt token, with (A, B, P) = ``pace``. Every token is byte 'a'. What the engine's
+    host side and the server do around a GPU's timing, on a CPU."""
+    import torch
+
+    from kiln.generate import EngineConfig, LLMEngine
+    from kiln.model import ModelConfig, build_model
+
+    A, B, P = pace
+    mc = ModelConfig(vocab_size=vocab_size, context_length=1024, d_model=32, n_layers=1, n_heads=2, tie_embeddings=True)
+    model = build_model(mc, device="cpu", dtype=torch.float32).eval()
+    logits = torch.zeros(max(max_num_seqs, 2048), 128)  # (rows, 128): argmax 97, byte 'a'
+    logits[:, 97] = 1.0
+    ids = logits.argmax(-1)
+
+    def hidden_states(idx: Any, pos: Any, cache: Any) -> Any:
+        q = cache.meta.query_lens
+        time.sleep((A + B * sum(n == 1 for n in q) + P * sum(n for n in q if n > 1)) / 1e3)
+        return torch.zeros(1, idx.shape[1], mc.d_model)
+
+    def decode(tok: Any, pos: Any) -> Any:  # one step of an (emulated) decode graph of tok.shape[0] rows
+        time.sleep((A + B * tok.shape[0]) / 1e3)
+        return logits[: tok.shape[0]], ids[: tok.shape[0]]
+
+    class _Head(torch.nn.Module):
+        def forward(self, h: Any) -> Any:
+            return logits[: h.shape[0]]
+
+    model.hidden_states = hidden_states
+    model.lm_head = _Head()
+    eng = LLMEngine(model, None, EngineConfig(max_num_seqs=max_num_seqs, decode_steps=decode_steps,
+                                              num_blocks=max_num_seqs * 64, max_num_batched_tokens=2048))
+    eng.runner.graph_max = max_num_seqs  # the graph paths as on CUDA, their bodies run eagerly
+    eng.runner._decode = decode
+    return eng
 
 
 def load_stub(spec: StubSpec) -> Any:
-    """A ``Loaded`` over a ``StubEngine`` (the loader ``kiln serve --engine-process`` runs in its child)."""
+    """A ``Loaded`` over a ``StubEngine``, or with ``spec.pace`` a ``paced_engine`` (the loader
+    ``kiln serve --engine-process`` runs in its child)."""
     from kiln.bench.serve_http import chat_tokenizer
     from kiln.serve.server import Loaded
 
     tok = chat_tokenizer(None)
-    engine = StubEngine(spec.step_ms, spec.tokens_per_step, spec.max_num_seqs, spec.host_us_per_seq)
-    return Loaded(engine, tok, None, "stub", "cpu", 1 << 16, tok.vocab_size)
+    if spec.pace:
+        engine: Any = paced_engine(spec.pace, spec.max_num_seqs, spec.tokens_per_step, tok.vocab_size)
+        engine.tokenizer = tok
+        engine.eos = tok.eot_id
+    else:
+        engine = StubEngine(spec.step_ms, spec.tokens_per_step, spec.max_num_seqs, spec.host_us_per_seq)
+    return Loaded(engine, tok, None, "stub", "cpu", 1 << 16 if not spec.pace else 1024, tok.vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-pending", type=int, default=1088)
     p.add_argument("--host-us", type=float, default=0.0, help="Python work per running request per step (GIL held)")
     p.add_argument("--engine-process", action="store_true", help="the stub in its own process, as kiln serve's")
+    p.add_argument("--pace", default="", metavar="A,B,P", help="Kiln's real engine with sleeps for its model "
+                   "(paced_engine): ms per step, per decode row, per prompt token")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    spec = StubSpec(args.step_ms, args.tokens_per_step, args.max_num_seqs, args.host_us)
+    pace = tuple(float(x) for x in args.pace.split(",")) if args.pace else ()
+    spec = StubSpec(args.step_ms, args.tokens_per_step, args.max_num_seqs, args.host_us, pace=pace)
     if args.engine_process:
         from kiln.serve.engine_process import EngineClient
 
@@ -121,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = load_stub(spec).engine
     tok = chat_tokenizer(None)
     cfg = ServeConfig(port=args.port, model_name="stub", max_pending=args.max_pending, request_timeout_s=3600)
-    state = ServerState(EngineWorker(engine, cfg.max_pending, cfg.request_timeout_s), tok, cfg, "stub", 1 << 16,
-                        tok.vocab_size)
+    state = ServerState(EngineWorker(engine, cfg.max_pending, cfg.request_timeout_s), tok, cfg, "stub",
+                        1024 if pace else 1 << 16, tok.vocab_size)
     serve(state, cfg, log_level="warning")
     return 0
 
