@@ -793,10 +793,10 @@ def measure_stub(args: argparse.Namespace) -> list[HttpRow]:
     rows = []
     direct: dict[int, float] = {}
     if paced:  # the same paced engine driven in-process: the direct rows
-        from kiln.bench.serve_stub import StubSpec, load_stub
+        from kiln.bench.serve_paced import paced_engine
 
         pace = tuple(float(x) for x in args.stub_pace.split(","))
-        eng = load_stub(StubSpec(tokens_per_step=args.stub_engine, max_num_seqs=seqs, pace=pace)).engine
+        eng = paced_engine(pace, seqs, args.stub_engine, tok)
         run_direct(eng, [i for _, i in reqs[:4]], 4, 4)
         for c in args.concurrency:
             n = _count(args, c, len(reqs))
