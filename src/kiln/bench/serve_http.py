@@ -786,7 +786,7 @@ def measure_stub(args: argparse.Namespace) -> list[HttpRow]:
     """``--stub-engine K``: Kiln's server over ``serve_stub.StubEngine`` (K tokens per request per
     step, ``--stub-step-ms`` per step, GIL released); ``vs direct`` is over the stub's own rate
     (c x K tokens a step), so it says how much of the engine's pace the HTTP path keeps."""
-    tok = chat_tokenizer(None)
+    tok = chat_tokenizer(args.tokenizer or None)
     paced = bool(args.stub_pace)
     reqs = chat_requests(args.prompts, args.requests, tok, 1024 if paced else 4096, args.max_tokens)
     seqs = max(args.concurrency)
@@ -809,7 +809,8 @@ def measure_stub(args: argparse.Namespace) -> list[HttpRow]:
         port = _free_port()
         cmd = [sys.executable, "-m", "kiln.bench.serve_stub", "--port", str(port), "--step-ms", str(args.stub_step_ms),
                "--tokens-per-step", str(args.stub_engine), "--max-num-seqs", str(seqs), "--max-pending",
-               str(4 * seqs + 64), "--host-us", str(args.stub_host_us)] + (["--pace", args.stub_pace] if paced else [])
+               str(4 * seqs + 64), "--host-us", str(args.stub_host_us)] + (["--pace", args.stub_pace] if paced else []) \
+            + (["--tokenizer", args.tokenizer] if args.tokenizer else [])
         server = Server(cmd + (["--engine-process"] if mode == "process" else []), port)
         impl = f"{name}, " + (f"paced {args.stub_pace}" if paced else f"stub {args.stub_engine} tok/step")
         try:

@@ -82,6 +82,8 @@ class StubSpec:
     host_us_per_seq: float = 0.0
     model_dir: str = "stub"
     pace: tuple[float, ...] = ()
+    tokenizer: str = ""
+    """``chat_tokenizer``'s path (a tokenizer.json or GPT-2's files); "": byte-level."""
 
 
 def load_stub(spec: StubSpec) -> Any:
@@ -90,7 +92,7 @@ def load_stub(spec: StubSpec) -> Any:
     from kiln.bench.serve_http import chat_tokenizer
     from kiln.serve.server import Loaded
 
-    tok = chat_tokenizer(None)
+    tok = chat_tokenizer(spec.tokenizer or None)
     if spec.pace:
         from kiln.bench.serve_paced import paced_engine
 
@@ -121,17 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-process", action="store_true", help="the stub in its own process, as kiln serve's")
     p.add_argument("--pace", default="", metavar="A,B,P", help="Kiln's real engine with sleeps for its model "
                    "(paced_engine): ms per step, per decode row, per prompt token")
+    p.add_argument("--tokenizer", default="", help="the chat tokenizer's base (tokenizer.json or a folder with "
+                   "GPT-2's vocab.json + merges.txt); default byte-level")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     pace = tuple(float(x) for x in args.pace.split(",")) if args.pace else ()
-    spec = StubSpec(args.step_ms, args.tokens_per_step, args.max_num_seqs, args.host_us, pace=pace)
+    spec = StubSpec(args.step_ms, args.tokens_per_step, args.max_num_seqs, args.host_us, pace=pace,
+                    tokenizer=args.tokenizer)
     if args.engine_process:
         from kiln.serve.engine_process import EngineClient
 
         engine: Any = EngineClient(spec, load_stub)
     else:
         engine = load_stub(spec).engine
-    tok = chat_tokenizer(None)
+    tok = chat_tokenizer(args.tokenizer or None)
     cfg = ServeConfig(port=args.port, model_name="stub", max_pending=args.max_pending, request_timeout_s=3600)
     state = ServerState(EngineWorker(engine, cfg.max_pending, cfg.request_timeout_s), tok, cfg, "stub",
                         1024 if pace else 1 << 16, tok.vocab_size)
