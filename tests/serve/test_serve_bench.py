@@ -225,6 +225,7 @@ def test_paced_engine_is_the_real_engine_on_a_gpus_clock():
 
     from kiln.bench.serve_http import run_direct
     from kiln.bench.serve_stub import StubSpec, load_stub
+    from kiln.generate import SamplingParams
 
     eng = load_stub(StubSpec(tokens_per_step=4, max_num_seqs=4, pace=(2.0, 0.0, 0.0))).engine
     t0 = time.perf_counter()
@@ -233,8 +234,6 @@ def test_paced_engine_is_the_real_engine_on_a_gpus_clock():
     assert t.tokens == 6 * 9 and s["finished"] == 6 and s["free_blocks"] == s["num_blocks"]
     assert 0 < s["lean_steps"] < s["steps"]  # prefills took the general step, decodes the graph path
     assert time.perf_counter() - t0 >= 2e-3 * s["steps"]  # >= one 2 ms sleep a step (4 per multi-step)
-    from kiln.generate import SamplingParams
-
     assert eng.generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0].text == "aaaaa"
 
 
@@ -254,3 +253,23 @@ def test_serve_http_over_the_paced_engine(tmp_path):
     assert by["kiln direct"]["tokens"] == by["kiln http"]["tokens"] > 0
     assert "engine:" in by["kiln direct"]["note"] and "engine:" in by["kiln http"]["note"]
     assert 0 < by["kiln http"]["vs_direct"] < 3
+
+
+def test_stub_pace_gets_a_clear_error_for_bad_input(tmp_path, capsys):
+    """A pace that is not three non-negative numbers, or one without --stub-engine, is refused with
+    what to give (exit 2 from the CLI), before any server starts."""
+    import pytest
+
+    from kiln.bench.serve_paced import parse_pace
+    from kiln.cli.main import main
+
+    assert parse_pace("2.5,0.0234,0.01") == (2.5, 0.0234, 0.01)
+    for bad in ("1,2", "a,b,c", "1,-1,0"):
+        with pytest.raises(ValueError, match="three non-negative numbers"):
+            parse_pace(bad)
+    base = ["bench", "serve-http", "--concurrency", "1", "--out", str(tmp_path)]
+    assert main(base + ["--stub-pace", "1,0,0"]) != 0
+    assert "add --stub-engine" in capsys.readouterr().err
+    assert main(base + ["--stub-engine", "2", "--stub-pace", "1,0"]) != 0
+    assert "three non-negative numbers" in capsys.readouterr().err
+    assert not (tmp_path / "bench_serve-http.json").exists()

@@ -67,9 +67,10 @@ def gpu() -> ChatRecipeConfig:
 def cpu() -> ChatRecipeConfig:
     """A laptop CPU, a few minutes: the demo's tiny model, one-digit sums, SFT at the demo chat stage's
     lr, GRPO at ``grpo_addition2_cpu``'s lr and temperature (docs/align.md, "The chat recipe")."""
-    return ChatRecipeConfig(digits=1, additions=6000, sft_steps=160, dpo_steps=30, grpo_addition_rollouts=60, gsm8k_eval=0,
-                            seq_len=128, overrides=("sft.train.lr=2e-3", "sft.train.min_lr=2e-4", "grpo.train.lr=3e-5",
-                                                    "grpo.train.min_lr=3e-5", "grpo.temperature=0.7"))
+    return ChatRecipeConfig(digits=1, additions=6000, sft_steps=160, dpo_steps=30, grpo_addition_rollouts=60,
+                            gsm8k_eval=0, seq_len=128,
+                            overrides=("sft.train.lr=2e-3", "sft.train.min_lr=2e-4", "grpo.train.lr=3e-5",
+                                       "grpo.train.min_lr=3e-5", "grpo.temperature=0.7"))
 
 
 PRESETS = {"gpu": gpu, "cpu": cpu}
@@ -133,8 +134,8 @@ def run_chat_recipe(cfg: ChatRecipeConfig) -> Path:
     g = GRPOConfig()
     policy = runs["dpo"] / "model"
     if cfg.grpo_addition_rollouts:
-        grpo = GRPOConfig(digits=cfg.digits, rollouts=cfg.grpo_addition_rollouts, prompts_per_rollout=cfg.batch_size // 2,
-                          group_size=8,
+        grpo = GRPOConfig(digits=cfg.digits, rollouts=cfg.grpo_addition_rollouts,
+                          prompts_per_rollout=cfg.batch_size // 2, group_size=8,
                           rollout_epochs=1, eval_every=max(cfg.grpo_addition_rollouts // 5, 1),
                           train=replace(tr(g), batch_size=cfg.batch_size * 4))
         t["grpo_addition"] = time.perf_counter()

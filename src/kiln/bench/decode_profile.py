@@ -349,27 +349,19 @@ def _spec_profile(model: Any, prompt: list[int], tokens: int, warm: int, device:
     eng.generate([prompt], SamplingParams(max_tokens=warm + 8, temperature=0, ignore_eos=True))  # compile, capture
     rid = eng.add_request(prompt, SamplingParams(max_tokens=tokens + warm + 8, temperature=0, ignore_eos=True))
     _decode_window(eng, rid, warm, device)
-    before = dict(eng.spec_counts)
-    steps = [0]
-    step = eng.step
-
-    def counted() -> Any:
-        steps[0] += 1
-        return step()
-
-    eng.step = counted  # type: ignore[method-assign]
+    before = eng.stats()
     ctx = contextlib.nullcontext() if cuda else _cpu_ranges(model)
     with ctx, _profiler(device) as prof:
         n, wall = _decode_window(eng, rid, tokens, device)
+    after = eng.stats()
     eng.abort(rid)
     trace = out / "kiln_spec_ngram.json"
     prof.export_chrome_trace(str(trace))
     t = table_from_trace(trace, n, "kiln spec ngram", shape, gpu=cuda)
     t.wall_us_per_token = 1e6 * wall / max(n, 1)
-    proposed = eng.spec_counts["proposed"] - before["proposed"]
-    accepted = eng.spec_counts["accepted"] - before["accepted"]
-    t.note += (f"; n-gram speculation k={cfg.num_speculative_tokens}, one step per graph: {steps[0]} steps, "
-               f"{n / max(steps[0], 1):.2f} tokens/step, {100 * accepted / max(proposed, 1):.0f}% of drafts accepted")
+    steps, proposed, accepted = (after[k] - before[k] for k in ("steps", "spec_proposed", "spec_accepted"))
+    t.note += (f"; n-gram speculation k={cfg.num_speculative_tokens}, one step per graph: {steps} steps, "
+               f"{n / max(steps, 1):.2f} tokens/step, {100 * accepted / max(proposed, 1):.0f}% of drafts accepted")
     return t
 
 

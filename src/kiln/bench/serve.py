@@ -406,35 +406,26 @@ def host_table(args: argparse.Namespace, shape: str, device: Any) -> list[ServeR
     Graph paths are emulated on the CPU (their in-graph ops then run eagerly)."""
     import torch
 
+    from kiln.bench.serve_paced import replace_model_work
+
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = bench_model(shape, device, dtype, None)
-    d = model.config.d_model
     zeros = torch.zeros(8, 16, device=device)
-
-    class _Head(torch.nn.Module):
-        def forward(self, h: Any) -> Any:
-            return zeros[: h.shape[0]].to(h.dtype)
-
-    model.hidden_states = lambda idx, pos, cache: torch.zeros(1, idx.shape[1], d, device=device, dtype=dtype)
-    true_head, model.lm_head = model.lm_head, _Head()
+    replace_model_work(model, zeros)  # the forward removed: zero hidden states, 16 zero logits a row
     plen = max(1, min(args.prompt_len, model.config.context_length // 2))
     n = min(args.new_tokens, model.config.context_length - plen)
     rows = []
-    try:
-        # (label, graphs, decode steps per graph, temperature, speculative)
-        paths = [("general step", False, 1, 0.0, "none"), ("lean step", True, 1, 0.0, "none"),
-                 ("multi-step", True, 8, 0.0, "none")]
-        if "sampled" in args.rows:
-            T = args.temperature
-            paths += [(f"lean step T={T:g}", True, 1, T, "none"), (f"multi-step T={T:g}", True, 8, T, "none")]
-        if "ngram" in args.rows:  # zero logits repeat token 0, so every draft is accepted: the host's
-            paths.append(("spec ngram k=4", True, 1, 0.0, "ngram"))  # cost per token at full acceptance
-        for label, graphs, steps, temp, spec in paths:
-            rows.append(_host_row(model, shape, label, graphs, steps, plen, n, args.repeats, zeros, temp, spec))
-            print(f"  host {label}: {rows[-1].note}", flush=True)
-    finally:
-        model.lm_head = true_head
-        del model.hidden_states
+    # (label, graphs, decode steps per graph, temperature, speculative)
+    paths = [("general step", False, 1, 0.0, "none"), ("lean step", True, 1, 0.0, "none"),
+             ("multi-step", True, 8, 0.0, "none")]
+    if "sampled" in args.rows:
+        T = args.temperature
+        paths += [(f"lean step T={T:g}", True, 1, T, "none"), (f"multi-step T={T:g}", True, 8, T, "none")]
+    if "ngram" in args.rows:  # zero logits repeat token 0, so every draft is accepted: the host's
+        paths.append(("spec ngram k=4", True, 1, 0.0, "ngram"))  # cost per token at full acceptance
+    for label, graphs, steps, temp, spec in paths:
+        rows.append(_host_row(model, shape, label, graphs, steps, plen, n, args.repeats, zeros, temp, spec))
+        print(f"  host {label}: {rows[-1].note}", flush=True)
     return rows
 
 
@@ -443,14 +434,14 @@ def _host_row(model: Any, shape: str, label: str, graphs: bool, steps: int, plen
     """One path of ``host_table``: best tokens/s of one request (greedy, or sampled at ``temperature``,
     seeded; ``speculative`` 'ngram': 4 drafts a step, verified through the graph of 8 rows), the
     forward stubbed."""
+    from kiln.bench.serve_paced import replace_decode
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     eng = LLMEngine(model, None, EngineConfig(max_num_seqs=1, enable_prefix_caching=False, cuda_graphs=graphs,
                                               decode_steps=steps, speculative=speculative, num_speculative_tokens=4))
     if graphs and not eng.runner.graph_max:  # the CPU: the graph body runs eagerly over the same static buffers
         eng.runner.graph_max = 1 if speculative == "none" else 8
-    zero_ids = zeros[:, 0].long()  # (rows,) greedy ids of zero logits
-    eng.runner._decode = lambda ids, pos: (zeros[: ids.shape[0]], zero_ids[: ids.shape[0]])  # graph paths
+    replace_decode(eng.runner, zeros)  # the graph paths: zero logits, token 0
     params = SamplingParams(max_tokens=n, temperature=temperature, seed=0, ignore_eos=True)
     eng.generate([[1] * plen], params)  # warm-up (captures)
     best = 0.0

@@ -793,10 +793,9 @@ def measure_stub(args: argparse.Namespace) -> list[HttpRow]:
     rows = []
     direct: dict[int, float] = {}
     if paced:  # the same paced engine driven in-process: the direct rows
-        from kiln.bench.serve_paced import paced_engine
+        from kiln.bench.serve_paced import paced_engine, parse_pace
 
-        pace = tuple(float(x) for x in args.stub_pace.split(","))
-        eng = paced_engine(pace, seqs, args.stub_engine, tok)
+        eng = paced_engine(parse_pace(args.stub_pace), seqs, args.stub_engine, tok)
         run_direct(eng, [i for _, i in reqs[:4]], 4, 4)
         for c in args.concurrency:
             n = _count(args, c, len(reqs))
@@ -874,6 +873,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--concurrency {args.concurrency}: give positive integers, e.g. 1,16,64,256")
     args.engine = parse_overrides(args.engine)
     args.shape = args.shape or ("gpt2_small" if device.type == "cuda" else "preset_tiny")
+    if args.stub_pace and not args.stub_engine:
+        raise ValueError("--stub-pace paces the real engine behind --stub-engine K (K decode steps per graph); "
+                         "add --stub-engine 8, say")
     if args.stub_engine:
         rows = measure_stub(args)
     else:

@@ -99,7 +99,12 @@ def load_stub(spec: StubSpec) -> Any:
         engine: Any = paced_engine(spec.pace, spec.max_num_seqs, spec.tokens_per_step, tok)
     else:
         engine = StubEngine(spec.step_ms, spec.tokens_per_step, spec.max_num_seqs, spec.host_us_per_seq)
-    return Loaded(engine, tok, None, "stub", "cpu", 1 << 16 if not spec.pace else 1024, tok.vocab_size)
+    return Loaded(engine, tok, None, "stub", "cpu", context_length(spec), tok.vocab_size)
+
+
+def context_length(spec: StubSpec) -> int:
+    """The served context: the paced engine's model has 1,024 positions; the stub has no limit."""
+    return 1024 if spec.pace else 1 << 16
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                    "GPT-2's vocab.json + merges.txt); default byte-level")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    pace = tuple(float(x) for x in args.pace.split(",")) if args.pace else ()
+    from kiln.bench.serve_paced import parse_pace
+
+    pace = parse_pace(args.pace) if args.pace else ()
     spec = StubSpec(args.step_ms, args.tokens_per_step, args.max_num_seqs, args.host_us, pace=pace,
                     tokenizer=args.tokenizer)
     if args.engine_process:
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = chat_tokenizer(args.tokenizer or None)
     cfg = ServeConfig(port=args.port, model_name="stub", max_pending=args.max_pending, request_timeout_s=3600)
     state = ServerState(EngineWorker(engine, cfg.max_pending, cfg.request_timeout_s), tok, cfg, "stub",
-                        1024 if pace else 1 << 16, tok.vocab_size)
+                        context_length(spec), tok.vocab_size)
     serve(state, cfg, log_level="warning")
     return 0
 
