@@ -11,7 +11,7 @@ from kiln.cli.main import main
 
 def test_profile_part_runs_on_cpu_and_names_attention(tmp_path):
     args = ["bench", "serve", "--device", "cpu", "--shapes", "tiny", "--parts", "profile", "--profile-tokens", "6",
-            "--prompt-len", "4", "--threads", "1", "--out", str(tmp_path)]
+            "--prompt-len", "16", "--threads", "1", "--out", str(tmp_path)]
     assert main(args) == 0
     tables = json.loads((tmp_path / "profile" / "decode_profile_tiny.json").read_text())
     kiln = next(t for t in tables if t["impl"] == "kiln")
@@ -27,6 +27,11 @@ def test_profile_part_runs_on_cpu_and_names_attention(tmp_path):
     assert spec["wall_us_per_token"] > 0 and (tmp_path / "profile" / "kiln_spec_ngram.json").is_file()
     steps = int(spec["note"].split(" steps, ")[0].split()[-1])
     assert 1 <= steps < spec["tokens"]  # drafts were accepted: fewer steps than tokens
+    for n in (1, 64):  # one general step admitting n prompts: its ops, per step, and its wall
+        pre = next(t for t in tables if t["impl"] == f"kiln prefill {n}")
+        assert not pre["error"] and pre["tokens"] == 1 and f"admitting {n} prompts" in pre["note"]
+        assert 0 < pre["busy_us_per_token"] <= pre["wall_us_per_token"]
+        assert next(r for r in pre["rows"] if r["name"] == "kiln::paged_attention")["calls_per_token"] == 2.0
     assert next(t for t in tables if t["impl"] == "gpt-fast")["error"].startswith("skipped")
     md = (tmp_path / "bench_serve.md").read_text()
     assert "| 1 | `" in md and "| tiny | attention |" in md and "| tiny | total |" in md

@@ -114,6 +114,9 @@ def test_multi_step_greedy_equals_single_step_with_stops_and_joins(model):
     assert s["free_blocks"] == s["num_blocks"] and s["running"] == 0
     assert s["lean_steps"] == len(calls)  # each lean step is one graph launch
     assert 0 < s["lean_steps"] < s["steps"] and s["step_seconds"] > 0  # prefills took the general path
+    assert 0 < s["general_seconds"] < s["step_seconds"]
+    # every prompt went through a general step; a chunk of one token is a decode row, not a prefill
+    assert sum(len(p) for p in prompts) - len(prompts) <= s["prefill_tokens"] <= sum(len(p) for p in prompts)
     assert _engine(model, False).stats()["steps"] == 0
 
 

@@ -216,6 +216,20 @@ def test_engine_note_reads_two_stats_snapshots():
     b = {"steps": 30, "lean_steps": 19, "step_seconds": 2.5}
     assert engine_note(a, b, 2.0, 400) == "engine: 20 steps, 75% lean, 20.0 tok/step, busy 75%"
     assert engine_note({}, b, 2.0, 400) == "" and engine_note(a, a, 2.0, 400) == ""
+    # with the general steps' seconds and prompt tokens: each kind's mean step
+    a.update(general_seconds=0.5, prefill_tokens=100)
+    b.update(general_seconds=1.5, prefill_tokens=600)
+    assert engine_note(a, b, 2.0, 400) == ("engine: 20 steps, 15 lean at 33.3 ms, 5 general at 200.0 ms "
+                                           "(100 prompt tok each), 20.0 tok/step, busy 75%")
+
+
+def test_row_seconds_is_the_rows_own_span():
+    """The busy share is over the requests' span, not the set-up around a row (client processes
+    start 5 s before their first request)."""
+    from kiln.bench.serve_http import HttpRow, row_seconds
+
+    assert row_seconds(HttpRow("kiln http", 64, 512, 1000.0, tokens=4000)) == 4.0
+    assert row_seconds(HttpRow("kiln http", 64, 512, None, tokens=0)) == 0.0
 
 
 def test_paced_engine_is_the_real_engine_on_a_gpus_clock():

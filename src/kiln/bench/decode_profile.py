@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -333,7 +334,51 @@ def kiln_profiles(model: Any, prompt: list[int], tokens: int, warm: int, device:
             tables.append(t)
     eng.abort(rid)
     tables.append(_spec_profile(model, prompt, tokens, warm, device, out, shape))
+    for n in (1, 64):
+        try:
+            tables.append(prefill_profile(model, prompt, n, device, out, shape))
+        except Exception as e:  # noqa: BLE001 - reported as the table's error; the decode tables stand
+            traceback.print_exc()
+            tables.append(ProfileTable(f"kiln prefill {n}", shape, error=f"{type(e).__name__}: {e}"))
     return tables
+
+
+def prefill_profile(model: Any, prompt: list[int], n: int, device: Any, out: Path, shape: str) -> ProfileTable:
+    """One general step admitting ``n`` prompts (lengths ``len(prompt)`` // 2 to ``len(prompt)``, the
+    first step of a wave of requests: eager prefill, then the first tokens) under the profiler. The
+    table is per step ('tokens' = 1 step): kernel time against the step's wall says whether the step
+    is bound by the GPU or by the host. Trace ``out/kiln_prefill_<n>.json``."""
+    import torch
+
+    from kiln.generate import EngineConfig, LLMEngine, SamplingParams
+
+    cuda = device.type == "cuda"
+    lens = [max(1, len(prompt) // 2 + (i * 7) % max(1, len(prompt) - len(prompt) // 2 + 1)) for i in range(n)]
+    vocab = min(model.config.vocab_size, 1024)
+    prompts = [[(t + i) % vocab for t in prompt[:k]] for i, k in enumerate(lens)]  # (k,) each, distinct
+    cfg = EngineConfig(max_num_seqs=max(n, 1), max_num_batched_tokens=max(2048, sum(lens)), num_blocks=None,
+                       enable_prefix_caching=False)
+    eng = LLMEngine(model, None, cfg)
+    once = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    eng.generate(prompts, once)  # warm: the same shapes once
+    for p in prompts:
+        eng.add_request(p, once)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    ctx = contextlib.nullcontext() if cuda else _cpu_ranges(model)
+    sync()
+    with ctx, _profiler(device) as prof:
+        t0 = time.perf_counter()
+        eng.step()
+        sync()
+        wall = time.perf_counter() - t0
+    while eng.has_unfinished():
+        eng.step()
+    trace = out / f"kiln_prefill_{n}.json"
+    prof.export_chrome_trace(str(trace))
+    t = table_from_trace(trace, 1, f"kiln prefill {n}", shape, gpu=cuda)
+    t.wall_us_per_token = 1e6 * wall
+    t.note += f"; one general step (eager) admitting {n} prompts, {sum(lens)} prompt tokens: 'token' = the step"
+    return t
 
 
 def _spec_profile(model: Any, prompt: list[int], tokens: int, warm: int, device: Any, out: Path,

@@ -638,18 +638,33 @@ def _safe(impl: str, c: int, n: int, fn: Any) -> HttpRow:
 
 
 def engine_note(before: dict, after: dict, seconds: float, tokens: int) -> str:
-    """What the engine did during a row, from two ``LLMEngine.stats()`` snapshots: steps, the share on
-    the lean (graph) decode path, output tokens a step, and the share of the row's wall time spent
-    inside ``step`` (the rest: the engine waiting for work, or the driver's own time). "" without
-    the counters (an engine that lacks them)."""
+    """What the engine did during a row, from two ``LLMEngine.stats()`` snapshots: steps, lean (graph
+    decode) and general (prefill, admission) ones with their mean milliseconds and the prompt tokens a
+    general step computed, output tokens a step, and the share of the row's ``seconds`` (the requests'
+    own span, not the set-up around them) spent inside ``step`` (the rest: the engine waiting for work,
+    or its driver's own time). "" without the counters (an engine that lacks them)."""
     if "steps" not in before or "steps" not in after or not seconds:
         return ""
-    steps = after["steps"] - before["steps"]
-    if steps <= 0:
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in
+         ("steps", "lean_steps", "step_seconds", "general_seconds", "prefill_tokens")}
+    if d["steps"] <= 0:
         return ""
-    lean = after["lean_steps"] - before["lean_steps"]
-    busy = (after["step_seconds"] - before["step_seconds"]) / seconds
-    return f"engine: {steps} steps, {lean / steps:.0%} lean, {tokens / steps:.1f} tok/step, busy {busy:.0%}"
+    general = d["steps"] - d["lean_steps"]
+    parts = [f"engine: {d['steps']} steps"]
+    if "general_seconds" in after:
+        lean_ms = (d["step_seconds"] - d["general_seconds"]) / max(1, d["lean_steps"]) * 1e3
+        parts.append(f"{d['lean_steps']} lean at {lean_ms:.1f} ms, {general} general at "
+                     f"{d['general_seconds'] / max(1, general) * 1e3:.1f} ms "
+                     f"({d['prefill_tokens'] / max(1, general):.0f} prompt tok each)")
+    else:
+        parts.append(f"{d['lean_steps'] / d['steps']:.0%} lean")
+    parts += [f"{tokens / d['steps']:.1f} tok/step", f"busy {d['step_seconds'] / seconds:.0%}"]
+    return ", ".join(parts)
+
+
+def row_seconds(row: HttpRow) -> float:
+    """A row's own wall seconds (its output tokens over its rate): the span of its requests."""
+    return row.tokens / row.tok_s if row.tokens and row.tok_s else 0.0
 
 
 def _health_engine(url: str) -> dict:
@@ -675,13 +690,13 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
     run_direct(loaded.engine, warm, 4, 4)  # warm-up: kernels, CUDA graphs
     for c in args.concurrency:
         n = _count(args, c, len(reqs))
-        cpu0, st0, t0 = time.process_time(), loaded.engine.stats(), time.perf_counter()
+        cpu0, st0 = time.process_time(), loaded.engine.stats()
         rows.append(_safe("kiln direct", c, n, lambda: run_direct(loaded.engine, [i for _, i in reqs[:n]], c,
                                                                     args.max_tokens)))
         if rows[-1].tokens:  # this process's CPU per token: all of it is driving the engine
             rows[-1].server_cpu_us = (time.process_time() - cpu0) / rows[-1].tokens * 1e6
             rows[-1].engine_thread_cpu_us = rows[-1].server_cpu_us
-            _add_note(rows[-1], engine_note(st0, loaded.engine.stats(), time.perf_counter() - t0, rows[-1].tokens))
+            _add_note(rows[-1], engine_note(st0, loaded.engine.stats(), row_seconds(rows[-1]), rows[-1].tokens))
     del loaded
     _free(device)
     servers = []
@@ -757,7 +772,7 @@ def http_row(args: argparse.Namespace, impl: str, server: Server, name: str, req
         return sum(process_cpu_s(k) or 0.0 for k in kids) if "engine process" in impl else process_cpu_s(pid, "kiln-engine")
 
     cpu0, eng0 = process_cpu_s(pid, children=True), engine_cpu()
-    st0, t0 = (_health_engine(server.url) if kiln else {}), time.perf_counter()
+    st0 = _health_engine(server.url) if kiln else {}
     row_s = getattr(args, "http_row_s", 0.0)
     timings: list[Timings] = []
 
@@ -773,7 +788,7 @@ def http_row(args: argparse.Namespace, impl: str, server: Server, name: str, req
         if kiln and eng is not None and eng0 is not None:
             row.engine_thread_cpu_us = (eng - eng0) / row.tokens * 1e6
     if kiln and row.tokens:
-        _add_note(row, engine_note(st0, _health_engine(server.url), time.perf_counter() - t0, row.tokens))
+        _add_note(row, engine_note(st0, _health_engine(server.url), row_seconds(row), row.tokens))
     return row
 
 
@@ -799,10 +814,10 @@ def measure_stub(args: argparse.Namespace) -> list[HttpRow]:
         run_direct(eng, [i for _, i in reqs[:4]], 4, 4)
         for c in args.concurrency:
             n = _count(args, c, len(reqs))
-            st0, t0 = eng.stats(), time.perf_counter()
+            st0 = eng.stats()
             rows.append(_safe(f"kiln direct, paced {args.stub_pace}", c, n,
                               lambda: run_direct(eng, [i for _, i in reqs[:n]], c, args.max_tokens)))
-            _add_note(rows[-1], engine_note(st0, eng.stats(), time.perf_counter() - t0, rows[-1].tokens))
+            _add_note(rows[-1], engine_note(st0, eng.stats(), row_seconds(rows[-1]), rows[-1].tokens))
             direct[c] = rows[-1].tok_s or 0.0
     for mode, name in engine_modes(args):
         port = _free_port()

@@ -175,9 +175,10 @@ class LLMEngine:
         if config.num_speculative_tokens + 1 > MAX_ROW_TOKENS and config.speculative != "none":
             raise ValueError(f"num_speculative_tokens must be <= {MAX_ROW_TOKENS - 1}")
         self.spec_counts = {"proposed": 0, "accepted": 0}
-        self.num_steps = 0  # step() calls, of which num_lean_steps took the lean (graph) decode path
-        self.num_lean_steps = 0
-        self.step_seconds = 0.0  # wall time inside step(): with the run's wall time, how busy the engine was
+        # step() calls, of which 'lean_steps' took the lean (graph) decode path; wall seconds inside
+        # step() (with a run's wall time: how busy the engine was), of which 'general_seconds' in
+        # general steps; and the prompt tokens those general steps computed
+        self.counters = _zero_counters()
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.num_finished = 0
@@ -252,16 +253,22 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; outputs for the requests that produced a token (or finished)."""
-        t0 = time.perf_counter()
+        t0, k = time.perf_counter(), self.counters
+        lean = False
         try:
             fast = self._decode_step()
             if fast is not None:
-                self.num_lean_steps += 1
+                lean = True
                 return fast
             return self._general_step()
         finally:
-            self.num_steps += 1
-            self.step_seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            k["steps"] += 1
+            k["step_seconds"] += dt
+            if lean:
+                k["lean_steps"] += 1
+            else:
+                k["general_seconds"] += dt
 
     def _general_step(self) -> list[RequestOutput]:
         """A step through the scheduler: prefill chunks, decodes, speculation, log-probabilities."""
@@ -277,6 +284,7 @@ class LLMEngine:
         for seq, n in batch:
             c, d = seq.num_computed, drafts.get(seq.request_id, [])
             items.append(StepItem(seq, c, seq.window[c:c + n - len(d)] + d if d else seq.window[c:c + n], 1 + len(d)))
+        self.counters["prefill_tokens"] += sum(len(it.tokens) for it in items if it.n_logits == 1 and len(it.tokens) > 1)
         logits = self.runner.run(items)[:, :self.vocab_limit]  # (rows, V) fp32: one row per wanted position
         drawn = self._draw(items, logits)  # (rows,) the token each row's position gets
         outputs = []
@@ -516,8 +524,8 @@ class LLMEngine:
         greedy = SamplingParams(max_tokens=2 * self.runner.decode_steps + 1, temperature=0, ignore_eos=True)
         sampled = SamplingParams(max_tokens=3, temperature=1.0, top_k=50, top_p=0.9, seed=0, ignore_eos=True)
         saved = (self.num_finished, self.scheduler.num_preemptions, self.blocks.prefix_hits,
-                 self.blocks.prefix_queries, dict(self.spec_counts), self._ids, self.num_steps,
-                 self.num_lean_steps, self.step_seconds)
+                 self.blocks.prefix_queries, dict(self.spec_counts), self._ids, self.counters)
+        self.counters = _zero_counters()
         self._ids = (f"warmup-{i}" for i in itertools.count())
         try:
             for p in prompts:  # one at a time: batch-1 prefill and decode at every length
@@ -525,8 +533,7 @@ class LLMEngine:
             self.generate(prompts, [greedy] * (len(prompts) - 1) + [sampled])  # packed, mixed settings
         finally:
             (self.num_finished, self.scheduler.num_preemptions, self.blocks.prefix_hits,
-             self.blocks.prefix_queries, self.spec_counts, self._ids, self.num_steps,
-             self.num_lean_steps, self.step_seconds) = saved
+             self.blocks.prefix_queries, self.spec_counts, self._ids, self.counters) = saved
             self.reset_prefix_cache()
         self.runner.capture(("sample",))  # temperature-only sampling (OpenAI's default) at every size
         if self.device.type == "cuda":
@@ -535,7 +542,8 @@ class LLMEngine:
 
     def stats(self) -> dict[str, Any]:
         """Cache and queue counters: free/used blocks, waiting/running, preemptions, prefix-cache hits;
-        steps taken (all, and lean: the graph decode path) and the wall seconds spent inside ``step``."""
+        steps taken (all, and lean: the graph decode path), the wall seconds spent inside ``step`` (all,
+        and in general steps) and the prompt tokens general steps computed."""
         b = self.blocks
         return {
             "num_blocks": b.num_blocks, "free_blocks": b.num_free, "used_blocks": b.num_blocks - b.num_free,
@@ -543,9 +551,25 @@ class LLMEngine:
             "running": len(self.scheduler.running), "preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hits": b.prefix_hits, "prefix_cache_queries": b.prefix_queries,
             "finished": self.num_finished, "spec_proposed": self.spec_counts["proposed"],
-            "spec_accepted": self.spec_counts["accepted"], "steps": self.num_steps,
-            "lean_steps": self.num_lean_steps, "step_seconds": round(self.step_seconds, 6),
+            "spec_accepted": self.spec_counts["accepted"],
+            **{k: round(v, 6) if isinstance(v, float) else v for k, v in self.counters.items()},
         }
+
+    @property
+    def num_steps(self) -> int:
+        return self.counters["steps"]
+
+    @property
+    def num_lean_steps(self) -> int:
+        return self.counters["lean_steps"]
+
+    @property
+    def step_seconds(self) -> float:
+        return self.counters["step_seconds"]
+
+
+def _zero_counters() -> dict[str, Any]:
+    return {"steps": 0, "lean_steps": 0, "step_seconds": 0.0, "general_seconds": 0.0, "prefill_tokens": 0}
 
 
 def _logprobs(logits: Tensor, tok: int, k: int) -> dict[int, float]:
