@@ -11,14 +11,18 @@
 #           (row index-copy), beside gpt-fast, at 350m then 124M [K=420]
 #   q1b     int8 / int4 / n-gram speculation and gpt-fast's bf16 and int8 on the 1b shape (16 x d2048),
 #           where a GEMV is bound by bytes: the quantization goals [Q=540, a call of its own]
-#   prof    where a 350m decode token's GPU time goes, Kiln (graphs, no graph, n-gram verify steps)
-#           beside gpt-fast [P=300]
-#   http    HTTP vs direct and vs `transformers serve` at concurrency 16 / 64 / 256, each Kiln row
-#           noting the engine's steps, lean share and busy share [H=300]
+#   quant   the 1b shape's int8 / int4 beside Kiln's autotuned GEMV kernels at one row (rows
+#           int8-tuned, int4-tuned: bit-trick dequantization, tile chosen by timing) [U=540, own call]
+#   prof    where a 350m decode token's GPU time goes, Kiln (graphs, no graph, n-gram verify steps,
+#           one general step admitting 1 and 64 prompts) beside gpt-fast [P=300]
+#   http    HTTP vs direct and vs `transformers serve` at concurrency 64 / 256, 16 waves a row (1,000
+#           requests at c=64), each Kiln row noting the engine's lean and general steps (mean ms,
+#           prompt tokens) and its busy share over the row [H=420]
 #   sampled sampled decode (T 0.7, top-p 0.95): batch 1 and throughput [S=240]
 #   learn   GRPO learning per GPU-second vs trl's GRPOTrainer, and DPO on hh-rlhf [L=240]
 # Measured on 2026-12-07 and no longer owed: same-run gpt-fast at 124M and 350m, n-gram speculation,
-# int8/int4 at 350m, HTTP at c=64/256 (docs/benchmarks.md).
+# int8/int4 at 350m and 1b, kiln::kv_write (section kv), sampled decode, HTTP at c=16/64/256 four
+# times (docs/benchmarks.md). Still owed: quant, prof, http (with the new notes), learn.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,11 +72,14 @@ for part in ${PART:-kv}; do
     q1b) section q1b "${Q:-540}" kiln bench serve --device cuda --parts latency --shapes 1b \
                 --rows int8,int4,ngram,gpt-fast,gpt-fast-int8 --gpt-fast .devcarry/gpt-fast --new-tokens 256 \
                 --prompt-len 128 --repeats 2 --out "$OUT/q1b" ;;
+    quant) section quant "${U:-540}" kiln bench serve --device cuda --parts latency --shapes 1b \
+                --rows int8,int4,int8-tuned,int4-tuned --new-tokens 256 --prompt-len 128 --repeats 2 \
+                --out "$OUT/quant" ;;
     prof) section prof "${P:-300}" kiln bench serve --device cuda --parts profile --shapes 350m \
                 --gpt-fast .devcarry/gpt-fast --prompt-len 128 --profile-tokens 64 --out "$OUT/prof" ;;
-    http) section http "${H:-300}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
+    http) section http "${H:-420}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
                 --rows transformers-serve --http-row-s 15 --prompts .devcarry/alpaca_eval.jsonl \
-                --tokenizer .devcarry/gpt2 --requests 1000 --concurrency 16,64,256 --min-requests 8 \
+                --tokenizer .devcarry/gpt2 --requests 1000 --concurrency 64,256 --min-requests 8 --waves 16 \
                 --max-tokens 128 --client-procs 4 --server-engine thread,process --out "$OUT/http" ;;
     sampled) section sampled "${S:-240}" kiln bench serve --device cuda --shapes gpt2_small \
                 --parts latency,throughput --rows sampled --temperature 0.7 --top-p 0.95 --new-tokens 256 \
@@ -81,6 +88,6 @@ for part in ${PART:-kv}; do
     learn) section learn "${L:-240}" kiln bench align --learning --size small --device cuda \
                 --hh-rlhf .devcarry/hh-rlhf/harmless-base/test.jsonl.gz --gsm8k .devcarry/gsm8k_test64.jsonl \
                 --out "$OUT/learning" ;;
-    *) echo "unknown section $part (kv q1b prof http sampled learn)"; exit 2 ;;
+    *) echo "unknown section $part (kv q1b quant prof http sampled learn)"; exit 2 ;;
     esac
 done

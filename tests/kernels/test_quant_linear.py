@@ -133,3 +133,72 @@ def test_compiled_int4_row_builds_no_dequantized_weight():
         torch._dynamo.reset()
     assert ref >= N * K, "the reference form should materialize the weight (the check would be vacuous)"
     assert row < N * K // 8, f"the one-row form allocates {row} elements"
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_every_tuned_tile_equals_the_reference(dev, kind):
+    """The autotuner picks one of ``gemv_configs`` by time on the GPU; each must give the same numbers
+    (ragged N and K so that every tile has a partial edge)."""
+    import triton
+
+    from kiln.kernels import quant_linear as ql
+
+    torch.manual_seed(5)
+    M, N, K = 2, 37, 640
+    w, x = torch.randn(N, K, device=dev), torch.randn(M, K, device=dev)
+    y = torch.empty(M, N, device=dev)
+    if kind == "int8":
+        q, s = quantize_int8(w)
+        want, args = int8_linear_ref(x, q, s), (x, q, s, y, N, K, x.stride(0), q.stride(0), y.stride(0))
+        kernel, extra = ql._int8_gemv_kernel, {}
+    else:
+        p, s, z = quantize_int4(w, 128)  # 5 groups of 64 bytes
+        want = int4_linear_ref(x, p, s, z)
+        args = (x, p, s, z, y, N, K, x.stride(0), p.stride(0), s.stride(0), y.stride(0))
+        kernel, extra = ql._int4_gemv_kernel, {"HALF": 64}
+    configs = ql.gemv_configs(kind)
+    assert len(configs) >= 16 and len({tuple(sorted(c.items())) for c in configs}) == len(configs)
+    for c in configs:
+        y.zero_()
+        tile = {k: v for k, v in c.items() if k != "num_warps"}
+        kernel[(triton.cdiv(N, c["BLOCK_N"]), M)](*args, **extra, **tile, num_warps=c["num_warps"])
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4, msg=f"{kind} tile {c}")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_tuned_layers_take_the_kernel_at_one_row_under_compile(dev, mode):
+    """``quantize_model(..., tuned=True)``: the compiled one-row call goes through ``kiln::<mode>_gemv``
+    (Kiln's kernel) instead of the fused torch ops, with the same numbers; untuned layers do not.
+    (On the CPU the layers would take the dense reference: the call forces the kernel, as CUDA does.)"""
+    from kiln.kernels.quant_linear import int4_linear, int8_linear
+    from kiln.model.layers import Linear
+    from kiln.model.quantize import quantize_model
+
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(6)).to(dev)
+
+    def traced(tuned: bool) -> tuple[torch.Tensor, str]:
+        torch.manual_seed(7)
+        net = torch.nn.Sequential(Linear(256, 48)).to(dev)
+        quantize_model(net, mode, group_size=128, tuned=tuned)
+        layer = net[0]
+        assert layer.tuned is tuned
+        if mode == "int8":
+            call = lambda t: int8_linear(t, layer.q, layer.scale, use_kernel=True, tuned=layer.tuned)  # noqa: E731
+        else:
+            call = lambda t: int4_linear(t, layer.packed, layer.scale, layer.low, use_kernel=True,  # noqa: E731
+                                         tuned=layer.tuned)
+        graphs = []
+
+        def backend(gm, inputs):
+            graphs.append(gm)
+            return gm
+
+        torch._dynamo.reset()
+        got = torch.compile(call, backend=backend, fullgraph=True)(x)
+        torch.testing.assert_close(got, layer(x), atol=1e-4, rtol=1e-4)  # = the layer's own (eager) path
+        return got, str([n.target for n in graphs[0].graph.nodes])
+
+    got_t, nodes_t = traced(True)
+    got_f, nodes_f = traced(False)
+    assert f"kiln.{mode}_gemv" in nodes_t and f"kiln.{mode}_gemv" not in nodes_f
+    torch.testing.assert_close(got_t, got_f, atol=1e-4, rtol=1e-4)

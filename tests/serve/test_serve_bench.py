@@ -287,3 +287,17 @@ def test_stub_pace_gets_a_clear_error_for_bad_input(tmp_path, capsys):
     assert main(base + ["--stub-engine", "2", "--stub-pace", "1,0"]) != 0
     assert "three non-negative numbers" in capsys.readouterr().err
     assert not (tmp_path / "bench_serve-http.json").exists()
+
+
+def test_waves_sets_the_requests_a_row_runs():
+    """``--waves W``: c runs min(--requests, max(--min-requests, W x c)) requests (default 8), in the
+    throughput part and the HTTP table alike."""
+    import argparse
+
+    from kiln.bench import serve, serve_http
+
+    assert serve._count(64, 1000, 16) == 512 and serve._count(64, 1000, 16, waves=16) == 1000
+    assert serve._count(1, 1000, 16, waves=16) == 16 and serve._count(256, 1000, 16, waves=2) == 512
+    ns = argparse.Namespace(min_requests=16, waves=16)
+    assert serve_http._count(ns, 64, 1000) == 1000 and serve_http._count(ns, 16, 1000) == 256
+    assert serve_http._count(argparse.Namespace(), 64, 1000) == 512  # a parser without the flag: 8

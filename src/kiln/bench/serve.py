@@ -15,8 +15,8 @@ trained one; the speed of a step does not depend on the values):
 2. **Throughput** (``throughput``): requests whose prompt lengths follow the AlpacaEval instructions
    (``--prompts``, ~4 UTF-8 bytes per token; synthetic ids, as the weights are random),
    ``--max-tokens`` greedy tokens each (no early stop), kept ``c`` in flight for c in
-   ``--concurrency``: the first min(``--requests``, max(``--min-requests``, 8c)) requests at each c (so c=1 stays
-   short; the note says how many ran). Output tokens/s, time to first token and inter-token latency
+   ``--concurrency``: the first min(``--requests``, max(``--min-requests``, ``--waves`` x c)) requests at
+   each c (so c=1 stays short; the note says how many ran). Output tokens/s, time to first token and inter-token latency
    (p50/p99) of Kiln's engine (one engine for every c, CUDA graphs captured before the clock), vs
    ``transformers`` batched ``generate`` (row ``transformers``: static batches of c, left-padded) and
    ``transformers``' own continuous batching (row ``transformers-cb``: its
@@ -370,10 +370,11 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
         if cuda:  # multi-step's share (on the CPU there are no graphs: the same path)
             add(f"{name} sampled T={T:g} single-step", lambda: kiln_decode(
                 model, prompt, new_tokens, r, compile_decode=cuda, decode_steps=1, temperature=T), model)
-    for mode in ("int8", "int4"):
-        if mode in args.rows:
-            qm = quantize_model(copy.deepcopy(model), mode)
-            add(f"kiln {mode}", lambda qm=qm: kiln_decode(qm, prompt, new_tokens, r, compile_decode=cuda), qm, qm)
+    for mode, tuned in (("int8", False), ("int4", False), ("int8", True), ("int4", True)):
+        if (f"{mode}-tuned" if tuned else mode) in args.rows:  # -tuned: Kiln's autotuned GEMV at one row too
+            qm = quantize_model(copy.deepcopy(model), mode, tuned=tuned)
+            add(f"kiln {mode}" + (" tuned GEMV" if tuned else ""),
+                lambda qm=qm: kiln_decode(qm, prompt, new_tokens, r, compile_decode=cuda), qm, qm)
             del qm
     if "ngram" in args.rows:
         add("kiln spec ngram", lambda: kiln_decode(model, prompt, new_tokens, r, "ngram", compile_decode=cuda), model)
@@ -604,10 +605,10 @@ def _pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, math.ceil(q * len(xs)) - 1)] * 1e3
 
 
-def _count(c: int, total: int, least: int = 16) -> int:
-    """Requests run at concurrency ``c``: enough to keep c in flight for a while (8c, at least
-    ``least``: ``--min-requests``), so c = 1 stays short; at most ``total`` (``--requests``)."""
-    return min(total, max(least, 8 * c))
+def _count(c: int, total: int, least: int = 16, waves: int = 8) -> int:
+    """Requests run at concurrency ``c``: enough to keep c in flight for a while (``waves`` x c, at
+    least ``least``: ``--min-requests``), so c = 1 stays short; at most ``total`` (``--requests``)."""
+    return min(total, max(least, waves * c))
 
 
 def _throughput_row(t: Any, impl: str, shape: str, c: int, n: int, note: str = "") -> ServeRow:
@@ -672,7 +673,7 @@ def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Pa
     rows: list[ServeRow] = []
 
     def add(impl: str, c: int, fn: Any) -> None:
-        n = _count(c, len(prompts), args.min_requests)
+        n = _count(c, len(prompts), args.min_requests, args.waves)
         if over_budget(args):
             rows.append(_skipped("throughput", shape, impl, c))
             return
@@ -797,8 +798,9 @@ def format_tables(rows: list[ServeRow]) -> str:
     return "\n".join(out)
 
 
-ROWS = ("single-step", "eager", "index-copy", "sampled", "int8", "int4", "ngram", "draft", "transformers", "transformers-cb", "transformers-serve",
-        "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
+ROWS = ("single-step", "eager", "index-copy", "sampled", "int8", "int4", "int8-tuned", "int4-tuned", "ngram", "draft",
+        "transformers", "transformers-cb", "transformers-serve", "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
+OPT_IN_ROWS = ("sampled", "int8-tuned", "int4-tuned")  # not in the default --rows
 PARTS = ("latency", "throughput", "http", "rollouts", "host", "profile")
 
 
@@ -923,7 +925,7 @@ def run(args: argparse.Namespace) -> int:
         if "http" in args.parts:
             keep(http_table(args, device, work))
     blurb = (f"Batch-1 greedy decode of {args.new_tokens} tokens after a {args.prompt_len}-token prompt (best of "
-             f"{args.repeats}); throughput: at each concurrency c, min({args.requests}, max({args.min_requests}, 8c)) requests "
+             f"{args.repeats}); throughput: at each concurrency c, min({args.requests}, max({args.min_requests}, {args.waves}c)) requests "
              f"(AlpacaEval prompt lengths), {args.max_tokens} greedy output tokens each, c kept in flight; "
              f"rollouts: {args.gsm8k_prompts} GSM8K prompts ({args.gsm8k_shots}-shot) and GRPO groups of "
              f"{args.group}, {args.max_tokens} tokens each; profile: {args.profile_tokens} decode tokens per table. "
@@ -949,9 +951,11 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    "table); GSM8K generation and GRPO rollouts before/after the engine; the engine's host work "
                    "per decode token (the forward stubbed out); where a decode token's GPU time goes, kernel by kernel, "
                    "Kiln beside gpt-fast (torch.profiler)")
-    p.add_argument("--rows", default=",".join(r for r in ROWS if r != "sampled"),
+    p.add_argument("--rows", default=",".join(r for r in ROWS if r not in OPT_IN_ROWS),
                    help=f"optional rows, some of {','.join(ROWS)} ('sampled': Kiln's engine sampling at "
-                   "--temperature, batch 1 and throughput; not in the default)")
+                   "--temperature, batch 1 and throughput; 'int8-tuned', 'int4-tuned': Kiln's autotuned "
+                   "GEMV kernels at one row too, instead of Inductor's fused form; these three are not in "
+                   "the default)")
     p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
     p.add_argument("--draft-model", default=None, help="a trained draft model directory for the draft row")
     p.add_argument("--gpt-fast", default=None, metavar="DIR", help="gpt-fast's source folder "
@@ -965,7 +969,9 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default=DEFAULT_PROMPTS, help="AlpacaEval jsonl for the prompt lengths")
     p.add_argument("--requests", type=int, default=1000, help="most throughput requests per concurrency")
     p.add_argument("--min-requests", type=int, default=16, help="fewest requests per concurrency (c runs "
-                   "min(--requests, max(this, 8c)))")
+                   "min(--requests, max(this, waves x c)))")
+    p.add_argument("--waves", type=int, default=8, help="requests per slot of concurrency (c runs min(--requests, "
+                   "max(--min-requests, waves x c))): longer rows average out more of the run-to-run noise")
     p.add_argument("--concurrency", default="1,16,64,256", help="comma list of requests kept in flight")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per throughput request")
     p.add_argument("--heldout", default=None, help="held-out text file for the loss column (with --tokenizer)")

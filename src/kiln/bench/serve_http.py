@@ -4,7 +4,7 @@ directly, and vs `transformers serve`, on the same weights, same run.
 Requests are AlpacaEval instructions (``--prompts``: real text, rendered with the chat template,
 each cut to fit the context with room for ``--max-tokens``), ``--max-tokens`` greedy tokens each
 (``ignore_eos``: random weights would stop at random places). For each concurrency c, the first
-min(``--requests``, max(16, 8c)) requests run closed-loop with c in flight:
+min(``--requests``, max(16, ``--waves`` x c)) requests run closed-loop with c in flight:
 
 - ``kiln direct``: an ``LLMEngine`` loaded by the server's own loader (same ``EngineConfig``),
   driven in-process; TTFT = add_request to the first token, ITL = gaps between a request's tokens.
@@ -624,7 +624,8 @@ def transformers_server(args: argparse.Namespace, hf_dir: Path, device: Any) -> 
 
 
 def _count(args: argparse.Namespace, c: int, total: int) -> int:
-    return min(total, max(getattr(args, "min_requests", 16), 8 * c))  # keep c in flight; c=1 stays short
+    waves = getattr(args, "waves", 8)  # keep c in flight; c=1 stays short
+    return min(total, max(getattr(args, "min_requests", 16), waves * c))
 
 
 def _safe(impl: str, c: int, n: int, fn: Any) -> HttpRow:
@@ -897,7 +898,7 @@ def run(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="kiln_bench_serve_http_") as tmp:
             rows = measure(args, device, Path(tmp))
     blurb = (f"Chat requests (AlpacaEval instructions through the chat template, cut to fit), {args.max_tokens} "
-             f"greedy output tokens each, kept c in flight (min({args.requests}, max(16, 8c)) requests per c); "
+             f"greedy output tokens each, kept c in flight (min({args.requests}, max(16, {getattr(args, 'waves', 8)}c)) requests per c); "
              f"shape {args.shape}, random weights, tokenizer {args.tokenizer or 'byte-level'} + chat tokens; "
              f"{args.client_procs} client processes for the HTTP rows; torch threads {args.threads or 'default'}. "
              "'vs direct': output tok/s over the direct engine's at the same c. 'server CPU us/token': CPU time "
@@ -917,6 +918,8 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    "merges.txt (chat tokens are added); default byte-level")
     p.add_argument("--prompts", default=DEFAULT_PROMPTS, help="AlpacaEval jsonl (its 'instruction' field)")
     p.add_argument("--requests", type=int, default=1000, help="most requests per concurrency")
+    p.add_argument("--waves", type=int, default=8, help="requests per slot of concurrency: c runs "
+                   "min(--requests, max(16, waves x c)); longer rows average out more noise")
     p.add_argument("--concurrency", default="1,16,64,256", help="comma list of requests kept in flight")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
     p.add_argument("--engine", action="append", default=[], metavar="NAME=VALUE",

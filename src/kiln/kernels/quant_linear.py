@@ -95,7 +95,26 @@ def int4_linear_row(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
     return y.reshape(*x.shape[:-1], N).to(x.dtype)
 
 
+# Integer -> float conversions issue at a quarter of the integer-logic rate and an eighth of the FMA
+# rate on Hopper (CUDA C programming guide, arithmetic instruction throughput), so a GEMV that streams
+# one int8 weight (or two int4 ones) per byte spends its time converting, not loading. The kernels
+# convert with a bit trick instead: OR a small integer u (< 2^23) into the mantissa of 2^23
+# (0x4B000000) and the float is exactly 2^23 + u; one subtraction gives u. One logic op and one add
+# per weight, both at full rate (8388608.0 below is 2^23).
+
 if HAVE_TRITON:
+
+    @triton.jit
+    def _i8_to_f32(q):
+        """int8 tile -> the same values in fp32, without an int->float conversion: the byte's bits
+        b = q mod 256, and b ^ 0x80 = q + 128 in [0, 255], ORed into 2^23's mantissa."""
+        b = q.to(tl.uint8, bitcast=True).to(tl.int32)
+        return (b ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+
+    @triton.jit
+    def _u4_to_f32(nib):
+        """int32 tile of values in [0, 15] -> fp32, the same way."""
+        return (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
     def _int8_gemv_kernel(X, Q, S, Y, N, K, stride_x, stride_q, stride_y,
@@ -109,7 +128,7 @@ if HAVE_TRITON:
             k_ok = k < K
             x = tl.load(X + m * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
             q = tl.load(Q + n[:, None] * stride_q + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-            acc += tl.sum(q.to(tl.float32) * x[None, :], axis=1)
+            acc += tl.sum(_i8_to_f32(q) * x[None, :], axis=1)
         s = tl.load(S + n, mask=n_ok, other=0.0)
         tl.store(Y + m * stride_y + n, (acc * s).to(Y.dtype.element_ty), mask=n_ok)
 
@@ -134,8 +153,8 @@ if HAVE_TRITON:
             x_hi = tl.load(X + m * stride_x + 2 * byte_idx + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
             w_ok = n_ok[:, None, None] & g_ok[None, :, None]
             byte = tl.load(P + n[:, None, None] * stride_p + byte_idx[None, :, :], mask=w_ok, other=0).to(tl.int32)
-            dot = tl.sum((byte & 0xF).to(tl.float32) * x_lo[None, :, :]
-                         + (byte >> 4).to(tl.float32) * x_hi[None, :, :], axis=2)  # (BLOCK_N, GPT)
+            dot = tl.sum(_u4_to_f32(byte & 0xF) * x_lo[None, :, :]
+                         + _u4_to_f32(byte >> 4) * x_hi[None, :, :], axis=2)  # (BLOCK_N, GPT)
             sg_ok = n_ok[:, None] & g_ok[None, :]
             sc = tl.load(S + n[:, None] * stride_s + g[None, :], mask=sg_ok, other=0.0)
             lo = tl.load(Z + n[:, None] * stride_s + g[None, :], mask=sg_ok, other=0.0)
@@ -161,7 +180,7 @@ if HAVE_TRITON:
             g = (k // GROUP)[None, :]
             s = tl.load(S + n[:, None] * stride_s + g, mask=mask, other=0.0)
             z = tl.load(Z + n[:, None] * stride_s + g, mask=mask, other=0.0)
-            acc += tl.sum((q.to(tl.float32) * s + z) * x[None, :], axis=1)
+            acc += tl.sum((_u4_to_f32(q) * s + z) * x[None, :], axis=1)
         tl.store(Y + m * stride_y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
 
 
@@ -180,18 +199,48 @@ def gemv_block_n(n_out: int, rows: int, min_programs: int = 256) -> int:
     return bn
 
 
-def _int8_gemv(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The int8 launch: x2 (M, K) contiguous rows -> (M, N) in x2's dtype."""
+def gemv_configs(kind: str) -> list[dict]:
+    """The tile shapes the tuned GEMVs (``tuned=True``, CUDA) choose from by timing each on its first
+    (N, K): output channels a program (BLOCK_N), bytes a row per iteration (BLOCK_K for int8; GPT
+    groups for int4) and warps. Wider K tiles put more bytes in flight per program; fewer channels a
+    program make more programs for narrow matrices."""
+    if kind == "int8":
+        return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w}
+                for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)]
+    return [{"BLOCK_N": bn, "GPT": gpt, "num_warps": w} for bn in (4, 8, 16, 32) for gpt in (1, 2, 4, 8) for w in (4, 8)]
+
+
+_TUNED: dict[str, object] = {}
+
+
+def _tuned_kernel(kind: str) -> object:
+    """The autotuned launcher of a kernel (built on first use, keyed on N and K: the engine's warm-up
+    and compilation call it before any CUDA graph capture, so a capture only replays a chosen tile)."""
+    if kind not in _TUNED:
+        configs = [triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"])
+                   for c in gemv_configs(kind)]
+        fn = _int8_gemv_kernel if kind == "int8" else _int4_gemv_kernel
+        _TUNED[kind] = triton.autotune(configs, key=["N", "K"])(fn)
+    return _TUNED[kind]
+
+
+def _int8_gemv(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, tuned: bool = False) -> torch.Tensor:
+    """The int8 launch: x2 (M, K) contiguous rows -> (M, N) in x2's dtype. ``tuned``: the autotuned
+    tile (CUDA; elsewhere the fixed one)."""
     (M, K), N = x2.shape, q.shape[0]
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    args = (x2, q, scale, y, N, K, x2.stride(0), q.stride(0), y.stride(0))
+    if tuned and x2.is_cuda:
+        _tuned_kernel("int8")[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args)
+        return y
     BLOCK_N, BLOCK_K = gemv_block_n(N, M), 256
-    _int8_gemv_kernel[(triton.cdiv(N, BLOCK_N), M)](x2, q, scale, y, N, K, x2.stride(0), q.stride(0), y.stride(0),
-                                                    BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    _int8_gemv_kernel[(triton.cdiv(N, BLOCK_N), M)](*args, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return y
 
 
-def _int4_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """The int4 launch: x2 (M, K) contiguous rows -> (M, N) in x2's dtype."""
+def _int4_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+               tuned: bool = False) -> torch.Tensor:
+    """The int4 launch: x2 (M, K) contiguous rows -> (M, N) in x2's dtype; ``tuned`` as for int8."""
     (M, K), N = x2.shape, packed.shape[0]
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     BLOCK_N, group = gemv_block_n(N, M), K // scale.shape[1]
@@ -199,6 +248,9 @@ def _int4_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low:
     grid = (triton.cdiv(N, BLOCK_N), M)
     args = (x2, packed, scale, low, y, N, K, x2.stride(0), packed.stride(0), scale.stride(0), y.stride(0))
     if half & (half - 1) == 0:  # bytes per group a power of two: the tiled kernel, ~256 bytes a row per tile
+        if tuned and x2.is_cuda:
+            _tuned_kernel("int4")[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, HALF=half)
+            return y
         gpt = min(triton.next_power_of_2(scale.shape[1]), max(1, 256 // half))
         _int4_gemv_kernel[grid](*args, HALF=half, GPT=gpt, BLOCK_N=BLOCK_N)
     else:
@@ -210,26 +262,28 @@ def _int4_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low:
 # compiled decode step calls them as black boxes, with no graph break between the fused elementwise
 # work around them. Defining them registers two names under "kiln::"; nothing else happens at import.
 @torch.library.custom_op("kiln::int8_gemv", mutates_args=())
-def _int8_gemv_op(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _int8_gemv(x2, q, scale)
+def _int8_gemv_op(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, tuned: bool = False) -> torch.Tensor:
+    return _int8_gemv(x2, q, scale, tuned)
 
 
 @_int8_gemv_op.register_fake
-def _(x2, q, scale):
+def _(x2, q, scale, tuned=False):
     return x2.new_empty((x2.shape[0], q.shape[0]))
 
 
 @torch.library.custom_op("kiln::int4_gemv", mutates_args=())
-def _int4_gemv_op(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    return _int4_gemv(x2, packed, scale, low)
+def _int4_gemv_op(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+                  tuned: bool = False) -> torch.Tensor:
+    return _int4_gemv(x2, packed, scale, low, tuned)
 
 
 @_int4_gemv_op.register_fake
-def _(x2, packed, scale, low):
+def _(x2, packed, scale, low, tuned=False):
     return x2.new_empty((x2.shape[0], packed.shape[0]))
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, use_kernel: bool | None = None,
+                tuned: bool = False) -> torch.Tensor:
     """y = x @ (q * scale)^T: x (..., K) -> (..., N) in x's dtype. The Triton GEMV for up to
     ``GEMV_MAX_ROWS`` rows on CUDA; otherwise dequantize and matmul (the CPU's fast path).
     ``use_kernel=True`` runs the kernel on the CPU too (interpreted, for tests).
@@ -238,7 +292,11 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, use_kerne
     (with ``coordinate_descent_tuning``, as the engine's compiled decode sets it) turns into one fused
     reduction reading the int8 weights, together with the norm or activation before it (gpt-fast's
     ``WeightOnlyInt8Linear`` relies on the same); 2-8 rows call the kernel as the custom op
-    ``kiln::int8_gemv``, opaque to the compiler (no graph break)."""
+    ``kiln::int8_gemv``, opaque to the compiler (no graph break).
+
+    ``tuned=True``: Kiln's kernel at every row count up to ``GEMV_MAX_ROWS``, one row under the
+    compiler included, with its tile autotuned on CUDA (``gemv_configs``): the alternative to
+    Inductor's fusion that ``kiln bench serve --rows int8-tuned`` times beside it."""
     x2 = _rows(x)
     M = x2.shape[0]
     if use_kernel is None:
@@ -249,15 +307,16 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, use_kerne
     if reason is not None:
         warn_fallback("int8_linear", reason)
         return int8_linear_ref(x, q, scale)
-    if compiling() and M == 1:  # Inductor fuses the dequantization into its one-row matmul (see below)
+    if compiling() and M == 1 and not tuned:  # Inductor fuses the dequantization into its one-row matmul
         return int8_linear_row(x, q, scale)
-    y = (_int8_gemv_op if compiling() else _int8_gemv)(x2, q, scale)
+    y = (_int8_gemv_op if compiling() else _int8_gemv)(x2, q, scale, tuned)
     return y.reshape(*x.shape[:-1], q.shape[0])
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
-                use_kernel: bool | None = None) -> torch.Tensor:
-    """y = x @ dequant(packed, scale, low)^T: x (..., K) -> (..., N); see ``int8_linear``."""
+                use_kernel: bool | None = None, tuned: bool = False) -> torch.Tensor:
+    """y = x @ dequant(packed, scale, low)^T: x (..., K) -> (..., N); see ``int8_linear`` (``tuned``
+    too; the autotuned tile needs group_size / 2 a power of two)."""
     x2 = _rows(x)
     M = x2.shape[0]
     if use_kernel is None:
@@ -268,7 +327,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low:
     if reason is not None:
         warn_fallback("int4_linear", reason)
         return int4_linear_ref(x, packed, scale, low)
-    if compiling() and M == 1:  # one fused reduction over the packed bytes (``int4_linear_row``)
+    if compiling() and M == 1 and not tuned:  # one fused reduction over the packed bytes (``int4_linear_row``)
         return int4_linear_row(x, packed, scale, low)
-    y = (_int4_gemv_op if compiling() else _int4_gemv)(x2, packed, scale, low)
+    y = (_int4_gemv_op if compiling() else _int4_gemv)(x2, packed, scale, low, tuned)
     return y.reshape(*x.shape[:-1], packed.shape[0])

@@ -27,8 +27,9 @@ QUANT_MODES = ("int8", "int4")
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T with q int8 (out, in) and scale fp32 (out,)."""
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor, tuned: bool = False) -> None:
         super().__init__()
+        self.tuned = tuned  # Kiln's autotuned GEMV at every row count up to 8 (``int8_linear``)
         q, scale = quantize_int8(weight.detach())
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("q", q)
@@ -36,7 +37,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out) in x's dtype."""
-        return int8_linear(x, self.q, self.scale)
+        return int8_linear(x, self.q, self.scale, tuned=self.tuned)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -45,8 +46,9 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """y = x @ w^T with w[n, k] = q * scale[n, k // group_size] + low[n, k // group_size], q in [0, 15]."""
 
-    def __init__(self, weight: Tensor, group_size: int = 128) -> None:
+    def __init__(self, weight: Tensor, group_size: int = 128, tuned: bool = False) -> None:
         super().__init__()
+        self.tuned = tuned  # as Int8Linear's
         K = weight.shape[1]
         group_size = largest_group(K, group_size)
         packed, scale, low = quantize_int4(weight.detach(), group_size)
@@ -57,7 +59,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out) in x's dtype."""
-        return int4_linear(x, self.packed, self.scale, self.low)
+        return int4_linear(x, self.packed, self.scale, self.low, tuned=self.tuned)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4, group_size={self.group_size}"
@@ -74,19 +76,22 @@ def largest_group(in_features: int, group_size: int) -> int:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_head: bool = True) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_head: bool = True,
+                   tuned: bool = False) -> nn.Module:
     """Swap ``model``'s ``Linear`` layers (in place) for int8 or int4 ones; returns the model.
 
     ``include_head``: also the output head (a tied head gets its own compressed copy; the embedding
     lookup keeps the original matrix). At batch 1 the head of a GPT-2-size model is a third of the
-    bytes read per token.
+    bytes read per token. ``tuned``: the layers run Kiln's autotuned GEMV kernels at every row count
+    up to 8, one row under ``torch.compile`` included, instead of Inductor's fused one-row form
+    (``kiln.kernels.quant_linear.int8_linear``).
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"quantization mode {mode!r} is unknown; use one of {QUANT_MODES}")
     swaps = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, Linear)
              and (include_head or not name.endswith("lm_head"))]
     for name, lin in swaps:
-        new = Int8Linear(lin.weight) if mode == "int8" else Int4Linear(lin.weight, group_size)
+        new = Int8Linear(lin.weight, tuned) if mode == "int8" else Int4Linear(lin.weight, group_size, tuned)
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.rsplit(".", 1)[-1], new)
     return model
