@@ -18,11 +18,13 @@
 #   http    HTTP vs direct and vs `transformers serve` at concurrency 64 / 256, 16 waves a row (1,000
 #           requests at c=64), each Kiln row noting the engine's lean and general steps (mean ms,
 #           prompt tokens) and its busy share over the row [H=420]
+#   wait    the http section's c=64 rows (no transformers serve) with EngineConfig.admission_wait_ms=4:
+#           arrivals batched into fewer general steps; compare with the http section [W=300]
 #   sampled sampled decode (T 0.7, top-p 0.95): batch 1 and throughput [S=240]
 #   learn   GRPO learning per GPU-second vs trl's GRPOTrainer, and DPO on hh-rlhf [L=240]
 # Measured on 2026-12-07 and no longer owed: same-run gpt-fast at 124M and 350m, n-gram speculation,
 # int8/int4 at 350m and 1b, kiln::kv_write (section kv), sampled decode, HTTP at c=16/64/256 four
-# times (docs/benchmarks.md). Still owed: quant, prof, http (with the new notes), learn.
+# times (docs/benchmarks.md). Still owed: quant, prof, http (with the new notes), wait, learn.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,6 +83,10 @@ for part in ${PART:-kv}; do
                 --rows transformers-serve --http-row-s 15 --prompts .devcarry/alpaca_eval.jsonl \
                 --tokenizer .devcarry/gpt2 --requests 1000 --concurrency 64,256 --min-requests 8 --waves 16 \
                 --max-tokens 128 --client-procs 4 --server-engine thread,process --out "$OUT/http" ;;
+    wait) section wait "${W:-300}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
+                --rows ngram --prompts .devcarry/alpaca_eval.jsonl --tokenizer .devcarry/gpt2 --requests 1000 \
+                --concurrency 64 --min-requests 8 --waves 16 --max-tokens 128 --client-procs 4 \
+                --server-engine thread,process --engine admission_wait_ms=4 --out "$OUT/wait" ;;
     sampled) section sampled "${S:-240}" kiln bench serve --device cuda --shapes gpt2_small \
                 --parts latency,throughput --rows sampled --temperature 0.7 --top-p 0.95 --new-tokens 256 \
                 --prompt-len 128 --repeats 2 --prompts .devcarry/alpaca_eval.jsonl --requests 512 \
@@ -88,6 +94,6 @@ for part in ${PART:-kv}; do
     learn) section learn "${L:-240}" kiln bench align --learning --size small --device cuda \
                 --hh-rlhf .devcarry/hh-rlhf/harmless-base/test.jsonl.gz --gsm8k .devcarry/gsm8k_test64.jsonl \
                 --out "$OUT/learning" ;;
-    *) echo "unknown section $part (kv q1b quant prof http sampled learn)"; exit 2 ;;
+    *) echo "unknown section $part (kv q1b quant prof http wait sampled learn)"; exit 2 ;;
     esac
 done

@@ -242,3 +242,39 @@ def test_multi_step_with_sliding_context_equals_the_general_path(model):
             calls = _spy(eng)
         outs.append([o.token_ids for o in eng.generate(prompts, params)])
     assert outs[0] == outs[1] and all(len(t) == 70 for t in outs[1]) and {1, 8} <= set(calls)
+
+
+def test_admission_wait_batches_arrivals_and_keeps_greedy_output(model):
+    """``admission_wait_ms``: arrivals spread over a few steps, while others decode on the lean path, are
+    admitted by fewer general steps; greedy output is unchanged and no request waits past the limit."""
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (6, 11, 4, 9, 7)]
+    p = SamplingParams(max_tokens=40, temperature=0)
+    arrivals = {0: [(prompts[0], p), (prompts[1], p)], 3: [(prompts[2], p)], 4: [(prompts[3], p)],
+                5: [(prompts[4], p)]}
+
+    def run(wait_ms: float):
+        eng = _engine(model, True, admission_wait_ms=wait_ms)
+        tick, first = [0], {}
+        eng.clock = lambda: tick[0] * 1e-3  # one millisecond a step
+        inner = eng.step
+
+        def step():
+            outs = inner()
+            for o in outs:
+                first.setdefault(o.request_id, tick[0])
+            tick[0] += 1
+            return outs
+
+        eng.step = step
+        got = _run(eng, arrivals)
+        s = eng.stats()
+        return got, s["steps"] - s["lean_steps"], first
+
+    now, general_now, _ = run(0.0)
+    waited, general_waited, first = run(3.0)
+    assert waited == now  # same tokens, text and finish reasons
+    assert general_waited < general_now
+    assert first["r2"] <= 3 + 3 + 1 and first["r4"] <= 5 + 3 + 1  # admitted within the wait (+ its step)
+    with pytest.raises(ValueError, match="admission_wait_ms"):
+        EngineConfig(admission_wait_ms=-1)

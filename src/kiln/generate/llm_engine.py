@@ -100,6 +100,14 @@ class EngineConfig:
     context_overflow: str = "stop"
     """When a sequence fills the context: 'stop' ends it (finish_reason 'length') and refuses longer
     prompts; 'slide' re-encodes its most recent 3/4 and goes on (old ``kiln generate`` behaviour)."""
+    admission_wait_ms: float = 0.0
+    """While sequences decode on the lean path (CUDA graphs), a request that arrives waits up to this
+    long before a general step admits it, the running ones taking lean steps meanwhile; requests that
+    arrive close together are then admitted by one general step instead of one each (a server's
+    arrivals are spread in time; a general step runs its forward eagerly and advances every running
+    sequence by one token, a lean one by ``decode_steps``). No wait when nothing runs or the waiting
+    requests fill the free slots. 0: admitted at the next step. vLLM v0's ``scheduler_delay_factor``
+    in milliseconds. Greedy output is unchanged; time to first token grows by at most the wait."""
 
     def __post_init__(self) -> None:
         if self.decode_steps < 1:
@@ -112,6 +120,8 @@ class EngineConfig:
             raise ValueError("num_speculative_tokens and ngram_max must be >= 1")
         if self.context_overflow not in ("stop", "slide"):
             raise ValueError(f"context_overflow={self.context_overflow!r}; use 'stop' or 'slide'")
+        if self.admission_wait_ms < 0:
+            raise ValueError(f"admission_wait_ms={self.admission_wait_ms} must be >= 0")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                              f"max_num_seqs={self.max_num_seqs} (every running sequence decodes one token a step)")
@@ -179,6 +189,7 @@ class LLMEngine:
         # step() (with a run's wall time: how busy the engine was), of which 'general_seconds' in
         # general steps; and the prompt tokens those general steps computed
         self.counters = _zero_counters()
+        self.clock = time.monotonic  # when requests arrive (``admission_wait_ms``); tests set their own
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.num_finished = 0
@@ -218,6 +229,7 @@ class LLMEngine:
         if self.tokenizer is not None:
             streamer = TextStreamer(self.tokenizer)
         seq = Sequence(rid, prompt, params, seed, streamer)
+        seq.arrival = self.clock()
         if self.config.context_overflow == "slide":
             seq.window_start = max(0, len(prompt) - self.max_seq_tokens)
         elif len(prompt) > self.max_seq_tokens:
@@ -270,6 +282,16 @@ class LLMEngine:
             else:
                 k["general_seconds"] += dt
 
+    def _admit_now(self) -> bool:
+        """Whether waiting requests go in at this step: some wait, and either no admission wait is set,
+        nothing runs, they fill the free slots, or the oldest has waited ``admission_wait_ms``."""
+        sched, wait = self.scheduler, self.config.admission_wait_ms
+        if not sched.waiting:
+            return False
+        if not wait or not sched.running or len(sched.waiting) >= self.config.max_num_seqs - len(sched.running):
+            return True
+        return (self.clock() - sched.waiting[0].arrival) * 1e3 >= wait
+
     def _general_step(self) -> list[RequestOutput]:
         """A step through the scheduler: prefill chunks, decodes, speculation, log-probabilities."""
         batch = self.scheduler.schedule()
@@ -320,10 +342,11 @@ class LLMEngine:
         sampled rows alike are drawn inside the graph. None when the step is not such a step (prefill,
         waiting requests, speculation, no graphs): ``step`` then runs the general path."""
         sched, runner = self.scheduler, self.runner
-        if self.proposer is not None or not runner.graph_max or sched.waiting or len(sched.running) > runner.graph_max:
+        if (self.proposer is not None or not runner.graph_max or self._admit_now()
+                or len(sched.running) > runner.graph_max):
             return None
         k = self._steps_for(sched.running)
-        seqs = sched.schedule_decode(k)
+        seqs = sched.schedule_decode(k, defer_waiting=True)  # waiting ones, if any, wait (``_admit_now``)
         if seqs is None:
             return None
         ids, logits = runner.decode(seqs, k)  # sampled rows are drawn in the graph too

@@ -98,11 +98,12 @@ class Scheduler:
             budget -= n
         return batch
 
-    def schedule_decode(self, num_tokens: int) -> list[Sequence] | None:
+    def schedule_decode(self, num_tokens: int, defer_waiting: bool = False) -> list[Sequence] | None:
         """Every running sequence decodes, with blocks for ``num_tokens`` more tokens each (a lean or
-        multi-step decode step), or None when that does not fit: something waits, a sequence is still
-        prefilling, or the free blocks fall short (``schedule`` then preempts as usual)."""
-        if self.waiting or not self.running:
+        multi-step decode step), or None when that does not fit: something waits (unless the caller
+        defers the waiting ones: ``EngineConfig.admission_wait_ms``), a sequence is still prefilling,
+        or the free blocks fall short (``schedule`` then preempts as usual)."""
+        if (self.waiting and not defer_waiting) or not self.running:
             return None
         need = 0
         for seq in self.running:

@@ -47,6 +47,7 @@ class Sequence:
         self.num_text_emitted = 0  # characters of ``text`` already returned as new_text
         self.num_tokens_emitted = 0  # generated tokens already returned as new_token_ids
         self.logprobs: list[dict[int, float]] = []
+        self.arrival = 0.0  # the engine's clock when it was added (``EngineConfig.admission_wait_ms``)
         self.finish_reason: str | None = None
 
     @property
