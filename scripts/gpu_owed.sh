@@ -13,6 +13,10 @@
 #           where a GEMV is bound by bytes: the quantization goals [Q=540, a call of its own]
 #   quant   the 1b shape's int8 / int4 beside Kiln's autotuned GEMV kernels at one row (rows
 #           int8-tuned, int4-tuned: bit-trick dequantization, tile chosen by timing) [U=540, own call]
+#   q7b     bf16 / int8 / int4 on Llama-2-7B's shape (32 x d4096, 6.7B, built on the device), where
+#           gpt-fast reports its int8/int4 speed-ups: the quantization goals at the size they are
+#           meant for [V=560, own call]; q7bt: the same with the tuned GEMVs [own call]; g7b:
+#           gpt-fast bf16 and int8 at 7b [own call]
 #   prof    where a 350m decode token's GPU time goes, Kiln (graphs, no graph, n-gram verify steps,
 #           one general step admitting 1 and 64 prompts) beside gpt-fast [P=300]
 #   http    HTTP vs direct and vs `transformers serve` at concurrency 64 / 256, 16 waves a row (1,000
@@ -24,7 +28,8 @@
 #   learn   GRPO learning per GPU-second vs trl's GRPOTrainer, and DPO on hh-rlhf [L=240]
 # Measured on 2026-12-07 and no longer owed: same-run gpt-fast at 124M and 350m, n-gram speculation,
 # int8/int4 at 350m and 1b, kiln::kv_write (section kv), sampled decode, HTTP at c=16/64/256 four
-# times (docs/benchmarks.md). Still owed: quant, prof, http (with the new notes), wait, learn.
+# times (docs/benchmarks.md). Still owed: q7b, quant, prof, http (with the new notes), wait, q7bt,
+# g7b, learn (in about that order of value).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,6 +82,10 @@ for part in ${PART:-kv}; do
     quant) section quant "${U:-540}" kiln bench serve --device cuda --parts latency --shapes 1b \
                 --rows int8,int4,int8-tuned,int4-tuned --new-tokens 256 --prompt-len 128 --repeats 2 \
                 --out "$OUT/quant" ;;
+    q7b|q7bt|g7b)
+        case $part in q7b) rows=int8,int4 ;; q7bt) rows=int8-tuned,int4-tuned ;; g7b) rows=gpt-fast,gpt-fast-int8 ;; esac
+        section "$part" "${V:-560}" kiln bench serve --device cuda --parts latency --shapes 7b --rows "$rows" \
+                --gpt-fast .devcarry/gpt-fast --new-tokens 128 --prompt-len 128 --repeats 2 --out "$OUT/$part" ;;
     prof) section prof "${P:-300}" kiln bench serve --device cuda --parts profile --shapes 350m \
                 --gpt-fast .devcarry/gpt-fast --prompt-len 128 --profile-tokens 64 --out "$OUT/prof" ;;
     http) section http "${H:-420}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
@@ -94,6 +103,6 @@ for part in ${PART:-kv}; do
     learn) section learn "${L:-240}" kiln bench align --learning --size small --device cuda \
                 --hh-rlhf .devcarry/hh-rlhf/harmless-base/test.jsonl.gz --gsm8k .devcarry/gsm8k_test64.jsonl \
                 --out "$OUT/learning" ;;
-    *) echo "unknown section $part (kv q1b quant prof http wait sampled learn)"; exit 2 ;;
+    *) echo "unknown section $part (kv q1b quant q7b q7bt g7b prof http wait sampled learn)"; exit 2 ;;
     esac
 done

@@ -12,14 +12,19 @@ def serve_shapes() -> dict:
     """``kiln bench train``'s shapes plus ``preset_tiny`` (the tiny training preset: vocab 4096,
     context 128, d_model 128, 4 layers), the CPU default, and ``1b`` (16 x d2048, ~0.93B parameters):
     wide enough that a batch-1 GEMV reads 8-23 MB and is bound by bytes, where weight-only
-    quantization can pay (at d1024 it is bound by launch latency: docs/serve.md)."""
+    quantization can pay (at d1024 it is bound by launch latency: docs/serve.md); and ``7b``, Llama-2-7B's
+    shape (32 x d4096, d_ff 11008, vocab 32000, head untied: 6.7B parameters, 13.5 GB in bf16), the size
+    at which gpt-fast reports its int8/int4 speed-ups. Random weights, built on the device (too large
+    to carry to it)."""
     from kiln.bench.train import shapes
     from kiln.model import ModelConfig
     from kiln.train.config import tiny
 
     wide = ModelConfig(vocab_size=50304, context_length=1024, d_model=2048, n_layers=16, n_heads=16, d_ff=5632,
                        tie_embeddings=True)
-    return {**shapes(), "preset_tiny": tiny().model, "1b": wide}
+    llama7b = ModelConfig(vocab_size=32000, context_length=4096, d_model=4096, n_layers=32, n_heads=32, d_ff=11008,
+                          tie_embeddings=False)
+    return {**shapes(), "preset_tiny": tiny().model, "1b": wide, "7b": llama7b}
 
 
 def export_for_references(model: Any, out: Path) -> Path:
