@@ -301,3 +301,13 @@ def test_waves_sets_the_requests_a_row_runs():
     ns = argparse.Namespace(min_requests=16, waves=16)
     assert serve_http._count(ns, 64, 1000) == 1000 and serve_http._count(ns, 16, 1000) == 256
     assert serve_http._count(argparse.Namespace(), 64, 1000) == 512  # a parser without the flag: 8
+
+
+def test_bench_serve_refuses_bad_waves_with_a_clear_message(capsys):
+    """``--waves 0`` would silently fall back to --min-requests: it is refused, naming the flag."""
+    from kiln.cli.main import main
+
+    rc = main(["bench", "serve", "--device", "cpu", "--shapes", "tiny", "--parts", "latency", "--waves", "0"])
+    assert rc != 0 and "--waves 0" in capsys.readouterr().err
+    rc = main(["bench", "serve-http", "--device", "cpu", "--concurrency", "4", "--waves", "-1"])
+    assert rc != 0 and "--waves -1" in capsys.readouterr().err

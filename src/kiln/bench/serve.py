@@ -869,6 +869,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
     if not args.concurrency or min(args.concurrency) < 1:
         return f"--concurrency {args.concurrency}: give positive integers, e.g. 1,16,64,256"
+    if args.waves < 1:
+        return f"--waves {args.waves}: give a positive integer (requests per slot of concurrency; default 8)"
     args.engine_overrides = parse_overrides(args.engine)
     if args.gpt_fast and not Path(args.gpt_fast).is_dir():
         print(f"--gpt-fast {args.gpt_fast} is not a folder; the gpt-fast rows are skipped", file=sys.stderr)

@@ -887,6 +887,8 @@ def run(args: argparse.Namespace) -> int:
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
     if not args.concurrency or min(args.concurrency) < 1:
         raise ValueError(f"--concurrency {args.concurrency}: give positive integers, e.g. 1,16,64,256")
+    if args.waves < 1:
+        raise ValueError(f"--waves {args.waves}: give a positive integer (requests per slot of concurrency)")
     args.engine = parse_overrides(args.engine)
     args.shape = args.shape or ("gpt2_small" if device.type == "cuda" else "preset_tiny")
     if args.stub_pace and not args.stub_engine:

@@ -265,11 +265,11 @@ def kv_write(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_p
     ``index_copy_``."""
     N, Hkv, D = k_new.shape
     k_new, v_new = k_new.to(k_pool.dtype), v_new.to(v_pool.dtype)  # torch's rounding (no-op when equal)
-    if unsupported_reason(k_new, k_pool) is not None or k_new.stride(2) != 1 or v_new.stride(2) != 1:
-        k_pool.view(-1, Hkv, D).index_copy_(0, slots, k_new.to(k_pool.dtype))
-        v_pool.view(-1, Hkv, D).index_copy_(0, slots, v_new.to(v_pool.dtype))
+    if (unsupported_reason(k_new, k_pool) is not None or k_new.stride(2) != 1 or v_new.stride(2) != 1
+            or not (k_pool.is_contiguous() and v_pool.is_contiguous())):
+        k_pool.view(-1, Hkv, D).index_copy_(0, slots, k_new)
+        v_pool.view(-1, Hkv, D).index_copy_(0, slots, v_new)
         return
-    assert k_pool.is_contiguous() and v_pool.is_contiguous()
     _kv_write_kernel[(N,)](k_new, v_new, k_pool, v_pool, slots, k_new.stride(0), k_new.stride(1),
                            v_new.stride(0), v_new.stride(1), HKV=Hkv, D=D,
                            BLOCK_H=triton.next_power_of_2(Hkv), BLOCK_D=triton.next_power_of_2(D))

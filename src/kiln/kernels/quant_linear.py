@@ -204,10 +204,12 @@ def gemv_configs(kind: str) -> list[dict]:
     (N, K): output channels a program (BLOCK_N), bytes a row per iteration (BLOCK_K for int8; GPT
     groups for int4) and warps. Wider K tiles put more bytes in flight per program; fewer channels a
     program make more programs for narrow matrices."""
+    # at most 8K weights a tile (held in fp32 registers: larger tiles only spill)
     if kind == "int8":
         return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w}
-                for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)]
-    return [{"BLOCK_N": bn, "GPT": gpt, "num_warps": w} for bn in (4, 8, 16, 32) for gpt in (1, 2, 4, 8) for w in (4, 8)]
+                for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8) if bn * bk <= 8192]
+    return [{"BLOCK_N": bn, "GPT": gpt, "num_warps": w}  # GPT groups of (at group size 128) 64 bytes
+            for bn in (4, 8, 16, 32) for gpt in (1, 2, 4, 8) for w in (4, 8) if bn * gpt <= 128]
 
 
 _TUNED: dict[str, object] = {}
