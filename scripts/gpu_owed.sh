@@ -84,6 +84,7 @@ for part in ${PART:-kv}; do
                 --out "$OUT/quant" ;;
     q7b|q7bt|g7b)
         case $part in q7b) rows=int8,int4 ;; q7bt) rows=int8-tuned,int4-tuned ;; g7b) rows=gpt-fast,gpt-fast-int8 ;; esac
+        rows=${ROWS:-$rows}  # ROWS overrides the section's rows (q7b with ROWS=int8,int4,int8-tuned,int4-tuned)
         section "$part" "${V:-560}" kiln bench serve --device cuda --parts latency --shapes 7b --rows "$rows" \
                 --gpt-fast .devcarry/gpt-fast --new-tokens 128 --prompt-len 128 --repeats 2 --out "$OUT/$part" ;;
     prof) section prof "${P:-300}" kiln bench serve --device cuda --parts profile --shapes 350m \
