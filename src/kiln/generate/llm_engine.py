@@ -109,6 +109,14 @@ class EngineConfig:
     requests fill the free slots. 0: admitted at the next step. vLLM v0's ``scheduler_delay_factor``
     in milliseconds. Greedy output is unchanged; time to first token grows by at most the wait."""
 
+    mixed_steps: bool = False
+    """On the lean path (CUDA graphs): when requests are admitted, or prompts are still being
+    prefilled, while others decode, run the decoding ones' ``decode_steps`` tokens through the decode
+    graph and the prompts through an eager forward of their own in the same step (a *mixed* step),
+    instead of one general step that runs everything eagerly and advances each decoding sequence by
+    one token. A server's arrivals come spread in time, so without it every arrival costs the running
+    sequences a multi-step round. Same tokens either way (greedy and seeded sampling)."""
+
     def __post_init__(self) -> None:
         if self.decode_steps < 1:
             raise ValueError(f"decode_steps={self.decode_steps} must be >= 1 (1 = single-step decode)")
@@ -187,7 +195,7 @@ class LLMEngine:
         self.spec_counts = {"proposed": 0, "accepted": 0}
         # step() calls, of which 'lean_steps' took the lean (graph) decode path; wall seconds inside
         # step() (with a run's wall time: how busy the engine was), of which 'general_seconds' in
-        # general steps; and the prompt tokens those general steps computed
+        # general steps (and in mixed ones); and the prompt tokens general and mixed steps computed
         self.counters = _zero_counters()
         self.clock = time.monotonic  # when requests arrive (``admission_wait_ms``); tests set their own
         self._seqs: dict[str, Sequence] = {}
@@ -266,21 +274,26 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; outputs for the requests that produced a token (or finished)."""
         t0, k = time.perf_counter(), self.counters
-        lean = False
+        kind = "general"
         try:
             fast = self._decode_step()
             if fast is not None:
-                lean = True
+                kind = "lean"
                 return fast
+            mixed = self._mixed_step() if self.config.mixed_steps else None
+            if mixed is not None:
+                kind = "mixed"
+                return mixed
             return self._general_step()
         finally:
             dt = time.perf_counter() - t0
             k["steps"] += 1
             k["step_seconds"] += dt
-            if lean:
+            if kind == "lean":
                 k["lean_steps"] += 1
-            else:
-                k["general_seconds"] += dt
+            else:  # general steps are counted as steps that are neither lean nor mixed
+                k[f"{kind}_seconds"] += dt
+                k["mixed_steps"] += kind == "mixed"
 
     def _admit_now(self) -> bool:
         """Whether waiting requests go in at this step: some wait, and either no admission wait is set,
@@ -301,6 +314,11 @@ class LLMEngine:
                 raise RuntimeError(f"request {seq.request_id!r} cannot fit the KV cache ({self.blocks.num_blocks} "
                                    f"blocks of {self.blocks.block_size}); raise EngineConfig.num_blocks")
             return []
+        return self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        """One forward through ``ModelRunner.run`` (eager, any mix of prefill chunks, decodes and
+        verifications): the scheduled tokens of each (sequence, count), then each sequence's token."""
         drafts = self._propose(batch)
         items = []
         for seq, n in batch:
@@ -349,7 +367,28 @@ class LLMEngine:
         seqs = sched.schedule_decode(k, defer_waiting=True)  # waiting ones, if any, wait (``_admit_now``)
         if seqs is None:
             return None
-        ids, logits = runner.decode(seqs, k)  # sampled rows are drawn in the graph too
+        return self._decode(seqs, k)
+
+    def _mixed_step(self) -> list[RequestOutput] | None:
+        """Prefill beside a lean decode (``EngineConfig.mixed_steps``): the running sequences that decode
+        take ``decode_steps`` tokens through the decode graph, while new prompts (admitted now) and
+        prompt chunks still to compute run one eager forward of their own. None when that does not
+        apply (speculation, no graphs, nothing decoding or nothing to prefill, blocks short): ``step``
+        then takes a general step."""
+        sched, runner = self.scheduler, self.runner
+        if self.proposer is not None or not runner.graph_max:
+            return None
+        k = self._steps_for([s for s in sched.running if s.num_uncomputed == 1])
+        plan = sched.schedule_mixed(k, runner.graph_max, self._admit_now())
+        if plan is None:
+            return None
+        seqs, batch = plan
+        outputs = self._run_batch(batch) if batch else []
+        return outputs + self._decode(seqs, k)
+
+    def _decode(self, seqs: list[Sequence], k: int) -> list[RequestOutput]:
+        """``k`` decode steps of ``seqs`` (their blocks already grown) through the graphs; their outputs."""
+        ids, logits = self.runner.decode(seqs, k)  # sampled rows are drawn in the graph too
         outputs = []
         for i, seq in enumerate(seqs):
             c, p = seq.num_computed, seq.params
@@ -566,7 +605,7 @@ class LLMEngine:
     def stats(self) -> dict[str, Any]:
         """Cache and queue counters: free/used blocks, waiting/running, preemptions, prefix-cache hits;
         steps taken (all, and lean: the graph decode path), the wall seconds spent inside ``step`` (all,
-        and in general steps) and the prompt tokens general steps computed."""
+        and in general and in mixed steps) and the prompt tokens those computed."""
         b = self.blocks
         return {
             "num_blocks": b.num_blocks, "free_blocks": b.num_free, "used_blocks": b.num_blocks - b.num_free,
@@ -592,7 +631,8 @@ class LLMEngine:
 
 
 def _zero_counters() -> dict[str, Any]:
-    return {"steps": 0, "lean_steps": 0, "step_seconds": 0.0, "general_seconds": 0.0, "prefill_tokens": 0}
+    return {"steps": 0, "lean_steps": 0, "mixed_steps": 0, "step_seconds": 0.0, "general_seconds": 0.0,
+            "mixed_seconds": 0.0, "prefill_tokens": 0}
 
 
 def _logprobs(logits: Tensor, tok: int, k: int) -> dict[int, float]:

@@ -82,8 +82,14 @@ class Scheduler:
                 self.blocks.grow(seq, n)
                 batch.append((seq, n))
                 budget -= n
-        # Admit new work only when nothing was preempted: otherwise the preempted would thrash.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        if not preempted:  # admit new work only when nothing was preempted: else the preempted would thrash
+            self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: list[tuple[Sequence, int]], budget: int) -> int:
+        """Admit waiting sequences, oldest first, into ``batch`` while ``budget`` tokens, the sequence
+        limit and the free blocks allow (each takes its longest cached prefix first); the budget left."""
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self.blocks.match_prefix(seq)
             n = min(seq.num_window_tokens - len(hits) * self.blocks.block_size, budget)
@@ -96,7 +102,37 @@ class Scheduler:
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
-        return batch
+        return budget
+
+    def schedule_mixed(self, num_tokens: int, max_decode: int,
+                       admit: bool = True) -> tuple[list[Sequence], list[tuple[Sequence, int]]] | None:
+        """A mixed step: the running sequences that decode get blocks for ``num_tokens`` more tokens each
+        (the lean multi-step decode), and beside them prompts are prefilled: the chunks of running
+        sequences still prefilling, then (``admit``) waiting ones admitted as ``schedule`` admits them,
+        within the token budget and the free blocks, never preempting. Returns (decoding sequences,
+        prefill batch), or None when it does not apply: nothing decodes, more than ``max_decode`` do,
+        nothing is to prefill, or the decoders' blocks do not fit (``schedule`` then preempts as usual)."""
+        decoding = [s for s in self.running if s.num_uncomputed == 1]
+        prefilling = [s for s in self.running if s.num_uncomputed > 1]
+        if not decoding or len(decoding) > max_decode or not (prefilling or admit and self.waiting):
+            return None
+        need = sum(self.blocks.blocks_for(s.num_computed + num_tokens) - len(s.block_table) for s in decoding)
+        if need > self.blocks.num_free:
+            return None
+        for seq in decoding:
+            self.blocks.grow(seq, num_tokens)
+        budget = self.max_num_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        for seq in prefilling:  # chunks of prompts already admitted, oldest first; no preemption here
+            n = min(seq.num_uncomputed, budget)
+            if n == 0 or not self.blocks.can_grow(seq, n):
+                break
+            self.blocks.grow(seq, n)
+            batch.append((seq, n))
+            budget -= n
+        if admit and len(batch) == len(prefilling):
+            self._admit(batch, budget)
+        return decoding, batch
 
     def schedule_decode(self, num_tokens: int, defer_waiting: bool = False) -> list[Sequence] | None:
         """Every running sequence decodes, with blocks for ``num_tokens`` more tokens each (a lean or
