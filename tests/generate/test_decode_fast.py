@@ -278,3 +278,48 @@ def test_admission_wait_batches_arrivals_and_keeps_greedy_output(model):
     assert first["r2"] <= 3 + 3 + 1 and first["r4"] <= 5 + 3 + 1  # admitted within the wait (+ its step)
     with pytest.raises(ValueError, match="admission_wait_ms"):
         EngineConfig(admission_wait_ms=-1)
+
+
+def test_mixed_steps_prefill_beside_the_lean_decode_with_the_same_tokens(model):
+    """``mixed_steps``: requests arriving (and long prompts chunked over several steps) while others
+    decode are prefilled beside a multi-step decode round, not in general steps; the tokens, texts and
+    finish reasons equal the engine's without it and the general path's, greedy and seeded sampling,
+    under a token budget that chunks prompts, and with prefix sharing."""
+    g = torch.Generator().manual_seed(11)
+    shared = torch.randint(0, 256, (9,), generator=g).tolist()
+    prompts = [shared + torch.randint(0, 256, (n,), generator=g).tolist() for n in (2, 30, 5, 14, 3, 20)]
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=17, temperature=0.9, top_p=0.9, seed=4)
+    arrivals = {0: [(prompts[0], greedy)], 1: [(prompts[1], sampled)], 3: [(prompts[2], greedy)],
+                4: [(prompts[3], greedy), (prompts[4], sampled)], 6: [(prompts[5], greedy)]}
+
+    def run(graphs: bool, mixed: bool):
+        eng = _engine(model, graphs, mixed_steps=mixed, max_num_batched_tokens=16)  # 16: prompts chunk
+        calls = _spy(eng)
+        return _run(eng, arrivals), eng.stats(), calls
+
+    got, s, calls = run(True, True)
+    without, s0, _ = run(True, False)
+    general, _, _ = run(False, True)  # without graphs nothing is mixed
+    assert got == without == general
+    assert s["mixed_steps"] > 0 and s["mixed_seconds"] > 0 and s0["mixed_steps"] == 0
+    general_steps = s["steps"] - s["lean_steps"] - s["mixed_steps"]
+    assert general_steps < s0["steps"] - s0["lean_steps"]  # arrivals no longer each cost a general step
+    assert s["prefix_cache_hits"] > 0 and s["prefill_tokens"] >= s0["prefill_tokens"] - len(prompts)
+    assert s["free_blocks"] == s["num_blocks"] and 8 in calls
+
+
+def test_mixed_steps_under_block_pressure_fall_back_and_free_everything(model):
+    """A pool too small for everyone: a mixed step never preempts (the general step does, when the
+    decoders' blocks run short); output equals the general path's and every block comes back."""
+    g = torch.Generator().manual_seed(6)
+    p = [torch.randint(0, 256, (4 + 5 * i,), generator=g).tolist() for i in range(6)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    arrivals = {0: [(p[0], params), (p[1], params), (p[2], params)], 2: [(p[3], params)], 3: [(p[4], params)],
+                4: [(p[5], params)]}  # arrivals while the decoders' next round does not fit the free blocks
+    eng = _engine(model, True, num_blocks=16, mixed_steps=True)
+    got = _run(eng, arrivals)
+    want = _run(_engine(model, False, num_blocks=16), arrivals)
+    s = eng.stats()
+    assert got == want and s["mixed_steps"] > 0 and s["preemptions"] > 0
+    assert s["free_blocks"] == s["num_blocks"] and s["running"] == s["waiting"] == 0
