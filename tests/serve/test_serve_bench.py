@@ -221,6 +221,11 @@ def test_engine_note_reads_two_stats_snapshots():
     b.update(general_seconds=1.5, prefill_tokens=600)
     assert engine_note(a, b, 2.0, 400) == ("engine: 20 steps, 15 lean at 33.3 ms, 5 general at 200.0 ms "
                                            "(100 prompt tok each), 20.0 tok/step, busy 75%")
+    # with mixed steps (prefill beside the lean decode): their count and mean, prompt tokens over both
+    a.update(mixed_steps=1, mixed_seconds=0.1)
+    b.update(mixed_steps=3, mixed_seconds=0.3)
+    assert engine_note(a, b, 2.0, 400) == ("engine: 20 steps, 15 lean at 20.0 ms, 2 mixed at 100.0 ms, 3 general "
+                                           "at 333.3 ms (100 prompt tok each), 20.0 tok/step, busy 75%")
 
 
 def test_row_seconds_is_the_rows_own_span():

@@ -647,16 +647,18 @@ def engine_note(before: dict, after: dict, seconds: float, tokens: int) -> str:
     if "steps" not in before or "steps" not in after or not seconds:
         return ""
     d = {k: after.get(k, 0) - before.get(k, 0) for k in
-         ("steps", "lean_steps", "step_seconds", "general_seconds", "prefill_tokens")}
+         ("steps", "lean_steps", "mixed_steps", "step_seconds", "general_seconds", "mixed_seconds", "prefill_tokens")}
     if d["steps"] <= 0:
         return ""
-    general = d["steps"] - d["lean_steps"]
+    general = d["steps"] - d["lean_steps"] - d["mixed_steps"]
     parts = [f"engine: {d['steps']} steps"]
     if "general_seconds" in after:
-        lean_ms = (d["step_seconds"] - d["general_seconds"]) / max(1, d["lean_steps"]) * 1e3
-        parts.append(f"{d['lean_steps']} lean at {lean_ms:.1f} ms, {general} general at "
+        lean_ms = (d["step_seconds"] - d["general_seconds"] - d["mixed_seconds"]) / max(1, d["lean_steps"]) * 1e3
+        mixed = (f"{d['mixed_steps']} mixed at {d['mixed_seconds'] / d['mixed_steps'] * 1e3:.1f} ms, "
+                 if d["mixed_steps"] > 0 else "")
+        parts.append(f"{d['lean_steps']} lean at {lean_ms:.1f} ms, {mixed}{general} general at "
                      f"{d['general_seconds'] / max(1, general) * 1e3:.1f} ms "
-                     f"({d['prefill_tokens'] / max(1, general):.0f} prompt tok each)")
+                     f"({d['prefill_tokens'] / max(1, general + d['mixed_steps']):.0f} prompt tok each)")
     else:
         parts.append(f"{d['lean_steps'] / d['steps']:.0%} lean")
     parts += [f"{tokens / d['steps']:.1f} tok/step", f"busy {d['step_seconds'] / seconds:.0%}"]
