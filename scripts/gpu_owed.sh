@@ -24,6 +24,8 @@
 #           prompt tokens) and its busy share over the row [H=420]
 #   wait    the http section's c=64 rows (no transformers serve) with EngineConfig.admission_wait_ms=4:
 #           arrivals batched into fewer general steps; compare with the http section [W=300]
+#   mixed   the wait section's rows with EngineConfig.mixed_steps=true, then false, in one call: arrivals
+#           prefilled beside the lean multi-step decode instead of general steps [X=270 each]
 #   sampled sampled decode (T 0.7, top-p 0.95): batch 1 and throughput [S=240]
 #   learn   GRPO learning per GPU-second vs trl's GRPOTrainer, and DPO on hh-rlhf [L=240]
 # Measured on 2026-12-07 and no longer owed: same-run gpt-fast at 124M and 350m, n-gram speculation,
@@ -97,6 +99,12 @@ for part in ${PART:-kv}; do
                 --rows ngram --prompts .devcarry/alpaca_eval.jsonl --tokenizer .devcarry/gpt2 --requests 1000 \
                 --concurrency 64 --min-requests 8 --waves 16 --max-tokens 128 --client-procs 4 \
                 --server-engine thread,process --engine admission_wait_ms=4 --out "$OUT/wait" ;;
+    mixed) for m in true false; do  # the same rows with and without mixed steps, one call
+            section "mixed_$m" "${X:-270}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
+                --rows ngram --prompts .devcarry/alpaca_eval.jsonl --tokenizer .devcarry/gpt2 --requests 1000 \
+                --concurrency 64 --min-requests 8 --waves 16 --max-tokens 128 --client-procs 4 \
+                --server-engine thread,process --engine mixed_steps=$m --out "$OUT/mixed_$m"
+        done ;;
     sampled) section sampled "${S:-240}" kiln bench serve --device cuda --shapes gpt2_small \
                 --parts latency,throughput --rows sampled --temperature 0.7 --top-p 0.95 --new-tokens 256 \
                 --prompt-len 128 --repeats 2 --prompts .devcarry/alpaca_eval.jsonl --requests 512 \
@@ -104,6 +112,6 @@ for part in ${PART:-kv}; do
     learn) section learn "${L:-240}" kiln bench align --learning --size small --device cuda \
                 --hh-rlhf .devcarry/hh-rlhf/harmless-base/test.jsonl.gz --gsm8k .devcarry/gsm8k_test64.jsonl \
                 --out "$OUT/learning" ;;
-    *) echo "unknown section $part (kv q1b quant q7b q7bt g7b prof http wait sampled learn)"; exit 2 ;;
+    *) echo "unknown section $part (kv q1b quant q7b q7bt g7b prof http wait mixed sampled learn)"; exit 2 ;;
     esac
 done
