@@ -323,3 +323,33 @@ def test_mixed_steps_under_block_pressure_fall_back_and_free_everything(model):
     s = eng.stats()
     assert got == want and s["mixed_steps"] > 0 and s["preemptions"] > 0
     assert s["free_blocks"] == s["num_blocks"] and s["running"] == s["waiting"] == 0
+
+
+def test_prefill_kernel_engine_equals_the_pytorch_paths(model):
+    """The engine with its prefill steps through Kiln's Triton prefill kernel (the CUDA default; here
+    under the interpreter): the same tokens as the PyTorch paths, with chunked prompts, prefix hits,
+    decodes beside chunks and mixed steps."""
+    g = torch.Generator().manual_seed(12)
+    shared = torch.randint(0, 256, (10,), generator=g).tolist()
+    prompts = [shared + torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 25, 7)]
+    p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    arrivals = {0: [(prompts[0], p)], 2: [(prompts[1], p)], 3: [(prompts[2], p)]}
+    want = _run(_engine(model, False, max_num_batched_tokens=12), arrivals)
+    eng = _engine(model, True, max_num_batched_tokens=12, mixed_steps=True)
+    eng.runner.prefill_kernel = True
+    calls = []
+    import kiln.kernels.paged_attention as pa
+
+    inner = pa.paged_prefill_attention
+
+    def spy(*a, **kw):
+        calls.append(len(a[-1]))
+        return inner(*a, **kw)
+
+    pa.paged_prefill_attention = spy
+    try:
+        got = _run(eng, arrivals)
+    finally:
+        pa.paged_prefill_attention = inner
+    assert got == want and calls and eng.stats()["prefix_cache_hits"] > 0
+    assert not LLMEngine(model, None, EngineConfig()).runner.prefill_kernel  # on the CPU: the PyTorch paths

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.kernels.paged_attention import paged_attention_ref, paged_decode_attention
+from kiln.kernels.paged_attention import (
+    paged_attention_ref,
+    paged_decode_attention,
+    paged_prefill_attention,
+    prefill_tiles,
+)
 from kiln.model import PagedMetadata, kiln_attention
 from kiln.model.attention import _paged_mixed_cuda, paged_attention, paged_prefill_batched
 
@@ -86,6 +91,28 @@ def test_model_paths_equal_reference(case):
     for fused in (False, True):  # the padded one-call path CUDA takes for several prompt chunks
         got = paged_prefill_batched(q, k_pool, v_pool, meta, fused)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("H,Hkv,D,bs,dtype", [(4, 2, 16, 4, torch.float32), (6, 6, 24, 8, torch.float32),
+                                              (8, 1, 32, 16, torch.float32), (4, 2, 16, 4, torch.bfloat16)])
+def test_prefill_kernel_equals_reference(dev, H, Hkv, D, bs, dtype):
+    """Kiln's Triton prefill kernel over the pool: chunks longer than a 64-row tile (130 rows: three
+    tiles, the last partial), a chunk continuing a cached prefix, one-token decode rows beside them
+    (one short, one with a long context), a sequence with no new tokens, GQA; fp32 (IEEE products)
+    and bf16 (on the CPU the interpreter runs it in fp32; bf16 products on a GPU)."""
+    lens, q_lens = [130, 9, 20 * bs + 3, 5, 75, 4], [130, 1, 1, 5, 40, 0]
+    k_pool, v_pool, bt = _pool(lens, bs, Hkv, D, dtype, dev, seed=4)
+    q = torch.randn(sum(q_lens), H, D, device=dev).to(dtype)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    cl = torch.tensor(lens, dtype=torch.int32, device=dev)
+    got = paged_prefill_attention(q, k_pool, v_pool, bt, cl, starts, q_lens)
+    want = _dense_reference(q, k_pool, v_pool, bt, lens, q_lens)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    meta = PagedMetadata(torch.zeros(sum(q_lens), dtype=torch.long, device=dev), bt, cl, starts, q_lens, lens)
+    meta.prefill_kernel = True  # the model's path when the engine asks for the kernel
+    torch.testing.assert_close(paged_attention(q, k_pool, v_pool, meta).double(), want, atol=tol, rtol=tol)
+    assert prefill_tiles(q_lens) == ([0, 0, 0, 1, 2, 3, 4], [0, 64, 128, 0, 0, 0, 0])
 
 
 def test_mixed_step_split_equals_reference(dev):

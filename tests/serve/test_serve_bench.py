@@ -316,3 +316,16 @@ def test_bench_serve_refuses_bad_waves_with_a_clear_message(capsys):
     assert rc != 0 and "--waves 0" in capsys.readouterr().err
     rc = main(["bench", "serve-http", "--device", "cpu", "--concurrency", "4", "--waves", "-1"])
     assert rc != 0 and "--waves -1" in capsys.readouterr().err
+
+
+def test_bench_serve_passes_waves_to_the_http_part(monkeypatch, tmp_path):
+    """``kiln bench serve --parts http --waves 16`` runs 16 waves a row (it ran the default 8 before:
+    the HTTP part's options did not carry the flag)."""
+    from kiln.bench import serve_http
+    from kiln.cli.main import main
+
+    seen = []
+    monkeypatch.setattr(serve_http, "measure", lambda ns, device, work: seen.append(ns) or [])
+    main(["bench", "serve", "--device", "cpu", "--shapes", "tiny", "--parts", "http", "--waves", "16",
+          "--concurrency", "64", "--out", str(tmp_path)])
+    assert seen and seen[0].waves == 16 and serve_http._count(seen[0], 64, 1000) == 1000

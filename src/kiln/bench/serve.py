@@ -755,7 +755,8 @@ def http_table(args: argparse.Namespace, device: Any, work: Path) -> list[Any]:
                             requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
                             engine=dict(args.engine_overrides), client_procs=args.client_procs, threads=args.threads,
                             min_requests=args.min_requests, server_engine=args.server_engine,
-                            transformers="transformers-serve" in args.rows, http_row_s=args.http_row_s)
+                            transformers="transformers-serve" in args.rows, http_row_s=args.http_row_s,
+                            waves=args.waves)
     if over_budget(args):
         from kiln.bench.serve_http import HttpRow
 

@@ -109,6 +109,12 @@ class EngineConfig:
     requests fill the free slots. 0: admitted at the next step. vLLM v0's ``scheduler_delay_factor``
     in milliseconds. Greedy output is unchanged; time to first token grows by at most the wait."""
 
+    prefill_kernel: bool = True
+    """On CUDA, steps with prompt chunks run attention through Kiln's Triton prefill kernel
+    (``kiln.kernels.paged_attention.paged_prefill_attention``: query tiles of one sequence each, keys
+    read through the block table), whose work grows with the real tokens. False: the previous path,
+    which pads every chunk to the longest and every context to the longest (one masked call a layer);
+    kept to compare. Elsewhere (CPU) the readable PyTorch paths run either way."""
     mixed_steps: bool = False
     """On the lean path (CUDA graphs): when requests are admitted, or prompts are still being
     prefilled, while others decode, run the decoding ones' ``decode_steps`` tokens through the decode
@@ -187,7 +193,7 @@ class LLMEngine:
         graphs = rows if config.cuda_graphs else 0
         self.runner = ModelRunner(model, num_blocks, config.block_size, graphs, config.compile_decode,
                                   config.decode_steps if config.speculative == "none" else 1, self.vocab_limit,
-                                  config.compile_sampler)
+                                  config.compile_sampler, config.prefill_kernel and self.device.type == "cuda")
         self.max_seq_tokens = min(mc.context_length, num_blocks * config.block_size)
         self.proposer = make_proposer(config, model, draft_model, num_blocks, self.vocab_limit)
         if config.num_speculative_tokens + 1 > MAX_ROW_TOKENS and config.speculative != "none":

@@ -64,7 +64,7 @@ class ModelRunner:
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, cuda_graph_max_batch: int = 0,
                  compile_decode: bool = False, decode_steps: int = 1, vocab_limit: int | None = None,
-                 compile_sampler: bool = False) -> None:
+                 compile_sampler: bool = False, prefill_kernel: bool = False) -> None:
         """``cuda_graph_max_batch``: the most decode rows (tokens) replayed from CUDA graphs; 0: none.
         ``compile_decode``: run the captured decode forward through ``torch.compile`` (fuses the norms,
         RoPE and SwiGLU between the matmuls, and at one row the matmuls too; the paged attention stays
@@ -72,8 +72,11 @@ class ModelRunner:
         ``decode_steps``: also capture graphs that run this many greedy decode steps in a row
         (multi-step decode, ``decode(seqs, steps)``). ``vocab_limit``: greedy ids are taken below it.
         ``compile_sampler``: on CUDA, ``torch.compile`` the sampler of the sampled graphs (fewer
-        kernels; dynamic batch: one compilation per variant)."""
+        kernels; dynamic batch: one compilation per variant). ``prefill_kernel``: steps with prompt
+        chunks run their attention through ``kiln.kernels.paged_attention.paged_prefill_attention``
+        (Triton, reading the pool through the block tables) instead of the padded batched call."""
         cfg = model.config
+        self.prefill_kernel = prefill_kernel
         p = next(model.parameters())
         self.model = model
         self.device, self.dtype = p.device, p.dtype
@@ -143,6 +146,7 @@ class ModelRunner:
             query_lens=q_lens,
             context_lens_list=ctx_lens,
         )
+        meta.prefill_kernel = self.prefill_kernel
         return ids, pos, meta
 
     @torch.inference_mode()

@@ -214,6 +214,124 @@ def paged_decode_attention(
     return out
 
 
+# -- prefill: prompt chunks (and any decode rows beside them) straight from the pool -------------------------
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _paged_prefill_kernel(
+        Q, K, V, O, TABLES, LENS, QSTART, TILE_SEQ, TILE_M0, scale,
+        stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_on, stride_oh,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # Program (t, h): query tile t (BLOCK_M consecutive new tokens of one sequence: TILE_SEQ[t], from
+        # row TILE_M0[t] of its chunk), query head h. Keys/values are read through the block table,
+        # BLOCK_N positions at a time, up to the tile's last query position (causal), with an online
+        # softmax (FlashAttention's loop, Dao et al., arXiv:2205.14135): no padding to the longest chunk
+        # or context, and no gathered copy of the keys.
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.load(TILE_SEQ + t)
+        m0 = tl.load(TILE_M0 + t)
+        q0 = tl.load(QSTART + b)
+        q_len = tl.load(QSTART + b + 1) - q0
+        L = tl.load(LENS + b)
+        rows = m0 + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        r_ok = rows < q_len
+        d_ok = d < D
+        q = tl.load(Q + (q0 + rows)[:, None] * stride_qn + h * stride_qh + d[None, :],
+                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        q_pos = L - q_len + rows  # position of each query row (padded rows: past L, they see every key)
+        kvh = h // G
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_sum = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        hi = tl.minimum(L, L - q_len + m0 + BLOCK_M)  # keys at positions < hi: the tile's causal reach
+        for n0 in range(0, hi, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            p_ok = pos < hi
+            blk = tl.load(TABLES + b * stride_tb + pos // BS, mask=p_ok, other=0).to(tl.int64)
+            off = blk * stride_kb + (pos % BS) * stride_kt + kvh * stride_kh  # (BLOCK_N,) pool rows
+            kv_ok = p_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + off[:, None] + d[None, :], mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(V + off[:, None] + d[None, :], mask=kv_ok, other=0.0)
+            if IEEE:  # fp32 products (an fp32 model; and the interpreter, whose bf16 dot is wrong)
+                k, v = k.to(tl.float32), v.to(tl.float32)
+                s = tl.dot(q.to(tl.float32), tl.trans(k), input_precision="ieee") * scale  # (BLOCK_M, BLOCK_N)
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where((pos[None, :] <= q_pos[:, None]) & p_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: position 0 is in every row's first tile
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        out = acc / l_sum[:, None]
+        tl.store(O + (q0 + rows)[:, None] * stride_on + h * stride_oh + d[None, :], out.to(O.dtype.element_ty),
+                 mask=r_ok[:, None] & d_ok[None, :])
+
+
+PREFILL_BLOCK_M = 64  # query rows a program (a decode row beside the chunks takes a tile of its own)
+
+
+def prefill_tiles(query_lens: list[int], block_m: int = PREFILL_BLOCK_M) -> tuple[list[int], list[int]]:
+    """The query tiles of a step: (sequence, first row of its chunk) for every ``block_m`` rows of each
+    sequence's new tokens, in order; a sequence with no new tokens gets none."""
+    seq, m0 = [], []
+    for b, n in enumerate(query_lens):
+        for r in range(0, n, block_m):
+            seq.append(b)
+            m0.append(r)
+    return seq, m0
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start: torch.Tensor,
+    query_lens: list[int],
+) -> torch.Tensor:
+    """Any engine step (prompt chunks, decode rows, both) over the paged cache: q (N, H, D) packed ->
+    (N, H, D), sequence b's new tokens rows ``query_start[b]:query_start[b+1]`` at the last positions
+    of its ``context_lens[b]`` (keys/values already in the pool). One Triton launch over query tiles of
+    64 rows: work and memory grow with the real tokens and contexts, not with the longest chunk times
+    the number of sequences (``kiln.model.attention.paged_prefill_batched`` pads both). ``query_lens``:
+    the host copy of the chunk lengths (no device sync). Triton on CUDA (or the CPU under
+    TRITON_INTERPRET=1); elsewhere ``paged_attention_ref`` with one warning."""
+    reason = _decode_reason(q, k_pool)
+    if reason is not None:
+        warn_fallback("paged_prefill_attention", reason)
+        return paged_attention_ref(q, k_pool, v_pool, block_tables, context_lens, query_start)
+    N, H, D = q.shape
+    Hkv, bs = k_pool.shape[2], k_pool.shape[1]
+    assert k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.stride() == v_pool.stride()
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    seq, m0 = prefill_tiles(query_lens)
+    if not seq:
+        return out
+    tiles = torch.tensor(seq + m0, dtype=torch.int32).to(q.device, non_blocking=True)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    _paged_prefill_kernel[(len(seq), H)](
+        q, k_pool, v_pool, out, block_tables, context_lens, query_start, tiles[:len(seq)], tiles[len(seq):],
+        1.0 / math.sqrt(D), q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        G=H // Hkv, D=D, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=32, BLOCK_D=BLOCK_D, BS=bs,
+        IEEE=q.dtype == torch.float32 or not q.is_cuda, num_warps=4,
+    )
+    return out
+
+
 @torch.library.custom_op("kiln::paged_decode", mutates_args=())
 def _paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor) -> torch.Tensor:

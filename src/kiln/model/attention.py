@@ -136,8 +136,9 @@ ATTENTION_IMPLS: dict[str, AttentionFn] = {
 def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetadata, fused: bool = False) -> Tensor:
     """Attention of one engine step's packed queries over the paged cache: q (N, H, D) -> (N, H, D).
 
-    The step's keys/values are already in the pool (``PagedKVCache.write``). Three paths, one answer:
-    a decode step on CUDA runs Kiln's Triton kernel (``kiln.kernels.paged_attention``); a decode step
+    The step's keys/values are already in the pool (``PagedKVCache.write``). Four paths, one answer:
+    a decode step on CUDA runs Kiln's Triton kernel (``kiln.kernels.paged_attention``); any other step
+    with ``meta.prefill_kernel`` (the engine's default on CUDA) runs its Triton prefill kernel; a decode step
     elsewhere gathers every sequence's blocks into one padded batch and masks past each length; a step
     with prefill chunks gathers sequence by sequence and calls the causal kernel with the chunk's
     offset (``kiln_attention``, or torch's SDPA when ``fused``); on CUDA, with several sequences, it
@@ -153,6 +154,12 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
         return out.to(q.dtype)
     if meta.decode:
         return _paged_decode_torch(q, k_pool, v_pool, meta)
+    if meta.prefill_kernel:  # one launch over query tiles, no padding (the engine sets it on CUDA)
+        from kiln.kernels.paged_attention import paged_prefill_attention
+
+        out = paged_prefill_attention(q.to(k_pool.dtype), k_pool, v_pool, meta.block_tables, meta.context_lens,
+                                      meta.query_start, meta.query_lens)
+        return out.to(q.dtype)
     if q.is_cuda and len(meta.query_lens) > 1:  # many sequences: one padded, masked call per layer
         return _paged_mixed_cuda(q, k_pool, v_pool, meta, fused)
     B, ctx = len(meta.query_lens), meta.context_lens_list

@@ -173,3 +173,4 @@ class PagedMetadata:
         self.decode = all(n == 1 for n in query_lens)
         self.decode_gather: tuple[Tensor, Tensor] | None = None  # the PyTorch decode path's, per step
         self.split: tuple[dict, PagedMetadata] | None = None  # CUDA mixed steps: decoders vs chunks
+        self.prefill_kernel = False  # steps with chunks: Kiln's Triton prefill kernel (``paged_attention``)
