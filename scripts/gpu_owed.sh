@@ -26,6 +26,8 @@
 #           arrivals batched into fewer general steps; compare with the http section [W=300]
 #   mixed   the wait section's rows with EngineConfig.mixed_steps=true, then false, in one call: arrivals
 #           prefilled beside the lean multi-step decode instead of general steps [X=270 each]
+#   prefill the Triton prefill kernel's tests on the GPU, then HTTP c=64 (1,000 requests) with
+#           prefill_kernel and mixed_steps true/true, true/false, false/false (the old default) [R=170 each]
 #   sampled sampled decode (T 0.7, top-p 0.95): batch 1 and throughput [S=240]
 #   learn   GRPO learning per GPU-second vs trl's GRPOTrainer, and DPO on hh-rlhf [L=240]
 # Measured on 2026-12-07 and no longer owed: same-run gpt-fast at 124M and 350m, n-gram speculation,
@@ -105,6 +107,16 @@ for part in ${PART:-kv}; do
                 --concurrency 64 --min-requests 8 --waves 16 --max-tokens 128 --client-procs 4 \
                 --server-engine thread,process --engine mixed_steps=$m --out "$OUT/mixed_$m"
         done ;;
+    prefill) section prefill_test 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_paged_attention.py \
+                -k "prefill or bf16 or mixed"
+        for cfg in "true true" "true false" "false false"; do  # prefill_kernel, mixed_steps
+            set -- $cfg
+            section "prefill_$1_mixed_$2" "${R:-170}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
+                --rows ngram --prompts .devcarry/alpaca_eval.jsonl --tokenizer .devcarry/gpt2 --requests 1000 \
+                --concurrency 64 --min-requests 8 --waves 16 --max-tokens 128 --client-procs 4 \
+                --server-engine thread,process --engine prefill_kernel=$1 --engine mixed_steps=$2 \
+                --out "$OUT/prefill_$1_mixed_$2"
+        done ;;
     sampled) section sampled "${S:-240}" kiln bench serve --device cuda --shapes gpt2_small \
                 --parts latency,throughput --rows sampled --temperature 0.7 --top-p 0.95 --new-tokens 256 \
                 --prompt-len 128 --repeats 2 --prompts .devcarry/alpaca_eval.jsonl --requests 512 \
@@ -112,6 +124,6 @@ for part in ${PART:-kv}; do
     learn) section learn "${L:-240}" kiln bench align --learning --size small --device cuda \
                 --hh-rlhf .devcarry/hh-rlhf/harmless-base/test.jsonl.gz --gsm8k .devcarry/gsm8k_test64.jsonl \
                 --out "$OUT/learning" ;;
-    *) echo "unknown section $part (kv q1b quant q7b q7bt g7b prof http wait mixed sampled learn)"; exit 2 ;;
+    *) echo "unknown section $part (kv q1b quant q7b q7bt g7b prof http wait mixed prefill sampled learn)"; exit 2 ;;
     esac
 done
