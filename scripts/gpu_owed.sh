@@ -27,7 +27,8 @@
 #   mixed   the wait section's rows with EngineConfig.mixed_steps=true, then false, in one call: arrivals
 #           prefilled beside the lean multi-step decode instead of general steps [X=270 each]
 #   prefill the Triton prefill kernel's tests on the GPU, then HTTP c=64 (1,000 requests) with
-#           prefill_kernel and mixed_steps true/true, true/false, false/false (the old default) [R=170 each]
+#           prefill_kernel and mixed_steps true/true, true/false, false/false (the old default), the
+#           engine in its own process (kiln serve's default) [R=130 each]
 #   sampled sampled decode (T 0.7, top-p 0.95): batch 1 and throughput [S=240]
 #   learn   GRPO learning per GPU-second vs trl's GRPOTrainer, and DPO on hh-rlhf [L=240]
 # Measured on 2026-12-07 and no longer owed: same-run gpt-fast at 124M and 350m, n-gram speculation,
@@ -111,10 +112,10 @@ for part in ${PART:-kv}; do
                 -k "prefill or bf16 or mixed"
         for cfg in "true true" "true false" "false false"; do  # prefill_kernel, mixed_steps
             set -- $cfg
-            section "prefill_$1_mixed_$2" "${R:-170}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
+            section "prefill_$1_mixed_$2" "${R:-130}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
                 --rows ngram --prompts .devcarry/alpaca_eval.jsonl --tokenizer .devcarry/gpt2 --requests 1000 \
                 --concurrency 64 --min-requests 8 --waves 16 --max-tokens 128 --client-procs 4 \
-                --server-engine thread,process --engine prefill_kernel=$1 --engine mixed_steps=$2 \
+                --server-engine process --engine prefill_kernel=$1 --engine mixed_steps=$2 \
                 --out "$OUT/prefill_$1_mixed_$2"
         done ;;
     sampled) section sampled "${S:-240}" kiln bench serve --device cuda --shapes gpt2_small \
