@@ -77,15 +77,18 @@ def largest_group(in_features: int, group_size: int) -> int:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, group_size: int = 128, include_head: bool = True,
-                   tuned: bool = False) -> nn.Module:
+                   tuned: bool | None = None) -> nn.Module:
     """Swap ``model``'s ``Linear`` layers (in place) for int8 or int4 ones; returns the model.
 
     ``include_head``: also the output head (a tied head gets its own compressed copy; the embedding
     lookup keeps the original matrix). At batch 1 the head of a GPT-2-size model is a third of the
     bytes read per token. ``tuned``: the layers run Kiln's autotuned GEMV kernels at every row count
     up to 8, one row under ``torch.compile`` included, instead of Inductor's fused one-row form
-    (``kiln.kernels.quant_linear.int8_linear``).
+    (``kiln.kernels.quant_linear.int8_linear``). None (the default): int4 tuned, int8 not; measured
+    on an H100 at Llama-2-7B's shape, Kiln's int4 kernel is 1.56x Inductor's fused form and the int8
+    ones are equal (docs/benchmarks.md).
     """
+    tuned = mode == "int4" if tuned is None else tuned
     if mode not in QUANT_MODES:
         raise ValueError(f"quantization mode {mode!r} is unknown; use one of {QUANT_MODES}")
     swaps = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, Linear)
