@@ -118,26 +118,36 @@ if HAVE_TRITON:
 
     @triton.jit
     def _int8_gemv_kernel(X, Q, S, Y, N, K, stride_x, stride_q, stride_y,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr = False):
+        # ACC2D: accumulate a (BLOCK_N, BLOCK_K) tile and reduce it once after the loop, instead of a
+        # cross-thread reduction every iteration (more registers, no shuffles or barriers in the loop)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.program_id(1)
         n_ok = n < N
         acc = tl.zeros((BLOCK_N,), tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
             x = tl.load(X + m * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
             q = tl.load(Q + n[:, None] * stride_q + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-            acc += tl.sum(_i8_to_f32(q) * x[None, :], axis=1)
+            if ACC2D:
+                acc2 += _i8_to_f32(q) * x[None, :]
+            else:
+                acc += tl.sum(_i8_to_f32(q) * x[None, :], axis=1)
+        if ACC2D:
+            acc = tl.sum(acc2, axis=1)
         s = tl.load(S + n, mask=n_ok, other=0.0)
         tl.store(Y + m * stride_y + n, (acc * s).to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _int4_gemv_kernel(X, P, S, Z, Y, N, K, stride_x, stride_p, stride_s, stride_y,
-                          HALF: tl.constexpr, GPT: tl.constexpr, BLOCK_N: tl.constexpr):
+                          HALF: tl.constexpr, GPT: tl.constexpr, BLOCK_N: tl.constexpr, ACC2D: tl.constexpr = False):
         """Each program: BLOCK_N outputs of one row, GPT groups of 2 * HALF inputs per iteration.
         Per group: s * sum_b (lo_b x_2b + hi_b x_2b+1) + z * sum(x): every packed byte is read once,
-        each group's scale and offset once per output (not per weight)."""
+        each group's scale and offset once per output (not per weight). ACC2D: the per-byte terms,
+        scaled, accumulate in a (BLOCK_N, GPT, HALF) tile reduced once after the loop (no reduction
+        inside it, at one more multiply-add a byte)."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.program_id(1)
         n_ok = n < N
@@ -145,6 +155,7 @@ if HAVE_TRITON:
         t = tl.arange(0, GPT)  # group within the tile
         n_groups = K // (2 * HALF)
         acc = tl.zeros((BLOCK_N,), tl.float32)
+        acc3 = tl.zeros((BLOCK_N, GPT, HALF), tl.float32)
         for g0 in range(0, n_groups, GPT):
             g = g0 + t
             g_ok = g < n_groups
@@ -153,13 +164,18 @@ if HAVE_TRITON:
             x_hi = tl.load(X + m * stride_x + 2 * byte_idx + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
             w_ok = n_ok[:, None, None] & g_ok[None, :, None]
             byte = tl.load(P + n[:, None, None] * stride_p + byte_idx[None, :, :], mask=w_ok, other=0).to(tl.int32)
-            dot = tl.sum(_u4_to_f32(byte & 0xF) * x_lo[None, :, :]
-                         + _u4_to_f32(byte >> 4) * x_hi[None, :, :], axis=2)  # (BLOCK_N, GPT)
+            prod = (_u4_to_f32(byte & 0xF) * x_lo[None, :, :]
+                    + _u4_to_f32(byte >> 4) * x_hi[None, :, :])  # (BLOCK_N, GPT, HALF)
             sg_ok = n_ok[:, None] & g_ok[None, :]
             sc = tl.load(S + n[:, None] * stride_s + g[None, :], mask=sg_ok, other=0.0)
             lo = tl.load(Z + n[:, None] * stride_s + g[None, :], mask=sg_ok, other=0.0)
-            xsum = tl.sum(x_lo + x_hi, axis=1)  # (GPT,)
-            acc += tl.sum(sc * dot + lo * xsum[None, :], axis=1)
+            if ACC2D:
+                acc3 += sc[:, :, None] * prod + lo[:, :, None] * (x_lo + x_hi)[None, :, :]
+            else:
+                xsum = tl.sum(x_lo + x_hi, axis=1)  # (GPT,)
+                acc += tl.sum(sc * tl.sum(prod, axis=2) + lo * xsum[None, :], axis=1)
+        if ACC2D:
+            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
         tl.store(Y + m * stride_y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
@@ -205,11 +221,14 @@ def gemv_configs(kind: str) -> list[dict]:
     groups for int4) and warps. Wider K tiles put more bytes in flight per program; fewer channels a
     program make more programs for narrow matrices."""
     # at most 8K weights a tile (held in fp32 registers: larger tiles only spill)
+    # ACC2D (a tile-sized accumulator, reduced once after the loop) only where it fits in registers
     if kind == "int8":
-        return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w}
-                for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8) if bn * bk <= 8192]
-    return [{"BLOCK_N": bn, "GPT": gpt, "num_warps": w}  # GPT groups of (at group size 128) 64 bytes
-            for bn in (4, 8, 16, 32) for gpt in (1, 2, 4, 8) for w in (4, 8) if bn * gpt <= 128]
+        return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "ACC2D": a}
+                for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8) for a in (False, True)
+                if bn * bk <= (4096 if a else 8192)]
+    return [{"BLOCK_N": bn, "GPT": gpt, "num_warps": w, "ACC2D": a}  # GPT groups of (at group size 128) 64 bytes
+            for bn in (4, 8, 16, 32) for gpt in (1, 2, 4, 8) for w in (4, 8) for a in (False, True)
+            if bn * gpt <= (64 if a else 128)]
 
 
 _TUNED: dict[str, object] = {}
