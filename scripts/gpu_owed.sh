@@ -108,9 +108,10 @@ for part in ${PART:-kv}; do
                 --concurrency 64 --min-requests 8 --waves 16 --max-tokens 128 --client-procs 4 \
                 --server-engine thread,process --engine mixed_steps=$m --out "$OUT/mixed_$m"
         done ;;
-    prefill) section prefill_test 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_paged_attention.py \
+    prefill) section prefill_test "${T:-120}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_paged_attention.py \
                 -k "prefill or bf16 or mixed"
-        for cfg in "true true" "true false" "false false"; do  # prefill_kernel, mixed_steps
+        IFS=, read -ra cfgs <<< "${CFGS:-true true,true false,false false}"
+        for cfg in "${cfgs[@]}"; do  # prefill_kernel, mixed_steps (CFGS: a comma list of such pairs)
             set -- $cfg
             section "prefill_$1_mixed_$2" "${R:-130}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
                 --rows ngram --prompts .devcarry/alpaca_eval.jsonl --tokenizer .devcarry/gpt2 --requests 1000 \
