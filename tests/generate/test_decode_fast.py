@@ -352,4 +352,4 @@ def test_prefill_kernel_engine_equals_the_pytorch_paths(model):
     finally:
         pa.paged_prefill_attention = inner
     assert got == want and calls and eng.stats()["prefix_cache_hits"] > 0
-    assert not LLMEngine(model, None, EngineConfig()).runner.prefill_kernel  # on the CPU: the PyTorch paths
+    assert not LLMEngine(model, None, EngineConfig(prefill_kernel=True)).runner.prefill_kernel  # CPU: PyTorch paths

@@ -109,12 +109,14 @@ class EngineConfig:
     requests fill the free slots. 0: admitted at the next step. vLLM v0's ``scheduler_delay_factor``
     in milliseconds. Greedy output is unchanged; time to first token grows by at most the wait."""
 
-    prefill_kernel: bool = True
+    prefill_kernel: bool = False
     """On CUDA, steps with prompt chunks run attention through Kiln's Triton prefill kernel
     (``kiln.kernels.paged_attention.paged_prefill_attention``: query tiles of one sequence each, keys
-    read through the block table), whose work grows with the real tokens. False: the previous path,
-    which pads every chunk to the longest and every context to the longest (one masked call a layer);
-    kept to compare. Elsewhere (CPU) the readable PyTorch paths run either way."""
+    read through the block table), whose work grows with the real tokens. False: the padded path,
+    which pads every chunk to the longest and every context to the longest (one masked call a layer).
+    Tested against the reference under Triton's interpreter; off until a GPU run confirms it and
+    times it (``scripts/gpu_owed.sh``, section ``prefill``). Elsewhere (CPU) the readable PyTorch
+    paths run either way."""
     mixed_steps: bool = False
     """On the lean path (CUDA graphs): when requests are admitted, or prompts are still being
     prefilled, while others decode, run the decoding ones' ``decode_steps`` tokens through the decode

@@ -138,7 +138,7 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
 
     The step's keys/values are already in the pool (``PagedKVCache.write``). Four paths, one answer:
     a decode step on CUDA runs Kiln's Triton kernel (``kiln.kernels.paged_attention``); any other step
-    with ``meta.prefill_kernel`` (the engine's default on CUDA) runs its Triton prefill kernel; a decode step
+    with ``meta.prefill_kernel`` (``EngineConfig.prefill_kernel``, CUDA) runs its Triton prefill kernel; a decode step
     elsewhere gathers every sequence's blocks into one padded batch and masks past each length; a step
     with prefill chunks gathers sequence by sequence and calls the causal kernel with the chunk's
     offset (``kiln_attention``, or torch's SDPA when ``fused``); on CUDA, with several sequences, it
@@ -154,7 +154,7 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
         return out.to(q.dtype)
     if meta.decode:
         return _paged_decode_torch(q, k_pool, v_pool, meta)
-    if meta.prefill_kernel:  # one launch over query tiles, no padding (the engine sets it on CUDA)
+    if meta.prefill_kernel:  # one launch over query tiles, no padding (``EngineConfig.prefill_kernel``)
         from kiln.kernels.paged_attention import paged_prefill_attention
 
         out = paged_prefill_attention(q.to(k_pool.dtype), k_pool, v_pool, meta.block_tables, meta.context_lens,
