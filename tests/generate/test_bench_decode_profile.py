@@ -27,11 +27,17 @@ def test_profile_part_runs_on_cpu_and_names_attention(tmp_path):
     assert spec["wall_us_per_token"] > 0 and (tmp_path / "profile" / "kiln_spec_ngram.json").is_file()
     steps = int(spec["note"].split(" steps, ")[0].split()[-1])
     assert 1 <= steps < spec["tokens"]  # drafts were accepted: fewer steps than tokens
-    for n in (1, 64):  # one general step admitting n prompts: its ops, per step, and its wall
-        pre = next(t for t in tables if t["impl"] == f"kiln prefill {n}")
+    for n, name in ((1, "kiln prefill 1"), (64, "kiln prefill 64"), (64, "kiln prefill 64 skewed")):
+        pre = next(t for t in tables if t["impl"] == name)  # one general step admitting n prompts
         assert not pre["error"] and pre["tokens"] == 1 and f"admitting {n} prompts" in pre["note"]
         assert 0 < pre["busy_us_per_token"] <= pre["wall_us_per_token"]
         assert next(r for r in pre["rows"] if r["name"] == "kiln::paged_attention")["calls_per_token"] == 2.0
+    from kiln.bench.decode_profile import prefill_lengths
+    from kiln.bench.serve_models import serve_shapes
+
+    longest = max(prefill_lengths(64, 16, serve_shapes()["tiny"].context_length, skewed=True))
+    assert f"longest {longest})" in next(t for t in tables if t["impl"] == "kiln prefill 64 skewed")["note"]
+    assert not any("kernel" in t["impl"] for t in tables)  # the Triton prefill kernel's table: CUDA only
     assert next(t for t in tables if t["impl"] == "gpt-fast")["error"].startswith("skipped")
     md = (tmp_path / "bench_serve.md").read_text()
     assert "| 1 | `" in md and "| tiny | attention |" in md and "| tiny | total |" in md
@@ -70,3 +76,13 @@ def test_gpu_trace_is_summed_per_kernel_and_token(tmp_path):
         "at::native::vectorized_elementwise_kernel"
     assert categorize("triton_per_fused__softmax_3", 1.0) == "sampling/argmax"
     assert categorize("triton_per_fused__softmax_3", 12.0) == "attention"
+
+
+def test_prefill_lengths_plain_and_skewed():
+    """The profiled prefill step's prompts: like lengths, or one long prompt among short chat ones."""
+    from kiln.bench.decode_profile import prefill_lengths
+
+    assert prefill_lengths(3, 128, 1024) == [64, 71, 78]
+    skewed = prefill_lengths(64, 128, 1024, skewed=True)
+    assert skewed[0] == 512 and len(skewed) == 64 and all(10 <= k <= 40 for k in skewed[1:])
+    assert prefill_lengths(2, 16, 128, skewed=True)[0] == 64

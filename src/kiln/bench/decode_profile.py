@@ -334,30 +334,48 @@ def kiln_profiles(model: Any, prompt: list[int], tokens: int, warm: int, device:
             tables.append(t)
     eng.abort(rid)
     tables.append(_spec_profile(model, prompt, tokens, warm, device, out, shape))
-    for n in (1, 64):
+    # (prompts, skewed lengths, Triton prefill kernel): the kernel only where it runs (CUDA)
+    for n, skewed, kernel in [(1, False, False), (64, False, False), (64, True, False)] + ([(64, True, True)] if cuda else []):
+        name = prefill_name(n, skewed, kernel)
         try:
-            tables.append(prefill_profile(model, prompt, n, device, out, shape))
+            tables.append(prefill_profile(model, prompt, n, device, out, shape, skewed, kernel))
         except Exception as e:  # noqa: BLE001 - reported as the table's error; the decode tables stand
             traceback.print_exc()
-            tables.append(ProfileTable(f"kiln prefill {n}", shape, error=f"{type(e).__name__}: {e}"))
+            tables.append(ProfileTable(name, shape, error=f"{type(e).__name__}: {e}"))
     return tables
 
 
-def prefill_profile(model: Any, prompt: list[int], n: int, device: Any, out: Path, shape: str) -> ProfileTable:
-    """One general step admitting ``n`` prompts (lengths ``len(prompt)`` // 2 to ``len(prompt)``, the
-    first step of a wave of requests: eager prefill, then the first tokens) under the profiler. The
-    table is per step ('tokens' = 1 step): kernel time against the step's wall says whether the step
-    is bound by the GPU or by the host. Trace ``out/kiln_prefill_<n>.json``."""
+def prefill_name(n: int, skewed: bool = False, kernel: bool = False) -> str:
+    return f"kiln prefill {n}" + (" skewed" if skewed else "") + (" kernel" if kernel else "")
+
+
+def prefill_lengths(n: int, plen: int, context: int, skewed: bool = False) -> list[int]:
+    """Prompt lengths of a profiled prefill step: ``plen`` // 2 to ``plen``, or (``skewed``) one prompt
+    of min(512, context / 2) tokens and the rest 10-40, as a wave of chat prompts is (AlpacaEval with
+    GPT-2's tokens: mean 34, max 503), the case where padding every chunk to the longest costs most."""
+    if skewed:
+        return [min(512, context // 2)] + [10 + (i * 7) % 31 for i in range(n - 1)]
+    return [max(1, plen // 2 + (i * 7) % max(1, plen - plen // 2 + 1)) for i in range(n)]
+
+
+def prefill_profile(model: Any, prompt: list[int], n: int, device: Any, out: Path, shape: str,
+                    skewed: bool = False, kernel: bool = False) -> ProfileTable:
+    """One general step admitting ``n`` prompts (``prefill_lengths``; the first step of a wave of
+    requests: eager prefill, then the first tokens) under the profiler, its attention through the
+    padded call or (``kernel``) Kiln's Triton prefill kernel. The table is per step ('tokens' = 1
+    step): kernel time against the step's wall says whether the step is bound by the GPU or by the
+    host. Trace ``out/kiln_prefill_<n>[_skewed][_kernel].json``."""
     import torch
 
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     cuda = device.type == "cuda"
-    lens = [max(1, len(prompt) // 2 + (i * 7) % max(1, len(prompt) - len(prompt) // 2 + 1)) for i in range(n)]
+    lens = prefill_lengths(n, len(prompt), model.config.context_length, skewed)
     vocab = min(model.config.vocab_size, 1024)
-    prompts = [[(t + i) % vocab for t in prompt[:k]] for i, k in enumerate(lens)]  # (k,) each, distinct
+    base = (prompt * (1 + max(lens) // max(1, len(prompt))))  # long enough for the longest
+    prompts = [[(t + i) % vocab for t in base[:k]] for i, k in enumerate(lens)]  # (k,) each, distinct
     cfg = EngineConfig(max_num_seqs=max(n, 1), max_num_batched_tokens=max(2048, sum(lens)), num_blocks=None,
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False, prefill_kernel=kernel)
     eng = LLMEngine(model, None, cfg)
     once = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     eng.generate(prompts, once)  # warm: the same shapes once
@@ -373,11 +391,12 @@ def prefill_profile(model: Any, prompt: list[int], n: int, device: Any, out: Pat
         wall = time.perf_counter() - t0
     while eng.has_unfinished():
         eng.step()
-    trace = out / f"kiln_prefill_{n}.json"
+    trace = out / f"kiln_prefill_{n}{'_skewed' if skewed else ''}{'_kernel' if kernel else ''}.json"
     prof.export_chrome_trace(str(trace))
-    t = table_from_trace(trace, 1, f"kiln prefill {n}", shape, gpu=cuda)
+    t = table_from_trace(trace, 1, prefill_name(n, skewed, kernel), shape, gpu=cuda)
     t.wall_us_per_token = 1e6 * wall
-    t.note += f"; one general step (eager) admitting {n} prompts, {sum(lens)} prompt tokens: 'token' = the step"
+    t.note += (f"; one general step (eager) admitting {n} prompts, {sum(lens)} prompt tokens (longest "
+               f"{max(lens)}), attention {'by the Triton prefill kernel' if kernel else 'padded'}: 'token' = the step")
     return t
 
 
