@@ -18,7 +18,8 @@
 #           meant for [V=560, own call]; q7bt: the same with the tuned GEMVs [own call]; g7b:
 #           gpt-fast bf16 and int8 at 7b [own call]
 #   prof    where a 350m decode token's GPU time goes, Kiln (graphs, no graph, n-gram verify steps,
-#           one general step admitting 1 and 64 prompts) beside gpt-fast [P=300]
+#           general steps admitting 1 and 64 prompts, and 64 chat-length ones with one long, padded and
+#           through the Triton prefill kernel) beside gpt-fast [P=300]
 #   http    HTTP vs direct and vs `transformers serve` at concurrency 64 / 256, 16 waves a row (1,000
 #           requests at c=64), each Kiln row noting the engine's lean and general steps (mean ms,
 #           prompt tokens) and its busy share over the row [H=420]
