@@ -48,9 +48,11 @@ def _dense_reference(q, k_pool, v_pool, bt, lens, q_lens):
 
 
 @pytest.mark.parametrize("H,Hkv,D,bs,split", [(4, 2, 16, 4, 1), (6, 6, 24, 8, 1), (8, 1, 32, 16, 1),
-                                              (4, 2, 16, 4, 3), (2, 1, 8, 4, None)])
+                                              (4, 2, 16, 4, 3), (4, 2, 16, 4, 16), (2, 1, 8, 4, None)])
 def test_decode_kernel_equals_reference(dev, H, Hkv, D, bs, split):
-    lens = [1, 5, bs, bs + 1, 3 * bs + 2] + ([17 * bs + 3] if split is None else [])  # None: 4 splits here
+    """One pass, 3 splits, 16 splits (more than most sequences here have blocks: each split takes a share
+    of its own sequence's blocks, the rest stay empty), and the default count."""
+    lens = [1, 5, bs, bs + 1, 3 * bs + 2] + ([17 * bs + 3] if split is None else [])  # None: 9 splits here
     k_pool, v_pool, bt = _pool(lens, bs, Hkv, D, torch.float32, dev)
     q = torch.randn(len(lens), H, D, device=dev)
     cl = torch.tensor(lens, dtype=torch.int32, device=dev)
@@ -59,6 +61,16 @@ def test_decode_kernel_equals_reference(dev, H, Hkv, D, bs, split):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     ref = paged_attention_ref(q, k_pool, v_pool, bt, cl, torch.arange(len(lens) + 1, dtype=torch.int32))
     torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_split_count_fills_the_gpu_and_no_more():
+    """Flash-decoding splits: ~264 programs when (sequences x kv heads) are few, none for a full batch."""
+    from kiln.kernels.paged_attention import num_splits
+
+    assert num_splits(64, 12) == 16 and num_splits(64, 16) == 16  # batch 1 at 124M / 350m: capped at 16
+    assert num_splits(256, 32) == 9  # batch 1 at Llama-2-7B's 32 heads
+    assert num_splits(64, 64 * 12) == 1 and num_splits(64, 8 * 12) == 3  # c=64: one pass, no combine
+    assert num_splits(4, 1) == 2 and num_splits(1, 1) == 1  # at most half the table's width
 
 
 def test_decode_kernel_bf16_on_gpu(dev):

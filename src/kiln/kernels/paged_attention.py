@@ -72,13 +72,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _paged_decode_kernel(
-        Q, K, V, O, TABLES, LENS, PM, PL, PACC, scale, chunk, n_splits,
+        Q, K, V, O, TABLES, LENS, PM, PL, PACC, scale, n_splits,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_ob, stride_oh,
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
         SPLIT: tl.constexpr,
     ):
         # Program (b, kvh, s): sequence b, key/value head kvh, blocks [s * chunk, (s + 1) * chunk) of the
-        # sequence (all of them when not SPLIT). SPLIT writes the unnormalized partial (max, sum, acc)
+        # sequence, chunk = ceil(its blocks / n_splits) from its own length (all of them when not SPLIT):
+        # every split gets a share of the blocks the sequence has, not of the table's width. SPLIT writes the unnormalized partial (max, sum, acc)
         # for _paged_reduce_kernel; otherwise the normalized output.
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -95,8 +96,10 @@ if HAVE_TRITON:
         m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
         s_sum = tl.zeros((BLOCK_G,), tl.float32)
         acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+        n_blk = tl.cdiv(L, BS)
+        chunk = tl.cdiv(n_blk, n_splits)
         lo = sp * chunk
-        hi = tl.minimum(lo + chunk, tl.cdiv(L, BS))
+        hi = tl.minimum(lo + chunk, n_blk)
         for j in range(lo, hi):
             blk = tl.load(TABLES + b * stride_tb + j).to(tl.int64)
             pos = j * BS + t
@@ -147,11 +150,13 @@ if HAVE_TRITON:
                  mask=(g < G)[:, None] & (d < D)[None, :])
 
 
-def num_splits(max_blocks: int) -> int:
-    """Splits of a sequence's blocks across programs (flash-decoding, Dao et al. 2023): at least 4
-    blocks a split, at most 16 splits, so one long sequence still fills many SMs at batch 1. A function
-    of the block-table width only, which CUDA graphs keep fixed."""
-    return max(1, min(16, max_blocks // 4))
+def num_splits(max_blocks: int, programs: int = 1, target: int = 264) -> int:
+    """Splits of a sequence's blocks across programs (flash-decoding, Dao et al. 2023): enough that the
+    launch has about ``target`` programs (2 per SM of an H100) when ``programs`` (sequences x key/value
+    heads) are too few, at most 16 and at most ``max_blocks`` / 2; 1 when the batch alone fills the
+    GPU (then no combining kernel runs). A function of the batch and the block-table width only, which
+    a CUDA graph keeps fixed; each program then takes its share of its sequence's actual blocks."""
+    return max(1, min(16, max_blocks // 2, -(-target // max(1, programs))))
 
 
 def _decode_reason(q: torch.Tensor, k_pool: torch.Tensor) -> str | None:
@@ -178,7 +183,7 @@ def paged_decode_attention(
 
     pools (NB, bs, Hkv, D), contiguous; block_tables (B, max_blocks) int32; context_lens (B,) int32
     (the query is the last position of each context). ``split``: programs per (sequence, head), each
-    over a share of the blocks, combined by a second kernel (default ``num_splits(max_blocks)``; 1 =
+    over a share of the blocks, combined by a second kernel (default ``num_splits(max_blocks, B * Hkv)``; 1 =
     one pass). Triton on CUDA (or the CPU under TRITON_INTERPRET=1); elsewhere
     ``paged_attention_ref`` with one warning. No host sync: safe to capture in a CUDA graph.
     """
@@ -194,8 +199,7 @@ def paged_decode_attention(
     assert k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.stride() == v_pool.stride()
     q = q.contiguous()
     BLOCK_G, BLOCK_D = max(triton.next_power_of_2(G), 1), triton.next_power_of_2(D)
-    splits = num_splits(block_tables.shape[1]) if split is None else split
-    chunk = -(-block_tables.shape[1] // splits)
+    splits = num_splits(block_tables.shape[1], B * Hkv) if split is None else split
     if splits > 1:
         pm = torch.empty(B * Hkv * splits * BLOCK_G, device=q.device, dtype=torch.float32)
         pl = torch.empty_like(pm)
@@ -203,7 +207,7 @@ def paged_decode_attention(
     else:
         pm = pl = pacc = out  # unused
     _paged_decode_kernel[(B, Hkv, splits)](
-        q, k_pool, v_pool, out, block_tables, context_lens, pm, pl, pacc, 1.0 / math.sqrt(D), chunk, splits,
+        q, k_pool, v_pool, out, block_tables, context_lens, pm, pl, pacc, 1.0 / math.sqrt(D), splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=G, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BS=bs, SPLIT=splits > 1,
