@@ -29,7 +29,8 @@
 #           prefilled beside the lean multi-step decode instead of general steps [X=270 each]
 #   prefill the Triton prefill kernel's tests on the GPU, then HTTP c=64 (1,000 requests) with
 #           prefill_kernel and mixed_steps true/true, true/false, false/false (the old default), the
-#           engine in its own process (kiln serve's default) [R=130 each]
+#           engine in its own process (kiln serve's default), 2 pairs of direct and HTTP rows in turn
+#           (--pairs 2: each HTTP row over its own pair's direct row) [R=140 each]
 #   sampled sampled decode (T 0.7, top-p 0.95): batch 1 and throughput [S=240]
 #   learn   GRPO learning per GPU-second vs trl's GRPOTrainer, and DPO on hh-rlhf [L=240]
 # Measured on 2026-12-07 and no longer owed: same-run gpt-fast at 124M and 350m, n-gram speculation,
@@ -116,10 +117,10 @@ for part in ${PART:-kv}; do
         IFS=, read -ra cfgs <<< "${CFGS:-true true,true false,false false}"
         for cfg in "${cfgs[@]}"; do  # prefill_kernel, mixed_steps (CFGS: a comma list of such pairs)
             set -- $cfg
-            section "prefill_$1_mixed_$2" "${R:-130}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
+            section "prefill_$1_mixed_$2" "${R:-140}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
                 --rows ngram --prompts .devcarry/alpaca_eval.jsonl --tokenizer .devcarry/gpt2 --requests 1000 \
                 --concurrency 64 --min-requests 8 --waves 16 --max-tokens 128 --client-procs 4 \
-                --server-engine process --engine prefill_kernel=$1 --engine mixed_steps=$2 \
+                --server-engine process --pairs 2 --engine prefill_kernel=$1 --engine mixed_steps=$2 \
                 --out "$OUT/prefill_$1_mixed_$2"
         done ;;
     sampled) section sampled "${S:-240}" kiln bench serve --device cuda --shapes gpt2_small \

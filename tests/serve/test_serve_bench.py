@@ -329,3 +329,30 @@ def test_bench_serve_passes_waves_to_the_http_part(monkeypatch, tmp_path):
     main(["bench", "serve", "--device", "cpu", "--shapes", "tiny", "--parts", "http", "--waves", "16",
           "--concurrency", "64", "--out", str(tmp_path)])
     assert seen and seen[0].waves == 16 and serve_http._count(seen[0], 64, 1000) == 1000
+
+
+def test_pairs_compare_each_http_row_with_its_own_direct_row(tmp_path, capsys):
+    """``--pairs 2``: the real engine (CPU, tiny preset) stays loaded beside the server; at each c a
+    direct row and an HTTP row run twice in turn, each HTTP row's ratio is over the direct row just
+    before it, and a median line follows. ``--pairs 0`` is refused."""
+    import json
+
+    from kiln.cli.main import main
+
+    args = ["bench", "serve-http", "--device", "cpu", "--shape", "preset_tiny", "--concurrency", "2", "--requests",
+            "4", "--max-tokens", "4", "--client-procs", "1", "--server-engine", "thread", "--threads", "1",
+            "--prompts", str(tmp_path / "absent.jsonl"), "--pairs", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "bench_serve-http.json").read_text())
+    direct = [r for r in rows if r["impl"] == "kiln direct"]
+    http = [r for r in rows if r["impl"] == "kiln http"]
+    summary = [r for r in rows if r["impl"] == "kiln http: median of 2 pairs"]
+    assert len(direct) == len(http) == 2 and len(summary) == 1 and all(r["vs_direct"] == 1.0 for r in direct)
+    i_direct = [i for i, r in enumerate(rows) if r["impl"] == "kiln direct"]
+    for j, r in enumerate(http):  # each HTTP row over the direct row of its pair
+        pair = rows[[i for i in i_direct if i < rows.index(r)][-1]]
+        assert abs(r["vs_direct"] - r["tok_s"] / pair["tok_s"]) < 1e-9
+    ratios = sorted(r["vs_direct"] for r in http)
+    assert abs(summary[0]["vs_direct"] - sum(ratios) / 2) < 1e-9 and f"{ratios[0]:.2f}-{ratios[1]:.2f}" in summary[0]["note"]
+    assert main(args[:-4] + ["--pairs", "0", "--out", str(tmp_path)]) != 0
+    assert "--pairs 0" in capsys.readouterr().err

@@ -756,7 +756,7 @@ def http_table(args: argparse.Namespace, device: Any, work: Path) -> list[Any]:
                             engine=dict(args.engine_overrides), client_procs=args.client_procs, threads=args.threads,
                             min_requests=args.min_requests, server_engine=args.server_engine,
                             transformers="transformers-serve" in args.rows, http_row_s=args.http_row_s,
-                            waves=args.waves)
+                            waves=args.waves, pairs=args.pairs)
     if over_budget(args):
         from kiln.bench.serve_http import HttpRow
 
@@ -872,6 +872,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--concurrency {args.concurrency}: give positive integers, e.g. 1,16,64,256"
     if args.waves < 1:
         return f"--waves {args.waves}: give a positive integer (requests per slot of concurrency; default 8)"
+    if args.pairs < 1:
+        return f"--pairs {args.pairs}: give a positive integer (1: the direct rows first, then the servers)"
     args.engine_overrides = parse_overrides(args.engine)
     if args.gpt_fast and not Path(args.gpt_fast).is_dir():
         print(f"--gpt-fast {args.gpt_fast} is not a folder; the gpt-fast rows are skipped", file=sys.stderr)
@@ -976,6 +978,9 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--waves", type=int, default=8, help="requests per slot of concurrency (c runs min(--requests, "
                    "max(--min-requests, waves x c))): longer rows average out more of the run-to-run noise")
     p.add_argument("--concurrency", default="1,16,64,256", help="comma list of requests kept in flight")
+    p.add_argument("--pairs", type=int, default=1, help="http part: R > 1 runs a direct row and an HTTP row R "
+                   "times in turn at each c (the engine kept loaded beside the server) and reports each pair's "
+                   "ratio and their median")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per throughput request")
     p.add_argument("--heldout", default=None, help="held-out text file for the loss column (with --tokenizer)")
     p.add_argument("--tokenizer", default=None, help="the model's Kiln tokenizer (for --heldout); for the http and "

@@ -681,7 +681,8 @@ def _health_engine(url: str) -> dict:
 
 
 def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
-    """Every row: direct engine at each c, then the Kiln server, then transformers serve."""
+    """Every row: direct engine at each c, then the Kiln server, then transformers serve; with
+    ``--pairs R`` the direct rows run in turn with each Kiln server's rows instead (``server_rows``)."""
     from kiln.serve.server import ModelSpec, load
 
     kiln_dir, hf_dir, tok = build_model_dirs(args, device, work)
@@ -691,39 +692,67 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
     warm = [ids for _, ids in reqs[:4]]
     rows = []
     run_direct(loaded.engine, warm, 4, 4)  # warm-up: kernels, CUDA graphs
-    for c in args.concurrency:
-        n = _count(args, c, len(reqs))
-        cpu0, st0 = time.process_time(), loaded.engine.stats()
-        rows.append(_safe("kiln direct", c, n, lambda: run_direct(loaded.engine, [i for _, i in reqs[:n]], c,
-                                                                    args.max_tokens)))
-        if rows[-1].tokens:  # this process's CPU per token: all of it is driving the engine
-            rows[-1].server_cpu_us = (time.process_time() - cpu0) / rows[-1].tokens * 1e6
-            rows[-1].engine_thread_cpu_us = rows[-1].server_cpu_us
-            _add_note(rows[-1], engine_note(st0, loaded.engine.stats(), row_seconds(rows[-1]), rows[-1].tokens))
-    del loaded
-    _free(device)
+    pairs = max(1, getattr(args, "pairs", 1))
+    if pairs == 1:  # every direct row first; the engine then leaves the GPU to the servers
+        rows += [direct_row(args, loaded.engine, reqs, c) for c in args.concurrency]
+        del loaded
+        _free(device)
     servers = []
     for mode, impl in engine_modes(args):  # the engine as a thread of the server, or in its own process
         servers.append((impl, lambda ep=mode == "process": kiln_server(args, kiln_dir, device, ep), kiln_dir.name))
     if hf_dir is not None:
         servers.append(("transformers serve", lambda: transformers_server(args, hf_dir, device), str(hf_dir)))
     for impl, start, name in servers:
-        rows += server_rows(args, impl, start, name, reqs)
+        before = None if pairs == 1 or not impl.startswith("kiln") else (
+            lambda c, engine=loaded.engine: direct_row(args, engine, reqs, c))
+        rows += server_rows(args, impl, start, name, reqs, before, pairs)
+    paired = [r for r in rows if r.vs_direct is not None]  # ratios already taken pair by pair
     direct = {r.concurrency: r.tok_s for r in rows if r.impl == "kiln direct"}
     tserve = {r.concurrency: r.tok_s for r in rows if r.impl == "transformers serve"}
     for r in rows:
-        if r.tok_s and direct.get(r.concurrency):
+        if r.tok_s and direct.get(r.concurrency) and r not in paired:
             r.vs_direct = r.tok_s / direct[r.concurrency]
         if r.tok_s and tserve.get(r.concurrency) and r.impl.startswith("kiln http"):
             r.vs_tserve = r.tok_s / tserve[r.concurrency]
     return rows
 
 
-def server_rows(args: argparse.Namespace, impl: str, start: Any, name: str, reqs: list) -> list[HttpRow]:
+def direct_row(args: argparse.Namespace, engine: Any, reqs: list, c: int) -> HttpRow:
+    """The engine driven in this process at concurrency ``c`` (``run_direct``), with this process's CPU
+    per token (all of it drives the engine) and the engine's note."""
+    n = _count(args, c, len(reqs))
+    cpu0, st0 = time.process_time(), engine.stats()
+    row = _safe("kiln direct", c, n, lambda: run_direct(engine, [i for _, i in reqs[:n]], c, args.max_tokens))
+    if row.tokens:
+        row.server_cpu_us = row.engine_thread_cpu_us = (time.process_time() - cpu0) / row.tokens * 1e6
+        _add_note(row, engine_note(st0, engine.stats(), row_seconds(row), row.tokens))
+    return row
+
+
+def paired_summary(rows: list[HttpRow], impl: str, c: int) -> HttpRow | None:
+    """``--pairs R``: one line for ``impl`` at ``c`` over its R (direct row, HTTP row) pairs: the median
+    HTTP tok/s and the median of the pairs' ratios, with their range in the note."""
+    http = [r for r in rows if r.impl == impl and r.concurrency == c and r.vs_direct is not None]
+    if len(http) < 2:
+        return None
+    ratios = sorted(r.vs_direct for r in http)
+    tok = sorted(r.tok_s for r in http)
+    mid = len(http) // 2
+    med = (lambda xs: xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2)
+    return HttpRow(f"{impl}: median of {len(http)} pairs", c, http[0].requests, med(tok), vs_direct=med(ratios),
+                   note=f"vs direct {ratios[0]:.2f}-{ratios[-1]:.2f} over the pairs (each HTTP row over the "
+                        "direct row run just before it)")
+
+
+def server_rows(args: argparse.Namespace, impl: str, start: Any, name: str, reqs: list,
+                before: Any = None, pairs: int = 1) -> list[HttpRow]:
     """One server's rows: ``start()`` it, warm it up (max c requests of 4 tokens at once: batch shapes
     and lazily built state, e.g. transformers 5.17's batch processor, before the clock), one row per
-    concurrency, stop it. Any failure
-    (start-up, warm-up, a hung server) becomes rows with its error; the server is stopped in any case."""
+    concurrency, stop it. With ``before`` (``--pairs R``): at each concurrency, R times, the direct row
+    ``before(c)`` and then the HTTP row, each HTTP row's ``vs_direct`` over its own pair's direct row,
+    then a median line (``paired_summary``): the engine's run-to-run spread cancels pair by pair.
+    Any failure (start-up, warm-up, a hung server) becomes rows with its error; the server is stopped
+    in any case."""
     kiln = impl.startswith("kiln")
     rows: list[HttpRow] = []
     server = None
@@ -735,7 +764,16 @@ def server_rows(args: argparse.Namespace, impl: str, start: Any, name: str, reqs
             raise RuntimeError(f"warm-up: {warm.errors} of {w} requests failed, {warm.tokens} tokens; server log: "
                                f"{server.output()[-1500:]}")
         for c in args.concurrency:
-            rows.append(http_row(args, impl, server, name, reqs, c, kiln))
+            for _ in range(pairs if before is not None else 1):
+                d = before(c) if before is not None else None
+                if d is not None:
+                    d.vs_direct = 1.0 if d.tok_s else None  # its own pair's reference
+                    rows.append(d)
+                rows.append(http_row(args, impl, server, name, reqs, c, kiln))
+                if d is not None and d.tok_s and rows[-1].tok_s:
+                    rows[-1].vs_direct = rows[-1].tok_s / d.tok_s
+            if before is not None and (summary := paired_summary(rows, impl, c)) is not None:
+                rows.append(summary)
             if not kiln and rows[-1].tokens:
                 ev = rows[-1].events
                 rows[-1].note = (f"eos_token_id -1 via its generation_config field; TTFT/ITL per text event "
@@ -891,6 +929,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--concurrency {args.concurrency}: give positive integers, e.g. 1,16,64,256")
     if args.waves < 1:
         raise ValueError(f"--waves {args.waves}: give a positive integer (requests per slot of concurrency)")
+    if args.pairs < 1:
+        raise ValueError(f"--pairs {args.pairs}: give a positive integer (1: direct rows first, then the servers)")
     args.engine = parse_overrides(args.engine)
     args.shape = args.shape or ("gpt2_small" if device.type == "cuda" else "preset_tiny")
     if args.stub_pace and not args.stub_engine:
@@ -926,6 +966,9 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    "min(--requests, max(16, waves x c)); longer rows average out more noise")
     p.add_argument("--concurrency", default="1,16,64,256", help="comma list of requests kept in flight")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
+    p.add_argument("--pairs", type=int, default=1, help="R > 1: the direct engine stays loaded beside each "
+                   "Kiln server, and at each c a direct row and an HTTP row run R times in turn; each HTTP "
+                   "row is compared with its own pair's direct row, and a median line follows")
     p.add_argument("--engine", action="append", default=[], metavar="NAME=VALUE",
                    help="EngineConfig override for both Kiln rows (repeatable)")
     p.add_argument("--client-procs", type=int, default=4, help="HTTP client processes")
