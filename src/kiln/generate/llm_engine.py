@@ -299,9 +299,11 @@ class LLMEngine:
             k["step_seconds"] += dt
             if kind == "lean":
                 k["lean_steps"] += 1
-            else:  # general steps are counted as steps that are neither lean nor mixed
-                k[f"{kind}_seconds"] += dt
-                k["mixed_steps"] += kind == "mixed"
+            elif kind == "mixed":
+                k["mixed_steps"] += 1
+                k["mixed_seconds"] += dt
+            else:  # general steps: those neither lean nor mixed
+                k["general_seconds"] += dt
 
     def _admit_now(self) -> bool:
         """Whether waiting requests go in at this step: some wait, and either no admission wait is set,
