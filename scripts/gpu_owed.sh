@@ -19,7 +19,8 @@
 #           gpt-fast bf16 and int8 at 7b [own call]
 #   prof    where a 350m decode token's GPU time goes, Kiln (graphs, no graph, n-gram verify steps,
 #           general steps admitting 1 and 64 prompts, and 64 chat-length ones with one long, padded and
-#           through the Triton prefill kernel) beside gpt-fast [P=300]
+#           through the Triton prefill kernel) beside gpt-fast [P=300]; PSHAPE=7b: the same at 7b, where
+#           the non-GEMV share of a token sets how much int8/int4 can buy
 #   http    HTTP vs direct and vs `transformers serve` at concurrency 64 / 256, 16 waves a row (1,000
 #           requests at c=64), each Kiln row noting the engine's lean and general steps (mean ms,
 #           prompt tokens) and its busy share over the row [H=420]
@@ -96,7 +97,7 @@ for part in ${PART:-kv}; do
         rows=${ROWS:-$rows}  # ROWS overrides the section's rows (q7b with ROWS=int8,int4,int8-tuned,int4-tuned)
         section "$part" "${V:-560}" kiln bench serve --device cuda --parts latency --shapes 7b --rows "$rows" \
                 --gpt-fast .devcarry/gpt-fast --new-tokens 128 --prompt-len 128 --repeats 2 --out "$OUT/$part" ;;
-    prof) section prof "${P:-300}" kiln bench serve --device cuda --parts profile --shapes 350m \
+    prof) section prof "${P:-300}" kiln bench serve --device cuda --parts profile --shapes "${PSHAPE:-350m}" \
                 --gpt-fast .devcarry/gpt-fast --prompt-len 128 --profile-tokens 64 --out "$OUT/prof" ;;
     http) section http "${H:-420}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
                 --rows transformers-serve --http-row-s 15 --prompts .devcarry/alpaca_eval.jsonl \
