@@ -100,7 +100,7 @@ for part in ${PART:-kv}; do
     prof) gf=(--gpt-fast .devcarry/gpt-fast)
         [ "${PSHAPE:-350m}" = 7b ] && gf=()  # gpt-fast's 7b conversion alone would take the call
         section prof "${P:-300}" kiln bench serve --device cuda --parts profile --shapes "${PSHAPE:-350m}" \
-                "${gf[@]}" --prompt-len 128 --profile-tokens 64 --out "$OUT/prof" ;;
+                ${gf[@]+"${gf[@]}"} --prompt-len 128 --profile-tokens 64 --out "$OUT/prof" ;;
     http) section http "${H:-420}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
                 --rows transformers-serve --http-row-s 15 --prompts .devcarry/alpaca_eval.jsonl \
                 --tokenizer .devcarry/gpt2 --requests 1000 --concurrency 64,256 --min-requests 8 --waves 16 \
