@@ -28,7 +28,9 @@
 #           arrivals batched into fewer general steps; compare with the http section [W=300]
 #   mixed   the wait section's rows with EngineConfig.mixed_steps=true, then false, in one call: arrivals
 #           prefilled beside the lean multi-step decode instead of general steps [X=270 each]
-#   prefill the Triton prefill kernel's tests on the GPU, then HTTP c=64 (1,000 requests) with
+#   prefill the Triton prefill kernel's tests on the GPU, `kiln bench kernels --kernels paged_prefill`
+#           (the kernel against the padded paths on a chat wave and like-length prompts) [KB=120], then
+#           HTTP c=64 (1,000 requests) with
 #           prefill_kernel and mixed_steps true/true, true/false, false/false (the old default), the
 #           engine in its own process (kiln serve's default), 2 pairs of direct and HTTP rows in turn
 #           (--pairs 2: each HTTP row over its own pair's direct row) [R=140 each]
@@ -117,6 +119,7 @@ for part in ${PART:-kv}; do
         done ;;
     prefill) section prefill_test "${T:-120}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_paged_attention.py \
                 -k "prefill or bf16 or mixed"
+        section prefill_kernel_bench "${KB:-120}" kiln bench kernels --kernels paged_prefill --out "$OUT/kernels"
         IFS=, read -ra cfgs <<< "${CFGS:-true true,true false,false false}"
         for cfg in "${cfgs[@]}"; do  # prefill_kernel, mixed_steps (CFGS: a comma list of such pairs)
             set -- $cfg

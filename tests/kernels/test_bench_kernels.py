@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import math
 
-from kiln.bench.kernels import add_bench_parser, bench_attention, bench_ce, bench_rmsnorm, to_markdown
+from kiln.bench.kernels import (
+    add_bench_parser,
+    bench_attention,
+    bench_ce,
+    bench_paged_prefill,
+    bench_rmsnorm,
+    prefill_cases,
+    to_markdown,
+)
 
 
 def test_bench_functions_run_on_cpu(dev):
@@ -27,3 +35,17 @@ def test_bench_parser_registers_kernels():
     add_bench_parser(parser.add_subparsers(dest="bench"))
     args = parser.parse_args(["kernels", "--kernels", "rmsnorm", "--quick"])
     assert args.kernels == "rmsnorm" and args.quick and callable(args.func)
+
+
+def test_paged_prefill_bench_runs_on_cpu(dev):
+    """The prompt-step rows: Kiln's prefill kernel (interpreted) and the padded paths agree, and the
+    cases are the serving engine's (a chat wave with one long prompt; like lengths)."""
+    if dev.type != "cpu":
+        return
+    rows = bench_paged_prefill([("tiny wave", [20, 3, 5, 1], 4, 2, 16)], 0, 1, device="cpu")
+    assert [r.impl for r in rows] == ["padded, Kiln plain attention (reference)", "padded, torch SDPA",
+                                      "kiln triton prefill"]
+    assert all(not r.note and math.isfinite(r.ms) for r in rows), [r.note for r in rows]
+    assert all(r.max_rel_err < 1e-5 for r in rows[1:]) and "longest 20" in rows[0].shape
+    chat = prefill_cases(quick=True)[0][1]
+    assert max(chat) == 503 and len(chat) == 64 and sum(chat) / 64 < 45

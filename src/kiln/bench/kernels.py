@@ -10,6 +10,10 @@ rows; the gradients each row produces are counted). Liger-Kernel rows appear whe
 - Attention: TFLOP/s with fwd = 4 B H T^2 D (halved when causal) and bwd = 2.5 x fwd.
 - Linear + cross-entropy: ms and extra GB at 16384 tokens, d 768, vocab 50304; extra GB excludes
   the inputs and the gradients (the issue's numbers include dx and dW, 0.10 GB).
+- Paged prefill (forward only, the serving engine's prompt steps): one step's attention over the
+  paged KV cache, Kiln's Triton prefill kernel against the padded one-call path it replaces (Kiln's
+  plain attention, and torch's SDPA on the same padded batch); TFLOP/s over the real (unpadded)
+  causal work, 4 x H x D x sum of (chunk x context) per sequence.
 
 "ms" is host-inclusive: calls queued back to back, so launch-bound code (many small kernels, Python
 dispatch) shows its host cost. "graph ms" replays a CUDA graph of one call: device time alone.
@@ -28,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-KERNELS = ("rmsnorm", "attention", "ce")
+KERNELS = ("rmsnorm", "attention", "ce", "paged_prefill")
 TABLES = (*KERNELS, "ce_rows_sweep")
 
 
@@ -122,6 +126,11 @@ def _rel_err(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _fwd(f: Callable, inputs: list) -> Callable[[], list]:
+    """A closure running f(*inputs) (inference kernels: no backward); returns [out]."""
+    return lambda: [f(*inputs)]
+
+
 def _fwd_bwd(f: Callable, inputs: list, grad_out) -> Callable[[], list]:
     """A closure running f(*inputs).backward(grad_out) with fresh .grad; returns [out, *grads]."""
 
@@ -138,12 +147,12 @@ def _fwd_bwd(f: Callable, inputs: list, grad_out) -> Callable[[], list]:
 
 def _measure(kernel: str, shape: str, impls: dict[str, Callable], inputs: list, grad_out,
              metric: Callable[[float], float] | None, metric_name: str, warmup: int, iters: int,
-             graphs: bool = True, no_graph: frozenset[str] = frozenset()) -> list[Row]:
+             graphs: bool = True, no_graph: frozenset[str] = frozenset(), backward: bool = True) -> list[Row]:
     import torch
 
     rows, ref_vals = [], None
     for name, f in impls.items():
-        run = _fwd_bwd(f, inputs, grad_out)
+        run = _fwd_bwd(f, inputs, grad_out) if backward else _fwd(f, inputs)
         try:
             vals = run()
             if ref_vals is None:
@@ -237,6 +246,73 @@ def bench_attention(
         rows += _measure("attention", f"B{b} H{h}/{hkv} T{t} D{d}", impls, [q, k, v], do,
                          lambda ms: flops / (ms * 1e-3) / 1e12, "TFLOP/s", warmup, iters)
     return rows
+
+
+def prefill_step(q_lens: list[int], ctx_lens: list[int], H: int, Hkv: int, D: int, bs: int, device: str, dtype,
+                 seed: int = 0):
+    """One engine step's attention inputs: a shuffled pool holding each sequence's ``ctx_lens`` tokens,
+    its block table, and ``q_lens`` new tokens a sequence (the last of its context) packed in q (N, H, D);
+    returns (q, k_pool, v_pool, PagedMetadata)."""
+    import torch
+
+    from kiln.model import PagedMetadata
+
+    g = torch.Generator().manual_seed(seed)
+    blocks = [-(-L // bs) for L in ctx_lens]
+    nb = sum(blocks) + 1
+    k_pool = torch.randn(nb, bs, Hkv, D, generator=g).to(device, dtype)
+    v_pool = torch.randn(nb, bs, Hkv, D, generator=g).to(device, dtype)
+    perm, tables, i = torch.randperm(nb - 1, generator=g).tolist(), [], 0
+    for n in blocks:
+        tables.append(perm[i:i + n])
+        i += n
+    width = max(blocks)
+    bt = torch.tensor([t + [nb - 1] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
+    q = torch.randn(sum(q_lens), H, D, generator=g).to(device, dtype)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    meta = PagedMetadata(torch.zeros(sum(q_lens), dtype=torch.long, device=device), bt,
+                         torch.tensor(ctx_lens, dtype=torch.int32, device=device), starts, list(q_lens), list(ctx_lens))
+    return q, k_pool, v_pool, meta
+
+
+def bench_paged_prefill(cases: list[tuple[str, list[int], int, int, int]], warmup: int, iters: int,
+                        device: str = "cuda") -> list[Row]:
+    """Prompt steps over the paged cache, forward only: (name, prompt lengths, H, Hkv, D) per case,
+    each prompt whole in the step (chunk = context), block size 16; bf16 on CUDA."""
+    import torch
+
+    from kiln.kernels.paged_attention import paged_prefill_attention
+    from kiln.model.attention import paged_prefill_batched
+
+    rows = []
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for name, lens, H, Hkv, D in cases:
+        q, kp, vp, meta = prefill_step(lens, lens, H, Hkv, D, 16, device, dtype)
+
+        def padded(q, fused=False, meta=meta, kp=kp, vp=vp):
+            return paged_prefill_batched(q, kp, vp, meta, fused)
+
+        impls: dict[str, Callable] = {
+            "padded, Kiln plain attention (reference)": padded,
+            "padded, torch SDPA": lambda q, padded=padded: padded(q, True),
+            "kiln triton prefill": lambda q, meta=meta, kp=kp, vp=vp: paged_prefill_attention(
+                q, kp, vp, meta.block_tables, meta.context_lens, meta.query_start, meta.query_lens),
+        }
+        flops = 4 * H * D * sum(n * (n + 1) / 2 for n in lens)  # causal: each query sees its prefix
+        shape = f"{name}: {len(lens)} prompts, {sum(lens)} tokens (longest {max(lens)}), H{H}/{Hkv} D{D}"
+        rows += _measure("paged_prefill", shape, impls, [q], None, lambda ms: flops / (ms * 1e-3) / 1e12,
+                         "TFLOP/s", warmup, iters, graphs=False, backward=False)
+    return rows
+
+
+def prefill_cases(quick: bool = False) -> list[tuple[str, list[int], int, int, int]]:
+    """Prompt steps a serving engine meets: a wave of chat prompts (one long among short ones, as
+    AlpacaEval's through GPT-2's tokenizer: mean 34, max 503) and prompts of like length, at GPT-2
+    small's heads and at Llama-2-7B's."""
+    chat = [503] + [10 + (i * 7) % 31 for i in range(63)]
+    like = [96 + (i * 5) % 33 for i in range(16)]
+    cases = [("chat wave", chat, 12, 12, 64), ("like lengths", like, 12, 12, 64)]
+    return cases[:1] if quick else cases + [("chat wave", chat, 32, 32, 128)]
 
 
 def bench_ce(n: int, d: int, vocab: int, chunks: list[int], warmup: int, iters: int, device: str = "cuda") -> list[Row]:
@@ -437,6 +513,10 @@ def run(args: argparse.Namespace) -> int:
         chunks = [int(c) for c in args.ce_chunks.split(",")]
         rows += bench_ce(16384, 768, 50304, chunks, warmup, iters)
         print(to_markdown([r for r in rows if r.kernel == "ce"]), flush=True)
+        _save(args.out, rows)  # partial results survive a later failure
+    if "paged_prefill" in selected:
+        rows += bench_paged_prefill(prefill_cases(args.quick), warmup, iters)
+        print(to_markdown([r for r in rows if r.kernel == "paged_prefill"]), flush=True)
         _save(args.out, rows)  # partial results survive a later failure
     if args.profile:
         print(profile_kiln(), flush=True)
