@@ -29,7 +29,8 @@
 #   mixed   the wait section's rows with EngineConfig.mixed_steps=true, then false, in one call: arrivals
 #           prefilled beside the lean multi-step decode instead of general steps [X=270 each]
 #   prefill the Triton prefill kernel's tests on the GPU, `kiln bench kernels --kernels paged_prefill`
-#           (the kernel against the padded paths on a chat wave and like-length prompts) [KB=120], then
+#           (the kernel against the padded paths on a chat wave and like-length prompts) [KB=120], the
+#           prefill steps' profile at GPT-2-small (kernel time against wall: GPU- or host-bound?) [PP=150], then
 #           HTTP c=64 (1,000 requests) with
 #           prefill_kernel and mixed_steps true/true, true/false, false/false (the old default), the
 #           engine in its own process (kiln serve's default), 2 pairs of direct and HTTP rows in turn
@@ -120,6 +121,8 @@ for part in ${PART:-kv}; do
     prefill) section prefill_test "${T:-120}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_paged_attention.py \
                 -k "prefill or bf16 or mixed"
         section prefill_kernel_bench "${KB:-120}" kiln bench kernels --kernels paged_prefill --out "$OUT/kernels"
+        section prefill_prof "${PP:-150}" kiln bench serve --device cuda --parts profile --profile-tables prefill \
+                --shapes gpt2_small --prompt-len 128 --out "$OUT/prefill_prof"
         IFS=, read -ra cfgs <<< "${CFGS:-true true,true false,false false}"
         for cfg in "${cfgs[@]}"; do  # prefill_kernel, mixed_steps (CFGS: a comma list of such pairs)
             set -- $cfg

@@ -86,3 +86,13 @@ def test_prefill_lengths_plain_and_skewed():
     skewed = prefill_lengths(64, 128, 1024, skewed=True)
     assert skewed[0] == 512 and len(skewed) == 64 and all(10 <= k <= 40 for k in skewed[1:])
     assert prefill_lengths(2, 16, 128, skewed=True)[0] == 64
+
+
+def test_profile_prefill_tables_only(tmp_path):
+    """``--profile-tables prefill``: the prefill steps' tables alone (no decode windows, no gpt-fast)."""
+    args = ["bench", "serve", "--device", "cpu", "--shapes", "tiny", "--parts", "profile", "--profile-tables",
+            "prefill", "--prompt-len", "16", "--threads", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    tables = json.loads((tmp_path / "profile" / "decode_profile_tiny.json").read_text())
+    assert [t["impl"] for t in tables] == ["kiln prefill 1", "kiln prefill 64", "kiln prefill 64 skewed"]
+    assert all(not t["error"] and t["tokens"] == 1 for t in tables)

@@ -290,9 +290,12 @@ def _decode_window(eng: Any, rid: str, tokens: int, device: Any) -> tuple[int, f
 
 
 def kiln_profiles(model: Any, prompt: list[int], tokens: int, warm: int, device: Any, out: Path, shape: str,
-                  init_for_graphs: bool = False) -> list[ProfileTable]:
+                  init_for_graphs: bool = False, prefill_only: bool = False) -> list[ProfileTable]:
     """Kiln's default decode path under the profiler: graph replays, then (CUDA) the same compiled step
-    launched without the graph. Traces ``out/kiln_*.json``."""
+    launched without the graph; then speculation and prefill steps (``prefill_tables``). Traces
+    ``out/kiln_*.json``. ``prefill_only``: the prefill steps alone."""
+    if prefill_only:
+        return prefill_tables(model, prompt, device, out, shape)
     import torch
 
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
@@ -334,6 +337,13 @@ def kiln_profiles(model: Any, prompt: list[int], tokens: int, warm: int, device:
             tables.append(t)
     eng.abort(rid)
     tables.append(_spec_profile(model, prompt, tokens, warm, device, out, shape))
+    return tables + prefill_tables(model, prompt, device, out, shape)
+
+
+def prefill_tables(model: Any, prompt: list[int], device: Any, out: Path, shape: str) -> list[ProfileTable]:
+    """General steps admitting 1 and 64 prompts of like length, and 64 of chat length with one long
+    (``prefill_lengths``), padded and (CUDA) through the Triton prefill kernel: one table each."""
+    cuda, tables = device.type == "cuda", []
     # (prompts, skewed lengths, Triton prefill kernel): the kernel only where it runs (CUDA)
     for n, skewed, kernel in [(1, False, False), (64, False, False), (64, True, False)] + ([(64, True, True)] if cuda else []):
         name = prefill_name(n, skewed, kernel)

@@ -490,12 +490,13 @@ def profile_part(args: argparse.Namespace, shape: str, device: Any, work: Path) 
                            generator=torch.Generator().manual_seed(0)).tolist()
     tables: list[Any] = []
     try:
-        tables += kiln_profiles(model, prompt, tokens, warm, device, out, shape, args.profile_init)
+        tables += kiln_profiles(model, prompt, tokens, warm, device, out, shape, args.profile_init,
+                                prefill_only=args.profile_tables == "prefill")
     except Exception as e:  # noqa: BLE001 - reported as the table's error
         traceback.print_exc()
         tables.append(ProfileTable("kiln", shape, error=f"{type(e).__name__}: {e}"))
     _free(device)
-    if args.gpt_fast:
+    if args.gpt_fast and args.profile_tables != "prefill":
         try:
             export = export_for_references(model, work / f"export_{shape}")
             trace = out / "gpt_fast.json"
@@ -505,7 +506,7 @@ def profile_part(args: argparse.Namespace, shape: str, device: Any, work: Path) 
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             tables.append(ProfileTable("gpt-fast", shape, error=f"{type(e).__name__}: {e}"))
-    else:
+    elif args.profile_tables != "prefill":
         tables.append(ProfileTable("gpt-fast", shape, error="skipped: no --gpt-fast DIR"))
     del model
     _free(device)
@@ -528,7 +529,8 @@ def _profile_again(args: argparse.Namespace, shape: str, out: Path, tables: list
     redo = out / ("init" if flip else "no_init")
     cmd = [sys.executable, "-m", "kiln.bench.serve", "--parts", "profile", "--profile-rerun", "--shapes", shape,
            "--device", args.device, "--prompt-len", str(args.prompt_len), "--profile-tokens", str(args.profile_tokens),
-           "--out", str(redo)] + (["--model", args.model] if args.model else []) + (["--profile-init"] if flip else [])
+           "--profile-tables", args.profile_tables, "--out", str(redo)] + (["--model", args.model] if args.model else []) \
+        + (["--profile-init"] if flip else [])
     if args.gpt_fast and any(t.impl == "gpt-fast" and "no GPU kernels" in t.error for t in tables):
         cmd += ["--gpt-fast", args.gpt_fast]
     print(f"  profile: no GPU kernels traced; again in a fresh process: {' '.join(cmd)}", flush=True)
@@ -1005,6 +1007,9 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-s", type=float, default=0, help="rows not started this many seconds after the start "
                    "are skipped (listed as such); 0: no limit")
     p.add_argument("--profile-tokens", type=int, default=64, help="profile part: decode tokens recorded per table")
+    p.add_argument("--profile-tables", choices=("all", "prefill"), default="all", help="profile part: every table, "
+                   "or only the prefill steps' (1 and 64 prompts; 64 chat-length, padded and, on CUDA, through "
+                   "the Triton prefill kernel)")
     p.add_argument("--profile-init", action="store_true", help="profile part: run torch's "
                    "_init_for_cuda_graphs() (an empty profiler session) before the graphs are captured, the "
                    "workaround torch's docs give for graphs captured before the first profiler use; off by "
