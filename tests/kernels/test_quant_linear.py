@@ -202,3 +202,35 @@ def test_tuned_layers_take_the_kernel_at_one_row_under_compile(dev, mode):
     got_f, nodes_f = traced(False)
     assert f"kiln.{mode}_gemv" in nodes_t and f"kiln.{mode}_gemv" not in nodes_f
     torch.testing.assert_close(got_t, got_f, atol=1e-4, rtol=1e-4)
+
+
+def test_a_failing_tuned_launch_falls_back_to_the_fixed_tile_once(monkeypatch):
+    """The autotuned GEMV (int4's default on CUDA) must not take a quantized model down if a tile fails
+    to compile: one warning, False (the caller launches the fixed tile), and no retry afterwards."""
+    import warnings
+
+    from kiln.kernels import quant_linear as ql
+    from kiln.kernels._backend import KernelFallbackWarning
+
+    calls = []
+
+    class Launcher:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                calls.append(meta)
+                if self.fail:
+                    raise RuntimeError("PassManager::run failed")
+            return launch
+
+    monkeypatch.setattr(ql, "_TUNE_FAILED", set())
+    monkeypatch.setattr(ql, "_tuned_kernel", lambda kind: Launcher(fail=kind == "int4"))
+    assert ql._launch_tuned("int8", None, ()) is True and len(calls) == 1
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert ql._launch_tuned("int4", None, (), HALF=64) is False
+    assert calls[-1] == {"HALF": 64} and any(issubclass(x.category, KernelFallbackWarning) for x in w)
+    assert ql._launch_tuned("int4", None, (), HALF=64) is False and len(calls) == 2  # not tried again
+    assert ql._launch_tuned("int8", None, ()) is True

@@ -18,9 +18,11 @@ the weights are read once for many rows, so compression buys nothing.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from kiln.kernels._backend import HAVE_TRITON, compiling, unsupported_reason, warn_fallback
+from kiln.kernels._backend import HAVE_TRITON, KernelFallbackWarning, compiling, unsupported_reason, warn_fallback
 
 if HAVE_TRITON:
     import triton
@@ -232,6 +234,22 @@ def gemv_configs(kind: str) -> list[dict]:
 
 
 _TUNED: dict[str, object] = {}
+_TUNE_FAILED: set[str] = set()  # kinds whose autotuned launch raised: the fixed tile from then on
+
+
+def _launch_tuned(kind: str, grid: object, args: tuple, **meta: object) -> bool:
+    """Launch the autotuned ``kind`` kernel; False (with one warning, and the fixed tile from then on)
+    if it raises: a tile that fails to compile on some GPU must not take quantized models down."""
+    if kind in _TUNE_FAILED:
+        return False
+    try:
+        _tuned_kernel(kind)[grid](*args, **meta)
+        return True
+    except Exception as e:  # noqa: BLE001 - any compile or launch failure of the tuned variant
+        _TUNE_FAILED.add(kind)
+        warnings.warn(f"kiln.kernels.quant_linear: the autotuned {kind} GEMV failed ({type(e).__name__}: "
+                      f"{str(e)[:200]}); using the fixed tile", KernelFallbackWarning, stacklevel=3)
+        return False
 
 
 def _tuned_kernel(kind: str) -> object:
@@ -251,8 +269,7 @@ def _int8_gemv(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, tuned: bo
     (M, K), N = x2.shape, q.shape[0]
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     args = (x2, q, scale, y, N, K, x2.stride(0), q.stride(0), y.stride(0))
-    if tuned and x2.is_cuda:
-        _tuned_kernel("int8")[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args)
+    if tuned and x2.is_cuda and _launch_tuned("int8", lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M), args):
         return y
     BLOCK_N, BLOCK_K = gemv_block_n(N, M), 256
     _int8_gemv_kernel[(triton.cdiv(N, BLOCK_N), M)](*args, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
@@ -269,8 +286,8 @@ def _int4_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low:
     grid = (triton.cdiv(N, BLOCK_N), M)
     args = (x2, packed, scale, low, y, N, K, x2.stride(0), packed.stride(0), scale.stride(0), y.stride(0))
     if half & (half - 1) == 0:  # bytes per group a power of two: the tiled kernel, ~256 bytes a row per tile
-        if tuned and x2.is_cuda:
-            _tuned_kernel("int4")[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, HALF=half)
+        if tuned and x2.is_cuda and _launch_tuned("int4", lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M), args,
+                                                   HALF=half):
             return y
         gpt = min(triton.next_power_of_2(scale.shape[1]), max(1, 256 // half))
         _int4_gemv_kernel[grid](*args, HALF=half, GPT=gpt, BLOCK_N=BLOCK_N)
