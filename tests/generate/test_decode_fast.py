@@ -343,7 +343,7 @@ def test_prefill_kernel_engine_equals_the_pytorch_paths(model):
     inner = pa.paged_prefill_attention
 
     def spy(*a, **kw):
-        calls.append(len(a[-1]))
+        calls.append(a[-1])  # the step's query tiles
         return inner(*a, **kw)
 
     pa.paged_prefill_attention = spy
@@ -352,4 +352,5 @@ def test_prefill_kernel_engine_equals_the_pytorch_paths(model):
     finally:
         pa.paged_prefill_attention = inner
     assert got == want and calls and eng.stats()["prefix_cache_hits"] > 0
+    assert len({id(t) for t in calls}) * CFG.n_layers == len(calls)  # tiles built once a step, not a layer
     assert not LLMEngine(model, None, EngineConfig(prefill_kernel=True)).runner.prefill_kernel  # CPU: PyTorch paths

@@ -356,3 +356,5 @@ def test_pairs_compare_each_http_row_with_its_own_direct_row(tmp_path, capsys):
     assert abs(summary[0]["vs_direct"] - sum(ratios) / 2) < 1e-9 and f"{ratios[0]:.2f}-{ratios[1]:.2f}" in summary[0]["note"]
     assert main(args[:-4] + ["--pairs", "0", "--out", str(tmp_path)]) != 0
     assert "--pairs 0" in capsys.readouterr().err
+    assert main(args + ["--stub-engine", "4"]) != 0  # the stub's rows are not paired: refused, not ignored
+    assert "--stub-engine" in capsys.readouterr().err

@@ -931,6 +931,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--waves {args.waves}: give a positive integer (requests per slot of concurrency)")
     if args.pairs < 1:
         raise ValueError(f"--pairs {args.pairs}: give a positive integer (1: direct rows first, then the servers)")
+    if args.pairs > 1 and args.stub_engine:
+        raise ValueError("--pairs pairs the real engine's direct and HTTP rows; drop it with --stub-engine")
     args.engine = parse_overrides(args.engine)
     args.shape = args.shape or ("gpt2_small" if device.type == "cuda" else "preset_tiny")
     if args.stub_pace and not args.stub_engine:

@@ -79,8 +79,9 @@ if HAVE_TRITON:
     ):
         # Program (b, kvh, s): sequence b, key/value head kvh, blocks [s * chunk, (s + 1) * chunk) of the
         # sequence, chunk = ceil(its blocks / n_splits) from its own length (all of them when not SPLIT):
-        # every split gets a share of the blocks the sequence has, not of the table's width. SPLIT writes the unnormalized partial (max, sum, acc)
-        # for _paged_reduce_kernel; otherwise the normalized output.
+        # every split gets a share of the blocks the sequence has, not of the table's width. SPLIT
+        # writes the unnormalized partial (max, sum, acc) for _paged_reduce_kernel; otherwise the
+        # normalized output.
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -296,6 +297,13 @@ def prefill_tiles(query_lens: list[int], block_m: int = PREFILL_BLOCK_M) -> tupl
     return seq, m0
 
 
+def tile_tensor(query_lens: list[int], device: torch.device | str) -> torch.Tensor:
+    """``prefill_tiles`` as one (2, T) int32 tensor on ``device``: row 0 the sequences, row 1 the first
+    rows of their chunks (one host-to-device copy)."""
+    seq, m0 = prefill_tiles(query_lens)
+    return torch.tensor([seq, m0], dtype=torch.int32).reshape(2, len(seq)).to(device, non_blocking=True)
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -304,14 +312,16 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     query_start: torch.Tensor,
     query_lens: list[int],
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Any engine step (prompt chunks, decode rows, both) over the paged cache: q (N, H, D) packed ->
     (N, H, D), sequence b's new tokens rows ``query_start[b]:query_start[b+1]`` at the last positions
     of its ``context_lens[b]`` (keys/values already in the pool). One Triton launch over query tiles of
     64 rows: work and memory grow with the real tokens and contexts, not with the longest chunk times
     the number of sequences (``kiln.model.attention.paged_prefill_batched`` pads both). ``query_lens``:
-    the host copy of the chunk lengths (no device sync). Triton on CUDA (or the CPU under
-    TRITON_INTERPRET=1); elsewhere ``paged_attention_ref`` with one warning."""
+    the host copy of the chunk lengths (no device sync). ``tiles``: ``tile_tensor(query_lens)`` on q's
+    device, built here when None (a step's layers share one: ``PagedMetadata.prefill_tiles``). Triton
+    on CUDA (or the CPU under TRITON_INTERPRET=1); elsewhere ``paged_attention_ref`` with one warning."""
     reason = _decode_reason(q, k_pool)
     if reason is not None:
         warn_fallback("paged_prefill_attention", reason)
@@ -321,13 +331,12 @@ def paged_prefill_attention(
     assert k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.stride() == v_pool.stride()
     q = q.contiguous()
     out = torch.empty_like(q)
-    seq, m0 = prefill_tiles(query_lens)
-    if not seq:
+    tiles = tile_tensor(query_lens, q.device) if tiles is None else tiles  # (2, T): sequence, first row
+    if not tiles.shape[1]:
         return out
-    tiles = torch.tensor(seq + m0, dtype=torch.int32).to(q.device, non_blocking=True)
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    _paged_prefill_kernel[(len(seq), H)](
-        q, k_pool, v_pool, out, block_tables, context_lens, query_start, tiles[:len(seq)], tiles[len(seq):],
+    _paged_prefill_kernel[(tiles.shape[1], H)](
+        q, k_pool, v_pool, out, block_tables, context_lens, query_start, tiles[0], tiles[1],
         1.0 / math.sqrt(D), q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=H // Hkv, D=D, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=32, BLOCK_D=BLOCK_D, BS=bs,

@@ -155,10 +155,12 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
     if meta.decode:
         return _paged_decode_torch(q, k_pool, v_pool, meta)
     if meta.prefill_kernel:  # one launch over query tiles, no padding (``EngineConfig.prefill_kernel``)
-        from kiln.kernels.paged_attention import paged_prefill_attention
+        from kiln.kernels.paged_attention import paged_prefill_attention, tile_tensor
 
+        if meta.prefill_tiles is None:  # the same for every layer of the step: built once
+            meta.prefill_tiles = tile_tensor(meta.query_lens, q.device)
         out = paged_prefill_attention(q.to(k_pool.dtype), k_pool, v_pool, meta.block_tables, meta.context_lens,
-                                      meta.query_start, meta.query_lens)
+                                      meta.query_start, meta.query_lens, meta.prefill_tiles)
         return out.to(q.dtype)
     if q.is_cuda and len(meta.query_lens) > 1:  # many sequences: one padded, masked call per layer
         return _paged_mixed_cuda(q, k_pool, v_pool, meta, fused)

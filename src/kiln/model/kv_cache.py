@@ -174,3 +174,4 @@ class PagedMetadata:
         self.decode_gather: tuple[Tensor, Tensor] | None = None  # the PyTorch decode path's, per step
         self.split: tuple[dict, PagedMetadata] | None = None  # CUDA mixed steps: decoders vs chunks
         self.prefill_kernel = False  # steps with chunks: Kiln's Triton prefill kernel (``paged_attention``)
+        self.prefill_tiles: Tensor | None = None  # that kernel's query tiles, built once a step
