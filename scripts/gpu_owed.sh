@@ -30,8 +30,8 @@
 #           prefilled beside the lean multi-step decode instead of general steps [X=270 each]
 #   prefill the Triton prefill kernel's tests on the GPU, `kiln bench kernels --kernels paged_prefill`
 #           (the kernel against the padded paths on a chat wave and like-length prompts) [KB=120], the
-#           prefill steps' profile at GPT-2-small (kernel time against wall: GPU- or host-bound?) [PP=150], then
-#           HTTP c=64 (1,000 requests) with
+#           prefill steps' profile at GPT-2-small (kernel time against wall: GPU- or host-bound?) [PP=150]
+#   phttp   HTTP c=64 (1,000 requests) with
 #           prefill_kernel and mixed_steps true/true, true/false, false/false (the old default), the
 #           engine in its own process (kiln serve's default), 2 pairs of direct and HTTP rows in turn
 #           (--pairs 2: each HTTP row over its own pair's direct row) [R=140 each]
@@ -122,8 +122,8 @@ for part in ${PART:-kv}; do
                 -k "prefill or bf16 or mixed"
         section prefill_kernel_bench "${KB:-120}" kiln bench kernels --kernels paged_prefill --out "$OUT/kernels"
         section prefill_prof "${PP:-150}" kiln bench serve --device cuda --parts profile --profile-tables prefill \
-                --shapes gpt2_small --prompt-len 128 --out "$OUT/prefill_prof"
-        IFS=, read -ra cfgs <<< "${CFGS:-true true,true false,false false}"
+                --shapes gpt2_small --prompt-len 128 --out "$OUT/prefill_prof" ;;
+    phttp) IFS=, read -ra cfgs <<< "${CFGS:-true true,true false,false false}"
         for cfg in "${cfgs[@]}"; do  # prefill_kernel, mixed_steps (CFGS: a comma list of such pairs)
             set -- $cfg
             section "prefill_$1_mixed_$2" "${R:-140}" kiln bench serve --device cuda --shapes gpt2_small --parts http \
@@ -139,6 +139,6 @@ for part in ${PART:-kv}; do
     learn) section learn "${L:-240}" kiln bench align --learning --size small --device cuda \
                 --hh-rlhf .devcarry/hh-rlhf/harmless-base/test.jsonl.gz --gsm8k .devcarry/gsm8k_test64.jsonl \
                 --out "$OUT/learning" ;;
-    *) echo "unknown section $part (kv q1b quant q7b q7bt g7b prof http wait mixed prefill sampled learn)"; exit 2 ;;
+    *) echo "unknown section $part (kv q1b quant q7b q7bt g7b prof http wait mixed prefill phttp sampled learn)"; exit 2 ;;
     esac
 done
