@@ -40,9 +40,10 @@
 # Measured on 2026-12-07 and no longer owed: same-run gpt-fast at 124M and 350m, n-gram speculation,
 # int8/int4 at 350m and 1b, kiln::kv_write (section kv), sampled decode, HTTP at c=16/64/256 four
 # times, q7b with the tuned rows (ROWS=int8,int4,int8-tuned,int4-tuned), mixed (docs/benchmarks.md).
-# Still owed, in order of value: prefill (it validates the prefill kernel on the GPU before it can
-# become the default), quant (the tuned GEMVs at 1b, now with ACC2D tiles), g7b, prof, http, wait,
-# learn. The session's budget is 1,800 s and a machine's start costs ~90 s (a failed start too).
+# Measured late on 2026-12-07: prefill and phttp (the Triton prefill kernel, now the default).
+# Still owed, in order of value: quant (the tuned GEMVs at 1b, now with ACC2D tiles), g7b, prof (it
+# also times the decode-split change), kv, http, wait, learn. The session's budget is 1,800 s and a
+# machine's start costs ~90 s (a failed start too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

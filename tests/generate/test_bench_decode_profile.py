@@ -76,6 +76,7 @@ def test_gpu_trace_is_summed_per_kernel_and_token(tmp_path):
         "at::native::vectorized_elementwise_kernel"
     assert categorize("triton_per_fused__softmax_3", 1.0) == "sampling/argmax"
     assert categorize("triton_per_fused__softmax_3", 12.0) == "attention"
+    assert categorize("_paged_prefill_kernel", 12.0) == "attention"  # not a fill (a copy) by its name
 
 
 def test_prefill_lengths_plain_and_skewed():

@@ -354,3 +354,4 @@ def test_prefill_kernel_engine_equals_the_pytorch_paths(model):
     assert got == want and calls and eng.stats()["prefix_cache_hits"] > 0
     assert len({id(t) for t in calls}) * CFG.n_layers == len(calls)  # tiles built once a step, not a layer
     assert not LLMEngine(model, None, EngineConfig(prefill_kernel=True)).runner.prefill_kernel  # CPU: PyTorch paths
+    assert EngineConfig().prefill_kernel  # the default since the H100 run (docs/benchmarks.md)

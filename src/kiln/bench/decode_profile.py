@@ -119,7 +119,7 @@ def categorize(name: str, calls_per_token: float) -> str:
     if n.startswith("kiln::lm_head"):
         return "lm_head"
     if n.startswith("kiln::paged_attention") or "bmm" in n or any(
-            k in n for k in ("paged_decode", "paged_reduce", "flash", "fmha", "attention", "sdpa", "attn")):
+            k in n for k in ("paged_decode", "paged_reduce", "paged_prefill", "flash", "fmha", "attention", "sdpa", "attn")):
         return "attention"
     if any(k in n for k in MATMUL_KEYS):
         return "lm_head" if once else "matmul/GEMV"
