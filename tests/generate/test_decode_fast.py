@@ -355,3 +355,23 @@ def test_prefill_kernel_engine_equals_the_pytorch_paths(model):
     assert len({id(t) for t in calls}) * CFG.n_layers == len(calls)  # tiles built once a step, not a layer
     assert not LLMEngine(model, None, EngineConfig(prefill_kernel=True)).runner.prefill_kernel  # CPU: PyTorch paths
     assert EngineConfig().prefill_kernel  # the default since the H100 run (docs/benchmarks.md)
+
+
+def test_prefill_kernel_step_writes_the_same_cache(model):
+    """A prompt step on the prefill kernel's path (RoPE by ``rope_qk``, under the interpreter here) leaves the same rotated keys and values in the pool as the PyTorch path. The
+    greedy-token test above cannot see a RoPE offset shared by a step's q and k (attention within the
+    step is unchanged by it); the keys that later decode steps read can."""
+    prompts = [[5, 17, 200, 3, 9, 41, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    pools = []
+    for fast in (False, True):
+        eng = _engine(model, False)
+        eng.runner.prefill_kernel = fast
+        for ids in prompts:
+            eng.add_request(ids, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        eng.step()  # the prompts' step
+        pools.append(eng.runner.cache)
+    plain, fast = pools
+    assert plain.k[0].abs().sum() > 0  # the step wrote something to compare
+    for layer in range(CFG.n_layers):
+        torch.testing.assert_close(fast.k[layer], plain.k[layer], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.v[layer], plain.v[layer], rtol=1e-5, atol=1e-6)

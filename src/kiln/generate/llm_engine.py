@@ -114,10 +114,10 @@ class EngineConfig:
     (``kiln.kernels.paged_attention.paged_prefill_attention``: query tiles of one sequence each, keys
     read through the block table), whose work grows with the real tokens. False: the padded path,
     which pads every chunk to the longest and every context to the longest (one masked call a layer).
-    Measured on an H100 (docs/benchmarks.md, "The Triton prefill kernel"): 4.9x torch SDPA on the
-    padded batch for a chat wave of 64 prompts at GPT-2-small's heads, 15x at Llama-2-7B's; the c=64
-    chat rows' prompt-admitting steps 15 ms instead of 39-102 ms, direct throughput 1.3x. Elsewhere
-    (CPU) the readable PyTorch paths run either way."""
+    Measured on an H100 (docs/benchmarks.md, "The Triton prefill kernel on the H100"): 4.9x torch
+    SDPA on the padded batch for a chat wave of 64 prompts at GPT-2-small's heads, 15x at
+    Llama-2-7B's; the c=64 chat rows' prompt-admitting steps 13-19 ms instead of 39-120 ms, direct
+    throughput 1.3x. Elsewhere (CPU) the readable PyTorch paths run either way."""
     mixed_steps: bool = False
     """On the lean path (CUDA graphs): when requests are admitted, or prompts are still being
     prefilled, while others decode, run the decoding ones' ``decode_steps`` tokens through the decode

@@ -187,11 +187,9 @@ def paged_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetada
 def _fast_prefill(cache: PagedKVCache) -> bool:
     """An eager engine step on the prefill kernel's path (``EngineConfig.prefill_kernel``, CUDA; tests
     set it under Triton's interpreter): RoPE for q and k as one Triton launch (``kiln.kernels.rope``)
-    and the cache write as one (``kv_write``), instead of ~18 and 2 eager ops a layer. The decode
-    graphs keep their own (compiled) path."""
+    instead of ~18 eager ops a layer. The decode graphs keep their own (compiled) path."""
     meta = cache.meta
-    return (meta is not None and meta.prefill_kernel and not meta.decode and cache.write_op
-            and not torch.compiler.is_compiling())
+    return meta is not None and meta.prefill_kernel and not meta.decode and not torch.compiler.is_compiling()
 
 
 def _paged_mixed_cuda(q: Tensor, k_pool: Tensor, v_pool: Tensor, meta: PagedMetadata, fused: bool) -> Tensor:
@@ -427,11 +425,6 @@ class MultiHeadSelfAttention(nn.Module):
     def _paged_eager(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
         """``_paged``'s general path (any mix of prefill chunks and decodes, any device)."""
         i = self.layer_idx
-        if _fast_prefill(cache):  # one Triton launch for keys and values, not two index_copy_
-            from kiln.kernels.paged_attention import kv_write
-
-            kv_write(k[0].transpose(0, 1), v[0].transpose(0, 1), cache.k[i], cache.v[i], cache.meta.slot_mapping)
-        else:
-            cache.write(i, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, Hkv, D) into the pool
+        cache.write(i, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (N, Hkv, D) into the pool
         fused = self.attention_impl in ("sdpa", "triton")
         return paged_attention(q[0].transpose(0, 1), cache.k[i], cache.v[i], cache.meta, fused)

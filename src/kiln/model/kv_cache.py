@@ -129,13 +129,19 @@ class PagedKVCache:
         self.scratch_block = num_blocks
         self.meta: PagedMetadata | None = None
         self.write_op = True
-        """CUDA decode steps write keys/values through the custom op ``kiln::kv_write`` (in place under
-        ``torch.compile``); False: ``write``'s ``index_copy_`` (kept to measure one against the other)."""
+        """On CUDA keys/values are written by Kiln's ``kv_write`` kernel (one launch for both; in a
+        compiled decode step the custom op ``kiln::kv_write``, in place under ``torch.compile``);
+        False: two ``index_copy_`` (kept to measure one against the other)."""
 
     def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> None:
         """Store k_new, v_new: (N, n_kv_heads, head_dim) at the slots ``meta.slot_mapping`` (N,)."""
         assert self.meta is not None, "set PagedKVCache.meta before the forward pass"
         slots = self.meta.slot_mapping
+        if self.write_op and k_new.is_cuda:
+            from kiln.kernels.paged_attention import kv_write  # lazy: Triton is optional
+
+            kv_write(k_new, v_new, self.k[layer], self.v[layer], slots)
+            return
         self.k[layer].view(-1, *k_new.shape[1:]).index_copy_(0, slots, k_new.to(self.k[layer].dtype))
         self.v[layer].view(-1, *v_new.shape[1:]).index_copy_(0, slots, v_new.to(self.v[layer].dtype))
 
