@@ -234,3 +234,25 @@ def test_a_failing_tuned_launch_falls_back_to_the_fixed_tile_once(monkeypatch):
     assert calls[-1] == {"HALF": 64} and any(issubclass(x.category, KernelFallbackWarning) for x in w)
     assert ql._launch_tuned("int4", None, (), HALF=64) is False and len(calls) == 2  # not tried again
     assert ql._launch_tuned("int8", None, ()) is True
+
+
+@pytest.mark.parametrize("M,N,K,G,block_n,gpt", [(1, 37, 640, 128, 8, 2),  # 5 groups: the last tile half past the end
+                                                (2, 20, 256, 64, 4, 4), (1, 16, 96, 32, 16, 1),
+                                                (1, 3, 2048, 128, 4, 4)])
+def test_int4_word_kernel_equals_reference(dev, M, N, K, G, block_n, gpt):
+    """``_int4_gemv_kernel_w32`` reads the packed bytes as int32 words: nibble i of word j is input
+    8 j + i, each through the mantissa trick at its own bit position (a wrong position, shift or
+    scale changes the sum)."""
+    import triton
+
+    from kiln.kernels import quant_linear as ql
+
+    torch.manual_seed(3)
+    w, x = torch.randn(N, K, device=dev), torch.randn(M, K, device=dev)
+    p, s, z = quantize_int4(w, G)
+    p32 = p.view(torch.int32)
+    y = torch.full((M, N), float("nan"), device=dev)
+    ql._int4_gemv_kernel_w32[(triton.cdiv(N, block_n), M)](
+        x, p32, s, z, y, N, K, x.stride(0), p32.stride(0), s.stride(0), y.stride(0), WPG=G // 8, GPT=gpt,
+        BLOCK_N=block_n)
+    torch.testing.assert_close(y, int4_linear_ref(x, p, s, z), atol=1e-4, rtol=1e-4)

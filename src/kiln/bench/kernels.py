@@ -10,6 +10,8 @@ rows; the gradients each row produces are counted). Liger-Kernel rows appear whe
 - Attention: TFLOP/s with fwd = 4 B H T^2 D (halved when causal) and bwd = 2.5 x fwd.
 - Linear + cross-entropy: ms and extra GB at 16384 tokens, d 768, vocab 50304; extra GB excludes
   the inputs and the gradients (the issue's numbers include dx and dW, 0.10 GB).
+- GEMV (batch-1 decode's weight products; ``kiln.bench.gemv``): GB/s of weight bytes streamed, bf16
+  against Kiln's int8/int4 kernels and Inductor's one-row forms, beside the copy bandwidth.
 - Paged prefill (forward only, the serving engine's prompt steps): one step's attention over the
   paged KV cache, Kiln's Triton prefill kernel against the padded one-call path it replaces (Kiln's
   plain attention, and torch's SDPA on the same padded batch); TFLOP/s over the real (unpadded)
@@ -32,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-KERNELS = ("rmsnorm", "attention", "ce", "paged_prefill")
+KERNELS = ("rmsnorm", "attention", "ce", "paged_prefill", "gemv")
 TABLES = (*KERNELS, "ce_rows_sweep")
 
 
@@ -518,6 +520,12 @@ def run(args: argparse.Namespace) -> int:
         rows += bench_paged_prefill(prefill_cases(args.quick), warmup, iters)
         print(to_markdown([r for r in rows if r.kernel == "paged_prefill"]), flush=True)
         _save(args.out, rows)  # partial results survive a later failure
+    if "gemv" in selected:
+        from kiln.bench.gemv import bench_gemv, gemv_cases
+
+        rows += bench_gemv(gemv_cases(args.quick), 5 if args.quick else 20, args.gemv_sweep)
+        print(to_markdown([r for r in rows if r.kernel == "gemv"]), flush=True)
+        _save(args.out, rows)
     if args.profile:
         print(profile_kiln(), flush=True)
     if args.sweep:
@@ -558,6 +566,8 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ce-chunks", default="256,1024,4096,8192,16384", help="chunk sizes (tokens) for the fused CE rows")
     p.add_argument("--out", default=None, help="directory for bench_kernels.json and bench_kernels.md")
     p.add_argument("--sweep", action="store_true", help="also time launch shapes of the fused CE's row kernel")
+    p.add_argument("--gemv-sweep", action="store_true",
+                   help="gemv: also time every tile of the int8 kernel and the int4 word kernel (best few per shape)")
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler GPU-time summary of Kiln's kernels")
     p.set_defaults(func=run)
 

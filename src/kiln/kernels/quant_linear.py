@@ -119,24 +119,39 @@ if HAVE_TRITON:
         return (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _int8_gemv_tile(X, Q, m, n, n_ok, k0, K, stride_x, stride_q, acc, acc2,
+                        BLOCK_K: tl.constexpr, ACC2D: tl.constexpr):
+        """One BLOCK_K tile of the int8 GEMV's loop: acc (BLOCK_N,) or acc2 (BLOCK_N, BLOCK_K) updated."""
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        x = tl.load(X + m * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
+        q = tl.load(Q + n[:, None] * stride_q + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0,
+                    eviction_policy="evict_first")  # streamed once: keep x and the scales in cache
+        if ACC2D:
+            acc2 += _i8_to_f32(q) * x[None, :]
+        else:
+            acc += tl.sum(_i8_to_f32(q) * x[None, :], axis=1)
+        return acc, acc2
+
+    @triton.jit
     def _int8_gemv_kernel(X, Q, S, Y, N, K, stride_x, stride_q, stride_y,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr = False):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC2D: tl.constexpr = False,
+                          STAGES: tl.constexpr = 0):
         # ACC2D: accumulate a (BLOCK_N, BLOCK_K) tile and reduce it once after the loop, instead of a
-        # cross-thread reduction every iteration (more registers, no shuffles or barriers in the loop)
+        # cross-thread reduction every iteration (more registers, no shuffles or barriers in the loop).
+        # STAGES > 0: the loop software-pipelined that deep (tl.range's num_stages: the next tiles'
+        # loads issued before this one's arithmetic), more bytes in flight per program.
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.program_id(1)
         n_ok = n < N
         acc = tl.zeros((BLOCK_N,), tl.float32)
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < K
-            x = tl.load(X + m * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)
-            q = tl.load(Q + n[:, None] * stride_q + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-            if ACC2D:
-                acc2 += _i8_to_f32(q) * x[None, :]
-            else:
-                acc += tl.sum(_i8_to_f32(q) * x[None, :], axis=1)
+        if STAGES > 0:
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+                acc, acc2 = _int8_gemv_tile(X, Q, m, n, n_ok, k0, K, stride_x, stride_q, acc, acc2, BLOCK_K, ACC2D)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                acc, acc2 = _int8_gemv_tile(X, Q, m, n, n_ok, k0, K, stride_x, stride_q, acc, acc2, BLOCK_K, ACC2D)
         if ACC2D:
             acc = tl.sum(acc2, axis=1)
         s = tl.load(S + n, mask=n_ok, other=0.0)
@@ -179,6 +194,58 @@ if HAVE_TRITON:
         if ACC2D:
             acc = tl.sum(tl.sum(acc3, axis=2), axis=1)
         tl.store(Y + m * stride_y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _nib_term(w, MASK: tl.constexpr, SCALE: tl.constexpr, xi):
+        """nib * x for the nibble of ``w`` under MASK (a nibble within bits 0-19): ORed into the mantissa
+        of 1.0, minus 1.0, it is exactly nib * 2^(pos - 23); SCALE = 2^(23 - pos) undoes that on x's
+        side (exact: a power of two). One logic op, one subtraction, one multiply-add a weight."""
+        u = ((w & MASK) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+        return u * (xi * SCALE)[None, :, :]
+
+    @triton.jit
+    def _int4_gemv_kernel_w32(X, P, S, Z, Y, N, K, stride_x, stride_p, stride_s, stride_y,
+                              WPG: tl.constexpr, GPT: tl.constexpr, BLOCK_N: tl.constexpr):
+        """int4 with the packed bytes read as int32 words (P: (N, K / 8) int32; nibble i of word j is
+        input k = 8 j + i, little-endian, the same bytes as ``quantize_int4``'s layout). Each program:
+        BLOCK_N outputs of one row, GPT groups of WPG words per iteration. Per group:
+        s * sum(nib x) + z * sum(x), with nib * x from ``_nib_term`` (nibbles 5-7 shifted down once a
+        word): ~2 integer and ~4 float ops a byte, against ~5 and ~6 for ``_int4_gemv_kernel``."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.program_id(1)
+        n_ok = n < N
+        j = tl.arange(0, WPG)  # word within a group
+        t = tl.arange(0, GPT)  # group within the tile
+        n_groups = K // (8 * WPG)
+        acc = tl.zeros((BLOCK_N, GPT, WPG), tl.float32)
+        for g0 in range(0, n_groups, GPT):
+            g = g0 + t
+            g_ok = g < n_groups
+            word = g[:, None] * WPG + j[None, :]  # (GPT, WPG)
+            w = tl.load(P + n[:, None, None] * stride_p + word[None, :, :],
+                        mask=n_ok[:, None, None] & g_ok[None, :, None], other=0, eviction_policy="evict_first")
+            hi = w >> 12  # nibbles 5, 6, 7 to bits 8-19
+            xp = X + m * stride_x + 8 * word  # (GPT, WPG): each word's first input
+            x_ok = g_ok[:, None]
+            x0 = tl.load(xp, mask=x_ok, other=0.0).to(tl.float32)
+            x1 = tl.load(xp + 1, mask=x_ok, other=0.0).to(tl.float32)
+            x2 = tl.load(xp + 2, mask=x_ok, other=0.0).to(tl.float32)
+            x3 = tl.load(xp + 3, mask=x_ok, other=0.0).to(tl.float32)
+            x4 = tl.load(xp + 4, mask=x_ok, other=0.0).to(tl.float32)
+            x5 = tl.load(xp + 5, mask=x_ok, other=0.0).to(tl.float32)
+            x6 = tl.load(xp + 6, mask=x_ok, other=0.0).to(tl.float32)
+            x7 = tl.load(xp + 7, mask=x_ok, other=0.0).to(tl.float32)
+            part = (_nib_term(w, 0xF, 8388608.0, x0) + _nib_term(w, 0xF0, 524288.0, x1)
+                    + _nib_term(w, 0xF00, 32768.0, x2) + _nib_term(w, 0xF000, 2048.0, x3)
+                    + _nib_term(w, 0xF0000, 128.0, x4) + _nib_term(hi, 0xF00, 32768.0, x5)
+                    + _nib_term(hi, 0xF000, 2048.0, x6) + _nib_term(hi, 0xF0000, 128.0, x7))  # (BLOCK_N, GPT, WPG)
+            xsum = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7  # (GPT, WPG)
+            sg_ok = n_ok[:, None] & g_ok[None, :]
+            sc = tl.load(S + n[:, None] * stride_s + g[None, :], mask=sg_ok, other=0.0)  # (BLOCK_N, GPT)
+            lo = tl.load(Z + n[:, None] * stride_s + g[None, :], mask=sg_ok, other=0.0)
+            acc += sc[:, :, None] * part + lo[:, :, None] * xsum[None, :, :]
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        tl.store(Y + m * stride_y + n, y.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _int4_gemv_kernel_any(X, P, S, Z, Y, N, K, stride_x, stride_p, stride_s, stride_y,
