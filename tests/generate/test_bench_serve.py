@@ -23,6 +23,7 @@ def test_bench_serve_runs_on_cpu(tmp_path, capsys):
     thr = [r for r in rows if r["table"] == "throughput"]
     assert [r["concurrency"] for r in thr] == [1, 3] and all(r["tok_s"] > 0 and r["ttft_p50_ms"] for r in thr)
     assert "| tiny | kiln int8 |" in (tmp_path / "bench_serve.md").read_text()
+    assert "q/k/v and gate/up projections fused" in (tmp_path / "bench_serve.md").read_text()  # the default
     assert prompt_lengths(str(prompts), 4) == [10, 2, 25, 10]
     assert "ERROR" not in format_tables([])
 
@@ -126,3 +127,31 @@ def test_bench_serve_sampled_rows(tmp_path):
     assert thr == ["kiln engine", "kiln engine T=0.8"]
     assert all(r["tok_s"] > 0 and not r["error"] for r in rows)
     assert "sampled at temperature 0.8" in (tmp_path / "bench_serve.md").read_text()
+
+
+def test_kiln_rows_fuse_projections_unless_told_not_to(tmp_path, monkeypatch):
+    """The Kiln model of the latency, throughput, profile and http rows is fused as ``kiln serve`` loads
+    one (before quantize_model, so int8/int4 too); ``--no-fuse-projections`` is the A/B switch, passed
+    on to the servers the http part starts."""
+    import argparse
+
+    import torch
+
+    from kiln.bench.serve import bench_model, build_draft
+    from kiln.bench.serve_http import kiln_server
+    from kiln.model import is_fused
+
+    cpu = torch.device("cpu")
+    model = bench_model("tiny", cpu, torch.float32, None, fuse=True)
+    assert is_fused(model) and not is_fused(bench_model("tiny", cpu, torch.float32, None))
+    assert is_fused(build_draft(model, cpu, torch.float32, fuse=True))
+    args = ["bench", "serve", "--device", "cpu", "--shapes", "tiny", "--parts", "latency", "--rows", "",
+            "--new-tokens", "4", "--prompt-len", "4", "--repeats", "1", "--no-fuse-projections", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert "projections not fused" in (tmp_path / "bench_serve.md").read_text()
+    import kiln.bench.serve_http as serve_http
+
+    monkeypatch.setattr(serve_http, "Server", lambda cmd, port, env=None: cmd)  # the command, not a process
+    for fuse in (True, False):
+        ns = argparse.Namespace(concurrency=[1], threads=0, engine={}, fuse_projections=fuse)
+        assert ("--no-fuse-projections" in kiln_server(ns, tmp_path, cpu)) == (not fuse)

@@ -85,3 +85,19 @@ def test_generate_speculative_ngram_prints_the_same_greedy_text(run_dir, capsys)
     assert capsys.readouterr().out == plain
     assert main(["generate", *base, "--compile"]) == 0  # CUDA graphs + compiled step (the CPU: plain steps)
     assert capsys.readouterr().out == plain
+
+
+def test_generate_fuses_projections_before_quantizing_unless_told_not_to(run_dir, capsys, monkeypatch):
+    import kiln.model
+
+    calls = []
+    fuse = kiln.model.fuse_projections
+    monkeypatch.setattr(kiln.model, "fuse_projections", lambda m: calls.append(m) or fuse(m))
+    base = ["generate", "--model", str(run_dir / "run"), "--prompt", "Hi", "--max-new-tokens", "8", "--temperature",
+            "0", "--keep-eot"]
+    assert main(base) == 0 and len(calls) == 1
+    fused = capsys.readouterr().out
+    assert main(base + ["--no-fuse-projections"]) == 0 and len(calls) == 1
+    assert capsys.readouterr().out == fused  # the same greedy text
+    assert main(base + ["--quantize", "int8"]) == 0 and len(calls) == 2
+    assert kiln.model.is_fused(calls[-1]) and isinstance(calls[-1].layers[0].self_attn.qkv_proj, kiln.model.Int8Linear)

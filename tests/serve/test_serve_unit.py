@@ -230,3 +230,23 @@ def test_kiln_chat_loop_keeps_history_and_streams(tmp_path):
     assert msgs[1]["content"] == "third" and len(msgs[2]["content"].encode()) <= 5 * 4
     assert out.getvalue().count("model> ") == 3 and "[history cleared]" in out.getvalue()
     assert not engine.has_unfinished() and engine.stats()["used_blocks"] == 0
+
+
+def test_load_fuses_projections_unless_told_not_to(chat_model_dir):
+    """``kiln serve`` / ``kiln chat`` load the model with q/k/v and gate/up fused (``fuse_projections``),
+    with the same greedy replies; ``--no-fuse-projections`` keeps them apart."""
+    from kiln.cli.main import build_parser
+    from kiln.cli.serve import _spec
+    from kiln.model import is_fused
+    from kiln.serve.server import ModelSpec, load
+
+    fused = load(ModelSpec(str(chat_model_dir), device="cpu", warmup="off"))
+    plain = load(ModelSpec(str(chat_model_dir), device="cpu", warmup="off", fuse_projections=False))
+    assert is_fused(fused.model) and not is_fused(plain.model)
+    p = SamplingParams(max_tokens=12, temperature=0)
+    prompts = [[104, 105], [119, 104, 111]]
+    assert ([o.token_ids for o in fused.engine.generate(prompts, p)]
+            == [o.token_ids for o in plain.engine.generate(prompts, p)])
+    for cmd in ("serve", "chat"):
+        assert _spec(build_parser().parse_args([cmd, "M"])).fuse_projections
+        assert not _spec(build_parser().parse_args([cmd, "M", "--no-fuse-projections"])).fuse_projections

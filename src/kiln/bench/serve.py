@@ -75,20 +75,25 @@ class ServeRow:
 # -- models and weights ------------------------------------------------------------------------------
 
 
-def bench_model(shape: str, device: Any, dtype: Any, model_dir: str | None, seed: int = 0) -> Any:
-    """The benchmarked Kiln model: ``model_dir`` loaded, or the named shape with random weights."""
+def bench_model(shape: str, device: Any, dtype: Any, model_dir: str | None, seed: int = 0,
+                fuse: bool = False) -> Any:
+    """The benchmarked Kiln model: ``model_dir`` loaded, or the named shape with random weights.
+    ``fuse``: each layer's q/k/v and gate/up as one matrix each (``kiln.model.fuse_projections``), as
+    ``kiln serve`` loads a model (``--no-fuse-projections`` turns it off for the Kiln rows)."""
     import torch
 
-    from kiln.model import build_model, load_pretrained
+    from kiln.model import build_model, fuse_projections, load_pretrained
 
     if model_dir:
-        return load_pretrained(model_dir, device=device, dtype=dtype).eval()
-    table = serve_shapes()
-    if shape not in table:
-        raise ValueError(f"unknown shape {shape!r}; use one of {sorted(table)}")
-    torch.manual_seed(seed)
-    return build_model(replace(table[shape], attention_impl="sdpa" if device.type == "cuda" else "kiln"),
-                       device=device, dtype=dtype).eval()
+        model = load_pretrained(model_dir, device=device, dtype=dtype).eval()
+    else:
+        table = serve_shapes()
+        if shape not in table:
+            raise ValueError(f"unknown shape {shape!r}; use one of {sorted(table)}")
+        torch.manual_seed(seed)
+        model = build_model(replace(table[shape], attention_impl="sdpa" if device.type == "cuda" else "kiln"),
+                            device=device, dtype=dtype).eval()
+    return fuse_projections(model) if fuse else model
 
 
 def largest_preset() -> str:
@@ -323,7 +328,8 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
     from kiln.model import quantize_model
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = bench_model(shape, device, dtype, args.model)
+    fuse = args.fuse_projections  # before quantize_model below: the int8/int4 rows are fused too
+    model = bench_model(shape, device, dtype, args.model, fuse=fuse)
     V, ctx = model.config.vocab_size, model.config.context_length
     g = torch.Generator().manual_seed(0)
     plen = max(1, min(args.prompt_len, ctx // 2))
@@ -379,7 +385,8 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
     if "ngram" in args.rows:
         add("kiln spec ngram", lambda: kiln_decode(model, prompt, new_tokens, r, "ngram", compile_decode=cuda), model)
     if "draft" in args.rows:
-        draft = bench_model("", device, dtype, args.draft_model) if args.draft_model else build_draft(model, device, dtype)
+        draft = (bench_model("", device, dtype, args.draft_model, fuse=fuse) if args.draft_model
+                 else build_draft(model, device, dtype, fuse))
         add("kiln spec draft", lambda: kiln_decode(model, prompt, new_tokens, r, "draft", draft, compile_decode=cuda),
             model)
     export = None
@@ -480,7 +487,7 @@ def profile_part(args: argparse.Namespace, shape: str, device: Any, work: Path) 
     out = Path(args.out) / "profile" if args.out else work / "profile"
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = bench_model(shape, device, dtype, args.model)
+    model = bench_model(shape, device, dtype, args.model, fuse=args.fuse_projections)
     ctx = model.config.context_length
     plen = max(1, min(args.prompt_len, ctx // 4))
     w = 2 if device.type == "cuda" else 1  # windows: graph replays, the same step without the graph
@@ -530,7 +537,7 @@ def _profile_again(args: argparse.Namespace, shape: str, out: Path, tables: list
     cmd = [sys.executable, "-m", "kiln.bench.serve", "--parts", "profile", "--profile-rerun", "--shapes", shape,
            "--device", args.device, "--prompt-len", str(args.prompt_len), "--profile-tokens", str(args.profile_tokens),
            "--profile-tables", args.profile_tables, "--out", str(redo)] + (["--model", args.model] if args.model else []) \
-        + (["--profile-init"] if flip else [])
+        + (["--profile-init"] if flip else []) + ([] if args.fuse_projections else ["--no-fuse-projections"])
     if args.gpt_fast and any(t.impl == "gpt-fast" and "no GPU kernels" in t.error for t in tables):
         cmd += ["--gpt-fast", args.gpt_fast]
     print(f"  profile: no GPU kernels traced; again in a fresh process: {' '.join(cmd)}", flush=True)
@@ -552,18 +559,19 @@ def _profile_again(args: argparse.Namespace, shape: str, out: Path, tables: list
     return fixed
 
 
-def build_draft(model: Any, device: Any, dtype: Any) -> Any:
+def build_draft(model: Any, device: Any, dtype: Any, fuse: bool = False) -> Any:
     """A 2-layer draft with the model's vocabulary and context, random weights (acceptance is then
-    low; pass --draft-model for a trained one)."""
+    low; pass --draft-model for a trained one); ``fuse`` as ``bench_model``'s."""
     import torch
 
-    from kiln.model import build_model
+    from kiln.model import build_model, fuse_projections
 
     c = model.config
     torch.manual_seed(1)
     cfg = replace(c, n_layers=2, d_model=max(64, c.d_model // 4), n_heads=max(1, c.n_heads // 4),
                   n_kv_heads=max(1, c.n_heads // 4), d_ff=max(128, c.d_ff // 4))
-    return build_model(cfg, device=device, dtype=dtype).eval()
+    draft = build_model(cfg, device=device, dtype=dtype).eval()
+    return fuse_projections(draft) if fuse else draft
 
 
 def _heldout_tokens(args: argparse.Namespace, vocab: int) -> list[int]:
@@ -667,7 +675,7 @@ def throughput_table(args: argparse.Namespace, shape: str, device: Any, work: Pa
     if over_budget(args):
         return [_skipped("throughput", shape, i, c) for i in impls for c in args.concurrency]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = bench_model(shape, device, dtype, args.model)
+    model = bench_model(shape, device, dtype, args.model, fuse=args.fuse_projections)
     ctx = model.config.context_length
     lens = [min(n, ctx - args.max_tokens) for n in prompt_lengths(args.prompts, args.requests)]
     prompts = synthetic_prompts(lens, model.config.vocab_size)
@@ -758,7 +766,7 @@ def http_table(args: argparse.Namespace, device: Any, work: Path) -> list[Any]:
                             engine=dict(args.engine_overrides), client_procs=args.client_procs, threads=args.threads,
                             min_requests=args.min_requests, server_engine=args.server_engine,
                             transformers="transformers-serve" in args.rows, http_row_s=args.http_row_s,
-                            waves=args.waves, pairs=args.pairs)
+                            waves=args.waves, pairs=args.pairs, fuse_projections=args.fuse_projections)
     if over_budget(args):
         from kiln.bench.serve_http import HttpRow
 
@@ -938,7 +946,9 @@ def run(args: argparse.Namespace) -> int:
              f"{args.group}, {args.max_tokens} tokens each; profile: {args.profile_tokens} decode tokens per table. "
              + (f"Rows 'sampled' / 'T=': seeded requests sampled at temperature {args.temperature:g} (top-p "
                 f"{args.top_p:g} where named) instead of greedy. " if "sampled" in args.rows else "") + "Weights: "
-             + (args.model or "random init (speed does not depend on values)") + "; wall "
+             + (args.model or "random init (speed does not depend on values)")
+             + ("; Kiln's q/k/v and gate/up projections fused" if args.fuse_projections else
+                "; Kiln's projections not fused (--no-fuse-projections)") + "; wall "
              f"{time.monotonic() - args.started:.0f} s.")
     report("serve", device, blurb, _tables(rows), rows, args.out)
     return 0 if not any(r.error for r in rows if r.impl.startswith("kiln")) else 1
@@ -964,6 +974,10 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    "GEMV kernels at one row too, instead of Inductor's fused form; these three are not in "
                    "the default)")
     p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
+    p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
+                   help="Kiln's rows (latency, int8/int4 included, throughput, profile, http) with each layer's "
+                   "q/k/v and gate/up weights fused into one matrix each, as kiln serve loads a model "
+                   "(kiln.model.fuse_projections); --no-fuse-projections: separate, for an A/B")
     p.add_argument("--draft-model", default=None, help="a trained draft model directory for the draft row")
     p.add_argument("--gpt-fast", default=None, metavar="DIR", help="gpt-fast's source folder "
                    "(e.g. ../shared/refs/gpt-fast); without it the gpt-fast rows are skipped")

@@ -572,6 +572,8 @@ def kiln_server(args: argparse.Namespace, model_dir: Path, device: Any, engine_p
            "--device", str(device), "--max-pending", str(4 * max(args.concurrency) + 64),
            "--request-timeout", "3600", "--log-level", "warning"]
     cmd.append("--engine-process" if engine_process else "--no-engine-process")  # the default is the process
+    if not getattr(args, "fuse_projections", True):
+        cmd.append("--no-fuse-projections")
     for k, v in engine_overrides(args).items():
         cmd += ["--engine", f"{k}={v}"]
     return Server(cmd, port, env=_thread_env(args))
@@ -686,7 +688,8 @@ def measure(args: argparse.Namespace, device: Any, work: Path) -> list[HttpRow]:
     from kiln.serve.server import ModelSpec, load
 
     kiln_dir, hf_dir, tok = build_model_dirs(args, device, work)
-    spec = ModelSpec(str(kiln_dir), device=str(device), engine=engine_overrides(args))
+    spec = ModelSpec(str(kiln_dir), device=str(device), engine=engine_overrides(args),
+                     fuse_projections=getattr(args, "fuse_projections", True))
     loaded = load(spec)
     reqs = chat_requests(args.prompts, args.requests, tok, loaded.model.config.context_length, args.max_tokens)
     warm = [ids for _, ids in reqs[:4]]
@@ -981,6 +984,9 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    "default). On a busy CPU, 1: a spinning second thread can slow small matmuls 10-30x")
     p.add_argument("--server-engine", default="thread,process", help="the Kiln server's engine: 'thread' (in the "
                    "server process), 'process' (kiln serve --engine-process) or both, one row set each")
+    p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
+                   help="the Kiln rows with q/k/v and gate/up fused (kiln serve's default); "
+                   "--no-fuse-projections: separate, for an A/B")
     p.add_argument("--stub-engine", type=int, default=0, metavar="K", help="instead of a model: Kiln's server over "
                    "a stub engine giving each running request K tokens a step (what the server costs per token)")
     p.add_argument("--stub-step-ms", type=float, default=20.0, help="--stub-engine: milliseconds per step (GIL released)")

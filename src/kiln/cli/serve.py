@@ -20,6 +20,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", default="auto", choices=["auto", "on", "off"],
                    help="run throwaway requests at load so the first request does not pay kernel "
                         "compilation; auto: on CUDA only")
+    p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
+                   help="stack each layer's q/k/v and gate/up weights into one matrix each (4 matrix "
+                        "products a layer instead of 7, the same outputs); --no-fuse-projections keeps them apart")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,7 +85,7 @@ def _spec(args: argparse.Namespace):
     from kiln.serve.server import ModelSpec, parse_overrides
 
     return ModelSpec(args.model_dir, args.tokenizer, args.device, args.dtype, parse_overrides(args.engine),
-                     args.warmup)
+                     args.warmup, args.fuse_projections)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
 """Kiln's language model, built from scratch in raw PyTorch (Llama layout, HF-compatible names).
 
 Building blocks (``layers``), attention with swappable kernels (``attention``), the KV cache
-(``kv_cache``), the model (``transformer``), Hugging Face interop (``hf``), the loss
-(``loss.cross_entropy``) and the held-out loss over a token array (``heldout.evaluate_heldout``). See docs/model.md.
+(``kv_cache``), the model (``transformer``), fused projections for inference (``fuse``), Hugging Face
+interop (``hf``), the loss (``loss.cross_entropy``) and the held-out loss over a token array
+(``heldout.evaluate_heldout``). See docs/model.md.
 """
 
 from kiln.model.attention import (
@@ -14,6 +15,7 @@ from kiln.model.attention import (
     triton_attention,
 )
 from kiln.model.config import ModelConfig
+from kiln.model.fuse import fuse_projections, is_fused, unfuse_projections
 from kiln.model.hf import (
     load_llama_state_dict,
     load_pretrained,
@@ -59,6 +61,8 @@ __all__ = [
     "apply_rotary",
     "build_model",
     "causal_mask",
+    "fuse_projections",
+    "is_fused",
     "kiln_attention",
     "load_llama_state_dict",
     "load_pretrained",
@@ -73,4 +77,5 @@ __all__ = [
     "to_hf_state_dict",
     "triton_attention",
     "triton_rms_norm",
+    "unfuse_projections",
 ]

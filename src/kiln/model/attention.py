@@ -284,7 +284,8 @@ class MultiHeadSelfAttention(nn.Module):
     """Causal self-attention with optional RoPE and grouped-query attention (Ainslie et al., arXiv:2305.13245).
 
     Parameters (HF Llama names): q_proj (H*D, d_model), k_proj and v_proj (Hkv*D, d_model),
-    o_proj (d_model, H*D), with D = d_model / num_heads.
+    o_proj (d_model, H*D), with D = d_model / num_heads. For inference ``kiln.model.fuse_projections``
+    replaces q_proj, k_proj and v_proj (then None) by one ``qkv_proj`` ((H + 2 Hkv) D, d_model).
     """
 
     def __init__(
@@ -334,6 +335,7 @@ class MultiHeadSelfAttention(nn.Module):
         self.v_proj = Linear(d_model, num_kv_heads * D, **kw)
         self.o_proj = Linear(num_heads * D, d_model, **kw)
         self.fused_proj = False  # True: training-shaped calls run q, k, v as one GEMM (kernels_swapped)
+        self.qkv_proj: nn.Module | None = None  # q, k, v stacked once, for inference (kiln.model.fuse)
         self.q_norm = RMSNorm(D, norm_eps, device=device, dtype=dtype) if qk_norm else None
         self.k_norm = RMSNorm(D, norm_eps, device=device, dtype=dtype) if qk_norm else None
 
@@ -355,7 +357,10 @@ class MultiHeadSelfAttention(nn.Module):
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         paged = isinstance(kv_cache, PagedKVCache)
         offset = kv_cache.length if isinstance(kv_cache, KVCache) else 0
-        if self.fused_proj and kv_cache is None and self.q_proj.impl == "kiln":
+        if self.qkv_proj is not None:  # fuse_projections: one GEMV for q, k and v, then views of its output
+            q, k, v = self.qkv_proj(x).split((H * D, Hkv * D, Hkv * D), dim=-1)  # of (B, T, (H + 2 Hkv) D)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        elif self.fused_proj and kv_cache is None and self.q_proj.impl == "kiln":
             # one GEMM for q, k and v (and one for their input gradient): fewer launches, the same products
             w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))  # ((H + 2 Hkv) D, d_model)
             q, k, v = torch.matmul(x, w.t()).split((H * D, Hkv * D, Hkv * D), dim=-1)

@@ -54,6 +54,9 @@ def load_llama_state_dict(model: Transformer, state_dict: dict[str, Tensor]) -> 
         problems.append(f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}{hint}")
     if unexpected:
         problems.append(f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+    if any(k.endswith(("qkv_proj.weight", "gate_up_proj.weight")) for k in params):
+        problems.append("the model's projections are fused (kiln.model.fuse_projections): load into the "
+                        "unfused model, then fuse")
     bad_shapes = [
         f"{k}: model {tuple(params[k].shape)} vs given {tuple(sd[k].shape)}"
         for k in sorted(set(params) & set(sd))
@@ -75,11 +78,17 @@ def to_hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> di
     """The model's tensors under ``LlamaForCausalLM`` names, contiguous, on the CPU.
 
     A tied ``lm_head.weight`` is left out (Hugging Face re-ties it from ``tie_word_embeddings``).
+    A model with fused projections (``kiln.model.fuse_projections``) gives its separate q/k/v and
+    gate/up matrices (``unfused_parameters``), so its saved folder is an ordinary one.
     """
+    from kiln.model.fuse import unfused_parameters
+
     out = {}
-    for name, p in model.named_parameters():
+    for name, p in unfused_parameters(model):
         key = name if name.startswith("lm_head.") else _HF_PREFIX + name
         t = p.detach().to("cpu")
+        if t.untyped_storage().nbytes() > t.numel() * t.element_size():  # rows of a fused matrix: their own copy
+            t = t.clone()
         out[key] = (t if dtype is None else t.to(dtype)).contiguous()
     return out
 

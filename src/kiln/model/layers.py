@@ -201,7 +201,8 @@ class SwiGLU(nn.Module):
     """Gated MLP ``down(silu(gate(x)) * up(x))`` (Shazeer, arXiv:2002.05202), as in Llama.
 
     gate_proj, up_proj: (d_ff, d_model); down_proj: (d_model, d_ff). ``impl``: their kernel, a name
-    in ``LINEAR_IMPLS``.
+    in ``LINEAR_IMPLS``. For inference ``kiln.model.fuse_projections`` replaces gate_proj and up_proj
+    (then None) by one ``gate_up_proj`` (2 d_ff, d_model).
     """
 
     def __init__(
@@ -217,9 +218,13 @@ class SwiGLU(nn.Module):
         self.up_proj = Linear(d_model, d_ff, device=device, dtype=dtype, impl=impl)
         self.down_proj = Linear(d_ff, d_model, device=device, dtype=dtype, impl=impl)
         self.fused_proj = False  # True: gate and up as one GEMM (fewer launches in a host-bound step)
+        self.gate_up_proj: nn.Module | None = None  # gate and up stacked once, for inference (kiln.model.fuse)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., d_model) -> (..., d_model)."""
+        if self.gate_up_proj is not None:  # fuse_projections: one GEMV, then two views of its output
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., d_ff) each
+            return self.down_proj(silu(gate) * up)
         if self.fused_proj and self.gate_proj.impl == "kiln":
             w = torch.cat((self.gate_proj.weight, self.up_proj.weight))  # (2 d_ff, d_model)
             gate, up = matmul_linear(x, w).chunk(2, dim=-1)

@@ -30,8 +30,20 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: Tensor, tuned: bool = False) -> None:
         super().__init__()
         self.tuned = tuned  # Kiln's autotuned GEMV at every row count up to 8 (``int8_linear``)
-        q, scale = quantize_int8(weight.detach())
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self._set(*quantize_int8(weight.detach()))
+
+    @classmethod
+    def from_quantized(cls, q: Tensor, scale: Tensor, tuned: bool = False) -> Int8Linear:
+        """A layer over weights already quantized (q int8 (out, in), scale fp32 (out,)), kept as they are:
+        how ``kiln.model.fuse`` stacks the rows of several layers without quantizing again."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.tuned = tuned
+        m._set(q, scale)
+        return m
+
+    def _set(self, q: Tensor, scale: Tensor) -> None:
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
 
@@ -49,10 +61,22 @@ class Int4Linear(nn.Module):
     def __init__(self, weight: Tensor, group_size: int = 128, tuned: bool = False) -> None:
         super().__init__()
         self.tuned = tuned  # as Int8Linear's
-        K = weight.shape[1]
-        group_size = largest_group(K, group_size)
-        packed, scale, low = quantize_int4(weight.detach(), group_size)
-        self.in_features, self.out_features, self.group_size = K, weight.shape[0], group_size
+        group_size = largest_group(weight.shape[1], group_size)
+        self._set(*quantize_int4(weight.detach(), group_size), group_size)
+
+    @classmethod
+    def from_quantized(cls, packed: Tensor, scale: Tensor, low: Tensor, group_size: int,
+                       tuned: bool = False) -> Int4Linear:
+        """A layer over weights already quantized (packed uint8 (out, in/2), scale and low fp32 (out, in /
+        group_size)), kept as they are (see ``Int8Linear.from_quantized``)."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.tuned = tuned
+        m._set(packed, scale, low, group_size)
+        return m
+
+    def _set(self, packed: Tensor, scale: Tensor, low: Tensor, group_size: int) -> None:
+        self.in_features, self.out_features, self.group_size = 2 * packed.shape[1], packed.shape[0], group_size
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
         self.register_buffer("low", low)

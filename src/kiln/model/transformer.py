@@ -109,6 +109,9 @@ class Transformer(nn.Module):
         at 3 std, except the two projections that write into the residual stream (o_proj, down_proj),
         scaled by 1/sqrt(2 * n_layers) so the residual's variance does not grow with depth. Norm gains
         are ones. Also recomputes the RoPE tables (needed after ``to_empty`` from the meta device)."""
+        if any(layer.self_attn.q_proj is None or layer.mlp.gate_proj is None for layer in self.layers):
+            raise ValueError("the model's projections are fused (kiln.model.fuse_projections, for inference); "
+                             "call kiln.model.unfuse_projections(model) before init_weights")
         self.tie_weights()
         self.rope.reset_parameters()
         resid_std = std / math.sqrt(2 * self.config.n_layers)

@@ -94,6 +94,11 @@ def save_checkpoint(
 ) -> Path:
     """Write model, optimizer, ``iteration`` and ``extra`` (tensors and JSON values, nested freely)
     to the directory ``out``, atomically (temporary directory, then rename). Returns ``out``."""
+    from kiln.model.fuse import is_fused
+
+    if is_fused(model):  # its state dict names qkv_proj / gate_up_proj, which no loader reads
+        raise ValueError("the model's projections are fused (kiln.model.fuse_projections, for inference only); "
+                         "call kiln.model.unfuse_projections(model) before saving a checkpoint")
     out = Path(out)
     parts = {
         "model": model.state_dict(),
