@@ -26,7 +26,7 @@ import math
 import statistics
 from typing import Callable
 
-from kiln.bench.kernels import Row
+from kiln.bench.kernel_rows import Row
 
 COPY_TARGET_BYTES = 512 * 2**20  # bf16 weight copies per row sum past this (int4's quarter still > L2)
 

@@ -30,28 +30,14 @@ import math
 import platform
 import statistics
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from kiln.bench.kernel_rows import Row  # re-exported: one row of any table
+
 KERNELS = ("rmsnorm", "attention", "ce", "paged_prefill", "gemv")
 TABLES = (*KERNELS, "ce_rows_sweep")
-
-
-@dataclass
-class Row:
-    """One implementation on one shape."""
-
-    kernel: str
-    shape: str
-    impl: str
-    ms: float
-    metric: float | None  # TB/s, TFLOP/s or None
-    metric_name: str
-    extra_gb: float
-    max_rel_err: float | None = None  # vs the eager reference's output and gradients on this shape
-    note: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _time_ms(fn: Callable[[], None], warmup: int, iters: int) -> float:
