@@ -21,6 +21,8 @@
 #           general steps admitting 1 and 64 prompts, and 64 chat-length ones with one long, padded and
 #           through the Triton prefill kernel) beside gpt-fast [P=300]; PSHAPE=7b: the same at 7b, where
 #           the non-GEMV share of a token sets how much int8/int4 can buy
+#   fused   batch-1 bf16 decode with q/k/v and gate/up fused (kiln serve's default now) beside the same
+#           model unfused, at FSHAPES (gpt2_small,350m) [F=420]
 #   gemv    batch-1 decode GEMVs alone at 7b and 350m shapes: bf16 (cuBLAS), Kiln's int8/int4 (fixed,
 #           tuned), Inductor's one-row forms, in GB/s beside the copy bandwidth; and every tile of the
 #           int8 kernel and the int4 word kernel (--gemv-sweep) [G=400]
@@ -104,6 +106,8 @@ for part in ${PART:-kv}; do
         rows=${ROWS:-$rows}  # ROWS overrides the section's rows (q7b with ROWS=int8,int4,int8-tuned,int4-tuned)
         section "$part" "${V:-560}" kiln bench serve --device cuda --parts latency --shapes 7b --rows "$rows" \
                 --gpt-fast .devcarry/gpt-fast --new-tokens 128 --prompt-len 128 --repeats 2 --out "$OUT/$part" ;;
+    fused) section fused "${F:-420}" kiln bench serve --device cuda --parts latency --shapes "${FSHAPES:-gpt2_small,350m}" \
+                --rows unfused --new-tokens 256 --prompt-len 128 --repeats 2 --out "$OUT/fused" ;;
     gemv) section gemv "${G:-400}" kiln bench kernels --kernels gemv --gemv-sweep --out "$OUT/gemv" ;;
     prof) gf=(--gpt-fast .devcarry/gpt-fast)
         [ "${PSHAPE:-350m}" = 7b ] && gf=()  # gpt-fast's 7b conversion alone would take the call
@@ -144,6 +148,6 @@ for part in ${PART:-kv}; do
     learn) section learn "${L:-240}" kiln bench align --learning --size small --device cuda \
                 --hh-rlhf .devcarry/hh-rlhf/harmless-base/test.jsonl.gz --gsm8k .devcarry/gsm8k_test64.jsonl \
                 --out "$OUT/learning" ;;
-    *) echo "unknown section $part (kv q1b quant q7b q7bt g7b gemv prof http wait mixed prefill phttp sampled learn)"; exit 2 ;;
+    *) echo "unknown section $part (kv q1b quant q7b q7bt g7b fused gemv prof http wait mixed prefill phttp sampled learn)"; exit 2 ;;
     esac
 done

@@ -11,13 +11,13 @@ from kiln.cli.main import main
 def test_bench_serve_runs_on_cpu(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"instruction": "x" * n}) for n in (40, 8, 100)) + "\n")
-    args = ["bench", "serve", "--device", "cpu", "--shapes", "tiny", "--rows", "int8,int4,ngram",
+    args = ["bench", "serve", "--device", "cpu", "--shapes", "tiny", "--rows", "unfused,int8,int4,ngram",
             "--new-tokens", "6", "--prompt-len", "8", "--repeats", "1", "--requests", "6", "--concurrency", "1,3",
             "--max-tokens", "4", "--prompts", str(prompts), "--out", str(tmp_path)]
     assert main(args) == 0
     rows = json.loads((tmp_path / "bench_serve.json").read_text())
     dec = {r["impl"]: r for r in rows if r["table"] == "decode"}
-    assert set(dec) == {"kiln fp32", "kiln int8", "kiln int4", "kiln spec ngram"}
+    assert set(dec) == {"kiln fp32", "kiln fp32 unfused projections", "kiln int8", "kiln int4", "kiln spec ngram"}
     assert all(r["tok_s"] > 0 and not r["error"] for r in dec.values())
     assert 0 < dec["kiln fp32"]["bound"] < 1
     thr = [r for r in rows if r["table"] == "throughput"]

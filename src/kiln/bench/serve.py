@@ -359,6 +359,13 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
     name = "kiln bf16" if dtype == torch.bfloat16 else "kiln fp32"
     # The default path: compiled decode step, CUDA graphs, multi-step decode (on CUDA).
     add(name, lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=cuda), model, model)
+    if "unfused" in args.rows and fuse:  # the same model with q/k/v and gate/up as separate products (an A/B)
+        from kiln.model import unfuse_projections
+
+        um = unfuse_projections(copy.deepcopy(model))
+        add(f"{name} unfused projections", lambda um=um: kiln_decode(um, prompt, new_tokens, r, compile_decode=cuda),
+            um)
+        del um
     if "single-step" in args.rows and cuda:  # the previous default: one decode step per host round trip
         add(f"{name} single-step", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=True,
                                                        decode_steps=1), model)
@@ -809,9 +816,9 @@ def format_tables(rows: list[ServeRow]) -> str:
     return "\n".join(out)
 
 
-ROWS = ("single-step", "eager", "index-copy", "sampled", "int8", "int4", "int8-tuned", "int4-tuned", "ngram", "draft",
-        "transformers", "transformers-cb", "transformers-serve", "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
-OPT_IN_ROWS = ("sampled", "int8-tuned", "int4-tuned")  # not in the default --rows
+ROWS = ("unfused", "single-step", "eager", "index-copy", "sampled", "int8", "int4", "int8-tuned", "int4-tuned", "ngram",
+        "draft", "transformers", "transformers-cb", "transformers-serve", "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
+OPT_IN_ROWS = ("unfused", "sampled", "int8-tuned", "int4-tuned")  # not in the default --rows
 PARTS = ("latency", "throughput", "http", "rollouts", "host", "profile")
 
 
@@ -971,8 +978,9 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", default=",".join(r for r in ROWS if r not in OPT_IN_ROWS),
                    help=f"optional rows, some of {','.join(ROWS)} ('sampled': Kiln's engine sampling at "
                    "--temperature, batch 1 and throughput; 'int8-tuned', 'int4-tuned': Kiln's autotuned "
-                   "GEMV kernels at one row too, instead of Inductor's fused form; these three are not in "
-                   "the default)")
+                   "GEMV kernels at one row too, instead of Inductor's fused form; 'unfused': the bf16 row "
+                   "again with q/k/v and gate/up as separate products, beside the fused default; these four "
+                   "are not in the default)")
     p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
     p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
                    help="Kiln's rows (latency, int8/int4 included, throughput, profile, http) with each layer's "
