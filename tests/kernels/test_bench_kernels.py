@@ -46,7 +46,7 @@ def test_paged_prefill_bench_runs_on_cpu(dev):
     assert [r.impl for r in rows] == ["padded, Kiln plain attention (reference)", "padded, torch SDPA",
                                       "kiln triton prefill"]
     assert all(not r.note and math.isfinite(r.ms) for r in rows), [r.note for r in rows]
-    assert all(r.max_rel_err < 1e-5 for r in rows[1:]) and "longest 20" in rows[0].shape
+    assert all(r.max_rel_err < (1e-3 if "dot" in r.impl else 1e-5) for r in rows[1:])  # dot: fp16 weights and "longest 20" in rows[0].shape
     chat = prefill_cases(quick=True)[0][1]
     assert max(chat) == 503 and len(chat) == 64 and sum(chat) / 64 < 45
 
@@ -58,14 +58,15 @@ def test_gemv_bench_runs_on_cpu(dev, monkeypatch):
         return
     import kiln.bench.gemv as gemv
 
-    every = {k: gemv.sweep_configs(k) for k in ("int8", "int4w")}
+    every = {k: gemv.sweep_configs(k) for k in gemv.SWEEP_KINDS}
     assert len({tuple(sorted(c.items())) for c in every["int8"]}) == len(every["int8"]) >= 32
     assert any(c["STAGES"] for c in every["int8"]) and any(c["ACC2D"] for c in every["int8"])
     monkeypatch.setattr(gemv, "sweep_configs", lambda kind: every[kind][:2])
     rows = gemv.bench_gemv([("tiny", 40, 256)], reps=1, sweep=True, device="cpu", quick=True, top=2)
     impls = [r.impl for r in rows]
     assert impls[:5] == ["torch bf16", "kiln int8", "kiln int8 tuned", "kiln int4", "kiln int4 tuned"]
-    assert sum(i.startswith("int8 sweep") for i in impls) == 2 and sum(i.startswith("int4w sweep") for i in impls) == 2
+    for kind in gemv.SWEEP_KINDS:
+        assert sum(i.startswith(f"{kind} sweep") for i in impls) == 2, (kind, impls)
     assert all(not r.note.startswith(("Runtime", "Type", "Value")) and math.isfinite(r.ms) for r in rows), [r.note for r in rows]
-    assert all(r.max_rel_err < 1e-5 for r in rows[1:])
+    assert all(r.max_rel_err < (1e-3 if "dot" in r.impl else 1e-5) for r in rows[1:])  # dot: fp16 weights
     assert [c[0] for c in gemv.gemv_cases()][:2] == ["7b q/o", "7b qkv fused"]

@@ -256,3 +256,34 @@ def test_int4_word_kernel_equals_reference(dev, M, N, K, G, block_n, gpt):
         x, p32, s, z, y, N, K, x.stride(0), p32.stride(0), s.stride(0), y.stride(0), WPG=G // 8, GPT=gpt,
         BLOCK_N=block_n)
     torch.testing.assert_close(y, int4_linear_ref(x, p, s, z), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,M,N,K,block_n,tile", [("int8", 1, 37, 640, 16, 128), ("int8", 3, 40, 256, 32, 128),
+                                                    ("int4", 1, 37, 640, 16, 1), ("int4", 5, 40, 2048, 32, 2)])
+def test_tensor_core_gemv_kernels_equal_reference(dev, kind, M, N, K, block_n, tile):
+    """The tl.dot forms (rows padded to 16; int4 one dot per nibble position over the words): equal to
+    the dequantized reference up to the operands' 16-bit rounding (fp16 under the CPU interpreter,
+    whose bf16 dot is wrong; bf16 on a GPU)."""
+    import triton
+    import triton.language as tl
+
+    from kiln.kernels import quant_linear as ql
+
+    torch.manual_seed(4)
+    w, x = torch.randn(N, K, device=dev), torch.randn(M, K, device=dev)
+    y = torch.full((M, N), float("nan"), device=dev)
+    dt, tdt = (torch.float16, tl.float16) if dev.type == "cpu" else (torch.bfloat16, tl.bfloat16)
+    if kind == "int8":
+        q, s = quantize_int8(w)
+        ql._int8_gemv_dot_kernel[(triton.cdiv(N, block_n),)](x, q, s, y, M, N, K, x.stride(0), q.stride(0), y.stride(0),
+                                                             BLOCK_N=block_n, BLOCK_K=tile, DOT_DTYPE=tdt)
+        want, tol = int8_linear_ref(x.to(dt).float(), q, s), 1e-5
+    else:
+        p, s, z = quantize_int4(w, 128)
+        p32 = p.view(torch.int32)
+        ql._int4_gemv_dot_kernel[(triton.cdiv(N, block_n),)](x, p32, s, z, y, M, N, K, x.stride(0), p32.stride(0),
+                                                             s.stride(0), y.stride(0), WPG=16, GPT=tile,
+                                                             BLOCK_N=block_n, DOT_DTYPE=tdt)
+        want, tol = int4_linear_ref(x.to(dt).float(), p, s, z), 1e-3 if dt == torch.float16 else 8e-3
+    rel = ((y - want).norm() / want.norm()).item()
+    assert rel < tol, rel

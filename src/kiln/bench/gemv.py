@@ -43,13 +43,24 @@ def gemv_cases(quick: bool = False) -> list[tuple[str, int, int]]:
 
 def sweep_configs(kind: str) -> list[dict]:
     """Launch tiles the sweep times: int8 (``_int8_gemv_kernel``: BLOCK_N, BLOCK_K, warps, ACC2D,
-    STAGES) or int4w (``_int4_gemv_kernel_w32``: BLOCK_N, GPT groups of 16 words, warps)."""
+    STAGES), int4w (``_int4_gemv_kernel_w32``: BLOCK_N, GPT groups of 16 words, warps), and the
+    tensor-core forms int8dot / int4dot (``_int8_gemv_dot_kernel``, ``_int4_gemv_dot_kernel``:
+    BLOCK_N, BLOCK_K or GPT, pipelined STAGES, warps)."""
     if kind == "int8":
         return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "ACC2D": a, "STAGES": st}
                 for bn in (4, 8, 16, 32) for bk in (256, 512, 1024, 2048) for a in (False, True)
                 if bn * bk <= (4096 if a else 8192) for w in (4, 8) for st in (0, 3)]
-    return [{"BLOCK_N": bn, "GPT": gpt, "num_warps": w}
-            for bn in (2, 4, 8, 16, 32) for gpt in (1, 2, 4) if 4 <= bn * gpt <= 64 for w in (2, 4, 8)]
+    if kind == "int4w":
+        return [{"BLOCK_N": bn, "GPT": gpt, "num_warps": w}
+                for bn in (2, 4, 8, 16, 32) for gpt in (1, 2, 4) if 4 <= bn * gpt <= 64 for w in (2, 4, 8)]
+    if kind == "int8dot":
+        return [{"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": w}
+                for bn in (16, 32, 64) for bk in (128, 256, 512) for st in (3, 5) for w in (4, 8)]
+    return [{"BLOCK_N": bn, "GPT": gpt, "STAGES": st, "num_warps": w}
+            for bn in (16, 32, 64) for gpt in (1, 2) for st in (3, 5) for w in (4, 8)]
+
+
+SWEEP_KINDS = ("int8", "int4w", "int8dot", "int4dot")
 
 
 def _graph_us(calls: list[Callable[[], object]], reps: int) -> float:
@@ -154,25 +165,37 @@ def _named_impls(ws: dict, x, inductor: bool = True) -> dict[str, tuple[list[Cal
 
 
 def _sweep_calls(kind: str, cfg: dict, ws: dict, x, y) -> list[Callable]:
-    """One launch a copy of the int8 kernel or the int4 word kernel at tile ``cfg``."""
+    """One launch a copy of the kernel ``kind`` names at tile ``cfg``."""
     import torch
     import triton
+    import triton.language as tl
 
     from kiln.kernels import quant_linear as ql
 
     tile = {k: v for k, v in cfg.items() if k != "num_warps"}
+    warps = cfg["num_warps"]
     N, K = y.shape[1], x.shape[1]
+    M = x.shape[0]
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), 1)
+    dot = {"DOT_DTYPE": tl.bfloat16 if x.is_cuda else tl.float16}  # the interpreter's bf16 dot is wrong
     if kind == "int8":
         return [lambda q=q, s=s: ql._int8_gemv_kernel[grid](x, q, s, y, N, K, x.stride(0), q.stride(0), y.stride(0),
-                                                           **tile, num_warps=cfg["num_warps"])
-                for q, s in ws["int8"]]
+                                                           **tile, num_warps=warps) for q, s in ws["int8"]]
+    if kind == "int8dot":
+        return [lambda q=q, s=s: ql._int8_gemv_dot_kernel[grid[:1]](
+            x, q, s, y, M, N, K, x.stride(0), q.stride(0), y.stride(0), **tile, **dot, num_warps=warps)
+            for q, s in ws["int8"]]
     calls = []
     for p, s, z in ws["int4"]:
         p32 = p.contiguous().view(torch.int32)  # (N, K / 8) words
-        calls.append(lambda p32=p32, s=s, z=z: ql._int4_gemv_kernel_w32[grid](
-            x, p32, s, z, y, N, K, x.stride(0), p32.stride(0), s.stride(0), y.stride(0), WPG=16, **tile,
-            num_warps=cfg["num_warps"]))
+        if kind == "int4w":
+            calls.append(lambda p32=p32, s=s, z=z: ql._int4_gemv_kernel_w32[grid](
+                x, p32, s, z, y, N, K, x.stride(0), p32.stride(0), s.stride(0), y.stride(0), WPG=16, **tile,
+                num_warps=warps))
+        else:
+            calls.append(lambda p32=p32, s=s, z=z: ql._int4_gemv_dot_kernel[grid[:1]](
+                x, p32, s, z, y, M, N, K, x.stride(0), p32.stride(0), s.stride(0), y.stride(0), WPG=16, **tile,
+                **dot, num_warps=warps))
     return calls
 
 
@@ -215,31 +238,35 @@ def bench_gemv(cases: list[tuple[str, int, int]], reps: int = 20, sweep: bool = 
 
 
 def _sweep(shape: str, ws: dict, x, reps: int, copy: float, top: int) -> list[Row]:
-    """The ``top`` fastest tiles of the int8 kernel and of the int4 word kernel on one case."""
+    """The ``top`` fastest tiles of each sweep kind on one case (tiles that fail to compile or launch on
+    this GPU, e.g. past its shared memory, are counted in one note row)."""
     import torch
 
     from kiln.kernels import quant_linear as ql
 
     N = ws["int8"][0][0].shape[0]
     y = torch.empty(1, N, device=x.device, dtype=x.dtype)
+    b8 = ws["int8"][0][0].numel() + 4 * N
+    b4 = ws["int4"][0][0].numel() + 8 * ws["int4"][0][1].numel()
+    ref8, ref4 = ql.int8_linear_ref(x.float(), *ws["int8"][0]), ql.int4_linear_ref(x.float(), *ws["int4"][0])
     out = []
-    for kind, nbytes, ref in (("int8", ws["int8"][0][0].numel() + 4 * N, ql.int8_linear_ref(x.float(), *ws["int8"][0])),
-                              ("int4w", ws["int4"][0][0].numel() + 8 * ws["int4"][0][1].numel(),
-                               ql.int4_linear_ref(x.float(), *ws["int4"][0]))):
-        timed = []
+    for kind in SWEEP_KINDS:
+        nbytes, ref = (b8, ref8) if kind.startswith("int8") else (b4, ref4)
+        timed, failed = [], []
         for cfg in sweep_configs(kind):
             try:
                 calls = _sweep_calls(kind, cfg, ws, x, y)
                 calls[0]()
                 err = _rel(y, ref)
                 timed.append((_graph_us(calls, reps), cfg, err))
-            except Exception as e:  # a tile that does not compile on this GPU: skip it, say so
-                out.append(Row("gemv", shape, f"{kind} sweep {cfg}", float("nan"), None, "GB/s", float("nan"), None,
-                               note=f"{type(e).__name__}: {str(e)[:80]}"))
+            except Exception as e:  # a tile this GPU cannot run: counted, not fatal
+                failed.append(f"{_cfg_name(cfg)}: {type(e).__name__}: {str(e)[:60]}")
         timed.sort(key=lambda t: t[0])
         for us, cfg, err in timed[:top]:
-            out.append(_row(shape, f"{kind} sweep {_cfg_name(cfg)}", us, nbytes, copy, err,
-                            f"of {len(timed)} tiles"))
+            out.append(_row(shape, f"{kind} sweep {_cfg_name(cfg)}", us, nbytes, copy, err, f"of {len(timed)} tiles"))
+        if failed:
+            out.append(Row("gemv", shape, f"{kind} sweep: {len(failed)} tiles failed", float("nan"), None, "GB/s",
+                           float("nan"), None, note=failed[0]))
     return out
 
 

@@ -196,6 +196,31 @@ if HAVE_TRITON:
         tl.store(Y + m * stride_y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
+    def _int8_gemv_dot_kernel(X, Q, S, Y, M, N, K, stride_x, stride_q, stride_y,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 3,
+                              DOT_DTYPE: tl.constexpr = tl.bfloat16):
+        """int8 through the tensor cores: the rows (up to 16, padded) times a (BLOCK_K, BLOCK_N) weight
+        tile converted to bf16 in registers, ``tl.dot`` accumulating in fp32. The multiply-adds leave
+        the CUDA cores, and the weight loads feed a dot, so Triton's pipeliner streams them
+        asynchronously STAGES tiles ahead (cp.async into shared memory): bytes in flight without
+        registers held. Each program: BLOCK_N outputs of every row. DOT_DTYPE: the operands' type,
+        bf16 (fp16 only where Triton's CPU interpreter multiplies bf16 wrongly: tests)."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r = tl.arange(0, 16)
+        n_ok = n < N
+        acc = tl.zeros((16, BLOCK_N), tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            x = tl.load(X + r[:, None] * stride_x + k[None, :], mask=(r < M)[:, None] & k_ok[None, :], other=0.0)
+            q = tl.load(Q + n[None, :] * stride_q + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0,
+                        eviction_policy="evict_first")  # (BLOCK_K, BLOCK_N)
+            acc = tl.dot(x.to(DOT_DTYPE), _i8_to_f32(q).to(DOT_DTYPE), acc)  # int8 values are exact in bf16
+        s = tl.load(S + n, mask=n_ok, other=0.0)
+        y = acc * s[None, :]
+        tl.store(Y + r[:, None] * stride_y + n[None, :], y.to(Y.dtype.element_ty), mask=(r < M)[:, None] & n_ok[None, :])
+
+    @triton.jit
     def _nib_term(w, MASK: tl.constexpr, SCALE: tl.constexpr, xi):
         """nib * x for the nibble of ``w`` under MASK (a nibble within bits 0-19): ORed into the mantissa
         of 1.0, minus 1.0, it is exactly nib * 2^(pos - 23); SCALE = 2^(23 - pos) undoes that on x's
@@ -246,6 +271,50 @@ if HAVE_TRITON:
             acc += sc[:, :, None] * part + lo[:, :, None] * xsum[None, :, :]
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
         tl.store(Y + m * stride_y + n, y.to(Y.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _nib_weight(w, MASK: tl.constexpr, SHIFT: tl.constexpr, sc, lo, DOT_DTYPE: tl.constexpr):
+        """The dequantized weights s * nib + z of the nibble under MASK (at bit 23 - log2(SHIFT)):
+        ``_nib_term``'s exact nib * 2^(pos - 23), times the scale carried up by SHIFT, plus the low."""
+        u = ((w & MASK) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+        return (u * (sc * SHIFT) + lo).to(DOT_DTYPE)
+
+    @triton.jit
+    def _int4_gemv_dot_kernel(X, P, S, Z, Y, M, N, K, stride_x, stride_p, stride_s, stride_y,
+                              WPG: tl.constexpr, GPT: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr = 3,
+                              DOT_DTYPE: tl.constexpr = tl.bfloat16):
+        """int4 through the tensor cores, as ``_int8_gemv_dot_kernel``: the packed bytes read as int32
+        words (P (N, K / 8), as ``_int4_gemv_kernel_w32``), each word's 8 nibbles dequantized in
+        registers to 8 (words, BLOCK_N) weight tiles, one ``tl.dot`` each against the inputs they
+        multiply (k = 8 word + nibble). Rows up to 16; GPT groups of WPG words an iteration."""
+        WORDS: tl.constexpr = GPT * WPG
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r = tl.arange(0, 16)
+        n_ok = n < N
+        r_ok = r < M
+        acc = tl.zeros((16, BLOCK_N), tl.float32)
+        n_words = K // 8
+        for w0 in tl.range(0, n_words, WORDS, num_stages=STAGES):
+            word = w0 + tl.arange(0, WORDS)
+            w_ok = word < n_words
+            wt = tl.load(P + n[None, :] * stride_p + word[:, None], mask=w_ok[:, None] & n_ok[None, :], other=0,
+                         eviction_policy="evict_first")  # (WORDS, BLOCK_N)
+            hi = wt >> 12
+            g = word // WPG  # each word's group
+            sg_ok = w_ok[:, None] & n_ok[None, :]
+            sc = tl.load(S + n[None, :] * stride_s + g[:, None], mask=sg_ok, other=0.0)  # (WORDS, BLOCK_N)
+            lo = tl.load(Z + n[None, :] * stride_s + g[:, None], mask=sg_ok, other=0.0)
+            xp = X + r[:, None] * stride_x + 8 * word[None, :]  # (16, WORDS)
+            x_ok = r_ok[:, None] & w_ok[None, :]
+            acc = tl.dot(tl.load(xp, mask=x_ok, other=0.0).to(DOT_DTYPE), _nib_weight(wt, 0xF, 8388608.0, sc, lo, DOT_DTYPE), acc)
+            acc = tl.dot(tl.load(xp + 1, mask=x_ok, other=0.0).to(DOT_DTYPE), _nib_weight(wt, 0xF0, 524288.0, sc, lo, DOT_DTYPE), acc)
+            acc = tl.dot(tl.load(xp + 2, mask=x_ok, other=0.0).to(DOT_DTYPE), _nib_weight(wt, 0xF00, 32768.0, sc, lo, DOT_DTYPE), acc)
+            acc = tl.dot(tl.load(xp + 3, mask=x_ok, other=0.0).to(DOT_DTYPE), _nib_weight(wt, 0xF000, 2048.0, sc, lo, DOT_DTYPE), acc)
+            acc = tl.dot(tl.load(xp + 4, mask=x_ok, other=0.0).to(DOT_DTYPE), _nib_weight(wt, 0xF0000, 128.0, sc, lo, DOT_DTYPE), acc)
+            acc = tl.dot(tl.load(xp + 5, mask=x_ok, other=0.0).to(DOT_DTYPE), _nib_weight(hi, 0xF00, 32768.0, sc, lo, DOT_DTYPE), acc)
+            acc = tl.dot(tl.load(xp + 6, mask=x_ok, other=0.0).to(DOT_DTYPE), _nib_weight(hi, 0xF000, 2048.0, sc, lo, DOT_DTYPE), acc)
+            acc = tl.dot(tl.load(xp + 7, mask=x_ok, other=0.0).to(DOT_DTYPE), _nib_weight(hi, 0xF0000, 128.0, sc, lo, DOT_DTYPE), acc)
+        tl.store(Y + r[:, None] * stride_y + n[None, :], acc.to(Y.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _int4_gemv_kernel_any(X, P, S, Z, Y, N, K, stride_x, stride_p, stride_s, stride_y,
