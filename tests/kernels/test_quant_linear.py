@@ -135,11 +135,13 @@ def test_compiled_int4_row_builds_no_dequantized_weight():
     assert row < N * K // 8, f"the one-row form allocates {row} elements"
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4w", "int8dot", "int4dot"])
 def test_every_tuned_tile_equals_the_reference(dev, kind):
     """The autotuner picks one of ``gemv_configs`` by time on the GPU; each must give the same numbers
-    (ragged N and K so that every tile has a partial edge)."""
+    (ragged N and K so that every tile has a partial edge). The tensor-core kinds round their operands
+    to 16 bits (fp16 under the CPU interpreter, whose bf16 dot is wrong; bf16 on a GPU)."""
     import triton
+    import triton.language as tl
 
     from kiln.kernels import quant_linear as ql
 
@@ -147,22 +149,36 @@ def test_every_tuned_tile_equals_the_reference(dev, kind):
     M, N, K = 2, 37, 640
     w, x = torch.randn(N, K, device=dev), torch.randn(M, K, device=dev)
     y = torch.empty(M, N, device=dev)
-    if kind == "int8":
+    dot = "dot" in kind
+    dt, tdt = (torch.float16, tl.float16) if dev.type == "cpu" else (torch.bfloat16, tl.bfloat16)
+    xr = x.to(dt).float() if dot else x
+    if kind.startswith("int8"):
         q, s = quantize_int8(w)
-        want, args = int8_linear_ref(x, q, s), (x, q, s, y, N, K, x.stride(0), q.stride(0), y.stride(0))
-        kernel, extra = ql._int8_gemv_kernel, {}
+        want = int8_linear_ref(xr, q, s)
+        if dot:
+            args, kernel, extra = (x, q, s, y, M, N, K, x.stride(0), q.stride(0), y.stride(0)), ql._int8_gemv_dot_kernel, {"DOT_DTYPE": tdt}
+        else:
+            args, kernel, extra = (x, q, s, y, N, K, x.stride(0), q.stride(0), y.stride(0)), ql._int8_gemv_kernel, {}
     else:
-        p, s, z = quantize_int4(w, 128)  # 5 groups of 64 bytes
-        want = int4_linear_ref(x, p, s, z)
-        args = (x, p, s, z, y, N, K, x.stride(0), p.stride(0), s.stride(0), y.stride(0))
-        kernel, extra = ql._int4_gemv_kernel, {"HALF": 64}
+        p, s, z = quantize_int4(w, 128)  # 5 groups of 64 bytes, 16 words
+        want = int4_linear_ref(xr, p, s, z)
+        p32 = p.view(torch.int32)
+        if kind == "int4":
+            args, kernel, extra = (x, p, s, z, y, N, K, x.stride(0), p.stride(0), s.stride(0), y.stride(0)), ql._int4_gemv_kernel, {"HALF": 64}
+        elif kind == "int4w":
+            args, kernel, extra = (x, p32, s, z, y, N, K, x.stride(0), p32.stride(0), s.stride(0), y.stride(0)), ql._int4_gemv_kernel_w32, {"WPG": 16}
+        else:
+            args = (x, p32, s, z, y, M, N, K, x.stride(0), p32.stride(0), s.stride(0), y.stride(0))
+            kernel, extra = ql._int4_gemv_dot_kernel, {"WPG": 16, "DOT_DTYPE": tdt}
     configs = ql.gemv_configs(kind)
-    assert len(configs) >= 16 and len({tuple(sorted(c.items())) for c in configs}) == len(configs)
+    assert len(configs) >= 12 and len({tuple(sorted(c.items())) for c in configs}) == len(configs)
+    tol = 1e-3 if kind == "int4dot" else 1e-4
     for c in configs:
         y.zero_()
         tile = {k: v for k, v in c.items() if k != "num_warps"}
-        kernel[(triton.cdiv(N, c["BLOCK_N"]), M)](*args, **extra, **tile, num_warps=c["num_warps"])
-        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4, msg=f"{kind} tile {c}")
+        grid = (triton.cdiv(N, c["BLOCK_N"]),) if dot else (triton.cdiv(N, c["BLOCK_N"]), M)
+        kernel[grid](*args, **extra, **tile, num_warps=c["num_warps"])
+        torch.testing.assert_close(y, want, atol=tol * want.abs().max().item(), rtol=tol, msg=f"{kind} tile {c}")
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -287,3 +303,29 @@ def test_tensor_core_gemv_kernels_equal_reference(dev, kind, M, N, K, block_n, t
         want, tol = int4_linear_ref(x.to(dt).float(), p, s, z), 1e-3 if dt == torch.float16 else 8e-3
     rel = ((y - want).norm() / want.norm()).item()
     assert rel < tol, rel
+
+
+def test_fastest_form_times_each_launchable_kind_once_and_keeps_the_choice(monkeypatch):
+    """``tuned`` GEMVs choose among kernel kinds by timing each (after its own tile autotune); a kind
+    whose launch fails is not a candidate; the choice is cached per (kind, N, K, M)."""
+    import triton.testing
+
+    from kiln.kernels import quant_linear as ql
+
+    speed = {"slow": 3.0, "fast": 1.0, "broken": 0.1}
+    calls = []
+
+    def launcher(name):
+        def launch():
+            calls.append(name)
+            return name != "broken"
+        launch.name = name
+        return launch
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: speed[fn.name])
+    monkeypatch.setattr(ql, "_FORM", {})
+    forms = {n: launcher(n) for n in ("slow", "broken", "fast")}
+    assert ql._fastest_form(("int8", 64, 128, 1), forms) == "fast"
+    assert calls == ["slow", "broken", "fast"]
+    assert ql._fastest_form(("int8", 64, 128, 1), {}) == "fast" and len(calls) == 3  # kept
+    assert ql._fastest_form(("int8", 64, 128, 2), {"broken": launcher("broken")}) is None

@@ -357,20 +357,35 @@ def gemv_configs(kind: str) -> list[dict]:
     """The tile shapes the tuned GEMVs (``tuned=True``, CUDA) choose from by timing each on its first
     (N, K): output channels a program (BLOCK_N), bytes a row per iteration (BLOCK_K for int8; GPT
     groups for int4) and warps. Wider K tiles put more bytes in flight per program; fewer channels a
-    program make more programs for narrow matrices."""
+    program make more programs for narrow matrices. Kinds: ``int8`` and ``int4`` (the CUDA-core
+    kernels), ``int4w`` (the int32-word int4 kernel), ``int8dot`` and ``int4dot`` (tensor cores,
+    pipelined STAGES deep)."""
     # at most 8K weights a tile (held in fp32 registers: larger tiles only spill)
     # ACC2D (a tile-sized accumulator, reduced once after the loop) only where it fits in registers
     if kind == "int8":
         return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "ACC2D": a}
                 for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8) for a in (False, True)
                 if bn * bk <= (4096 if a else 8192)]
-    return [{"BLOCK_N": bn, "GPT": gpt, "num_warps": w, "ACC2D": a}  # GPT groups of (at group size 128) 64 bytes
-            for bn in (4, 8, 16, 32) for gpt in (1, 2, 4, 8) for w in (4, 8) for a in (False, True)
-            if bn * gpt <= (64 if a else 128)]
+    if kind == "int4":
+        return [{"BLOCK_N": bn, "GPT": gpt, "num_warps": w, "ACC2D": a}  # GPT groups of (at group size 128) 64 bytes
+                for bn in (4, 8, 16, 32) for gpt in (1, 2, 4, 8) for w in (4, 8) for a in (False, True)
+                if bn * gpt <= (64 if a else 128)]
+    if kind == "int4w":
+        return [{"BLOCK_N": bn, "GPT": gpt, "num_warps": w}
+                for bn in (4, 8, 16) for gpt in (1, 2, 4) if 4 <= bn * gpt <= 32 for w in (4, 8)]
+    if kind == "int8dot":
+        return [{"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": 4}
+                for bn in (16, 32, 64) for bk in (128, 256, 512) for st in (3, 4)]
+    if kind == "int4dot":
+        return [{"BLOCK_N": bn, "GPT": gpt, "STAGES": st, "num_warps": 4}
+                for bn in (16, 32, 64) for gpt in (1, 2) for st in (3, 4)]
+    raise ValueError(f"no GEMV kind {kind!r}")
 
 
 _TUNED: dict[str, object] = {}
 _TUNE_FAILED: set[str] = set()  # kinds whose autotuned launch raised: the fixed tile from then on
+_FORM: dict[tuple, str] = {}  # (kind, N, K, M) -> the fastest kernel kind, timed on first use
+_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if HAVE_TRITON else {}
 
 
 def _launch_tuned(kind: str, grid: object, args: tuple, **meta: object) -> bool:
@@ -394,27 +409,79 @@ def _tuned_kernel(kind: str) -> object:
     if kind not in _TUNED:
         configs = [triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"])
                    for c in gemv_configs(kind)]
-        fn = _int8_gemv_kernel if kind == "int8" else _int4_gemv_kernel
+        fn = {"int8": _int8_gemv_kernel, "int4": _int4_gemv_kernel, "int4w": _int4_gemv_kernel_w32,
+              "int8dot": _int8_gemv_dot_kernel, "int4dot": _int4_gemv_dot_kernel}[kind]
         _TUNED[kind] = triton.autotune(configs, key=["N", "K"])(fn)
     return _TUNED[kind]
 
 
+def _fastest_form(key: tuple, forms: dict[str, object]) -> str | None:
+    """The kind whose (autotuned) launch ``forms[kind]()`` is fastest for ``key`` (kind, N, K, M): each
+    runs once (tuning itself), then is timed; the choice is kept. None during a CUDA graph capture
+    before a choice was made (the caller launches its fixed tile), or when no form launches."""
+    if key in _FORM:
+        return _FORM[key]
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    from triton.testing import do_bench
+
+    times = {}
+    for name, launch in forms.items():
+        if launch():  # False: the kind failed to tune (warned once); not a candidate
+            times[name] = do_bench(launch, warmup=5, rep=20)
+    if not times:
+        return None
+    _FORM[key] = min(times, key=times.get)
+    return _FORM[key]
+
+
 def _int8_gemv(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, tuned: bool = False) -> torch.Tensor:
-    """The int8 launch: x2 (M, K) contiguous rows -> (M, N) in x2's dtype. ``tuned``: the autotuned
-    tile (CUDA; elsewhere the fixed one)."""
+    """The int8 launch: x2 (M, K) contiguous rows -> (M, N) in x2's dtype. ``tuned`` (CUDA): the faster
+    of the CUDA-core kernel and the tensor-core one, each at its autotuned tile (elsewhere the fixed
+    CUDA-core tile)."""
     (M, K), N = x2.shape, q.shape[0]
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     args = (x2, q, scale, y, N, K, x2.stride(0), q.stride(0), y.stride(0))
-    if tuned and x2.is_cuda and _launch_tuned("int8", lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M), args):
-        return y
+    if tuned and x2.is_cuda:
+        forms = {"int8": lambda: _launch_tuned("int8", lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M), args)}
+        if x2.dtype in _DOT_DTYPES:  # the tensor cores take 16-bit inputs: not for fp32 activations
+            forms["int8dot"] = lambda: _launch_tuned("int8dot", lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),),
+                                                     (x2, q, scale, y, M, N, K, x2.stride(0), q.stride(0), y.stride(0)),
+                                                     DOT_DTYPE=_DOT_DTYPES[x2.dtype])
+        form = _fastest_form(("int8", N, K, M), forms)
+        if form is not None and forms[form]():
+            return y
     BLOCK_N, BLOCK_K = gemv_block_n(N, M), 256
     _int8_gemv_kernel[(triton.cdiv(N, BLOCK_N), M)](*args, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return y
 
 
+def _int4_word_forms(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+                     y: torch.Tensor) -> dict[str, object]:
+    """The int32-word int4 launches (CUDA-core and tensor-core) where the layout allows them: K a
+    multiple of 8, groups of a power-of-two number of words, the packed rows 4-byte aligned."""
+    (M, K), N = x2.shape, packed.shape[0]
+    wpg = K // scale.shape[1] // 8
+    if K % 8 or wpg < 1 or wpg & (wpg - 1) or packed.stride(0) % 4 or packed.data_ptr() % 4 or packed.stride(1) != 1:
+        return {}
+    p32 = packed.view(torch.int32)  # (N, K / 8)
+    forms = {
+        "int4w": lambda: _launch_tuned("int4w", lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M),
+                                       (x2, p32, scale, low, y, N, K, x2.stride(0), p32.stride(0), scale.stride(0),
+                                        y.stride(0)), WPG=wpg),
+    }
+    if x2.dtype in _DOT_DTYPES:  # the tensor cores take 16-bit inputs: not for fp32 activations
+        forms["int4dot"] = lambda: _launch_tuned("int4dot", lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),),
+                                                 (x2, p32, scale, low, y, M, N, K, x2.stride(0), p32.stride(0),
+                                                  scale.stride(0), y.stride(0)), WPG=wpg,
+                                                 DOT_DTYPE=_DOT_DTYPES[x2.dtype])
+    return forms
+
+
 def _int4_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
                tuned: bool = False) -> torch.Tensor:
-    """The int4 launch: x2 (M, K) contiguous rows -> (M, N) in x2's dtype; ``tuned`` as for int8."""
+    """The int4 launch: x2 (M, K) contiguous rows -> (M, N) in x2's dtype. ``tuned`` (CUDA): the fastest
+    of the byte kernel, the int32-word kernel and the tensor-core one, each at its autotuned tile."""
     (M, K), N = x2.shape, packed.shape[0]
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     BLOCK_N, group = gemv_block_n(N, M), K // scale.shape[1]
@@ -422,9 +489,12 @@ def _int4_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low:
     grid = (triton.cdiv(N, BLOCK_N), M)
     args = (x2, packed, scale, low, y, N, K, x2.stride(0), packed.stride(0), scale.stride(0), y.stride(0))
     if half & (half - 1) == 0:  # bytes per group a power of two: the tiled kernel, ~256 bytes a row per tile
-        if tuned and x2.is_cuda and _launch_tuned("int4", lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M), args,
-                                                   HALF=half):
-            return y
+        if tuned and x2.is_cuda:
+            forms = {"int4": lambda: _launch_tuned("int4", lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M), args,
+                                                   HALF=half), **_int4_word_forms(x2, packed, scale, low, y)}
+            form = _fastest_form(("int4", N, K, M), forms)
+            if form is not None and forms[form]():
+                return y
         gpt = min(triton.next_power_of_2(scale.shape[1]), max(1, 256 // half))
         _int4_gemv_kernel[grid](*args, HALF=half, GPT=gpt, BLOCK_N=BLOCK_N)
     else:
