@@ -421,7 +421,7 @@ def _fastest_form(key: tuple, forms: dict[str, object]) -> str | None:
     before a choice was made (the caller launches its fixed tile), or when no form launches."""
     if key in _FORM:
         return _FORM[key]
-    if torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return None
     from triton.testing import do_bench
 
