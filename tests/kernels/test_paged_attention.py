@@ -142,8 +142,8 @@ def test_mixed_step_split_equals_reference(dev):
     torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_traced_decode_compiles_whole_and_equals_eager(backend):
+@pytest.mark.parametrize("backend,decode_write", [("aot_eager", True), ("inductor", True), ("inductor", False)])
+def test_traced_decode_compiles_whole_and_equals_eager(backend, decode_write):
     """The engine's compiled decode step: the cache write plus ``kiln::paged_decode`` trace as one
     graph (fullgraph: no break at attention) and give the eager path's output and pool contents.
     Needs the Triton interpreter (the op runs the kernel) and, for inductor, a C++ compiler."""
@@ -159,6 +159,7 @@ def test_traced_decode_compiles_whole_and_equals_eager(backend):
     caches = []
     for _ in range(2):
         c = PagedKVCache(2, 8, bs, Hkv, D)
+        c.decode_write = decode_write  # the write inside the attention launch, or kiln::kv_write before it
         for pool in c.k + c.v:
             pool.copy_(torch.randn(pool.shape, generator=torch.Generator().manual_seed(4)))
         caches.append(c)
@@ -205,3 +206,32 @@ def test_kv_write_lands_in_the_slots_only(dev, Hkv, D, dtype):
     kv_write_op(k, v, *fresh, slots)
     assert torch.equal(fresh[0].view(-1, Hkv, D)[slots], k.to(dtype))
     assert fresh[1].view(-1, Hkv, D)[[1, 2]].abs().sum() == 0  # slots not written stay as they were
+
+
+@pytest.mark.parametrize("split", [1, 3, None])
+def test_decode_kernel_with_its_own_write_equals_write_then_attend(dev, split):
+    """``paged_decode_attention(..., k_new, v_new, slots)``: the step's keys/values written by the
+    attention launch (split 0 of each head) and read from registers at the last position, equal to
+    ``kv_write`` then attention: the same output and the same pools, bit for bit, whichever split
+    holds the last block."""
+    from kiln.kernels.paged_attention import kv_write, paged_decode_write_op
+
+    H, Hkv, D, bs = 4, 2, 16, 4
+    lens = [1, 5, bs, bs + 1, 3 * bs + 2, 9 * bs + 3]  # after this step: the new token is position L - 1
+    k_pool, v_pool, bt = _pool(lens, bs, Hkv, D, torch.float32, dev)
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(len(lens), H, D, generator=g).to(dev)
+    k_new = torch.randn(1, Hkv, len(lens), D, generator=g).to(dev)[0].transpose(0, 1)  # strided, as attention hands it
+    v_new = torch.randn(len(lens), Hkv, D, generator=g).to(dev)
+    cl = torch.tensor(lens, dtype=torch.int32, device=dev)
+    slots = torch.tensor([int(bt[b, (L - 1) // bs]) * bs + (L - 1) % bs for b, L in enumerate(lens)], device=dev)
+    ref_k, ref_v = k_pool.clone(), v_pool.clone()
+    kv_write(k_new, v_new, ref_k, ref_v, slots)
+    want = paged_decode_attention(q, ref_k, ref_v, bt, cl, split=split)
+    got = paged_decode_attention(q, k_pool, v_pool, bt, cl, split=split, k_new=k_new, v_new=v_new, slots=slots)
+    assert torch.equal(k_pool, ref_k) and torch.equal(v_pool, ref_v)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    fresh_k, fresh_v = [p.clone() for p in _pool(lens, bs, Hkv, D, torch.float32, dev)[:2]]
+    op = paged_decode_write_op(q, k_new, v_new, fresh_k, fresh_v, bt, cl, slots)  # the custom op mutates its pools
+    assert torch.equal(fresh_k, ref_k) and torch.equal(fresh_v, ref_v)
+    torch.testing.assert_close(op, paged_decode_attention(q, ref_k, ref_v, bt, cl), atol=1e-6, rtol=1e-6)

@@ -74,14 +74,18 @@ if HAVE_TRITON:
     def _paged_decode_kernel(
         Q, K, V, O, TABLES, LENS, PM, PL, PACC, scale, n_splits,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_ob, stride_oh,
+        K_NEW, V_NEW, SLOTS, stride_nb, stride_nh, stride_vnb, stride_vnh,
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
-        SPLIT: tl.constexpr,
+        SPLIT: tl.constexpr, WRITE: tl.constexpr = False,
     ):
         # Program (b, kvh, s): sequence b, key/value head kvh, blocks [s * chunk, (s + 1) * chunk) of the
         # sequence, chunk = ceil(its blocks / n_splits) from its own length (all of them when not SPLIT):
         # every split gets a share of the blocks the sequence has, not of the table's width. SPLIT
         # writes the unnormalized partial (max, sum, acc) for _paged_reduce_kernel; otherwise the
-        # normalized output.
+        # normalized output. WRITE: the step's own key and value (K_NEW, V_NEW (B, Hkv, D)) are also
+        # written to pool row SLOTS[b] here, by split 0 (the cache write without a launch of its
+        # own), and the program that reads position L - 1 takes them from registers, not the pool
+        # (another program may not have written it yet).
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -90,6 +94,14 @@ if HAVE_TRITON:
         t = tl.arange(0, BS)
         g_ok = g < G
         d_ok = d < D
+        if WRITE:
+            k_own = tl.load(K_NEW + b * stride_nb + kvh * stride_nh + d, mask=d_ok, other=0.0).to(K.dtype.element_ty)
+            v_own = tl.load(V_NEW + b * stride_vnb + kvh * stride_vnh + d, mask=d_ok, other=0.0).to(V.dtype.element_ty)
+            if sp == 0:
+                slot = tl.load(SLOTS + b).to(tl.int64)
+                dst = slot * stride_kt + kvh * stride_kh + d
+                tl.store(K + dst, k_own, mask=d_ok)
+                tl.store(V + dst, v_own, mask=d_ok)
         heads = kvh * G + g  # the query heads that read this key/value head
         q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale  # (G, D)
@@ -108,6 +120,10 @@ if HAVE_TRITON:
             off = blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :]
             k = tl.load(K + off, mask=kv_ok, other=0.0).to(tl.float32)  # (BS, D)
             v = tl.load(V + off, mask=kv_ok, other=0.0).to(tl.float32)
+            if WRITE:
+                own = (pos == L - 1)[:, None]
+                k = tl.where(own, k_own.to(tl.float32)[None, :], k)
+                v = tl.where(own, v_own.to(tl.float32)[None, :], v)
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (G, BS)
             s = tl.where((pos < L)[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -179,6 +195,9 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     split: int | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its paged keys/values: q (B, H, D) -> (B, H, D).
 
@@ -187,9 +206,18 @@ def paged_decode_attention(
     over a share of the blocks, combined by a second kernel (default ``num_splits(max_blocks, B * Hkv)``; 1 =
     one pass). Triton on CUDA (or the CPU under TRITON_INTERPRET=1); elsewhere
     ``paged_attention_ref`` with one warning. No host sync: safe to capture in a CUDA graph.
+
+    ``k_new``, ``v_new`` (B, Hkv, D), last dim contiguous, and ``slots`` (B,): the step's own keys and
+    values, written to the pools at ``slots`` by the same launch (``kv_write``'s effect, the cast to
+    the pool's dtype included) before attending; the query is each sequence's position
+    ``context_lens - 1``, whose slot ``slots`` names.
     """
     reason = _decode_reason(q, k_pool)
     B, H, D = q.shape
+    write = k_new is not None
+    if write and (reason is not None or k_new.stride(2) != 1 or v_new.stride(2) != 1):
+        kv_write(k_new, v_new, k_pool, v_pool, slots)  # the separate write, then attention as without
+        write = False
     if reason is not None:
         warn_fallback("paged_decode_attention", reason)
         starts = torch.arange(B + 1, device=q.device, dtype=torch.int32)
@@ -207,11 +235,13 @@ def paged_decode_attention(
         pacc = torch.empty(B * Hkv * splits * BLOCK_G * BLOCK_D, device=q.device, dtype=torch.float32)
     else:
         pm = pl = pacc = out  # unused
+    nk, nv, sl = (k_new, v_new, slots) if write else (q, q, context_lens)  # unused without WRITE
     _paged_decode_kernel[(B, Hkv, splits)](
         q, k_pool, v_pool, out, block_tables, context_lens, pm, pl, pacc, 1.0 / math.sqrt(D), splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        G=G, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BS=bs, SPLIT=splits > 1,
+        block_tables.stride(0), out.stride(0), out.stride(1), nk, nv, sl, nk.stride(0), nk.stride(1),
+        nv.stride(0), nv.stride(1),
+        G=G, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BS=bs, SPLIT=splits > 1, WRITE=write,
     )
     if splits > 1:
         _paged_reduce_kernel[(B, Hkv)](out, pm, pl, pacc, splits, out.stride(0), out.stride(1), G=G, D=D,
@@ -364,6 +394,29 @@ def paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     fuses everything around it (the cache write included) instead of breaking the graph at each
     layer's attention."""
     return _paged_decode_op(q, k_pool, v_pool, block_tables, context_lens)
+
+
+@torch.library.custom_op("kiln::paged_decode_write", mutates_args=("k_pool", "v_pool"))
+def _paged_decode_write_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor,
+                           v_pool: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           slots: torch.Tensor) -> torch.Tensor:
+    return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, k_new=k_new, v_new=v_new,
+                                  slots=slots)
+
+
+@_paged_decode_write_op.register_fake
+def _(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+      block_tables: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def paged_decode_write_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor,
+                          v_pool: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                          slots: torch.Tensor) -> torch.Tensor:
+    """The cache write and decode attention as one launch (``paged_decode_attention`` with ``k_new``),
+    the custom op ``kiln::paged_decode_write``, declared to mutate the pools (as ``kiln::kv_write``):
+    one kernel a layer fewer than ``kv_write_op`` then ``paged_decode_op``."""
+    return _paged_decode_write_op(q, k_new, v_new, k_pool, v_pool, block_tables, context_lens, slots)
 
 
 # -- writing a step's keys and values into the pool ---------------------------------------------------------

@@ -406,24 +406,35 @@ class MultiHeadSelfAttention(nn.Module):
         return self._paged_eager(q, k, v, cache)
 
     def _paged_decode(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
-        """A decode step (one new token per row) through ``kiln::kv_write`` and ``kiln::paged_decode``:
-        traceable, no graph break."""
+        """A decode step (one new token per row): the cache write and attention in one launch
+        (``kiln::paged_decode_write``; ``cache.decode_write``), or ``kiln::kv_write`` then
+        ``kiln::paged_decode``: traceable, no graph break."""
         from kiln.kernels.paged_attention import (  # lazy: Triton is optional
             kv_write_op,
             paged_decode_attention,
             paged_decode_op,
+            paged_decode_write_op,
         )
 
         i, meta = self.layer_idx, cache.meta
         k_new, v_new = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (N, Hkv, D)
+        k_pool, v_pool = cache.k[i], cache.v[i]
+        q_rows = q[0].transpose(0, 1).to(k_pool.dtype).contiguous()  # (N, H, D); autocast q over a wider pool
+        compiling = torch.compiler.is_compiling()
+        if cache.write_op and cache.decode_write:  # one launch writes the pools (in place) and attends
+            if compiling:
+                out = paged_decode_write_op(q_rows, k_new, v_new, k_pool, v_pool, meta.block_tables,
+                                            meta.context_lens, meta.slot_mapping)
+            else:
+                out = paged_decode_attention(q_rows, k_pool, v_pool, meta.block_tables, meta.context_lens,
+                                             k_new=k_new, v_new=v_new, slots=meta.slot_mapping)
+            return out.to(q.dtype)
         if cache.write_op:  # one launch, and the pools updated in place under torch.compile
-            kv_write_op(k_new, v_new, cache.k[i], cache.v[i], meta.slot_mapping)
+            kv_write_op(k_new, v_new, k_pool, v_pool, meta.slot_mapping)
         else:
             cache.write(i, k_new, v_new)
-        k_pool = cache.k[i]
-        q_rows = q[0].transpose(0, 1).to(k_pool.dtype).contiguous()  # (N, H, D); autocast q over a wider pool
-        fn = paged_decode_op if torch.compiler.is_compiling() else paged_decode_attention  # eager: no dispatcher
-        out = fn(q_rows, k_pool, cache.v[i], meta.block_tables, meta.context_lens)
+        fn = paged_decode_op if compiling else paged_decode_attention  # eager: no dispatcher
+        out = fn(q_rows, k_pool, v_pool, meta.block_tables, meta.context_lens)
         return out.to(q.dtype)
 
     @torch.compiler.disable  # prefill chunks and CPU steps: the cache write and attention stay eager

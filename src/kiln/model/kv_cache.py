@@ -132,6 +132,10 @@ class PagedKVCache:
         """On CUDA keys/values are written by Kiln's ``kv_write`` kernel (one launch for both; in a
         compiled decode step the custom op ``kiln::kv_write``, in place under ``torch.compile``);
         False: two ``index_copy_`` (kept to measure one against the other)."""
+        self.decode_write = True
+        """With ``write_op``, a CUDA decode step's keys/values are written by the decode attention
+        kernel itself (``kiln::paged_decode_write``: one launch a layer fewer); False: ``kv_write``
+        then attention, two launches (kept to measure one against the other)."""
 
     def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> None:
         """Store k_new, v_new: (N, n_kv_heads, head_dim) at the slots ``meta.slot_mapping`` (N,)."""
