@@ -509,9 +509,11 @@ def run(args: argparse.Namespace) -> int:
     if "gemv" in selected:
         from kiln.bench.gemv import bench_gemv, gemv_cases
 
-        rows += bench_gemv(gemv_cases(args.quick), 5 if args.quick else 20, args.gemv_sweep)
-        print(to_markdown([r for r in rows if r.kernel == "gemv"]), flush=True)
-        _save(args.out, rows)
+        for case in gemv_cases(args.quick):  # a case at a time: partial results survive a time limit
+            case_rows = bench_gemv([case], 5 if args.quick else 20, args.gemv_sweep)
+            rows += case_rows
+            print(to_markdown(case_rows), flush=True)
+            _save(args.out, rows)
     if args.profile:
         print(profile_kiln(), flush=True)
     if args.sweep:
