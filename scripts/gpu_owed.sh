@@ -22,8 +22,8 @@
 #           through the Triton prefill kernel) beside gpt-fast [P=300]; PSHAPE=7b: the same at 7b, where
 #           the non-GEMV share of a token sets how much int8/int4 can buy
 #   fused   batch-1 bf16 decode with q/k/v and gate/up fused (kiln serve's default now) beside the same
-#           model unfused, and beside the cache write as its own launch (before the decode attention
-#           kernel took it over), at FSHAPES (gpt2_small,350m) [F=420]
+#           model unfused, and beside the cache write and the splits' combine as launches of their own
+#           (before the decode attention kernel took both over), at FSHAPES (gpt2_small,350m) [F=420]
 #   gemv    batch-1 decode GEMVs alone at 7b and 350m shapes: bf16 (cuBLAS), Kiln's int8/int4 (fixed,
 #           tuned), Inductor's one-row forms, in GB/s beside the copy bandwidth; and every tile of the
 #           int8 kernel and the int4 word kernel (--gemv-sweep) [G=400]
@@ -129,7 +129,7 @@ for part in ${PART:-kv}; do
                 --server-engine thread,process --engine mixed_steps=$m --out "$OUT/mixed_$m"
         done ;;
     prefill) section prefill_test "${T:-120}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_paged_attention.py \
-                -k "prefill or bf16 or mixed or own_write or traced"
+                -k "prefill or bf16 or mixed or own_write or traced or last_program"
         section prefill_kernel_bench "${KB:-120}" kiln bench kernels --kernels paged_prefill --out "$OUT/kernels"
         section prefill_prof "${PP:-150}" kiln bench serve --device cuda --parts profile --profile-tables prefill \
                 --shapes gpt2_small --prompt-len 128 --out "$OUT/prefill_prof" ;;

@@ -235,3 +235,21 @@ def test_decode_kernel_with_its_own_write_equals_write_then_attend(dev, split):
     op = paged_decode_write_op(q, k_new, v_new, fresh_k, fresh_v, bt, cl, slots)  # the custom op mutates its pools
     assert torch.equal(fresh_k, ref_k) and torch.equal(fresh_v, ref_v)
     torch.testing.assert_close(op, paged_decode_attention(q, ref_k, ref_v, bt, cl), atol=1e-6, rtol=1e-6)
+
+
+def test_split_decode_combines_in_its_last_program_and_resets_the_counts(dev):
+    """With splits, the last program of each head to finish combines the partials (counted with an
+    atomic, reset after): the same output bit for bit as the separate reduce kernel, call after call
+    (a count left behind would make the next call combine too early or never)."""
+    from kiln.kernels import paged_attention as pa
+
+    H, Hkv, D, bs = 4, 2, 16, 4
+    lens = [1, 5, 3 * bs + 2, 9 * bs + 3]
+    k_pool, v_pool, bt = _pool(lens, bs, Hkv, D, torch.float32, dev)
+    cl = torch.tensor(lens, dtype=torch.int32, device=dev)
+    for seed in range(3):
+        q = torch.randn(len(lens), H, D, generator=torch.Generator().manual_seed(seed)).to(dev)
+        want = paged_decode_attention(q, k_pool, v_pool, bt, cl, split=4, fused_reduce=False)
+        got = paged_decode_attention(q, k_pool, v_pool, bt, cl, split=4)
+        assert torch.equal(got, want)
+        assert int(pa._SPLIT_COUNTS[q.device][: len(lens) * Hkv].abs().sum()) == 0

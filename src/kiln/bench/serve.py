@@ -374,8 +374,8 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
     if "index-copy" in args.rows and cuda:  # the cache write before kiln::kv_write, measured beside it
         add(f"{name} index_copy_ write", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=True,
                                                               write_op=False), model)
-    if "separate-write" in args.rows and cuda:  # the cache write as its own launch (before the attention kernel took it)
-        add(f"{name} kv_write then attention", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=True,
+    if "separate-write" in args.rows and cuda:  # the cache write and the split combine as launches of their own
+        add(f"{name} kv_write, attention, reduce: 3 launches", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=True,
                                                                    decode_write=False), model)
     if "eager" in args.rows and cuda:
         add(f"{name} not compiled", lambda: kiln_decode(model, prompt, new_tokens, r), model)
@@ -986,7 +986,8 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    "--temperature, batch 1 and throughput; 'int8-tuned', 'int4-tuned': Kiln's autotuned "
                    "GEMV kernels at one row too, instead of Inductor's fused form; 'unfused': the bf16 row "
                    "again with q/k/v and gate/up as separate products, beside the fused default; 'separate-write': "
-                   "the cache write as its own launch before the decode attention kernel (CUDA); these five "
+                   "the cache write and the splits' combine as launches of their own around the decode attention "
+                   "kernel, as before it took both over (CUDA); these five "
                    "are not in the default)")
     p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
     p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,

@@ -74,9 +74,9 @@ if HAVE_TRITON:
     def _paged_decode_kernel(
         Q, K, V, O, TABLES, LENS, PM, PL, PACC, scale, n_splits,
         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_tb, stride_ob, stride_oh,
-        K_NEW, V_NEW, SLOTS, stride_nb, stride_nh, stride_vnb, stride_vnh,
+        K_NEW, V_NEW, SLOTS, stride_nb, stride_nh, stride_vnb, stride_vnh, CNT,
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
-        SPLIT: tl.constexpr, WRITE: tl.constexpr = False,
+        SPLIT: tl.constexpr, WRITE: tl.constexpr = False, REDUCE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1,
     ):
         # Program (b, kvh, s): sequence b, key/value head kvh, blocks [s * chunk, (s + 1) * chunk) of the
         # sequence, chunk = ceil(its blocks / n_splits) from its own length (all of them when not SPLIT):
@@ -85,7 +85,9 @@ if HAVE_TRITON:
         # normalized output. WRITE: the step's own key and value (K_NEW, V_NEW (B, Hkv, D)) are also
         # written to pool row SLOTS[b] here, by split 0 (the cache write without a launch of its
         # own), and the program that reads position L - 1 takes them from registers, not the pool
-        # (another program may not have written it yet).
+        # (another program may not have written it yet). REDUCE (with SPLIT): the last split of
+        # (b, kvh) to finish, counted on CNT, combines the partials itself (``_combine_splits``, in
+        # split order: the same sums whichever finishes last) and resets the count: no second launch.
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -137,27 +139,33 @@ if HAVE_TRITON:
             tl.store(PM + row, m)
             tl.store(PL + row, s_sum)
             tl.store(PACC + row[:, None] * BLOCK_D + d[None, :], acc)
+            if REDUCE:
+                tl.debug_barrier()  # every thread's partials stored before the count says so
+                done = tl.atomic_add(CNT + b * tl.num_programs(1) + kvh, 1, sem="acq_rel")
+                if done == n_splits - 1:  # the last of this head's splits: combine, then reset the count
+                    _combine_splits(O, PM, PL, PACC, b, kvh, tl.num_programs(1), n_splits, stride_ob, stride_oh,
+                                    G, D, BLOCK_G, BLOCK_D, BLOCK_S, ".cg")
+                    tl.atomic_xchg(CNT + b * tl.num_programs(1) + kvh, 0)
         else:
             out = acc / s_sum[:, None]
             tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
                      mask=g_ok[:, None] & d_ok[None, :])
 
     @triton.jit
-    def _paged_reduce_kernel(
-        O, PM, PL, PACC, n_splits, stride_ob, stride_oh,
-        G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    ):
+    def _combine_splits(O, PM, PL, PACC, b, kvh, n_kvh, n_splits, stride_ob, stride_oh,
+                        G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
         # Combine the splits of (b, kvh): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
-        b = tl.program_id(0)
-        kvh = tl.program_id(1)
+        # CACHE: the loads' cache modifier (".cg", L2 only, where other SMs wrote the partials this launch).
         sp = tl.arange(0, BLOCK_S)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         sp_ok = sp < n_splits
-        row = ((b * tl.num_programs(1) + kvh) * n_splits + sp[:, None]) * BLOCK_G + g[None, :]  # (S, G)
-        m = tl.load(PM + row, mask=sp_ok[:, None], other=float("-inf"))
-        l_s = tl.load(PL + row, mask=sp_ok[:, None], other=0.0)
-        acc = tl.load(PACC + row[:, :, None] * BLOCK_D + d[None, None, :], mask=sp_ok[:, None, None], other=0.0)
+        row = ((b * n_kvh + kvh) * n_splits + sp[:, None]) * BLOCK_G + g[None, :]  # (S, G)
+        m = tl.load(PM + row, mask=sp_ok[:, None], other=float("-inf"), cache_modifier=CACHE)
+        l_s = tl.load(PL + row, mask=sp_ok[:, None], other=0.0, cache_modifier=CACHE)
+        acc = tl.load(PACC + row[:, :, None] * BLOCK_D + d[None, None, :], mask=sp_ok[:, None, None], other=0.0,
+                      cache_modifier=CACHE)
         M = tl.max(m, axis=0)  # (G,): split 0 always holds a block, so M is finite
         w = tl.exp(m - M[None, :])  # empty splits: e^-inf = 0
         total = tl.sum(w * l_s, axis=0)
@@ -165,6 +173,29 @@ if HAVE_TRITON:
         heads = kvh * G + g
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
                  mask=(g < G)[:, None] & (d < D)[None, :])
+
+    @triton.jit
+    def _paged_reduce_kernel(
+        O, PM, PL, PACC, n_splits, stride_ob, stride_oh,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        _combine_splits(O, PM, PL, PACC, tl.program_id(0), tl.program_id(1), tl.num_programs(1), n_splits,
+                        stride_ob, stride_oh, G, D, BLOCK_G, BLOCK_D, BLOCK_S, "")
+
+
+_SPLIT_COUNTS: dict[torch.device, torch.Tensor] = {}  # per device: one zeroed int32 count per (sequence, head)
+
+
+def _split_counts(device: torch.device, n: int) -> torch.Tensor | None:
+    """The zeroed counts the fused split reduction uses (each reset by the program that finishes its
+    head): allocated once per device outside any CUDA graph capture; None where that cannot be (the
+    caller launches the separate reduce kernel)."""
+    have = _SPLIT_COUNTS.get(device)
+    if have is None or have.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _SPLIT_COUNTS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return _SPLIT_COUNTS[device]
 
 
 def num_splits(max_blocks: int, programs: int = 1, target: int = 264) -> int:
@@ -198,6 +229,7 @@ def paged_decode_attention(
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
     slots: torch.Tensor | None = None,
+    fused_reduce: bool = True,
 ) -> torch.Tensor:
     """One query token per sequence over its paged keys/values: q (B, H, D) -> (B, H, D).
 
@@ -210,7 +242,8 @@ def paged_decode_attention(
     ``k_new``, ``v_new`` (B, Hkv, D), last dim contiguous, and ``slots`` (B,): the step's own keys and
     values, written to the pools at ``slots`` by the same launch (``kv_write``'s effect, the cast to
     the pool's dtype included) before attending; the query is each sequence's position
-    ``context_lens - 1``, whose slot ``slots`` names.
+    ``context_lens - 1``, whose slot ``slots`` names. ``fused_reduce``: with splits, the last split of
+    each head to finish combines them (one launch); False: a second kernel combines them.
     """
     reason = _decode_reason(q, k_pool)
     B, H, D = q.shape
@@ -236,16 +269,19 @@ def paged_decode_attention(
     else:
         pm = pl = pacc = out  # unused
     nk, nv, sl = (k_new, v_new, slots) if write else (q, q, context_lens)  # unused without WRITE
+    counts = _split_counts(q.device, B * Hkv) if splits > 1 and fused_reduce else None
+    BLOCK_S = triton.next_power_of_2(splits)
     _paged_decode_kernel[(B, Hkv, splits)](
         q, k_pool, v_pool, out, block_tables, context_lens, pm, pl, pacc, 1.0 / math.sqrt(D), splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), nk, nv, sl, nk.stride(0), nk.stride(1),
-        nv.stride(0), nv.stride(1),
+        nv.stride(0), nv.stride(1), counts if counts is not None else context_lens,
         G=G, D=D, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BS=bs, SPLIT=splits > 1, WRITE=write,
+        REDUCE=counts is not None, BLOCK_S=BLOCK_S,
     )
-    if splits > 1:
+    if splits > 1 and counts is None:
         _paged_reduce_kernel[(B, Hkv)](out, pm, pl, pacc, splits, out.stride(0), out.stride(1), G=G, D=D,
-                                       BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BLOCK_S=triton.next_power_of_2(splits))
+                                       BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S)
     return out
 
 
@@ -377,23 +413,23 @@ def paged_prefill_attention(
 
 @torch.library.custom_op("kiln::paged_decode", mutates_args=())
 def _paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor) -> torch.Tensor:
-    return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens)
+                     context_lens: torch.Tensor, fused_reduce: bool = True) -> torch.Tensor:
+    return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, fused_reduce=fused_reduce)
 
 
 @_paged_decode_op.register_fake
 def _(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-      context_lens: torch.Tensor) -> torch.Tensor:
+      context_lens: torch.Tensor, fused_reduce: bool = True) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor) -> torch.Tensor:
+                    context_lens: torch.Tensor, fused_reduce: bool = True) -> torch.Tensor:
     """``paged_decode_attention`` as the custom op ``kiln::paged_decode`` (same arguments, default
     split), opaque to ``torch.compile``: a compiled decode step keeps the Triton kernel whole and
     fuses everything around it (the cache write included) instead of breaking the graph at each
     layer's attention."""
-    return _paged_decode_op(q, k_pool, v_pool, block_tables, context_lens)
+    return _paged_decode_op(q, k_pool, v_pool, block_tables, context_lens, fused_reduce)
 
 
 @torch.library.custom_op("kiln::paged_decode_write", mutates_args=("k_pool", "v_pool"))

@@ -406,9 +406,10 @@ class MultiHeadSelfAttention(nn.Module):
         return self._paged_eager(q, k, v, cache)
 
     def _paged_decode(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
-        """A decode step (one new token per row): the cache write and attention in one launch
-        (``kiln::paged_decode_write``; ``cache.decode_write``), or ``kiln::kv_write`` then
-        ``kiln::paged_decode``: traceable, no graph break."""
+        """A decode step (one new token per row): the cache write, attention and the combining of its
+        splits in one launch (``kiln::paged_decode_write``), or, with ``cache.decode_write`` False, the
+        three launches before it (``kiln::kv_write``, ``kiln::paged_decode``, the reduce kernel):
+        traceable, no graph break."""
         from kiln.kernels.paged_attention import (  # lazy: Triton is optional
             kv_write_op,
             paged_decode_attention,
@@ -434,7 +435,8 @@ class MultiHeadSelfAttention(nn.Module):
         else:
             cache.write(i, k_new, v_new)
         fn = paged_decode_op if compiling else paged_decode_attention  # eager: no dispatcher
-        out = fn(q_rows, k_pool, v_pool, meta.block_tables, meta.context_lens)
+        # the earlier form whole: write, attention, and the splits combined by a kernel of their own
+        out = fn(q_rows, k_pool, v_pool, meta.block_tables, meta.context_lens, fused_reduce=False)
         return out.to(q.dtype)
 
     @torch.compiler.disable  # prefill chunks and CPU steps: the cache write and attention stay eager

@@ -134,8 +134,9 @@ class PagedKVCache:
         False: two ``index_copy_`` (kept to measure one against the other)."""
         self.decode_write = True
         """With ``write_op``, a CUDA decode step's keys/values are written by the decode attention
-        kernel itself (``kiln::paged_decode_write``: one launch a layer fewer); False: ``kv_write``
-        then attention, two launches (kept to measure one against the other)."""
+        kernel itself, whose last split also combines the splits (``kiln::paged_decode_write``: one
+        launch a layer); False: ``kv_write``, attention, then the reduce kernel, three launches (kept
+        to measure one against the other)."""
 
     def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> None:
         """Store k_new, v_new: (N, n_kv_heads, head_dim) at the slots ``meta.slot_mapping`` (N,)."""
