@@ -329,3 +329,17 @@ def test_fastest_form_times_each_launchable_kind_once_and_keeps_the_choice(monke
     assert calls == ["slow", "broken", "fast"]
     assert ql._fastest_form(("int8", 64, 128, 1), {}) == "fast" and len(calls) == 3  # kept
     assert ql._fastest_form(("int8", 64, 128, 2), {"broken": launcher("broken")}) is None
+    # with the output every launch writes: a fast kind that disagrees with the first is refused
+    out = torch.zeros(4)
+
+    def writer(name, value):
+        def launch():
+            out.fill_(value)
+            return True
+        launch.name = name
+        return launch
+
+    with pytest.warns(Warning, match="disagrees"):
+        got = ql._fastest_form(("int8", 64, 128, 3), {"slow": writer("slow", 1.0), "fast": writer("fast", 1.5)}, out)
+    assert got == "slow"
+    assert ql._fastest_form(("int8", 64, 128, 4), {"slow": writer("slow", 1.0), "fast": writer("fast", 1.001)}, out) == "fast"

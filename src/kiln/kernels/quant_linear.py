@@ -415,20 +415,33 @@ def _tuned_kernel(kind: str) -> object:
     return _TUNED[kind]
 
 
-def _fastest_form(key: tuple, forms: dict[str, object]) -> str | None:
+def _fastest_form(key: tuple, forms: dict[str, object], out: torch.Tensor | None = None,
+                  rtol: float = 2e-2) -> str | None:
     """The kind whose (autotuned) launch ``forms[kind]()`` is fastest for ``key`` (kind, N, K, M): each
-    runs once (tuning itself), then is timed; the choice is kept. None during a CUDA graph capture
-    before a choice was made (the caller launches its fixed tile), or when no form launches."""
+    runs once (tuning itself), then is timed; the choice is kept. With ``out`` (the tensor every launch
+    writes), a kind is a candidate only if its output agrees with the first kind's (the established
+    kernel) within ``rtol`` of its norm: a form that computes wrongly on some GPU is refused with one
+    warning, never chosen for speed. None during a CUDA graph capture before a choice was made (the
+    caller launches its fixed tile), or when no form launches."""
     if key in _FORM:
         return _FORM[key]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return None
     from triton.testing import do_bench
 
-    times = {}
+    times, ref = {}, None
     for name, launch in forms.items():
-        if launch():  # False: the kind failed to tune (warned once); not a candidate
-            times[name] = do_bench(launch, warmup=5, rep=20)
+        if not launch():  # the kind failed to tune (warned once): not a candidate
+            continue
+        if out is not None:
+            got = out.float().clone()
+            if ref is None:
+                ref = got
+            elif not (got - ref).norm() <= rtol * ref.norm() + 1e-6:
+                warnings.warn(f"kiln.kernels.quant_linear: the {name} GEMV disagrees with {next(iter(forms))} at "
+                              f"{key}; not used", KernelFallbackWarning, stacklevel=3)
+                continue
+        times[name] = do_bench(launch, warmup=5, rep=20)
     if not times:
         return None
     _FORM[key] = min(times, key=times.get)
@@ -448,7 +461,7 @@ def _int8_gemv(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, tuned: bo
             forms["int8dot"] = lambda: _launch_tuned("int8dot", lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),),
                                                      (x2, q, scale, y, M, N, K, x2.stride(0), q.stride(0), y.stride(0)),
                                                      DOT_DTYPE=_DOT_DTYPES[x2.dtype])
-        form = _fastest_form(("int8", N, K, M), forms)
+        form = _fastest_form(("int8", N, K, M), forms, y)
         if form is not None and forms[form]():
             return y
     BLOCK_N, BLOCK_K = gemv_block_n(N, M), 256
@@ -492,7 +505,7 @@ def _int4_gemv(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low:
         if tuned and x2.is_cuda:
             forms = {"int4": lambda: _launch_tuned("int4", lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M), args,
                                                    HALF=half), **_int4_word_forms(x2, packed, scale, low, y)}
-            form = _fastest_form(("int4", N, K, M), forms)
+            form = _fastest_form(("int4", N, K, M), forms, y)
             if form is not None and forms[form]():
                 return y
         gpt = min(triton.next_power_of_2(scale.shape[1]), max(1, 256 // half))
