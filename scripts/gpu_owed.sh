@@ -22,8 +22,8 @@
 #           through the Triton prefill kernel) beside gpt-fast [P=300]; PSHAPE=7b: the same at 7b, where
 #           the non-GEMV share of a token sets how much int8/int4 can buy
 #   fused   batch-1 bf16 decode with q/k/v and gate/up fused (kiln serve's default now) beside the same
-#           model unfused, and beside the cache write and the splits' combine as launches of their own
-#           (before the decode attention kernel took both over), at FSHAPES (gpt2_small,350m) [F=420]
+#           model unfused, and beside the decode attention kernel writing the cache and combining its
+#           splits itself (one launch a layer, PagedKVCache.decode_write), at FSHAPES (gpt2_small,350m) [F=420]
 #   gemv    batch-1 decode GEMVs alone at 7b and 350m shapes: bf16 (cuBLAS), Kiln's int8/int4 (fixed,
 #           tuned), Inductor's one-row forms, in GB/s beside the copy bandwidth; and every tile of the
 #           int8 kernel and the int4 word kernel (--gemv-sweep) [G=400]
@@ -108,7 +108,7 @@ for part in ${PART:-kv}; do
         section "$part" "${V:-560}" kiln bench serve --device cuda --parts latency --shapes 7b --rows "$rows" \
                 --gpt-fast .devcarry/gpt-fast --new-tokens 128 --prompt-len 128 --repeats 2 --out "$OUT/$part" ;;
     fused) section fused "${F:-420}" kiln bench serve --device cuda --parts latency --shapes "${FSHAPES:-gpt2_small,350m}" \
-                --rows unfused,separate-write --new-tokens 256 --prompt-len 128 --repeats 2 --out "$OUT/fused" ;;
+                --rows unfused,one-launch --new-tokens 256 --prompt-len 128 --repeats 2 --out "$OUT/fused" ;;
     gemv) section gemv "${G:-400}" kiln bench kernels --kernels gemv --gemv-sweep --out "$OUT/gemv" ;;
     prof) gf=(--gpt-fast .devcarry/gpt-fast)
         [ "${PSHAPE:-350m}" = 7b ] && gf=()  # gpt-fast's 7b conversion alone would take the call

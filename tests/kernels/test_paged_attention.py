@@ -228,7 +228,8 @@ def test_decode_kernel_with_its_own_write_equals_write_then_attend(dev, split):
     ref_k, ref_v = k_pool.clone(), v_pool.clone()
     kv_write(k_new, v_new, ref_k, ref_v, slots)
     want = paged_decode_attention(q, ref_k, ref_v, bt, cl, split=split)
-    got = paged_decode_attention(q, k_pool, v_pool, bt, cl, split=split, k_new=k_new, v_new=v_new, slots=slots)
+    got = paged_decode_attention(q, k_pool, v_pool, bt, cl, split=split, k_new=k_new, v_new=v_new, slots=slots,
+                                 fused_reduce=True)
     assert torch.equal(k_pool, ref_k) and torch.equal(v_pool, ref_v)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     fresh_k, fresh_v = [p.clone() for p in _pool(lens, bs, Hkv, D, torch.float32, dev)[:2]]
@@ -249,7 +250,7 @@ def test_split_decode_combines_in_its_last_program_and_resets_the_counts(dev):
     cl = torch.tensor(lens, dtype=torch.int32, device=dev)
     for seed in range(3):
         q = torch.randn(len(lens), H, D, generator=torch.Generator().manual_seed(seed)).to(dev)
-        want = paged_decode_attention(q, k_pool, v_pool, bt, cl, split=4, fused_reduce=False)
-        got = paged_decode_attention(q, k_pool, v_pool, bt, cl, split=4)
+        want = paged_decode_attention(q, k_pool, v_pool, bt, cl, split=4)  # the reduce kernel (the default)
+        got = paged_decode_attention(q, k_pool, v_pool, bt, cl, split=4, fused_reduce=True)
         assert torch.equal(got, want)
         assert int(pa._SPLIT_COUNTS[q.device][: len(lens) * Hkv].abs().sum()) == 0

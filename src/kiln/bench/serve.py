@@ -161,11 +161,11 @@ def _sync(device: Any) -> None:
 
 def kiln_decode(model: Any, prompt: list[int], new_tokens: int, repeats: int, speculative: str = "none",
                 draft: Any = None, compile_decode: bool = False, decode_steps: int = 8, temperature: float = 0.0,
-                top_p: float | None = None, write_op: bool = True, decode_write: bool = True) -> tuple[float, str]:
+                top_p: float | None = None, write_op: bool = True, decode_write: bool = False) -> tuple[float, str]:
     """Best tokens/s of one request over ``repeats`` runs (after a warm-up that captures graphs): greedy,
     or sampled at ``temperature`` (and ``top_p``), seeded (each run draws the same tokens).
     ``write_op`` False: the cache write as ``index_copy_`` (``PagedKVCache.write_op``); ``decode_write``
-    False: ``kv_write`` then attention, not the write inside the attention launch (``PagedKVCache.decode_write``)."""
+    True: the cache write and the splits' combine inside the decode attention launch (``PagedKVCache.decode_write``)."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     cfg = EngineConfig(max_num_seqs=1, max_num_batched_tokens=max(2048, len(prompt) + 8), num_blocks=None,
@@ -374,9 +374,9 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
     if "index-copy" in args.rows and cuda:  # the cache write before kiln::kv_write, measured beside it
         add(f"{name} index_copy_ write", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=True,
                                                               write_op=False), model)
-    if "separate-write" in args.rows and cuda:  # the cache write and the split combine as launches of their own
-        add(f"{name} kv_write, attention, reduce: 3 launches", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=True,
-                                                                   decode_write=False), model)
+    if "one-launch" in args.rows and cuda:  # the cache write and the split combine inside the attention kernel
+        add(f"{name} one-launch attention", lambda: kiln_decode(model, prompt, new_tokens, r, compile_decode=True,
+                                                                decode_write=True), model)
     if "eager" in args.rows and cuda:
         add(f"{name} not compiled", lambda: kiln_decode(model, prompt, new_tokens, r), model)
     if "sampled" in args.rows:  # sampled decode: the sampler inside the same graphs
@@ -821,10 +821,10 @@ def format_tables(rows: list[ServeRow]) -> str:
     return "\n".join(out)
 
 
-ROWS = ("unfused", "separate-write", "single-step", "eager", "index-copy", "sampled", "int8", "int4", "int8-tuned",
+ROWS = ("unfused", "one-launch", "single-step", "eager", "index-copy", "sampled", "int8", "int4", "int8-tuned",
         "int4-tuned", "ngram",
         "draft", "transformers", "transformers-cb", "transformers-serve", "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
-OPT_IN_ROWS = ("unfused", "separate-write", "sampled", "int8-tuned", "int4-tuned")  # not in the default --rows
+OPT_IN_ROWS = ("unfused", "one-launch", "sampled", "int8-tuned", "int4-tuned")  # not in the default --rows
 PARTS = ("latency", "throughput", "http", "rollouts", "host", "profile")
 
 
@@ -985,10 +985,9 @@ def add_bench_parser(bench_subparsers: argparse._SubParsersAction) -> None:
                    help=f"optional rows, some of {','.join(ROWS)} ('sampled': Kiln's engine sampling at "
                    "--temperature, batch 1 and throughput; 'int8-tuned', 'int4-tuned': Kiln's autotuned "
                    "GEMV kernels at one row too, instead of Inductor's fused form; 'unfused': the bf16 row "
-                   "again with q/k/v and gate/up as separate products, beside the fused default; 'separate-write': "
-                   "the cache write and the splits' combine as launches of their own around the decode attention "
-                   "kernel, as before it took both over (CUDA); these five "
-                   "are not in the default)")
+                   "again with q/k/v and gate/up as separate products, beside the fused default; 'one-launch': "
+                   "the decode attention kernel also writing the cache and combining its splits, one launch a "
+                   "layer instead of three (CUDA, PagedKVCache.decode_write); these five are not in the default)")
     p.add_argument("--model", default=None, help="a trained model directory instead of random weights")
     p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=True,
                    help="Kiln's rows (latency, int8/int4 included, throughput, profile, http) with each layer's "

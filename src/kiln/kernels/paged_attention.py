@@ -229,7 +229,7 @@ def paged_decode_attention(
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
     slots: torch.Tensor | None = None,
-    fused_reduce: bool = True,
+    fused_reduce: bool = False,
 ) -> torch.Tensor:
     """One query token per sequence over its paged keys/values: q (B, H, D) -> (B, H, D).
 
@@ -243,7 +243,8 @@ def paged_decode_attention(
     values, written to the pools at ``slots`` by the same launch (``kv_write``'s effect, the cast to
     the pool's dtype included) before attending; the query is each sequence's position
     ``context_lens - 1``, whose slot ``slots`` names. ``fused_reduce``: with splits, the last split of
-    each head to finish combines them (one launch); False: a second kernel combines them.
+    each head to finish combines them (one launch); False (the default until timed on a GPU): a
+    second kernel combines them.
     """
     reason = _decode_reason(q, k_pool)
     B, H, D = q.shape
@@ -413,18 +414,18 @@ def paged_prefill_attention(
 
 @torch.library.custom_op("kiln::paged_decode", mutates_args=())
 def _paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, fused_reduce: bool = True) -> torch.Tensor:
+                     context_lens: torch.Tensor, fused_reduce: bool = False) -> torch.Tensor:
     return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, fused_reduce=fused_reduce)
 
 
 @_paged_decode_op.register_fake
 def _(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-      context_lens: torch.Tensor, fused_reduce: bool = True) -> torch.Tensor:
+      context_lens: torch.Tensor, fused_reduce: bool = False) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor, fused_reduce: bool = True) -> torch.Tensor:
+                    context_lens: torch.Tensor, fused_reduce: bool = False) -> torch.Tensor:
     """``paged_decode_attention`` as the custom op ``kiln::paged_decode`` (same arguments, default
     split), opaque to ``torch.compile``: a compiled decode step keeps the Triton kernel whole and
     fuses everything around it (the cache write included) instead of breaking the graph at each
@@ -437,7 +438,7 @@ def _paged_decode_write_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
                            v_pool: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                            slots: torch.Tensor) -> torch.Tensor:
     return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, k_new=k_new, v_new=v_new,
-                                  slots=slots)
+                                  slots=slots, fused_reduce=True)
 
 
 @_paged_decode_write_op.register_fake

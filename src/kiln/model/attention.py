@@ -406,10 +406,10 @@ class MultiHeadSelfAttention(nn.Module):
         return self._paged_eager(q, k, v, cache)
 
     def _paged_decode(self, q: Tensor, k: Tensor, v: Tensor, cache: PagedKVCache) -> Tensor:
-        """A decode step (one new token per row): the cache write, attention and the combining of its
-        splits in one launch (``kiln::paged_decode_write``), or, with ``cache.decode_write`` False, the
-        three launches before it (``kiln::kv_write``, ``kiln::paged_decode``, the reduce kernel):
-        traceable, no graph break."""
+        """A decode step (one new token per row): with ``cache.decode_write``, the cache write,
+        attention and the combining of its splits in one launch (``kiln::paged_decode_write``);
+        otherwise three (``kiln::kv_write``, ``kiln::paged_decode``, the reduce kernel): traceable, no
+        graph break."""
         from kiln.kernels.paged_attention import (  # lazy: Triton is optional
             kv_write_op,
             paged_decode_attention,
@@ -428,7 +428,7 @@ class MultiHeadSelfAttention(nn.Module):
                                             meta.context_lens, meta.slot_mapping)
             else:
                 out = paged_decode_attention(q_rows, k_pool, v_pool, meta.block_tables, meta.context_lens,
-                                             k_new=k_new, v_new=v_new, slots=meta.slot_mapping)
+                                             k_new=k_new, v_new=v_new, slots=meta.slot_mapping, fused_reduce=True)
             return out.to(q.dtype)
         if cache.write_op:  # one launch, and the pools updated in place under torch.compile
             kv_write_op(k_new, v_new, k_pool, v_pool, meta.slot_mapping)

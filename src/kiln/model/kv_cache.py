@@ -132,11 +132,12 @@ class PagedKVCache:
         """On CUDA keys/values are written by Kiln's ``kv_write`` kernel (one launch for both; in a
         compiled decode step the custom op ``kiln::kv_write``, in place under ``torch.compile``);
         False: two ``index_copy_`` (kept to measure one against the other)."""
-        self.decode_write = True
+        self.decode_write = False
         """With ``write_op``, a CUDA decode step's keys/values are written by the decode attention
         kernel itself, whose last split also combines the splits (``kiln::paged_decode_write``: one
-        launch a layer); False: ``kv_write``, attention, then the reduce kernel, three launches (kept
-        to measure one against the other)."""
+        launch a layer instead of three: ``kv_write``, attention, the reduce kernel). Off by default
+        until it is timed and its memory ordering checked on a GPU (tested under the interpreter;
+        bench row ``one-launch`` runs it)."""
 
     def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> None:
         """Store k_new, v_new: (N, n_kv_heads, head_dim) at the slots ``meta.slot_mapping`` (N,)."""
