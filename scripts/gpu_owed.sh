@@ -26,7 +26,7 @@
 #           splits itself (one launch a layer, PagedKVCache.decode_write), at FSHAPES (gpt2_small,350m) [F=420]
 #   gemv    batch-1 decode GEMVs alone at 7b and 350m shapes: bf16 (cuBLAS), Kiln's int8/int4 (fixed,
 #           tuned), Inductor's one-row forms, in GB/s beside the copy bandwidth; and every tile of the
-#           int8 kernel and the int4 word kernel (--gemv-sweep) [G=400]
+#           int8 kernel and the int4 word kernel (--gemv-sweep; GS=0 leaves it out) [G=400]
 #   http    HTTP vs direct and vs `transformers serve` at concurrency 64 / 256, 16 waves a row (1,000
 #           requests at c=64), each Kiln row noting the engine's lean and general steps (mean ms,
 #           prompt tokens) and its busy share over the row [H=420]
@@ -109,7 +109,8 @@ for part in ${PART:-kv}; do
                 --gpt-fast .devcarry/gpt-fast --new-tokens 128 --prompt-len 128 --repeats 2 --out "$OUT/$part" ;;
     fused) section fused "${F:-420}" kiln bench serve --device cuda --parts latency --shapes "${FSHAPES:-gpt2_small,350m}" \
                 --rows unfused,one-launch --new-tokens 256 --prompt-len 128 --repeats 2 --out "$OUT/fused" ;;
-    gemv) section gemv "${G:-400}" kiln bench kernels --kernels gemv --gemv-sweep --out "$OUT/gemv" ;;
+    gemv) sweep=(--gemv-sweep); [ "${GS:-1}" = 0 ] && sweep=()  # GS=0: the named rows only (tuned = every form)
+        section gemv "${G:-400}" kiln bench kernels --kernels gemv ${sweep[@]+"${sweep[@]}"} --out "$OUT/gemv" ;;
     prof) gf=(--gpt-fast .devcarry/gpt-fast)
         [ "${PSHAPE:-350m}" = 7b ] && gf=()  # gpt-fast's 7b conversion alone would take the call
         section prof "${P:-300}" kiln bench serve --device cuda --parts profile --shapes "${PSHAPE:-350m}" \
