@@ -254,3 +254,28 @@ def test_split_decode_combines_in_its_last_program_and_resets_the_counts(dev):
         got = paged_decode_attention(q, k_pool, v_pool, bt, cl, split=4, fused_reduce=True)
         assert torch.equal(got, want)
         assert int(pa._SPLIT_COUNTS[q.device][: len(lens) * Hkv].abs().sum()) == 0
+
+
+def test_engine_one_launch_decode_gives_the_same_tokens_on_a_gpu(dev):
+    """On CUDA, the engine's decode graphs with the one-launch attention (``PagedKVCache.decode_write``:
+    the cache write and the split combine inside the kernel, racing programs of one head) give the
+    greedy tokens of the three-launch form, batch 1 (splits) and a batch of 4, over block boundaries.
+    The decode path is CUDA-only: on the CPU this skips (the kernel tests above cover the logic)."""
+    if dev.type != "cuda":
+        pytest.skip("the engine's decode graphs run on CUDA only")
+    from kiln.generate import EngineConfig, LLMEngine, SamplingParams
+    from kiln.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, context_length=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256)
+    model = Transformer(cfg).to(dev, torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 17, 33, 9)]
+    p = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    outs = []
+    for one_launch in (False, True):
+        eng = LLMEngine(model, None, EngineConfig(block_size=16, max_num_seqs=4, num_blocks=64))
+        eng.runner.cache.decode_write = one_launch
+        single = [o.token_ids for o in eng.generate(prompts[:1], p)]
+        outs.append((single, [o.token_ids for o in eng.generate(prompts, p)]))
+    assert outs[0] == outs[1]
