@@ -47,7 +47,7 @@
 # int8/int4 at 350m and 1b, kiln::kv_write (section kv), sampled decode, HTTP at c=16/64/256 four
 # times, q7b with the tuned rows (ROWS=int8,int4,int8-tuned,int4-tuned), mixed (docs/benchmarks.md).
 # Measured late on 2026-12-07: prefill and phttp (the Triton prefill kernel, now the default).
-# Still owed, in order of value (2026-12-08: eleven attempts got no machine):
+# Still owed, in order of value (2026-12-08: about a dozen attempts got no machine):
 #   1. PART="prefill gemv" (T=60 G=400): the one-launch decode attention's GPU tests, then every GEMV form
 #      alone; 2. fused (the fused projections and the one-launch attention beside the default; if the
 #      tests pass and it is faster, PagedKVCache.decode_write -> True); 3. q7b with ROWS=int8-tuned,int4-tuned

@@ -389,8 +389,9 @@ _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if HAVE_T
 
 
 def _launch_tuned(kind: str, grid: object, args: tuple, **meta: object) -> bool:
-    """Launch the autotuned ``kind`` kernel; False (with one warning, and the fixed tile from then on)
-    if it raises: a tile that fails to compile on some GPU must not take quantized models down."""
+    """Launch the autotuned ``kind`` kernel; False (with one warning, and never this kind again) if it
+    raises: a tile that fails to compile on some GPU must not take quantized models down (the caller
+    uses another kind, or its fixed tile)."""
     if kind in _TUNE_FAILED:
         return False
     try:
@@ -399,7 +400,8 @@ def _launch_tuned(kind: str, grid: object, args: tuple, **meta: object) -> bool:
     except Exception as e:  # noqa: BLE001 - any compile or launch failure of the tuned variant
         _TUNE_FAILED.add(kind)
         warnings.warn(f"kiln.kernels.quant_linear: the autotuned {kind} GEMV failed ({type(e).__name__}: "
-                      f"{str(e)[:200]}); using the fixed tile", KernelFallbackWarning, stacklevel=3)
+                      f"{str(e)[:200]}); not used from now on (another kind or the fixed tile runs)",
+                      KernelFallbackWarning, stacklevel=3)
         return False
 
 
