@@ -194,6 +194,9 @@ def sample_with_uniform(logits: Tensor, temperature: Tensor, top_k: Tensor, top_
     return torch.where(temperature > 0, idx, greedy)
 
 
+MAX_LOGIT_BIAS = 300
+"""Most ``logit_bias`` entries of one request (a bound on the per-request table the decode graphs read)."""
+
 RowSampling = tuple[float, int, float, int, int]
 """One row's (temperature, top_k (0: none), top_p (1.0: none), seed (int64), position)."""
 
@@ -274,6 +277,23 @@ class SamplingParams:
     logprobs: int | None = None
     """Return log-probabilities (of the model's distribution, before temperature and filters) for each
     new token: 0 = only the sampled token's, k = also the k most likely alternatives."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token already in the output, in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: times the token's count in the output so far, subtracted from its logit, in [-2, 2]."""
+    repetition_penalty: float = 1.0
+    """CTRL's (Keskar et al., arXiv:1909.05858; Hugging Face's and vLLM's): every token of the prompt or
+    the output so far has its logit divided by this when positive, multiplied when negative (> 0;
+    1 = none, > 1 discourages repeats)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """OpenAI's: (token id, bias in [-100, 100]) pairs added to those tokens' logits; a dict also works.
+    At most ``MAX_LOGIT_BIAS`` entries."""
+    min_p: float = 0.0
+    """Min-p sampling (Nguyen et al., arXiv:2407.01082): keep only tokens whose probability is at least
+    this fraction of the most likely one's, in [0, 1] (0 = none). Applies after top-k and top-p."""
+    min_tokens: int = 0
+    """End-of-text, the stop token ids and stop strings cannot end the request before this many tokens
+    (vLLM's). At most ``max_tokens``."""
 
     def __post_init__(self) -> None:
         check_sampling_args(self.temperature, self.top_k, self.top_p)
@@ -285,3 +305,41 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self._check_processing()
+
+    def _check_processing(self) -> None:
+        """Validate (and normalize ``logit_bias`` to sorted (id, bias) pairs) the logits-processing fields."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name}={v} must be in [-2, 2] (0 = none)")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 = none)")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p={self.min_p} must be in [0, 1] (0 = none)")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens={self.min_tokens!r} must be an integer >= 0")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
+        items = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        bias: dict[int, float] = {}
+        for tok, b in items:
+            if isinstance(tok, bool) or int(tok) != tok or int(tok) < 0:
+                raise ValueError(f"logit_bias key {tok!r} must be a token id (an integer >= 0)")
+            if not -100.0 <= float(b) <= 100.0:
+                raise ValueError(f"logit_bias[{tok}]={b} must be in [-100, 100]")
+            bias[int(tok)] = float(b)
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}")
+        object.__setattr__(self, "logit_bias", tuple(sorted(bias.items())))
+
+    @property
+    def processed(self) -> bool:
+        """Whether the logits are processed before the draw (penalties, bias, min-tokens, min-p)."""
+        return self.needs_history or self.min_p > 0
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether processing needs per-request state (the output's token counts, bias, banned ids)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or bool(self.logit_bias) or self.min_tokens > 0)
