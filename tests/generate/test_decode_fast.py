@@ -46,9 +46,9 @@ def _spy(eng: LLMEngine) -> list[int]:
     calls: list[int] = []
     inner = eng.runner.decode
 
-    def decode(seqs, steps=1):
+    def decode(seqs, steps=1, *rest):
         calls.append(steps)
-        return inner(seqs, steps)
+        return inner(seqs, steps, *rest)
 
     eng.runner.decode = decode
     return calls

@@ -128,7 +128,7 @@ def _engine(model, graphs: bool, decode_steps: int = 4, **kw) -> tuple[LLMEngine
     if graphs:
         eng.runner.graph_max = 8
         inner = eng.runner.decode
-        eng.runner.decode = lambda seqs, steps=1: calls.append(steps) or inner(seqs, steps)
+        eng.runner.decode = lambda seqs, steps=1, *rest: calls.append(steps) or inner(seqs, steps, *rest)
     return eng, calls
 
 

@@ -10,7 +10,8 @@ A step asks the ``Scheduler`` which sequences run and how many tokens each (cont
 chunked prefill, preemption by recompute), the ``ModelRunner`` runs them as one packed forward over the
 ``PagedKVCache`` whose blocks the ``BlockManager`` hands out (prefix sharing), then every sequence whose
 window is fully computed draws its next token (``sampling.sample_tokens``: a hash of the request's seed
-and the token's position, so the same on every path) and checks its stop conditions.
+and the token's position, so the same on every path; penalties, logit bias and min-tokens applied
+first by ``processors``) and checks its stop conditions.
 The engine is single-threaded; a server wraps it in its own thread. See docs/engine.md.
 """
 
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from kiln.generate.block_manager import BlockManager
 from kiln.generate.model_runner import MAX_ROW_TOKENS, ModelRunner, StepItem
+from kiln.generate.processors import ProcessorTable, ProcRow, check_processing, process_logits
 from kiln.generate.sampling import (
     RowSampling,
     SamplingParams,
@@ -208,6 +210,7 @@ class LLMEngine:
         self.counters = _zero_counters()
         self.clock = time.monotonic  # when requests arrive (``admission_wait_ms``); tests set their own
         self._seqs: dict[str, Sequence] = {}
+        self.procs: ProcessorTable | None = None  # made at the first request with processed logits
         self._ids = itertools.count()
         self.num_finished = 0
 
@@ -241,6 +244,8 @@ class LLMEngine:
                              "the tokenizer does not match this model")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine to have a tokenizer; use stop_token_ids instead")
+        if params.processed:
+            check_processing(params, self.vocab_limit, self.eos)
         seed = params.seed if params.seed is not None else secrets.randbits(64)  # unseeded: a random one
         streamer = None
         if self.tokenizer is not None:
@@ -263,6 +268,8 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq)
+        if self.procs is not None:
+            self.procs.release(seq.request_id)
         seq.finish_reason = "abort"
         self.num_finished += 1
         return self._output(seq)
@@ -399,7 +406,10 @@ class LLMEngine:
 
     def _decode(self, seqs: list[Sequence], k: int) -> list[RequestOutput]:
         """``k`` decode steps of ``seqs`` (their blocks already grown) through the graphs; their outputs."""
-        ids, logits = self.runner.decode(seqs, k)  # sampled rows are drawn in the graph too
+        proc = self._proc_rows(seqs)
+        ids, logits = self.runner.decode(seqs, k, proc)  # sampled and processed rows are drawn in the graph too
+        if proc is not None:
+            self.procs.counted(proc, k)
         outputs = []
         for i, seq in enumerate(seqs):
             c, p = seq.num_computed, seq.params
@@ -434,6 +444,13 @@ class LLMEngine:
         """The token each logits row (N, V) gives its position: the argmax for greedy requests, the
         sampler's draw at (seed, position) for sampled ones; one batched call, one host sync. Row j of
         an item's last ``n_logits`` predicts window index ``start + len(tokens) - n_logits + j + 1``."""
+        proc = self._proc_rows([it.seq for it in items])
+        min_p = None
+        if proc is not None:  # one row per logits row (a processed sequence never speculates: n_logits 1)
+            dummy = ProcRow(self.procs.dummy, 0.0, 0.0, 1.0, 0.0, 0)
+            proc = [r for it, r in zip(items, proc) for r in [r] + [dummy] * (it.n_logits - 1)]
+            pt = self.procs.tensors(proc)
+            logits, min_p = process_logits(logits, self.procs, pt), pt.min_p
         if all(it.seq.params.temperature == 0 for it in items):
             return logits.argmax(dim=-1).tolist()
         rows: list[RowSampling] = []
@@ -441,15 +458,25 @@ class LLMEngine:
             seq = it.seq
             first = seq.window_start + it.start + len(it.tokens) - it.n_logits + 1  # index in token_ids
             rows += [row_sampling(seq.params, seq.seed, first + j) for j in range(it.n_logits)]
-        return draw_tokens(logits, rows).tolist()
+        return draw_tokens(logits, rows, min_p).tolist()
+
+    def _proc_rows(self, seqs: list[Sequence]) -> list[ProcRow] | None:
+        """Each sequence's processing row (``ProcessorTable.rows``: slots brought up to date), or None
+        when no sequence's logits are processed. The table is made at the first need."""
+        if not any(seq.params.processed for seq in seqs):
+            return None
+        if self.procs is None:
+            self.procs = ProcessorTable(self.config.max_num_seqs, self.vocab_limit, self.eos, self.device)
+            self.runner.procs = self.procs
+        return self.procs.rows(seqs)
 
     # -- speculative decoding (greedy: exactly plain greedy decoding's output; sampled: the same distribution) --
 
     def _lookahead(self, seq: Sequence) -> int:
         """Draft tokens worth verifying for a decoding ``seq`` (0: plain decoding)."""
         p = seq.params
-        if self.proposer is None or (p.temperature != 0 and not self.config.speculative_sampling):
-            return 0
+        if self.proposer is None or (p.temperature != 0 and not self.config.speculative_sampling) or p.processed:
+            return 0  # processed logits depend on every token before: drafts are not verified row by row
         room = min(p.max_tokens - len(seq.output_token_ids), self.max_seq_tokens - seq.num_window_tokens) - 1
         return max(0, min(self.config.num_speculative_tokens, room))
 
@@ -495,7 +522,7 @@ class LLMEngine:
         if seq.streamer is not None:
             before = len(seq.text)
             seq.text += seq.streamer.push(tok)
-            if p.stop and self._cut_at_stop(seq, before):
+            if p.stop and len(seq.output_token_ids) >= p.min_tokens and self._cut_at_stop(seq, before):
                 return self._finish(seq, "stop", flush=False)
         if len(seq.output_token_ids) >= p.max_tokens:
             return self._finish(seq, "length")
@@ -523,6 +550,8 @@ class LLMEngine:
         if flush and seq.streamer is not None:
             seq.text += seq.streamer.flush()
         self.scheduler.finish(seq)
+        if self.procs is not None:
+            self.procs.release(seq.request_id)
         self._seqs.pop(seq.request_id, None)
         self.num_finished += 1
 

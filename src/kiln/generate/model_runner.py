@@ -14,6 +14,10 @@ set of graphs runs K greedy steps per replay (multi-step decode, as vLLM's multi
 the host's per-step work is paid once per K tokens. Batches with sampled rows replay graphs that also
 hold the sampler (``sampling.sample_tokens``: per-row temperature, top-k, top-p, seed and position in
 a second static buffer), one step or K steps alike; those graphs are captured at their first use.
+Batches with rows whose logits are processed (penalties, logit bias, min-tokens, min-p:
+``processors``) replay graphs of a '+proc' variant, which read a third buffer (each row's slot of the
+engine's ``ProcessorTable`` and its settings) and count each drawn token into its slot before the
+next step.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kiln.generate.processors import ProcessorTable, ProcRow, ProcTensors, count_tokens, process_logits
 from kiln.generate.sampling import (
     RowSampling,
     mode_args,
@@ -102,6 +107,7 @@ class ModelRunner:
         self._advance_fn = torch.compile(self._advance, dynamic=False) if compile_decode else self._advance
         self._sample_fn = (torch.compile(sample_with_uniform, dynamic=True)
                            if compile_sampler and self.device.type == "cuda" else sample_with_uniform)
+        self.procs: ProcessorTable | None = None  # set by the engine at its first processed request
         self._s: dict[str, Tensor] = {}
         self._metas: dict[int, PagedMetadata] = {}
         self._uploaded: Any = None  # a CUDA event after the last host->device copy of the pinned rows
@@ -219,7 +225,7 @@ class ModelRunner:
             stream = torch.cuda.Stream(device=dev)  # torch.compile); a sampled graph's warm-up runs the
             stream.wait_stream(torch.cuda.current_stream(dev))  # step it is captured for: the same
             with torch.cuda.stream(stream):  # keys/values written twice, nothing else changed
-                self._graph_body(b, 1, mode)
+                self._graph_body(b, 1, mode, count=False)  # a processed row's counts stay as they are
             torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
@@ -249,6 +255,9 @@ class ModelRunner:
         sp = self._host_sp.to(self.device)
         self._s.update(sp=sp, temp64=sp[:G].view(torch.float64), top_k=sp[G:2 * G],
                        top_p64=sp[2 * G:3 * G].view(torch.float64), seed=sp[3 * G:4 * G], draw_pos=sp[4 * G:])
+        self._host_pp = torch.zeros(6 * G, dtype=torch.long, pin_memory=pin)  # the processed rows
+        self._np_pp = self._host_pp.numpy()  # [slot | presence | frequency | repetition | min_p (f64 bits) | ban_steps]
+        self._s["pp"] = self._host_pp.to(self.device)
 
     def _pad_rows(self, start: int) -> None:
         """Rows ``start..`` (up to the last used one) of the host buffer back to the scratch state."""
@@ -292,6 +301,24 @@ class ModelRunner:
         f64[B:G] = 0.0
         self._s["sp"].copy_(self._host_sp, non_blocking=True)  # the event _upload records covers it
 
+    def _write_proc(self, rows: list[ProcRow]) -> None:
+        """Processing rows 0..B-1 of the host buffer from ``rows``; rows past B in the table's dummy
+        slot (logits unchanged); then its upload."""
+        G, B, np_ = self.graph_max, len(rows), self._np_pp
+        f64 = np_.view(np.float64)
+        slot, pres, freq, rep, min_p, ban = zip(*rows)
+        np_[:B], np_[5 * G:5 * G + B] = slot, ban
+        f64[G:G + B], f64[2 * G:2 * G + B], f64[3 * G:3 * G + B], f64[4 * G:4 * G + B] = pres, freq, rep, min_p
+        np_[B:G], np_[5 * G + B:] = self.procs.dummy, 0
+        f64[G + B:2 * G], f64[2 * G + B:3 * G], f64[3 * G + B:4 * G], f64[4 * G + B:5 * G] = 0.0, 0.0, 1.0, 0.0
+        self._s["pp"].copy_(self._host_pp, non_blocking=True)  # the event _upload records covers it
+
+    def _proc_rows(self, b: int) -> ProcTensors:
+        """The first ``b`` processing rows of the device buffer, cast for ``process_logits``."""
+        G, pp = self.graph_max, self._s["pp"]
+        f32 = [pp[k * G:k * G + b].view(torch.float64).float() for k in (1, 2, 3, 4)]
+        return ProcTensors(pp[:b], *f32, pp[5 * G:5 * G + b])
+
     def _upload(self, b: int) -> None:
         """One host->device copy: every row's ids/positions/slots/lengths and the first b tables."""
         n = 4 * self.graph_max + b * self.max_blocks_per_seq
@@ -314,24 +341,34 @@ class ModelRunner:
             self._metas[b] = meta
         return meta
 
-    def _graph_body(self, b: int, steps: int, mode: str = "greedy") -> tuple[Tensor, Tensor]:
+    def _graph_body(self, b: int, steps: int, mode: str = "greedy", count: bool = True) -> tuple[Tensor, Tensor]:
         """What a graph holds: cast the inputs, then ``steps`` forwards, each fed the previous token
-        (the argmax; with a sampled ``mode``, the sampler's draw at the row's position + j).
+        (the argmax; with a sampled ``mode``, the sampler's draw at the row's position + j; with a
+        '+proc' one, of the processed logits, each drawn token counted in its row's slot unless
+        ``count`` is False: the warm-up before a capture).
         Returns the last step's logits (b, V) fp32 and the ids (b, steps) int64."""
         s = self._s
         s["lens"][:b].copy_(s["lens64"][:b])
         s["tables"][:b].copy_(s["tables64"][:b])
         out = torch.empty(b, steps, dtype=torch.long, device=self.device)
-        if mode != "greedy":  # the settings cast and every step's random number hashed once per graph
+        base, proc = mode.removesuffix("+proc"), mode.endswith("+proc")
+        if base != "greedy":  # the settings cast and every step's random number hashed once per graph
             temp, top_p = s["temp64"][:b].float(), s["top_p64"][:b].float()  # (b,) fp32
             draw_pos = s["draw_pos"][:b, None] + torch.arange(steps, device=self.device)  # (b, steps)
             u = uniform(row_keys(s["seed"][:b, None], draw_pos))  # (b, steps) float64
+        pr = self._proc_rows(b) if proc else None
         for j in range(steps):
             self.cache.meta = self._meta(b)
             logits, nxt = self._decode(s["ids"][:b], s["pos"][:b])
-            if mode != "greedy":
-                nxt = self._sample_fn(logits[:, :self.vocab_limit], temp, s["top_k"][:b], top_p, u[:, j],
-                                      *mode_args(mode))
+            drawn = logits[:, :self.vocab_limit]
+            if proc:  # penalties, bias, bans with the tokens of steps < j counted
+                drawn = process_logits(drawn, self.procs, pr, j)
+                nxt = drawn.argmax(dim=-1)
+            if base != "greedy":
+                nxt = self._sample_fn(drawn, temp, s["top_k"][:b], top_p, u[:, j], *mode_args(base),
+                                      min_p=pr.min_p if proc else None)
+            if proc and count:
+                count_tokens(self.procs, pr.slot, nxt)
             out[:, j] = nxt
             if j + 1 < steps:
                 self._advance_fn(b, nxt)
@@ -376,13 +413,15 @@ class ModelRunner:
         return g.logits, g.ids
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence], steps: int = 1) -> tuple[list[list[int]], Tensor | None]:
+    def decode(self, seqs: list[Sequence], steps: int = 1,
+               proc: list[ProcRow] | None = None) -> tuple[list[list[int]], Tensor | None]:
         """A decode step of every sequence in ``seqs`` (each has exactly one uncomputed token, and
         blocks for ``steps`` more tokens) through a captured graph. Greedy sequences take the argmax,
         sampled ones (temperature > 0) the sampler's draw at their seed and the position of the token
-        (``len(token_ids)``, + j at step j). Returns the ids, B lists of ``steps`` (one device->host
-        copy), and for ``steps == 1`` the logits (B, V) fp32 on the device (for log-probabilities;
-        None after a multi-step CUDA graph)."""
+        (``len(token_ids)``, + j at step j). ``proc``: each row's processing (``ProcessorTable.rows``;
+        the logits are processed before the draw). Returns the ids, B lists of ``steps`` (one
+        device->host copy), and for ``steps == 1`` the logits (B, V) fp32 on the device, unprocessed
+        (for log-probabilities; None after a multi-step CUDA graph)."""
         if not self.graphs:
             self.capture()
         if steps not in (1, self.decode_steps):
@@ -396,6 +435,9 @@ class ModelRunner:
             mode = sampling_mode(sampling)
         if mode != "greedy":
             self._write_sampling(sampling)
+        if proc is not None:
+            self._write_proc(proc)
+            mode += "+proc"
         self._upload(b)
         logits, ids = self._launch(b, steps, mode)
         return ids[:B].tolist(), None if logits is None else logits[:B]

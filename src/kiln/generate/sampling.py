@@ -157,7 +157,8 @@ def filter_thresholds(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p:
 
 
 def sample_tokens(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor,
-                  position: Tensor, filtered: bool = True, candidates: int | None = None) -> Tensor:
+                  position: Tensor, filtered: bool = True, candidates: int | None = None,
+                  min_p: Tensor | None = None) -> Tensor:
     """One token per row of ``logits`` (B, V) fp32: long (B,). Graph-safe (no host sync, no generator).
 
     Row b is greedy (argmax) when temperature[b] == 0; otherwise it is drawn from softmax(logits / T)
@@ -169,17 +170,20 @@ def sample_tokens(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Ten
     path that ran it and of the batch size. ``position``: the index of the drawn token in its request
     (int64 (B,)); ``seed`` int64 (B,). ``filtered=False`` skips the thresholds (a sort per row): only
     when no sampled row has top-k or top-p; ``candidates``: see ``filter_thresholds``. The variant
-    ``sampling_mode`` picks gives every row the tokens the full sort would.
+    ``sampling_mode`` picks gives every row the tokens the full sort would. ``min_p``: see
+    ``sample_with_uniform``.
     """
     u = uniform(row_keys(seed, position))  # (B,) float64
-    return sample_with_uniform(logits, temperature, top_k, top_p, u, filtered, candidates)
+    return sample_with_uniform(logits, temperature, top_k, top_p, u, filtered, candidates, min_p)
 
 
 def sample_with_uniform(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, u: Tensor,
-                        filtered: bool = True, candidates: int | None = None) -> Tensor:
+                        filtered: bool = True, candidates: int | None = None, min_p: Tensor | None = None) -> Tensor:
     """``sample_tokens`` with each row's uniform number u (B,) float64 given (``uniform(row_keys(seed,
     position))``): a K-step graph hashes the numbers of all its steps at once, ~40 tiny integer
-    kernels per graph instead of per step."""
+    kernels per graph instead of per step. ``min_p`` (B,) fp32 (0: none): also drop the tokens whose
+    tempered probability is below min_p times the most likely one's, i.e. whose logit is below
+    max + T ln(min_p) (a ratio of probabilities, so the same before or after top-k and top-p)."""
     V = logits.shape[-1]
     greedy = logits.argmax(dim=-1)  # (B,)
     t = torch.where(temperature > 0, temperature, 1.0)[:, None]  # (B, 1)
@@ -187,6 +191,9 @@ def sample_with_uniform(logits: Tensor, temperature: Tensor, top_k: Tensor, top_
     if filtered:
         thr = filter_thresholds(logits, temperature, top_k, top_p, candidates)  # (B,)
         scaled = scaled.masked_fill(logits < thr[:, None], float("-inf"))
+    if min_p is not None:
+        floor = logits.max(dim=-1).values + t[:, 0] * torch.log(min_p)  # (B,): -inf where min_p is 0
+        scaled = scaled.masked_fill(logits < floor[:, None], float("-inf"))
     cdf = torch.cumsum(torch.softmax(scaled, dim=-1), dim=-1, dtype=torch.float64)  # (B, V) non-decreasing
     target = u * cdf[:, -1]  # (B,) in [0, total)
     idx = (cdf <= target[:, None]).sum(dim=-1)  # (B,) the first token whose cdf exceeds the target
@@ -238,9 +245,9 @@ def mode_args(mode: str) -> tuple[bool, int | None]:
     return mode != "sample", int(mode[3:]) if mode.startswith("top") else None
 
 
-def draw_tokens(logits: Tensor, rows: list[RowSampling]) -> Tensor:
-    """``sample_tokens`` over ``logits`` (N, V) with row i's settings ``rows[i]``: long (N,) on the
-    logits' device. All-greedy batches are a plain argmax."""
+def draw_tokens(logits: Tensor, rows: list[RowSampling], min_p: Tensor | None = None) -> Tensor:
+    """``sample_tokens`` over ``logits`` (N, V) with row i's settings ``rows[i]`` (and ``min_p`` (N,),
+    or None): long (N,) on the logits' device. All-greedy batches are a plain argmax."""
     mode = sampling_mode(rows)
     if mode == "greedy":
         return logits.argmax(dim=-1)
@@ -250,7 +257,7 @@ def draw_tokens(logits: Tensor, rows: list[RowSampling]) -> Tensor:
                          torch.tensor(top_k, dtype=torch.long, device=dev),
                          torch.tensor(top_p, dtype=torch.float32, device=dev),
                          torch.tensor(seed, dtype=torch.long, device=dev),
-                         torch.tensor(pos, dtype=torch.long, device=dev), *mode_args(mode))
+                         torch.tensor(pos, dtype=torch.long, device=dev), *mode_args(mode), min_p=min_p)
 
 
 @dataclass(frozen=True)
