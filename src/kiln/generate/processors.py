@@ -89,8 +89,10 @@ def process_logits(logits: Tensor, table: ProcessorTable, rows: ProcTensors, ste
 
 
 def count_tokens(table: ProcessorTable, slot: Tensor, ids: Tensor) -> None:
-    """Add the drawn ``ids`` (b,) to their rows' slots (b,) of ``table`` (in place, graph-safe)."""
-    table.counts.index_put_((slot, ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+    """Add the drawn ``ids`` (b,) to their rows' slots (b,) of ``table`` (in place, graph-safe: one
+    atomic scatter-add into the flat table; padded rows all add to the dummy slot)."""
+    flat = table.counts.view(-1)  # (S * V,)
+    flat.scatter_add_(0, slot * table.counts.shape[1] + ids, torch.ones_like(ids, dtype=torch.int32))
 
 
 class ProcessorTable:
