@@ -222,3 +222,19 @@ def test_dummy_rows_leave_logits_bitwise_unchanged():
     table.counts[table.dummy, 5] = 7  # what padded rows of a graph count there does not matter
     got = process_logits(logits, table, table.tensors(rows), 0)
     assert torch.equal(got, logits) and isinstance(table.tensors(rows), ProcTensors)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU (the CPU runs their body eagerly above)")
+def test_engine_processed_requests_in_real_cuda_graphs_match_eager(model):
+    """Captured graphs (a warm-up that must not count, replays that must) against the eager path."""
+    gpu = Transformer(CFG).to("cuda").eval()
+    gpu.load_state_dict(model.state_dict())
+    prompts, params = _requests()
+    got = {}
+    for graphs in (False, True):
+        eng = LLMEngine(gpu, None, EngineConfig(max_num_seqs=8, block_size=16, decode_steps=4, eos_token_id=EOS,
+                                                cuda_graphs=graphs))
+        got[graphs] = [o.token_ids for o in eng.generate(prompts, params)]
+        if graphs:
+            assert any(m.endswith("+proc") for _, _, m in eng.runner.sampled_graphs)
+    assert got[True] == got[False]
