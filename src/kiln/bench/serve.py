@@ -161,11 +161,13 @@ def _sync(device: Any) -> None:
 
 def kiln_decode(model: Any, prompt: list[int], new_tokens: int, repeats: int, speculative: str = "none",
                 draft: Any = None, compile_decode: bool = False, decode_steps: int = 8, temperature: float = 0.0,
-                top_p: float | None = None, write_op: bool = True, decode_write: bool = False) -> tuple[float, str]:
+                top_p: float | None = None, write_op: bool = True, decode_write: bool = False,
+                **sampling: Any) -> tuple[float, str]:
     """Best tokens/s of one request over ``repeats`` runs (after a warm-up that captures graphs): greedy,
     or sampled at ``temperature`` (and ``top_p``), seeded (each run draws the same tokens).
     ``write_op`` False: the cache write as ``index_copy_`` (``PagedKVCache.write_op``); ``decode_write``
-    True: the cache write and the splits' combine inside the decode attention launch (``PagedKVCache.decode_write``)."""
+    True: the cache write and the splits' combine inside the decode attention launch (``PagedKVCache.decode_write``).
+    ``sampling``: more ``SamplingParams`` fields (penalties, min-p: the processed-logits graphs)."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     cfg = EngineConfig(max_num_seqs=1, max_num_batched_tokens=max(2048, len(prompt) + 8), num_blocks=None,
@@ -174,7 +176,8 @@ def kiln_decode(model: Any, prompt: list[int], new_tokens: int, repeats: int, sp
     eng = LLMEngine(model, None, cfg, draft_model=draft)
     eng.runner.cache.write_op = write_op
     eng.runner.cache.decode_write = decode_write
-    params = SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=0, ignore_eos=True,
+                            **sampling)
     dev = eng.device
     eng.generate([prompt], params)  # warm-up: Triton compilation, CUDA graph capture
     best = 0.0
@@ -388,6 +391,11 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
         if cuda:  # multi-step's share (on the CPU there are no graphs: the same path)
             add(f"{name} sampled T={T:g} single-step", lambda: kiln_decode(
                 model, prompt, new_tokens, r, compile_decode=cuda, decode_steps=1, temperature=T), model)
+    if "penalties" in args.rows:  # processed logits: the per-request table read and counted inside the graphs
+        T = args.temperature
+        add(f"{name} sampled T={T:g} + penalties", lambda: kiln_decode(
+            model, prompt, new_tokens, r, compile_decode=cuda, temperature=T, frequency_penalty=0.5,
+            presence_penalty=0.5, repetition_penalty=1.1, min_p=0.05), model)
     for mode, tuned in (("int8", False), ("int4", False), ("int8", True), ("int4", True)):
         if (f"{mode}-tuned" if tuned else mode) in args.rows:  # -tuned: Kiln's autotuned GEMV at one row too
             qm = quantize_model(copy.deepcopy(model), mode, tuned=tuned)
@@ -821,10 +829,10 @@ def format_tables(rows: list[ServeRow]) -> str:
     return "\n".join(out)
 
 
-ROWS = ("unfused", "one-launch", "single-step", "eager", "index-copy", "sampled", "int8", "int4", "int8-tuned",
+ROWS = ("unfused", "one-launch", "single-step", "eager", "index-copy", "sampled", "penalties", "int8", "int4", "int8-tuned",
         "int4-tuned", "ngram",
         "draft", "transformers", "transformers-cb", "transformers-serve", "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
-OPT_IN_ROWS = ("unfused", "one-launch", "sampled", "int8-tuned", "int4-tuned")  # not in the default --rows
+OPT_IN_ROWS = ("unfused", "one-launch", "sampled", "penalties", "int8-tuned", "int4-tuned")  # not in the default --rows
 PARTS = ("latency", "throughput", "http", "rollouts", "host", "profile")
 
 
