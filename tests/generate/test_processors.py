@@ -108,6 +108,14 @@ def test_table_catches_up_with_eager_tokens_and_rebuilds_after_dropped_ones():
     other = _seq("b", [3], [], SamplingParams(max_tokens=5, logit_bias={2: 1.0}))
     (row_b,) = table.rows([other])
     assert table.counts[row_b.slot].sum() == 0 and not table.prompt[row_b.slot, 1]  # a reused slot is refilled
+    third = _seq("c", [7, 7], [8, 8, 9], p)
+    table.rows([seq, third])  # a gets the free slot; c takes b's (b is not in this step)
+    assert sorted(table._slot) == ["a", "c"]
+    table.rows([_seq("d", [1], [2], p)])  # no free slot: the oldest holder outside the step (a) gives way
+    assert sorted(table._slot) == ["c", "d"]
+    (back,) = table.rows([seq])  # a returns: refilled from its prompt and tokens
+    assert table.counts[back.slot].tolist() == torch.bincount(torch.tensor([4, 5, 5, 6]), minlength=V).tolist()
+    assert table.prompt[back.slot, 1] and table.prompt[back.slot, 2] and not table.prompt[back.slot, 7]
 
 
 def test_min_p_keeps_the_tokens_within_the_ratio_of_the_best():
@@ -174,7 +182,7 @@ def test_engine_processed_requests_match_uncached_reference(model, path):
     prompts, params = _requests()
     kw = {"max_num_seqs": 7, "block_size": 4, "decode_steps": 4 if path != "graph1" else 1, "eos_token_id": EOS}
     if path == "tiny-table":
-        kw["max_num_seqs"] = 2  # two slots for five processed requests: slots evicted and refilled
+        kw["max_num_seqs"] = 2  # two slots for six processed requests: slots freed and refilled
     if path == "tiny-pool":
         kw["num_blocks"] = 14  # preemption by recompute: a preempted request keeps its counts
     if path == "speculative":
