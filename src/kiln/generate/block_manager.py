@@ -65,8 +65,9 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks equal to ``seq``'s leading full blocks (at least one window token is left to
-        compute, so the step still yields logits). Changes nothing."""
-        if not self.enable_prefix_caching:
+        compute, so the step still yields logits). Changes nothing. None for a sequence whose prompt
+        log-probs are still to compute: every prompt position must run."""
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return []
         window, bs = seq.window, self.block_size
         hits: list[int] = []

@@ -169,6 +169,9 @@ class RequestOutput:
     """'stop' (end-of-text, stop token or string), 'length' (max_tokens or context), 'abort', or None."""
     num_prompt_tokens: int
     num_generated_tokens: int
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """With ``SamplingParams.prompt_logprobs``: None for the first prompt token, then one dict per prompt
+    token {its id: log-prob, then the top alternatives}, once the whole prompt is computed."""
 
 
 class LLMEngine:
@@ -257,6 +260,9 @@ class LLMEngine:
         elif len(prompt) > self.max_seq_tokens:
             raise ValueError(f"prompt of {len(prompt)} tokens exceeds the context of {self.max_seq_tokens} tokens "
                              "(the model's context_length, or the KV cache); shorten it")
+        if seq.window_start and params.prompt_logprobs is not None:
+            raise ValueError(f"prompt_logprobs need the whole prompt in the context ({len(prompt)} tokens > "
+                             f"{self.max_seq_tokens}); shorten it")
         self._seqs[rid] = seq
         self.scheduler.add(seq)
         return rid
@@ -343,7 +349,11 @@ class LLMEngine:
             c, d = seq.num_computed, drafts.get(seq.request_id, [])
             items.append(StepItem(seq, c, seq.window[c:c + n - len(d)] + d if d else seq.window[c:c + n], 1 + len(d)))
         self.counters["prefill_tokens"] += sum(len(it.tokens) for it in items if it.n_logits == 1 and len(it.tokens) > 1)
+        for it in items:
+            if it.seq.needs_prompt_logprobs:  # every position's logits (a prompt chunk: never drafts)
+                it.n_logits, it.prompt_rows = len(it.tokens), True
         logits = self.runner.run(items)[:, :self.vocab_limit]  # (rows, V) fp32: one row per wanted position
+        logits = self._take_prompt_logprobs(items, logits)  # then each item's last row only
         drawn = self._draw(items, logits)  # (rows,) the token each row's position gets
         outputs = []
         row = 0
@@ -460,6 +470,29 @@ class LLMEngine:
             rows += [row_sampling(seq.params, seq.seed, first + j) for j in range(it.n_logits)]
         return draw_tokens(logits, rows, min_p).tolist()
 
+    def _take_prompt_logprobs(self, items: list[StepItem], logits: Tensor) -> Tensor:
+        """Record the prompt log-probs of the items with ``prompt_rows`` (row j of a chunk at window
+        position c predicts prompt token c + j + 1; positions recorded before a preemption are not
+        recorded twice) and make them one-row items again: the logits rows left (rows, V)."""
+        if not any(it.prompt_rows for it in items):
+            return logits
+        keep: list[int] = []
+        row = 0
+        for it in items:
+            n = it.n_logits
+            if it.prompt_rows:
+                seq, k = it.seq, it.seq.params.prompt_logprobs
+                for j in range(n):
+                    target = it.start + j + 1  # its index in the prompt (the window starts at 0)
+                    if target < seq.num_prompt_tokens and target == len(seq.prompt_logprobs):
+                        seq.prompt_logprobs.append(_logprobs(logits[row + j], seq.token_ids[target], k))
+                it.n_logits, it.prompt_rows = 1, False
+                keep.append(row + n - 1)
+            else:
+                keep += range(row, row + n)
+            row += n
+        return logits[keep]
+
     def _proc_rows(self, seqs: list[Sequence]) -> list[ProcRow] | None:
         """Each sequence's processing row (``ProcessorTable.rows``: slots brought up to date), or None
         when no sequence's logits are processed. The table is made at the first need."""
@@ -567,8 +600,11 @@ class LLMEngine:
         lps = None
         if seq.params.logprobs is not None:
             lps = seq.logprobs[len(seq.logprobs) - len(new):] if new else []
+        plps = None
+        if seq.params.prompt_logprobs is not None and not seq.needs_prompt_logprobs:
+            plps = seq.prompt_logprobs
         return RequestOutput(seq.request_id, seq.prompt_token_ids, list(out), new, seq.text[:visible], new_text,
-                             lps, seq.finished, seq.finish_reason, seq.num_prompt_tokens, len(out))
+                             lps, seq.finished, seq.finish_reason, seq.num_prompt_tokens, len(out), plps)
 
     # -- conveniences -------------------------------------------------------------------------------------
 
@@ -678,7 +714,7 @@ def _zero_counters() -> dict[str, Any]:
 def _logprobs(logits: Tensor, tok: int, k: int) -> dict[int, float]:
     """{sampled id: log-prob, then the k most likely ids: log-prob} under the model's distribution."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    out = {tok: float(lp[tok])}
+    out = {tok: float(lp[tok]) if tok < lp.shape[-1] else float("-inf")}  # a prompt id past the sampled vocabulary
     if k:
         vals, ids = lp.topk(k)
         for v, i in zip(vals.tolist(), ids.tolist()):

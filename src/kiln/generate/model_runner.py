@@ -54,6 +54,8 @@ class StepItem:
     start: int
     tokens: list[int]
     n_logits: int = 1
+    prompt_rows: bool = False
+    """The logits rows are a prompt chunk's, every position (for prompt log-probs), not drafts'."""
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:

@@ -301,13 +301,19 @@ class SamplingParams:
     min_tokens: int = 0
     """End-of-text, the stop token ids and stop strings cannot end the request before this many tokens
     (vLLM's). At most ``max_tokens``."""
+    prompt_logprobs: int | None = None
+    """Also return the log-probability of each prompt token given the ones before it (vLLM's; the first
+    has none): 0 = the prompt token's only, k = also the k most likely alternatives'. The prompt is
+    then computed in full (no prefix-cache hits) until they are all taken."""
 
     def __post_init__(self) -> None:
         check_sampling_args(self.temperature, self.top_k, self.top_p)
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 0")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise ValueError(f"logprobs={self.logprobs!r} must be None or an integer >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name}={v!r} must be None or an integer >= 0")
         if isinstance(self.stop, str):  # a lone string is one stop string, not its characters
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))

@@ -47,8 +47,16 @@ class Sequence:
         self.num_text_emitted = 0  # characters of ``text`` already returned as new_text
         self.num_tokens_emitted = 0  # generated tokens already returned as new_token_ids
         self.logprobs: list[dict[int, float]] = []
+        # the prompt tokens' log-probs (``SamplingParams.prompt_logprobs``): None for the first, then one
+        # dict per prompt token as its position is computed
+        self.prompt_logprobs: list[dict[int, float] | None] = [None] if params.prompt_logprobs is not None else []
         self.arrival = 0.0  # the engine's clock when it was added (``EngineConfig.admission_wait_ms``)
         self.finish_reason: str | None = None
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt log-probs are asked for and some are still to compute (no prefix-cache hits then)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
