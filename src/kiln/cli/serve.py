@@ -63,7 +63,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
     c.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     c.add_argument("--seed", type=int, default=None, help="seed of the first reply (then seed + turn)")
+    processing_args(c)
     c.set_defaults(func=run_chat)
+
+
+def processing_args(p: argparse.ArgumentParser) -> None:
+    """The logits-processing flags of ``kiln chat`` (``SamplingParams``' fields of the same names)."""
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logit of every token already in the prompt or output by this (multiply "
+                        "when negative; CTRL's, as Hugging Face and vLLM); > 0, 1 = none, > 1 discourages repeats")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this from the logit of every token already in the output (OpenAI's), in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this times a token's count in the output so far from its logit (OpenAI's), "
+                        "in [-2, 2]")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="keep only tokens at least this fraction as likely as the most likely one, in [0, 1]")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="end-of-text and stop tokens cannot end the output before this many tokens")
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:
@@ -101,11 +118,20 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def chat_settings(args: argparse.Namespace):
+    """``kiln chat``'s flags as a ``ChatSettings``."""
+    from kiln.serve.terminal import ChatSettings
+
+    return ChatSettings(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                        frequency_penalty=args.frequency_penalty, min_p=args.min_p, min_tokens=args.min_tokens)
+
+
 def run_chat(args: argparse.Namespace) -> int:
     from kiln.serve.server import load
-    from kiln.serve.terminal import ChatSettings, chat_loop
+    from kiln.serve.terminal import chat_loop
 
+    settings = chat_settings(args)  # bad values fail here, before the model loads
     loaded = load(_spec(args))
-    settings = ChatSettings(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     chat_loop(loaded.engine, loaded.tokenizer, loaded.context_length, settings)
     return 0

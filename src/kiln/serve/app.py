@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -88,9 +89,27 @@ def _sampling_params(state: ServerState, req: Any, prompt_len: int, stop: list[s
         raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceeds the "
                             f"context of {state.context_length} tokens; ask for at most {room}",
                        param="max_tokens", code="context_length_exceeded")
-    return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
-                          top_p=None if req.top_p >= 1.0 else req.top_p, seed=seed, stop=tuple(stop),
-                          stop_token_ids=tuple(stop_ids), ignore_eos=req.ignore_eos, logprobs=logprobs)
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
+                              top_p=None if req.top_p >= 1.0 else req.top_p, seed=seed, stop=tuple(stop),
+                              stop_token_ids=tuple(stop_ids), ignore_eos=req.ignore_eos, logprobs=logprobs,
+                              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                              repetition_penalty=req.repetition_penalty, logit_bias=req.bias_pairs(),
+                              min_p=req.min_p, min_tokens=req.min_tokens)
+    except ValueError as e:  # a combination pydantic cannot see, e.g. min_tokens over max_tokens
+        raise APIError(400, str(e), param=param_of(str(e)))
+
+
+_PARAMS = {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "logprobs", "presence_penalty",
+           "frequency_penalty", "repetition_penalty", "logit_bias", "min_p", "min_tokens"}
+
+
+def param_of(message: str) -> str | None:
+    """The request field a ``SamplingParams`` or ``add_request`` ValueError is about: the message's
+    first word when it names one ('min_tokens=9 must be <= max_tokens=4' -> 'min_tokens',
+    'logit_bias token id 999 is outside ...' -> 'logit_bias'), else None."""
+    m = re.match(r"[a-z_]+", message)
+    return m.group(0) if m and m.group(0) in _PARAMS else None
 
 
 def chat_stops(rendered: Any, req: Any) -> tuple[list[str], tuple[int, ...]]:
@@ -112,6 +131,10 @@ def _plan(state: ServerState, req: Any, prompts: list[list[int]], stop: list[str
         raise APIError(400, f"n={req.n} is over this server's limit of {cfg.max_n}", param="n")
     if len(stop) > cfg.max_stop:
         raise APIError(400, f"{len(stop)} stop strings given; at most {cfg.max_stop}", param="stop")
+    bad = [t for t, _ in req.bias_pairs() if t >= state.vocab_size]
+    if bad:
+        raise APIError(400, f"logit_bias token id {bad[0]} is outside the vocabulary of {state.vocab_size}",
+                       param="logit_bias")
     params = []
     for ids in prompts:
         bad = [t for t in ids if not 0 <= t < state.vocab_size]
@@ -158,6 +181,8 @@ def _submit(state: ServerState, plan: _Plan, stream: bool) -> Batch:
 
 
 def _end_error(end: End) -> APIError:
+    if end.reason == "invalid":
+        return APIError(400, end.message, param=param_of(end.message))
     if end.reason == "timeout":
         return APIError(504, end.message, type="timeout_error", code="timeout")
     if end.reason == "shutdown":

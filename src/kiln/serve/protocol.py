@@ -6,11 +6,16 @@ Unknown fields are ignored (clients send many); fields Kiln cannot honour are re
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300
+"""Most ``logit_bias`` entries a request may give: ``kiln.generate.sampling.MAX_LOGIT_BIAS`` (kept here
+so that parsing a request imports no torch; a test checks the two agree)."""
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
 
 
 class APIError(Exception):
@@ -50,15 +55,31 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    """Token id (a string key, as JSON objects have) -> bias in [-100, 100] added to its logit."""
+    repetition_penalty: float = Field(1.0, gt=0.0, description="extension (vLLM's): 1 is none")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="extension (vLLM's): 0 is none")
+    min_tokens: int = Field(0, ge=0, description="extension (vLLM's): no end before this many tokens")
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalties(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError("penalties are not supported by Kiln's engine; leave them at 0")
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"{len(v)} entries given; at most {MAX_LOGIT_BIAS}")
+        for key, bias in v.items():
+            if not _TOKEN_ID.fullmatch(key):
+                raise ValueError(f"key {key!r} is not a token id; keys are token ids as strings, e.g. \"50256\"")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"the bias of token {key} is {bias}; biases must be in [-100, 100]")
         return v
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as SamplingParams takes it: (token id, bias) pairs."""
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
 
     @field_validator("top_k")
     @classmethod

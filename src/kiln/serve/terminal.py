@@ -31,6 +31,31 @@ class ChatSettings:
     """Nucleus sampling: the smallest set of tokens with this probability mass."""
     seed: int | None = None
     """Seed of the first reply (each next reply uses seed + turn); None: random."""
+    repetition_penalty: float = 1.0
+    """Every token of the conversation or the reply so far has its logit divided by this when
+    positive, multiplied when negative (> 0; 1 = none; ``SamplingParams.repetition_penalty``)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already in the reply, in [-2, 2] (OpenAI's)."""
+    frequency_penalty: float = 0.0
+    """Times the token's count in the reply so far, subtracted from its logit, in [-2, 2] (OpenAI's)."""
+    min_p: float = 0.0
+    """Keep only tokens at least this fraction as likely as the most likely one, in [0, 1] (0 = none)."""
+    min_tokens: int = 0
+    """The end of a turn cannot come before this many tokens (at most max_tokens; cut, as max_tokens is,
+    to what the context has room for)."""
+
+    def __post_init__(self) -> None:
+        """Check every value now (as ``SamplingParams`` will for each reply), naming the flag."""
+        from kiln.generate import SamplingParams
+
+        try:
+            SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k,
+                           top_p=self.top_p, seed=self.seed, repetition_penalty=self.repetition_penalty,
+                           presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                           min_p=self.min_p, min_tokens=self.min_tokens)
+        except ValueError as e:
+            name = str(e).split("=", 1)[0]
+            raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
 
 
 def reply(engine: Any, renderer: ChatRenderer, messages: list[dict[str, str]], settings: ChatSettings,
@@ -43,9 +68,12 @@ def reply(engine: Any, renderer: ChatRenderer, messages: list[dict[str, str]], s
     room = context_length - len(prompt.ids)
     if room < 1:
         raise ValueError(f"the conversation is {len(prompt.ids)} tokens, the context {context_length}: /reset it")
-    params = SamplingParams(max_tokens=min(settings.max_tokens, room), temperature=settings.temperature,
+    max_tokens = min(settings.max_tokens, room)
+    params = SamplingParams(max_tokens=max_tokens, temperature=settings.temperature,
                             top_k=settings.top_k, top_p=settings.top_p, seed=seed, stop=prompt.stop,
-                            stop_token_ids=prompt.stop_token_ids)
+                            stop_token_ids=prompt.stop_token_ids, repetition_penalty=settings.repetition_penalty,
+                            presence_penalty=settings.presence_penalty, frequency_penalty=settings.frequency_penalty,
+                            min_p=settings.min_p, min_tokens=min(settings.min_tokens, max_tokens))
     rid = engine.add_request(prompt.ids, params)
     done = False
     try:

@@ -48,7 +48,8 @@ class ShuttingDown(Exception):
 @dataclass(frozen=True)
 class End:
     """A sequence ended without a final engine output: ``reason`` is 'timeout', 'abort',
-    'shutdown' or 'error' (then ``message`` says what failed)."""
+    'shutdown', 'invalid' (the engine refused the request with a ValueError: a bad request, 400) or
+    'error' (then ``message`` says what failed)."""
 
     reason: str
     message: str = ""
@@ -177,7 +178,7 @@ class EngineWorker:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._counters = {"submitted": 0, "finished": 0, "aborted": 0, "timed_out": 0, "rejected": 0,
-                          "errors": 0, "steps": 0}
+                          "invalid": 0, "errors": 0, "steps": 0}
         self._engine_stats: dict = {}
         self._step_time_s = 0.0
 
@@ -303,7 +304,7 @@ class EngineWorker:
                 self.engine.add_request(ids, params, request_id=rid)
             except Exception as e:  # a request the engine refuses ends alone; the thread goes on
                 log.warning("engine refused %s: %s", rid, e)
-                self._end(rid, End("error", f"{type(e).__name__}: {e}"), abort=False)
+                self._end(rid, refusal(f"{type(e).__name__}: {e}"), abort=False)
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -318,7 +319,7 @@ class EngineWorker:
         self._counters["steps"] += 1
         for rid, why in self.engine.pop_refused() if hasattr(self.engine, "pop_refused") else ():
             log.warning("engine refused %s: %s", rid, why)  # an engine in another process refuses late
-            self._end(rid, End("error", why), abort=False)
+            self._end(rid, refusal(why), abort=False)
         for out in outs:
             seq = self._seqs.get(out.request_id)
             if seq is None:  # aborted between the step and now
@@ -349,7 +350,7 @@ class EngineWorker:
             except Exception:  # an abort must never take the thread down
                 log.exception("engine.abort(%s) failed", rid)
         self._deliver(seq, end)
-        self._release(1, {"timeout": "timed_out", "error": "errors"}.get(end.reason, "aborted"))
+        self._release(1, {"timeout": "timed_out", "error": "errors", "invalid": "invalid"}.get(end.reason, "aborted"))
 
     def _release(self, n: int, counter: str) -> None:
         with self._lock:
@@ -370,6 +371,15 @@ class EngineWorker:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the event loop is closed (server stopping): nobody is listening
                 pass
+
+
+def refusal(why: str) -> End:
+    """How a request ``add_request`` refused ends, from ``why`` ('ValueError: ...'): a ValueError is
+    the engine saying the request is invalid (a logit_bias id outside the vocabulary, a prompt it
+    cannot hold): 'invalid', answered 400; anything else is the engine failing: 'error', 500."""
+    if why.startswith("ValueError: "):
+        return End("invalid", why[len("ValueError: "):])
+    return End("error", why)
 
 
 def _put_all(items: list[tuple[Mailbox, Any]]) -> None:
