@@ -6,6 +6,7 @@ Set KILN_SAVE_SCREENSHOT=1 to also write docs/img/chat_page.png (the screenshot 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -84,3 +85,32 @@ def test_chat_page_stop_button_ends_the_stream(server, browser_context):
             page.wait_for_timeout(100)
         assert h["aborted"] > aborted or h["finished"] > finished, h
         assert h["pending"] == 0 and h["engine"]["used_blocks"] == 0, h
+
+
+def test_chat_page_sends_a_penalty_only_when_set(server, browser_context):
+    """The presence/frequency penalty inputs go in the request body when non-zero (OpenAI's default, 0,
+    is left out), and a reply streams with them set."""
+    page = browser_context.new_page()
+    page.goto(server.url + "/")
+    page.locator("#model", has_text="kiln-chat-tiny").wait_for()
+    assert page.input_value("#presence_penalty") == "0" and page.input_value("#frequency_penalty") == "0"
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "8")
+    page.fill("#presence_penalty", "0.5")
+    page.fill("#input", "hi")
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        page.press("#input", "Enter")
+    body = sent.value.post_data_json
+    assert body["presence_penalty"] == 0.5 and "frequency_penalty" not in body, body
+    page.wait_for_selector(".assistant .meta", timeout=30_000)
+    assert page.eval_on_selector(".assistant", "el => el.firstChild.textContent")  # a reply streamed
+    assert re.match(r"\d+ tokens, ", page.text_content(".assistant .meta"))
+    page.fill("#presence_penalty", "0")
+    page.fill("#frequency_penalty", "-1.5")
+    page.fill("#input", "who are you?")
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        page.click("#send")
+    body = sent.value.post_data_json
+    assert body["frequency_penalty"] == -1.5 and "presence_penalty" not in body, body
+    page.locator(".assistant .meta").nth(1).wait_for(timeout=30_000)
+    assert page.query_selector(".error") is None
