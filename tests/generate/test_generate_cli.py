@@ -101,3 +101,35 @@ def test_generate_fuses_projections_before_quantizing_unless_told_not_to(run_dir
     assert capsys.readouterr().out == fused  # the same greedy text
     assert main(base + ["--quantize", "int8"]) == 0 and len(calls) == 2
     assert kiln.model.is_fused(calls[-1]) and isinstance(calls[-1].layers[0].self_attn.qkv_proj, kiln.model.Int8Linear)
+
+
+def test_generate_processing_flags_reach_the_engine(run_dir, tmp_path, capsys, monkeypatch):
+    """--repetition-penalty and friends become SamplingParams fields on both paths (one prompt, a file);
+    a strong repetition penalty changes a greedy text that repeats; a bad value fails before loading."""
+    from kiln.generate import llm_engine
+
+    seen = []
+    add = llm_engine.LLMEngine.add_request
+    monkeypatch.setattr(llm_engine.LLMEngine, "add_request",
+                        lambda self, ids, params=None, request_id=None: seen.append(params) or add(self, ids, params,
+                                                                                                request_id))
+    base = ["--model", str(run_dir / "run"), "--max-new-tokens", "30", "--temperature", "0", "--no-echo",
+            "--keep-eot", "--prompt", "aaaa"]
+    assert main(["generate", *base]) == 0
+    plain = capsys.readouterr().out
+    flags = ["--repetition-penalty", "3.0", "--presence-penalty", "0.5", "--frequency-penalty", "-0.25",
+             "--min-p", "0.1", "--min-tokens", "2"]
+    assert main(["generate", *base, *flags]) == 0
+    penalized = capsys.readouterr().out
+    p = seen[-1]
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.min_p, p.min_tokens) == (
+        3.0, 0.5, -0.25, 0.1, 2)
+    assert penalized != plain
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("aaaa\n")
+    assert main(["generate", "--model", str(run_dir / "run"), "--max-new-tokens", "30", "--temperature", "0",
+                 "--keep-eot", "--prompts-file", str(prompts), *flags]) == 0
+    assert json.loads(capsys.readouterr().out)["completion"] == penalized.rstrip("\n")
+    assert seen[-1].repetition_penalty == 3.0
+    assert main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x", "--presence-penalty", "5"]) == 1
+    assert "presence_penalty=5.0 must be in [-2, 2]" in capsys.readouterr().err

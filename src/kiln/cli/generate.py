@@ -6,6 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from kiln.cli.serve import processing_args
+
+
+def _processing(args: argparse.Namespace) -> dict:
+    """The logits-processing flags as ``SamplingParams`` fields."""
+    return {"repetition_penalty": args.repetition_penalty, "presence_penalty": args.presence_penalty,
+            "frequency_penalty": args.frequency_penalty, "min_p": args.min_p, "min_tokens": args.min_tokens}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``generate`` subcommand."""
@@ -49,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--speculative", default="none", choices=["none", "ngram"],
                    help="prompt-lookup speculative decoding for --prompt with --temperature 0 (same text, "
                    "fewer forward passes when the output repeats the context)")
+    processing_args(p)
     p.add_argument("--no-echo", action="store_true", help="print only the continuation, not the prompt")
     p.add_argument("--keep-eot", action="store_true", help="do not stop at the end-of-text token")
     p.set_defaults(func=run)
@@ -75,10 +84,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from kiln.generate import stream
+    from kiln.generate import SamplingParams, stream
     from kiln.model import load_pretrained
     from kiln.tokenizer import find_tokenizer, load_tokenizer
 
+    SamplingParams(max_tokens=max(0, args.max_new_tokens), **_processing(args))  # bad values fail before loading
     model_dir = resolve_model_dir(args.model)
     tok_path = Path(args.tokenizer) if args.tokenizer else find_tokenizer(model_dir)
     if not tok_path.exists():
@@ -108,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     n_chars = 0
     for piece in stream(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                        stop_at_eot=not args.keep_eot, speculative=args.speculative, compile=args.compile):
+                        stop_at_eot=not args.keep_eot, speculative=args.speculative, compile=args.compile,
+                        **_processing(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
         n_chars += len(piece)
@@ -136,7 +147,7 @@ def _run_batch(args: argparse.Namespace, model, tokenizer, device: str) -> int:
     t0 = time.perf_counter()
     outs = generate_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          stop_at_eot=not args.keep_eot, batch_size=args.batch_size)
+                          stop_at_eot=not args.keep_eot, batch_size=args.batch_size, **_processing(args))
     for prompt, out in zip(prompts, outs):
         print(json.dumps({"prompt": prompt, "completion": out}, ensure_ascii=False))
     print(f"[{len(prompts)} prompts in {time.perf_counter() - t0:.2f} s on {device}]", file=sys.stderr)

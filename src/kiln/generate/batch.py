@@ -183,11 +183,13 @@ def generate_texts(
     stop: Sequence[str] = (),
     stop_at_eot: bool = True,
     batch_size: int = 32,
+    **processing: Any,
 ) -> list[str]:
     """Continuations of ``prompts`` (text), each cut before its first stop string; see ``generate_batch``.
 
     A row stops decoding as soon as its text contains a stop string (the engine's stop strings). An
-    empty prompt starts from the end-of-text token.
+    empty prompt starts from the end-of-text token. ``processing``: more ``SamplingParams`` fields
+    (penalties, logit bias, min-p, min-tokens).
     """
     check_sampling_args(temperature, top_k, top_p)
     eot = getattr(tokenizer, "eot_id", None)
@@ -196,7 +198,7 @@ def generate_texts(
     reqs = [engine.add_request(prompt_ids(tokenizer, p),
                                SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                               top_p=top_p, seed=base + n, stop=tuple(stop),
-                                              ignore_eos=not stop_at_eot))
+                                              ignore_eos=not stop_at_eot, **processing))
             for n, p in enumerate(prompts)]
     texts = {r: "" for r in reqs}
     while engine.has_unfinished():

@@ -47,6 +47,7 @@ def generate_tokens(
     vocab_limit: int | None = None,
     speculative: str = "none",
     compile: bool = False,
+    **processing: Any,
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` sampled token ids after ``prompt_ids``; stop before ``eot_id``.
 
@@ -57,14 +58,16 @@ def generate_tokens(
     vocabulary size) keeps sampling away from the padding rows of a model whose vocabulary was
     rounded up for speed (e.g. 50257 -> 50304). ``speculative="ngram"``: prompt-lookup speculative
     decoding when greedy (same tokens, fewer forward passes when the output repeats the context).
-    ``compile``: CUDA graphs and a compiled decode step (see ``one_shot_engine``).
+    ``compile``: CUDA graphs and a compiled decode step (see ``one_shot_engine``). ``processing``: more
+    ``SamplingParams`` fields (repetition_penalty, presence_penalty, frequency_penalty, logit_bias,
+    min_p, min_tokens).
     """
 
     check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, ignore_eos=eot_id is None)
+                            seed=seed, ignore_eos=eot_id is None, **processing)
     engine = one_shot_engine(model, vocab_limit, eot_id, speculative=speculative, compile=compile)
     engine.add_request(list(prompt_ids), params)  # checks the prompt now, not at the first token
     return _engine_tokens(engine, eot_id)
@@ -92,17 +95,19 @@ def stream(
     stop_at_eot: bool = True,
     speculative: str = "none",
     compile: bool = False,
+    **processing: Any,
 ) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text pieces, as they decode (prompt not included).
 
     Each piece holds only complete characters. An empty prompt starts from the end-of-text token.
     Stops after ``max_new_tokens`` tokens or, with ``stop_at_eot``, at the end-of-text token.
+    ``processing``: penalties, logit bias, min-p, min-tokens (see ``generate_tokens``).
     """
     limit = tokenizer_vocab_limit(model, tokenizer)
     eot = getattr(tokenizer, "eot_id", None)
     tokens = generate_tokens(
         model, prompt_ids(tokenizer, prompt), max_new_tokens, temperature, top_k, top_p, seed,
-        eot if stop_at_eot else None, vocab_limit=limit, speculative=speculative, compile=compile,
+        eot if stop_at_eot else None, vocab_limit=limit, speculative=speculative, compile=compile, **processing,
     )
     return _text_pieces(tokens, TextStreamer(tokenizer))
 
