@@ -36,6 +36,7 @@ from kiln.generate.sampling import (
     row_sampling,
 )
 from kiln.generate.scheduler import Scheduler
+from kiln.generate.structured import Guide
 from kiln.generate.sequence import Sequence, Status
 from kiln.generate.speculative import make_proposer
 from kiln.generate.streamer import TextStreamer
@@ -214,6 +215,7 @@ class LLMEngine:
         self.clock = time.monotonic  # when requests arrive (``admission_wait_ms``); tests set their own
         self._seqs: dict[str, Sequence] = {}
         self.procs: ProcessorTable | None = None  # made at the first request with processed logits
+        self.guide: Guide | None = None  # made at the first request with structured output
         self._ids = itertools.count()
         self.num_finished = 0
 
@@ -254,6 +256,8 @@ class LLMEngine:
         if self.tokenizer is not None:
             streamer = TextStreamer(self.tokenizer)
         seq = Sequence(rid, prompt, params, seed, streamer)
+        if params.structured is not None:
+            seq.matcher = self._guide().matcher(params.structured)
         seq.arrival = self.clock()
         if self.config.context_overflow == "slide":
             seq.window_start = max(0, len(prompt) - self.max_seq_tokens)
@@ -266,6 +270,13 @@ class LLMEngine:
         self._seqs[rid] = seq
         self.scheduler.add(seq)
         return rid
+
+    def _guide(self) -> Guide:
+        if self.tokenizer is None:
+            raise ValueError("structured output needs the engine's tokenizer (LLMEngine(model, tokenizer))")
+        if self.guide is None:
+            self.guide = Guide(self.tokenizer, self.vocab_limit, self.eos)
+        return self.guide
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request: its blocks are freed at once. Returns its last output (finish_reason
@@ -416,10 +427,15 @@ class LLMEngine:
 
     def _decode(self, seqs: list[Sequence], k: int) -> list[RequestOutput]:
         """``k`` decode steps of ``seqs`` (their blocks already grown) through the graphs; their outputs."""
-        proc = self._proc_rows(seqs)
-        ids, logits = self.runner.decode(seqs, k, proc)  # sampled and processed rows are drawn in the graph too
-        if proc is not None:
-            self.procs.counted(proc, k)
+        if any(seq.matcher is not None for seq in seqs):  # k == 1: the masks come from the host each token
+            _, logits = self.runner.decode(seqs, 1, logits_only=True)
+            items = [StepItem(seq, seq.num_computed, [seq.token_ids[-1]]) for seq in seqs]
+            ids = [[t] for t in self._draw(items, logits[:, :self.vocab_limit])]
+        else:
+            proc = self._proc_rows(seqs)
+            ids, logits = self.runner.decode(seqs, k, proc)  # sampled and processed rows are drawn in the graph too
+            if proc is not None:
+                self.procs.counted(proc, k)
         outputs = []
         for i, seq in enumerate(seqs):
             c, p = seq.num_computed, seq.params
@@ -445,7 +461,8 @@ class LLMEngine:
         more = False
         for seq in running:
             p = seq.params
-            if p.logprobs is not None or seq.num_window_tokens + K - 1 > self.max_seq_tokens:
+            if (p.logprobs is not None or seq.matcher is not None
+                    or seq.num_window_tokens + K - 1 > self.max_seq_tokens):
                 return 1
             more = more or p.max_tokens - len(seq.token_ids) + seq.num_prompt_tokens > 1
         return K if more else 1
@@ -461,6 +478,8 @@ class LLMEngine:
             proc = [r for it, r in zip(items, proc) for r in [r] + [dummy] * (it.n_logits - 1)]
             pt = self.procs.tensors(proc)
             logits, min_p = process_logits(logits, self.procs, pt), pt.min_p
+        if self.guide is not None:  # structured output: only the tokens its language allows
+            logits = self.guide.apply(logits, [it.seq.matcher for it in items for _ in range(it.n_logits)])
         if all(it.seq.params.temperature == 0 for it in items):
             return logits.argmax(dim=-1).tolist()
         rows: list[RowSampling] = []
@@ -508,7 +527,8 @@ class LLMEngine:
     def _lookahead(self, seq: Sequence) -> int:
         """Draft tokens worth verifying for a decoding ``seq`` (0: plain decoding)."""
         p = seq.params
-        if self.proposer is None or (p.temperature != 0 and not self.config.speculative_sampling) or p.processed:
+        if (self.proposer is None or (p.temperature != 0 and not self.config.speculative_sampling) or p.processed
+                or seq.matcher is not None):
             return 0  # processed logits depend on every token before: drafts are not verified row by row
         room = min(p.max_tokens - len(seq.output_token_ids), self.max_seq_tokens - seq.num_window_tokens) - 1
         return max(0, min(self.config.num_speculative_tokens, room))
@@ -552,11 +572,15 @@ class LLMEngine:
         seq.token_ids.append(tok)
         if (tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
             return self._finish(seq, "stop")
+        if seq.matcher is not None:
+            seq.matcher.consume_token(tok)  # allowed by the mask it gave
         if seq.streamer is not None:
             before = len(seq.text)
             seq.text += seq.streamer.push(tok)
             if p.stop and len(seq.output_token_ids) >= p.min_tokens and self._cut_at_stop(seq, before):
                 return self._finish(seq, "stop", flush=False)
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the language allows nothing more
+            return self._finish(seq, "stop")
         if len(seq.output_token_ids) >= p.max_tokens:
             return self._finish(seq, "length")
         if seq.num_window_tokens > self.max_seq_tokens:  # the next token has no position left

@@ -415,15 +415,17 @@ class ModelRunner:
         return g.logits, g.ids
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence], steps: int = 1,
-               proc: list[ProcRow] | None = None) -> tuple[list[list[int]], Tensor | None]:
+    def decode(self, seqs: list[Sequence], steps: int = 1, proc: list[ProcRow] | None = None,
+               logits_only: bool = False) -> tuple[list[list[int]], Tensor | None]:
         """A decode step of every sequence in ``seqs`` (each has exactly one uncomputed token, and
         blocks for ``steps`` more tokens) through a captured graph. Greedy sequences take the argmax,
         sampled ones (temperature > 0) the sampler's draw at their seed and the position of the token
         (``len(token_ids)``, + j at step j). ``proc``: each row's processing (``ProcessorTable.rows``;
-        the logits are processed before the draw). Returns the ids, B lists of ``steps`` (one
-        device->host copy), and for ``steps == 1`` the logits (B, V) fp32 on the device, unprocessed
-        (for log-probabilities; None after a multi-step CUDA graph)."""
+        the logits are processed before the draw). ``logits_only``: one greedy step whatever the
+        rows' settings, for a caller that draws from the logits itself (structured output's masks
+        come from the host each token). Returns the ids, B lists of ``steps`` (one device->host
+        copy), and for ``steps == 1`` the logits (B, V) fp32 on the device, unprocessed (for
+        log-probabilities; None after a multi-step CUDA graph)."""
         if not self.graphs:
             self.capture()
         if steps not in (1, self.decode_steps):
@@ -432,7 +434,9 @@ class ModelRunner:
         b = min(g for g in self.graphs if g >= B)
         self._write_rows([(seq.token_ids[-1], seq.num_computed, seq.block_table) for seq in seqs])
         sampling, mode = None, "greedy"
-        if any(seq.params.temperature > 0 for seq in seqs):
+        if logits_only:
+            proc = None
+        elif any(seq.params.temperature > 0 for seq in seqs):
             sampling = [row_sampling(seq.params, seq.seed, len(seq.token_ids)) for seq in seqs]
             mode = sampling_mode(sampling)
         if mode != "greedy":

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kiln.generate.structured import StructuredOutput
+
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError naming the bad sampling argument and its valid range."""
@@ -301,6 +303,9 @@ class SamplingParams:
     min_tokens: int = 0
     """End-of-text, the stop token ids and stop strings cannot end the request before this many tokens
     (vLLM's). At most ``max_tokens``."""
+    structured: StructuredOutput | None = None
+    """Constrain the output to a JSON schema, any JSON object, a regex, a set of choices or a grammar
+    (``StructuredOutput``); the request ends ('stop') when the language allows nothing more."""
     prompt_logprobs: int | None = None
     """Also return the log-probability of each prompt token given the ones before it (vLLM's; the first
     has none): 0 = the prompt token's only, k = also the k most likely alternatives'. The prompt is
@@ -319,6 +324,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         self._check_processing()
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(f"structured={self.structured!r} must be a StructuredOutput")
 
     def _check_processing(self) -> None:
         """Validate (and normalize ``logit_bias`` to sorted (id, bias) pairs) the logits-processing fields."""

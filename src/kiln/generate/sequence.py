@@ -50,6 +50,7 @@ class Sequence:
         # the prompt tokens' log-probs (``SamplingParams.prompt_logprobs``): None for the first, then one
         # dict per prompt token as its position is computed
         self.prompt_logprobs: list[dict[int, float] | None] = [None] if params.prompt_logprobs is not None else []
+        self.matcher: Any = None  # structured output: the llguidance matcher of the output so far
         self.arrival = 0.0  # the engine's clock when it was added (``EngineConfig.admission_wait_ms``)
         self.finish_reason: str | None = None
 
