@@ -34,6 +34,8 @@ from kiln.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    echo_logprobs,
+    prompt_prob_entries,
     token_logprobs,
     usage,
     validation_message,
@@ -68,17 +70,20 @@ class _Plan:
     params: list[Any]  # SamplingParams per sequence (len(prompts) * n)
     n: int
     logprobs: int | None
+    prompt_logprobs: int | None = None
+    """What the engine is asked for (``SamplingParams.prompt_logprobs``): the largest k wanted."""
 
 
 # ---------------------------------------------------------------------------------------------
 # Request -> engine work
 # ---------------------------------------------------------------------------------------------
 def _sampling_params(state: ServerState, req: Any, prompt_len: int, stop: list[str], stop_ids: tuple,
-                     logprobs: int | None, max_tokens: int | None, seed: int | None) -> Any:
+                     logprobs: int | None, max_tokens: int | None, seed: int | None,
+                     prompt_logprobs: int | None = None) -> Any:
     from kiln.generate import SamplingParams
 
     room = state.context_length - prompt_len
-    if room < 1:
+    if room < (0 if max_tokens == 0 else 1):  # max_tokens=0 scores a prompt that fills the context
         raise APIError(400, f"the prompt is {prompt_len} tokens; this model's context is "
                             f"{state.context_length} tokens, which leaves no room to generate. Shorten it",
                        param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
@@ -95,7 +100,7 @@ def _sampling_params(state: ServerState, req: Any, prompt_len: int, stop: list[s
                               stop_token_ids=tuple(stop_ids), ignore_eos=req.ignore_eos, logprobs=logprobs,
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                               repetition_penalty=req.repetition_penalty, logit_bias=req.bias_pairs(),
-                              min_p=req.min_p, min_tokens=req.min_tokens)
+                              min_p=req.min_p, min_tokens=req.min_tokens, prompt_logprobs=prompt_logprobs)
     except ValueError as e:  # a combination pydantic cannot see, e.g. min_tokens over max_tokens
         raise APIError(400, str(e), param=param_of(str(e)))
 
@@ -122,7 +127,7 @@ def chat_stops(rendered: Any, req: Any) -> tuple[list[str], tuple[int, ...]]:
 
 
 def _plan(state: ServerState, req: Any, prompts: list[list[int]], stop: list[str], stop_ids: tuple,
-          logprobs: int | None, max_tokens: int | None) -> _Plan:
+          logprobs: int | None, max_tokens: int | None, prompt_logprobs: int | None = None) -> _Plan:
     cfg = state.config
     if req.model != state.model_name:
         raise APIError(404, f"the model {req.model!r} does not exist; this server serves {state.model_name!r} "
@@ -143,11 +148,21 @@ def _plan(state: ServerState, req: Any, prompts: list[list[int]], stop: list[str
                            param="prompt")
         for j in range(req.n):
             seed = None if req.seed is None else req.seed + j
-            params.append(_sampling_params(state, req, len(ids), stop, stop_ids, logprobs, max_tokens, seed))
-    return _Plan(prompts, params, req.n, logprobs)
+            params.append(_sampling_params(state, req, len(ids), stop, stop_ids, logprobs, max_tokens, seed,
+                                           prompt_logprobs))
+    return _Plan(prompts, params, req.n, logprobs, prompt_logprobs)
 
 
-def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[list[int]]:
+def _check_prompt_logprobs(req: Any) -> None:
+    if req.prompt_logprobs is not None and req.stream:
+        raise APIError(400, "prompt_logprobs are not available with stream=true (as in vLLM); ask without "
+                            "stream, or on /v1/completions use echo=true with logprobs, whose first chunk "
+                            "carries the prompt's log-probs", param="prompt_logprobs")
+
+
+def _completion_prompts(state: ServerState, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    """The request's prompts as token ids, and their texts (what ``echo`` sends back: a string prompt
+    as given, token ids decoded)."""
     p = req.prompt
     if isinstance(p, str):
         texts: list = [p]
@@ -157,7 +172,7 @@ def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[list
         texts = list(p)
     if not texts:
         raise APIError(400, "prompt is an empty list; give a string or token ids", param="prompt")
-    out = []
+    out, shown = [], []
     for t in texts:
         ids = state.tokenizer.encode(t) if isinstance(t, str) else list(t)
         if not ids:
@@ -167,7 +182,9 @@ def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[list
                                     "from; give some text", param="prompt")
             ids = [eot]
         out.append(ids)
-    return out
+        if req.echo:
+            shown.append(t if isinstance(t, str) else state.tokenizer.decode(ids))
+    return out, shown
 
 
 def _submit(state: ServerState, plan: _Plan, stream: bool) -> Batch:
@@ -222,6 +239,7 @@ class _Choice:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    prompt_logprobs: list | None = None  # the engine's, when asked for
 
 
 def _absorb(choice: _Choice, out: Any, logprobs: int | None) -> tuple[str, list]:
@@ -231,6 +249,8 @@ def _absorb(choice: _Choice, out: Any, logprobs: int | None) -> tuple[str, list]
     choice.completion_tokens = out.num_generated_tokens
     new_lp = token_logprobs(list(out.new_token_ids), out.logprobs, logprobs) if logprobs is not None else []
     choice.logprobs.extend(new_lp)
+    if out.prompt_logprobs is not None:
+        choice.prompt_logprobs = out.prompt_logprobs
     if out.finished:
         choice.finish_reason = "length" if out.finish_reason == "length" else "stop"
     return out.new_text, new_lp
@@ -250,15 +270,25 @@ def _chat_logprobs(tt: _TokenText, entries: list) -> dict:
 
 
 def _completion_logprobs(tt: _TokenText, entries: list, offset: int) -> dict:
+    """OpenAI's completion ``logprobs``; an entry ``(id, None, None)`` (an echoed prompt's first token)
+    has null ``token_logprobs`` and ``top_logprobs``."""
     tokens, lps, tops, offsets = [], [], [], []
     for t, lp, alts in entries:
         s = tt.text(t)
         tokens.append(s)
         lps.append(lp)
-        tops.append({tt.text(a): alp for a, alp in alts})
+        tops.append(None if alts is None else {tt.text(a): alp for a, alp in alts})
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _prompt_logprobs(tt: _TokenText, plan: _Plan, prompt: list[int], entries: list | None, k: int) -> list:
+    """vLLM's ``prompt_logprobs``: ``[null, {"<token id>": {"logprob", "rank", "decoded_token"}, ...}, ...]``,
+    each position's prompt token first, then the k most likely others (``prompt_prob_entries``)."""
+    return [None if pos is None else
+            {str(t): {"logprob": lp, "rank": rank, "decoded_token": tt.text(t)} for t, lp, rank in pos}
+            for pos in prompt_prob_entries(prompt, entries, k, plan.prompt_logprobs)]
 
 
 async def _until_disconnect(receive: Callable[[], Any], on_gone: Callable[[], None]) -> None:
@@ -374,7 +404,8 @@ def _coalesce(items: list[tuple[int, Any]]) -> tuple[list[tuple[int, Any]], End 
 
 async def _stream(state: ServerState, batch: Batch, plan: _Plan, chunk: Callable[..., dict],
                   first: Callable[[int], dict] | None, include_usage: bool,
-                  continuous_usage: bool = False) -> AsyncIterator[str]:
+                  continuous_usage: bool = False,
+                  echo: Callable[[int, list | None], tuple[str, list]] | None = None) -> AsyncIterator[str]:
     """SSE events: ``chunk(index, text, logprob entries, finish_reason)`` once per sequence per
     wake-up, carrying every token the engine gave it since the last one (a multi-step engine step
     gives several; a loop that fell behind merges several steps), never one event per token; a
@@ -382,7 +413,9 @@ async def _stream(state: ServerState, batch: Batch, plan: _Plan, chunk: Callable
     Everything queued is written in one send, so a lagging client or loop costs one send; the
     role-only first events go with the first text, and the last text, the usage chunk and
     ``[DONE]`` go together (each send is a syscall: a 128-token reply at 8 tokens a step takes 17
-    writes, headers included, instead of 21)."""
+    writes, headers included, instead of 21). ``echo(index, its prompt_logprobs)``: the text and log-prob
+    entries that go before a sequence's first output, in the same chunk (``echo`` on completions;
+    the first output comes once the whole prompt is computed, so its prompt log-probs are there)."""
     counts = [0] * len(plan.params)
     prompt_tokens = sum(len(p) for p in plan.prompts)
 
@@ -393,22 +426,28 @@ async def _stream(state: ServerState, batch: Batch, plan: _Plan, chunk: Callable
     writer = _EventWriter(chunk, usage_of if continuous_usage else None)
     parts = [] if first is None else [_sse(first(i)) for i in range(len(plan.params))]
     fresh = False  # parts holds a text event (not only the role-only first events)
+    echoed: set[int] = set()
     try:
         while batch.open:
             outs, end = _coalesce(await batch.take_all())
             for i, out in outs:
                 counts[i] = out.num_generated_tokens
                 n = len(parts)
+                head, head_lps = "", []
+                if echo is not None and i not in echoed:
+                    echoed.add(i)
+                    head, head_lps = echo(i, out.prompt_logprobs)
                 if out.finished:
                     batch.open.discard(i)
                     finish = "length" if out.finish_reason == "length" else "stop"
                     lps = _new_logprobs(out, plan.logprobs)
-                    parts.append(writer.event(i, out.new_text, lps, finish))
+                    parts.append(writer.event(i, head + out.new_text, head_lps + lps, finish))
                 elif plan.logprobs is not None:
-                    if out.new_token_ids:
-                        parts.append(writer.event(i, out.new_text, _new_logprobs(out, plan.logprobs), None))
-                elif out.new_text:
-                    parts.append(writer.text_event(i, out.new_text))
+                    if out.new_token_ids or head_lps:
+                        parts.append(writer.event(i, head + out.new_text, head_lps + _new_logprobs(out, plan.logprobs),
+                                                  None))
+                elif out.new_text or head:
+                    parts.append(writer.text_event(i, head + out.new_text))
                 fresh = fresh or len(parts) > n
             if end is not None:
                 state.worker.abort(batch)
@@ -476,8 +515,10 @@ async def chat_completions(request: Request) -> Response:
     except ValueError as e:
         raise APIError(400, f"messages: {e}", param="messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    _check_prompt_logprobs(req)
     stop, stop_ids = chat_stops(rendered, req)
-    plan = _plan(state, req, [rendered.ids], stop, stop_ids, logprobs, req.max_completion_tokens or req.max_tokens)
+    plan = _plan(state, req, [rendered.ids], stop, stop_ids, logprobs, req.max_completion_tokens or req.max_tokens,
+                 req.prompt_logprobs)
     batch = _submit(state, plan, req.stream)
     rid, created, tt = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), _TokenText(state.tokenizer)
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
@@ -496,23 +537,41 @@ async def chat_completions(request: Request) -> Response:
         return _EventStream(_stream(state, batch, plan, chunk, first, include, continuous),
                             on_close=lambda: batch.open and state.worker.abort(batch))
     choices = await _collect(state, request, batch, plan)
-    return JSONResponse({
+    body = {
         "id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
         "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
                      "logprobs": _chat_logprobs(tt, c.logprobs) if plan.logprobs is not None else None,
                      "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
         "usage": _usage_of(plan, choices),
-    })
+    }
+    if req.prompt_logprobs is not None:  # one prompt: on the response, as vLLM puts it
+        body["prompt_logprobs"] = _prompt_logprobs(tt, plan, rendered.ids, choices[0].prompt_logprobs,
+                                                   req.prompt_logprobs)
+    return JSONResponse(body)
 
 
 async def completions(request: Request) -> Response:
     state: ServerState = request.app.state.kiln
     _check_key(state, request)
     req: CompletionRequest = await _read_json(request, CompletionRequest)
-    plan = _plan(state, req, _completion_prompts(state, req), req.stop_list(), (), req.logprobs, req.max_tokens)
+    _check_prompt_logprobs(req)
+    if req.max_tokens == 0 and not req.echo and req.prompt_logprobs is None:
+        raise APIError(400, "max_tokens=0 generates nothing: it only scores the prompt, with echo=true (and "
+                            "logprobs) or prompt_logprobs; ask for at least 1 token", param="max_tokens")
+    prompts, echo_texts = _completion_prompts(state, req)
+    # echo with logprobs shows the prompt tokens' log-probs: the engine computes them (the larger k wins)
+    ks = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
+    plan = _plan(state, req, prompts, req.stop_list(), (), req.logprobs, req.max_tokens, max(ks) if ks else None)
     batch = _submit(state, plan, req.stream)
     rid, created, tt = f"cmpl-{uuid.uuid4().hex}", int(time.time()), _TokenText(state.tokenizer)
     head = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
+
+    def echo(i: int, prompt_logprobs: list | None) -> tuple[str, list]:
+        """Choice i's echoed prompt: its text, and with logprobs its tokens' entries."""
+        p = i // plan.n
+        if plan.logprobs is None:
+            return echo_texts[p], []
+        return echo_texts[p], echo_logprobs(plan.prompts[p], prompt_logprobs, plan.logprobs)
 
     if req.stream:
         offsets = [0] * len(plan.params)
@@ -525,16 +584,25 @@ async def completions(request: Request) -> Response:
             return {**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
 
         include, continuous = _usage_options(req)
-        return _EventStream(_stream(state, batch, plan, chunk, None, include, continuous),
+        return _EventStream(_stream(state, batch, plan, chunk, None, include, continuous,
+                                    echo if req.echo else None),
                             on_close=lambda: batch.open and state.worker.abort(batch))
     choices = await _collect(state, request, batch, plan)
-    return JSONResponse({
-        "id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-        "choices": [{"index": i, "text": c.text,
-                     "logprobs": _completion_logprobs(tt, c.logprobs, 0) if plan.logprobs is not None else None,
-                     "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
-        "usage": _usage_of(plan, choices),
-    })
+    out = []
+    for i, c in enumerate(choices):
+        text, entries = c.text, c.logprobs
+        if req.echo:
+            head_text, head_lps = echo(i, c.prompt_logprobs)
+            text, entries = head_text + text, head_lps + entries
+        item = {"index": i, "text": text,
+                "logprobs": _completion_logprobs(tt, entries, 0) if plan.logprobs is not None else None,
+                "finish_reason": c.finish_reason}
+        if req.prompt_logprobs is not None:  # vLLM's extension, on each choice
+            item["prompt_logprobs"] = _prompt_logprobs(tt, plan, plan.prompts[i // plan.n], c.prompt_logprobs,
+                                                       req.prompt_logprobs)
+        out.append(item)
+    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+                         "choices": out, "usage": _usage_of(plan, choices)})
 
 
 async def list_models(request: Request) -> Response:

@@ -20,7 +20,10 @@ engine steps' worth when the server fell behind; the stream merges them into one
 
 Outputs cross the pipe slim: a ``RequestOutput`` with its new tokens, new text and log-probs, but
 empty ``prompt_token_ids``, ``token_ids`` and ``text`` (the server uses only the new parts and the
-counts), so a step's message does not grow with the sequences' length.
+counts), so a step's message does not grow with the sequences' length. Prompt log-probs (asked for
+with ``SamplingParams.prompt_logprobs``; the engine puts the same list on each output once the
+prompt is computed) cross once, with the request's first output; the client puts them on each of
+its later outputs, as the engine does.
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ log = logging.getLogger(__name__)
 
 
 def _slim(out: Any) -> tuple:
+    # A request's first output is the one whose generated tokens are all new (the engine's first
+    # output comes once its prompt is computed): only it carries the prompt log-probs.
+    first = len(out.new_token_ids) == out.num_generated_tokens
     return (out.request_id, out.new_token_ids, out.new_text, out.logprobs, out.finished, out.finish_reason,
-            out.num_prompt_tokens, out.num_generated_tokens)
+            out.num_prompt_tokens, out.num_generated_tokens, out.prompt_logprobs if first else None)
 
 
 def engine_main(spec: Any, load: Callable[[Any], Any], conn: Any) -> None:
@@ -133,6 +139,7 @@ class EngineClient:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._live: set[str] = set()  # added, not yet finished, aborted or refused
+        self._prompt_logprobs: dict[str, list] = {}  # live requests' prompt log-probs, once they came
         self._ready: list[Any] = []  # outputs read from the pipe, not yet returned by step()
         self._refused: list[tuple[str, str]] = []
 
@@ -144,6 +151,7 @@ class EngineClient:
     def abort(self, request_id: str) -> None:
         if request_id in self._live:
             self._live.discard(request_id)
+            self._prompt_logprobs.pop(request_id, None)
             self._conn.send(("abort", request_id))
 
     def wake(self) -> None:
@@ -195,6 +203,7 @@ class EngineClient:
         if self._conn not in ready:
             if not self.proc.is_alive():
                 self._live.clear()
+                self._prompt_logprobs.clear()
                 raise RuntimeError(f"the engine process died (exit code {self.proc.exitcode})")
             return
         while True:
@@ -202,11 +211,16 @@ class EngineClient:
                 kind, payload, self._stats = self._conn.recv()
             except EOFError:
                 self._live.clear()
+                self._prompt_logprobs.clear()
                 raise RuntimeError(f"the engine process died (exit code {self.proc.exitcode})") from None
             if kind == "out":
-                for rid, new, text, lps, done, reason, n_prompt, n_gen in payload:
+                for rid, new, text, lps, done, reason, n_prompt, n_gen, plps in payload:
                     if rid in self._live:
-                        self._ready.append(RequestOutput(rid, [], [], new, "", text, lps, done, reason, n_prompt, n_gen))
+                        if plps is not None:
+                            self._prompt_logprobs[rid] = plps
+                        plps = self._prompt_logprobs.pop(rid, None) if done else self._prompt_logprobs.get(rid)
+                        self._ready.append(RequestOutput(rid, [], [], new, "", text, lps, done, reason, n_prompt, n_gen,
+                                                         plps))
                         if done:
                             self._live.discard(rid)
             elif kind == "refused":
@@ -214,6 +228,7 @@ class EngineClient:
                 self._refused.append(payload)
             elif kind == "failed":
                 self._live.clear()
+                self._prompt_logprobs.clear()
                 raise RuntimeError(payload)
             if not self._conn.poll(0):
                 return

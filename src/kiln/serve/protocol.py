@@ -62,6 +62,9 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, description="extension (vLLM's): 1 is none")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="extension (vLLM's): 0 is none")
     min_tokens: int = Field(0, ge=0, description="extension (vLLM's): no end before this many tokens")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """Extension (vLLM's): each prompt token's log-prob given the ones before it, and the k most likely
+    alternatives' (``prompt_prob_entries``); not with ``stream`` (as vLLM)."""
 
     @field_validator("logit_bias")
     @classmethod
@@ -129,14 +132,11 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo=true is not supported; the prompt is known to the caller")
-        return v
+    """The prompt's text before the completion's, and with ``logprobs`` its tokens' entries before the
+    completion's (the first prompt token's log-prob null: nothing comes before it)."""
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions
+    """0 only scores the prompt: allowed with ``echo`` or ``prompt_logprobs`` (OpenAI's legacy API took
+    max_tokens=0 with echo, and lm-eval's log-likelihood requests are that), else a 400."""
 
 
 def validation_message(err: Any) -> tuple[str, str | None]:
@@ -153,6 +153,14 @@ def validation_message(err: Any) -> tuple[str, str | None]:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+LOGPROB_FLOOR = -9999.0
+"""What a log-prob of -inf is sent as (JSON has no infinity; OpenAI and vLLM send this)."""
+
+
+def _finite(lp: float) -> float:
+    return LOGPROB_FLOOR if lp < LOGPROB_FLOOR else lp
 
 
 def token_logprobs(token_ids: list[int], entries: list[Any] | None,
@@ -177,5 +185,36 @@ def token_logprobs(token_ids: list[int], entries: list[Any] | None,
             alts = [(int(i), float(v)) for i, v in (top.items() if isinstance(top, dict) else top or [])][:k]
         else:
             lp, alts = float(e), []
-        out.append((int(tok), lp, alts))
+        out.append((int(tok), _finite(lp), [(a, _finite(v)) for a, v in alts]))
+    return out
+
+
+def echo_logprobs(prompt_ids: list[int], entries: list[dict[int, float] | None] | None,
+                  k: int) -> list[tuple[int, float | None, list[tuple[int, float]] | None]]:
+    """The prompt's tokens as ``token_logprobs`` entries, for ``echo`` with ``logprobs``: the first
+    ``(id, None, None)`` (OpenAI's null: nothing comes before it), then each from the engine's
+    ``RequestOutput.prompt_logprobs`` (None, then ``{prompt id: logprob, alternatives...}``)."""
+    if entries is None or len(entries) != len(prompt_ids):
+        raise RuntimeError(f"the engine gave {'no' if entries is None else len(entries)} prompt log-probs for "
+                           f"a prompt of {len(prompt_ids)} tokens")
+    return [(prompt_ids[0], None, None), *token_logprobs(prompt_ids[1:], entries[1:], k)]
+
+
+def prompt_prob_entries(prompt_ids: list[int], entries: list[dict[int, float] | None] | None, k: int,
+                        k_engine: int) -> list[list[tuple[int, float, int | None]] | None]:
+    """vLLM's ``prompt_logprobs`` before rendering: None for the first prompt token, then per token
+    ``[(its id, logprob, rank), then the k most likely other ids (id, logprob, rank)]``, rank 1 the
+    most likely (vLLM's ``Logprob.rank``). The engine was asked for the top ``k_engine`` >= k: its
+    entry is ``{prompt id: lp, then the top k_engine ids}``, k_engine entries when the prompt token is
+    among them, k_engine + 1 when not; then its rank is unknown (> k_engine) and given as None."""
+    if entries is None or len(entries) != len(prompt_ids):
+        raise RuntimeError(f"the engine gave {'no' if entries is None else len(entries)} prompt log-probs for "
+                           f"a prompt of {len(prompt_ids)} tokens")
+    out: list[list[tuple[int, float, int | None]] | None] = [None]
+    for tok, e in zip(prompt_ids[1:], entries[1:]):
+        lp = _finite(float(e[tok]))
+        in_top = 0 < len(e) <= k_engine
+        top = sorted(((int(i), float(v)) for i, v in e.items() if in_top or i != tok), key=lambda kv: -kv[1])
+        rank = next((r for r, (i, _) in enumerate(top, 1) if i == tok), None)
+        out.append([(tok, lp, rank)] + [(i, _finite(v), r) for r, (i, v) in enumerate(top[:k], 1) if i != tok])
     return out
