@@ -113,18 +113,18 @@ def test_http_part_fails_at_once_when_the_server_stack_does_not_import(monkeypat
 
 def test_bench_serve_sampled_rows(tmp_path):
     """Row 'sampled': batch-1 decode at --temperature (also with --top-p; single-step on CUDA) and the
-    throughput of the same requests sampled, beside the greedy rows; row 'penalties': the sampled
-    decode with penalties and min-p (processed logits); all measured."""
+    throughput of the same requests sampled, beside the greedy rows; rows 'penalties' and 'structured':
+    the sampled decode with penalties and min-p, and in JSON mode; all measured."""
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"instruction": "x" * n}) for n in (40, 8, 100)) + "\n")
-    args = ["bench", "serve", "--device", "cpu", "--shapes", "tiny", "--rows", "sampled,penalties", "--temperature", "0.8",
+    args = ["bench", "serve", "--device", "cpu", "--shapes", "tiny", "--rows", "sampled,penalties,structured", "--temperature", "0.8",
             "--top-p", "0.9", "--new-tokens", "6", "--prompt-len", "8", "--repeats", "1", "--requests", "4",
             "--concurrency", "2", "--max-tokens", "4", "--prompts", str(prompts), "--out", str(tmp_path)]
     assert main(args) == 0
     rows = json.loads((tmp_path / "bench_serve.json").read_text())
     dec = [r["impl"] for r in rows if r["table"] == "decode"]
     assert dec == ["kiln fp32", "kiln fp32 sampled T=0.8", "kiln fp32 sampled T=0.8 top-p 0.9",
-                   "kiln fp32 sampled T=0.8 + penalties"]
+                   "kiln fp32 sampled T=0.8 + JSON object", "kiln fp32 sampled T=0.8 + penalties"]
     thr = [r["impl"] for r in rows if r["table"] == "throughput"]
     assert thr == ["kiln engine", "kiln engine T=0.8"]
     assert all(r["tok_s"] > 0 and not r["error"] for r in rows)

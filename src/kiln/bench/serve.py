@@ -162,18 +162,19 @@ def _sync(device: Any) -> None:
 def kiln_decode(model: Any, prompt: list[int], new_tokens: int, repeats: int, speculative: str = "none",
                 draft: Any = None, compile_decode: bool = False, decode_steps: int = 8, temperature: float = 0.0,
                 top_p: float | None = None, write_op: bool = True, decode_write: bool = False,
-                **sampling: Any) -> tuple[float, str]:
+                tokenizer: Any = None, **sampling: Any) -> tuple[float, str]:
     """Best tokens/s of one request over ``repeats`` runs (after a warm-up that captures graphs): greedy,
     or sampled at ``temperature`` (and ``top_p``), seeded (each run draws the same tokens).
     ``write_op`` False: the cache write as ``index_copy_`` (``PagedKVCache.write_op``); ``decode_write``
     True: the cache write and the splits' combine inside the decode attention launch (``PagedKVCache.decode_write``).
-    ``sampling``: more ``SamplingParams`` fields (penalties, min-p: the processed-logits graphs)."""
+    ``sampling``: more ``SamplingParams`` fields (penalties, min-p: the processed-logits graphs;
+    ``structured``, which needs ``tokenizer``). Tokens/s counts the tokens each run made."""
     from kiln.generate import EngineConfig, LLMEngine, SamplingParams
 
     cfg = EngineConfig(max_num_seqs=1, max_num_batched_tokens=max(2048, len(prompt) + 8), num_blocks=None,
                        speculative=speculative, num_speculative_tokens=4, enable_prefix_caching=False,
                        compile_decode=compile_decode, decode_steps=decode_steps)
-    eng = LLMEngine(model, None, cfg, draft_model=draft)
+    eng = LLMEngine(model, tokenizer, cfg, draft_model=draft)
     eng.runner.cache.write_op = write_op
     eng.runner.cache.decode_write = decode_write
     params = SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=0, ignore_eos=True,
@@ -391,6 +392,14 @@ def latency_table(args: argparse.Namespace, shape: str, device: Any, work: Path)
         if cuda:  # multi-step's share (on the CPU there are no graphs: the same path)
             add(f"{name} sampled T={T:g} single-step", lambda: kiln_decode(
                 model, prompt, new_tokens, r, compile_decode=cuda, decode_steps=1, temperature=T), model)
+    if "structured" in args.rows:  # JSON mode: a host-side grammar mask each token, one step per graph replay
+        from kiln.bench.serve_http import chat_tokenizer
+        from kiln.generate import StructuredOutput
+
+        T, tok = args.temperature, chat_tokenizer(args.tokenizer)
+        add(f"{name} sampled T={T:g} + JSON object", lambda: kiln_decode(
+            model, prompt, new_tokens, r, compile_decode=cuda, temperature=T, tokenizer=tok,
+            structured=StructuredOutput(json_object=True)), model)
     if "penalties" in args.rows:  # processed logits: the per-request table read and counted inside the graphs
         T = args.temperature
         add(f"{name} sampled T={T:g} + penalties", lambda: kiln_decode(
@@ -829,10 +838,11 @@ def format_tables(rows: list[ServeRow]) -> str:
     return "\n".join(out)
 
 
-ROWS = ("unfused", "one-launch", "single-step", "eager", "index-copy", "sampled", "penalties", "int8", "int4", "int8-tuned",
+ROWS = ("unfused", "one-launch", "single-step", "eager", "index-copy", "sampled", "penalties", "structured", "int8",
+        "int4", "int8-tuned",
         "int4-tuned", "ngram",
         "draft", "transformers", "transformers-cb", "transformers-serve", "gpt-fast", "gpt-fast-int8", "gpt-fast-int4")
-OPT_IN_ROWS = ("unfused", "one-launch", "sampled", "penalties", "int8-tuned", "int4-tuned")  # not in the default --rows
+OPT_IN_ROWS = ("unfused", "one-launch", "sampled", "penalties", "structured", "int8-tuned", "int4-tuned")  # not in the default --rows
 PARTS = ("latency", "throughput", "http", "rollouts", "host", "profile")
 
 
