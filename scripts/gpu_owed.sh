@@ -42,6 +42,8 @@
 #           engine in its own process (kiln serve's default), 2 pairs of direct and HTTP rows in turn
 #           (--pairs 2: each HTTP row over its own pair's direct row) [R=140 each]
 #   sampled sampled decode (T 0.7, top-p 0.95): batch 1 and throughput [S=240]
+#   procs   batch-1 sampled decode beside the same with penalties and min-p (the '+proc' graphs, K steps)
+#           and in JSON mode (the host's grammar mask each token, one step a replay) [PR=300]
 #   learn   GRPO learning per GPU-second vs trl's GRPOTrainer, and DPO on hh-rlhf [L=240]
 # Measured on 2026-12-07 and no longer owed: same-run gpt-fast at 124M and 350m, n-gram speculation,
 # int8/int4 at 350m and 1b, kiln::kv_write (section kv), sampled decode, HTTP at c=16/64/256 four
@@ -51,7 +53,8 @@
 #   1. PART="prefill gemv" (T=60 G=400): the one-launch decode attention's GPU tests, then every GEMV form
 #      alone; 2. fused (the fused projections and the one-launch attention beside the default; if the
 #      tests pass and it is faster, PagedKVCache.decode_write -> True); 3. q7b with ROWS=int8-tuned,int4-tuned
-#      (the new forms end to end) and g7b; 4. phttp CFGS="true false" (HTTP >= 90% again); then quant,
+#      (the new forms end to end) and g7b; 4. phttp CFGS="true false" (HTTP >= 90% again); 5. procs (the
+#      penalties' and JSON mode's cost; the prefill section's tests cover their graphs); then quant,
 #      prof (PSHAPE=7b), kv, http, wait, learn. The session's budget is 1,800 s and a machine's start
 #      costs ~90 s (a failed start too).
 set -uo pipefail
@@ -152,6 +155,9 @@ for part in ${PART:-kv}; do
                 --parts latency,throughput --rows sampled --temperature 0.7 --top-p 0.95 --new-tokens 256 \
                 --prompt-len 128 --repeats 2 --prompts .devcarry/alpaca_eval.jsonl --requests 512 \
                 --concurrency 1,16,64,256 --min-requests 8 --max-tokens 128 --budget-s 200 --out "$OUT/sampled" ;;
+    procs) section procs "${PR:-300}" kiln bench serve --device cuda --shapes gpt2_small --parts latency \
+                --rows sampled,penalties,structured --temperature 0.7 --top-p 0.95 --new-tokens 256 \
+                --prompt-len 128 --repeats 2 --tokenizer .devcarry/gpt2 --budget-s 260 --out "$OUT/procs" ;;
     learn) section learn "${L:-240}" kiln bench align --learning --size small --device cuda \
                 --hh-rlhf .devcarry/hh-rlhf/harmless-base/test.jsonl.gz --gsm8k .devcarry/gsm8k_test64.jsonl \
                 --out "$OUT/learning" ;;
