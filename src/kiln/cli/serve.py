@@ -63,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
     c.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     c.add_argument("--seed", type=int, default=None, help="seed of the first reply (then seed + turn)")
+    c.add_argument("--json", action="store_true", help="every reply is a JSON object (structured output)")
     processing_args(c)
     c.set_defaults(func=run_chat)
 
@@ -124,7 +125,8 @@ def chat_settings(args: argparse.Namespace):
 
     return ChatSettings(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                        frequency_penalty=args.frequency_penalty, min_p=args.min_p, min_tokens=args.min_tokens)
+                        frequency_penalty=args.frequency_penalty, min_p=args.min_p, min_tokens=args.min_tokens,
+                        json_object=args.json)
 
 
 def run_chat(args: argparse.Namespace) -> int:

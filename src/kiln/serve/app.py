@@ -72,6 +72,8 @@ class _Plan:
     logprobs: int | None
     prompt_logprobs: int | None = None
     """What the engine is asked for (``SamplingParams.prompt_logprobs``): the largest k wanted."""
+    structured_param: str | None = None
+    """The request field that asked for structured output (what an engine refusal of it names)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +81,7 @@ class _Plan:
 # ---------------------------------------------------------------------------------------------
 def _sampling_params(state: ServerState, req: Any, prompt_len: int, stop: list[str], stop_ids: tuple,
                      logprobs: int | None, max_tokens: int | None, seed: int | None,
-                     prompt_logprobs: int | None = None) -> Any:
+                     prompt_logprobs: int | None = None, structured: Any = None) -> Any:
     from kiln.generate import SamplingParams
 
     room = state.context_length - prompt_len
@@ -100,7 +102,8 @@ def _sampling_params(state: ServerState, req: Any, prompt_len: int, stop: list[s
                               stop_token_ids=tuple(stop_ids), ignore_eos=req.ignore_eos, logprobs=logprobs,
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                               repetition_penalty=req.repetition_penalty, logit_bias=req.bias_pairs(),
-                              min_p=req.min_p, min_tokens=req.min_tokens, prompt_logprobs=prompt_logprobs)
+                              min_p=req.min_p, min_tokens=req.min_tokens, prompt_logprobs=prompt_logprobs,
+                              structured=structured)
     except ValueError as e:  # a combination pydantic cannot see, e.g. min_tokens over max_tokens
         raise APIError(400, str(e), param=param_of(str(e)))
 
@@ -115,6 +118,32 @@ def param_of(message: str) -> str | None:
     'logit_bias token id 999 is outside ...' -> 'logit_bias'), else None."""
     m = re.match(r"[a-z_]+", message)
     return m.group(0) if m and m.group(0) in _PARAMS else None
+
+
+def _structured(req: Any) -> tuple[Any, str] | None:
+    """The request's output constraint as (``StructuredOutput``, the field that asked for it), or None.
+    The language is compiled and checked here (llguidance, without the vocabulary: well under a
+    millisecond for a small schema), so a bad schema, regex or grammar is a 400 naming its field before
+    any response starts, streaming or not; the engine compiles it again against the vocabulary."""
+    asked = req.structured_request()
+    if asked is None:
+        return None
+    param, kwargs = asked
+    from kiln.generate import StructuredOutput
+
+    try:
+        spec = StructuredOutput(**kwargs)
+        source = spec.source()  # a JSON schema, regex, choice or grammar as llguidance's grammar
+        import llguidance
+
+        problem = llguidance.LLMatcher.validate_grammar(source)
+    except ValueError as e:
+        raise APIError(400, f"{param}: {e}", param=param)
+    except ImportError as e:
+        raise APIError(500, f"{param}: {e}", type="server_error", code="missing_dependency")
+    if problem:
+        raise APIError(400, f"{param}: {problem.strip()}", param=param)
+    return spec, param
 
 
 def chat_stops(rendered: Any, req: Any) -> tuple[list[str], tuple[int, ...]]:
@@ -140,6 +169,7 @@ def _plan(state: ServerState, req: Any, prompts: list[list[int]], stop: list[str
     if bad:
         raise APIError(400, f"logit_bias token id {bad[0]} is outside the vocabulary of {state.vocab_size}",
                        param="logit_bias")
+    structured, structured_param = _structured(req) or (None, None)
     params = []
     for ids in prompts:
         bad = [t for t in ids if not 0 <= t < state.vocab_size]
@@ -149,8 +179,8 @@ def _plan(state: ServerState, req: Any, prompts: list[list[int]], stop: list[str
         for j in range(req.n):
             seed = None if req.seed is None else req.seed + j
             params.append(_sampling_params(state, req, len(ids), stop, stop_ids, logprobs, max_tokens, seed,
-                                           prompt_logprobs))
-    return _Plan(prompts, params, req.n, logprobs, prompt_logprobs)
+                                           prompt_logprobs, structured))
+    return _Plan(prompts, params, req.n, logprobs, prompt_logprobs, structured_param)
 
 
 def _check_prompt_logprobs(req: Any) -> None:
@@ -197,9 +227,12 @@ def _submit(state: ServerState, plan: _Plan, stream: bool) -> Batch:
         raise APIError(503, str(e), type="server_error", code="shutting_down")
 
 
-def _end_error(end: End) -> APIError:
+def _end_error(end: End, plan: _Plan) -> APIError:
     if end.reason == "invalid":
-        return APIError(400, end.message, param=param_of(end.message))
+        param = param_of(end.message)
+        if param is None and end.message.startswith("structured output"):
+            param = plan.structured_param
+        return APIError(400, end.message, param=param)
     if end.reason == "timeout":
         return APIError(504, end.message, type="timeout_error", code="timeout")
     if end.reason == "shutdown":
@@ -309,7 +342,7 @@ async def _collect(state: ServerState, request: Request, batch: Batch, plan: _Pl
             for i, item in await batch.take_all():
                 if isinstance(item, End):
                     batch.open.discard(i)
-                    raise _end_error(item)
+                    raise _end_error(item, plan)
                 _absorb(choices[i], item, plan.logprobs)
                 if item.finished:
                     batch.open.discard(i)
@@ -451,7 +484,7 @@ async def _stream(state: ServerState, batch: Batch, plan: _Plan, chunk: Callable
                 fresh = fresh or len(parts) > n
             if end is not None:
                 state.worker.abort(batch)
-                parts.append(_sse(_end_error(end).body()))
+                parts.append(_sse(_end_error(end, plan).body()))
                 yield "".join(parts)
                 return
             if fresh and batch.open:  # the last events wait for the tail: one write

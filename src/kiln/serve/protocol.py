@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300
@@ -40,6 +40,62 @@ class StreamOptions(BaseModel):
     chunk that holds several (Kiln sends one chunk per sequence per engine step)."""
 
 
+class JSONSchemaFormat(BaseModel):
+    """``response_format.json_schema``: OpenAI's named schema (``name`` optional here)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+    """Accepted and not needed: the output always matches the schema (every token is masked to it)."""
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``{"type": "text"}`` (no constraint), ``{"type": "json_object"}``
+    (any JSON object) or ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs "json_schema": {"name": ..., "schema": {...}}')
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one of ``json`` (a schema, object or text), ``regex``,
+    ``choice``, ``grammar`` (Lark, llguidance's dialect) or ``json_object: true``."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """``StructuredOutput``'s keyword arguments (it checks that exactly one is given)."""
+        for name in ("whitespace_pattern", "structural_tag"):
+            if getattr(self, name) is not None:
+                raise APIError(400, f"structured_outputs.{name} is not supported; JSON is written without "
+                                    "whitespace (a schema's \"x-guidance\" object changes that)",
+                               param="structured_outputs")
+        given: dict[str, Any] = {"json": self.json_, "regex": self.regex, "grammar": self.grammar,
+                                 "choice": None if self.choice is None else tuple(self.choice),
+                                 "json_object": True if self.json_object else None}
+        return {k: v for k, v in given.items() if v is not None}
+
+
+_GUIDED = (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+           ("guided_grammar", "grammar"))
+
+
 class _Sampling(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -65,6 +121,15 @@ class _Sampling(BaseModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     """Extension (vLLM's): each prompt token's log-prob given the ones before it, and the k most likely
     alternatives' (``prompt_prob_entries``); not with ``stream`` (as vLLM)."""
+    response_format: ResponseFormat | None = None
+    """OpenAI's: the reply is any JSON object or one a JSON schema accepts (structured output)."""
+    structured_outputs: StructuredOutputs | None = None
+    """Extension (vLLM's): a JSON schema, JSON object, regex, choice or grammar the output belongs to."""
+    guided_json: str | dict[str, Any] | None = None
+    """vLLM's older names for ``structured_outputs``' fields (still sent by many clients)."""
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -79,6 +144,26 @@ class _Sampling(BaseModel):
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"the bias of token {key} is {bias}; biases must be in [-100, 100]")
         return v
+
+    def structured_request(self) -> tuple[str, dict[str, Any]] | None:
+        """The one output constraint asked for, as (its request field, ``StructuredOutput``'s keyword
+        arguments), or None; a 400 naming both when two fields ask for one."""
+        asked: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_schema" and rf.json_schema is not None:
+            asked.append(("response_format", {"json": rf.json_schema.schema_}))
+        elif rf is not None and rf.type == "json_object":
+            asked.append(("response_format", {"json_object": True}))
+        if self.structured_outputs is not None:
+            asked.append(("structured_outputs", self.structured_outputs.kwargs()))
+        for name, key in _GUIDED:
+            value = getattr(self, name)
+            if value is not None:
+                asked.append((name, {key: tuple(value) if key == "choice" else value}))
+        if len(asked) > 1:
+            raise APIError(400, f"{asked[0][0]} and {asked[1][0]} both constrain the output; give one of them",
+                           param=asked[1][0])
+        return asked[0] if asked else None
 
     def bias_pairs(self) -> tuple[tuple[int, float], ...]:
         """``logit_bias`` as SamplingParams takes it: (token id, bias) pairs."""

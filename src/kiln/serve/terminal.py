@@ -43,6 +43,8 @@ class ChatSettings:
     min_tokens: int = 0
     """The end of a turn cannot come before this many tokens (at most max_tokens; cut, as max_tokens is,
     to what the context has room for)."""
+    json_object: bool = False
+    """Every reply is a JSON object (structured output; ``--json``)."""
 
     def __post_init__(self) -> None:
         """Check every value now (as ``SamplingParams`` will for each reply), naming the flag."""
@@ -56,13 +58,20 @@ class ChatSettings:
         except ValueError as e:
             name = str(e).split("=", 1)[0]
             raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+        if self.json_object:
+            from kiln.generate import StructuredOutput
+
+            try:
+                StructuredOutput(json_object=True).source()  # llguidance is there
+            except ImportError as e:
+                raise ValueError(f"--json: {e}") from None
 
 
 def reply(engine: Any, renderer: ChatRenderer, messages: list[dict[str, str]], settings: ChatSettings,
           context_length: int, seed: int | None) -> Iterator[str]:
     """Stream the assistant's reply to ``messages`` as text pieces; aborts the request if the
     consumer stops early (the generator is closed)."""
-    from kiln.generate import SamplingParams
+    from kiln.generate import SamplingParams, StructuredOutput
 
     prompt = renderer.render(messages)
     room = context_length - len(prompt.ids)
@@ -73,7 +82,8 @@ def reply(engine: Any, renderer: ChatRenderer, messages: list[dict[str, str]], s
                             top_k=settings.top_k, top_p=settings.top_p, seed=seed, stop=prompt.stop,
                             stop_token_ids=prompt.stop_token_ids, repetition_penalty=settings.repetition_penalty,
                             presence_penalty=settings.presence_penalty, frequency_penalty=settings.frequency_penalty,
-                            min_p=settings.min_p, min_tokens=min(settings.min_tokens, max_tokens))
+                            min_p=settings.min_p, min_tokens=min(settings.min_tokens, max_tokens),
+                            structured=StructuredOutput(json_object=True) if settings.json_object else None)
     rid = engine.add_request(prompt.ids, params)
     done = False
     try:
