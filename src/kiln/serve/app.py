@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over an ``EngineWorker``.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``
-(engine and queue statistics, resident memory), ``GET /`` (the chat page). Every error is answered
-in OpenAI's format with its status code (400 bad request, 401 bad key, 404 unknown model or route,
-413 body too large, 429 queue full, 503 shutting down, 504 timed out, 500 engine failure).
+(engine and queue statistics, resident memory), ``GET /`` (the chat page), and vLLM's tokenizer
+routes ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (what lm-eval's remote
+tokenizer reads). Every error is answered in OpenAI's format with its status code (400 bad request,
+401 bad key, 404 unknown model or route, 413 body too large, 429 queue full, 503 shutting down, 504
+timed out, 500 engine failure).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from kiln.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     echo_logprobs,
     prompt_prob_entries,
     token_logprobs,
@@ -56,10 +60,32 @@ class ServerState:
     context_length: int
     vocab_size: int
     renderer: ChatRenderer = field(init=False)
+    tokenizer_config: dict = field(init=False)
+    """What ``GET /tokenizer_info`` answers (made once)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         self.renderer = ChatRenderer(self.tokenizer)
+        self.tokenizer_config = tokenizer_config(self.tokenizer, self.renderer, self.context_length)
+
+
+def tokenizer_config(tokenizer: Any, renderer: ChatRenderer, context_length: int) -> dict:
+    """The tokenizer's ``tokenizer_config.json`` (its Hugging Face form: what vLLM's /tokenizer_info
+    gives), with the chat template when the model has one and ``model_max_length`` = the context;
+    ``bos_token`` / ``eos_token`` / ``pad_token`` always present (None when the tokenizer has none)."""
+    config: dict = {"bos_token": None, "eos_token": None, "pad_token": None}
+    if hasattr(tokenizer, "special_tokens"):  # a Kiln tokenizer
+        from kiln.tokenizer.folder import hf_tokenizer_config
+
+        template = None
+        if renderer.kind == "template":
+            from kiln.align.chat import JINJA_TEMPLATE
+
+            # without transformers' {% generation %} marks (they only mask training labels; the text
+            # is the same), so a client renders it with plain Jinja, as lm-eval's remote tokenizer does
+            template = re.sub(r"\{%-? *(end)?generation *-?%\}", "", JINJA_TEMPLATE)
+        config.update(hf_tokenizer_config(tokenizer, template)[0])
+    return {**config, "model_max_length": context_length}
 
 
 @dataclass
@@ -638,6 +664,65 @@ async def completions(request: Request) -> Response:
                          "choices": out, "usage": _usage_of(plan, choices)})
 
 
+def _check_model(state: ServerState, model: str | None) -> None:
+    """404 unless ``model`` is this server's (or not given: vLLM's tokenizer routes make it optional)."""
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+async def tokenize(request: Request) -> Response:
+    """vLLM's ``POST /tokenize``: ``{"prompt"}`` (encoded as /v1/completions encodes a string prompt) or
+    ``{"messages"}`` (rendered as /v1/chat/completions renders them) -> ``{"count", "max_model_len",
+    "tokens", "token_strs"}``. Text longer than the context is counted too (the client compares
+    ``count`` with ``max_model_len``; lm-eval cuts its contexts itself); the body limit bounds it."""
+    state: ServerState = request.app.state.kiln
+    _check_key(state, request)
+    req: TokenizeRequest = await _read_json(request, TokenizeRequest)
+    _check_model(state, req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give exactly one of prompt (a string) or messages (a chat)",
+                       param="messages" if req.messages is not None else "prompt")
+    if req.prompt is not None:
+        ids = state.tokenizer.encode(req.prompt)
+    else:
+        if not req.messages:
+            raise APIError(400, "messages is empty; give at least one message", param="messages")
+        if req.continue_final_message:
+            raise APIError(400, "continue_final_message is not supported; leave it false",
+                           param="continue_final_message")
+        try:
+            ids = state.renderer.render([{"role": m.role, "content": m.text()} for m in req.messages],
+                                        add_generation_prompt=req.add_generation_prompt).ids
+        except ValueError as e:
+            raise APIError(400, f"messages: {e}", param="messages")
+    tt = _TokenText(state.tokenizer)
+    return JSONResponse({"count": len(ids), "max_model_len": state.context_length, "tokens": list(ids),
+                         "token_strs": [tt.text(t) for t in ids] if req.return_token_strs else None})
+
+
+async def detokenize(request: Request) -> Response:
+    """vLLM's ``POST /detokenize``: ``{"tokens": [ids]}`` -> ``{"prompt": text}``."""
+    state: ServerState = request.app.state.kiln
+    _check_key(state, request)
+    req: DetokenizeRequest = await _read_json(request, DetokenizeRequest)
+    _check_model(state, req.model)
+    bad = [t for t in req.tokens if not 0 <= t < state.vocab_size]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary of {state.vocab_size}", param="tokens")
+    return JSONResponse({"prompt": state.tokenizer.decode(req.tokens)})
+
+
+async def tokenizer_info(request: Request) -> Response:
+    """vLLM's ``GET /tokenizer_info``: the tokenizer's Hugging Face configuration (``eos_token``,
+    ``bos_token``, ``pad_token``, ``chat_template`` for a chat model, ``model_max_length`` = the
+    context), as ``tokenizer_config.json`` of an exported model folder has it. lm-eval's remote
+    tokenizer reads it (and looks for it to pick that tokenizer)."""
+    state: ServerState = request.app.state.kiln
+    _check_key(state, request)
+    return JSONResponse(state.tokenizer_config)
+
+
 async def list_models(request: Request) -> Response:
     state: ServerState = request.app.state.kiln
     _check_key(state, request)
@@ -763,6 +848,9 @@ def build_app(state: ServerState) -> Any:
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize, methods=["POST"])
+    app.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/", chat_page, methods=["GET"])
     app.add_api_route("/favicon.ico", lambda: Response(status_code=204), methods=["GET"])
@@ -777,7 +865,8 @@ def build_app(state: ServerState) -> Any:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        msg = {404: f"no route {request.url.path}; see /v1/chat/completions, /v1/completions, /v1/models",
+        msg = {404: f"no route {request.url.path}; see /v1/chat/completions, /v1/completions, /v1/models, "
+                    "/tokenize, /detokenize, /tokenizer_info",
                405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
         return _error_response(APIError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None))
 

@@ -33,14 +33,16 @@ class ChatRenderer:
         """'template' (the tokenizer has chat tokens) or 'plain' (a base model)."""
         return "plain" if self.template is None else "template"
 
-    def render(self, messages: list[dict[str, str]]) -> ChatPrompt:
-        """Prompt ids ending where the assistant's reply starts."""
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> ChatPrompt:
+        """Prompt ids ending where the assistant's reply starts (``add_generation_prompt=False``: where
+        the last message ends, as ``POST /tokenize`` may ask)."""
         if self.template is not None:
             # OpenAI's "developer" role is the system message of newer clients.
             messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
-            ids = self.template.render(messages, add_generation_prompt=True)  # ValueError names a bad message
+            # a bad message raises ValueError naming it
+            ids = self.template.render(messages, add_generation_prompt=add_generation_prompt)
             return ChatPrompt(list(ids), (), tuple(self.template.stop_token_ids))
-        return ChatPrompt(self.tokenizer.encode(render_plain(messages)), PLAIN_STOP)
+        return ChatPrompt(self.tokenizer.encode(render_plain(messages, add_generation_prompt)), PLAIN_STOP)
 
 
 def load_chat_template(tokenizer: Any) -> Any | None:
@@ -53,7 +55,8 @@ def load_chat_template(tokenizer: Any) -> Any | None:
     return ChatTemplate.from_tokenizer(tokenizer)
 
 
-def render_plain(messages: list[dict[str, str]]) -> str:
-    """A transcript ``'User: hi\\nAssistant:'`` for a base model; the last line asks for the reply."""
+def render_plain(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """A transcript ``'User: hi\\nAssistant:'`` for a base model; the last line asks for the reply
+    (left out with ``add_generation_prompt=False``)."""
     lines = [f"{PLAIN_ROLES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
+    return "\n".join(lines) + ("\nAssistant:" if add_generation_prompt else "")

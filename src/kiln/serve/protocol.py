@@ -224,6 +224,31 @@ class CompletionRequest(_Sampling):
     max_tokens=0 with echo, and lm-eval's log-likelihood requests are that), else a 400."""
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize``: a ``prompt`` (encoded as /v1/completions encodes a string prompt) or
+    chat ``messages`` (rendered as /v1/chat/completions renders them)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool | None = None
+    """Accepted; Kiln's tokenizers add no special token to a prompt either way (no BOS)."""
+    add_generation_prompt: bool = True
+    """``messages`` only: end with the assistant's turn opening, as a chat request's prompt does."""
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+    """Also give each token's text (``token_strs``)."""
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``POST /detokenize``: token ids -> text."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]
+
+
 def validation_message(err: Any) -> tuple[str, str | None]:
     """One readable line from a pydantic ValidationError: 'max_tokens: Input should be >= 1 (got -5)'."""
     first = err.errors()[0]
