@@ -114,3 +114,27 @@ def test_chat_page_sends_a_penalty_only_when_set(server, browser_context):
     assert body["frequency_penalty"] == -1.5 and "presence_penalty" not in body, body
     page.locator(".assistant .meta").nth(1).wait_for(timeout=30_000)
     assert page.query_selector(".error") is None
+
+
+def test_chat_page_json_mode_asks_for_a_json_object(server, browser_context):
+    """The JSON mode box sends ``response_format: {"type": "json_object"}``; the reply streams as JSON."""
+    page = browser_context.new_page()
+    page.goto(server.url + "/")
+    page.locator("#model", has_text="kiln-chat-tiny").wait_for()
+    assert not page.is_checked("#json_mode")
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "30")
+    page.check("#json_mode")
+    page.fill("#input", "hi")
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        page.press("#input", "Enter")
+    assert sent.value.post_data_json["response_format"] == {"type": "json_object"}
+    page.wait_for_selector(".assistant .meta", timeout=30_000)
+    assert page.eval_on_selector(".assistant", "el => el.firstChild.textContent").startswith("{")
+    page.uncheck("#json_mode")
+    page.fill("#input", "hi")
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        page.click("#send")
+    assert "response_format" not in sent.value.post_data_json
+    page.locator(".assistant .meta").nth(1).wait_for(timeout=30_000)
+    assert page.query_selector(".error") is None
