@@ -136,3 +136,15 @@ def server(chat_model_dir):
     s = ServerProcess(chat_model_dir)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module", params=["process", "thread"])
+def srv(request, server, chat_model_dir):
+    """``kiln serve`` with the engine in a child process (the session's server: the default) or in
+    a thread of the server (``--no-engine-process``); each module that asks gets its own thread one."""
+    if request.param == "process":
+        yield server
+        return
+    s = ServerProcess(chat_model_dir, "--no-engine-process")
+    yield s
+    s.stop()

@@ -20,6 +20,7 @@ from kiln.model import ModelConfig, Transformer
 from kiln.serve.config import ServeConfig
 from kiln.serve.worker import EngineWorker, Mailbox, merge_outputs
 from kiln.tokenizer import Tokenizer
+from serve_helpers import OneAPerStep
 
 PROMPT = [72, 105, 33, 32, 200, 150]  # token ids: bytes, one of them a lone UTF-8 continuation byte
 
@@ -137,35 +138,11 @@ def test_queued_steps_merge_into_one_chunk_with_every_logprob():
     assert data[1]["usage"]["completion_tokens"] == 4
 
 
-class OneTokenEngine:
+class OneTokenEngine(OneAPerStep):
     """One token ('a', id 97) per step per request, with log-probs; finishes at max_tokens."""
 
-    def __init__(self) -> None:
-        self.live: dict = {}
-
-    def add_request(self, prompt_ids, params, request_id=None):
-        self.live[request_id] = (list(prompt_ids), params, [])
-        return request_id
-
-    def abort(self, rid):
-        self.live.pop(rid, None)
-
-    def has_unfinished(self):
-        return bool(self.live)
-
-    def stats(self):
-        return {}
-
-    def step(self):
-        outs = []
-        for rid, (prompt, params, gen) in list(self.live.items()):
-            gen.append(97)
-            done = len(gen) >= params.max_tokens
-            outs.append(RequestOutput(rid, prompt, list(gen), [97], "a" * len(gen), "a", [{97: -0.1 * len(gen)}],
-                                      done, "length" if done else None, len(prompt), len(gen)))
-            if done:
-                del self.live[rid]
-        return outs
+    def token_logprobs(self, generated):
+        return [{97: -0.1 * len(generated)}]
 
 
 def test_worker_hands_a_non_streaming_sequence_over_once_merged():

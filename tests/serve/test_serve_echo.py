@@ -15,26 +15,15 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from kiln.generate import RequestOutput  # noqa: E402
+from serve_helpers import StubEngine, openai_client  # noqa: E402
 
 MODEL = "kiln-chat-tiny"
 CHAT = "<|user|>tell me a story<|end|><|assistant|>"
 PROMPT = CHAT + "Once upon a time"
 
 
-@pytest.fixture(scope="module", params=["process", "thread"])
-def srv(request, server, chat_model_dir):
-    """``kiln serve`` with the engine in a child process (the session's server: the default) or in
-    a thread of the server (``--no-engine-process``)."""
-    if request.param == "process":
-        yield server
-        return
-    s = type(server)(chat_model_dir, "--no-engine-process")
-    yield s
-    s.stop()
-
-
-def _client(s):
-    return openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+def _client(s):  # ``srv``: conftest's server, the engine in a process or in a thread
+    return openai_client(s, timeout=30)
 
 
 @dataclass
@@ -233,31 +222,20 @@ def test_lm_eval_local_completions_loglikelihood_equals_the_model(server, ref, c
 
 # ---- the wiring, with a stand-in engine -----------------------------------------------------------
 @dataclass
-class ScoringEngine:
+class ScoringEngine(StubEngine):
     """Keeps the SamplingParams it gets; each request ends in one step with ``max_tokens`` 'a's and,
     when asked, made-up prompt log-probs: each prompt token -2.0 (token 'z': -inf), the top k ids
     'A', 'B', ... at -0.5, -1.0, ... (so every prompt token is outside the top k)."""
 
     seen: list = field(default_factory=list)
-    live: dict = field(default_factory=dict)
 
     def add_request(self, prompt_ids, params, request_id=None):
         self.seen.append(params)
-        self.live[request_id] = (list(prompt_ids), params)
-        return request_id
-
-    def abort(self, rid):
-        self.live.pop(rid, None)
-
-    def has_unfinished(self):
-        return bool(self.live)
-
-    def stats(self):
-        return {}
+        return super().add_request(prompt_ids, params, request_id)
 
     def step(self):
         outs = []
-        for rid, (prompt, p) in self.live.items():
+        for rid, (prompt, p, _) in self.live.items():
             plps = None
             if p.prompt_logprobs is not None:
                 plps = [None] + [{t: float("-inf") if t == ord("z") else -2.0,

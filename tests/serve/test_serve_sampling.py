@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from kiln.generate import RequestOutput, SamplingParams  # noqa: E402
 from kiln.serve.config import ServeConfig  # noqa: E402
 from kiln.tokenizer import Tokenizer  # noqa: E402
+from serve_helpers import OneAPerStep  # noqa: E402
 
 VOCAB = 257
 PROCESSING = dict(presence_penalty=0.5, frequency_penalty=-1.25, repetition_penalty=1.3, min_p=0.05, min_tokens=2,
@@ -24,40 +24,21 @@ PROCESSING = dict(presence_penalty=0.5, frequency_penalty=-1.25, repetition_pena
 
 
 @dataclass
-class RecordingEngine:
+class RecordingEngine(OneAPerStep):
     """Keeps every (prompt, SamplingParams) it is given; emits 'a' per step; ``refuse`` makes
     add_request raise it (as LLMEngine refuses a request it cannot take)."""
 
     refuse: Exception | None = None
     seen: list = field(default_factory=list)
-    live: dict = field(default_factory=dict)
 
     def add_request(self, prompt_ids, params, request_id=None):
         self.seen.append((list(prompt_ids), params))
         if self.refuse is not None:
             raise self.refuse
-        self.live[request_id] = (list(prompt_ids), params, [])
-        return request_id
-
-    def abort(self, rid):
-        self.live.pop(rid, None)
-
-    def has_unfinished(self):
-        return bool(self.live)
+        return super().add_request(prompt_ids, params, request_id)
 
     def stats(self):
         return {"used_blocks": len(self.live)}
-
-    def step(self):
-        outs = []
-        for rid, (prompt, params, gen) in list(self.live.items()):
-            gen.append(97)
-            done = len(gen) >= params.max_tokens
-            outs.append(RequestOutput(rid, prompt, list(gen), [97], "a" * len(gen), "a", None, done,
-                                      "length" if done else None, len(prompt), len(gen)))
-            if done:
-                del self.live[rid]
-        return outs
 
 
 def make_client(engine):

@@ -18,6 +18,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("llguidance")
 
 from kiln.generate import RequestOutput, SamplingParams, StructuredOutput  # noqa: E402
+from serve_helpers import StubEngine, openai_client  # noqa: E402
 
 MODEL = "kiln-chat-tiny"
 HI = [{"role": "user", "content": "hi"}]
@@ -27,20 +28,8 @@ SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "pick", "schema": SCHEMA, "strict": True}}
 
 
-@pytest.fixture(scope="module", params=["process", "thread"])
-def srv(request, server, chat_model_dir):
-    """``kiln serve`` with the engine in a child process (the session's server: the default) or in
-    a thread of the server (``--no-engine-process``)."""
-    if request.param == "process":
-        yield server
-        return
-    s = type(server)(chat_model_dir, "--no-engine-process")
-    yield s
-    s.stop()
-
-
-def _client(s):
-    return openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+def _client(s):  # ``srv``: conftest's server, the engine in a process or in a thread
+    return openai_client(s, timeout=60)
 
 
 def _check_schema(text: str) -> None:
@@ -168,33 +157,22 @@ def test_bad_constraints_are_400s_naming_the_field_and_the_server_keeps_serving(
 
 # ---- the wiring, with a stand-in engine -----------------------------------------------------------
 @dataclass
-class RecordingEngine:
+class RecordingEngine(StubEngine):
     """Keeps each request's SamplingParams; finishes each in one step with 'ok'. ``refuse``: add_request
     raises this ValueError (an engine-side refusal the server's own check did not foresee)."""
 
     seen: list = field(default_factory=list)
-    live: dict = field(default_factory=dict)
     refuse: str | None = None
 
     def add_request(self, prompt_ids, params, request_id=None):
         if self.refuse is not None:
             raise ValueError(self.refuse)
         self.seen.append(params)
-        self.live[request_id] = list(prompt_ids)
-        return request_id
-
-    def abort(self, rid):
-        self.live.pop(rid, None)
-
-    def has_unfinished(self):
-        return bool(self.live)
-
-    def stats(self):
-        return {}
+        return super().add_request(prompt_ids, params, request_id)
 
     def step(self):
         outs = [RequestOutput(rid, p, [111, 107], [111, 107], "ok", "ok", None, True, "stop", len(p), 2)
-                for rid, p in self.live.items()]
+                for rid, (p, _, _) in self.live.items()]
         self.live.clear()
         return outs
 

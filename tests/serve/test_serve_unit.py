@@ -13,11 +13,12 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from kiln.generate import RequestOutput, SamplingParams  # noqa: E402
+from kiln.generate import SamplingParams  # noqa: E402
 from kiln.serve.config import ServeConfig  # noqa: E402
 from kiln.serve.prompts import PLAIN_STOP, ChatRenderer  # noqa: E402
 from kiln.serve.worker import End, EngineWorker, QueueFull, ShuttingDown  # noqa: E402
 from kiln.tokenizer import Tokenizer  # noqa: E402
+from serve_helpers import OneAPerStep  # noqa: E402
 
 
 def byte_tokenizer() -> Tokenizer:
@@ -25,24 +26,17 @@ def byte_tokenizer() -> Tokenizer:
 
 
 @dataclass
-class FakeEngine:
+class FakeEngine(OneAPerStep):
     """Emits 'a' per step per request; finishes at max_tokens. ``fail_next`` makes step() raise once."""
 
     step_s: float = 0.0
     fail_next: bool = False
-    live: dict = field(default_factory=dict)
     aborted: list = field(default_factory=list)
 
-    def add_request(self, prompt_ids, params, request_id=None):
-        self.live[request_id] = (list(prompt_ids), params, [])
-        return request_id
-
     def abort(self, rid):
-        if self.live.pop(rid, None) is not None:
+        if rid in self.live:
             self.aborted.append(rid)
-
-    def has_unfinished(self):
-        return bool(self.live)
+        super().abort(rid)
 
     def stats(self):
         return {"used_blocks": len(self.live), "free_blocks": 100 - len(self.live), "running": len(self.live),
@@ -53,15 +47,7 @@ class FakeEngine:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("boom")
-        outs = []
-        for rid, (prompt, params, gen) in list(self.live.items()):
-            gen.append(97)
-            done = len(gen) >= params.max_tokens
-            outs.append(RequestOutput(rid, prompt, list(gen), [97], "a" * len(gen), "a", None, done,
-                                      "length" if done else None, len(prompt), len(gen)))
-            if done:
-                del self.live[rid]
-        return outs
+        return super().step()
 
 
 @dataclass
