@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over an ``EngineWorker``.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``
-(engine and queue statistics, resident memory), ``GET /`` (the chat page), and vLLM's tokenizer
+(engine and queue statistics, resident memory), ``GET /metrics`` (the same and request latencies, in
+Prometheus' text format: ``kiln.serve.metrics``), ``GET /`` (the chat page), and vLLM's tokenizer
 routes ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info`` (what lm-eval's remote
 tokenizer reads). Every error is answered in OpenAI's format with its status code (400 bad request,
 401 bad key, 404 unknown model or route, 413 body too large, 429 queue full, 503 shutting down, 504
@@ -30,6 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kiln.serve import metrics as prom
 from kiln.serve.config import ServeConfig
 from kiln.serve.prompts import ChatRenderer
 from kiln.serve.protocol import (
@@ -243,10 +245,10 @@ def _completion_prompts(state: ServerState, req: CompletionRequest) -> tuple[lis
     return out, shown
 
 
-def _submit(state: ServerState, plan: _Plan, stream: bool) -> Batch:
+def _submit(state: ServerState, plan: _Plan, stream: bool, arrival: float) -> Batch:
     seqs = [(plan.prompts[k // plan.n], p) for k, p in enumerate(plan.params)]
     try:
-        return state.worker.submit(seqs, stream=stream)
+        return state.worker.submit(seqs, stream=stream, arrival=arrival)
     except QueueFull as e:
         raise APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
     except ShuttingDown as e:
@@ -566,6 +568,7 @@ def _check_key(state: ServerState, request: Request) -> None:
 
 
 async def chat_completions(request: Request) -> Response:
+    arrival = time.monotonic()  # where /metrics' latencies start: before the body is read and parsed
     state: ServerState = request.app.state.kiln
     _check_key(state, request)
     req: ChatCompletionRequest = await _read_json(request, ChatCompletionRequest)
@@ -578,7 +581,7 @@ async def chat_completions(request: Request) -> Response:
     stop, stop_ids = chat_stops(rendered, req)
     plan = _plan(state, req, [rendered.ids], stop, stop_ids, logprobs, req.max_completion_tokens or req.max_tokens,
                  req.prompt_logprobs)
-    batch = _submit(state, plan, req.stream)
+    batch = _submit(state, plan, req.stream, arrival)
     rid, created, tt = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), _TokenText(state.tokenizer)
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
 
@@ -610,6 +613,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
+    arrival = time.monotonic()
     state: ServerState = request.app.state.kiln
     _check_key(state, request)
     req: CompletionRequest = await _read_json(request, CompletionRequest)
@@ -621,7 +625,7 @@ async def completions(request: Request) -> Response:
     # echo with logprobs shows the prompt tokens' log-probs: the engine computes them (the larger k wins)
     ks = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
     plan = _plan(state, req, prompts, req.stop_list(), (), req.logprobs, req.max_tokens, max(ks) if ks else None)
-    batch = _submit(state, plan, req.stream)
+    batch = _submit(state, plan, req.stream, arrival)
     rid, created, tt = f"cmpl-{uuid.uuid4().hex}", int(time.time()), _TokenText(state.tokenizer)
     head = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
 
@@ -750,6 +754,21 @@ async def health(request: Request) -> Response:
                          "rss_mib": round(resident_mib(), 1), **stats})
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus' text format (0.0.4): queue, KV-cache, step and token counters and request latency
+    histograms, named as vLLM names them (``kiln:`` for ``vllm:``; ``kiln.serve.metrics``). Not behind
+    the API key, as vLLM's is not: it shows counts and timings, never a prompt or a reply."""
+    state: ServerState = request.app.state.kiln
+    memory = {"server": prom.resident_bytes() or resident_mib() * 2**20}
+    proc = getattr(state.worker.engine, "proc", None)  # the engine's own process (EngineClient)
+    engine_rss = prom.resident_bytes(proc.pid) if proc is not None and proc.pid else None
+    if engine_rss is not None:
+        memory["engine"] = engine_rss
+    text = prom.render(prom.families(state.model_name, state.worker.stats(), state.worker.requests.snapshot(),
+                                     memory))
+    return Response(text, media_type=prom.CONTENT_TYPE)
+
+
 async def chat_page(request: Request) -> Response:
     page = resources.files("kiln.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; style-src 'self' "
@@ -852,6 +871,7 @@ def build_app(state: ServerState) -> Any:
     app.add_api_route("/detokenize", detokenize, methods=["POST"])
     app.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_api_route("/", chat_page, methods=["GET"])
     app.add_api_route("/favicon.ico", lambda: Response(status_code=204), methods=["GET"])
 

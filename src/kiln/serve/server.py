@@ -152,7 +152,8 @@ def make_state(loaded: Loaded, cfg: ServeConfig) -> Any:
     from kiln.serve.app import ServerState
     from kiln.serve.worker import EngineWorker
 
-    worker = EngineWorker(loaded.engine, max_pending=cfg.max_pending, request_timeout_s=cfg.request_timeout_s)
+    worker = EngineWorker(loaded.engine, max_pending=cfg.max_pending, request_timeout_s=cfg.request_timeout_s,
+                          max_model_len=loaded.context_length)
     v = loaded.vocab_size
     vocab = min(v, getattr(loaded.tokenizer, "vocab_size", v) or v)
     return ServerState(worker, loaded.tokenizer, cfg, cfg.model_name or loaded.name, loaded.context_length, vocab)

@@ -6,7 +6,10 @@ gets back a ``Batch`` whose ``Mailbox`` the thread fills with ``loop.call_soon_t
 The thread drains the inbox between engine steps (adds, aborts), runs ``engine.step()`` while any
 request is unfinished, routes each ``RequestOutput`` to its batch, and aborts requests past their
 deadline. Nothing but this thread touches the engine, so the engine needs no locks; ``stats()``
-returns a snapshot the thread refreshes after every step.
+returns a snapshot the thread refreshes after every step. The thread also records, for ``GET
+/metrics`` (``requests``: ``kiln.serve.metrics.RequestStats``), each sequence's first token and end
+(times from the request's arrival, token counts, finish reason): it sees every output, streaming or
+not, with the engine in a thread or in its own process.
 
     event loop (uvicorn)              engine thread
     ---------------------             ----------------------------------------------
@@ -33,6 +36,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+from kiln.serve.metrics import RequestStats
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +120,8 @@ class Batch:
     loop: asyncio.AbstractEventLoop
     deadline: float
     open: set[int] = field(default_factory=set)
+    arrival: float = field(default_factory=time.monotonic)
+    """When the request arrived (``time.monotonic()``): where its latencies in /metrics start."""
 
     async def get(self) -> tuple[int, Any]:
         """The next item; callers stop once every index has finished or ended."""
@@ -131,6 +138,7 @@ class _Seq:
     index: int
     stream: bool = True
     held: list = field(default_factory=list)  # non-streaming: earlier outputs' new parts (engine thread only)
+    first: float | None = None  # when its first token reached this thread (time.monotonic())
 
 
 def merge_outputs(outs: list[Any]) -> Any:
@@ -161,10 +169,12 @@ class EngineWorker:
 
     max_pending: most sequences in the engine at once (running + waiting); beyond, ``submit``
     raises ``QueueFull`` rather than letting the queue grow. request_timeout_s: a sequence still
-    unfinished this long after submission is aborted and ends with ``End('timeout')``.
+    unfinished this long after submission is aborted and ends with ``End('timeout')``. max_model_len:
+    the largest token-count bucket of the length histograms in ``requests`` (0: up to 2**20).
     """
 
-    def __init__(self, engine: Any, max_pending: int = 256, request_timeout_s: float = 600.0) -> None:
+    def __init__(self, engine: Any, max_pending: int = 256, request_timeout_s: float = 600.0,
+                 max_model_len: int = 0) -> None:
         self.engine = engine
         self.max_pending = max_pending
         self.request_timeout_s = request_timeout_s
@@ -181,6 +191,8 @@ class EngineWorker:
                           "invalid": 0, "errors": 0, "steps": 0}
         self._engine_stats: dict = {}
         self._step_time_s = 0.0
+        self.requests = RequestStats(max_model_len)
+        """Per-sequence tokens, finish reasons and latencies (``GET /metrics``), recorded by this thread."""
 
     # ---- event-loop side -------------------------------------------------------------------
     def start(self) -> None:
@@ -190,9 +202,11 @@ class EngineWorker:
             self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
             self._thread.start()
 
-    def submit(self, prompts: list[tuple[list[int], Any]], stream: bool = True) -> Batch:
+    def submit(self, prompts: list[tuple[list[int], Any]], stream: bool = True,
+               arrival: float | None = None) -> Batch:
         """Queue ``[(prompt_ids, SamplingParams), ...]`` as one batch; call from the event loop.
         ``stream=False``: each sequence's mailbox gets one item, its final output with every step merged.
+        ``arrival``: when the request arrived (``time.monotonic()``; default now), for its latencies.
 
         Raises QueueFull when admitting them would pass ``max_pending``, ShuttingDown when draining.
         """
@@ -210,8 +224,9 @@ class EngineWorker:
             self._counters["submitted"] += len(prompts)
         n = next(self._ids)
         rids = [f"req-{n}-{i}" for i in range(len(prompts))]
-        batch = Batch(rids, Mailbox(), loop, time.monotonic() + self.request_timeout_s,
-                      open=set(range(len(prompts))))
+        now = time.monotonic()
+        batch = Batch(rids, Mailbox(), loop, now + self.request_timeout_s, open=set(range(len(prompts))),
+                      arrival=now if arrival is None else arrival)
         self._inbox.put(("add", batch, (prompts, stream)))
         self._wake()
         return batch
@@ -320,10 +335,15 @@ class EngineWorker:
         for rid, why in self.engine.pop_refused() if hasattr(self.engine, "pop_refused") else ():
             log.warning("engine refused %s: %s", rid, why)  # an engine in another process refuses late
             self._end(rid, refusal(why), abort=False)
+        now, requests = time.monotonic(), self.requests
         for out in outs:
             seq = self._seqs.get(out.request_id)
             if seq is None:  # aborted between the step and now
                 continue
+            requests.generation_tokens += len(out.new_token_ids)  # one addition per sequence per step
+            if seq.first is None and (out.new_token_ids or out.finished):
+                seq.first = now
+                requests.first_token(now - seq.batch.arrival, out.num_prompt_tokens)
             if not seq.stream:  # hold until it finishes: one item in all
                 if not out.finished:
                     seq.held.append(_Part(out.new_token_ids, out.new_text, out.logprobs))
@@ -332,6 +352,8 @@ class EngineWorker:
             self._deliver(seq, out)
             if out.finished:
                 del self._seqs[out.request_id]
+                requests.finish(out.finish_reason, now - seq.batch.arrival, now - seq.first, out.num_prompt_tokens,
+                                out.num_generated_tokens)
                 self._release(1, "finished")
 
     def _expire(self, now: float) -> None:
