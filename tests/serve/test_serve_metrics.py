@@ -329,6 +329,10 @@ def test_metrics_through_kiln_serve(srv):
         assert moved(f"kiln:{name}_count") == 4, name
     assert moved("kiln:request_generation_tokens_sum") == sum(u["completion_tokens"] for u in usages)
     assert 0 < moved("kiln:time_to_first_token_seconds_sum") <= moved("kiln:e2e_request_latency_seconds_sum")
+    for phase in ("queue", "prefill", "decode"):  # the engine's own phase times, across the pipe or not
+        assert moved(f"kiln:request_{phase}_time_seconds_count") == 4, phase
+    engine_s = sum(moved(f"kiln:request_{p}_time_seconds_sum") for p in ("queue", "prefill", "decode"))
+    assert 0 < moved("kiln:request_decode_time_seconds_sum") and engine_s <= moved("kiln:e2e_request_latency_seconds_sum")
     assert moved("kiln:engine_steps_total") >= max(u["completion_tokens"] for u in usages)
     assert moved("kiln:engine_step_seconds_total") > 0
     assert after.value("kiln:num_requests_waiting", model_name=MODEL) == 0

@@ -147,6 +147,32 @@ class EngineConfig:
                              f"max_num_seqs={self.max_num_seqs} (every running sequence decodes one token a step)")
 
 
+@dataclass(frozen=True)
+class RequestMetrics:
+    """When a finished request reached each phase, on the engine's clock (``LLMEngine.clock``,
+    ``time.monotonic`` by default; seconds). A request aborted before a phase has None there."""
+
+    arrival: float
+    first_scheduled: float | None
+    first_token: float | None
+    finished: float
+
+    @property
+    def queue_time(self) -> float | None:
+        """Waiting before its first step (vLLM's ``time_in_queue``)."""
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
+
+    @property
+    def prefill_time(self) -> float | None:
+        """From its first step to its first token (the prompt's chunks, and any wait between them)."""
+        return None if self.first_token is None or self.first_scheduled is None else self.first_token - self.first_scheduled
+
+    @property
+    def decode_time(self) -> float | None:
+        """From its first token to its end."""
+        return None if self.first_token is None else self.finished - self.first_token
+
+
 @dataclass
 class RequestOutput:
     """A request's state after a step (``step`` returns one per request that advanced)."""
@@ -173,6 +199,8 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     """With ``SamplingParams.prompt_logprobs``: None for the first prompt token, then one dict per prompt
     token {its id: log-prob, then the top alternatives}, once the whole prompt is computed."""
+    metrics: RequestMetrics | None = None
+    """On a finished request's output: when it arrived, first ran, drew its first token and ended."""
 
 
 class LLMEngine:
@@ -287,7 +315,7 @@ class LLMEngine:
         self.scheduler.finish(seq)
         if self.procs is not None:
             self.procs.release(seq.request_id)
-        seq.finish_reason = "abort"
+        seq.finish_reason, seq.finished_time = "abort", self.clock()
         self.num_finished += 1
         return self._output(seq)
 
@@ -355,8 +383,10 @@ class LLMEngine:
         """One forward through ``ModelRunner.run`` (eager, any mix of prefill chunks, decodes and
         verifications): the scheduled tokens of each (sequence, count), then each sequence's token."""
         drafts = self._propose(batch)
-        items = []
+        items, now = [], self.clock()
         for seq, n in batch:
+            if seq.first_scheduled is None:  # every request's first step is one of these (prefill)
+                seq.first_scheduled = now
             c, d = seq.num_computed, drafts.get(seq.request_id, [])
             items.append(StepItem(seq, c, seq.window[c:c + n - len(d)] + d if d else seq.window[c:c + n], 1 + len(d)))
         self.counters["prefill_tokens"] += sum(len(it.tokens) for it in items if it.n_logits == 1 and len(it.tokens) > 1)
@@ -570,6 +600,8 @@ class LLMEngine:
         """Add a sampled token to ``seq`` and finish or slide it when a limit is reached."""
         p = seq.params
         seq.token_ids.append(tok)
+        if seq.first_token is None:
+            seq.first_token = self.clock()
         if (tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
             return self._finish(seq, "stop")
         if seq.matcher is not None:
@@ -603,7 +635,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, flush: bool = True) -> None:
         """End ``seq``: free its blocks; the streamer's held-back bytes join the text unless a stop
         string cut it."""
-        seq.finish_reason = reason
+        seq.finish_reason, seq.finished_time = reason, self.clock()
         if flush and seq.streamer is not None:
             seq.text += seq.streamer.flush()
         self.scheduler.finish(seq)
@@ -627,8 +659,11 @@ class LLMEngine:
         plps = None
         if seq.params.prompt_logprobs is not None and not seq.needs_prompt_logprobs:
             plps = seq.prompt_logprobs
+        metrics = None
+        if seq.finished_time is not None:
+            metrics = RequestMetrics(seq.arrival, seq.first_scheduled, seq.first_token, seq.finished_time)
         return RequestOutput(seq.request_id, seq.prompt_token_ids, list(out), new, seq.text[:visible], new_text,
-                             lps, seq.finished, seq.finish_reason, seq.num_prompt_tokens, len(out), plps)
+                             lps, seq.finished, seq.finish_reason, seq.num_prompt_tokens, len(out), plps, metrics)
 
     # -- conveniences -------------------------------------------------------------------------------------
 
@@ -746,4 +781,4 @@ def _logprobs(logits: Tensor, tok: int, k: int) -> dict[int, float]:
     return out
 
 
-__all__ = ["EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams", "Status"]
+__all__ = ["EngineConfig", "LLMEngine", "RequestMetrics", "RequestOutput", "SamplingParams", "Status"]

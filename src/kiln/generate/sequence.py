@@ -52,6 +52,9 @@ class Sequence:
         self.prompt_logprobs: list[dict[int, float] | None] = [None] if params.prompt_logprobs is not None else []
         self.matcher: Any = None  # structured output: the llguidance matcher of the output so far
         self.arrival = 0.0  # the engine's clock when it was added (``EngineConfig.admission_wait_ms``)
+        self.first_scheduled: float | None = None  # ... when a step first ran it (``RequestMetrics``)
+        self.first_token: float | None = None  # ... when its first token was drawn
+        self.finished_time: float | None = None  # ... when it ended
         self.finish_reason: str | None = None
 
     @property

@@ -46,7 +46,8 @@ def _slim(out: Any) -> tuple:
     # output comes once its prompt is computed): only it carries the prompt log-probs.
     first = len(out.new_token_ids) == out.num_generated_tokens
     return (out.request_id, out.new_token_ids, out.new_text, out.logprobs, out.finished, out.finish_reason,
-            out.num_prompt_tokens, out.num_generated_tokens, out.prompt_logprobs if first else None)
+            out.num_prompt_tokens, out.num_generated_tokens, out.prompt_logprobs if first else None,
+            out.metrics)  # a finished output's phase times (a frozen dataclass of four floats), else None
 
 
 def engine_main(spec: Any, load: Callable[[Any], Any], conn: Any) -> None:
@@ -214,13 +215,13 @@ class EngineClient:
                 self._prompt_logprobs.clear()
                 raise RuntimeError(f"the engine process died (exit code {self.proc.exitcode})") from None
             if kind == "out":
-                for rid, new, text, lps, done, reason, n_prompt, n_gen, plps in payload:
+                for rid, new, text, lps, done, reason, n_prompt, n_gen, plps, metrics in payload:
                     if rid in self._live:
                         if plps is not None:
                             self._prompt_logprobs[rid] = plps
                         plps = self._prompt_logprobs.pop(rid, None) if done else self._prompt_logprobs.get(rid)
                         self._ready.append(RequestOutput(rid, [], [], new, "", text, lps, done, reason, n_prompt, n_gen,
-                                                         plps))
+                                                         plps, metrics))
                         if done:
                             self._live.discard(rid)
             elif kind == "refused":

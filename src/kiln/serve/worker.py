@@ -353,7 +353,7 @@ class EngineWorker:
             if out.finished:
                 del self._seqs[out.request_id]
                 requests.finish(out.finish_reason, now - seq.batch.arrival, now - seq.first, out.num_prompt_tokens,
-                                out.num_generated_tokens)
+                                out.num_generated_tokens, getattr(out, "metrics", None))
                 self._release(1, "finished")
 
     def _expire(self, now: float) -> None:
