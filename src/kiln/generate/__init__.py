@@ -8,10 +8,10 @@ See docs/engine.md and docs/generate.md.
 
 from kiln.generate.batch import generate_batch, generate_texts
 from kiln.generate.engine import TextStreamer, generate, generate_tokens, stream
-from kiln.generate.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from kiln.generate.llm_engine import EngineConfig, LLMEngine, RequestMetrics, RequestOutput
 from kiln.generate.sampling import SamplingParams, filter_logits, sample_next
 from kiln.generate.structured import StructuredOutput
 
-__all__ = ["EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams", "StructuredOutput", "TextStreamer",
+__all__ = ["EngineConfig", "LLMEngine", "RequestMetrics", "RequestOutput", "SamplingParams", "StructuredOutput", "TextStreamer",
            "filter_logits",
            "generate", "generate_batch", "generate_texts", "generate_tokens", "sample_next", "stream"]
