@@ -12,6 +12,6 @@ from kiln.generate.llm_engine import EngineConfig, LLMEngine, RequestMetrics, Re
 from kiln.generate.sampling import SamplingParams, filter_logits, sample_next
 from kiln.generate.structured import StructuredOutput
 
-__all__ = ["EngineConfig", "LLMEngine", "RequestMetrics", "RequestOutput", "SamplingParams", "StructuredOutput", "TextStreamer",
-           "filter_logits",
-           "generate", "generate_batch", "generate_texts", "generate_tokens", "sample_next", "stream"]
+__all__ = ["EngineConfig", "LLMEngine", "RequestMetrics", "RequestOutput", "SamplingParams", "StructuredOutput",
+           "TextStreamer", "filter_logits", "generate", "generate_batch", "generate_texts", "generate_tokens",
+           "sample_next", "stream"]
