@@ -6,6 +6,7 @@ language allows nothing more; a bad grammar is refused by name."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -107,3 +108,18 @@ def test_bad_specs_are_refused_by_name(model, tok):
         LLMEngine(model, None, EngineConfig(block_size=8)).add_request(
             [1], SamplingParams(structured=StructuredOutput(regex="a")))
     assert not eng.has_unfinished()
+
+
+def test_a_stop_token_ends_an_open_language_where_it_is_complete():
+    """A chat reply ends at its template's turn-end token (a stop id), not end-of-text: under a regex
+    that could go on, the stop id is allowed wherever the output is in the language."""
+    tok = tokenizer_mod.Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>", "<|end|>"])
+    end = tok.encode("<|end|>")[0]
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(CFG, vocab_size=258)).eval()
+    eng = LLMEngine(model, tok, EngineConfig(block_size=8))
+    p = SamplingParams(max_tokens=20, temperature=0, stop_token_ids=(end,), logit_bias={end: 50.0},
+                       structured=StructuredOutput(regex="[0-9]+"))
+    out = eng.generate([tok.encode("n=")], p)[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == end and len(out.token_ids) == 2
+    assert re.fullmatch("[0-9]", tok.decode(out.token_ids[:-1]))

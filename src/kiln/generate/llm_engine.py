@@ -509,7 +509,8 @@ class LLMEngine:
             pt = self.procs.tensors(proc)
             logits, min_p = process_logits(logits, self.procs, pt), pt.min_p
         if self.guide is not None:  # structured output: only the tokens its language allows
-            logits = self.guide.apply(logits, [it.seq.matcher for it in items for _ in range(it.n_logits)])
+            rows = [it.seq for it in items for _ in range(it.n_logits)]
+            logits = self.guide.apply(logits, [s.matcher for s in rows], [s.params.stop_token_ids for s in rows])
         if all(it.seq.params.temperature == 0 for it in items):
             return logits.argmax(dim=-1).tolist()
         rows: list[RowSampling] = []

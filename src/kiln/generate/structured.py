@@ -107,16 +107,23 @@ class Guide:
             raise ValueError(f"structured output: {m.get_error()}")
         return m
 
-    def apply(self, logits: Tensor, matchers: list[Any]) -> Tensor:
-        """``logits`` (rows, V) with -inf at every token row i's matcher forbids (None: no constraint)."""
+    def apply(self, logits: Tensor, matchers: list[Any], ends: list[tuple[int, ...]] | None = None) -> Tensor:
+        """``logits`` (rows, V) with -inf at every token row i's matcher forbids (None: no constraint).
+        ``ends``: row i's own stop token ids (a chat template's turn end), allowed besides end-of-text
+        wherever its matcher could end (the language is complete there)."""
         if all(m is None for m in matchers):
             return logits
         from llguidance.numpy import fill_next_token_bitmask
 
         mask = np.full((len(matchers), self.words), -1, dtype=np.int32)  # (rows, W): all allowed
+        bits = mask.view(np.uint32)
         for i, m in enumerate(matchers):
             if m is not None:
                 fill_next_token_bitmask(m, mask, i)
+                if ends and ends[i] and m.is_accepting():
+                    for t in ends[i]:
+                        if t < self.vocab_size:
+                            bits[i, t // 32] |= np.uint32(1 << (t % 32))
         dev = logits.device
         if self._bits is None or self._bits.device != dev:
             self._bits = torch.arange(self.vocab_size, device=dev)
