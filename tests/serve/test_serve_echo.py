@@ -299,7 +299,8 @@ def test_the_engine_process_sends_prompt_logprobs_once_and_keeps_them():
     first = RequestOutput("r", [1, 2], [5], [5], "x", "x", None, False, None, 2, 1, [None, {2: -1.0}])
     later = RequestOutput("r", [1, 2], [5, 6], [6], "xy", "y", None, True, "stop", 2, 2, [None, {2: -1.0}])
     score = RequestOutput("s", [1, 2], [], [], "", "", None, True, "length", 2, 0, [None, {2: -1.0}])
-    assert _slim(first)[-1] == [None, {2: -1.0}] and _slim(later)[-1] is None
-    assert _slim(score)[-1] == [None, {2: -1.0}]
+    plps = 8  # the slim tuple's prompt log-probs field
+    assert _slim(first)[plps] == [None, {2: -1.0}] and _slim(later)[plps] is None
+    assert _slim(score)[plps] == [None, {2: -1.0}]
     plain = RequestOutput("p", [1, 2], [5], [5], "x", "x", None, False, None, 2, 1)
-    assert _slim(plain)[-1] is None
+    assert _slim(plain)[plps] is None
