@@ -123,3 +123,13 @@ def test_a_stop_token_ends_an_open_language_where_it_is_complete():
     out = eng.generate([tok.encode("n=")], p)[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] == end and len(out.token_ids) == 2
     assert re.fullmatch("[0-9]", tok.decode(out.token_ids[:-1]))
+
+
+def test_warmup_builds_the_guide_so_a_first_request_does_not(model, tok):
+    eng = LLMEngine(model, tok, EngineConfig(block_size=8, max_num_batched_tokens=64))
+    assert eng.guide is None
+    eng.warmup([1, 5])
+    assert eng.guide is not None
+    out = eng.generate([tok.encode("x")], SamplingParams(max_tokens=10, temperature=0,
+                                                         structured=StructuredOutput(choice=("on", "off"))))[0]
+    assert out.text in ("on", "off")

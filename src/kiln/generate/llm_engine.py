@@ -706,7 +706,8 @@ class LLMEngine:
         the one that pays: prefills of several lengths (Triton specializes its kernels on integer
         arguments divisible by 16, and ``torch.compile`` on shapes), alone and packed together, greedy
         multi-step and sampled decode, and the temperature-only sampled graphs (the other sampled
-        variants are captured when first used). Afterwards the prefix cache and the counters are as before.
+        variants are captured when first used); with a tokenizer, structured output's tokenizer too.
+        Afterwards the prefix cache and the counters are as before.
         ``lengths``: prompt lengths (default: 1 to ~1k tokens, capped by the context and step budget).
         Returns the seconds it took (a server prints it; a benchmark keeps it out of its timing)."""
         import random
@@ -734,6 +735,11 @@ class LLMEngine:
              self.blocks.prefix_queries, self.spec_counts, self._ids, self.counters) = saved
             self.reset_prefix_cache()
         self.runner.capture(("sample",))  # temperature-only sampling (OpenAI's default) at every size
+        if self.tokenizer is not None and self.guide is None:  # structured output's tokenizer (~0.3 s at
+            try:  # GPT-2's vocabulary), so the first JSON-mode request does not stall the engine for it
+                self._guide()
+            except ImportError:  # llguidance not installed: structured requests will say so
+                pass
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
