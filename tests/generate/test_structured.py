@@ -104,6 +104,12 @@ def test_bad_specs_are_refused_by_name(model, tok):
         StructuredOutput(regex="a", choice=("a",))
     with pytest.raises(ValueError, match="exactly one of"):
         StructuredOutput()
+    class Duck:  # a tokenizer-like object without token bytes
+        eot_id, vocab_size = 256, 257
+
+    with pytest.raises(ValueError, match="needs a Kiln Tokenizer"):
+        LLMEngine(model, Duck(), EngineConfig(block_size=8)).add_request(
+            [1], SamplingParams(structured=StructuredOutput(regex="a")))
     with pytest.raises(ValueError, match="needs the engine's tokenizer"):
         LLMEngine(model, None, EngineConfig(block_size=8)).add_request(
             [1], SamplingParams(structured=StructuredOutput(regex="a")))

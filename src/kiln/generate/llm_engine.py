@@ -738,7 +738,7 @@ class LLMEngine:
         if self.tokenizer is not None and self.guide is None:  # structured output's tokenizer (~0.3 s at
             try:  # GPT-2's vocabulary), so the first JSON-mode request does not stall the engine for it
                 self._guide()
-            except ImportError:  # llguidance not installed: structured requests will say so
+            except (ImportError, ValueError):  # no llguidance, or not a Kiln tokenizer: such requests will say so
                 pass
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

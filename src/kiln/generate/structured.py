@@ -92,8 +92,12 @@ class Guide:
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos: int | None) -> None:
         """``tokenizer``: a Kiln ``Tokenizer``; ``vocab_size``: the ids the engine samples."""
+        from kiln.tokenizer import Tokenizer
         from kiln.tokenizer.interop import to_hf_dict
 
+        if not isinstance(tokenizer, Tokenizer):
+            raise ValueError(f"structured output needs a Kiln Tokenizer (its token bytes); the engine has a "
+                             f"{type(tokenizer).__name__}")
         llg = _llguidance()
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
