@@ -236,3 +236,19 @@ def test_load_fuses_projections_unless_told_not_to(chat_model_dir):
     for cmd in ("serve", "chat"):
         assert _spec(build_parser().parse_args([cmd, "M"])).fuse_projections
         assert not _spec(build_parser().parse_args([cmd, "M", "--no-fuse-projections"])).fuse_projections
+
+
+def test_tool_calls_are_refused_by_name_unless_tool_choice_is_none():
+    """Kiln's chat format has no tool calls: a request that asks for them gets a 400 saying so (never a
+    reply that silently ignores the tools); tool_choice "none" is served, the tools unused."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    client, _ = make_client(FakeEngine())
+    with client:
+        for choice, param in ((None, "tools"), ("auto", "tool_choice"), ("required", "tool_choice"),
+                              ({"type": "function", "function": {"name": "add"}}, "tool_choice")):
+            r = chat(client, tools=tools, **({} if choice is None else {"tool_choice": choice}))
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == param and "tool calls are not supported" in err["message"]
+        r = chat(client, tools=tools, tool_choice="none")
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "aaa"
+        assert chat(client, tools=[]).status_code == 200  # an empty list asks for nothing

@@ -572,6 +572,7 @@ async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.kiln
     _check_key(state, request)
     req: ChatCompletionRequest = await _read_json(request, ChatCompletionRequest)
+    req.check_tools()
     try:
         rendered = state.renderer.render([{"role": m.role, "content": m.text()} for m in req.messages])
     except ValueError as e:
