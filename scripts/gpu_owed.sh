@@ -137,7 +137,7 @@ for part in ${PART:-kv}; do
                 --server-engine thread,process --engine mixed_steps=$m --out "$OUT/mixed_$m"
         done ;;
     prefill) section prefill_test "${T:-120}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_paged_attention.py \
-                tests/generate/test_processors.py \
+                tests/generate/test_processors.py tests/generate/test_structured.py \
                 -k "prefill or bf16 or mixed or own_write or traced or last_program or one_launch or real_cuda"
         section prefill_kernel_bench "${KB:-120}" kiln bench kernels --kernels paged_prefill --out "$OUT/kernels"
         section prefill_prof "${PP:-150}" kiln bench serve --device cuda --parts profile --profile-tables prefill \

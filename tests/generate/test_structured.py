@@ -139,3 +139,21 @@ def test_warmup_builds_the_guide_so_a_first_request_does_not(model, tok):
     out = eng.generate([tok.encode("x")], SamplingParams(max_tokens=10, temperature=0,
                                                          structured=StructuredOutput(choice=("on", "off"))))[0]
     assert out.text in ("on", "off")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU (the CPU runs their body eagerly above)")
+def test_structured_requests_in_real_cuda_graphs_match_eager(model, tok):
+    """On a GPU: the graph path (the greedy graph's logits, the mask and draw eager) gives the eager
+    path's tokens, beside processed and plain requests sharing the batch."""
+    gpu = Transformer(CFG).to("cuda").eval()
+    gpu.load_state_dict(model.state_dict())
+    params = [SamplingParams(max_tokens=60, temperature=0, structured=spec) for spec, _ in CASES]
+    params += [SamplingParams(max_tokens=60, temperature=0.9, seed=3, structured=CASES[0][0], frequency_penalty=0.5),
+               SamplingParams(max_tokens=20, temperature=0.8, seed=9, ignore_eos=True, repetition_penalty=1.2),
+               SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)]
+    prompts = [tok.encode(f"prompt {i}: ") for i in range(len(params))]
+    got = {}
+    for graphs in (False, True):
+        eng = LLMEngine(gpu, tok, EngineConfig(block_size=16, max_num_seqs=8, decode_steps=4, cuda_graphs=graphs))
+        got[graphs] = [o.token_ids for o in eng.generate(prompts, params)]
+    assert got[True] == got[False]
