@@ -238,17 +238,21 @@ def test_load_fuses_projections_unless_told_not_to(chat_model_dir):
         assert not _spec(build_parser().parse_args([cmd, "M", "--no-fuse-projections"])).fuse_projections
 
 
-def test_tool_calls_are_refused_by_name_unless_tool_choice_is_none():
-    """Kiln's chat format has no tool calls: a request that asks for them gets a 400 saying so (never a
-    reply that silently ignores the tools); tool_choice "none" is served, the tools unused."""
+def test_tool_choice_auto_is_refused_by_name_and_none_is_served():
+    """Kiln's chat format has no tool-call syntax: tools with tool_choice "auto" (the default) get a 400
+    saying so (never a reply that silently ignores them); "none" is served, the tools unused; a named
+    function that is not among the tools, or a tool that is not a function, is a 400 too."""
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
     client, _ = make_client(FakeEngine())
     with client:
-        for choice, param in ((None, "tools"), ("auto", "tool_choice"), ("required", "tool_choice"),
-                              ({"type": "function", "function": {"name": "add"}}, "tool_choice")):
+        for choice, param, words in ((None, "tools", "not supported"), ("auto", "tool_choice", "not supported"),
+                                     ({"type": "function", "function": {"name": "mul"}}, "tool_choice",
+                                      "not among the tools"), ("sometimes", "tool_choice", "is not")):
             r = chat(client, tools=tools, **({} if choice is None else {"tool_choice": choice}))
             err = r.json()["error"]
-            assert r.status_code == 400 and err["param"] == param and "tool calls are not supported" in err["message"]
+            assert r.status_code == 400 and err["param"] == param and words in err["message"], err
+        r = chat(client, tools=[{"type": "function", "function": {}}], tool_choice="required")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
         r = chat(client, tools=tools, tool_choice="none")
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "aaa"
         assert chat(client, tools=[]).status_code == 200  # an empty list asks for nothing

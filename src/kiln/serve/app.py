@@ -46,6 +46,7 @@ from kiln.serve.protocol import (
     usage,
     validation_message,
 )
+from kiln.serve.tools import ToolPlan, plan_tools, render_message
 from kiln.serve.worker import Batch, End, EngineWorker, QueueFull, ShuttingDown, merge_outputs
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,11 @@ def _structured(req: Any) -> tuple[Any, str] | None:
     asked = req.structured_request()
     if asked is None:
         return None
-    param, kwargs = asked
+    return _compiled(*asked)
+
+
+def _compiled(param: str, kwargs: dict[str, Any]) -> tuple[Any, str]:
+    """``StructuredOutput(**kwargs)`` with its language compiled and checked; a 400 naming ``param``."""
     from kiln.generate import StructuredOutput
 
     try:
@@ -174,6 +179,38 @@ def _structured(req: Any) -> tuple[Any, str] | None:
     return spec, param
 
 
+async def _tool_reply(state: ServerState, request: Request, batch: Batch, plan: _Plan, tools: ToolPlan, req: Any,
+                      head: dict, tt: _TokenText) -> Response:
+    """A forced tool call's answer: each choice's reply read back as ``tool_calls`` (finish_reason
+    "tool_calls"), or as text when ``max_tokens`` cut it. Streamed, the calls come whole in one delta
+    after the role's (a call is only a call once its JSON is complete)."""
+    choices = await _collect(state, request, batch, plan)
+    out = []
+    for i, c in enumerate(choices):
+        calls = tools.calls(c.text) if c.finish_reason == "stop" else None
+        message = ({"role": "assistant", "content": None, "tool_calls": calls} if calls
+                   else {"role": "assistant", "content": c.text})
+        out.append({"index": i, "message": message, "finish_reason": "tool_calls" if calls else c.finish_reason,
+                    "logprobs": _chat_logprobs(tt, c.logprobs) if plan.logprobs is not None else None})
+    if not req.stream:
+        return JSONResponse({**head, "object": "chat.completion", "choices": out, "usage": _usage_of(plan, choices)})
+    events = []
+    for o in out:
+        m, i = o["message"], o["index"]
+        delta = ({"tool_calls": [{"index": k, **call} for k, call in enumerate(m["tool_calls"])]}
+                 if m.get("tool_calls") else {"content": m["content"]})
+        for d, finish in (({"role": "assistant", "content": None}, None), (delta, None), ({}, o["finish_reason"])):
+            events.append(_sse({**head, "choices": [{"index": i, "delta": d, "logprobs": None,
+                                                     "finish_reason": finish}]}))
+    if _usage_options(req)[0]:
+        events.append(_sse({**head, "choices": [], "usage": _usage_of(plan, choices)}))
+
+    async def body() -> AsyncIterator[str]:
+        yield "".join(events) + _DONE
+
+    return _EventStream(body(), on_close=lambda: None)
+
+
 def chat_stops(rendered: Any, req: Any) -> tuple[list[str], tuple[int, ...]]:
     """What ends a chat reply: the template's turn end (ids, or strings for a plain prompt) and the
     request's ``stop``. ``ignore_eos`` (vLLM's extension) drops the template's ends, as vLLM drops the
@@ -184,7 +221,8 @@ def chat_stops(rendered: Any, req: Any) -> tuple[list[str], tuple[int, ...]]:
 
 
 def _plan(state: ServerState, req: Any, prompts: list[list[int]], stop: list[str], stop_ids: tuple,
-          logprobs: int | None, max_tokens: int | None, prompt_logprobs: int | None = None) -> _Plan:
+          logprobs: int | None, max_tokens: int | None, prompt_logprobs: int | None = None,
+          tools: ToolPlan | None = None) -> _Plan:
     cfg = state.config
     if req.model != state.model_name:
         raise APIError(404, f"the model {req.model!r} does not exist; this server serves {state.model_name!r} "
@@ -198,6 +236,11 @@ def _plan(state: ServerState, req: Any, prompts: list[list[int]], stop: list[str
         raise APIError(400, f"logit_bias token id {bad[0]} is outside the vocabulary of {state.vocab_size}",
                        param="logit_bias")
     structured, structured_param = _structured(req) or (None, None)
+    if tools is not None:  # a forced tool call: the reply held to the call's JSON schema
+        if structured is not None:
+            raise APIError(400, f"tool_choice and {structured_param} both constrain the reply; give one",
+                           param=structured_param)
+        structured, structured_param = _compiled("tool_choice", {"json": tools.schema})
     params = []
     for ids in prompts:
         bad = [t for t in ids if not 0 <= t < state.vocab_size]
@@ -572,20 +615,22 @@ async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.kiln
     _check_key(state, request)
     req: ChatCompletionRequest = await _read_json(request, ChatCompletionRequest)
-    req.check_tools()
+    tools = plan_tools(req.tools, req.tool_choice)
     try:
-        rendered = state.renderer.render([{"role": m.role, "content": m.text()} for m in req.messages])
+        rendered = state.renderer.render([render_message(m) for m in req.messages])
     except ValueError as e:
         raise APIError(400, f"messages: {e}", param="messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     _check_prompt_logprobs(req)
     stop, stop_ids = chat_stops(rendered, req)
     plan = _plan(state, req, [rendered.ids], stop, stop_ids, logprobs, req.max_completion_tokens or req.max_tokens,
-                 req.prompt_logprobs)
-    batch = _submit(state, plan, req.stream, arrival)
+                 req.prompt_logprobs, tools)
+    batch = _submit(state, plan, req.stream and tools is None, arrival)  # a call is read back whole
     rid, created, tt = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), _TokenText(state.tokenizer)
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
 
+    if tools is not None:
+        return await _tool_reply(state, request, batch, plan, tools, req, head, tt)
     if req.stream:
         def first(i: int) -> dict:
             return {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},

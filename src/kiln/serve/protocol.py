@@ -193,6 +193,9 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant turn's calls (rendered as the JSON they were made of: ``kiln.serve.tools``)."""
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -212,18 +215,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
-    """Refused unless ``tool_choice`` is "none" (``check_tools``): Kiln's chat format has no tool calls."""
+    """Functions a forced ``tool_choice`` calls ("required", or one by name; ``kiln.serve.tools``)."""
     tool_choice: str | dict[str, Any] | None = None
-
-    def check_tools(self) -> None:
-        """A 400 for a request that asks for tool calls (tools given, ``tool_choice`` not "none"), as
-        vLLM answers one its chat format cannot parse: silently ignoring them would leave a client
-        waiting for calls that never come."""
-        if self.tools and self.tool_choice != "none":
-            raise APIError(400, "tool calls are not supported: this model's chat format has no tool-call syntax. "
-                                "Send tool_choice \"none\" to have the tools ignored, or describe the tool in a "
-                                "message and ask for its arguments with response_format (a JSON schema)",
-                           param="tool_choice" if self.tool_choice is not None else "tools")
 
 
 class CompletionRequest(_Sampling):
