@@ -7,6 +7,7 @@ chat (``kiln chat``), all over the one engine in ``kiln.generate``.
     protocol.py  the OpenAI wire format: request models, errors, logprobs, usage
     app.py       FastAPI routes, server-sent events, limits, API key
     metrics.py   GET /metrics: Prometheus' text format, per-sequence latencies, vLLM's metric names
+    tools.py     forced tool calls (tool_choice named or "required") by structured output
     server.py    model folder -> engine -> uvicorn
     terminal.py  kiln chat
     static/      the chat page (plain HTML + JavaScript, no build step)
