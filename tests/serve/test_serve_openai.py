@@ -113,7 +113,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, clie
          "ask for at most"),
         ("/v1/completions", json.dumps({"model": MODEL, "prompt": "x" * (2 << 20)}), 413, "limit"),
         ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": []}), 400, "messages"),
-        ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}),
+        ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "function", "content": "x"}]}),
          400, "role"),
         ("/v1/nothing", b"{}", 404, "no route"),
     ]
