@@ -256,3 +256,23 @@ def test_tool_choice_auto_is_refused_by_name_and_none_is_served():
         r = chat(client, tools=tools, tool_choice="none")
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "aaa"
         assert chat(client, tools=[]).status_code == 200  # an empty list asks for nothing
+
+
+def test_a_constraint_compiles_off_the_event_loop(monkeypatch):
+    """A structured-output language is compiled in a worker thread (a large schema takes up to a second,
+    which the event loop must not spend while other replies stream); plain requests skip the hop."""
+    import threading
+
+    from kiln.serve import app as app_mod
+
+    seen = {}
+    compile_now, plan = app_mod._constraint_now, app_mod._plan
+    monkeypatch.setattr(app_mod, "_constraint_now",
+                        lambda *a: seen.setdefault("compile", threading.get_ident()) and compile_now(*a))
+    monkeypatch.setattr(app_mod, "_plan", lambda *a, **k: seen.setdefault("loop", threading.get_ident()) and plan(*a, **k))
+    client, _ = make_client(FakeEngine())
+    with client:
+        assert chat(client).status_code == 200 and "compile" not in seen
+        seen.clear()
+        r = chat(client, response_format={"type": "json_object"})
+        assert r.status_code == 200 and seen["compile"] != seen["loop"]

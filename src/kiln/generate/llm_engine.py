@@ -546,7 +546,7 @@ class LLMEngine:
     def _proc_rows(self, seqs: list[Sequence]) -> list[ProcRow] | None:
         """Each sequence's processing row (``ProcessorTable.rows``: slots brought up to date), or None
         when no sequence's logits are processed. The table is made at the first need."""
-        if not any(seq.params.processed for seq in seqs):
+        if not any(seq.processed for seq in seqs):
             return None
         if self.procs is None:
             self.procs = ProcessorTable(self.config.max_num_seqs, self.vocab_limit, self.eos, self.device)
@@ -558,7 +558,7 @@ class LLMEngine:
     def _lookahead(self, seq: Sequence) -> int:
         """Draft tokens worth verifying for a decoding ``seq`` (0: plain decoding)."""
         p = seq.params
-        if (self.proposer is None or (p.temperature != 0 and not self.config.speculative_sampling) or p.processed
+        if (self.proposer is None or (p.temperature != 0 and not self.config.speculative_sampling) or seq.processed
                 or seq.matcher is not None):
             return 0  # processed logits depend on every token before: drafts are not verified row by row
         room = min(p.max_tokens - len(seq.output_token_ids), self.max_seq_tokens - seq.num_window_tokens) - 1

@@ -34,6 +34,7 @@ class Sequence:
         self.prompt_token_ids = list(prompt_ids)
         self.token_ids = list(prompt_ids)
         self.params = params
+        self.processed = params.processed  # logits processed before each draw (read every step: a field)
         self.seed = seed  # token i of the request is drawn from a hash of (seed, i)
         self.status = Status.WAITING
         self.window_start = 0

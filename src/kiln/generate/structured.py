@@ -102,7 +102,7 @@ class Guide:
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
         self.lltok = llg.LLTokenizer(json.dumps(to_hf_dict(tokenizer)), n_vocab=vocab_size, eos_token=eos)
-        self._bits: Tensor | None = None  # (V,) the word and bit of each token id, made at first use
+        self._index: tuple[Tensor, Tensor] | None = None  # (V,) each token id's mask word and bit, on the device
 
     def matcher(self, spec: StructuredOutput) -> Any:
         """A fresh matcher for ``spec``; ValueError naming the problem when the grammar is bad."""
@@ -129,8 +129,9 @@ class Guide:
                         if t < self.vocab_size:
                             bits[i, t // 32] |= np.uint32(1 << (t % 32))
         dev = logits.device
-        if self._bits is None or self._bits.device != dev:
-            self._bits = torch.arange(self.vocab_size, device=dev)
-        words = torch.from_numpy(mask).to(dev)[:, self._bits // 32]  # (rows, V) int32
-        allowed = (words >> (self._bits % 32)) & 1
+        if self._index is None or self._index[0].device != dev:
+            ids = torch.arange(self.vocab_size, device=dev)
+            self._index = ids // 32, (ids % 32).to(torch.int32)
+        word, bit = self._index
+        allowed = (torch.from_numpy(mask).to(dev)[:, word] >> bit) & 1  # (rows, V)
         return logits[:, :self.vocab_size].masked_fill(allowed == 0, float("-inf"))

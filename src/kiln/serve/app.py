@@ -220,9 +220,29 @@ def chat_stops(rendered: Any, req: Any) -> tuple[list[str], tuple[int, ...]]:
     return list(rendered.stop) + req.stop_list(), tuple(rendered.stop_token_ids)
 
 
+async def _constraint(req: Any, tools: ToolPlan | None) -> tuple[Any, str | None]:
+    """The reply's structured-output constraint (``StructuredOutput``, the field that asked for it), or
+    (None, None): a response_format / structured_outputs / guided_* field, or a forced tool call's
+    schema. Compiled in a worker thread (llguidance drops the GIL): a large schema takes up to a second
+    (0.8 s for a 0.7 MB one), which the event loop must not spend while other replies stream."""
+    if req.structured_request() is None and tools is None:
+        return None, None
+    return await asyncio.to_thread(_constraint_now, req, tools)
+
+
+def _constraint_now(req: Any, tools: ToolPlan | None) -> tuple[Any, str | None]:
+    structured, structured_param = _structured(req) or (None, None)
+    if tools is not None:  # a forced tool call: the reply held to the call's JSON schema
+        if structured is not None:
+            raise APIError(400, f"tool_choice and {structured_param} both constrain the reply; give one",
+                           param=structured_param)
+        structured, structured_param = _compiled("tool_choice", {"json": tools.schema})
+    return structured, structured_param
+
+
 def _plan(state: ServerState, req: Any, prompts: list[list[int]], stop: list[str], stop_ids: tuple,
           logprobs: int | None, max_tokens: int | None, prompt_logprobs: int | None = None,
-          tools: ToolPlan | None = None) -> _Plan:
+          constraint: tuple[Any, str | None] = (None, None)) -> _Plan:
     cfg = state.config
     if req.model != state.model_name:
         raise APIError(404, f"the model {req.model!r} does not exist; this server serves {state.model_name!r} "
@@ -235,12 +255,7 @@ def _plan(state: ServerState, req: Any, prompts: list[list[int]], stop: list[str
     if bad:
         raise APIError(400, f"logit_bias token id {bad[0]} is outside the vocabulary of {state.vocab_size}",
                        param="logit_bias")
-    structured, structured_param = _structured(req) or (None, None)
-    if tools is not None:  # a forced tool call: the reply held to the call's JSON schema
-        if structured is not None:
-            raise APIError(400, f"tool_choice and {structured_param} both constrain the reply; give one",
-                           param=structured_param)
-        structured, structured_param = _compiled("tool_choice", {"json": tools.schema})
+    structured, structured_param = constraint
     params = []
     for ids in prompts:
         bad = [t for t in ids if not 0 <= t < state.vocab_size]
@@ -624,7 +639,7 @@ async def chat_completions(request: Request) -> Response:
     _check_prompt_logprobs(req)
     stop, stop_ids = chat_stops(rendered, req)
     plan = _plan(state, req, [rendered.ids], stop, stop_ids, logprobs, req.max_completion_tokens or req.max_tokens,
-                 req.prompt_logprobs, tools)
+                 req.prompt_logprobs, await _constraint(req, tools))
     batch = _submit(state, plan, req.stream and tools is None, arrival)  # a call is read back whole
     rid, created, tt = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), _TokenText(state.tokenizer)
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
@@ -670,7 +685,8 @@ async def completions(request: Request) -> Response:
     prompts, echo_texts = _completion_prompts(state, req)
     # echo with logprobs shows the prompt tokens' log-probs: the engine computes them (the larger k wins)
     ks = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
-    plan = _plan(state, req, prompts, req.stop_list(), (), req.logprobs, req.max_tokens, max(ks) if ks else None)
+    plan = _plan(state, req, prompts, req.stop_list(), (), req.logprobs, req.max_tokens, max(ks) if ks else None,
+                 await _constraint(req, None))
     batch = _submit(state, plan, req.stream, arrival)
     rid, created, tt = f"cmpl-{uuid.uuid4().hex}", int(time.time()), _TokenText(state.tokenizer)
     head = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
